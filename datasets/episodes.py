@@ -1,0 +1,116 @@
+"""Episodes for stage 2 (SPEC 3): classes, support and query images, and the random draws
+the deformation step needs, all determined by (seed, epoch, episode index)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets.images import load_rgb
+from datasets.seeding import item_rng
+from datasets.splits import Split
+from datasets.transforms import eval_crop
+from utils.errors import DataError
+
+
+@dataclass(frozen=True)
+class AugmentDraws:
+    """How many draws the deformation step takes per support image.
+
+    Attributes:
+        augnum: deformed copies per support image.
+        choose_num: size of each class's nearest-gallery shortlist.
+        gallery_size: number of gallery images (for uniform selection over the whole gallery).
+        cells: F*F, weights per image for random deformation.
+    """
+
+    augnum: int
+    choose_num: int
+    gallery_size: int
+    cells: int
+
+
+class EpisodeDataset(Dataset):
+    """``episodes`` episodes of ``ways`` classes with ``shots`` support and ``queries`` query images.
+
+    Support and query files are disjoint unless ``overlap`` (the original draws them
+    independently, so they may coincide). Item i of epoch e depends only on (seed, stream, e, i);
+    the scripts use stream 0 for training, 1 for val and 2 for test episodes.
+
+    Each item is a dict:
+        ``support`` uint8 ``[ways*shots, 3, S, S]`` class by class; ``query`` uint8
+        ``[ways*queries, 3, S, S]``; ``support_labels``/``query_labels`` long, episode labels
+        0..ways-1; ``classes`` long ``[ways]``, split-level class ids; and with ``draws``:
+        ``probe_flip`` bool ``[ways*shots*augnum]``, ``shortlist_pick`` long (index into a
+        class's shortlist), ``gallery_pick`` long (index into the whole gallery),
+        ``gallery_flip`` bool and ``random_weights`` float ``[ways*shots*augnum, F*F]``.
+    """
+
+    def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
+                 episodes: int, seed: int, stream: int = 0, overlap: bool = False,
+                 draws: AugmentDraws | None = None) -> None:
+        if ways > split.num_classes:
+            raise DataError(f"--ways {ways} is larger than the {split.num_classes} classes of split {split.name}")
+        need = shots if overlap else shots + queries
+        need = max(need, queries)
+        small = [(c, len(f)) for c, f in zip(split.classes, split.files) if len(f) < need]
+        if small:
+            raise DataError(f"class {small[0][0]} of split {split.name} has {small[0][1]} images; "
+                            f"an episode needs {need} (shots {shots} + queries {queries})")
+        self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
+        self.episodes, self.seed, self.stream, self.overlap, self.draws = episodes, seed, stream, overlap, draws
+        self.crop = eval_crop(image_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's episodes, skipping the first ``start`` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.episodes - self.start
+
+    def plan(self, index: int) -> tuple[np.ndarray, list[list[int]], list[list[int]], np.random.Generator]:
+        """The classes and the support and query file indices of episode ``index`` (no decoding)."""
+        rng = item_rng(self.seed, self.stream, self.epoch, index)
+        classes = np.sort(rng.choice(self.split.num_classes, self.ways, replace=False))
+        support, query = [], []
+        for c in classes:
+            size = len(self.split.files[c])
+            if self.overlap:
+                support.append(rng.choice(size, self.shots, replace=False).tolist())
+                query.append(rng.choice(size, self.queries, replace=False).tolist())
+            else:
+                picked = rng.choice(size, self.shots + self.queries, replace=False).tolist()
+                support.append(picked[:self.shots])
+                query.append(picked[self.shots:])
+        return classes, support, query, rng
+
+    def _decode(self, classes: np.ndarray, picks: list[list[int]]) -> torch.Tensor:
+        return torch.stack([self.crop(load_rgb(self.split.files[c][i])) for c, idx in zip(classes, picks) for i in idx])
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        index = self.start + position
+        classes, support, query, rng = self.plan(index)
+        item = {
+            "support": self._decode(classes, support),
+            "query": self._decode(classes, query),
+            "support_labels": torch.arange(self.ways).repeat_interleave(self.shots),
+            "query_labels": torch.arange(self.ways).repeat_interleave(self.queries),
+            "classes": torch.from_numpy(classes).long(),
+            "index": torch.tensor(index),
+        }
+        if self.draws is not None:
+            n = self.ways * self.shots * self.draws.augnum
+            item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)
+            item["shortlist_pick"] = torch.from_numpy(rng.integers(self.draws.choose_num, size=n))
+            item["gallery_pick"] = torch.from_numpy(rng.integers(self.draws.gallery_size, size=n))
+            item["gallery_flip"] = torch.from_numpy(rng.random(n) < 0.5)
+            item["random_weights"] = torch.from_numpy(rng.random((n, self.draws.cells), dtype=np.float32))
+        return item
+
+
+def collate_episode(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """DataLoader collate for ``batch_size=1``: the episode itself, no batch dimension."""
+    return batch[0]

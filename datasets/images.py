@@ -1,0 +1,65 @@
+"""Decoding images, and a quick scan that finds unreadable or truncated files before a run."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from datasets.splits import Split
+from utils.errors import DataError
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode one image as RGB; a missing, truncated or non-image file raises DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, or None. Reads the header and, for JPEG, the end marker."""
+    try:
+        with Image.open(path) as image:
+            fmt = image.format
+            image.size  # noqa: B018 - the header must parse
+        if fmt == "JPEG":
+            with open(path, "rb") as handle:
+                handle.seek(0, 2)
+                handle.seek(max(0, handle.tell() - 64))
+                tail = handle.read().rstrip(b"\x00")
+            if not tail.endswith(b"\xff\xd9"):
+                return "truncated JPEG (no end-of-image marker)"
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a readable image ({exc})"
+
+
+def scan_split(split: Split, skip_bad: bool = False, workers: int = 8) -> tuple[Split, int]:
+    """Check every file of a split; raise on the first bad one, or drop bad ones when ``skip_bad``.
+
+    Returns:
+        The split (without the bad files when skipping) and the number of files dropped.
+    """
+    flat = [p for files in split.files for p in files]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = dict(zip(flat, pool.map(image_problem, flat)))
+    bad = [p for p in flat if problems[p] is not None]
+    if not bad:
+        return split, 0
+    if not skip_bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}: {problems[bad[0]]}{more}; pass --skipBadImages to leave such files out")
+    bad_set = set(bad)
+    kept = tuple(tuple(p for p in files if p not in bad_set) for files in split.files)
+    for wnid, files in zip(split.classes, kept):
+        if not files:
+            raise DataError(f"class {wnid} of split {split.name} has no readable image left")
+    return replace(split, files=kept), len(bad)

@@ -1,0 +1,57 @@
+"""Per-item seeds: every random draw of a sample is a function of (seed, epoch, position).
+
+This makes the data stream independent of the number of DataLoader workers, of the number
+of distributed processes and of interruptions: a resumed run sees the same samples.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def item_rng(*key: int) -> np.random.Generator:
+    """A numpy generator determined by integer ``key`` (e.g. seed, epoch, index)."""
+    return np.random.default_rng([int(k) for k in key])
+
+
+def item_torch_seed(*key: int) -> int:
+    """A 63-bit torch seed determined by integer ``key``."""
+    return int(item_rng(*key).integers(2**63 - 1))
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, item_seed)`` for a shuffled epoch, optionally one rank's share of it.
+
+    Args:
+        size: number of items in the dataset.
+        seed: run seed.
+        rank, world_size: for distributed training; rank r takes positions r, r + W, ...
+        start: number of this rank's items to skip at the start of the epoch (resume).
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size)) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = item_rng(self.seed, self.epoch)
+        order = rng.permutation(self.size)
+        seeds = rng.integers(2**63 - 1, size=self.size)
+        mine = range(self.rank, self.size, self.world_size)[self.start:]
+        return iter([(int(order[p]), int(seeds[p])) for p in mine])
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU torch generator seeded with ``seed``."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,49 @@
+"""Stage-1 data: images blended patch by patch with another image of the same class (SPEC 2)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from datasets.images import load_rgb
+from datasets.splits import Split
+from datasets.transforms import train_transform
+from utils.grid import weight_map
+
+
+class SoftRandomDataset(Dataset):
+    """The first ``files_per_class`` files of each class, listed ``repeats`` times.
+
+    Items are requested as ``(index, item_seed)`` (see :class:`datasets.seeding.SeededSampler`);
+    every random draw of the item comes from ``item_seed``. With probability ``blend_prob``
+    another file of the same class is transformed too and each cell k of the F x F grid becomes
+    ``w_k * x + (1 - w_k) * other`` with ``w_k ~ U(0, 1)``.
+
+    Returns:
+        ``(image float [3, S, S], label int)``.
+    """
+
+    def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
+                 repeats: int = 2, blend_prob: float = 2 / 3) -> None:
+        self.image_size, self.fang, self.repeats, self.blend_prob = image_size, fang, repeats, blend_prob
+        self.class_files = [files[:files_per_class] for files in split.files]
+        self.samples = [(path, label) for label, files in enumerate(self.class_files) for path in files]
+        self.transform = train_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.repeats
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, item_seed = key
+        path, label = self.samples[index % len(self.samples)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            image = self.transform(load_rgb(path))
+            if torch.rand(()) < self.blend_prob:
+                others = self.class_files[label]
+                pick = int(torch.randint(len(others) - 1, ())) if len(others) > 1 else 0
+                other_path = [p for p in others if p != path][pick] if len(others) > 1 else path
+                other = self.transform(load_rgb(other_path))
+                weights = torch.rand(1, self.fang * self.fang)
+                mask = weight_map(weights, self.image_size)[0]
+                image = mask * image + (1 - mask) * other
+        return image, label

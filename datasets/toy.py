@@ -1,0 +1,319 @@
+"""Deterministic procedural toy dataset in the miniImageNet flat layout.
+
+``python -m datasets.toy --out DIR [--perClass 30] [--size 96] [--seed 0]`` writes::
+
+    DIR/images/<wnid><8 digits>.jpg    size x size RGB JPEG, digits 1-based
+    DIR/train.csv, DIR/val.csv, DIR/test.csv    header ``filename,label``
+
+The classes are the real wnids listed in ``datasplit/{train,val,test}.txt``.
+Every class is a distinct combination of five attributes drawn from one
+shared vocabulary (object shape, object colour, background texture,
+background colour, number of objects), so that features learned on the base
+classes also separate the novel ones.  Any two classes differ in at least
+two of the five attributes (three for every seed tried so far), and each split
+uses every attribute value about equally often.  Each image jitters object position, scale, rotation and
+colour, the texture's phase and orientation, and adds mild pixel noise.
+
+Everything is a pure function of ``seed``: the class design comes from the
+stream ``(seed, 0)`` and class ``i``'s images from ``(seed, 1, i)``, so the
+classes could be rendered in parallel and the output files are byte-identical
+across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+DATASPLIT = Path(__file__).resolve().parent.parent / "datasplit"
+SPLITS = ("train", "val", "test")
+
+SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
+FG_COLOURS = (
+    (225, 40, 40),  # red
+    (40, 195, 60),  # green
+    (55, 95, 235),  # blue
+    (240, 220, 40),  # yellow
+    (225, 60, 225),  # magenta
+    (40, 215, 225),  # cyan
+    (245, 140, 25),  # orange
+    (245, 245, 245),  # white
+)
+TEXTURES = ("plain", "gradient", "checker", "stripes", "dots", "noise")
+BG_COLOURS = (
+    (30, 30, 35),  # charcoal
+    (20, 30, 95),  # navy
+    (20, 85, 35),  # forest
+    (105, 25, 30),  # maroon
+    (110, 115, 120),  # slate
+    (75, 30, 105),  # purple
+    (15, 90, 90),  # teal
+    (100, 65, 20),  # brown
+)
+COUNTS = (1, 2, 3)
+VOCABULARY = (SHAPES, FG_COLOURS, TEXTURES, BG_COLOURS, COUNTS)
+MIN_ATTRIBUTE_DISTANCE = 2
+PREFERRED_ATTRIBUTE_DISTANCE = 3
+
+JPEG_QUALITY = 90
+SUPERSAMPLE = 2
+FILENAME_RE = re.compile(r"^n\d{8}\d{8}\.jpg$")
+
+
+def read_split(split: str) -> list[str]:
+    """Return the sorted wnids listed one per line in ``datasplit/<split>.txt``."""
+    lines = (DATASPLIT / f"{split}.txt").read_text().split()
+    return sorted(lines)
+
+
+def class_design(split_sizes: list[int], seed: int) -> np.ndarray:
+    """Pick one attribute combination per class, as indices into ``VOCABULARY``.
+
+    Classes are chosen greedily from the seeded shuffle of the full attribute
+    grid.  A candidate must differ from every earlier class in at least
+    ``MIN_ATTRIBUTE_DISTANCE`` attributes and should differ in
+    ``PREFERRED_ATTRIBUTE_DISTANCE``; among the best candidates the one whose
+    values are least used so far in its own split wins, which keeps each split
+    balanced over the vocabulary.  Returns an int array (classes, attributes).
+    """
+    rng = np.random.default_rng([seed, 0])
+    axes = [np.arange(len(values)) for values in VOCABULARY]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+    grid = grid[rng.permutation(len(grid))]
+    min_distance = np.full(len(grid), len(axes))
+    shortfall_weight = len(grid) * len(axes)
+    chosen = []
+    for split_size in split_sizes:
+        usage = [np.zeros(len(values), dtype=np.int64) for values in VOCABULARY]
+        for _ in range(split_size):
+            shortfall = PREFERRED_ATTRIBUTE_DISTANCE - np.minimum(min_distance, PREFERRED_ATTRIBUTE_DISTANCE)
+            score = shortfall * shortfall_weight + sum(usage[a][grid[:, a]] for a in range(len(axes)))
+            best = int(np.argmin(score))
+            if min_distance[best] < MIN_ATTRIBUTE_DISTANCE:
+                raise RuntimeError("attribute vocabulary too small for the number of classes")
+            combo = grid[best]
+            chosen.append(combo)
+            for a in range(len(axes)):
+                usage[a][combo[a]] += 1
+            min_distance = np.minimum(min_distance, (grid != combo).sum(axis=1))
+    return np.array(chosen)
+
+
+def _unit_shapes() -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Return shape -> (filled, holes), unit-radius polygons (n, 2) centred on the origin."""
+    turn = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    circle = np.stack([np.cos(turn), np.sin(turn)], axis=1)
+    triangle_angles = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+    star_angles = np.pi / 2 + np.arange(10) * np.pi / 5
+    star_radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+    a, b = 0.3, 0.95
+    cross = [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a],
+             [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+    # Crescent: unit disc minus a disc of radius 0.8 centred at (0.45, 0); the
+    # two circles meet at (0.625, +-0.78).
+    outer_start = np.arctan2(0.78, 0.625)
+    inner_start = np.arctan2(0.78, 0.625 - 0.45)
+    outer = np.linspace(outer_start, 2 * np.pi - outer_start, 32)
+    inner = np.linspace(2 * np.pi - inner_start, inner_start, 32)
+    crescent = np.concatenate([
+        np.stack([np.cos(outer), np.sin(outer)], axis=1),
+        np.stack([0.45 + 0.8 * np.cos(inner), 0.8 * np.sin(inner)], axis=1),
+    ])
+    shapes = {
+        "circle": ([circle], []),
+        "ring": ([circle], [0.55 * circle]),
+        "square": ([0.8 * np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])], []),
+        "triangle": ([np.stack([np.cos(triangle_angles), -np.sin(triangle_angles)], axis=1)], []),
+        "star": ([np.stack([star_radii * np.cos(star_angles), -star_radii * np.sin(star_angles)], axis=1)], []),
+        "cross": ([np.array(cross)], []),
+        "bar": ([np.array([[-1.0, -0.3], [1.0, -0.3], [1.0, 0.3], [-1.0, 0.3]])], []),
+        "crescent": ([crescent], []),
+    }
+    return {shape: shapes[shape] for shape in SHAPES}
+
+
+SHAPE_POLYGONS = _unit_shapes()
+
+
+def _plain(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Uniform background colour."""
+    return np.zeros_like(xs)
+
+
+def _gradient(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Linear ramp from dark to light in a random direction."""
+    theta = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)
+    return np.clip(ramp / np.sqrt(0.5) + 0.5, 0, 1)
+
+
+def _checker(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Axis-aligned checkerboard of 5-7 cells per side with a random phase."""
+    cells = rng.uniform(5, 7)
+    shift = rng.uniform(0, 1, 2)
+    return (np.floor(xs * cells + shift[0]) + np.floor(ys * cells + shift[1])) % 2
+
+
+def _stripes(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Diagonal stripes, 7-9 periods per side, angle and phase jittered."""
+    angle = np.pi / 4 + rng.uniform(-0.3, 0.3)
+    period = rng.uniform(7, 9)
+    phase = np.cos(angle) * xs + np.sin(angle) * ys
+    return ((phase * period + rng.uniform(0, 1)) % 1 < 0.5).astype(float)
+
+
+def _dots(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Square lattice of light dots, 5-7 per side, with a random phase."""
+    cells = rng.uniform(5, 7)
+    fx, fy = ((axis * cells + rng.uniform(0, 1)) % 1 - 0.5 for axis in (xs, ys))
+    return (fx**2 + fy**2 < 0.09).astype(float)
+
+
+def _noise(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Blocky value noise on a grid of about 12-pixel blocks."""
+    size = len(xs)
+    blocks = max(1, size // 12)
+    index = np.arange(size) * blocks // size
+    return rng.uniform(0, 1, (blocks, blocks))[np.ix_(index, index)]
+
+
+TEXTURE_MIX = {"plain": _plain, "gradient": _gradient, "checker": _checker,
+               "stripes": _stripes, "dots": _dots, "noise": _noise}
+
+
+def render_background(texture: str, colour: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Return a float (size, size, 3) background of ``texture`` in ``colour`` and a lighter tone."""
+    light = colour + (255.0 - colour) * 0.45
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    mix = TEXTURE_MIX[texture](xs, ys, rng)
+    return colour + mix[..., None] * (light - colour)
+
+
+def object_mask(shape: str, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Return a float (size, size) coverage mask in [0, 1] of ``count`` jittered ``shape``s."""
+    big = size * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    filled, holes = SHAPE_POLYGONS[shape]
+    base_radius = {1: 0.30, 2: 0.21, 3: 0.17}[count]
+    centres: list[tuple[np.ndarray, float]] = []
+    for _ in range(count):
+        radius = base_radius * rng.uniform(0.8, 1.2)
+        for _attempt in range(20):
+            centre = rng.uniform(radius, 1 - radius, 2)
+            if all(np.hypot(*(centre - c)) > 0.9 * (radius + r) for c, r in centres):
+                break
+        centres.append((centre, radius))
+        angle = rng.uniform(-0.3, 0.3)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        for polygons, value in ((filled, 255), (holes, 0)):
+            for polygon in polygons:
+                points = (polygon @ rotation.T * radius + centre) * big
+                draw.polygon([tuple(p) for p in points.tolist()], fill=value)
+    return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float64) / 255.0
+
+
+def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
+    """Render one jittered RGB image of the class described by ``design``."""
+    shape_i, fg_i, texture_i, bg_i, count_i = (int(v) for v in design)
+    bg = np.array(BG_COLOURS[bg_i], dtype=np.float64) + rng.uniform(-12, 12, 3)
+    fg = np.array(FG_COLOURS[fg_i], dtype=np.float64) + rng.uniform(-15, 15, 3)
+    image = render_background(TEXTURES[texture_i], bg, size, rng)
+    mask = object_mask(SHAPES[shape_i], COUNTS[count_i], size, rng)[..., None]
+    image = image * (1 - mask) + fg * mask
+    image += rng.normal(0, 5, image.shape)
+    return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
+
+
+def render_class(design: np.ndarray, class_index: int, per_class: int, size: int, seed: int) -> list[bytes]:
+    """Return the JPEG bytes of the ``per_class`` images of one class (pure in its arguments)."""
+    rng = np.random.default_rng([seed, 1, class_index])
+    images = []
+    for _ in range(per_class):
+        buffer = io.BytesIO()
+        render_image(design, size, rng).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        images.append(buffer.getvalue())
+    return images
+
+
+def image_name(wnid: str, number: int) -> str:
+    """Return the flat-layout file name of image ``number`` (1-based) of class ``wnid``."""
+    return f"{wnid}{number:08d}.jpg"
+
+
+def validate(out: Path, per_class: int, size: int, seed: int) -> str | None:
+    """Return a message naming the offending flag, or None when the arguments are usable."""
+    if per_class < 1:
+        return f"--perClass must be >= 1, got {per_class}"
+    if size < 16:
+        return f"--size must be >= 16, got {size}"
+    if seed < 0:
+        return f"--seed must be >= 0, got {seed}"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a directory"
+    return None
+
+
+def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
+             progress: bool = False) -> dict[str, int]:
+    """Write the toy dataset under ``out`` and return the number of images per split.
+
+    An existing dataset in ``out`` is regenerated: the CSVs and images are
+    rewritten, and flat-layout images left over from an earlier, larger run
+    are removed, so the directory is a function of the arguments only.
+    """
+    out = Path(out)
+    problem = validate(out, per_class, size, seed)
+    if problem is not None:
+        raise ValueError(problem)
+    splits = {split: read_split(split) for split in SPLITS}
+    design = class_design([len(wnids) for wnids in splits.values()], seed)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
+    written = set()
+    rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
+    for class_index, (split, wnid) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
+        for number, data in enumerate(render_class(design[class_index], class_index, per_class, size, seed), 1):
+            name = image_name(wnid, number)
+            (images_dir / name).write_bytes(data)
+            written.add(name)
+            rows[split].append((name, wnid))
+    for stale in images_dir.iterdir():
+        if FILENAME_RE.match(stale.name) and stale.name not in written:
+            stale.unlink()
+    for split, split_rows in rows.items():
+        with open(out / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(("filename", "label"))
+            writer.writerows(split_rows)
+    return {split: len(split_rows) for split, split_rows in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: parse flags, validate them and generate the dataset."""
+    parser = argparse.ArgumentParser(prog="python -m datasets.toy", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--perClass", type=int, default=30, help="images per class (default 30)")
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    problem = validate(args.out, args.perClass, args.size, args.seed)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    counts = generate(args.out, args.perClass, args.size, args.seed, progress=True)
+    summary = ", ".join(f"{split} {count}" for split, count in counts.items())
+    print(f"wrote {sum(counts.values())} images ({summary}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

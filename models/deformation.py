@@ -1,0 +1,75 @@
+"""The deformation sub-network and the patch blend (SPEC 3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from utils.grid import weight_map
+
+ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
+
+
+def blend_patches(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Deformed images ``W * probe + (1 - W) * gallery`` with one weight per grid cell.
+
+    Args:
+        probe, gallery: ``[N, C, S, S]``.
+        weights: ``[N, F*F]``, cell (i, j) at ``i * F + j`` (i counts rows of cells).
+
+    Returns:
+        ``[N, C, S, S]``. The per-pixel map is ``[N, 1, S, S]``; no per-cell masks are built.
+    """
+    mask = weight_map(weights.to(probe.dtype), probe.shape[-1])
+    return mask * probe + (1 - mask) * gallery
+
+
+def encoder_output_size(image_size: int) -> int:
+    """Side of the encoder's output map after five 2x2 max-pools: ``S // 32``."""
+    return image_size // 2 ** (len(ENCODER_CHANNELS) - 1)
+
+
+class SmallDeformNet(nn.Module):
+    """The released encoder: ``cat(probe, gallery)`` [N,6,S,S] -> five Conv-BN-ReLU-MaxPool
+    blocks (6-32-64-64-32-16) -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F].
+    No sigmoid: the weights are unconstrained."""
+
+    def __init__(self, image_size: int, fang: int) -> None:
+        super().__init__()
+        side = encoder_output_size(image_size)
+        if side < 1:
+            raise ValueError(f"the deformation encoder needs images of at least 32 px, got {image_size}")
+        self.encoder = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            for cin, cout in zip(ENCODER_CHANNELS[:-1], ENCODER_CHANNELS[1:])
+        ])
+        self.toWeight = nn.Sequential(nn.Linear(ENCODER_CHANNELS[-1] * side * side, fang * fang))
+
+    def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        code = self.encoder(torch.cat([probe, gallery], dim=1))
+        return self.toWeight(torch.flatten(code, 1))
+
+
+def resnet_body() -> nn.Module:
+    """A torchvision ResNet-18 whose forward gives pooled 512-d features (``fc`` is Identity)."""
+    net = resnet18(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+class TwoBranchDeformNet(nn.Module):
+    """The paper's figure: a ResNet-18 branch for the probe and one for the gallery image;
+    their concatenated 1024-d features -> ``Linear`` -> weights [N, F*F]. The branches are
+    initialised from the embedding when the model is built from a stage-1 checkpoint."""
+
+    def __init__(self, fang: int) -> None:
+        super().__init__()
+        self.probe_branch = resnet_body()
+        self.gallery_branch = resnet_body()
+        self.toWeight = nn.Sequential(nn.Linear(2 * 512, fang * fang))
+
+    def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        return self.toWeight(torch.cat([self.probe_branch(probe), self.gallery_branch(gallery)], dim=1))
+
+
+DEFORM_NETS = {"small": SmallDeformNet, "twobranch": TwoBranchDeformNet}

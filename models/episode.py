@@ -1,0 +1,179 @@
+"""One stage-2 episode (SPEC 3, steps 2 to 7): gallery selection, deformed support images,
+the prototype loss, the classification loss and the gradients each optimiser uses."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from datasets.gallery import Gallery
+from models.deformation import blend_patches
+from models.idemenet import IDeMeNet
+from models.protonet import proto_logits, prototypes, squared_distances
+from utils.evaluation import autocast, embed_in_chunks, prepare_images
+
+DEFORM_MODES = ("learned", "random", "none")
+GALLERY_MODES = ("nearest", "random")
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """How episodes are augmented and which losses train what.
+
+    Attributes:
+        ways: classes per episode.
+        augnum: deformed copies per support image.
+        choose_num: nearest gallery images kept per class.
+        deform: ``learned`` (the deformation sub-network), ``random`` (U(0,1) per cell) or
+            ``none`` (no deformed images: a plain prototypical network).
+        gallery_select: ``nearest`` (shortlist by prototype distance) or ``random`` (whole gallery).
+        chunk: images per forward call.
+        amp: bfloat16 autocast on CUDA.
+    """
+
+    ways: int
+    augnum: int
+    choose_num: int
+    deform: str = "learned"
+    gallery_select: str = "nearest"
+    chunk: int = 128
+    amp: bool = False
+
+
+@dataclass
+class EpisodeResult:
+    """What one episode produced. Losses are float32 scalars (with graphs when training).
+
+    ``weights`` ``[N*augnum, F*F]``, ``deformed``, ``probes`` and ``gallery_images``
+    ``[N*augnum, 3, S, S]`` (normalised) are None without deformation; ``accuracy`` and
+    ``plain_accuracy`` (prototypes of the support images alone) are fractions in [0, 1].
+    """
+
+    proto_loss: torch.Tensor
+    cls_loss: torch.Tensor | None
+    accuracy: float
+    plain_accuracy: float
+    weights: torch.Tensor | None
+    deformed: torch.Tensor | None
+    probes: torch.Tensor | None
+    gallery_images: torch.Tensor | None
+
+
+class GalleryBank:
+    """The gallery on the compute device with its embedding features, computed once.
+
+    Attributes:
+        gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
+        features: float32 ``[G, 512]``, each image embedded once with a random flip from ``seed``.
+    """
+
+    def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, seed: int,
+                 amp: bool = False, features: torch.Tensor | None = None) -> None:
+        self.gallery = gallery.to(device)
+        if features is None:
+            generator = torch.Generator().manual_seed(seed)
+            flips = torch.rand(len(gallery), generator=generator) < 0.5
+            with torch.no_grad(), autocast(device, amp):
+                features = torch.cat([
+                    model.embed(_channels_last(self.gallery.batch(torch.arange(i, min(i + chunk, len(gallery)),
+                                                                               device=device),
+                                                                  flips[i:i + chunk]), device)).float()
+                    for i in range(0, len(gallery), chunk)])
+        self.features = features.to(device)
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+
+def _channels_last(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
+                   owner: torch.Tensor, episode: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gallery index for every deformed image ``[N*augnum]``.
+
+    ``nearest``: per class the ``choose_num`` gallery images with the smallest
+    ``scale * ||g - c||^2`` to its prototype ``c`` (``protos`` ``[W, D]``), then the episode's
+    uniform pick among them; ``random``: the episode's uniform pick over the whole gallery.
+    ``owner`` ``[N*augnum]`` is the class of the support image each copy belongs to.
+    """
+    device = protos.device
+    if config.gallery_select == "random":
+        return episode["gallery_pick"].to(device)
+    distances = scale.detach() * squared_distances(protos, bank.features)
+    shortlist = torch.topk(distances, config.choose_num, dim=1, largest=False).indices
+    return shortlist[owner, episode["shortlist_pick"].to(device)]
+
+
+def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
+                device: torch.device, train_cls: bool = False, track_grad: bool = False,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpisodeResult:
+    """Forward one episode.
+
+    Args:
+        episode: an item of :class:`datasets.EpisodeDataset` built with ``AugmentDraws``.
+        bank: the gallery (unused when ``config.deform == "none"``).
+        train_cls: also compute the classification loss over the augmented support, with a
+            graph through the embedding (``episode["classes"]`` must be base-class ids).
+        track_grad: build graphs so the prototype loss can train the deformation network and scale.
+        embed: the embedding call (``model.embed`` by default; DataParallel wraps it).
+
+    Returns:
+        :class:`EpisodeResult`.
+    """
+    embed = embed or model.embed
+    support = prepare_images(episode["support"], device)
+    query = prepare_images(episode["query"], device)
+    labels = episode["support_labels"].to(device)
+    query_labels = episode["query_labels"].to(device)
+    with torch.no_grad(), autocast(device, config.amp):
+        support_features = embed_in_chunks(embed, support, config.chunk)
+        query_features = embed_in_chunks(embed, query, config.chunk)
+    plain_protos = prototypes(support_features, labels, config.ways)
+    plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
+    plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean().item()
+
+    weights = deformed = probes = others = None
+    with torch.set_grad_enabled(track_grad or train_cls):
+        if train_cls:
+            with autocast(device, config.amp):
+                support_features = embed_in_chunks(embed, support, config.chunk)
+        features, feature_labels = [support_features], [labels]
+        if config.deform != "none":
+            owner = labels.repeat_interleave(config.augnum)
+            gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
+            probes = support.repeat_interleave(config.augnum, dim=0)
+            probes = torch.where(episode["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
+            others = bank.gallery.batch(gallery_index, episode["gallery_flip"].to(device))
+            with autocast(device, config.amp):
+                if config.deform == "learned":
+                    deformed, weights = model.deform(probes, others)
+                else:
+                    weights = episode["random_weights"].to(device)
+                    deformed = blend_patches(probes, others, weights)
+                features.append(embed_in_chunks(embed, _channels_last(deformed, device), config.chunk))
+            feature_labels.append(owner)
+        features, feature_labels = torch.cat(features), torch.cat(feature_labels)
+        logits = proto_logits(query_features, prototypes(features, feature_labels, config.ways), model.scale)
+        proto_loss = F.cross_entropy(logits, query_labels)
+        cls_loss = None
+        if train_cls:
+            base_labels = episode["classes"].to(device)[feature_labels]
+            cls_loss = F.cross_entropy(model.classify(features).float(), base_labels)
+    accuracy = (logits.argmax(1) == query_labels).float().mean().item()
+    return EpisodeResult(proto_loss, cls_loss, accuracy, plain_accuracy,
+                         None if weights is None else weights.detach().float(),
+                         None if deformed is None else deformed.detach(), probes, others)
+
+
+def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
+                      cls_params: list[torch.nn.Parameter]) -> None:
+    """Fill ``.grad``: the prototype loss for ``meta_params`` (deformation network, scale), the
+    classification loss for ``cls_params`` (embedding, fc), both from the one forward pass."""
+    if meta_params:
+        result.proto_loss.backward(inputs=meta_params, retain_graph=bool(cls_params and result.cls_loss is not None))
+    if cls_params and result.cls_loss is not None:
+        result.cls_loss.backward(inputs=cls_params)

@@ -1,0 +1,54 @@
+"""The stage-2 network (the original's GNet): embedding, base-class fc, deformation, scale."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.deformation import SmallDeformNet, TwoBranchDeformNet, blend_patches, resnet_body
+from models.embedding import FEATURE_DIM
+
+
+class IDeMeNet(nn.Module):
+    """Embedding sub-network plus deformation sub-network.
+
+    Args:
+        num_classes: base classes of the ``fc`` (64).
+        image_size: S, needed by the small encoder's flatten size.
+        fang: F, the grid is F x F.
+        deform_net: ``small`` (the released encoder) or ``twobranch`` (the paper's figure).
+
+    State-dict keys: ``backbone.*`` (torchvision ResNet-18 without fc), ``fc.*``,
+    ``deformer.*`` and ``scale``.
+    """
+
+    def __init__(self, num_classes: int = 64, image_size: int = 224, fang: int = 3, deform_net: str = "small") -> None:
+        super().__init__()
+        self.image_size, self.fang, self.deform_net = image_size, fang, deform_net
+        self.backbone = resnet_body()
+        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        if deform_net == "small":
+            self.deformer = SmallDeformNet(image_size, fang)
+        elif deform_net == "twobranch":
+            self.deformer = TwoBranchDeformNet(fang)
+        else:
+            raise ValueError(f"unknown deformation sub-network {deform_net!r}")
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> features ``[N, 512]``."""
+        return self.backbone(images)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, 512]`` -> base-class logits ``[N, num_classes]``."""
+        return self.fc(features)
+
+    def deform(self, probe: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe and gallery ``[N, 3, S, S]`` -> (deformed ``[N, 3, S, S]``, weights ``[N, F*F]``)."""
+        weights = self.deformer(probe, gallery)
+        return blend_patches(probe, gallery, weights), weights
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    def deformation_parameters(self) -> list[nn.Parameter]:
+        return list(self.deformer.parameters())

@@ -1,0 +1,120 @@
+"""Building networks from checkpoints: ours, and the authors' released files (SPEC 4)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.embedding import EmbeddingNet, backbone_from_embedding
+from models.idemenet import IDeMeNet
+from utils.checkpoint import describe_mismatch, load_state_dict
+from utils.errors import CheckpointError
+
+
+def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
+    """``stage1`` (``convnet.*``), ``original`` (the authors' GNet) or ``stage2`` (ours)."""
+    keys = set(state)
+    if any(k.startswith(("attentionNet.", "CNet.")) for k in keys):
+        return "original"
+    if any(k.startswith(("backbone.", "deformer.")) for k in keys):
+        return "stage2"
+    if any(k.startswith("convnet.") for k in keys):
+        return "stage1"
+    return "unknown"
+
+
+def convert_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' GNet keys to ours.
+
+    ``attentionNet.*`` and a top-level ``toWeight.*`` -> ``deformer.*``; ``CNet.resnet.convnet.*``
+    (fc excluded: it is the stage-1 fc) -> ``backbone.*``; the duplicate ``CNet.{conv1,...}``
+    names of the same tensors are used only when the first copy is absent; ``fc.*`` and
+    ``scale`` stay.
+    """
+    nested = "CNet.resnet.convnet."
+    has_nested = any(k.startswith(nested) for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("attentionNet."):
+            out["deformer." + key[len("attentionNet."):]] = value
+        elif key.startswith("toWeight."):
+            out["deformer." + key] = value
+        elif key.startswith(nested):
+            rest = key[len(nested):]
+            if not rest.startswith("fc."):
+                out["backbone." + rest] = value
+        elif key.startswith("CNet."):
+            rest = key[len("CNet."):]
+            if not has_nested and not rest.startswith(("fc.", "resnet.")):
+                out["backbone." + rest] = value
+        else:
+            out[key] = value
+    if "scale" in out:
+        out["scale"] = out["scale"].reshape(1)
+    return out
+
+
+def _from_stage1(model: IDeMeNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full IDeMeNet state dict whose embedding and fc come from a stage-1 file."""
+    body, fc = backbone_from_embedding(state)
+    full = model.state_dict()
+    full.update({"backbone." + k: v for k, v in body.items()})
+    full.update({"fc." + k: v for k, v in fc.items()})
+    if model.deform_net == "twobranch":
+        for branch in ("probe_branch", "gallery_branch"):
+            full.update({f"deformer.{branch}.{k}": v for k, v in body.items()})
+    return full
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str) -> None:
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path}: does not fit {what} ({problem})")
+    model.load_state_dict(state)
+
+
+def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
+    """An :class:`IDeMeNet` from a stage-1 file (embedding and fc; fresh deformation
+    sub-network and scale 1.0), one of ours, or one of the authors' (``metaNet_*shot.t7``).
+
+    Args:
+        path: the checkpoint file.
+        model_args: :class:`IDeMeNet` arguments (``num_classes``, ``image_size``, ``fang``,
+            ``deform_net``); ``num_classes`` defaults to the checkpoint's fc.
+
+    Raises:
+        CheckpointError: the file is missing, unsafe, corrupt, or of another architecture
+            (the message lists the differing keys or shapes).
+    """
+    state = load_state_dict(path)
+    kind = checkpoint_kind(state)
+    if kind == "unknown":
+        raise CheckpointError(f"{path}: neither a stage-1 (convnet.*) nor a stage-2 (backbone.*, deformer.*, "
+                              f"attentionNet.*, CNet.*) state dict; first keys: {', '.join(list(state)[:3])}")
+    fc_key = "convnet.fc.weight" if kind == "stage1" else "fc.weight"
+    if "num_classes" not in model_args and fc_key in state:
+        model_args["num_classes"] = state[fc_key].shape[0]
+    model = IDeMeNet(**model_args)
+    if kind == "stage1":
+        state = _from_stage1(model, state)
+    elif kind == "original":
+        state = convert_original(state)
+    _load_strict(model, state, path, f"IDeMeNet({model.deform_net}, image size {model.image_size}, grid {model.fang}x{model.fang})")
+    return model
+
+
+def load_embedding(path: Path | str, num_classes: int | None = None) -> EmbeddingNet:
+    """An :class:`EmbeddingNet` from a stage-1 file (``convnet.*``), the authors' ``softRandom.t7``
+    included; the embedding and fc of a stage-2 file are accepted too."""
+    state = load_state_dict(path)
+    kind = checkpoint_kind(state)
+    if kind in ("original", "stage2"):
+        body = convert_original(state) if kind == "original" else state
+        state = {("convnet." + k[len("backbone."):]): v for k, v in body.items() if k.startswith("backbone.")}
+        state.update({("convnet." + k): v for k, v in body.items() if k.startswith("fc.")})
+    elif kind != "stage1":
+        raise CheckpointError(f"{path}: not a stage-1 state dict (keys convnet.*); first keys: {', '.join(list(state)[:3])}")
+    classes = num_classes or state["convnet.fc.weight"].shape[0]
+    model = EmbeddingNet(classes)
+    _load_strict(model, state, path, f"EmbeddingNet({classes} classes)")
+    return model

@@ -1,0 +1,1 @@
+"""Shared helpers: errors, the patch grid, checkpoints, metrics, run folders, signals."""

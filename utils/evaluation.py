@@ -1,0 +1,55 @@
+"""Few-shot evaluation of an embedding with a prototype classifier (no deformation)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.episodes import EpisodeDataset, collate_episode
+from datasets.splits import Split
+from datasets.transforms import normalize_uint8
+from models.protonet import proto_logits, prototypes
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when ``enabled``, else a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+
+
+def prepare_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` (CPU, possibly pinned) -> normalised float on ``device``."""
+    images = normalize_uint8(images.to(device, non_blocking=True))
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks of ``chunk`` -> float32 ``[N, D]``."""
+    return torch.cat([embed(images[i:i + chunk]).float() for i in range(0, len(images), chunk)])
+
+
+def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
+    """One episode per step, decoded in ``workers`` background processes and prefetched."""
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+@torch.no_grad()
+def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Split, image_size: int, ways: int,
+                       shots: int, queries: int, episodes: int, seed: int, device: torch.device, stream: int = 1,
+                       chunk: int = 128,
+                       workers: int = 0, amp: bool = False, desc: str = "eval", progress: bool = True) -> list[float]:
+    """Accuracy of the nearest-prototype classifier per episode (in [0, 1]), episodes from ``seed``
+    and ``stream`` (1: val, 2: test)."""
+    dataset = EpisodeDataset(split, image_size, ways, shots, queries, episodes, seed, stream)
+    accuracies = []
+    for episode in tqdm(episode_loader(dataset, workers, device), desc=desc, disable=not progress, leave=False):
+        with autocast(device, amp):
+            support = embed_in_chunks(embed, prepare_images(episode["support"], device), chunk)
+            query = embed_in_chunks(embed, prepare_images(episode["query"], device), chunk)
+        logits = proto_logits(query, prototypes(support, episode["support_labels"].to(device), ways))
+        accuracies.append((logits.argmax(1).cpu() == episode["query_labels"]).float().mean().item())
+    return accuracies

@@ -1,0 +1,78 @@
+"""The run folder: resolved arguments (JSON), a metrics CSV, resumable state, TensorBoard."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from utils.errors import OptionError
+
+RUNS_DIR = Path("runs")
+
+
+def prepare_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
+    """``runs/<name>``; refuses to reuse a folder that holds a run unless resuming or overwriting."""
+    run_dir = runs_dir / name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
+        shutil.rmtree(run_dir)
+    if resume and not (run_dir / "resume.pt").is_file():
+        raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
+    return run_dir
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one CSV row per epoch to ``metrics.csv`` and mirrors numbers to TensorBoard
+    when the ``tensorboard`` package is installed (silently skipped otherwise)."""
+
+    def __init__(self, run_dir: Path, fields: list[str], keep_rows: int = 0) -> None:
+        self.path, self.fields = run_dir / "metrics.csv", fields
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if keep_rows and self.path.is_file():
+            with open(self.path, newline="") as handle:
+                rows = list(csv.DictReader(handle))[:keep_rows]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.rows = len(rows)
+        self.board = _tensorboard_writer(run_dir)
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields).writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows += 1
+        if self.board is not None:
+            step = int(row.get("epoch", self.rows))
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.board.add_scalar(key, value, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir))
