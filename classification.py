@@ -28,7 +28,8 @@ from utils.evaluation import autocast, evaluate_embedding
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, resume_conflicts, run_cli
-from utils.runs import MetricsLog, prepare_run_dir, write_json
+from utils.runs import MetricsLog, check_run_dir, clear_run_dir, write_json
+from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
 RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "LR", "batchSize", "numEpochs", "seed", "filesPerClass")
@@ -150,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
-    run_dir = prepare_run_dir(args.tensorname, args.resume, args.overwrite)
+    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite)
     resume = safe_load(run_dir / "resume.pt") if args.resume else None
     if resume is not None:
         conflicts = resume_conflicts(resume["args"], vars(args), RESUME_KEYS)
@@ -164,8 +165,7 @@ def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if info.enabled:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif device.type == "cuda" and torch.cuda.device_count() > 1 and args.device in (None, "cuda"):
         model = nn.DataParallel(model)
@@ -184,7 +184,9 @@ def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
             print(f"resuming {args.tensorname} at epoch {start_epoch}, step {progress['step']}")
     saved_args = {k: v for k, v in vars(args).items() if k not in ("device_obj", "last_good")}
     log = None
+    barrier(info)
     if info.is_main:
+        clear_run_dir(run_dir, args.resume)
         write_json(run_dir / "args.json", saved_args)
         log = MetricsLog(run_dir, METRICS, keep_rows=record["rows"])
 

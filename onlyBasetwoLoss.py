@@ -31,7 +31,7 @@ from utils.figures import save_deformation_figure
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, resume_conflicts, run_cli
-from utils.runs import MetricsLog, prepare_run_dir, write_json
+from utils.runs import MetricsLog, check_run_dir, clear_run_dir, write_json
 
 TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
 METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
@@ -253,7 +253,7 @@ def run_evaluation(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run_training(args: argparse.Namespace, device: torch.device) -> int:
-    run_dir = prepare_run_dir(args.tensorname, args.resume, args.overwrite)
+    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite)
     resume = safe_load(run_dir / "resume.pt") if args.resume else None
     if resume is not None:
         conflicts = resume_conflicts(resume["args"], vars(args), RESUME_KEYS)
@@ -278,6 +278,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
     select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
                           VAL_STREAM if select_split == "val" else TEST_STREAM, len(bank or []))
     saved_args = dict(vars(args))
+    clear_run_dir(run_dir, args.resume)
     write_json(run_dir / "args.json", saved_args)
     log = MetricsLog(run_dir, METRICS, keep_rows=record["rows"])
     main_path, last_path = MODELS_DIR / f"{args.tensorname}.t7", MODELS_DIR / f"{args.tensorname}_last.t7"

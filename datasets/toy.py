@@ -7,12 +7,21 @@
 
 The classes are the real wnids listed in ``datasplit/{train,val,test}.txt``.
 Every class is a distinct combination of five attributes drawn from one
-shared vocabulary (object shape, object colour, background texture,
-background colour, number of objects), so that features learned on the base
-classes also separate the novel ones.  Any two classes differ in at least
-two of the five attributes (three for every seed tried so far), and each split
-uses every attribute value about equally often.  Each image jitters object position, scale, rotation and
-colour, the texture's phase and orientation, and adds mild pixel noise.
+shared vocabulary: the shape, hue, fill pattern and number of its objects,
+and a background texture.  Each attribute value is shared by many classes and
+two classes may differ in only two attributes, so no single cue names a class.
+The dataset is meant to be hard enough that few-shot methods have room to
+improve on a plain prototype classifier:
+
+* the background's colours are random in every image, and its texture is the
+  class texture only half of the time;
+* the class objects' hue, saturation, brightness, size, position and rotation
+  are jittered, and their stripes or spots are drawn in object coordinates;
+* up to two distractor objects of random shape, hue and fill, i.e. the
+  vocabulary of other classes, are mixed in, painted in random order so that
+  they may occlude the class objects;
+* a random rectangle sometimes occludes the scene, and every image gets its
+  own brightness, contrast and colour cast, and pixel noise.
 
 Everything is a pure function of ``seed``: the class design comes from the
 stream ``(seed, 0)`` and class ``i``'s images from ``(seed, 1, i)``, so the
@@ -23,6 +32,7 @@ across runs.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import csv
 import io
 import re
@@ -37,31 +47,19 @@ DATASPLIT = Path(__file__).resolve().parent.parent / "datasplit"
 SPLITS = ("train", "val", "test")
 
 SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
-FG_COLOURS = (
-    (225, 40, 40),  # red
-    (40, 195, 60),  # green
-    (55, 95, 235),  # blue
-    (240, 220, 40),  # yellow
-    (225, 60, 225),  # magenta
-    (40, 215, 225),  # cyan
-    (245, 140, 25),  # orange
-    (245, 245, 245),  # white
-)
-TEXTURES = ("plain", "gradient", "checker", "stripes", "dots", "noise")
-BG_COLOURS = (
-    (30, 30, 35),  # charcoal
-    (20, 30, 95),  # navy
-    (20, 85, 35),  # forest
-    (105, 25, 30),  # maroon
-    (110, 115, 120),  # slate
-    (75, 30, 105),  # purple
-    (15, 90, 90),  # teal
-    (100, 65, 20),  # brown
-)
+# Object hues in degrees (red, orange, yellow, green, cyan, blue, violet, magenta).
+HUES = (0, 28, 55, 115, 175, 220, 270, 315)
+FILLS = ("solid", "striped", "spotted", "outline")
 COUNTS = (1, 2, 3)
-VOCABULARY = (SHAPES, FG_COLOURS, TEXTURES, BG_COLOURS, COUNTS)
+TEXTURES = ("plain", "gradient", "checker", "stripes", "dots", "noise")
+VOCABULARY = (SHAPES, HUES, FILLS, COUNTS, TEXTURES)
 MIN_ATTRIBUTE_DISTANCE = 2
-PREFERRED_ATTRIBUTE_DISTANCE = 3
+PREFERRED_ATTRIBUTE_DISTANCE = 2
+
+HUE_JITTER = 10.0  # degrees either side of the class hue
+CLASS_TEXTURE_PROB = 0.5  # chance that the background shows the class texture, else a random one
+MAX_DISTRACTORS = 2  # distractors per image: 0..MAX objects of random shape, hue and fill
+OCCLUDER_PROB = 0.3  # chance of one random rectangle painted over the scene
 
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2
@@ -149,38 +147,38 @@ def _plain(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 
 def _gradient(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Linear ramp from dark to light in a random direction."""
+    """Linear ramp from one colour to the other in a random direction."""
     theta = rng.uniform(0, 2 * np.pi)
     ramp = np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)
     return np.clip(ramp / np.sqrt(0.5) + 0.5, 0, 1)
 
 
 def _checker(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Axis-aligned checkerboard of 5-7 cells per side with a random phase."""
-    cells = rng.uniform(5, 7)
+    """Axis-aligned checkerboard of 4-8 cells per side with a random phase."""
+    cells = rng.uniform(4, 8)
     shift = rng.uniform(0, 1, 2)
     return (np.floor(xs * cells + shift[0]) + np.floor(ys * cells + shift[1])) % 2
 
 
 def _stripes(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Diagonal stripes, 7-9 periods per side, angle and phase jittered."""
-    angle = np.pi / 4 + rng.uniform(-0.3, 0.3)
-    period = rng.uniform(7, 9)
+    """Stripes at a random angle, 5-10 periods per side, with a random phase."""
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(5, 10)
     phase = np.cos(angle) * xs + np.sin(angle) * ys
     return ((phase * period + rng.uniform(0, 1)) % 1 < 0.5).astype(float)
 
 
 def _dots(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Square lattice of light dots, 5-7 per side, with a random phase."""
-    cells = rng.uniform(5, 7)
+    """Square lattice of dots, 4-8 per side, with a random phase."""
+    cells = rng.uniform(4, 8)
     fx, fy = ((axis * cells + rng.uniform(0, 1)) % 1 - 0.5 for axis in (xs, ys))
     return (fx**2 + fy**2 < 0.09).astype(float)
 
 
 def _noise(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blocky value noise on a grid of about 12-pixel blocks."""
+    """Blocky value noise on a grid of 6-12 blocks per side."""
     size = len(xs)
-    blocks = max(1, size // 12)
+    blocks = min(size, int(rng.integers(6, 13)))
     index = np.arange(size) * blocks // size
     return rng.uniform(0, 1, (blocks, blocks))[np.ix_(index, index)]
 
@@ -189,47 +187,118 @@ TEXTURE_MIX = {"plain": _plain, "gradient": _gradient, "checker": _checker,
                "stripes": _stripes, "dots": _dots, "noise": _noise}
 
 
-def render_background(texture: str, colour: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Return a float (size, size, 3) background of ``texture`` in ``colour`` and a lighter tone."""
-    light = colour + (255.0 - colour) * 0.45
-    ys, xs = np.mgrid[0:size, 0:size] / size
+def hsv_colour(hue: float, saturation: float, value: float) -> np.ndarray:
+    """Return the float RGB triple in [0, 255] of ``hue`` (degrees), ``saturation`` and ``value`` in [0, 1]."""
+    return 255.0 * np.array(colorsys.hsv_to_rgb((hue / 360.0) % 1.0, saturation, value))
+
+
+def random_background_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return two random colours of any hue, muted to vivid and dark to light, for a background."""
+    first = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.75), rng.uniform(0.15, 0.85))
+    second = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.75), rng.uniform(0.15, 0.85))
+    return first, second
+
+
+def render_background(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Return a float (size, size, 3) background: ``texture`` mixing two random colours."""
+    first, second = random_background_colours(rng)
+    ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
     mix = TEXTURE_MIX[texture](xs, ys, rng)
-    return colour + mix[..., None] * (light - colour)
+    return first + mix[..., None] * (second - first)
 
 
-def object_mask(shape: str, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Return a float (size, size) coverage mask in [0, 1] of ``count`` jittered ``shape``s."""
+def object_colour(hue: float, rng: np.random.Generator) -> np.ndarray:
+    """Return a jittered RGB colour of an object of class ``hue`` (degrees)."""
+    return hsv_colour(hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
+
+
+def shape_mask(shape: str, centre: np.ndarray, radius: float, angle: float, size: int,
+               hole: float = 0.0) -> np.ndarray:
+    """Return the float (size, size) coverage in [0, 1] of one ``shape``.
+
+    ``hole`` > 0 also cuts out the same shape scaled by ``hole`` (an outline).
+    """
     big = size * SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     filled, holes = SHAPE_POLYGONS[shape]
-    base_radius = {1: 0.30, 2: 0.21, 3: 0.17}[count]
-    centres: list[tuple[np.ndarray, float]] = []
-    for _ in range(count):
-        radius = base_radius * rng.uniform(0.8, 1.2)
-        for _attempt in range(20):
-            centre = rng.uniform(radius, 1 - radius, 2)
-            if all(np.hypot(*(centre - c)) > 0.9 * (radius + r) for c, r in centres):
-                break
-        centres.append((centre, radius))
-        angle = rng.uniform(-0.3, 0.3)
-        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        for polygons, value in ((filled, 255), (holes, 0)):
-            for polygon in polygons:
-                points = (polygon @ rotation.T * radius + centre) * big
-                draw.polygon([tuple(p) for p in points.tolist()], fill=value)
+    layers = [(filled, 1.0, 255), (holes, 1.0, 0)]
+    if hole > 0:
+        layers.append((filled, hole, 0))
+    for polygons, scale, value in layers:
+        for polygon in polygons:
+            points = (polygon @ rotation.T * radius * scale + centre) * big
+            draw.polygon([tuple(p) for p in points.tolist()], fill=value)
     return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float64) / 255.0
+
+
+def fill_pattern(fill: str, centre: np.ndarray, radius: float, angle: float, size: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Return the (size, size) share in [0, 1] of the second (dark) colour of a ``fill``.
+
+    Stripes and spots are laid out in the object's own rotated coordinates.
+    """
+    if fill not in ("striped", "spotted"):
+        return np.zeros((size, size))
+    ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
+    dx, dy = xs - centre[0], ys - centre[1]
+    u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
+    v = (-np.sin(angle) * dx + np.cos(angle) * dy) / radius
+    if fill == "striped":
+        return ((u * 2.2 + rng.uniform(0, 1)) % 1 < 0.45).astype(float)
+    fu, fv = ((w * 2.0 + rng.uniform(0, 1)) % 1 - 0.5 for w in (u, v))
+    return (fu**2 + fv**2 < 0.07).astype(float)
+
+
+def place_objects(radii: list[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Return a centre in [0, 1]^2 per radius, trying to keep objects from covering each other."""
+    centres: list[np.ndarray] = []
+    for index, radius in enumerate(radii):
+        for _attempt in range(20):
+            centre = rng.uniform(radius * 0.8, 1 - radius * 0.8, 2)
+            if all(np.hypot(*(centre - c)) > 0.75 * (radius + r) for c, r in zip(centres, radii[:index])):
+                break
+        centres.append(centre)
+    return centres
 
 
 def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
     """Render one jittered RGB image of the class described by ``design``."""
-    shape_i, fg_i, texture_i, bg_i, count_i = (int(v) for v in design)
-    bg = np.array(BG_COLOURS[bg_i], dtype=np.float64) + rng.uniform(-12, 12, 3)
-    fg = np.array(FG_COLOURS[fg_i], dtype=np.float64) + rng.uniform(-15, 15, 3)
-    image = render_background(TEXTURES[texture_i], bg, size, rng)
-    mask = object_mask(SHAPES[shape_i], COUNTS[count_i], size, rng)[..., None]
-    image = image * (1 - mask) + fg * mask
-    image += rng.normal(0, 5, image.shape)
+    shape_i, hue_i, fill_i, count_i, texture_i = (int(v) for v in design)
+    if rng.random() >= CLASS_TEXTURE_PROB:
+        texture_i = int(rng.integers(len(TEXTURES)))
+    image = render_background(TEXTURES[texture_i], size, rng)
+
+    count = COUNTS[count_i]
+    base_radius = {1: 0.27, 2: 0.21, 3: 0.17}[count]
+    objects = []  # (shape, hue, fill, radius)
+    for _ in range(count):
+        objects.append((SHAPES[shape_i], HUES[hue_i], FILLS[fill_i], base_radius * rng.uniform(0.75, 1.2)))
+    for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+        objects.append((SHAPES[rng.integers(len(SHAPES))], HUES[rng.integers(len(HUES))],
+                        FILLS[rng.integers(len(FILLS))], base_radius * rng.uniform(0.55, 0.95)))
+    centres = place_objects([radius for *_, radius in objects], rng)
+    for index in rng.permutation(len(objects)):
+        shape, hue, fill, radius = objects[index]
+        angle = rng.uniform(-np.pi, np.pi)
+        colour = object_colour(hue, rng)
+        mask = shape_mask(shape, centres[index], radius, angle, size, 0.6 if fill == "outline" else 0.0)
+        dark = fill_pattern(fill, centres[index], radius, angle, size, rng)[..., None]
+        paint = colour * (1 - dark) + (colour * 0.3) * dark
+        image = image * (1 - mask[..., None]) + paint * mask[..., None]
+
+    if rng.random() < OCCLUDER_PROB:
+        width, height = rng.uniform(0.15, 0.4, 2)
+        left, top = rng.uniform(0, 1 - width), rng.uniform(0, 1 - height)
+        ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
+        box = (xs >= left) & (xs < left + width) & (ys >= top) & (ys < top + height)
+        image[box] = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.6), rng.uniform(0.1, 0.9))
+
+    mean = image.mean()
+    image = (image - mean) * rng.uniform(0.7, 1.2) + mean + rng.uniform(-25, 25)
+    image *= rng.uniform(0.88, 1.12, 3)
+    image += rng.normal(0, rng.uniform(3, 12), image.shape)
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
 
 

@@ -13,16 +13,20 @@ from utils.errors import OptionError
 RUNS_DIR = Path("runs")
 
 
-def prepare_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
-    """``runs/<name>``; refuses to reuse a folder that holds a run unless resuming or overwriting."""
+def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
+    """``runs/<name>``; refuses a folder that holds a run unless resuming or overwriting. Writes nothing."""
     run_dir = runs_dir / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
     if resume and not (run_dir / "resume.pt").is_file():
         raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
     return run_dir
+
+
+def clear_run_dir(run_dir: Path, resume: bool) -> None:
+    """Empty ``run_dir`` for a new run (``--overwrite``); a resumed run keeps it."""
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,262 @@
+"""Helpers shared by the benchmarks: toy data, section timers, memory probes, output.
+
+Nothing here changes library behaviour; the benchmarks only time the library's own calls.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+TOY_MARKER = ".benchmark_toy.json"
+
+
+# ----------------------------------------------------------------------------------------- data
+def toy_size(image_size: int) -> int:
+    """Side of the toy JPEGs: at least the evaluation resize (S * 256 / 224), so crops are real."""
+    return max(16, math.ceil(image_size * 256 / 224))
+
+
+def toy_dataset(root: str | None, per_class: int, size: int, keep: str | None = None):
+    """The dataset root to benchmark on, generating the toy dataset when ``root`` is None.
+
+    Args:
+        root: an existing dataset (``--dataroot``); used as is.
+        per_class, size: toy images per class and their side.
+        keep: a directory to generate into and reuse across runs (a marker file records the
+            parameters; a matching directory is not regenerated). None: a temporary directory.
+
+    Returns:
+        ``(path, seconds spent generating, TemporaryDirectory or None)``; keep the last alive
+        as long as the data is needed.
+    """
+    if root is not None:
+        return Path(root), 0.0, None
+    from datasets import toy
+
+    params = {"per_class": per_class, "size": size, "seed": 0}
+    holder = None
+    if keep is not None:
+        out = Path(keep)
+        marker = out / TOY_MARKER
+        if marker.is_file() and json.loads(marker.read_text()) == params:
+            return out, 0.0, None
+    else:
+        holder = tempfile.TemporaryDirectory(prefix="idemenet_bench_")
+        out = Path(holder.name)
+    start = time.perf_counter()
+    toy.generate(out, per_class=per_class, size=size, seed=0)
+    seconds = time.perf_counter() - start
+    if keep is not None:
+        (out / TOY_MARKER).write_text(json.dumps(params))
+    return out, seconds, holder
+
+
+# --------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SectionClock:
+    """Sums time per named section within one episode.
+
+    On the CPU a section is wall time (``perf_counter``). On CUDA each section records a pair of
+    CUDA events (no synchronisation, so the measured loop keeps its overlap); the elapsed stream
+    time is read in :meth:`collect` after the caller has synchronised. Sections may nest (an
+    outer section includes its inner ones; callers derive residuals).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.events.append((name, start, end))
+        else:
+            tick = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.times[name] += time.perf_counter() - tick
+
+    def add(self, name: str, seconds: float) -> None:
+        """A host-side interval (e.g. waiting for the data loader)."""
+        self.times[name] += seconds
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per section since the last call (call after synchronising on CUDA)."""
+        out = dict(self.times)
+        for name, start, end in self.events:
+            out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1000
+        self.times, self.events = defaultdict(float), []
+        return out
+
+
+def median(values) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def section_medians(rows: list[dict[str, float]], names: list[str]) -> dict[str, float]:
+    """Median seconds per section over the episodes (0 where a section never ran)."""
+    return {name: median(row.get(name, 0.0) for row in rows) for name in names}
+
+
+# --------------------------------------------------------------------------------------- memory
+def _status_kb(field: str, pid: str = "self") -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(rf"^{field}:\s+(\d+)", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def _pss_kb(pid: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^Pss:\s+(\d+)", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def child_pids() -> list[str]:
+    """Direct children of this process (the DataLoader workers), from /proc."""
+    pids = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids.extend((task / "children").read_text().split())
+        except OSError:
+            pass
+    return pids
+
+
+def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """High-water resident set size from getrusage (Linux reports kB)."""
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class MemoryProbe:
+    """Peak memory of one phase of a benchmark.
+
+    ``rss_mb``: this process's resident high-water mark over the phase (VmHWM, reset at the start
+    through /proc/self/clear_refs where allowed, else sampled); ``total_pss_mb``: the largest
+    sampled sum of proportional set sizes of this process and its children (the DataLoader
+    workers), i.e. the memory the whole job really holds, shared pages counted once;
+    ``cuda_mb``: ``torch.cuda.max_memory_allocated`` over the phase.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.device, self.interval = device, interval
+        self.rss_mb = self.total_pss_mb = self.workers_pss_mb = self.cuda_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        self._hwm_reset = False
+        self._sampled_rss = 0
+
+    def _sample(self) -> None:
+        while True:
+            rss = _status_kb("VmRSS")
+            self._sampled_rss = max(self._sampled_rss, rss)
+            workers = sum(_pss_kb(pid) for pid in child_pids())
+            self.workers_pss_mb = max(self.workers_pss_mb, workers / 1024)
+            self.total_pss_mb = max(self.total_pss_mb, (_pss_kb("self") + workers) / 1024)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "MemoryProbe":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._hwm_reset = True
+        except OSError:
+            self._hwm_reset = False
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = _status_kb("VmHWM") if self._hwm_reset else 0
+        self.rss_mb = max(hwm, self._sampled_rss) / 1024
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.cuda_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+# --------------------------------------------------------------------------------------- output
+def environment() -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_avg": round(os.getloadavg()[0], 2)}
+
+
+def fmt_ms(seconds: float) -> str:
+    return "-" if seconds is None or math.isnan(seconds) else f"{1000 * seconds:9.1f}"
+
+
+def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float | None]]]) -> None:
+    """Rows of seconds shown in milliseconds; None shows as '-'."""
+    width = max(len(label) for label, _ in rows) + 2
+    print(title)
+    print(" " * width + "".join(f"{c:>14}" for c in columns))
+    for label, values in rows:
+        print(f"{label:<{width}}" + "".join(f"{fmt_ms(v) if v is not None else '-':>14}" for v in values))
+
+
+def round_floats(obj, digits: int = 4):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def emit_json(summary: dict, path: str | None) -> None:
+    """The final line of the benchmark's output (and ``path`` when given)."""
+    line = json.dumps(round_floats(summary), sort_keys=False)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(line + "\n")
+    print(line, flush=True)

@@ -1,0 +1,78 @@
+"""Smoke tests of the benchmarks: each runs end to end on a tiny toy dataset and ends with a JSON line."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datasets import toy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 32
+# one torch thread and one worker: quick and steady even on a busy two-core machine
+COMMON = ["--imageSize", str(IMAGE_SIZE), "--nthreads", "1", "--torchThreads", "1", "--warmup", "1",
+          "--device", "cpu"]
+
+EPISODE_KEYS = {"train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms", "test_episode_ms", "test_floor_ms",
+                "train_data_wait_ms", "gallery_decode_s", "gallery_features_s", "gallery_ready_s", "peak_rss_mb",
+                "train_peak_rss_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
+STAGE1_KEYS = {"images_per_s_loader", "images_per_s_preloaded", "loading_ratio", "data_wait_ms", "peak_rss_mb",
+               "loader_peak_total_pss_mb", "decode_ms_per_image", "breakdown_ms"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Both benchmarks on one tiny toy dataset, run side by side (one core each) to keep the test short."""
+    root = tmp_path_factory.mktemp("bench_toy")
+    dataroot = root / "data"
+    toy.generate(dataroot, per_class=6, size=40, seed=0)
+    runs = {
+        "episode.py": ["--shots", "1", "--augnum", "2", "--chooseNum", "2", "--galleryNum", "2", "--queries", "2",
+                       "--episodes", "1"],
+        "stage1.py": ["--batchSize", "8", "--steps", "1"],
+    }
+    procs = {}
+    for script, extra in runs.items():
+        json_path = root / f"{script}.json"
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--dataroot", str(dataroot), *COMMON, *extra,
+               "--json", str(json_path)]
+        procs[script] = (subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True), json_path)
+    out = {}
+    for script, (proc, json_path) in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        out[script] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), json_path)
+    return out
+
+
+def summary_of(results, script: str) -> dict:
+    proc, json_path = results[script]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(json_path.read_text()) == summary
+    return summary
+
+
+def test_episode_benchmark(results) -> None:
+    summary = summary_of(results, "episode.py")
+    assert EPISODE_KEYS <= set(summary)
+    assert summary["gallery_images"] == 64 * 2
+    for key in ("train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms", "peak_rss_mb"):
+        assert math.isfinite(summary[key]) and summary[key] > 0, key
+    assert {"train loop", "train floor", "test loop", "test floor"} <= set(summary["breakdown_ms"])
+    assert "TOTAL per episode" in results["episode.py"][0].stdout
+
+
+def test_stage1_benchmark(results) -> None:
+    summary = summary_of(results, "stage1.py")
+    assert STAGE1_KEYS <= set(summary)
+    assert summary["images_per_s_loader"] > 0 and summary["images_per_s_preloaded"] > 0
+    assert "TOTAL per step" in results["stage1.py"][0].stdout
