@@ -226,10 +226,10 @@ def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
                         atomic_save(plain_state(model), best_path)
                 log.log(row)
                 record["rows"] = log.rows
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-                print(f"epoch {epoch}: {shown}", flush=True)
             progress = {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
             save_resume(epoch + 1)
+            if info.is_main:
+                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
             barrier(info)
             if interrupt.requested:
                 if info.is_main:

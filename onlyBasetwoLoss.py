@@ -336,10 +336,10 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
             atomic_save(model.state_dict(), last_path)
             log.log(row)
             record["rows"] = log.rows
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in row.items() if k != "epoch"), flush=True)
             progress = new_progress()
             save_resume(epoch + 1)
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in row.items() if k != "epoch"), flush=True)
             if interrupt.requested:
                 print(f"stopped after epoch {epoch}; continue with --resume")
                 return INTERRUPTED_EXIT

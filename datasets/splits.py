@@ -65,6 +65,8 @@ def _read_csv(root: Path, split: str) -> Split:
         raise DataError(f"{csv}: expected the two columns 'filename,label', found {','.join(map(str, table.columns))}")
     if table.isna().any().any():
         raise DataError(f"{csv}: empty cells")
+    if table.empty:
+        raise DataError(f"{csv}: no images listed")
     by_class: dict[str, list[Path]] = {}
     for filename, label in zip(table["filename"], table["label"]):
         by_class.setdefault(label, []).append(images / filename)

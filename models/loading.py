@@ -67,6 +67,14 @@ def _from_stage1(model: IDeMeNet, state: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str) -> None:
+    # PyTorch 0.4.0 (the authors' version) wrote BatchNorm layers without ``num_batches_tracked``;
+    # it only counts training batches, so a missing one is taken from the model (0).
+    own = model.state_dict()
+    state = dict(state)
+    for key, value in own.items():
+        if key.endswith(".num_batches_tracked") and key not in state \
+                and key[:-len("num_batches_tracked")] + "running_mean" in state:
+            state[key] = value.clone()
     problem = describe_mismatch(model, state)
     if problem:
         raise CheckpointError(f"{path}: does not fit {what} ({problem})")

@@ -330,7 +330,7 @@ def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
 
 
 CASES = [
-    # flags, epoch, groups that must change
+    # flags, epoch, groups that must change (the others must not)
     (("--fixCls", "1"), 0, {"deformer", "scale"}),
     (("--fixCls", "1"), 3, {"deformer", "scale"}),
     (("--fixCls", "0"), 1, {"deformer", "scale", "backbone", "fc"}),
@@ -343,7 +343,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("flags,epoch,expected", CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
+def trainable_groups(flags: tuple[str, ...]) -> set[str]:
+    """The groups a flag combination trains in some epoch: only these keep requires_grad."""
+    given = dict(zip(flags[::2], flags[1::2]))
+    out = set()
+    if given.get("--fixAttention", "0") == "0" and given.get("--deform", "learned") == "learned":
+        out.add("deformer")
+    if given.get("--fixScale", "0") == "0":
+        out.add("scale")
+    if given.get("--fixCls", "0") == "0":
+        out |= {"backbone", "fc"}
+    return out
+
+
+CASE_IDS = [f"{' '.join(flags)} epoch {epoch}" for flags, epoch, _ in CASES]
+
+
+@pytest.mark.parametrize("flags,epoch,expected", CASES, ids=CASE_IDS)
 def test_training_step_changes_exactly_the_flagged_groups(stage1_file, step_gallery, flags, epoch, expected) -> None:
     model, changed, _, buffers, _ = take_step(stage1_file, step_gallery, flags, epoch)
     for group, flags_changed in changed.items():
@@ -351,6 +367,9 @@ def test_training_step_changes_exactly_the_flagged_groups(stage1_file, step_gall
             assert all(flags_changed), f"{group}: some tensors did not change ({flags_changed})"
         else:
             assert not any(flags_changed), f"{group} changed although frozen"
+    trainable = trainable_groups(flags)
+    for group, params in groups(model).items():
+        assert all(p.requires_grad == (group in trainable) for p in params), group
     # BatchNorm stays in evaluation mode (SPEC 3 step 8): no running statistic moved, anywhere.
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name]), name

@@ -99,6 +99,22 @@ def test_csv_layout_keeps_csv_order_within_class(toy_root: Path, tmp_path: Path)
         assert all(p.parent == root / "images" for p in files)
 
 
+def test_flat_layout_sorts_an_unsorted_class_list(flat_root: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped lists happen to be sorted; a list in another order must still give sorted classes.
+    import datasets.splits
+
+    wnids = class_list("val")
+    shuffled = wnids[1::2] + wnids[::2]
+    assert shuffled != sorted(shuffled)
+    (tmp_path / "val.txt").write_text("\n".join(shuffled) + "\n")
+    monkeypatch.setattr(datasets.splits, "DATASPLIT_DIR", tmp_path)
+    got = read_split(flat_root, "val")
+    assert list(got.classes) == sorted(wnids)
+    for wnid, files in zip(got.classes, got.files):
+        assert all(p.name.startswith(wnid) for p in files)
+
+
 def test_flat_layout_assigns_files_by_wnid_prefix(flat_root: Path) -> None:
     for split in SPLIT_NAMES:
         got = read_split(flat_root, split)
@@ -117,8 +133,10 @@ def test_missing_root_raises(tmp_path: Path) -> None:
         detect_layout(missing)
 
 
-def test_root_without_images_or_split_folders_raises(tmp_path: Path) -> None:
+def test_root_without_images_or_split_folders_raises(toy_root: Path, tmp_path: Path) -> None:
+    # split CSVs alone are not a dataset: the images folder is missing and so are split folders
     (tmp_path / "unrelated").mkdir()
+    shutil.copyfile(toy_root / "train.csv", tmp_path / "train.csv")
     with pytest.raises(DataError) as info:
         read_split(tmp_path, "train")
     message = str(info.value)
@@ -154,6 +172,15 @@ def test_csv_with_empty_cells_raises(tmp_path: Path) -> None:
     (root / "train.csv").write_text("filename,label\nn0153282900000001.jpg,\n")
     with pytest.raises(DataError, match=re.escape(str(root / "train.csv"))):
         read_split(root, "train")
+
+
+@pytest.mark.parametrize("content", ["", "filename,label\n", "\xff\xfe garbage"])
+def test_empty_or_unreadable_csv_raises(tmp_path: Path, content: str) -> None:
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "val.csv").write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(str(root / "val.csv"))):
+        read_split(root, "val")
 
 
 def test_flat_layout_class_without_images_raises(make_flat) -> None:

@@ -1,0 +1,63 @@
+"""Check a dataset folder in any accepted layout and print what was found.
+
+    python -m datasets.check --dataroot DIR [--full]
+
+Exit status 0 when every split reads and (with ``--full``) every image is readable, 1 when
+the data deviates from miniImageNet's 64/16/20 classes of 600 images (a warning, the scripts
+still run), 2 when a split cannot be read at all.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from datasets.images import scan_split
+from datasets.splits import SPLITS, class_list, detect_layout, read_split
+from utils.errors import DataError
+
+EXPECTED = {"train": 64, "val": 16, "test": 20}
+IMAGES_PER_CLASS = 600
+
+
+def check(dataroot: str, full: bool, workers: int) -> int:
+    """Print one line per split and any deviation; returns the exit status."""
+    layout = detect_layout(dataroot)
+    print(f"{dataroot}: layout {layout}")
+    status = 0
+    for name in SPLITS:
+        split = read_split(dataroot, name)
+        sizes = [len(files) for files in split.files]
+        print(f"  {name}: {split.num_classes} classes, {len(split)} images "
+              f"({min(sizes)}-{max(sizes)} per class)")
+        official = set(class_list(name))
+        if split.num_classes != EXPECTED[name] or set(split.classes) != official:
+            foreign = sorted(set(split.classes) - official)
+            print(f"  warning: {name} differs from the Ravi & Larochelle split "
+                  f"({EXPECTED[name]} classes){'; not in it: ' + ' '.join(foreign[:5]) if foreign else ''}")
+            status = 1
+        if any(size != IMAGES_PER_CLASS for size in sizes):
+            print(f"  warning: {name} classes do not all have {IMAGES_PER_CLASS} images")
+            status = 1
+        if full:
+            _, bad = scan_split(split, skip_bad=True, workers=workers)
+            print(f"  {name}: {'all images readable' if not bad else f'{bad} unreadable or truncated image(s)'}")
+            if bad:
+                scan_split(split, skip_bad=False, workers=workers)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check a miniImageNet folder (any accepted layout)")
+    parser.add_argument("--dataroot", required=True, help="dataset root")
+    parser.add_argument("--full", action="store_true", help="also open every image (finds truncated files)")
+    parser.add_argument("--nthreads", type=int, default=8, help="threads for --full")
+    args = parser.parse_args(argv)
+    try:
+        return check(args.dataroot, args.full, args.nthreads)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Tests for ``utils.metrics``: mean and 95% interval, and the accuracy line (SPEC 5)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+
+import onlyBasetwoLoss as stage2
+from utils.metrics import format_accuracy, mean_ci95
+
+
+@pytest.mark.parametrize("values", [
+    [0.5, 0.7],
+    [1.0, 2.0, 4.0, 8.0],
+    [59.0, 61.5, 58.25, 60.0, 57.75, 62.0, 55.5],
+    list(np.random.default_rng(0).uniform(0, 100, size=600)),
+])
+def test_mean_ci95_uses_population_std(values) -> None:
+    mean, half = mean_ci95(values)
+    array = np.asarray(values, dtype=np.float64)
+    assert mean == pytest.approx(array.mean(), rel=1e-12)
+    assert half == pytest.approx(1.96 * np.std(array) / math.sqrt(len(array)), rel=1e-12)  # ddof=0
+    if len(values) > 1:
+        assert half != pytest.approx(1.96 * np.std(array, ddof=1) / math.sqrt(len(array)), rel=1e-6)
+
+
+def test_mean_ci95_by_hand() -> None:
+    # 2, 4, 4, 4, 5, 5, 7, 9: mean 5, population variance 4 (std 2): half-width 1.96 * 2 / sqrt(8)
+    mean, half = mean_ci95([2, 4, 4, 4, 5, 5, 7, 9])
+    assert mean == 5.0
+    assert half == pytest.approx(3.92 / 8 ** 0.5, rel=1e-12)
+
+
+def test_mean_ci95_single_value_has_zero_width() -> None:
+    assert mean_ci95([0.42]) == (pytest.approx(0.42), 0.0)
+
+
+def test_mean_ci95_refuses_empty() -> None:
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+def test_format_accuracy_reproduces_the_paper_line() -> None:
+    # 300 episodes at 69.888 % and 300 at 48.392 %: mean 59.14, std 10.748,
+    # half-width 1.96 * 10.748 / sqrt(600) = 0.86002
+    accuracies = [0.69888] * 300 + [0.48392] * 300
+    line = format_accuracy(5, 1, "test", accuracies, 0)
+    assert line == "5-way 1-shot test accuracy: 59.14 +- 0.86 % (600 episodes, seed 0)"
+
+
+def test_format_accuracy_other_values() -> None:
+    # [0.5, 0.7]: mean 60 %, std 10 %, half-width 19.6 / sqrt(2) = 13.859 %
+    assert format_accuracy(5, 5, "val", [0.5, 0.7], 17) == "5-way 5-shot val accuracy: 60.00 +- 13.86 % (2 episodes, seed 17)"
+    # 1/3, 2/3, 1: mean 66.667 %, std 33.333 * sqrt(2/3) = 27.217 %, half-width 1.96 * 27.217 / sqrt(3) = 30.798 %
+    line = format_accuracy(20, 1, "test", [1 / 3, 2 / 3, 1.0], 2)
+    assert line == "20-way 1-shot test accuracy: 66.67 +- 30.80 % (3 episodes, seed 2)"
+
+
+def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
+    deformed = [0.8, 0.6, 0.7, 0.9]
+    plain = [0.7, 0.6, 0.5, 0.8]
+    stats = {"acc": deformed, "plain": plain, "loss": [1.0, 2.0, 3.0, 6.0]}
+    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", evaluate=False,
+                              tensorname="run", GNet="None")
+    summary = stage2.report(stats, args, "test")
+    lines = capsys.readouterr().out.splitlines()
+    # deformed: mean 75, std sqrt(125) = 11.180; half 1.96 * 11.180 / 2 = 10.957
+    assert lines[0] == "5-way 1-shot test accuracy: 75.00 +- 10.96 % (4 episodes, seed 3)"
+    # plain: mean 65, std sqrt(125); difference per episode 10, 0, 20, 10: mean 10, std sqrt(50) = 7.071,
+    # half 1.96 * 7.071 / 2 = 6.930
+    assert lines[1] == "5-way 1-shot test accuracy without deformation: 65.00 +- 10.96 % (4 episodes, seed 3)"
+    assert "+10.00 +- 6.93 %" in lines[2]
+    assert summary["accuracy"] == pytest.approx(75.0)
+    assert summary["ci95"] == pytest.approx(1.96 * math.sqrt(125) / 2)
+    assert summary["plain_accuracy"] == pytest.approx(65.0)
+    assert summary["difference"] == pytest.approx(10.0)
+    assert summary["difference_ci95"] == pytest.approx(1.96 * math.sqrt(50) / 2)
+    assert summary["loss"] == pytest.approx(3.0)
+    assert summary["episodes"] == 4
