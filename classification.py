@@ -237,6 +237,8 @@ def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
                 return INTERRUPTED_EXIT
     if info.is_main:
         log.close()
+        write_json(run_dir / "summary.json", {"lowest_train_loss": record["best_train_loss"], "checkpoint": str(main_path),
+                                              "best_val_1shot": record["best_val"], "best_checkpoint": str(best_path)})
         print(f"saved {main_path} (lowest training loss {record['best_train_loss']:.4f})"
               + (f" and {best_path} (val 5-way 1-shot {record['best_val']:.2f} %)" if record["best_val"] >= 0 else ""))
     return 0
