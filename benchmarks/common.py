@@ -163,9 +163,17 @@ def child_pids() -> list[str]:
     return pids
 
 
+_LIFETIME_PEAK_KB = 0  # this process's high-water mark before MemoryProbe resets it
+
+
 def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """High-water resident set size from getrusage (Linux reports kB)."""
-    return resource.getrusage(who).ru_maxrss / 1024
+    """High-water resident set size from getrusage (Linux reports kB). For this process, the peak
+    over its whole life: resetting VmHWM (MemoryProbe) also resets ``ru_maxrss``, so the peaks seen
+    before each reset are kept here."""
+    peak = resource.getrusage(who).ru_maxrss
+    if who == resource.RUSAGE_SELF:
+        peak = max(peak, _LIFETIME_PEAK_KB)
+    return peak / 1024
 
 
 def children_cpu_s() -> float:
@@ -202,6 +210,8 @@ class MemoryProbe:
                 return
 
     def __enter__(self) -> "MemoryProbe":
+        global _LIFETIME_PEAK_KB
+        _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self._hwm_reset = True
@@ -219,6 +229,9 @@ class MemoryProbe:
         self._thread.join()
         hwm = _status_kb("VmHWM") if self._hwm_reset else 0
         self.rss_mb = max(hwm, self._sampled_rss) / 1024
+        global _LIFETIME_PEAK_KB
+        _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, hwm, self._sampled_rss,
+                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         if self.device.type == "cuda":
             synchronize(self.device)
             self.cuda_mb = torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -82,7 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--episodes", type=int, default=5, help="timed training episodes")
     p.add_argument("--testEpisodes", type=int, default=None, help="timed test episodes (default: --episodes)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed episodes before each timed phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed episodes before each timed block")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the (loop, floor) blocks this many times, alternating; medians over all")
     p.add_argument("--nthreads", type=int, default=4, help="DataLoader workers and gallery decode threads")
     p.add_argument("--torchThreads", type=int, default=None,
                    help="torch.set_num_threads in this process (default: torch's choice, one per core)")
@@ -296,6 +298,14 @@ def run_floor(model, embed, x, steps, warmup, device, config, train, meta_params
     return rows
 
 
+class PeakOf:
+    """The largest figures of several MemoryProbe results."""
+
+    def __init__(self, probes) -> None:
+        for name in ("rss_mb", "total_pss_mb", "workers_pss_mb", "cuda_mb"):
+            setattr(self, name, max(getattr(p, name) for p in probes))
+
+
 def decode_seconds(dataset, count: int = 2) -> tuple[float, dict]:
     """Seconds to build one episode (decode + crop) in this process, single-threaded; and the last item."""
     times, item = [], None
@@ -347,36 +357,49 @@ def main(argv: list[str] | None = None) -> dict:
     train_config = stage2.episode_config(args, args.trainways)
     train_set = stage2.episodes(splits["train"], args, args.trainways, a.warmup + a.episodes + depth,
                                 stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1 if train_cls else 0)
+    first_epoch = 1 if train_cls else 0
+    train_set.set_epoch(first_epoch)
     train_decode_s, train_item = decode_seconds(train_set)
-    children_cpu0 = children_cpu_s()
-    with MemoryProbe(device) as mem_train:
-        train_rows, train_acc = run_loop(model, bank, embed, episode_loader(train_set, args.nthreads, device),
-                                         a.episodes, a.warmup, device, True, train_config, train_cls=train_cls,
-                                         **common)
-    workers_cpu_s = children_cpu_s() - children_cpu0
-    with MemoryProbe(device) as mem_train_floor:
-        x = floor_inputs(model, bank, train_item, train_config, device)
-        train_floor = run_floor(model, embed, x, a.episodes, a.warmup, device, train_config, True,
-                                train_cls=train_cls, **common)
-        del x
+    test_config = stage2.episode_config(args, args.ways)
+    test_set = stage2.episodes(splits["test"], args, args.ways, a.warmup + test_steps + depth,
+                               stage2.TEST_STREAM, len(bank))
+    test_decode_s, test_item = decode_seconds(test_set)
 
-    test_rows = test_floor = []
-    test_decode_s = float("nan")
-    mem_test = mem_test_floor = None
-    if not a.skipTest:
-        test_config = stage2.episode_config(args, args.ways)
-        test_set = stage2.episodes(splits["test"], args, args.ways, a.warmup + test_steps + depth,
-                                   stage2.TEST_STREAM, len(bank))
-        test_decode_s, test_item = decode_seconds(test_set)
-        with MemoryProbe(device) as mem_test:
-            test_rows, _ = run_loop(model, bank, embed, episode_loader(test_set, args.nthreads, device), test_steps,
-                                    a.warmup, device, False, test_config, train_cls=False, **common)
-        with MemoryProbe(device) as mem_test_floor, torch.no_grad():
-            x = floor_inputs(model, bank, test_item, test_config, device)
-            test_floor = run_floor(model, embed, x, test_steps, a.warmup, device, test_config, False,
-                                   train_cls=False, **common)
+    # --rounds alternates loop and floor blocks so that both see the same drift in machine load.
+    train_rows, train_floor, train_acc, test_rows, test_floor = [], [], [], [], []
+    mem = {"train": [], "train_floor": [], "test": [], "test_floor": []}
+    workers_cpu_s = 0.0
+    for r in range(a.rounds):
+        train_set.set_epoch(first_epoch + r)
+        cpu0 = children_cpu_s()
+        with MemoryProbe(device) as probe:
+            rows, acc = run_loop(model, bank, embed, episode_loader(train_set, args.nthreads, device), a.episodes,
+                                 a.warmup, device, True, train_config, train_cls=train_cls, **common)
+        workers_cpu_s += children_cpu_s() - cpu0
+        train_rows += rows
+        train_acc += acc
+        mem["train"].append(probe)
+        with MemoryProbe(device) as probe:
+            x = floor_inputs(model, bank, train_item, train_config, device)
+            train_floor += run_floor(model, embed, x, a.episodes, a.warmup, device, train_config, True,
+                                     train_cls=train_cls, **common)
             del x
+        mem["train_floor"].append(probe)
+        if a.skipTest:
+            continue
+        test_set.set_epoch(r)
+        with MemoryProbe(device) as probe:
+            test_rows += run_loop(model, bank, embed, episode_loader(test_set, args.nthreads, device), test_steps,
+                                  a.warmup, device, False, test_config, train_cls=False, **common)[0]
+        mem["test"].append(probe)
+        with MemoryProbe(device) as probe, torch.no_grad():
+            x = floor_inputs(model, bank, test_item, test_config, device)
+            test_floor += run_floor(model, embed, x, test_steps, a.warmup, device, test_config, False,
+                                    train_cls=False, **common)
+            del x
+        mem["test_floor"].append(probe)
+    mem_train, mem_train_floor = PeakOf(mem["train"]), PeakOf(mem["train_floor"])
+    mem_test = PeakOf(mem["test"]) if mem["test"] else None
 
     names = [key for key, _ in ROWS]
     columns = {"train loop": section_medians(train_rows, names), "train floor": section_medians(train_floor, names),
@@ -389,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(f"median ms per episode, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, "
                 f"{args.ways}-way {args.shots}-shot, augnum {args.augnum}, chooseNum {args.chooseNum}, "
                 f"queries {args.test_num}, galleryNum {args.galleryNum}, fixCls {args.fixCls}, "
-                f"nthreads {args.nthreads}, {a.episodes}+{a.warmup} warmup episodes",
+                f"nthreads {args.nthreads}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes",
                 list(columns), table)
 
     train_ms = columns["train loop"]["total"]
@@ -399,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ways": args.ways, "shots": args.shots, "augnum": args.augnum, "chooseNum": args.chooseNum,
         "queries": args.test_num, "galleryNum": args.galleryNum, "fixCls": args.fixCls, "nthreads": args.nthreads,
         "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup,
+        "rounds": a.rounds,
         "train_ratio": train_ms / train_floor_ms,
         "test_ratio": columns["test loop"]["total"] / columns["test floor"]["total"] if not a.skipTest else None,
         "train_ratio_mean": mean(r["total"] for r in train_rows) / mean(r["total"] for r in train_floor),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def safe_load(path: Path | str) -> Any:
     last: Exception | None = None
     for kwargs in ({}, {"encoding": "latin1"}):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes; the refusal is ours to report
+                return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
         except pickle.UnpicklingError as exc:
             if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
                 raise CheckpointError(f"{path}: refused, the file holds Python objects other than a plain "

@@ -1,0 +1,139 @@
+"""Bad input to either script: one line naming the flag or file, exit status 2, nothing written."""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from datasets.toy import generate
+from models import EmbeddingNet, IDeMeNet
+from tests.scripts_helpers import run_script
+
+STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "1", "--batchSize", "32", "--nthreads", "0",
+          "--filesPerClass", "2", "--valEpisodes", "0", "--progress", "0", "--tensorname", "bad1"]
+STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--numEpochs", "1", "--epoch", "2",
+          "--valEpisodes", "1", "--testEpisodes", "1", "--galleryNum", "2", "--chooseNum", "3", "--augnum", "2",
+          "--test_num", "3", "--nthreads", "0", "--fixCls", "1", "--progress", "0", "--tensorname", "bad2"]
+
+
+class Unsafe:
+    def __reduce__(self):
+        return (os.system, ("touch executed_marker",))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    generate(root / "toy", per_class=6, size=36, seed=0)
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(EmbeddingNet(64).state_dict(), root / "models/stage1.t7")
+    torch.save(IDeMeNet(image_size=32, fang=5).state_dict(), root / "models/grid5.t7")
+    data = (root / "models/stage1.t7").read_bytes()
+    (root / "models/truncated.t7").write_bytes(data[: len(data) // 3])
+    with open(root / "models/unsafe.t7", "wb") as handle:
+        pickle.dump({"conv": Unsafe()}, handle)
+    return root
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "toy" not in p.parts)
+
+
+def expect_error(root, script, flags, *needles):
+    before = snapshot(root)
+    result = run_script(root, script, *flags)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in message, message
+    assert snapshot(root) == before, "a failed run wrote files"
+    return message
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--ways", "30"], ["--ways 30", "16 classes of split val"]),
+    (["--trainways", "65"], ["--trainways 65"]),
+    (["--shots", "5"], ["--shots 5", "--test_num 3"]),
+    (["--galleryNum", "7"], ["--galleryNum 7"]),
+    (["--chooseNum", "200"], ["--chooseNum 200", "gallery"]),
+    (["--imageSize", "16"], ["--imageSize 16", "32 px"]),
+    (["--network", "missing"], ["--network missing", "stage1"]),
+    (["--GNet", "missing"], ["--GNet missing", "available"]),
+    (["--GNet", "grid5"], ["grid5.t7", "deformer.toWeight.0.weight"]),
+    (["--GNet", "truncated"], ["truncated.t7", "truncated or corrupt"]),
+    (["--GNet", "unsafe"], ["unsafe.t7", "refused"]),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
+    (["--amp", "1", "--device", "cpu"], ["--amp 1"]),
+    (["--dataroot", "nowhere"], ["nowhere", "--dataroot"]),
+    (["--batchSize", "0"], ["--batchSize"]),
+], ids=["ways", "trainways", "shots", "galleryNum", "chooseNum", "imageSize", "missing_network", "missing_GNet",
+        "other_grid", "truncated_checkpoint", "unsafe_pickle", "no_gpu", "amp_on_cpu", "no_dataroot", "batchSize"])
+def test_stage2_rejects_bad_flags(workdir, extra, needles):
+    expect_error(workdir, "onlyBasetwoLoss.py", [*STAGE2, *extra], *needles)
+    assert not (workdir / "executed_marker").exists()
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--network", "missing"], ["--network missing"]),
+    (["--network", "unsafe"], ["refused"]),
+    (["--imageSize", "2", "--Fang", "3"], ["--imageSize 2"]),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
+    (["--dataroot", "nowhere"], ["nowhere"]),
+], ids=["missing_network", "unsafe_network", "tiny_image", "no_gpu", "no_dataroot"])
+def test_stage1_rejects_bad_flags(workdir, extra, needles):
+    expect_error(workdir, "classification.py", [*STAGE1, *extra], *needles)
+
+
+@pytest.fixture
+def broken_copy(workdir, tmp_path):
+    """A copy of the work folder whose dataset the test may damage."""
+    root = tmp_path / "w"
+    shutil.copytree(workdir, root)
+    return root
+
+
+def test_csv_with_other_columns_is_named(broken_copy):
+    path = broken_copy / "toy/val.csv"
+    rows = list(csv.reader(open(path)))
+    rows[0] = ["file", "class"]
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    expect_error(broken_copy, "onlyBasetwoLoss.py", STAGE2, "val.csv", "filename,label")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_bad_image_is_named_and_can_be_skipped(broken_copy, damage):
+    victim = sorted((broken_copy / "toy/images").glob("n01930112*.jpg"))[0]  # a test-split image
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not a picture")
+    expect_error(broken_copy, "onlyBasetwoLoss.py", STAGE2, victim.name, "--skipBadImages")
+    result = run_script(broken_copy, "onlyBasetwoLoss.py", *STAGE2, "--skipBadImages")
+    assert result.returncode == 0, result.stderr
+    assert "left out 1 unreadable image(s)" in result.stdout
+
+
+def test_a_diverging_run_stops_without_overwriting_the_last_good_checkpoint(workdir):
+    good = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "diverge")
+    assert good.returncode == 0, good.stderr
+    saved = (workdir / "models/diverge.t7").read_bytes()
+    result = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "diverge", "--overwrite",
+                        "--LR", "1e30", "--filesPerClass", "4")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "non-finite loss at epoch 0, step" in result.stderr
+    assert "models/diverge.t7" in result.stderr
+    assert (workdir / "models/diverge.t7").read_bytes() == saved
+
+
+def test_a_diverging_stage2_run_names_the_episode_classes(workdir):
+    result = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--tensorname", "diverge2", "--LR", "1e30",
+                        "--epoch", "6")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "non-finite loss at epoch 0, episode" in result.stderr and "(classes n" in result.stderr
+    assert not (workdir / "models/diverge2.t7").exists()
