@@ -136,7 +136,7 @@ def episode_config(args: argparse.Namespace, ways: int) -> EpisodeConfig:
 
 
 def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int) -> EpisodeDataset:
-    draws = AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
+    draws = None if args.deform == "none" else AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
     return EpisodeDataset(split, args.imageSize, ways, args.shots, args.test_num, count, args.seed, stream,
                           bool(args.overlap), draws)
 
