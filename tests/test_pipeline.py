@@ -1,0 +1,99 @@
+"""The whole method on toy data, through the real scripts: stage 1, stage 2 round 1, --evaluate."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from datasets import read_split
+from datasets.toy import generate
+from models import EmbeddingNet
+from tests.scripts_helpers import run_script
+from utils.evaluation import evaluate_embedding
+from utils.metrics import mean_ci95
+
+SIZE = "48"
+STAGE1 = ["--dataroot", "toy", "--imageSize", SIZE, "--numEpochs", "3", "--batchSize", "64", "--nthreads", "0",
+          "--valEvery", "1", "--valEpisodes", "60", "--progress", "0"]
+STAGE2 = ["--dataroot", "toy", "--imageSize", SIZE, "--shots", "1", "--augnum", "7", "--chooseNum", "15",
+          "--galleryNum", "5", "--nthreads", "0", "--progress", "0"]
+LINE = re.compile(r"^5-way 1-shot test accuracy: (\d+\.\d\d) \+- (\d+\.\d\d) % \(80 episodes, seed 0\)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    generate(root / "toy", per_class=20, size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir):
+    result = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "toy_stage1")
+    assert result.returncode == 0, result.stderr
+    with open(workdir / "runs/toy_stage1/metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def untrained_val_accuracy(workdir) -> float:
+    torch.manual_seed(0)
+    net = EmbeddingNet(64).eval()
+    accuracies = evaluate_embedding(net.features, read_split(workdir / "toy", "val"), int(SIZE), 5, 1, 15, 60, 0,
+                                    torch.device("cpu"), progress=False)
+    return mean_ci95([100 * a for a in accuracies])[0]
+
+
+def test_stage1_trains_the_embedding_well_above_chance(workdir, stage1):
+    assert [int(row["epoch"]) for row in stage1] == [0, 1, 2]
+    assert float(stage1[-1]["loss"]) < float(stage1[0]["loss"])
+    final = float(stage1[-1]["val_1shot"])
+    assert final > 40.0, f"val 5-way 1-shot {final:.1f} % after stage 1 (chance 20 %)"
+    assert final > untrained_val_accuracy(workdir) + 5.0
+    assert float(stage1[-1]["val_5shot"]) > final
+    for name in ("toy_stage1.t7", "toy_stage1_best.t7"):
+        assert (workdir / "models" / name).is_file()
+    args = json.loads((workdir / "runs/toy_stage1/args.json").read_text())
+    assert args["imageSize"] == int(SIZE) and args["tensorname"] == "toy_stage1"
+
+
+def test_stage2_round1_then_evaluate_beats_chance_and_reports(workdir, stage1):
+    trained = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--network", "toy_stage1", "--fixCls", "1",
+                         "--numEpochs", "2", "--epoch", "30", "--valEpisodes", "30", "--testEpisodes", "30",
+                         "--tensorname", "toy_1shot")
+    assert trained.returncode == 0, trained.stderr
+    with open(workdir / "runs/toy_1shot/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(row["select_split"] == "val" for row in rows)
+    assert float(rows[0]["cls_loss"]) == 0.0  # --fixCls 1: no classification loss is computed
+
+    evaluated = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--GNet", "toy_1shot", "--evaluate",
+                           "--testEpisodes", "80", "--tensorname", "toy_1shot")
+    assert evaluated.returncode == 0, evaluated.stderr
+    match = LINE.search(evaluated.stdout)
+    assert match, evaluated.stdout
+    accuracy, interval = float(match.group(1)), float(match.group(2))
+    assert accuracy > 35.0, evaluated.stdout
+    assert 0 < interval < 15
+    assert "test accuracy without deformation:" in evaluated.stdout
+    assert "difference (with - without deformation):" in evaluated.stdout
+    summary = json.loads((workdir / "runs/toy_1shot/evaluate_1shot_seed0.json").read_text())
+    assert summary["episodes"] == 80 and summary["accuracy"] == pytest.approx(accuracy, abs=0.006)
+    with Image.open(workdir / "picture/toy_1shot_deformed.png") as figure:
+        assert figure.width > 4 * int(SIZE) and figure.height > int(SIZE)
+
+
+def test_network_accepts_the_original_layout_with_module_prefix(workdir, stage1):
+    state = torch.load(workdir / "models/toy_stage1.t7")
+    legacy = {f"module.{key}": value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    torch.save(legacy, workdir / "models/original_layout.t7", _use_new_zipfile_serialization=False)
+    result = run_script(workdir, "classification.py", *STAGE1, "--numEpochs", "1", "--valEpisodes", "0",
+                        "--filesPerClass", "2", "--network", "original_layout", "--tensorname", "finetune")
+    assert result.returncode == 0, result.stderr
+    evaluated = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--network", "original_layout", "--deform", "none",
+                           "--numEpochs", "1", "--epoch", "2", "--valEpisodes", "2", "--testEpisodes", "2",
+                           "--tensorname", "from_original")
+    assert evaluated.returncode == 0, evaluated.stderr
