@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from datasets import SeededSampler, SoftRandomDataset, read_split, scan_split
 from models import EmbeddingNet, load_embedding
-from utils.checkpoint import MODELS_DIR, atomic_save, resolve_checkpoint, safe_load
+from utils.checkpoint import MODELS_DIR, atomic_save, resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import OptionError, TrainingDiverged
 from utils.evaluation import autocast, evaluate_embedding
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import mean_ci95
-from utils.options import add_common_args, check_positive, configure_backend, resolve_device, resume_conflicts, run_cli
-from utils.runs import MetricsLog, check_run_dir, clear_run_dir, write_json
+from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
+from utils.runs import MetricsLog, clear_run_dir, open_run, write_json
 from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
@@ -151,12 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
-    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite)
-    resume = safe_load(run_dir / "resume.pt") if args.resume else None
-    if resume is not None:
-        conflicts = resume_conflicts(resume["args"], vars(args), RESUME_KEYS)
-        if conflicts:
-            raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
+    run_dir, resume = open_run(args, RESUME_KEYS)
     configure_backend(device, args.deterministic, args.seed + info.rank)
     train, val, sampler, loader = load_data(args, info)
     model, optimizer = build_model(args, train.num_classes)

@@ -30,8 +30,8 @@ from utils.evaluation import episode_loader
 from utils.figures import save_deformation_figure
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import format_accuracy, mean_ci95
-from utils.options import add_common_args, check_positive, configure_backend, resolve_device, resume_conflicts, run_cli
-from utils.runs import MetricsLog, check_run_dir, clear_run_dir, write_json
+from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
+from utils.runs import MetricsLog, clear_run_dir, open_run, write_json
 
 TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
 METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
@@ -253,12 +253,7 @@ def run_evaluation(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run_training(args: argparse.Namespace, device: torch.device) -> int:
-    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite)
-    resume = safe_load(run_dir / "resume.pt") if args.resume else None
-    if resume is not None:
-        conflicts = resume_conflicts(resume["args"], vars(args), RESUME_KEYS)
-        if conflicts:
-            raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
+    run_dir, resume = open_run(args, RESUME_KEYS)
     splits, model, gallery = prepare(args, device, need_train=True)
     meta_params, cls_params = param_groups(model, args)
     meta_opt, cls_opt, meta_sched, cls_sched = make_optimizers(model, args)

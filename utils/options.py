@@ -87,8 +87,3 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-
-
-def resume_conflicts(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
-    """The flags in ``keys`` whose values differ between a saved run and this command."""
-    return [f"--{k} {saved.get(k)} (saved) vs {current.get(k)} (now)" for k in keys if saved.get(k) != current.get(k)]

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint import safe_load
 from utils.errors import OptionError
 
 RUNS_DIR = Path("runs")
@@ -21,6 +22,25 @@ def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUN
     if resume and not (run_dir / "resume.pt").is_file():
         raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
     return run_dir
+
+
+def open_run(args, resume_keys: tuple[str, ...], runs_dir: Path = RUNS_DIR) -> tuple[Path, dict[str, Any] | None]:
+    """The run folder of ``args.tensorname`` and, with ``--resume``, its saved state.
+
+    Raises:
+        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was
+            given, or the saved run used other values for any of ``resume_keys``.
+    """
+    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite, runs_dir)
+    if not args.resume:
+        return run_dir, None
+    state = safe_load(run_dir / "resume.pt")
+    saved = state["args"]
+    conflicts = [f"--{k} {saved.get(k)} (saved) vs {getattr(args, k, None)} (now)" for k in resume_keys
+                 if saved.get(k) != getattr(args, k, None)]
+    if conflicts:
+        raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
+    return run_dir, state
 
 
 def clear_run_dir(run_dir: Path, resume: bool) -> None:
