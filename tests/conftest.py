@@ -1,4 +1,4 @@
-"""Shared fixtures for the data-layer tests: one small toy dataset in all three layouts.
+"""Shared fixtures: one thread for torch, and one small toy dataset in all three layouts.
 
 The toy dataset (``datasets.toy.generate``) is written once per session in the flat+CSV
 layout; the other two layouts are built from it with symbolic links (read-only tests) or
@@ -13,12 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from datasets import toy
 
 PER_CLASS = 12
 TOY_SIZE = 48
 SPLIT_NAMES = ("train", "val", "test")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to busy-waiting on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def csv_rows(root: Path, split: str) -> list[tuple[str, str]]:

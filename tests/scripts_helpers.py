@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from datasets.toy import generate
+from models import EmbeddingNet
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -14,6 +19,16 @@ def script_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"  # tiny images: one thread is fastest, and several tests may share the CPU
     return env
+
+
+def make_workdir(root: Path) -> Path:
+    """A scratch folder with a small toy dataset (``toy/``) and a random stage-1 checkpoint
+    (``models/stage1.t7``), as a user would have after stage 1."""
+    generate(root / "toy", per_class=6, size=36, seed=0)
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(EmbeddingNet(64).state_dict(), root / "models/stage1.t7")
+    return root
 
 
 def run_script(cwd: Path, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -18,14 +18,6 @@ SIZE = 32
 RESNET_PARTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to busy-waiting on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def randomise_buffers(module: nn.Module, seed: int) -> None:
     """Give every BatchNorm non-trivial running statistics, so a buffer left behind shows in the outputs."""

@@ -9,9 +9,8 @@ import shutil
 import pytest
 import torch
 
-from datasets.toy import generate
-from models import EmbeddingNet, IDeMeNet
-from tests.scripts_helpers import run_script
+from models import IDeMeNet
+from tests.scripts_helpers import make_workdir, run_script
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "1", "--batchSize", "32", "--nthreads", "0",
           "--filesPerClass", "2", "--valEpisodes", "0", "--progress", "0", "--tensorname", "bad1"]
@@ -27,11 +26,7 @@ class Unsafe:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    generate(root / "toy", per_class=6, size=36, seed=0)
-    (root / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(EmbeddingNet(64).state_dict(), root / "models/stage1.t7")
+    root = make_workdir(tmp_path_factory.mktemp("cli"))
     torch.save(IDeMeNet(image_size=32, fang=5).state_dict(), root / "models/grid5.t7")
     data = (root / "models/stage1.t7").read_bytes()
     (root / "models/truncated.t7").write_bytes(data[: len(data) // 3])

@@ -9,9 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from datasets.toy import generate
-from models import EmbeddingNet
-from tests.scripts_helpers import popen_script, run_script
+from tests.scripts_helpers import make_workdir, popen_script, run_script
 
 TIMING = {"images_per_s", "episodes_per_s"}
 
@@ -24,11 +22,7 @@ STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--nu
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    generate(root / "toy", per_class=6, size=36, seed=0)
-    (root / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(EmbeddingNet(64).state_dict(), root / "models/stage1.t7")
+    root = make_workdir(tmp_path_factory.mktemp("resume"))
     return root
 
 
