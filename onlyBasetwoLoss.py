@@ -94,8 +94,6 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
     if args.evaluate and args.GNet == "None":
         raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
-    if args.chooseNum > args.galleryNum * 64 and args.gallerySelect == "nearest":
-        raise OptionError(f"--chooseNum {args.chooseNum} is larger than the gallery")
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> IDeMeNet:

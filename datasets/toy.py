@@ -61,6 +61,9 @@ CLASS_TEXTURE_PROB = 0.5  # chance that the background shows the class texture, 
 MAX_DISTRACTORS = 2  # distractors per image: 0..MAX objects of random shape, hue and fill
 OCCLUDER_PROB = 0.3  # chance of one random rectangle painted over the scene
 
+# Every shape lies within this many radii of its centre (the square's corners reach 0.8 * sqrt(2)).
+OBJECT_EXTENT = 1.15
+
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2
 FILENAME_RE = re.compile(r"^n\d{8}\d{8}\.jpg$")
@@ -202,7 +205,7 @@ def random_background_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.
 def render_background(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Return a float (size, size, 3) background: ``texture`` mixing two random colours."""
     first, second = random_background_colours(rng)
-    ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
+    ys, xs = pixel_grid(size)
     mix = TEXTURE_MIX[texture](xs, ys, rng)
     return first + mix[..., None] * (second - first)
 
@@ -233,15 +236,14 @@ def shape_mask(shape: str, centre: np.ndarray, radius: float, angle: float, size
     return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float64) / 255.0
 
 
-def fill_pattern(fill: str, centre: np.ndarray, radius: float, angle: float, size: int,
+def fill_pattern(fill: str, xs: np.ndarray, ys: np.ndarray, centre: np.ndarray, radius: float, angle: float,
                  rng: np.random.Generator) -> np.ndarray:
-    """Return the (size, size) share in [0, 1] of the second (dark) colour of a ``fill``.
+    """Return the share in [0, 1] of the second (dark) colour of a ``fill`` at the points ``xs, ys``.
 
     Stripes and spots are laid out in the object's own rotated coordinates.
     """
     if fill not in ("striped", "spotted"):
-        return np.zeros((size, size))
-    ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
+        return np.zeros_like(xs)
     dx, dy = xs - centre[0], ys - centre[1]
     u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
     v = (-np.sin(angle) * dx + np.cos(angle) * dy) / radius
@@ -249,6 +251,18 @@ def fill_pattern(fill: str, centre: np.ndarray, radius: float, angle: float, siz
         return ((u * 2.2 + rng.uniform(0, 1)) % 1 < 0.45).astype(float)
     fu, fv = ((w * 2.0 + rng.uniform(0, 1)) % 1 - 0.5 for w in (u, v))
     return (fu**2 + fv**2 < 0.07).astype(float)
+
+
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the (size, size) y and x coordinates in [0, 1] of the pixel centres."""
+    return tuple((np.mgrid[0:size, 0:size] + 0.5) / size)
+
+
+def bounding_box(centre: np.ndarray, radius: float, size: int) -> tuple[slice, slice]:
+    """Return the (rows, columns) slices of the pixels an object of ``radius`` at ``centre`` may cover."""
+    low = np.clip(np.floor((centre - OBJECT_EXTENT * radius) * size), 0, size).astype(int)
+    high = np.clip(np.ceil((centre + OBJECT_EXTENT * radius) * size) + 1, 0, size).astype(int)
+    return slice(low[1], high[1]), slice(low[0], high[0])
 
 
 def place_objects(radii: list[float], rng: np.random.Generator) -> list[np.ndarray]:
@@ -279,21 +293,23 @@ def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Ima
         objects.append((SHAPES[rng.integers(len(SHAPES))], HUES[rng.integers(len(HUES))],
                         FILLS[rng.integers(len(FILLS))], base_radius * rng.uniform(0.55, 0.95)))
     centres = place_objects([radius for *_, radius in objects], rng)
+    ys, xs = pixel_grid(size)
     for index in rng.permutation(len(objects)):
         shape, hue, fill, radius = objects[index]
+        centre = centres[index]
         angle = rng.uniform(-np.pi, np.pi)
         colour = object_colour(hue, rng)
-        mask = shape_mask(shape, centres[index], radius, angle, size, 0.6 if fill == "outline" else 0.0)
-        dark = fill_pattern(fill, centres[index], radius, angle, size, rng)[..., None]
+        box = bounding_box(centre, radius, size)
+        mask = shape_mask(shape, centre, radius, angle, size, 0.6 if fill == "outline" else 0.0)[box][..., None]
+        dark = fill_pattern(fill, xs[box], ys[box], centre, radius, angle, rng)[..., None]
         paint = colour * (1 - dark) + (colour * 0.3) * dark
-        image = image * (1 - mask[..., None]) + paint * mask[..., None]
+        image[box] = image[box] * (1 - mask) + paint * mask
 
     if rng.random() < OCCLUDER_PROB:
         width, height = rng.uniform(0.15, 0.4, 2)
         left, top = rng.uniform(0, 1 - width), rng.uniform(0, 1 - height)
-        ys, xs = (np.mgrid[0:size, 0:size] + 0.5) / size
-        box = (xs >= left) & (xs < left + width) & (ys >= top) & (ys < top + height)
-        image[box] = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.6), rng.uniform(0.1, 0.9))
+        inside = (xs >= left) & (xs < left + width) & (ys >= top) & (ys < top + height)
+        image[inside] = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.6), rng.uniform(0.1, 0.9))
 
     mean = image.mean()
     image = (image - mean) * rng.uniform(0.7, 1.2) + mean + rng.uniform(-25, 25)
