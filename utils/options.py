@@ -57,6 +57,8 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         raise OptionError(f"--device {name}: only cpu and cuda are supported")
     if args.amp and device.type != "cuda":
         raise OptionError(f"--amp 1 needs a CUDA device; --device is {device}")
+    if args.amp and not torch.cuda.is_bf16_supported():
+        raise OptionError(f"--amp 1: {torch.cuda.get_device_name(device)} does not support bfloat16")
     return device
 
 
