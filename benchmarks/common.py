@@ -139,17 +139,20 @@ def _status_kb(field: str, pid: str = "self") -> int:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    found = re.search(rf"^{field}:\s+(\d+)", text, re.M)
+    found = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
     return int(found.group(1)) if found else 0
 
 
-def _pss_kb(pid: str) -> int:
+def _smaps_kb(pid: str) -> tuple[int, int]:
+    """(PSS, private) kB of a process from /proc/<pid>/smaps_rollup (costs milliseconds per GB mapped)."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0
-    found = re.search(r"^Pss:\s+(\d+)", text, re.M)
-    return int(found.group(1)) if found else 0
+        return 0, 0
+    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
+    pss = int(fields.get("Pss", 0))
+    private = int(fields.get("Private_Clean", 0)) + int(fields.get("Private_Dirty", 0))
+    return pss, private
 
 
 def child_pids() -> list[str]:
@@ -176,40 +179,73 @@ def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return peak / 1024
 
 
+def self_usage() -> tuple[float, float, int]:
+    """(user CPU s, system CPU s, minor page faults) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
+def usage_delta(before: tuple[float, float, int]) -> dict[str, float]:
+    """CPU and page-fault counters since ``before`` (see :func:`self_usage`)."""
+    user, system, faults = self_usage()
+    return {"cpu_user": user - before[0], "cpu_sys": system - before[1], "minflt": float(faults - before[2])}
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+PSS_INTERVAL = 2.0  # seconds between smaps_rollup walks; set by the benchmarks' --pssInterval (0: never)
 
 
 class MemoryProbe:
     """Peak memory of one phase of a benchmark.
 
     ``rss_mb``: this process's resident high-water mark over the phase (VmHWM, reset at the start
-    through /proc/self/clear_refs where allowed, else sampled); ``total_pss_mb``: the largest
-    sampled sum of proportional set sizes of this process and its children (the DataLoader
-    workers), i.e. the memory the whole job really holds, shared pages counted once;
-    ``cuda_mb``: ``torch.cuda.max_memory_allocated`` over the phase.
+    through /proc/self/clear_refs where allowed, else sampled every ``interval`` s);
+    ``workers_private_mb``: the largest sampled sum of the private (unshared) memory of this
+    process's children (the DataLoader workers); ``total_mb`` = ``rss_mb`` + ``workers_private_mb``:
+    what the job holds at most, shared pages counted once; ``total_pss_mb``: the largest sampled sum
+    of proportional set sizes of this process and its children; ``cuda_mb``:
+    ``torch.cuda.max_memory_allocated`` over the phase.
+
+    Walking a process's page tables (smaps_rollup) costs ~10 ms per GB mapped, so the PSS and
+    private figures are sampled only every ``PSS_INTERVAL`` seconds (sampling every 50 ms took
+    most of a core away from the measured loop).
     """
 
     def __init__(self, device: torch.device, interval: float = 0.05) -> None:
         self.device, self.interval = device, interval
-        self.rss_mb = self.total_pss_mb = self.workers_pss_mb = self.cuda_mb = 0.0
+        self.rss_mb = self.total_pss_mb = self.workers_private_mb = self.total_mb = self.cuda_mb = 0.0
         self._stop = threading.Event()
         self._thread = None
         self._hwm_reset = False
         self._sampled_rss = 0
 
+    def sample_now(self) -> None:
+        """Take the PSS / private sample now (e.g. while the workers are still alive)."""
+        if PSS_INTERVAL > 0:
+            self._smaps()
+
+    def _smaps(self) -> None:
+        pss, _ = _smaps_kb("self")
+        workers = [_smaps_kb(pid) for pid in child_pids()]
+        self.workers_private_mb = max(self.workers_private_mb, sum(w[1] for w in workers) / 1024)
+        self.total_pss_mb = max(self.total_pss_mb, (pss + sum(w[0] for w in workers)) / 1024)
+
     def _sample(self) -> None:
+        last = time.perf_counter()
         while True:
-            rss = _status_kb("VmRSS")
-            self._sampled_rss = max(self._sampled_rss, rss)
-            workers = sum(_pss_kb(pid) for pid in child_pids())
-            self.workers_pss_mb = max(self.workers_pss_mb, workers / 1024)
-            self.total_pss_mb = max(self.total_pss_mb, (_pss_kb("self") + workers) / 1024)
+            if not self._hwm_reset:
+                self._sampled_rss = max(self._sampled_rss, _status_kb("VmRSS"))
+            if PSS_INTERVAL > 0 and time.perf_counter() - last >= PSS_INTERVAL:
+                self._smaps()
+                last = time.perf_counter()
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "MemoryProbe":
+    def __enter__(self) -> MemoryProbe:  # noqa: PYI034
         global _LIFETIME_PEAK_KB
         _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         try:
@@ -229,6 +265,9 @@ class MemoryProbe:
         self._thread.join()
         hwm = _status_kb("VmHWM") if self._hwm_reset else 0
         self.rss_mb = max(hwm, self._sampled_rss) / 1024
+        if PSS_INTERVAL > 0:
+            self._smaps()
+        self.total_mb = self.rss_mb + self.workers_private_mb
         global _LIFETIME_PEAK_KB
         _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, hwm, self._sampled_rss,
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -18,6 +18,7 @@ Medians over the timed episodes (after --warmup). The last line of output is one
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import time
@@ -25,20 +26,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import models.episode as episode_module  # noqa: E402
-import onlyBasetwoLoss as stage2  # noqa: E402
-from benchmarks.common import (MemoryProbe, SectionClock, children_cpu_s, emit_json, environment,  # noqa: E402
-                               maxrss_mb, mean, median, print_table, section_medians, synchronize, toy_dataset,
-                               toy_size)
-from datasets import Gallery  # noqa: E402
-from models import IDeMeNet, blend_patches  # noqa: E402
-from models.episode import GalleryBank, episode_gradients, run_episode, select_gallery  # noqa: E402
-from models.protonet import proto_logits, prototypes  # noqa: E402
-from utils.evaluation import autocast, embed_in_chunks, episode_loader, prepare_images  # noqa: E402
-from utils.options import configure_backend, resolve_device  # noqa: E402
+import benchmarks.common as common_module
+import models.episode as episode_module
+import onlyBasetwoLoss as stage2
+from benchmarks.common import (
+    MemoryProbe,
+    SectionClock,
+    children_cpu_s,
+    emit_json,
+    environment,
+    maxrss_mb,
+    mean,
+    median,
+    print_table,
+    section_medians,
+    self_usage,
+    synchronize,
+    toy_dataset,
+    toy_size,
+    usage_delta,
+)
+from datasets import Gallery
+from models import IDeMeNet, blend_patches
+from models.episode import GalleryBank, episode_gradients, run_episode, select_gallery
+from models.protonet import proto_logits, prototypes
+from utils.errors import InputError
+from utils.evaluation import autocast, embed_in_chunks, episode_loader, prepare_images
+from utils.options import configure_backend, resolve_device
 
 # Sections of the breakdown; the loop and the floor share the network rows.
 ROWS = [
@@ -88,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=int, default=4, help="DataLoader workers and gallery decode threads")
     p.add_argument("--torchThreads", type=int, default=None,
                    help="torch.set_num_threads in this process (default: torch's choice, one per core)")
+    p.add_argument("--pssInterval", type=float, default=2.0,
+                   help="seconds between PSS samples of the process and its workers (0: none; each costs ~10 ms/GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skipTest", action="store_true", help="skip the test-episode phases")
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
@@ -170,7 +189,8 @@ def loop_row(row: dict[str, float], total: float) -> dict[str, float]:
 
 
 def run_loop(model, bank, embed, loader, steps: int, warmup: int, device, train: bool, config, meta_params,
-             cls_params, meta_opt, cls_opt, train_cls: bool) -> tuple[list[dict[str, float]], list[float]]:
+             cls_params, meta_opt, cls_opt, train_cls: bool, probe: MemoryProbe | None = None
+             ) -> tuple[list[dict[str, float]], list[float]]:
     """The scripts' loop body with timers. Returns the timed episodes' sections and accuracies."""
     clock = SectionClock(device)
     rows, accuracies, progress = [], [], stage2.new_progress()
@@ -178,6 +198,7 @@ def run_loop(model, bank, embed, loader, steps: int, warmup: int, device, train:
         iterator = iter(loader)
         for step in range(warmup + steps):
             inst.reset()
+            usage = self_usage()
             tick = time.perf_counter()
             episode = next(iterator)
             clock.add("data_wait", time.perf_counter() - tick)
@@ -211,8 +232,11 @@ def run_loop(model, bank, embed, loader, steps: int, warmup: int, device, train:
             synchronize(device)
             total = time.perf_counter() - tick
             row = loop_row(clock.collect(), total)
+            row.update(usage_delta(usage))
             if step >= warmup:
                 rows.append(row)
+        if probe is not None:
+            probe.sample_now()
         del iterator
     return rows, accuracies
 
@@ -287,12 +311,14 @@ def run_floor(model, embed, x, steps, warmup, device, config, train, meta_params
               train_cls) -> list[dict[str, float]]:
     clock, rows = SectionClock(device), []
     for step in range(warmup + steps):
+        usage = self_usage()
         tick = time.perf_counter()
         floor_step(model, embed, x, config, device, clock, train, meta_params, cls_params, meta_opt, cls_opt,
                    train_cls)
         synchronize(device)
         row = clock.collect()
         row["total"] = time.perf_counter() - tick
+        row.update(usage_delta(usage))
         if step >= warmup:
             rows.append(row)
     return rows
@@ -302,7 +328,7 @@ class PeakOf:
     """The largest figures of several MemoryProbe results."""
 
     def __init__(self, probes) -> None:
-        for name in ("rss_mb", "total_pss_mb", "workers_pss_mb", "cuda_mb"):
+        for name in ("rss_mb", "total_pss_mb", "workers_private_mb", "total_mb", "cuda_mb"):
             setattr(self, name, max(getattr(p, name) for p in probes))
 
 
@@ -321,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_steps = a.episodes if a.testEpisodes is None else a.testEpisodes
     if a.torchThreads:
         torch.set_num_threads(a.torchThreads)
+    common_module.PSS_INTERVAL = a.pssInterval
     env_start = environment()
     per_class = max(a.galleryNum, a.shots + a.queries)
     root, toy_s, holder = toy_dataset(a.dataroot, per_class, a.toySize or toy_size(a.imageSize), a.toyDir)
@@ -350,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_cls = bool(cls_params)
     embed = stage2.make_embed(model, device)
     depth = 4 * args.nthreads if args.nthreads > 0 else 0
-    common = dict(meta_params=meta_params, cls_params=cls_params, meta_opt=meta_opt, cls_opt=cls_opt)
+    common = {"meta_params": meta_params, "cls_params": cls_params, "meta_opt": meta_opt, "cls_opt": cls_opt}
 
     # Training: the dataset holds `depth` more episodes than are consumed, so the workers keep
     # producing (one new episode per consumed one) during the timed episodes, as mid-epoch.
@@ -374,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         cpu0 = children_cpu_s()
         with MemoryProbe(device) as probe:
             rows, acc = run_loop(model, bank, embed, episode_loader(train_set, args.nthreads, device), a.episodes,
-                                 a.warmup, device, True, train_config, train_cls=train_cls, **common)
+                                 a.warmup, device, True, train_config, train_cls=train_cls, probe=probe, **common)
         workers_cpu_s += children_cpu_s() - cpu0
         train_rows += rows
         train_acc += acc
@@ -390,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         test_set.set_epoch(r)
         with MemoryProbe(device) as probe:
             test_rows += run_loop(model, bank, embed, episode_loader(test_set, args.nthreads, device), test_steps,
-                                  a.warmup, device, False, test_config, train_cls=False, **common)[0]
+                                  a.warmup, device, False, test_config, train_cls=False, probe=probe,
+                                  **common)[0]
         mem["test"].append(probe)
         with MemoryProbe(device) as probe, torch.no_grad():
             x = floor_inputs(model, bank, test_item, test_config, device)
@@ -401,13 +429,15 @@ def main(argv: list[str] | None = None) -> dict:
     mem_train, mem_train_floor = PeakOf(mem["train"]), PeakOf(mem["train_floor"])
     mem_test = PeakOf(mem["test"]) if mem["test"] else None
 
-    names = [key for key, _ in ROWS]
+    names = [key for key, _ in ROWS] + ["cpu_user", "cpu_sys", "minflt"]
     columns = {"train loop": section_medians(train_rows, names), "train floor": section_medians(train_floor, names),
                "test loop": section_medians(test_rows, names), "test floor": section_medians(test_floor, names)}
     floor_keys = {"embed_plain", "embed_support_grad", "deform", "embed_deformed", "rest", "backward", "optimizer",
                   "total"}
+    floor_keys |= {"cpu_user", "cpu_sys"}
     table = [(label, [None if (col.endswith("floor") and key not in floor_keys) else columns[col][key]
-                      for col in columns]) for key, label in ROWS]
+                      for col in columns]) for key, label in ROWS + [("cpu_user", "main process CPU, user"),
+                                                                      ("cpu_sys", "main process CPU, system")]]
     print()
     print_table(f"median ms per episode, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, "
                 f"{args.ways}-way {args.shots}-shot, augnum {args.augnum}, chooseNum {args.chooseNum}, "
@@ -439,10 +469,11 @@ def main(argv: list[str] | None = None) -> dict:
         "gallery_ready_s": decode_s + features_s, "gallery_ready_over_features": (decode_s + features_s) / features_s,
         "scan_s": scan_s, "toy_generate_s": toy_s,
         "peak_rss_mb": maxrss_mb(), "gallery_peak_rss_mb": mem_gallery.rss_mb,
-        "train_peak_rss_mb": mem_train.rss_mb, "train_peak_total_pss_mb": mem_train.total_pss_mb,
-        "train_workers_pss_mb": mem_train.workers_pss_mb, "train_floor_peak_rss_mb": mem_train_floor.rss_mb,
+        "train_peak_rss_mb": mem_train.rss_mb, "train_peak_total_mb": mem_train.total_mb,
+        "train_peak_total_pss_mb": mem_train.total_pss_mb, "train_workers_private_mb": mem_train.workers_private_mb,
+        "train_floor_peak_rss_mb": mem_train_floor.rss_mb,
         "test_peak_rss_mb": mem_test.rss_mb if mem_test else None,
-        "test_peak_total_pss_mb": mem_test.total_pss_mb if mem_test else None,
+        "test_peak_total_mb": mem_test.total_mb if mem_test else None,
         "children_maxrss_mb": maxrss_mb(resource.RUSAGE_CHILDREN),
         "train_accuracy": mean(train_acc),
     }
@@ -451,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
                        cuda_peak_train_floor_mb=mem_train_floor.cuda_mb,
                        cuda_peak_test_mb=mem_test.cuda_mb if mem_test else None,
                        gpu=torch.cuda.get_device_name(device))
-    summary["breakdown_ms"] = {col: {k: 1000 * v for k, v in vals.items() if v == v and (v or k == "total")}
+    summary["breakdown_ms"] = {col: {k: (v if k == "minflt" else 1000 * v) for k, v in vals.items()
+                                     if not math.isnan(v) and (v or k == "total")}
                                for col, vals in columns.items()}
     env_end = environment()
     summary.update({k: v for k, v in env_start.items() if k != "load_avg"}, load_avg_start=env_start["load_avg"],
@@ -461,13 +493,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"train ratio (episode / floor, medians) {summary['train_ratio']:.3f}"
           + (f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else "")
           + f"; {summary['train_episodes_per_s']:.2f} training episodes/s")
+    print("minor page faults per episode (main process, medians): "
+          + ", ".join(f"{col} {vals['minflt']:.0f}" for col, vals in columns.items() if not math.isnan(vals["minflt"])))
     print(f"episode decode in this process (1 core): train {1000 * train_decode_s:.0f} ms, "
           f"test {1000 * test_decode_s:.0f} ms; worker CPU during the train phase {workers_cpu_s:.1f} s")
     print(f"gallery: {len(bank)} images, decode {decode_s:.2f} s ({args.nthreads} threads), "
           f"features {features_s:.2f} s, ready {decode_s + features_s:.2f} s "
           f"= {summary['gallery_ready_over_features']:.2f} x the feature pass; split scan {scan_s:.2f} s")
     print(f"memory: peak RSS {summary['peak_rss_mb']:.0f} MB (process lifetime); train phase RSS "
-          f"{mem_train.rss_mb:.0f} MB, with workers (PSS) {mem_train.total_pss_mb:.0f} MB"
+          f"{mem_train.rss_mb:.0f} MB, + workers' private {mem_train.workers_private_mb:.0f} MB = "
+          f"{mem_train.total_mb:.0f} MB (sampled PSS total {mem_train.total_pss_mb:.0f} MB)"
           + (f"; CUDA peak train {mem_train.cuda_mb:.0f} MB" if device.type == "cuda" else ""))
     print(f"load average {env_start['load_avg']} at start, {env_end['load_avg']} at end "
           f"({env_start['cpu_count']} CPUs, {env_start['torch_threads']} torch threads)")
@@ -478,4 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:  # bad flags or data: one line, status 2, like the scripts
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

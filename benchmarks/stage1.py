@@ -19,15 +19,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import classification as stage1  # noqa: E402
-from benchmarks.common import (MemoryProbe, SectionClock, children_cpu_s, emit_json, environment, maxrss_mb,  # noqa: E402
-                               mean, median, print_table, section_medians, synchronize, toy_dataset, toy_size)
-from utils.distributed import DistInfo  # noqa: E402
-from utils.evaluation import autocast  # noqa: E402
-from utils.options import configure_backend, resolve_device  # noqa: E402
+import benchmarks.common as common_module
+import classification as stage1
+from benchmarks.common import (
+    MemoryProbe,
+    SectionClock,
+    children_cpu_s,
+    emit_json,
+    environment,
+    maxrss_mb,
+    print_table,
+    section_medians,
+    synchronize,
+    toy_dataset,
+    toy_size,
+)
+from utils.distributed import DistInfo
+from utils.errors import InputError
+from utils.evaluation import autocast
+from utils.options import configure_backend, resolve_device
 
 ROWS = [
     ("data_wait", "data wait (loader)"),
@@ -56,6 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--nthreads", type=int, default=4, help="DataLoader workers")
     p.add_argument("--torchThreads", type=int, default=None, help="torch.set_num_threads in this process")
+    p.add_argument("--pssInterval", type=float, default=2.0,
+                   help="seconds between PSS samples of the process and its workers (0: none; each costs ~10 ms/GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     return p
@@ -94,7 +109,7 @@ def train_step(model, criterion, optimizer, images, labels, device, amp, clock: 
         (logits.argmax(1) == labels).sum().item()
 
 
-def run(model, criterion, optimizer, batches, steps, warmup, device, amp, keep: list | None):
+def run(model, criterion, optimizer, batches, steps, warmup, device, amp, keep: list | None, probe=None):
     clock, rows = SectionClock(device), []
     iterator = iter(batches)
     for step in range(warmup + steps):
@@ -110,6 +125,8 @@ def run(model, criterion, optimizer, batches, steps, warmup, device, amp, keep: 
         row["images"] = len(labels)
         if step >= warmup:
             rows.append(row)
+    if probe is not None:
+        probe.sample_now()
     del iterator
     return rows
 
@@ -118,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = get_args_parser().parse_args(argv)
     if a.torchThreads:
         torch.set_num_threads(a.torchThreads)
+    common_module.PSS_INTERVAL = a.pssInterval
     env_start = environment()
     root, toy_s, holder = toy_dataset(a.dataroot, a.toyPerClass, a.toySize or toy_size(a.imageSize), a.toyDir)
     args = script_args(a, root)
@@ -149,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     kept: list = []
     cpu0 = children_cpu_s()
     with MemoryProbe(device) as mem_loader:
-        loader_rows = run(model, criterion, optimizer, loader, a.steps, a.warmup, device, bool(args.amp), kept)
+        loader_rows = run(model, criterion, optimizer, loader, a.steps, a.warmup, device, bool(args.amp), kept,
+                          mem_loader)
         # persistent workers: shut them down before the preloaded phase
         loader._iterator = None
     workers_cpu_s = children_cpu_s() - cpu0
@@ -178,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         "workers_cpu_s_loader_phase": workers_cpu_s, "batch_mb": batch_mb,
         "batch_dtype": str(kept[0][0].dtype).replace("torch.", ""),
         "peak_rss_mb": maxrss_mb(), "loader_peak_rss_mb": mem_loader.rss_mb,
-        "loader_peak_total_pss_mb": mem_loader.total_pss_mb, "loader_workers_pss_mb": mem_loader.workers_pss_mb,
+        "loader_peak_total_mb": mem_loader.total_mb, "loader_peak_total_pss_mb": mem_loader.total_pss_mb,
+        "loader_workers_private_mb": mem_loader.workers_private_mb,
         "preloaded_peak_rss_mb": mem_pre.rss_mb, "children_maxrss_mb": maxrss_mb(resource.RUSAGE_CHILDREN),
         "scan_s": scan_s, "toy_generate_s": toy_s,
         "breakdown_ms": {c: {k: 1000 * v for k, v in vals.items()} for c, vals in columns.items()},
@@ -194,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"one item in this process: {1000 * item_s:.1f} ms (a batch: {item_s * args.batchSize:.2f} s on one core); "
           f"worker CPU over the loader phase {workers_cpu_s:.1f} s; a batch is {batch_mb:.1f} MB "
           f"{summary['batch_dtype']}")
-    print(f"memory: loader phase RSS {mem_loader.rss_mb:.0f} MB, with workers (PSS) {mem_loader.total_pss_mb:.0f} MB; "
+    print(f"memory: loader phase RSS {mem_loader.rss_mb:.0f} MB + workers' private {mem_loader.workers_private_mb:.0f} MB "
+          f"= {mem_loader.total_mb:.0f} MB (sampled PSS total {mem_loader.total_pss_mb:.0f} MB); "
           f"preloaded phase RSS {mem_pre.rss_mb:.0f} MB")
     print(f"load average {env_start['load_avg']} at start, {env_end['load_avg']} at end "
           f"({env_start['cpu_count']} CPUs, {env_start['torch_threads']} torch threads)")
@@ -205,4 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:  # bad flags or data: one line, status 2, like the scripts
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

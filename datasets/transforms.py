@@ -38,4 +38,4 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, S, S]`` -> normalised float32 of the same shape (same as ToTensor + Normalize)."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return images.float().div_(255).sub_(mean).div_(std)

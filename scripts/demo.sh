@@ -19,12 +19,12 @@ python -m datasets.check --dataroot "$DATA" > /dev/null || [ $? -eq 1 ]
 common=(--dataroot "$DATA" --imageSize "$SIZE" --device "$DEVICE" --nthreads "$THREADS" --seed "$SEED" --overwrite)
 
 echo "== stage 1: soft-random embedding pre-training"
-python classification.py "${common[@]}" --tensorname demo_stage1 --numEpochs 6 --batchSize 64 \
+python classification.py "${common[@]}" --tensorname demo_stage1 --numEpochs 5 --batchSize 64 \
   --valEvery 0 --valEpisodes 100
 
 echo "== stage 2: 1-shot deformation meta-learning (round 1, --fixCls 1)"
 python onlyBasetwoLoss.py "${common[@]}" --network demo_stage1 --tensorname demo_1shot --shots 1 --augnum 7 \
-  --chooseNum 15 --fixCls 1 --galleryNum 10 --numEpochs 3 --epoch 100 --valEpisodes 100 --testEpisodes 100
+  --chooseNum 15 --fixCls 1 --galleryNum 10 --numEpochs 3 --epoch 80 --valEpisodes 50 --testEpisodes 50
 
 echo "== evaluation on 300 test episodes, with and without deformation"
 python onlyBasetwoLoss.py "${common[@]}" --GNet demo_1shot --tensorname demo_1shot --shots 1 --augnum 7 \

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from datasets import toy
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32
 # one torch thread and one worker: quick and steady even on a busy two-core machine
@@ -19,17 +17,18 @@ COMMON = ["--imageSize", str(IMAGE_SIZE), "--nthreads", "1", "--torchThreads", "
 
 EPISODE_KEYS = {"train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms", "test_episode_ms", "test_floor_ms",
                 "train_data_wait_ms", "gallery_decode_s", "gallery_features_s", "gallery_ready_s", "peak_rss_mb",
-                "train_peak_rss_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
+                "train_peak_rss_mb", "train_peak_total_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
 STAGE1_KEYS = {"images_per_s_loader", "images_per_s_preloaded", "loading_ratio", "data_wait_ms", "peak_rss_mb",
-               "loader_peak_total_pss_mb", "decode_ms_per_image", "breakdown_ms"}
+               "loader_peak_total_mb", "decode_ms_per_image", "breakdown_ms"}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Both benchmarks on one tiny toy dataset, run side by side (one core each) to keep the test short."""
-    root = tmp_path_factory.mktemp("bench_toy")
-    dataroot = root / "data"
-    toy.generate(dataroot, per_class=6, size=40, seed=0)
+def results(toy_root: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Both benchmarks on the session's toy dataset (48 px, read only), run side by side (one core
+    each) to keep the test short."""
+    root = tmp_path_factory.mktemp("bench_out")
+    dataroot = toy_root
     runs = {
         "episode.py": ["--shots", "1", "--augnum", "2", "--chooseNum", "2", "--galleryNum", "2", "--queries", "2",
                        "--episodes", "1"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -22,7 +23,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", default="None", help="stage-1 checkpoint to start from (models/<name>.t7), or None")
     parser.add_argument("--LR", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--batchSize", type=int, default=128, help="images per forward chunk / batch")
-    parser.add_argument("--nthreads", type=int, default=4, help="DataLoader workers and image-decoding threads")
+    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers and image-decoding threads")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16 autocast) on CUDA")
