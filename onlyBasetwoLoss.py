@@ -363,15 +363,17 @@ def step_schedulers(*schedulers) -> None:
 
 
 def new_progress() -> dict[str, float]:
-    return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "acc": 0.0, "plain_acc": 0.0, "weight_sum": 0.0,
-            "weight_sq": 0.0, "weight_n": 0, "time": 0.0}
+    return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "cls_steps": 0, "acc": 0.0, "plain_acc": 0.0,
+            "weight_sum": 0.0, "weight_sq": 0.0, "weight_n": 0, "time": 0.0}
 
 
 def accumulate(progress: dict[str, float], result, seconds: float) -> None:
     """Add one episode's losses, accuracies and predicted-weight statistics to the epoch sums."""
     progress["step"] += 1
     progress["proto_loss"] += result.proto_loss.item()
-    progress["cls_loss"] += result.cls_loss.item() if result.cls_loss is not None else 0.0
+    if result.cls_loss is not None:
+        progress["cls_loss"] += result.cls_loss.item()
+        progress["cls_steps"] += 1
     progress["acc"] += result.accuracy
     progress["plain_acc"] += result.plain_accuracy
     if result.weights is not None:
@@ -384,7 +386,8 @@ def accumulate(progress: dict[str, float], result, seconds: float) -> None:
 def epoch_row(epoch: int, progress: dict[str, float], meta_opt, cls_opt, model: IDeMeNet) -> dict:
     steps, n = max(progress["step"], 1), max(progress["weight_n"], 1)
     mean = progress["weight_sum"] / n
-    return {"epoch": epoch, "proto_loss": progress["proto_loss"] / steps, "cls_loss": progress["cls_loss"] / steps,
+    cls_loss = progress["cls_loss"] / progress["cls_steps"] if progress["cls_steps"] else ""  # empty: not trained
+    return {"epoch": epoch, "proto_loss": progress["proto_loss"] / steps, "cls_loss": cls_loss,
             "train_acc": 100 * progress["acc"] / steps, "train_plain_acc": 100 * progress["plain_acc"] / steps,
             "weight_mean": mean, "weight_std": math.sqrt(max(progress["weight_sq"] / n - mean * mean, 0.0)),
             "lr": meta_opt.param_groups[0]["lr"], "cls_lr": cls_opt.param_groups[1]["lr"],
