@@ -291,28 +291,19 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
     with GracefulInterrupt() as interrupt:
         for epoch in range(start_epoch, args.numEpochs):
             train_set.set_epoch(epoch, start=progress["step"])
-            train_cls = bool(cls_params) and epoch > 0
             config = episode_config(args, args.trainways)
             bar = tqdm(episode_loader(train_set, args.nthreads, device), desc=f"epoch {epoch}",
                        disable=not args.progress, leave=False)
             tick = time.perf_counter()
             for episode in bar:
-                result = run_episode(model, episode, bank, config, device, train_cls=train_cls,
-                                     track_grad=bool(meta_params), embed=embed)
-                losses = [result.proto_loss] + ([result.cls_loss] if result.cls_loss is not None else [])
-                if not all(torch.isfinite(loss) for loss in losses):
+                result = train_step(model, episode, bank, config, device, epoch, (meta_params, cls_params),
+                                    (meta_opt, cls_opt), embed)
+                if result is None:
                     classes = [splits["train"].classes[c] for c in episode["classes"].tolist()]
                     raise TrainingDiverged(
                         f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} (classes "
                         f"{' '.join(classes)}); nothing was saved over the last good checkpoint "
                         f"({main_path if main_path.exists() else 'none yet'}; resumable state {run_dir / 'resume.pt'})")
-                meta_opt.zero_grad(set_to_none=True)
-                cls_opt.zero_grad(set_to_none=True)
-                episode_gradients(result, meta_params, cls_params if train_cls else [])
-                if meta_params:
-                    meta_opt.step()
-                if train_cls:
-                    cls_opt.step()
                 accumulate(progress, result, time.perf_counter() - tick)
                 tick = time.perf_counter()
                 bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
@@ -352,6 +343,36 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
     if figure:
         print(f"figure: {figure}")
     return 0
+
+
+def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
+               device: torch.device, epoch: int, groups: tuple[list, list], optimizers: tuple, embed=None):
+    """One training episode: forward, gradients of both losses from that one pass, optimiser steps.
+
+    Args:
+        groups: (parameters of the prototype loss, parameters of the classification loss),
+            as :func:`param_groups` returns them; the classification loss trains from epoch 1 on.
+        optimizers: (deformation/scale optimiser, embedding/fc optimiser).
+
+    Returns:
+        The :class:`models.episode.EpisodeResult`, or None when a loss is not finite (then
+        nothing was stepped).
+    """
+    (meta_params, cls_params), (meta_opt, cls_opt) = groups, optimizers
+    train_cls = bool(cls_params) and epoch > 0
+    result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
+                         embed=embed)
+    losses = [result.proto_loss] + ([result.cls_loss] if result.cls_loss is not None else [])
+    if not all(torch.isfinite(loss) for loss in losses):
+        return None
+    meta_opt.zero_grad(set_to_none=True)
+    cls_opt.zero_grad(set_to_none=True)
+    episode_gradients(result, meta_params, cls_params if train_cls else [])
+    if meta_params:
+        meta_opt.step()
+    if train_cls:
+        cls_opt.step()
+    return result
 
 
 def step_schedulers(*schedulers) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 import onlyBasetwoLoss as stage2
 from datasets.gallery import Gallery
 from models import EmbeddingNet, IDeMeNet
-from models.episode import EpisodeConfig, GalleryBank, episode_gradients, run_episode
+from models.episode import EpisodeConfig, GalleryBank, run_episode
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -297,7 +297,7 @@ def groups(model: IDeMeNet) -> dict[str, list[nn.Parameter]]:
 
 
 def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
-    """Build the model as the script does and take one training step exactly as run_training does."""
+    """Build the model as the script does and take one training step with the script's train_step."""
     args = make_args(stage1_file, *flags)
     torch.manual_seed(4)
     model = stage2.build_model(args, CPU)
@@ -307,16 +307,9 @@ def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
     episode = make_episode(3, 1, 2, args.augnum, args.chooseNum, len(bank), 9, classes=[1, 4, 6], seed=21)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    train_cls = bool(cls_params) and epoch > 0
-    result = run_episode(model, episode, bank, stage2.episode_config(args, args.trainways), CPU,
-                         train_cls=train_cls, track_grad=bool(meta_params))
-    meta_opt.zero_grad(set_to_none=True)
-    cls_opt.zero_grad(set_to_none=True)
-    episode_gradients(result, meta_params, cls_params if train_cls else [])
-    if meta_params:
-        meta_opt.step()
-    if train_cls:
-        cls_opt.step()
+    result = stage2.train_step(model, episode, bank, stage2.episode_config(args, args.trainways), CPU, epoch,
+                               (meta_params, cls_params), (meta_opt, cls_opt))
+    assert result is not None
     changed = {k: [not torch.equal(b, p.detach()) for b, p in zip(before[k], groups(model)[k])] for k in before}
     return model, changed, before, buffers, (meta_params, cls_params)
 
