@@ -34,7 +34,7 @@ from utils.evaluation import autocast, evaluate_embedding
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
-from utils.runs import MetricsLog, clear_run_dir, open_run, write_json
+from utils.runs import MetricsLog, clear_run_dir, format_row, open_run, write_json
 from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
@@ -230,7 +230,7 @@ def _run(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
             progress = {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
             save_resume(epoch + 1)
             if info.is_main:
-                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+                print(format_row(row), flush=True)
             barrier(info)
             if interrupt.requested:
                 if info.is_main:

@@ -37,7 +37,7 @@ from utils.figures import save_deformation_figure
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
-from utils.runs import MetricsLog, clear_run_dir, open_run, write_json
+from utils.runs import MetricsLog, clear_run_dir, format_row, open_run, write_json
 
 TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
 METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
@@ -288,10 +288,10 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
                      "progress": progress, "record": record, "args": saved_args,
                      "gallery_features": None if bank is None else bank.features.cpu()}, run_dir / "resume.pt")
 
+    config = episode_config(args, args.trainways)
     with GracefulInterrupt() as interrupt:
         for epoch in range(start_epoch, args.numEpochs):
             train_set.set_epoch(epoch, start=progress["step"])
-            config = episode_config(args, args.trainways)
             bar = tqdm(episode_loader(train_set, args.nthreads, device), desc=f"epoch {epoch}",
                        disable=not args.progress, leave=False)
             tick = time.perf_counter()
@@ -315,8 +315,8 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
             row = epoch_row(epoch, progress, meta_opt, cls_opt, model)
             step_schedulers(meta_sched, cls_sched)
             stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed)
-            row.update(select_split=select_split, select_acc=mean_ci95([100 * a for a in stats["acc"]])[0],
-                       select_acc_ci=mean_ci95([100 * a for a in stats["acc"]])[1],
+            select_acc, select_acc_ci = mean_ci95([100 * a for a in stats["acc"]])
+            row.update(select_split=select_split, select_acc=select_acc, select_acc_ci=select_acc_ci,
                        select_plain_acc=mean_ci95([100 * a for a in stats["plain"]])[0],
                        select_loss=sum(stats["loss"]) / len(stats["loss"]))
             score = row["select_acc"] if select_split == "val" else -row["select_loss"]
@@ -328,8 +328,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
             record["rows"] = log.rows
             progress = new_progress()
             save_resume(epoch + 1)
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in row.items() if k != "epoch"), flush=True)
+            print(format_row(row), flush=True)
             if interrupt.requested:
                 print(f"stopped after epoch {epoch}; continue with --resume")
                 return INTERRUPTED_EXIT

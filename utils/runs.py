@@ -57,6 +57,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def format_row(row: dict[str, Any]) -> str:
+    """``epoch E: name value, ...`` for the console; floats to four significant digits."""
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch")
+    return f"epoch {row['epoch']}: {shown}"
+
+
 class MetricsLog:
     """Appends one CSV row per epoch to ``metrics.csv`` and mirrors numbers to TensorBoard
     when the ``tensorboard`` package is installed (silently skipped otherwise)."""
