@@ -9,11 +9,9 @@ and ``runs/<tensorname>/`` (args.json, metrics.csv, resume.pt, TensorBoard event
 """
 from __future__ import annotations
 
-import os
+from utils.runtime import set_process_env
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and
-# the training threads can share a small CPU (3-8x faster on a loaded two-core machine).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_process_env()  # before torch loads
 
 import argparse
 import math

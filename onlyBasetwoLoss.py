@@ -10,11 +10,9 @@ Training writes ``models/<tensorname>.t7`` (selected weights: best val accuracy 
 """
 from __future__ import annotations
 
-import os
+from utils.runtime import set_process_env
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and
-# the training threads can share a small CPU (3-8x faster on a loaded two-core machine).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_process_env()  # before torch loads
 
 import argparse
 import math
@@ -47,12 +45,15 @@ RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "GNet", "shots", "way
                "chooseNum", "galleryNum", "epoch", "numEpochs", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
                "seed", "deformNet", "deform", "gallerySelect", "selectOn", "overlap")
 PICTURE_DIR = Path("picture")
+CUDA_CHUNK, CPU_CHUNK = 128, 16  # default --batchSize per device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, batch_default=None,
+                    batch_help=f"images per forward chunk (default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU, "
+                    "where smaller chunks need less memory and run faster)")
     parser.set_defaults(tensorname="metaNet")
     parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (ours or the authors' metaNet_*shot.t7)")
     parser.add_argument("--shots", type=int, default=1, help="support images per class")
@@ -84,8 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill the shot-dependent defaults and check the flags that need no data."""
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the shot- and device-dependent defaults and check the flags that need no data."""
+    if args.batchSize is None:
+        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
     if args.augnum is None:
         args.augnum = 7 if args.shots == 1 else 5
     if args.chooseNum is None:
@@ -222,8 +225,8 @@ def load_splits(args: argparse.Namespace, need_train: bool):
 
 
 def main(args: argparse.Namespace) -> int:
-    resolve_defaults(args)
     device = resolve_device(args)
+    resolve_defaults(args, device)
     if args.evaluate:
         return run_evaluation(args, device)
     return run_training(args, device)

@@ -26,6 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.runtime import set_process_env
+
+set_process_env()  # before torch loads, as in the scripts
+
 import torch
 import torch.nn.functional as F
 
@@ -94,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixCls", type=int, default=1, choices=(0, 1),
                    help="1: frozen embedding (round 1); 0: the classification loss trains it (as from epoch 1)")
     p.add_argument("--deformNet", default="small", choices=("small", "twobranch"))
-    p.add_argument("--batchSize", type=int, default=128, help="images per forward chunk")
+    p.add_argument("--batchSize", type=int, default=None,
+                   help="images per forward chunk (default: the script's, 128 on CUDA and 16 on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--episodes", type=int, default=5, help="timed training episodes")
@@ -113,19 +118,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def script_args(a: argparse.Namespace, root: Path) -> argparse.Namespace:
-    """The namespace onlyBasetwoLoss would parse for the same run (round 1 of the recipes)."""
+def script_args(a: argparse.Namespace, root: Path) -> tuple[argparse.Namespace, torch.device]:
+    """The namespace and device onlyBasetwoLoss would resolve for the same run (round 1 of the recipes)."""
     argv = ["--dataroot", str(root), "--tensorname", "benchmark", "--network", "random-init",
             "--imageSize", str(a.imageSize), "--shots", str(a.shots), "--ways", str(a.ways),
             "--trainways", str(a.ways), "--test_num", str(a.queries), "--galleryNum", str(a.galleryNum),
-            "--fixCls", str(a.fixCls), "--deformNet", a.deformNet, "--batchSize", str(a.batchSize),
+            "--fixCls", str(a.fixCls), "--deformNet", a.deformNet,
             "--nthreads", str(a.nthreads), "--seed", str(a.seed), "--amp", str(int(a.amp)), "--progress", "0"]
-    for flag, value in (("--augnum", a.augnum), ("--chooseNum", a.chooseNum), ("--device", a.device)):
+    for flag, value in (("--augnum", a.augnum), ("--chooseNum", a.chooseNum), ("--device", a.device),
+                        ("--batchSize", a.batchSize)):
         if value is not None:
             argv += [flag, str(value)]
     args = stage2.get_args_parser().parse_args(argv)
-    stage2.resolve_defaults(args)
-    return args
+    device = resolve_device(args)
+    stage2.resolve_defaults(args, device)
+    return args, device
 
 
 class Instrument:
@@ -351,8 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     env_start = environment()
     per_class = max(a.galleryNum, a.shots + a.queries)
     root, toy_s, holder = toy_dataset(a.dataroot, per_class, a.toySize or toy_size(a.imageSize), a.toyDir)
-    args = script_args(a, root)
-    device = resolve_device(args)
+    args, device = script_args(a, root)
     configure_backend(device, False, args.seed)
 
     tick = time.perf_counter()
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(f"median ms per episode, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, "
                 f"{args.ways}-way {args.shots}-shot, augnum {args.augnum}, chooseNum {args.chooseNum}, "
                 f"queries {args.test_num}, galleryNum {args.galleryNum}, fixCls {args.fixCls}, "
-                f"nthreads {args.nthreads}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes",
+                f"nthreads {args.nthreads}, chunk {args.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes",
                 list(columns), table)
 
     train_ms = columns["train loop"]["total"]
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "episode", "device": str(device), "amp": bool(args.amp), "imageSize": args.imageSize,
         "ways": args.ways, "shots": args.shots, "augnum": args.augnum, "chooseNum": args.chooseNum,
         "queries": args.test_num, "galleryNum": args.galleryNum, "fixCls": args.fixCls, "nthreads": args.nthreads,
-        "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup,
+        "batchSize": args.batchSize, "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup,
         "rounds": a.rounds,
         "train_ratio": train_ms / train_floor_ms,
         "test_ratio": columns["test loop"]["total"] / columns["test floor"]["total"] if not a.skipTest else None,

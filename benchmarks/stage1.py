@@ -19,6 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.runtime import set_process_env
+
+set_process_env()  # before torch loads, as in the scripts
+
 import torch
 from torch import nn
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from models.batchnorm import LeanBatchNorm2d
 from utils.grid import weight_map
 
 ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
@@ -51,8 +52,9 @@ class SmallDeformNet(nn.Module):
 
 
 def resnet_body() -> nn.Module:
-    """A torchvision ResNet-18 whose forward gives pooled 512-d features (``fc`` is Identity)."""
-    net = resnet18(weights=None)
+    """A torchvision ResNet-18 whose forward gives pooled 512-d features (``fc`` is Identity), with
+    :class:`LeanBatchNorm2d` layers (stock keys and numbers; less memory when frozen)."""
+    net = resnet18(weights=None, norm_layer=LeanBatchNorm2d)
     net.fc = nn.Identity()
     return net
 

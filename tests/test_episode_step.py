@@ -287,7 +287,7 @@ def make_args(stage1_file, *flags: str):
         "--shots", "1", "--trainways", "3", "--ways", "3", "--test_num", "2", "--augnum", "2", "--chooseNum", "3",
         "--galleryNum", "2", "--batchSize", "16", "--LR", str(LR), "--clsLR", str(CLS_LR), "--device", "cpu",
         "--nthreads", "0", *flags])
-    stage2.resolve_defaults(args)
+    stage2.resolve_defaults(args, torch.device("cpu"))
     return args
 
 

@@ -1,6 +1,7 @@
 """Few-shot evaluation of an embedding with a prototype classifier (no deformation)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -30,11 +31,27 @@ def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch
     return torch.cat([embed(images[i:i + chunk]).float() for i in range(0, len(images), chunk)])
 
 
+# Scheduling niceness of episode-decoding workers when the episodes are computed on the CPU.
+CPU_WORKER_NICENESS = 19
+
+
+def lower_worker_priority(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: decode at a lower CPU priority than the compute threads.
+
+    On the CPU the workers share cores with the training threads; at normal priority each
+    decode preempts a compute thread and stalls the other threads of that parallel region. A
+    niced worker runs in the gaps instead, and the prefetch queue absorbs the delay.
+    """
+    os.nice(CPU_WORKER_NICENESS)
+
+
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
-    """One episode per step, decoded in ``workers`` background processes and prefetched."""
+    """One episode per step, decoded in ``workers`` background processes and prefetched
+    (at lower priority when ``device`` is the CPU)."""
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
                       pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=lower_worker_priority if workers > 0 and device.type == "cpu" else None)
 
 
 @torch.no_grad()

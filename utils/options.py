@@ -13,8 +13,9 @@ import torch
 from utils.errors import InputError, OptionError, TrainingDiverged
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags both training scripts share."""
+def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None = 128,
+                    batch_help: str = "images per batch") -> None:
+    """Flags both training scripts share (``--batchSize`` with each script's default and meaning)."""
     parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root: images/ plus train/val/test.csv, "
                         "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
     parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels (84 and 224 are usual)")
@@ -22,7 +23,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
     parser.add_argument("--network", default="None", help="stage-1 checkpoint to start from (models/<name>.t7), or None")
     parser.add_argument("--LR", type=float, default=1e-3, help="learning rate")
-    parser.add_argument("--batchSize", type=int, default=128, help="images per forward chunk / batch")
+    parser.add_argument("--batchSize", type=int, default=batch_default, help=batch_help)
     parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers and image-decoding threads")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

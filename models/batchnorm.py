@@ -1,0 +1,40 @@
+"""BatchNorm for a frozen embedding that the deformation loss back-propagates through (SPEC 3)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _FrozenBatchNorm(torch.autograd.Function):
+    """Eval-mode batch norm whose backward keeps only the per-channel ``weight`` and
+    ``1 / sqrt(running_var + eps)``: ``dx = dy * invstd * weight``, computed as PyTorch's CPU kernel
+    does (invstd in double, then two products), so CPU gradients match the stock layer's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        invstd = (1 / torch.sqrt(running_var.double() + eps)).to(running_var.dtype)
+        ctx.save_for_backward(invstd, weight)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        invstd, weight = ctx.saved_tensors
+        grad_x = grad * invstd.view(1, -1, 1, 1) * weight.view(1, -1, 1, 1)
+        return grad_x.to(grad.dtype), None, None, None, None, None
+
+
+class LeanBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys, same forward numbers) that
+    keeps no activation for the backward pass when it is frozen: eval mode, weight and bias without
+    gradients, input with one. That is the embedding under ``--fixCls 1`` while the prototype loss
+    reaches the deformation sub-network through it, where the stock layer would keep each
+    ``[N, C, H, W]`` input (330 MB for 35 images at 224 px) only for the weight gradients nobody
+    asks for. In every other case it is the stock layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = not self.training and self.track_running_stats and self.weight is not None
+        if frozen and torch.is_grad_enabled() and x.requires_grad and not (self.weight.requires_grad
+                                                                          or self.bias.requires_grad):
+            return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        return super().forward(x)
