@@ -28,7 +28,7 @@ from models import EmbeddingNet, load_embedding
 from utils.checkpoint import MODELS_DIR, atomic_save, resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import OptionError, TrainingDiverged
-from utils.evaluation import autocast, evaluate_embedding
+from utils.evaluation import autocast, evaluate_embedding, worker_init_for
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
@@ -67,7 +67,8 @@ def load_data(args: argparse.Namespace, info: DistInfo):
         raise OptionError(f"--batchSize {args.batchSize} is not divisible by the {info.world_size} processes")
     loader = DataLoader(dataset, batch_size=args.batchSize // info.world_size, sampler=sampler,
                         num_workers=args.nthreads, pin_memory=args.device_obj.type == "cuda", drop_last=False,
-                        persistent_workers=args.nthreads > 0, prefetch_factor=4 if args.nthreads > 0 else None)
+                        persistent_workers=args.nthreads > 0, prefetch_factor=4 if args.nthreads > 0 else None,
+                        worker_init_fn=worker_init_for(args.device_obj))
     return train, val, sampler, loader
 
 

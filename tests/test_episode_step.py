@@ -418,3 +418,12 @@ def test_each_loss_trains_only_its_own_groups_at_the_right_rate(stage1_file, ste
             step = old - p.detach()
             expected = lr * p.grad / (p.grad.abs() + 1e-8)
             torch.testing.assert_close(step, expected, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("device, given, expected", [
+    ("cpu", None, stage2.CPU_CHUNK), ("cuda", None, stage2.CUDA_CHUNK), ("cpu", "48", 48), ("cuda", "8", 8)])
+def test_forward_chunk_defaults_to_the_device_and_keeps_a_given_value(device, given, expected) -> None:
+    argv = ["--tensorname", "chunk", "--network", "x"] + (["--batchSize", given] if given else [])
+    args = stage2.get_args_parser().parse_args(argv)
+    stage2.resolve_defaults(args, torch.device(device))
+    assert args.batchSize == expected

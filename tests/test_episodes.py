@@ -1,6 +1,7 @@
 """Stage-2 episodes (SPEC 3): deterministic, worker-independent, resumable, disjoint by default."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from datasets.images import load_rgb
 from datasets.splits import Split
 from datasets.transforms import eval_crop
 from utils.errors import DataError
+from utils.evaluation import CPU_WORKER_NICENESS, episode_loader
 
 SIZE = 32
 WAYS, SHOTS, QUERIES = 5, 1, 3
@@ -60,6 +62,24 @@ def test_dataloader_workers_do_not_change_episodes(val_split) -> None:
     for a, b in zip(*runs):
         assert same(a, b)
     assert [int(e["index"]) for e in runs[0]] == list(range(5))
+
+
+class NicenessReportingEpisodes(EpisodeDataset):
+    """Episodes that also carry the scheduling niceness of the process that decoded them."""
+
+    def __getitem__(self, index):
+        return {**super().__getitem__(index), "niceness": torch.tensor(os.nice(0))}
+
+
+def test_cpu_episode_loader_decodes_the_same_episodes_at_lower_priority(val_split) -> None:
+    ds = NicenessReportingEpisodes(val_split, SIZE, WAYS, SHOTS, QUERIES, episodes=3, seed=11)
+    inline = list(episode_loader(ds, 0, torch.device("cpu")))
+    background = list(episode_loader(ds, 2, torch.device("cpu")))
+    own = os.nice(0)
+    assert [int(e["niceness"]) for e in inline] == [own] * 3
+    assert [int(e["niceness"]) for e in background] == [min(19, own + CPU_WORKER_NICENESS)] * 3
+    for a, b in zip(inline, background):
+        assert same({k: v for k, v in a.items() if k != "niceness"}, {k: v for k, v in b.items() if k != "niceness"})
 
 
 def test_epochs_indices_streams_and_seeds_differ(val_split) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from models import IDeMeNet, SmallDeformNet, TwoBranchDeformNet, blend_patches, encoder_output_size
+from utils.evaluation import embed_in_chunks
 
 
 
@@ -22,6 +23,15 @@ def model() -> IDeMeNet:
 def test_embed_gives_512_features(model: IDeMeNet) -> None:
     with torch.no_grad():
         assert model.embed(images(4, 64, 1)).shape == (4, 512)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_chunked_embedding_equals_one_pass(model: IDeMeNet, chunk: int) -> None:
+    x = images(7, 64, seed=5)
+    with torch.no_grad():
+        whole, chunked = model.embed(x), embed_in_chunks(model.embed, x, chunk)
+    assert chunked.shape == whole.shape == (7, 512)
+    torch.testing.assert_close(chunked, whole)
 
 
 def test_classify_gives_64_logits(model: IDeMeNet) -> None:

@@ -31,7 +31,7 @@ def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch
     return torch.cat([embed(images[i:i + chunk]).float() for i in range(0, len(images), chunk)])
 
 
-# Scheduling niceness of episode-decoding workers when the episodes are computed on the CPU.
+# Scheduling niceness of data-loading workers when the model runs on the CPU.
 CPU_WORKER_NICENESS = 19
 
 
@@ -45,13 +45,18 @@ def lower_worker_priority(_worker_id: int) -> None:
     os.nice(CPU_WORKER_NICENESS)
 
 
+def worker_init_for(device: torch.device):
+    """The loaders' ``worker_init_fn``: :func:`lower_worker_priority` on the CPU, none on CUDA."""
+    return lower_worker_priority if device.type == "cpu" else None
+
+
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
     """One episode per step, decoded in ``workers`` background processes and prefetched
     (at lower priority when ``device`` is the CPU)."""
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=lower_worker_priority if workers > 0 and device.type == "cpu" else None)
+                      worker_init_fn=worker_init_for(device))
 
 
 @torch.no_grad()
