@@ -58,7 +58,7 @@ from models import IDeMeNet, blend_patches
 from models.episode import GalleryBank, episode_gradients, run_episode, select_gallery
 from models.protonet import proto_logits, prototypes
 from utils.errors import InputError
-from utils.evaluation import autocast, embed_in_chunks, episode_loader, prepare_images
+from utils.evaluation import autocast, deform_in_chunks, embed_in_chunks, episode_loader, prepare_images
 from utils.options import configure_backend, resolve_device
 
 # Sections of the breakdown; the loop and the floor share the network rows.
@@ -287,7 +287,7 @@ def floor_step(model, embed, x: dict, config, device, clock: SectionClock, train
         if config.deform != "none":
             with clock.section("deform"), autocast(device, config.amp):
                 if config.deform == "learned":
-                    deformed, _ = model.deform(x["probes"], x["others"])
+                    deformed, _ = deform_in_chunks(model.deform, x["probes"], x["others"], config.chunk)
                 else:
                     deformed = blend_patches(x["probes"], x["others"], x["random_weights"])
             with clock.section("embed_deformed"), autocast(device, config.amp):

@@ -12,7 +12,7 @@ from datasets.gallery import Gallery
 from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
 from models.protonet import proto_logits, prototypes, squared_distances
-from utils.evaluation import autocast, embed_in_chunks, prepare_images
+from utils.evaluation import autocast, deform_in_chunks, embed_in_chunks, prepare_images
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
@@ -150,7 +150,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             others = bank.gallery.batch(gallery_index, episode["gallery_flip"].to(device))
             with autocast(device, config.amp):
                 if config.deform == "learned":
-                    deformed, weights = model.deform(probes, others)
+                    deformed, weights = deform_in_chunks(model.deform, probes, others, config.chunk)
                 else:
                     weights = episode["random_weights"].to(device)
                     deformed = blend_patches(probes, others, weights)

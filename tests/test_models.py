@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models import IDeMeNet, SmallDeformNet, TwoBranchDeformNet, blend_patches, encoder_output_size
-from utils.evaluation import embed_in_chunks
+from utils.evaluation import deform_in_chunks, embed_in_chunks
 
 
 
@@ -32,6 +32,16 @@ def test_chunked_embedding_equals_one_pass(model: IDeMeNet, chunk: int) -> None:
         whole, chunked = model.embed(x), embed_in_chunks(model.embed, x, chunk)
     assert chunked.shape == whole.shape == (7, 512)
     torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_chunked_deformation_equals_one_pass(model: IDeMeNet, chunk: int) -> None:
+    probe, gallery = images(7, 64, seed=6), images(7, 64, seed=7)
+    with torch.no_grad():
+        whole, chunked = model.deform(probe, gallery), deform_in_chunks(model.deform, probe, gallery, chunk)
+    assert chunked[0].shape == whole[0].shape and chunked[1].shape == whole[1].shape == (7, 9)
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
 
 
 def test_classify_gives_64_logits(model: IDeMeNet) -> None:

@@ -50,6 +50,17 @@ def worker_init_for(device: torch.device):
     return lower_worker_priority if device.type == "cpu" else None
 
 
+def deform_in_chunks(deform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                     probes: torch.Tensor, gallery: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``deform`` (``IDeMeNet.deform``) over probe and gallery images ``[N, 3, S, S]`` -> (deformed
+    ``[N, 3, S, S]``, weights ``[N, F*F]``): in chunks of ``chunk`` without autograd, in one call
+    with it (the graph keeps every activation anyway; chunks would only add copies)."""
+    if torch.is_grad_enabled() or len(probes) <= chunk:
+        return deform(probes, gallery)
+    parts = [deform(probes[i:i + chunk], gallery[i:i + chunk]) for i in range(0, len(probes), chunk)]
+    return torch.cat([deformed for deformed, _ in parts]), torch.cat([weights for _, weights in parts])
+
+
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
     """One episode per step, decoded in ``workers`` background processes and prefetched
     (at lower priority when ``device`` is the CPU)."""
