@@ -1,4 +1,5 @@
-"""Few-shot evaluation of an embedding with a prototype classifier (no deformation)."""
+"""Forward helpers both stages share (autocast, chunked passes, loaders) and few-shot evaluation of an
+embedding with a prototype classifier (no deformation)."""
 from __future__ import annotations
 
 import os
