@@ -28,7 +28,7 @@ from models import EmbeddingNet, load_embedding
 from utils.checkpoint import MODELS_DIR, atomic_save, resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import OptionError, TrainingDiverged
-from utils.evaluation import autocast, evaluate_embedding, worker_init_for
+from utils.evaluation import autocast, compute_layout, evaluate_embedding, worker_init_for
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 from utils.metrics import mean_ci95
 from utils.options import add_common_args, check_positive, configure_backend, resolve_device, run_cli
@@ -95,10 +95,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, in
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
     start = time.perf_counter()
     for images, labels in bar:
-        images = images.to(device, non_blocking=True)
+        images = compute_layout(images.to(device, non_blocking=True), device)
         labels = labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, args.amp):
             logits = model(images)
             loss = criterion(logits.float(), labels)

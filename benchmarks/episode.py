@@ -58,7 +58,14 @@ from models import IDeMeNet, blend_patches
 from models.episode import GalleryBank, episode_gradients, run_episode, select_gallery
 from models.protonet import proto_logits, prototypes
 from utils.errors import InputError
-from utils.evaluation import autocast, deform_in_chunks, embed_in_chunks, episode_loader, prepare_images
+from utils.evaluation import (
+    autocast,
+    compute_layout,
+    deform_in_chunks,
+    embed_in_chunks,
+    episode_loader,
+    prepare_images,
+)
 from utils.options import configure_backend, resolve_device
 
 # Sections of the breakdown; the loop and the floor share the network rows.
@@ -248,10 +255,6 @@ def run_loop(model, bank, embed, loader, steps: int, warmup: int, device, train:
     return rows, accuracies
 
 
-def _channels_last(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
-
-
 def floor_inputs(model, bank, episode: dict, config, device) -> dict:
     """An episode's tensors on the device, as the network calls see them (selection done once here)."""
     with torch.no_grad():
@@ -291,7 +294,7 @@ def floor_step(model, embed, x: dict, config, device, clock: SectionClock, train
                 else:
                     deformed = blend_patches(x["probes"], x["others"], x["random_weights"])
             with clock.section("embed_deformed"), autocast(device, config.amp):
-                features.append(embed_in_chunks(embed, _channels_last(deformed, device), config.chunk))
+                features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
             labels.append(x["owner"])
         with clock.section("rest"):
             features, labels = torch.cat(features), torch.cat(labels)

@@ -43,7 +43,7 @@ from benchmarks.common import (
 )
 from utils.distributed import DistInfo
 from utils.errors import InputError
-from utils.evaluation import autocast
+from utils.evaluation import autocast, compute_layout
 from utils.options import configure_backend, resolve_device
 
 ROWS = [
@@ -92,10 +92,8 @@ def script_args(a: argparse.Namespace, root: Path) -> argparse.Namespace:
 def train_step(model, criterion, optimizer, images, labels, device, amp, clock: SectionClock) -> None:
     """The body of classification.train_one_epoch, with timers."""
     with clock.section("h2d"):
-        images = images.to(device, non_blocking=True)
+        images = compute_layout(images.to(device, non_blocking=True), device)
         labels = labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
     with clock.section("forward"), autocast(device, amp):
         logits = model(images)
         loss = criterion(logits.float(), labels)

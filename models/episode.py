@@ -12,7 +12,7 @@ from datasets.gallery import Gallery
 from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
 from models.protonet import proto_logits, prototypes, squared_distances
-from utils.evaluation import autocast, deform_in_chunks, embed_in_chunks, prepare_images
+from utils.evaluation import autocast, compute_layout, deform_in_chunks, embed_in_chunks, prepare_images
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
@@ -77,7 +77,7 @@ class GalleryBank:
             flips = torch.rand(len(gallery), generator=generator) < 0.5
             with torch.no_grad(), autocast(device, amp):
                 features = torch.cat([
-                    model.embed(_channels_last(self.gallery.batch(torch.arange(i, min(i + chunk, len(gallery)),
+                    model.embed(compute_layout(self.gallery.batch(torch.arange(i, min(i + chunk, len(gallery)),
                                                                                device=device),
                                                                   flips[i:i + chunk]), device)).float()
                     for i in range(0, len(gallery), chunk)])
@@ -85,10 +85,6 @@ class GalleryBank:
 
     def __len__(self) -> int:
         return len(self.gallery)
-
-
-def _channels_last(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
@@ -154,7 +150,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
                 else:
                     weights = episode["random_weights"].to(device)
                     deformed = blend_patches(probes, others, weights)
-                features.append(embed_in_chunks(embed, _channels_last(deformed, device), config.chunk))
+                features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
             feature_labels.append(owner)
         features, feature_labels = torch.cat(features), torch.cat(feature_labels)
         logits = proto_logits(query_features, prototypes(features, feature_labels, config.ways), model.scale)

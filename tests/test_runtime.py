@@ -1,6 +1,7 @@
 """Process settings both scripts put in place before torch loads."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 def env_after_import(module: str, preset: dict[str, str]) -> dict[str, str]:
     """The PROCESS_ENV variables as seen inside a fresh interpreter after ``import module``."""
     env = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV} | preset
-    code = f"import os, {module}; print(repr({{k: os.environ.get(k) for k in {sorted(PROCESS_ENV)!r}}}))"
+    code = f"import json, os, {module}; print(json.dumps({{k: os.environ.get(k) for k in {sorted(PROCESS_ENV)!r}}}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return eval(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("module", ["onlyBasetwoLoss", "classification"])

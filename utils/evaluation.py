@@ -21,10 +21,15 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
 
 
+def compute_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[N, C, H, W]`` in the memory layout the networks run fastest in on ``device``:
+    channels_last on CUDA (with channels_last weights), unchanged on the CPU."""
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
 def prepare_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]`` (CPU, possibly pinned) -> normalised float on ``device``."""
-    images = normalize_uint8(images.to(device, non_blocking=True))
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+    return compute_layout(normalize_uint8(images.to(device, non_blocking=True)), device)
 
 
 def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
