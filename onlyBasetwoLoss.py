@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from datasets import AugmentDraws, EpisodeDataset, Gallery, read_split, scan_split
 from models import IDeMeNet, encoder_output_size, load_idemenet
-from models.episode import DEFORM_MODES, GALLERY_MODES, EpisodeConfig, GalleryBank, episode_gradients, run_episode
+from models.episode import (DEFORM_MODES, EPISODE_CLASS, GALLERY_EXCLUDE, GALLERY_MODES, SAME_CLASS, EpisodeConfig,
+                            GalleryBank, episode_gradients, gallery_relation, run_episode)
 from utils.checkpoint import MODELS_DIR, atomic_save, resolve_checkpoint, safe_load
 from utils.errors import OptionError, TrainingDiverged
 from utils.evaluation import episode_loader
@@ -39,11 +40,14 @@ from utils.runs import MetricsLog, clear_run_dir, format_row, open_run, write_js
 
 TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
 METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
-           "select_acc_ci", "select_plain_acc", "select_loss", "weight_mean", "weight_std", "lr", "cls_lr", "scale",
-           "episodes_per_s"]
+           "select_acc_ci", "select_plain_acc", "select_loss", "weight_mean", "weight_std", "lr", "cls_lr", "scale_lr", "scale",
+           "episodes_per_s", "train_gallery_same_class", "train_gallery_episode_class", "train_own_distance",
+           "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
+           "select_other_distance"]
 RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways", "test_num", "augnum",
                "chooseNum", "galleryNum", "epoch", "numEpochs", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
-               "seed", "deformNet", "deform", "gallerySelect", "selectOn", "overlap")
+               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap")
+RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 PICTURE_DIR = Path("picture")
 CUDA_CHUNK, CPU_CHUNK = 128, 16  # default --batchSize per device
 
@@ -75,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ablation: learned weights, U(0,1) weights per cell, or no deformed images")
     parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
                         help="ablation: chooseNum nearest gallery images per class, or uniform over the gallery")
+    parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
+                        help="ablation: episode leaves the training episode's own classes out of the gallery "
+                        "shortlists, so training sees what testing sees (none: the original)")
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
                         help="weights kept by best val accuracy, or (the original's protocol) lowest test loss")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
@@ -103,6 +110,9 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
     if args.evaluate and args.GNet == "None":
         raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
+    if args.galleryExclude == "episode" and (args.deform == "none" or args.gallerySelect != "nearest"):
+        raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
+                          "--gallerySelect nearest and deformed images (--deform learned or random)")
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> IDeMeNet:
@@ -126,20 +136,28 @@ def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]
     return meta, cls
 
 
-def make_optimizers(model: IDeMeNet, args: argparse.Namespace):
-    """Adam for the deformation network and scale (LR) and for the embedding (clsLR * 0.1) and
-    fc (clsLR); both with StepLR(40, 0.5). Frozen groups keep their optimiser, never stepped."""
-    meta_opt = torch.optim.Adam([{"params": model.deformation_parameters(), "lr": args.LR},
-                                 {"params": [model.scale], "lr": args.LR}])
+def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The original's optimisers and schedules (SPEC 3, item 7), by resume-state key.
+
+    Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
+    so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)
+    for the deformation network's and the classifier's. Frozen groups keep their optimiser, never
+    stepped.
+    """
+    meta_opt = torch.optim.Adam(model.deformation_parameters(), lr=args.LR)
+    scale_opt = torch.optim.Adam([model.scale], lr=args.LR)
     cls_opt = torch.optim.Adam([{"params": model.embedding_parameters(), "lr": args.clsLR * 0.1},
                                 {"params": list(model.fc.parameters()), "lr": args.clsLR}])
-    return (meta_opt, cls_opt, torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
-            torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5))
+    schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
+                  "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}
+    return {"meta_opt": meta_opt, "scale_opt": scale_opt, "cls_opt": cls_opt}, schedulers
 
 
-def episode_config(args: argparse.Namespace, ways: int) -> EpisodeConfig:
-    return EpisodeConfig(ways, args.augnum, args.chooseNum, args.deform, args.gallerySelect, args.batchSize,
-                         bool(args.amp))
+def episode_config(args: argparse.Namespace, ways: int, train: bool = False) -> EpisodeConfig:
+    """The episode settings; ``--galleryExclude`` applies to training episodes only (the others'
+    classes are never in the gallery)."""
+    return EpisodeConfig(ways, args.augnum, args.chooseNum, args.deform, args.gallerySelect,
+                         args.galleryExclude if train else "none", args.batchSize, bool(args.amp))
 
 
 def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int) -> EpisodeDataset:
@@ -159,24 +177,27 @@ def make_embed(model: IDeMeNet, device: torch.device):
 def evaluate(model, dataset, bank, args, device, desc, embed, keep_first: bool = False):
     """Accuracies with and without deformation and losses over the dataset's episodes."""
     config = episode_config(args, dataset.ways)
-    acc, plain, losses, first = [], [], [], None
+    acc, plain, losses, first, sums = [], [], [], None, new_deformation_sums()
     for episode in tqdm(episode_loader(dataset, args.nthreads, device), desc=desc, disable=not args.progress,
                         leave=False):
         result = run_episode(model, episode, bank, config, device, embed=embed)
         acc.append(result.accuracy)
         plain.append(result.plain_accuracy)
         losses.append(result.proto_loss.item())
+        add_deformation(sums, result)
         if keep_first and first is None:
             first = result
-    return {"acc": acc, "plain": plain, "loss": losses, "first": first}
+    return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
 
 
-def write_figure(result, args) -> Path | None:
-    """``picture/<tensorname>_deformed.png`` from an episode's deformed images, if it has any."""
+def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
+    """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if it has any;
+    ``relation`` (:func:`models.episode.gallery_relation`) marks each gallery image's class (none: of
+    no class of the episode, as at val and test)."""
     if result is None or result.deformed is None:
         return None
-    path = PICTURE_DIR / f"{args.tensorname}_deformed.png"
-    save_deformation_figure(path, result.probes, result.gallery_images, result.weights, result.deformed)
+    path = PICTURE_DIR / f"{args.tensorname}_deformed{suffix}.png"
+    save_deformation_figure(path, result.probes, result.gallery_images, result.weights, result.deformed, relation)
     return path
 
 
@@ -218,9 +239,10 @@ def load_splits(args: argparse.Namespace, need_train: bool):
     if args.galleryNum > out["train"].min_class_size():
         raise OptionError(f"--galleryNum {args.galleryNum} is larger than the smallest base class "
                           f"({out['train'].min_class_size()} images)")
-    if args.gallerySelect == "nearest" and args.chooseNum > args.galleryNum * out["train"].num_classes:
-        raise OptionError(f"--chooseNum {args.chooseNum} is larger than the gallery "
-                          f"({args.galleryNum} x {out['train'].num_classes} images)")
+    shortlisted = out["train"].num_classes - (args.trainways if args.galleryExclude == "episode" else 0)
+    if args.gallerySelect == "nearest" and args.chooseNum > args.galleryNum * shortlisted:
+        raise OptionError(f"--chooseNum {args.chooseNum} is larger than the gallery a shortlist draws from "
+                          f"({args.galleryNum} x {shortlisted} classes)")
     return out
 
 
@@ -247,7 +269,7 @@ def prepare(args, device, need_train: bool):
 
 def run_evaluation(args: argparse.Namespace, device: torch.device) -> int:
     splits, model, gallery = prepare(args, device, need_train=False)
-    bank = GalleryBank(gallery, model, device, args.batchSize, args.seed, bool(args.amp)) if gallery else None
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp)) if gallery else None
     dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []))
     stats = evaluate(model, dataset, bank, args, device, "test", make_embed(model, device), keep_first=True)
     summary = report(stats, args, "test")
@@ -261,19 +283,22 @@ def run_evaluation(args: argparse.Namespace, device: torch.device) -> int:
 
 def run_training(args: argparse.Namespace, device: torch.device) -> int:
     run_dir, resume = open_run(args, RESUME_KEYS)
+    if resume is not None and resume.get("format") != RESUME_FORMAT:
+        raise OptionError(f"--resume: {run_dir / 'resume.pt'} was written by an earlier version (the scale's rate "
+                          "decayed, gallery features were embedded from flipped images) and cannot be continued "
+                          "exactly; start anew with --overwrite")
     splits, model, gallery = prepare(args, device, need_train=True)
     meta_params, cls_params = param_groups(model, args)
-    meta_opt, cls_opt, meta_sched, cls_sched = make_optimizers(model, args)
+    optimizers, schedulers = make_optimizers(model, args)
     start_epoch, progress, record = 0, new_progress(), {"best": None, "rows": 0}
     if resume is not None:
         model.load_state_dict(resume["model"])
-        for obj, key in ((meta_opt, "meta_opt"), (cls_opt, "cls_opt"), (meta_sched, "meta_sched"),
-                         (cls_sched, "cls_sched")):
+        for key, obj in {**optimizers, **schedulers}.items():
             obj.load_state_dict(resume[key])
         start_epoch, progress, record = resume["epoch"], resume["progress"], resume["record"]
         print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
     features = resume["gallery_features"] if resume is not None and gallery is not None else None
-    bank = GalleryBank(gallery, model, device, args.batchSize, args.seed, bool(args.amp), features) if gallery else None
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), features) if gallery else None
     embed = make_embed(model, device)
     train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, len(bank or []))
     select_split = args.selectOn
@@ -286,28 +311,51 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
     main_path, last_path = MODELS_DIR / f"{args.tensorname}.t7", MODELS_DIR / f"{args.tensorname}_last.t7"
 
     def save_resume(epoch: int) -> None:
-        atomic_save({"model": model.state_dict(), "meta_opt": meta_opt.state_dict(), "cls_opt": cls_opt.state_dict(),
-                     "meta_sched": meta_sched.state_dict(), "cls_sched": cls_sched.state_dict(), "epoch": epoch,
-                     "progress": progress, "record": record, "args": saved_args,
+        atomic_save({"format": RESUME_FORMAT, "model": model.state_dict(),
+                     **{key: obj.state_dict() for key, obj in {**optimizers, **schedulers}.items()},
+                     "epoch": epoch, "progress": progress, "record": record, "args": saved_args,
                      "gallery_features": None if bank is None else bank.features.cpu()}, run_dir / "resume.pt")
 
-    config = episode_config(args, args.trainways)
+    def select(epoch: int) -> dict:
+        """Evaluate the selection episodes and keep the weights if they are the best so far."""
+        select_set.set_epoch(epoch if select_split == "test" else 0)
+        stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed)
+        acc, acc_ci = mean_ci95([100 * a for a in stats["acc"]])
+        deformation = deformation_columns(stats["deformation"])
+        numbers = {"select_split": select_split, "select_acc": acc, "select_acc_ci": acc_ci,
+                   "select_plain_acc": mean_ci95([100 * a for a in stats["plain"]])[0],
+                   "select_loss": sum(stats["loss"]) / len(stats["loss"]),
+                   **{f"select_{key}": deformation[key]
+                      for key in ("weight_mean", "weight_std", "own_distance", "other_distance")}}
+        score = acc if select_split == "val" else -numbers["select_loss"]
+        if record["best"] is None or score > record["best"]:
+            record["best"] = score
+            atomic_save(model.state_dict(), main_path)
+        return numbers
+
+    config = episode_config(args, args.trainways, train=True)
     with GracefulInterrupt() as interrupt:
         for epoch in range(start_epoch, args.numEpochs):
+            if select_split == "test" and progress["select"] is None:
+                # The original's timing: fresh test episodes before the epoch trains, so its candidates
+                # are the initial weights and those after epochs 0..N-2.
+                progress["select"] = select(epoch)
             train_set.set_epoch(epoch, start=progress["step"])
             bar = tqdm(episode_loader(train_set, args.nthreads, device), desc=f"epoch {epoch}",
                        disable=not args.progress, leave=False)
-            tick = time.perf_counter()
+            tick, result, relation = time.perf_counter(), None, None
             for episode in bar:
                 result = train_step(model, episode, bank, config, device, epoch, (meta_params, cls_params),
-                                    (meta_opt, cls_opt), embed)
+                                    optimizers, embed)
                 if result is None:
                     classes = [splits["train"].classes[c] for c in episode["classes"].tolist()]
                     raise TrainingDiverged(
                         f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} (classes "
                         f"{' '.join(classes)}); nothing was saved over the last good checkpoint "
                         f"({main_path if main_path.exists() else 'none yet'}; resumable state {run_dir / 'resume.pt'})")
-                accumulate(progress, result, time.perf_counter() - tick)
+                relation = None if result.gallery_index is None else \
+                    gallery_relation(result, bank.gallery.labels, episode["classes"])
+                accumulate(progress, result, relation, time.perf_counter() - tick)
                 tick = time.perf_counter()
                 bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
                                 acc=f"{100 * progress['acc'] / progress['step']:.1f}")
@@ -315,17 +363,10 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
                     save_resume(epoch)
                     print(f"stopped at epoch {epoch}, episode {progress['step']}; continue with --resume")
                     return INTERRUPTED_EXIT
-            row = epoch_row(epoch, progress, meta_opt, cls_opt, model)
-            step_schedulers(meta_sched, cls_sched)
-            stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed)
-            select_acc, select_acc_ci = mean_ci95([100 * a for a in stats["acc"]])
-            row.update(select_split=select_split, select_acc=select_acc, select_acc_ci=select_acc_ci,
-                       select_plain_acc=mean_ci95([100 * a for a in stats["plain"]])[0],
-                       select_loss=sum(stats["loss"]) / len(stats["loss"]))
-            score = row["select_acc"] if select_split == "val" else -row["select_loss"]
-            if record["best"] is None or score > record["best"]:
-                record["best"] = score
-                atomic_save(model.state_dict(), main_path)
+            row = epoch_row(epoch, progress, optimizers, model)
+            write_figure(result, args, relation, suffix="_train")
+            step_schedulers(*schedulers.values())
+            row.update(progress["select"] if select_split == "test" else select(epoch))
             atomic_save(model.state_dict(), last_path)
             log.log(row)
             record["rows"] = log.rows
@@ -348,32 +389,34 @@ def run_training(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
-               device: torch.device, epoch: int, groups: tuple[list, list], optimizers: tuple, embed=None):
+               device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed=None):
     """One training episode: forward, gradients of both losses from that one pass, optimiser steps.
 
     Args:
         groups: (parameters of the prototype loss, parameters of the classification loss),
             as :func:`param_groups` returns them; the classification loss trains from epoch 1 on.
-        optimizers: (deformation/scale optimiser, embedding/fc optimiser).
+        optimizers: :func:`make_optimizers`' ``meta_opt`` (deformation network), ``scale_opt`` and
+            ``cls_opt`` (embedding and fc).
 
     Returns:
         The :class:`models.episode.EpisodeResult`, or None when a loss is not finite (then
         nothing was stepped).
     """
-    (meta_params, cls_params), (meta_opt, cls_opt) = groups, optimizers
+    meta_params, cls_params = groups
     train_cls = bool(cls_params) and epoch > 0
     result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
                          embed=embed)
     losses = [result.proto_loss] + ([result.cls_loss] if result.cls_loss is not None else [])
     if not all(torch.isfinite(loss) for loss in losses):
         return None
-    meta_opt.zero_grad(set_to_none=True)
-    cls_opt.zero_grad(set_to_none=True)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
     episode_gradients(result, meta_params, cls_params if train_cls else [])
     if meta_params:
-        meta_opt.step()
+        optimizers["meta_opt"].step()
+        optimizers["scale_opt"].step()
     if train_cls:
-        cls_opt.step()
+        optimizers["cls_opt"].step()
     return result
 
 
@@ -385,13 +428,51 @@ def step_schedulers(*schedulers) -> None:
             scheduler.step()
 
 
+def new_deformation_sums() -> dict[str, float]:
+    """Running sums behind the deformation columns of metrics.csv (:func:`deformation_columns`)."""
+    return {"weight_sum": 0.0, "weight_sq": 0.0, "weight_n": 0, "own_distance": 0.0, "other_distance": 0.0,
+            "distance_n": 0, "same_class": 0, "episode_class": 0, "relation_n": 0}
+
+
+def add_deformation(sums: dict[str, float], result, relation: torch.Tensor | None = None) -> None:
+    """Add one episode's predicted weights, deformed-feature distances and, for a training episode,
+    the class relation of its gallery images (:func:`models.episode.gallery_relation`)."""
+    if result.weights is not None:
+        sums["weight_sum"] += result.weights.sum().item()
+        sums["weight_sq"] += result.weights.pow(2).sum().item()
+        sums["weight_n"] += result.weights.numel()
+    if result.own_distance is not None:
+        sums["own_distance"] += result.own_distance
+        sums["other_distance"] += result.other_distance
+        sums["distance_n"] += 1
+    if relation is not None:
+        sums["same_class"] += (relation == SAME_CLASS).sum().item()
+        sums["episode_class"] += (relation == EPISODE_CLASS).sum().item()
+        sums["relation_n"] += relation.numel()
+
+
+def deformation_columns(sums: dict[str, float]) -> dict[str, float | str]:
+    """Mean and spread of the predicted weights (0 without any); mean squared distance of the deformed
+    images' features to their own class's plain prototype and to the nearest other one; share of
+    deformed images whose gallery image is of the probe's class / of another class of the episode.
+    Empty where nothing was measured."""
+    n = max(sums["weight_n"], 1)
+    mean = sums["weight_sum"] / n
+    distances, relations = sums["distance_n"], sums["relation_n"]
+    return {"weight_mean": mean, "weight_std": math.sqrt(max(sums["weight_sq"] / n - mean * mean, 0.0)),
+            "own_distance": sums["own_distance"] / distances if distances else "",
+            "other_distance": sums["other_distance"] / distances if distances else "",
+            "gallery_same_class": sums["same_class"] / relations if relations else "",
+            "gallery_episode_class": sums["episode_class"] / relations if relations else ""}
+
+
 def new_progress() -> dict[str, float]:
     return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "cls_steps": 0, "acc": 0.0, "plain_acc": 0.0,
-            "weight_sum": 0.0, "weight_sq": 0.0, "weight_n": 0, "time": 0.0}
+            "time": 0.0, "select": None, **new_deformation_sums()}
 
 
-def accumulate(progress: dict[str, float], result, seconds: float) -> None:
-    """Add one episode's losses, accuracies and predicted-weight statistics to the epoch sums."""
+def accumulate(progress: dict[str, float], result, relation: torch.Tensor | None, seconds: float) -> None:
+    """Add one training episode's losses, accuracies and deformation statistics to the epoch sums."""
     progress["step"] += 1
     progress["proto_loss"] += result.proto_loss.item()
     if result.cls_loss is not None:
@@ -399,22 +480,22 @@ def accumulate(progress: dict[str, float], result, seconds: float) -> None:
         progress["cls_steps"] += 1
     progress["acc"] += result.accuracy
     progress["plain_acc"] += result.plain_accuracy
-    if result.weights is not None:
-        progress["weight_sum"] += result.weights.sum().item()
-        progress["weight_sq"] += result.weights.pow(2).sum().item()
-        progress["weight_n"] += result.weights.numel()
+    add_deformation(progress, result, relation)
     progress["time"] += seconds
 
 
-def epoch_row(epoch: int, progress: dict[str, float], meta_opt, cls_opt, model: IDeMeNet) -> dict:
-    steps, n = max(progress["step"], 1), max(progress["weight_n"], 1)
-    mean = progress["weight_sum"] / n
+def epoch_row(epoch: int, progress: dict[str, float], optimizers: dict, model: IDeMeNet) -> dict:
+    steps = max(progress["step"], 1)
+    deformation = deformation_columns(progress)
     cls_loss = progress["cls_loss"] / progress["cls_steps"] if progress["cls_steps"] else ""  # empty: not trained
     return {"epoch": epoch, "proto_loss": progress["proto_loss"] / steps, "cls_loss": cls_loss,
             "train_acc": 100 * progress["acc"] / steps, "train_plain_acc": 100 * progress["plain_acc"] / steps,
-            "weight_mean": mean, "weight_std": math.sqrt(max(progress["weight_sq"] / n - mean * mean, 0.0)),
-            "lr": meta_opt.param_groups[0]["lr"], "cls_lr": cls_opt.param_groups[1]["lr"],
-            "scale": model.scale.item(), "episodes_per_s": progress["step"] / max(progress["time"], 1e-9)}
+            "weight_mean": deformation["weight_mean"], "weight_std": deformation["weight_std"],
+            "lr": optimizers["meta_opt"].param_groups[0]["lr"], "cls_lr": optimizers["cls_opt"].param_groups[1]["lr"],
+            "scale_lr": optimizers["scale_opt"].param_groups[0]["lr"],
+            "scale": model.scale.item(), "episodes_per_s": progress["step"] / max(progress["time"], 1e-9),
+            **{f"train_{key}": deformation[key]
+               for key in ("gallery_same_class", "gallery_episode_class", "own_distance", "other_distance")}}
 
 
 if __name__ == "__main__":

@@ -377,12 +377,13 @@ def main(argv: list[str] | None = None) -> dict:
         gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads, progress=False)
         decode_s = time.perf_counter() - tick
         tick = time.perf_counter()
-        bank = GalleryBank(gallery, model, device, args.batchSize, args.seed, bool(args.amp))
+        bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp))
         synchronize(device)
         features_s = time.perf_counter() - tick
 
     meta_params, cls_params = stage2.param_groups(model, args)
-    meta_opt, cls_opt, _, _ = stage2.make_optimizers(model, args)
+    optimizers, _ = stage2.make_optimizers(model, args)
+    meta_opt, cls_opt = optimizers["meta_opt"], optimizers["cls_opt"]
     train_cls = bool(cls_params)
     embed = stage2.make_embed(model, device)
     depth = 4 * args.nthreads if args.nthreads > 0 else 0

@@ -63,7 +63,10 @@ class Gallery:
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         return self
 
-    def batch(self, index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Normalised float ``[len(index), 3, S, S]``; rows where ``flip`` is true are mirrored."""
+    def batch(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float ``[len(index), 3, S, S]``; rows where ``flip`` (bool ``[len(index)]``) is
+        true are mirrored."""
         images = normalize_uint8(self.images[index])
+        if flip is None:
+            return images
         return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)

@@ -1,9 +1,10 @@
-"""BatchNorm for a frozen embedding that the deformation loss back-propagates through (SPEC 3)."""
+"""BatchNorm variants: one initialised as PyTorch 0.4.0 did, one lean when frozen (SPEC 3)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import init
 
 
 class _FrozenBatchNorm(torch.autograd.Function):
@@ -38,3 +39,15 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
                                                                           or self.bias.requires_grad):
             return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+
+class Torch04BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` initialised as in PyTorch 0.4.0, the authors' version (SPEC 3, item 9):
+    weight ~ U(0, 1) from the global generator, bias 0 (today's PyTorch starts the weight at 1).
+    Same parameters, buffers, state-dict keys and forward."""
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            init.uniform_(self.weight, 0.0, 1.0)
+            init.zeros_(self.bias)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from models.batchnorm import LeanBatchNorm2d
+from models.batchnorm import LeanBatchNorm2d, Torch04BatchNorm2d
 from utils.grid import weight_map
 
 ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
@@ -33,7 +33,11 @@ def encoder_output_size(image_size: int) -> int:
 class SmallDeformNet(nn.Module):
     """The released encoder: ``cat(probe, gallery)`` [N,6,S,S] -> five Conv-BN-ReLU-MaxPool
     blocks (6-32-64-64-32-16) -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F].
-    No sigmoid: the weights are unconstrained."""
+    No sigmoid: the weights are unconstrained.
+
+    Initialised as PyTorch 0.4.0 did, from the global generator in construction order:
+    convolutions and ``toWeight`` U(+-1/sqrt(fan_in)) for weights and biases (today's defaults
+    give the same distribution), BatchNorm weights U(0, 1) and biases 0."""
 
     def __init__(self, image_size: int, fang: int) -> None:
         super().__init__()
@@ -41,7 +45,7 @@ class SmallDeformNet(nn.Module):
         if side < 1:
             raise ValueError(f"the deformation encoder needs images of at least 32 px, got {image_size}")
         self.encoder = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
             for cin, cout in zip(ENCODER_CHANNELS[:-1], ENCODER_CHANNELS[1:])
         ])
         self.toWeight = nn.Sequential(nn.Linear(ENCODER_CHANNELS[-1] * side * side, fang * fang))

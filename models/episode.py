@@ -16,6 +16,9 @@ from utils.evaluation import autocast, compute_layout, deform_in_chunks, embed_i
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
+GALLERY_EXCLUDE = ("none", "episode")
+# Class relation of a deformed image's gallery image to the episode (training episodes only).
+OTHER_CLASS, EPISODE_CLASS, SAME_CLASS = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class EpisodeConfig:
         deform: ``learned`` (the deformation sub-network), ``random`` (U(0,1) per cell) or
             ``none`` (no deformed images: a plain prototypical network).
         gallery_select: ``nearest`` (shortlist by prototype distance) or ``random`` (whole gallery).
+        gallery_exclude: ``none`` (the original) or ``episode``: the shortlists leave out the gallery
+            images of the episode's classes (training episodes, whose classes are the gallery's).
         chunk: images per forward call.
         amp: bfloat16 autocast on CUDA.
     """
@@ -38,6 +43,7 @@ class EpisodeConfig:
     choose_num: int
     deform: str = "learned"
     gallery_select: str = "nearest"
+    gallery_exclude: str = "none"
     chunk: int = 128
     amp: bool = False
 
@@ -47,8 +53,12 @@ class EpisodeResult:
     """What one episode produced. Losses are float32 scalars (with graphs when training).
 
     ``weights`` ``[N*augnum, F*F]``, ``deformed``, ``probes`` and ``gallery_images``
-    ``[N*augnum, 3, S, S]`` (normalised) are None without deformation; ``accuracy`` and
-    ``plain_accuracy`` (prototypes of the support images alone) are fractions in [0, 1].
+    ``[N*augnum, 3, S, S]`` (normalised), ``gallery_index`` ``[N*augnum]`` (into the gallery) and
+    ``deformed_labels`` ``[N*augnum]`` (episode labels) are None without deformation; ``accuracy`` and
+    ``plain_accuracy`` (prototypes of the support images alone) are fractions in [0, 1];
+    ``own_distance`` and ``other_distance`` are the mean squared distances of the deformed images'
+    features to their own class's plain prototype and to the nearest other one (None without
+    deformation).
     """
 
     proto_loss: torch.Tensor
@@ -59,6 +69,10 @@ class EpisodeResult:
     deformed: torch.Tensor | None
     probes: torch.Tensor | None
     gallery_images: torch.Tensor | None
+    gallery_index: torch.Tensor | None = None
+    deformed_labels: torch.Tensor | None = None
+    own_distance: float | None = None
+    other_distance: float | None = None
 
 
 class GalleryBank:
@@ -66,20 +80,18 @@ class GalleryBank:
 
     Attributes:
         gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
-        features: float32 ``[G, 512]``, each image embedded once with a random flip from ``seed``.
+        features: float32 ``[G, 512]``, each image embedded once as it is (evaluation crop, no
+            flip), as the original does; the random flip applies only where an image is blended.
     """
 
-    def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, seed: int,
-                 amp: bool = False, features: torch.Tensor | None = None) -> None:
+    def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, amp: bool = False,
+                 features: torch.Tensor | None = None) -> None:
         self.gallery = gallery.to(device)
         if features is None:
-            generator = torch.Generator().manual_seed(seed)
-            flips = torch.rand(len(gallery), generator=generator) < 0.5
             with torch.no_grad(), autocast(device, amp):
                 features = torch.cat([
                     model.embed(compute_layout(self.gallery.batch(torch.arange(i, min(i + chunk, len(gallery)),
-                                                                               device=device),
-                                                                  flips[i:i + chunk]), device)).float()
+                                                                               device=device)), device)).float()
                     for i in range(0, len(gallery), chunk)])
         self.features = features.to(device)
 
@@ -94,12 +106,16 @@ def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor,
     ``nearest``: per class the ``choose_num`` gallery images with the smallest
     ``scale * ||g - c||^2`` to its prototype ``c`` (``protos`` ``[W, D]``), then the episode's
     uniform pick among them; ``random``: the episode's uniform pick over the whole gallery.
-    ``owner`` ``[N*augnum]`` is the class of the support image each copy belongs to.
+    ``owner`` ``[N*augnum]`` is the class of the support image each copy belongs to. With
+    ``gallery_exclude == "episode"`` the gallery images of ``episode["classes"]`` are never shortlisted.
     """
     device = protos.device
     if config.gallery_select == "random":
         return episode["gallery_pick"].to(device)
     distances = scale.detach() * squared_distances(protos, bank.features)
+    if config.gallery_exclude == "episode":
+        excluded = torch.isin(bank.gallery.labels, episode["classes"].to(device))
+        distances = distances.masked_fill(excluded, float("inf"))
     shortlist = torch.topk(distances, config.choose_num, dim=1, largest=False).indices
     return shortlist[owner, episode["shortlist_pick"].to(device)]
 
@@ -132,7 +148,8 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
     plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
     plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean().item()
 
-    weights = deformed = probes = others = None
+    weights = deformed = probes = others = gallery_index = owner = None
+    own_distance = other_distance = None
     with torch.set_grad_enabled(track_grad or train_cls):
         if train_cls:
             with autocast(device, config.amp):
@@ -152,6 +169,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
                     deformed = blend_patches(probes, others, weights)
                 features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
             feature_labels.append(owner)
+            own_distance, other_distance = prototype_distances(features[-1].detach(), owner, plain_protos)
         features, feature_labels = torch.cat(features), torch.cat(feature_labels)
         logits = proto_logits(query_features, prototypes(features, feature_labels, config.ways), model.scale)
         proto_loss = F.cross_entropy(logits, query_labels)
@@ -162,7 +180,31 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
     accuracy = (logits.argmax(1) == query_labels).float().mean().item()
     return EpisodeResult(proto_loss, cls_loss, accuracy, plain_accuracy,
                          None if weights is None else weights.detach().float(),
-                         None if deformed is None else deformed.detach(), probes, others)
+                         None if deformed is None else deformed.detach(), probes, others, gallery_index, owner,
+                         own_distance, other_distance)
+
+
+def prototype_distances(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> tuple[float, float]:
+    """Mean squared distance of ``features`` ``[M, D]`` to their own class's prototype (``labels``
+    ``[M]`` index ``protos`` ``[W, D]``) and mean distance to the nearest other prototype (nan when W = 1)."""
+    distances = squared_distances(features, protos)
+    own = distances.gather(1, labels.unsqueeze(1)).squeeze(1)
+    other = distances.scatter(1, labels.unsqueeze(1), float("inf")).min(1).values
+    return own.mean().item(), (other.mean().item() if protos.shape[0] > 1 else float("nan"))
+
+
+def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per deformed image ``[N*augnum]``: ``SAME_CLASS`` when its gallery image is of the probe's class,
+    ``EPISODE_CLASS`` of another class of the episode, else ``OTHER_CLASS``.
+
+    Only training episodes can hold gallery classes: ``classes`` ``[W]`` (the episode's split-level
+    ids) and ``gallery_labels`` ``[G]`` must number the same split's classes.
+    """
+    picked = gallery_labels[result.gallery_index]
+    classes = classes.to(picked.device)
+    same = picked == classes[result.deformed_labels]
+    in_episode = torch.isin(picked, classes)
+    return torch.where(same, SAME_CLASS, torch.where(in_episode, EPISODE_CLASS, OTHER_CLASS))
 
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],

@@ -140,7 +140,7 @@ def controlled():
         model.scale.fill_(0.7)
     gallery_images = uint8_images(GALLERY, seed=50)
     gallery_features = normalise(gallery_images).flatten(1) @ model.backbone.matrix
-    bank = GalleryBank(make_gallery(gallery_images, torch.arange(GALLERY) // 3), model, CPU, chunk=5, seed=0,
+    bank = GalleryBank(make_gallery(gallery_images, torch.arange(GALLERY) // 3), model, CPU, chunk=5,
                        features=gallery_features)
     episode = make_episode(WAYS, SHOTS, QUERIES, AUGNUM, CHOOSE, GALLERY, FANG * FANG, classes=[2, 5, 9], seed=11)
     return model, bank, gallery_images, gallery_features, episode
@@ -302,13 +302,13 @@ def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
     torch.manual_seed(4)
     model = stage2.build_model(args, CPU)
     meta_params, cls_params = stage2.param_groups(model, args)
-    meta_opt, cls_opt, _, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(make_gallery(*step_gallery), model, CPU, args.batchSize, args.seed)
+    optimizers, _ = stage2.make_optimizers(model, args)
+    bank = GalleryBank(make_gallery(*step_gallery), model, CPU, args.batchSize)
     episode = make_episode(3, 1, 2, args.augnum, args.chooseNum, len(bank), 9, classes=[1, 4, 6], seed=21)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     result = stage2.train_step(model, episode, bank, stage2.episode_config(args, args.trainways), CPU, epoch,
-                               (meta_params, cls_params), (meta_opt, cls_opt))
+                               (meta_params, cls_params), optimizers)
     assert result is not None
     changed = {k: [not torch.equal(b, p.detach()) for b, p in zip(before[k], groups(model)[k])] for k in before}
     return model, changed, before, buffers, (meta_params, cls_params)
@@ -395,7 +395,7 @@ def test_each_loss_trains_only_its_own_groups_at_the_right_rate(stage1_file, ste
     torch.manual_seed(4)
     fresh = stage2.build_model(args, CPU)
     stage2.param_groups(fresh, args)
-    bank = GalleryBank(make_gallery(*step_gallery), fresh, CPU, args.batchSize, args.seed)
+    bank = GalleryBank(make_gallery(*step_gallery), fresh, CPU, args.batchSize)
     episode = make_episode(3, 1, 2, args.augnum, args.chooseNum, len(bank), 9, classes=[1, 4, 6], seed=21)
     result = run_episode(fresh, episode, bank, stage2.episode_config(args, args.trainways), CPU,
                          train_cls=True, track_grad=True)

@@ -1,0 +1,192 @@
+"""The original's behaviours that change a reproduction's numbers (SPEC 3, items 7 and 9, the
+gallery, the test-selection timing): the scale's undecayed rate, unflipped gallery features,
+PyTorch 0.4.0 initialisation and ``--selectOn test`` evaluated before each epoch trains."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import onlyBasetwoLoss as stage2
+from datasets import read_split
+from models import EmbeddingNet, IDeMeNet, SmallDeformNet
+from models.episode import GalleryBank
+from tests.scripts_helpers import make_workdir, run_script
+from tests.test_episode_step import make_gallery, normalise, uint8_images
+from utils.checkpoint import safe_load
+from utils.options import configure_backend
+
+CPU = torch.device("cpu")
+LR = 0.002
+TINY = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "2", "--chooseNum", "3",
+        "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("faithful"))
+
+
+def read_rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# 1. The scale's learning rate never decays -------------------------------------------------------
+
+def test_scale_keeps_its_rate_while_the_deformation_network_halves_every_40_epochs(workdir) -> None:
+    """41 one-episode epochs: in epoch 40 the deformation network's rate is LR / 2, the scale's LR,
+    in metrics.csv and in the optimiser states that resume.pt keeps at its top level."""
+    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "lr41", "--numEpochs", "41",
+                        "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1", "--LR", str(LR))
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(workdir / "runs/lr41/metrics.csv")
+    assert len(rows) == 41
+    assert float(rows[39]["lr"]) == pytest.approx(LR) and float(rows[40]["lr"]) == pytest.approx(LR / 2)
+    assert all(float(row["scale_lr"]) == pytest.approx(LR) for row in rows)
+    state = safe_load(workdir / "runs/lr41/resume.pt")
+    assert state["epoch"] == 41
+    assert [g["lr"] for g in state["meta_opt"]["param_groups"]] == [pytest.approx(LR / 2)]
+    assert [g["lr"] for g in state["scale_opt"]["param_groups"]] == [pytest.approx(LR)]
+    assert len(state["scale_opt"]["param_groups"][0]["params"]) == 1  # the scale alone
+    assert state["gallery_features"].shape == (2 * 64, 512)
+
+
+def test_an_earlier_resume_state_is_refused_with_one_line(workdir) -> None:
+    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
+                        "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1")
+    assert result.returncode == 0, result.stderr
+    path = workdir / "runs/old/resume.pt"
+    state = safe_load(path)
+    old = {k: v for k, v in state.items() if k not in ("format", "scale_opt")}  # the layout before the change
+    torch.save(old, path)
+    before = path.read_bytes()
+    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
+                        "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1", "--resume")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "resume.pt" in lines[0] and "--overwrite" in lines[0]
+    assert path.read_bytes() == before
+
+
+# 2. Gallery features come from unflipped images --------------------------------------------------
+
+def test_gallery_features_are_embeddings_of_the_unflipped_images() -> None:
+    torch.manual_seed(0)
+    model = IDeMeNet(num_classes=4, image_size=32).eval()
+    images = uint8_images(10, seed=3)
+    bank = GalleryBank(make_gallery(images, torch.arange(10) % 4), model, CPU, chunk=4)
+    with torch.no_grad():
+        want = model.embed(normalise(images))
+        mirrored = model.embed(normalise(images).flip(-1))
+    torch.testing.assert_close(bank.features, want, rtol=1e-5, atol=1e-6)
+    # the images are not mirror-symmetric, so a flipped embedding would be told apart
+    assert all(not torch.allclose(want[i], mirrored[i], rtol=1e-3, atol=1e-4) for i in range(10))
+
+
+# 3. Initialisation as PyTorch 0.4.0 did it -------------------------------------------------------
+
+def assert_uniform(tensor: torch.Tensor, low: float, high: float) -> None:
+    """Every value in [low, high], and for large tensors the spread of U(low, high)."""
+    values = tensor.detach().flatten()
+    assert values.min() >= low and values.max() <= high
+    if values.numel() >= 500:
+        width = high - low
+        assert values.min() < low + 0.05 * width and values.max() > high - 0.05 * width
+        assert values.var().item() == pytest.approx(width ** 2 / 12, rel=0.15)
+        assert values.mean().item() == pytest.approx((low + high) / 2, abs=0.05 * width)
+
+
+def test_deformation_encoder_batchnorm_starts_uniform_0_1_with_zero_bias() -> None:
+    torch.manual_seed(1)
+    net = SmallDeformNet(224, 3)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 5
+    weights = torch.cat([bn.weight.detach() for bn in norms])
+    assert_uniform(weights, 0.0, 1.0)
+    assert weights.std() > 0.2  # not today's constant 1
+    assert all(torch.equal(bn.bias, torch.zeros_like(bn.bias)) for bn in norms)
+    assert all(torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+               and torch.equal(bn.running_var, torch.ones_like(bn.running_var)) for bn in norms)
+
+
+def test_convolutions_and_toweight_use_the_04_initialiser() -> None:
+    """PyTorch 0.4.0: weights and biases U(+-1/sqrt(fan_in)), fan_in = in_channels * k * k or
+    in_features. Today's defaults (kaiming_uniform with a = sqrt(5)) give the same distribution."""
+    torch.manual_seed(2)
+    net = SmallDeformNet(224, 3)
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 6
+    for layer in layers:
+        fan_in = layer.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in)
+        assert_uniform(layer.weight, -bound, bound)
+        assert_uniform(layer.bias, -bound, bound)
+
+
+def test_stage1_resnet_batchnorm_starts_at_one_as_torchvision_did_then() -> None:
+    """torchvision's ResNet set BatchNorm weights to 1 and biases to 0 under PyTorch 0.4.0 as today."""
+    torch.manual_seed(3)
+    norms = [m for m in EmbeddingNet(64).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in norms)
+    assert all(torch.equal(bn.bias, torch.zeros_like(bn.bias)) for bn in norms)
+
+
+def test_the_deformation_network_is_drawn_from_the_run_seed(workdir, monkeypatch) -> None:
+    monkeypatch.chdir(workdir)
+
+    def deformer(seed: int) -> dict[str, torch.Tensor]:
+        args = stage2.get_args_parser().parse_args([*TINY, "--tensorname", "init", "--seed", str(seed)])
+        stage2.resolve_defaults(args, CPU)
+        configure_backend(CPU, False, args.seed)
+        return stage2.build_model(args, CPU).deformer.state_dict()
+
+    first, again, other = deformer(5), deformer(5), deformer(6)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["encoder.0.1.weight"], other["encoder.0.1.weight"])
+    assert_uniform(first["encoder.0.1.weight"], 0.0, 1.0)
+
+
+# 4. --selectOn test: the original's timing -----------------------------------------------------
+
+def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_trains(workdir, monkeypatch) -> None:
+    """Epoch e's select_loss is the test loss of the weights before epoch e trains, on test episodes
+    of epoch e; the kept file is the candidate (initial weights, weights after epoch 0) with the
+    lowest of these losses; the weights after the last epoch are never a candidate."""
+    common = [*TINY, "--epoch", "3", "--valEpisodes", "2", "--testEpisodes", "1", "--selectOn", "test"]
+    for name, epochs in (("seltest", "2"), ("seltest_one", "1")):
+        result = run_script(workdir, "onlyBasetwoLoss.py", *common, "--tensorname", name, "--numEpochs", epochs)
+        assert result.returncode == 0, result.stderr
+    rows = read_rows(workdir / "runs/seltest/metrics.csv")
+    assert [row["select_split"] for row in rows] == ["test", "test"]
+
+    monkeypatch.chdir(workdir)
+    args = stage2.get_args_parser().parse_args([*common, "--tensorname", "check", "--numEpochs", "2"])
+    stage2.resolve_defaults(args, CPU)
+    configure_backend(CPU, False, args.seed)
+    model = stage2.build_model(args, CPU)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    after_epoch0 = safe_load(workdir / "models/seltest_one_last.t7")
+    splits = {"train": read_split("toy", "train"), "test": read_split("toy", "test")}
+    from datasets import Gallery
+    bank = GalleryBank(Gallery(splits["train"], 2, 32, 0, progress=False), model, CPU, args.batchSize)
+
+    def test_loss(weights, epoch: int) -> float:
+        model.load_state_dict(weights)
+        dataset = stage2.episodes(splits["test"], args, args.ways, 2, stage2.TEST_STREAM, len(bank))
+        dataset.set_epoch(epoch)
+        losses = stage2.evaluate(model, dataset, bank, args, CPU, "check", model.embed)["loss"]
+        return sum(losses) / len(losses)
+
+    losses = [test_loss(initial, 0), test_loss(after_epoch0, 1)]
+    assert [float(row["select_loss"]) for row in rows] == [pytest.approx(x, rel=1e-5) for x in losses]
+    assert losses[0] != pytest.approx(test_loss(initial, 1), rel=1e-6)  # the episodes change per epoch
+    kept = safe_load(workdir / "models/seltest.t7")
+    want = initial if losses[0] <= losses[1] else after_epoch0
+    assert all(torch.equal(kept[k], want[k]) for k in want)
+    last = safe_load(workdir / "models/seltest_last.t7")
+    assert not all(torch.equal(kept[k], last[k]) for k in last)
