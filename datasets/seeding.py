@@ -8,18 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 
 def item_rng(*key: int) -> np.random.Generator:
     """A numpy generator determined by integer ``key`` (e.g. seed, epoch, index)."""
     return np.random.default_rng([int(k) for k in key])
-
-
-def item_torch_seed(*key: int) -> int:
-    """A 63-bit torch seed determined by integer ``key``."""
-    return int(item_rng(*key).integers(2**63 - 1))
 
 
 class SeededSampler(Sampler):
@@ -49,9 +43,3 @@ class SeededSampler(Sampler):
         mine = range(self.rank, self.size, self.world_size)[self.start:]
         return iter([(int(order[p]), int(seeds[p])) for p in mine])
 
-
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU torch generator seeded with ``seed``."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator

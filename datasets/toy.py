@@ -43,8 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-DATASPLIT = Path(__file__).resolve().parent.parent / "datasplit"
-SPLITS = ("train", "val", "test")
+from datasets.splits import SPLITS, class_list
 
 SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
 # Object hues in degrees (red, orange, yellow, green, cyan, blue, violet, magenta).
@@ -67,12 +66,6 @@ OBJECT_EXTENT = 1.15
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2
 FILENAME_RE = re.compile(r"^n\d{8}\d{8}\.jpg$")
-
-
-def read_split(split: str) -> list[str]:
-    """Return the sorted wnids listed one per line in ``datasplit/<split>.txt``."""
-    lines = (DATASPLIT / f"{split}.txt").read_text().split()
-    return sorted(lines)
 
 
 def class_design(split_sizes: list[int], seed: int) -> np.ndarray:
@@ -359,7 +352,7 @@ def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
     problem = validate(out, per_class, size, seed)
     if problem is not None:
         raise ValueError(problem)
-    splits = {split: read_split(split) for split in SPLITS}
+    splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)

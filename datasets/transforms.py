@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torchvision import transforms as T
 
+from utils.forward import compute_layout
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,3 +41,15 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
     return images.float().div_(255).sub_(mean).div_(std)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Normalised ``[N, 3, S, S]`` -> ``[0, 1]`` RGB (the inverse of :func:`normalize_uint8`, clipped)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def prepare_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` (CPU, possibly pinned) -> normalised float on ``device``."""
+    return compute_layout(normalize_uint8(images.to(device, non_blocking=True)), device)

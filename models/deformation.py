@@ -1,4 +1,9 @@
-"""The deformation sub-network and the patch blend (SPEC 3)."""
+"""The deformation sub-networks, their registry, and the patch blend (SPEC 3).
+
+A deformation network maps a probe and a gallery batch ``[N, 3, S, S]`` to weights ``[N, F*F]``.
+Adding one is a class with the constructor ``(image_size, fang)``, a ``min_image_size`` and a
+``state_from_embedding`` method, plus one entry in :data:`DEFORM_NETS`.
+"""
 from __future__ import annotations
 
 import torch
@@ -30,7 +35,25 @@ def encoder_output_size(image_size: int) -> int:
     return image_size // 2 ** (len(ENCODER_CHANNELS) - 1)
 
 
-class SmallDeformNet(nn.Module):
+class DeformNet(nn.Module):
+    """Base of the deformation networks: ``forward(probe, gallery)`` ``[N, 3, S, S]`` each -> weights
+    ``[N, F*F]``."""
+
+    min_image_size = 1  # smallest image side S the network accepts
+
+    def __init__(self, image_size: int, fang: int) -> None:
+        super().__init__()
+        if image_size < self.min_image_size:
+            raise ValueError(f"{type(self).__name__} needs images of at least {self.min_image_size} px, got {image_size}")
+
+    def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The entries of this network's state dict that start from a stage-1 ResNet-18 body (keys of
+        :func:`resnet_body`) when stage 2 starts from a stage-1 checkpoint; the rest keeps its
+        initialisation. None by default."""
+        return {}
+
+
+class SmallDeformNet(DeformNet):
     """The released encoder: ``cat(probe, gallery)`` [N,6,S,S] -> five Conv-BN-ReLU-MaxPool
     blocks (6-32-64-64-32-16) -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F].
     No sigmoid: the weights are unconstrained.
@@ -39,11 +62,11 @@ class SmallDeformNet(nn.Module):
     convolutions and ``toWeight`` U(+-1/sqrt(fan_in)) for weights and biases (today's defaults
     give the same distribution), BatchNorm weights U(0, 1) and biases 0."""
 
+    min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)
+
     def __init__(self, image_size: int, fang: int) -> None:
-        super().__init__()
+        super().__init__(image_size, fang)
         side = encoder_output_size(image_size)
-        if side < 1:
-            raise ValueError(f"the deformation encoder needs images of at least 32 px, got {image_size}")
         self.encoder = nn.Sequential(*[
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
             for cin, cout in zip(ENCODER_CHANNELS[:-1], ENCODER_CHANNELS[1:])
@@ -63,13 +86,13 @@ def resnet_body() -> nn.Module:
     return net
 
 
-class TwoBranchDeformNet(nn.Module):
+class TwoBranchDeformNet(DeformNet):
     """The paper's figure: a ResNet-18 branch for the probe and one for the gallery image;
     their concatenated 1024-d features -> ``Linear`` -> weights [N, F*F]. The branches are
     initialised from the embedding when the model is built from a stage-1 checkpoint."""
 
-    def __init__(self, fang: int) -> None:
-        super().__init__()
+    def __init__(self, image_size: int, fang: int) -> None:
+        super().__init__(image_size, fang)
         self.probe_branch = resnet_body()
         self.gallery_branch = resnet_body()
         self.toWeight = nn.Sequential(nn.Linear(2 * 512, fang * fang))
@@ -77,5 +100,9 @@ class TwoBranchDeformNet(nn.Module):
     def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         return self.toWeight(torch.cat([self.probe_branch(probe), self.gallery_branch(gallery)], dim=1))
 
+    def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"{branch}.{key}": value for branch in ("probe_branch", "gallery_branch") for key, value in body.items()}
 
-DEFORM_NETS = {"small": SmallDeformNet, "twobranch": TwoBranchDeformNet}
+
+# ``--deformNet`` name -> class; ``small`` (the released encoder) is the default.
+DEFORM_NETS: dict[str, type[DeformNet]] = {"small": SmallDeformNet, "twobranch": TwoBranchDeformNet}

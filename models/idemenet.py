@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.deformation import SmallDeformNet, TwoBranchDeformNet, blend_patches, resnet_body
+from models.deformation import DEFORM_NETS, blend_patches, resnet_body
 from models.embedding import FEATURE_DIM
 
 
@@ -15,7 +15,8 @@ class IDeMeNet(nn.Module):
         num_classes: base classes of the ``fc`` (64).
         image_size: S, needed by the small encoder's flatten size.
         fang: F, the grid is F x F.
-        deform_net: ``small`` (the released encoder) or ``twobranch`` (the paper's figure).
+        deform_net: a key of :data:`models.deformation.DEFORM_NETS` (``small``: the released encoder,
+            ``twobranch``: the paper's figure).
 
     State-dict keys: ``backbone.*`` (torchvision ResNet-18 without fc), ``fc.*``,
     ``deformer.*`` and ``scale``.
@@ -26,12 +27,9 @@ class IDeMeNet(nn.Module):
         self.image_size, self.fang, self.deform_net = image_size, fang, deform_net
         self.backbone = resnet_body()
         self.fc = nn.Linear(FEATURE_DIM, num_classes)
-        if deform_net == "small":
-            self.deformer = SmallDeformNet(image_size, fang)
-        elif deform_net == "twobranch":
-            self.deformer = TwoBranchDeformNet(fang)
-        else:
-            raise ValueError(f"unknown deformation sub-network {deform_net!r}")
+        if deform_net not in DEFORM_NETS:
+            raise ValueError(f"unknown deformation sub-network {deform_net!r} (known: {', '.join(DEFORM_NETS)})")
+        self.deformer = DEFORM_NETS[deform_net](image_size, fang)
         self.scale = nn.Parameter(torch.ones(1))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,7 @@ def _from_stage1(model: IDeMeNet, state: dict[str, torch.Tensor]) -> dict[str, t
     full = model.state_dict()
     full.update({"backbone." + k: v for k, v in body.items()})
     full.update({"fc." + k: v for k, v in fc.items()})
-    if model.deform_net == "twobranch":
-        for branch in ("probe_branch", "gallery_branch"):
-            full.update({f"deformer.{branch}.{k}": v for k, v in body.items()})
+    full.update({"deformer." + k: v for k, v in model.deformer.state_from_embedding(body).items()})
     return full
 
 

@@ -61,6 +61,9 @@ from typing import Iterable, Sequence
 from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.errors import DataError, InputError  # noqa: E402  (the repository root is on the path only from here)
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXPECTED_CLASSES: dict[str, int] = {"train": 64, "val": 16, "test": 20}
 EXPECTED_ROWS_PER_CLASS = 600
@@ -69,10 +72,6 @@ JPEG_QUALITY = 95
 MAX_EXAMPLES = 3
 
 _TARGET_RE = re.compile(r"^(?P<wnid>n\d{8})(?P<position>\d{8})\.jpg$")
-
-
-class InputError(Exception):
-    """A fatal problem with the command-line inputs (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -137,13 +136,13 @@ def position_index(train_dir: Path, wnid: str) -> list[Path]:
     return [path for _, path in numbered]
 
 
-def read_split(csv_path: Path, split: str) -> list[Row]:
-    """Read a split CSV; raise ``InputError`` if it lacks the required columns."""
+def read_split_csv(csv_path: Path, split: str) -> list[Row]:
+    """Read a split CSV; raise ``DataError`` if it lacks the required columns."""
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or []]
         if not all(column in columns for column in REQUIRED_COLUMNS):
-            raise InputError(
+            raise DataError(
                 f"{csv_path}: header must have columns {','.join(REQUIRED_COLUMNS)}"
                 f" (found: {','.join(columns) or 'nothing'})"
             )
@@ -155,17 +154,17 @@ def read_split(csv_path: Path, split: str) -> list[Row]:
 
 
 def check_inputs(imagenet: Path, splits_dir: Path, out_dir: Path) -> dict[str, Path]:
-    """Validate the folders and return the split CSV paths; raise ``InputError``."""
+    """Validate the folders and return the split CSV paths; raise ``DataError``."""
     if not imagenet.is_dir():
-        raise InputError(f"--imagenet {imagenet}: no such directory")
+        raise DataError(f"--imagenet {imagenet}: no such directory")
     if not splits_dir.is_dir():
-        raise InputError(f"--splits {splits_dir}: no such directory")
+        raise DataError(f"--splits {splits_dir}: no such directory")
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir}: exists and is not a directory")
+        raise DataError(f"--out {out_dir}: exists and is not a directory")
     csv_paths = {split: splits_dir / f"{split}.csv" for split in SPLITS}
     for csv_path in csv_paths.values():
         if not csv_path.is_file():
-            raise InputError(f"--splits {splits_dir}: missing split file {csv_path.name}")
+            raise DataError(f"--splits {splits_dir}: missing split file {csv_path.name}")
     return csv_paths
 
 
@@ -314,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         csv_paths = check_inputs(args.imagenet, args.splits, args.out)
-        rows_by_split = {split: read_split(path, split) for split, path in csv_paths.items()}
+        rows_by_split = {split: read_split_csv(path, split) for split, path in csv_paths.items()}
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

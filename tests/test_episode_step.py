@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import onlyBasetwoLoss as stage2
+import engine.stage2 as stage2
 from datasets.gallery import Gallery
+from engine.episode import EpisodeConfig, GalleryBank, run_episode
+from engine.options import CPU_CHUNK, CUDA_CHUNK, resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet
-from models.episode import EpisodeConfig, GalleryBank, run_episode
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -282,12 +283,12 @@ def step_gallery():
 
 
 def make_args(stage1_file, *flags: str):
-    args = stage2.get_args_parser().parse_args([
+    args = stage2_parser().parse_args([
         "--tensorname", "steptest", "--network", str(stage1_file), "--imageSize", str(SIZE), "--Fang", "3",
         "--shots", "1", "--trainways", "3", "--ways", "3", "--test_num", "2", "--augnum", "2", "--chooseNum", "3",
         "--galleryNum", "2", "--batchSize", "16", "--LR", str(LR), "--clsLR", str(CLS_LR), "--device", "cpu",
         "--nthreads", "0", *flags])
-    stage2.resolve_defaults(args, torch.device("cpu"))
+    resolve_stage2_args(args, torch.device("cpu"))
     return args
 
 
@@ -421,9 +422,9 @@ def test_each_loss_trains_only_its_own_groups_at_the_right_rate(stage1_file, ste
 
 
 @pytest.mark.parametrize("device, given, expected", [
-    ("cpu", None, stage2.CPU_CHUNK), ("cuda", None, stage2.CUDA_CHUNK), ("cpu", "48", 48), ("cuda", "8", 8)])
+    ("cpu", None, CPU_CHUNK), ("cuda", None, CUDA_CHUNK), ("cpu", "48", 48), ("cuda", "8", 8)])
 def test_forward_chunk_defaults_to_the_device_and_keeps_a_given_value(device, given, expected) -> None:
     argv = ["--tensorname", "chunk", "--network", "x"] + (["--batchSize", given] if given else [])
-    args = stage2.get_args_parser().parse_args(argv)
-    stage2.resolve_defaults(args, torch.device(device))
+    args = stage2_parser().parse_args(argv)
+    resolve_stage2_args(args, torch.device(device))
     assert args.batchSize == expected

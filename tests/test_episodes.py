@@ -14,7 +14,7 @@ from datasets.images import load_rgb
 from datasets.splits import Split
 from datasets.transforms import eval_crop
 from utils.errors import DataError
-from utils.evaluation import CPU_WORKER_NICENESS, episode_loader
+from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 
 SIZE = 32
 WAYS, SHOTS, QUERIES = 5, 1, 3

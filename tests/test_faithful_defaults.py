@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import onlyBasetwoLoss as stage2
+import engine.stage2 as stage2
 from datasets import read_split
+from engine.episode import GalleryBank
+from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet, SmallDeformNet
-from models.episode import GalleryBank
 from tests.scripts_helpers import make_workdir, run_script
 from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
@@ -140,8 +141,8 @@ def test_the_deformation_network_is_drawn_from_the_run_seed(workdir, monkeypatch
     monkeypatch.chdir(workdir)
 
     def deformer(seed: int) -> dict[str, torch.Tensor]:
-        args = stage2.get_args_parser().parse_args([*TINY, "--tensorname", "init", "--seed", str(seed)])
-        stage2.resolve_defaults(args, CPU)
+        args = stage2_parser().parse_args([*TINY, "--tensorname", "init", "--seed", str(seed)])
+        resolve_stage2_args(args, CPU)
         configure_backend(CPU, False, args.seed)
         return stage2.build_model(args, CPU).deformer.state_dict()
 
@@ -165,8 +166,8 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     assert [row["select_split"] for row in rows] == ["test", "test"]
 
     monkeypatch.chdir(workdir)
-    args = stage2.get_args_parser().parse_args([*common, "--tensorname", "check", "--numEpochs", "2"])
-    stage2.resolve_defaults(args, CPU)
+    args = stage2_parser().parse_args([*common, "--tensorname", "check", "--numEpochs", "2"])
+    resolve_stage2_args(args, CPU)
     configure_backend(CPU, False, args.seed)
     model = stage2.build_model(args, CPU)
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -5,19 +5,19 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image
 
-import onlyBasetwoLoss as stage2
-from models import IDeMeNet
-from models.episode import (EPISODE_CLASS, OTHER_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank,
+import engine.stage2 as stage2
+from engine.episode import (EPISODE_CLASS, OTHER_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank,
                             gallery_relation, run_episode, select_gallery)
+from engine.figures import RELATION_COLOURS, save_deformation_figure
+from engine.options import resolve_stage2_args, stage2_parser
+from models import IDeMeNet
 from models.protonet import prototypes
 from tests.scripts_helpers import make_workdir, run_script
 from tests.test_episode_step import make_episode, make_gallery, normalise, uint8_images
-from utils.figures import RELATION_COLOURS, save_deformation_figure
 from utils.errors import OptionError
 
 CPU = torch.device("cpu")
@@ -138,10 +138,10 @@ def test_training_writes_the_diagnostic_columns(workdir, exclude) -> None:
 
 def test_exclude_episode_needs_the_nearest_shortlist() -> None:
     for flags in (["--gallerySelect", "random"], ["--deform", "none"]):
-        args = stage2.get_args_parser().parse_args(["--tensorname", "x", "--network", "y", "--galleryExclude",
+        args = stage2_parser().parse_args(["--tensorname", "x", "--network", "y", "--galleryExclude",
                                                     "episode", *flags])
         with pytest.raises(OptionError, match="--galleryExclude episode"):
-            stage2.resolve_defaults(args, CPU)
+            resolve_stage2_args(args, CPU)
 
 
 def test_figure_frames_each_gallery_image_by_its_class_relation(tmp_path) -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import onlyBasetwoLoss as stage2
+import engine.stage2 as stage2
 from utils.metrics import format_accuracy, mean_ci95
 
 

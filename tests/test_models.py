@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models import IDeMeNet, SmallDeformNet, TwoBranchDeformNet, blend_patches, encoder_output_size
-from utils.evaluation import deform_in_chunks, embed_in_chunks
+from utils.forward import deform_in_chunks, embed_in_chunks
 
 
 

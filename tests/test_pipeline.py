@@ -11,9 +11,9 @@ from PIL import Image
 
 from datasets import read_split
 from datasets.toy import generate
+from engine.fewshot import evaluate_embedding
 from models import EmbeddingNet
 from tests.scripts_helpers import run_script
-from utils.evaluation import evaluate_embedding
 from utils.metrics import mean_ci95
 
 SIZE = "48"

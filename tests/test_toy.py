@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from datasets import toy
+from datasets.splits import class_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PER_CLASS = 6
@@ -46,7 +47,7 @@ def test_counts_per_split(dataset: tuple[Path, dict[str, int]]) -> None:
         _, rows = read_rows(root, split)
         labels = [label for _, label in rows]
         assert len(rows) == n_classes * PER_CLASS
-        assert sorted(set(labels)) == toy.read_split(split)
+        assert sorted(set(labels)) == sorted(class_list(split))
         assert all(labels.count(label) == PER_CLASS for label in set(labels))
     assert len(list((root / "images").iterdir())) == sum(counts.values())
 
@@ -59,7 +60,7 @@ def test_csv_layout(dataset: tuple[Path, dict[str, int]]) -> None:
         assert all(len(row) == 2 for row in rows)
         expected = [
             [f"{wnid}{number:08d}.jpg", wnid]
-            for wnid in toy.read_split(split)
+            for wnid in sorted(class_list(split))
             for number in range(1, PER_CLASS + 1)
         ]
         assert rows == expected
@@ -106,7 +107,7 @@ def test_regenerate_overwrites_existing_dataset(tmp_path: Path) -> None:
 
 
 def test_class_design_is_distinct_and_covers_vocabulary() -> None:
-    sizes = [len(toy.read_split(split)) for split in SPLIT_CLASSES]
+    sizes = [len(sorted(class_list(split))) for split in SPLIT_CLASSES]
     design = toy.class_design(sizes, seed=0)
     assert design.shape == (sum(sizes), len(toy.VOCABULARY))
     distance = (design[:, None, :] != design[None, :, :]).sum(axis=-1)
@@ -122,7 +123,7 @@ def test_class_design_is_distinct_and_covers_vocabulary() -> None:
 
 def test_no_single_attribute_names_a_class() -> None:
     """Every attribute value is shared by several base classes, and close class pairs exist."""
-    sizes = [len(toy.read_split(split)) for split in SPLIT_CLASSES]
+    sizes = [len(sorted(class_list(split))) for split in SPLIT_CLASSES]
     design = toy.class_design(sizes, seed=0)
     train = design[: sizes[0]]
     for attribute, values in enumerate(toy.VOCABULARY):

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from datasets.gallery import Gallery
+from datasets.transforms import prepare_images
+from engine.timing import NO_TIMER, Timer
 from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
 from models.protonet import proto_logits, prototypes, squared_distances
-from utils.evaluation import autocast, compute_layout, deform_in_chunks, embed_in_chunks, prepare_images
+from utils.forward import autocast, compute_layout, deform_in_chunks, embed_in_chunks
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
@@ -122,7 +124,7 @@ def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor,
 
 def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
                 device: torch.device, train_cls: bool = False, track_grad: bool = False,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpisodeResult:
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None, timer: Timer = NO_TIMER) -> EpisodeResult:
     """Forward one episode.
 
     Args:
@@ -132,52 +134,61 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             graph through the embedding (``episode["classes"]`` must be base-class ids).
         track_grad: build graphs so the prototype loss can train the deformation network and scale.
         embed: the embedding call (``model.embed`` by default; DataParallel wraps it).
+        timer: receives the sections (:class:`engine.timing.Timer`).
 
     Returns:
         :class:`EpisodeResult`.
     """
     embed = embed or model.embed
-    support = prepare_images(episode["support"], device)
-    query = prepare_images(episode["query"], device)
-    labels = episode["support_labels"].to(device)
-    query_labels = episode["query_labels"].to(device)
-    with torch.no_grad(), autocast(device, config.amp):
+    with timer.section("prepare"):
+        support = prepare_images(episode["support"], device)
+        query = prepare_images(episode["query"], device)
+        labels = episode["support_labels"].to(device)
+        query_labels = episode["query_labels"].to(device)
+    with timer.section("embed_plain"), torch.no_grad(), autocast(device, config.amp):
         support_features = embed_in_chunks(embed, support, config.chunk)
         query_features = embed_in_chunks(embed, query, config.chunk)
-    plain_protos = prototypes(support_features, labels, config.ways)
-    plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
-    plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean().item()
+    with timer.section("losses"):
+        plain_protos = prototypes(support_features, labels, config.ways)
+        plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
+        plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean().item()
 
     weights = deformed = probes = others = gallery_index = owner = None
     own_distance = other_distance = None
     with torch.set_grad_enabled(track_grad or train_cls):
         if train_cls:
-            with autocast(device, config.amp):
+            with timer.section("embed_support_grad"), autocast(device, config.amp):
                 support_features = embed_in_chunks(embed, support, config.chunk)
         features, feature_labels = [support_features], [labels]
         if config.deform != "none":
             owner = labels.repeat_interleave(config.augnum)
-            gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
-            probes = support.repeat_interleave(config.augnum, dim=0)
-            probes = torch.where(episode["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
-            others = bank.gallery.batch(gallery_index, episode["gallery_flip"].to(device))
+            with timer.section("select"):
+                gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
+            with timer.section("gallery_batch"):
+                probes = support.repeat_interleave(config.augnum, dim=0)
+                probes = torch.where(episode["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
+                others = bank.gallery.batch(gallery_index, episode["gallery_flip"].to(device))
             with autocast(device, config.amp):
-                if config.deform == "learned":
-                    deformed, weights = deform_in_chunks(model.deform, probes, others, config.chunk)
-                else:
-                    weights = episode["random_weights"].to(device)
-                    deformed = blend_patches(probes, others, weights)
-                features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
+                with timer.section("deform"):
+                    if config.deform == "learned":
+                        deformed, weights = deform_in_chunks(model.deform, probes, others, config.chunk)
+                    else:
+                        weights = episode["random_weights"].to(device)
+                        deformed = blend_patches(probes, others, weights)
+                with timer.section("embed_deformed"):
+                    features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
             feature_labels.append(owner)
-            own_distance, other_distance = prototype_distances(features[-1].detach(), owner, plain_protos)
-        features, feature_labels = torch.cat(features), torch.cat(feature_labels)
-        logits = proto_logits(query_features, prototypes(features, feature_labels, config.ways), model.scale)
-        proto_loss = F.cross_entropy(logits, query_labels)
-        cls_loss = None
-        if train_cls:
-            base_labels = episode["classes"].to(device)[feature_labels]
-            cls_loss = F.cross_entropy(model.classify(features).float(), base_labels)
-    accuracy = (logits.argmax(1) == query_labels).float().mean().item()
+        with timer.section("losses"):
+            if owner is not None:
+                own_distance, other_distance = prototype_distances(features[-1].detach(), owner, plain_protos)
+            features, feature_labels = torch.cat(features), torch.cat(feature_labels)
+            logits = proto_logits(query_features, prototypes(features, feature_labels, config.ways), model.scale)
+            proto_loss = F.cross_entropy(logits, query_labels)
+            cls_loss = None
+            if train_cls:
+                base_labels = episode["classes"].to(device)[feature_labels]
+                cls_loss = F.cross_entropy(model.classify(features).float(), base_labels)
+            accuracy = (logits.argmax(1) == query_labels).float().mean().item()
     return EpisodeResult(proto_loss, cls_loss, accuracy, plain_accuracy,
                          None if weights is None else weights.detach().float(),
                          None if deformed is None else deformed.detach(), probes, others, gallery_index, owner,

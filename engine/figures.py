@@ -1,4 +1,4 @@
-"""Figures: deformed images of an episode, and training curves from a metrics CSV."""
+"""The deformed-images figure of an episode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,16 +7,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets.transforms import denormalize
 from utils.grid import weight_map
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalised ``[N, 3, S, S]`` -> ``[0, 1]`` RGB."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
-
 
 # Frame colours of a gallery tile by its class relation to the probe (models.episode.gallery_relation):
 # another class than the episode's (grey), another class of the episode (orange), the probe's own (green).

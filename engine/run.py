@@ -1,4 +1,5 @@
-"""The run folder: resolved arguments (JSON), a metrics CSV, resumable state, TensorBoard."""
+"""A training run's lifecycle, shared by both stages: the run folder ``runs/<name>/`` (resolved
+arguments, metrics CSV, TensorBoard events), the resumable state, interruption, the epoch line."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import safe_load
-from utils.errors import OptionError
+from utils.checkpoint import atomic_save, safe_load
+from utils.errors import OptionError, TrainingDiverged
+from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
 RUNS_DIR = Path("runs")
 
@@ -106,3 +108,81 @@ def _tensorboard_writer(run_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run_dir))
+
+
+class Run:
+    """One run of a training script, from its folder to its last epoch line.
+
+    ``Run(args, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
+    state (``resumed``), writing nothing; :meth:`start` then empties the folder of a new run and
+    writes ``args.json`` and the metrics header. Used as a context manager it catches the first
+    SIGINT/SIGTERM (``interrupted``) and adds the last good checkpoint to a divergence error. In a
+    distributed run only the main process writes.
+
+    Args:
+        args: the parsed flags (``tensorname``, ``resume``, ``overwrite``; all are saved).
+        resume_keys: flags a resumed run must share with the saved one.
+        fields: the columns of ``metrics.csv``.
+        checkpoint: the run's main weights file, named in messages.
+    """
+
+    def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
+                 is_main: bool = True) -> None:
+        self.dir, self.resumed = open_run(args, resume_keys)
+        self.args, self.fields, self.checkpoint, self.is_main = dict(vars(args)), fields, checkpoint, is_main
+        self.log_file: MetricsLog | None = None
+        self._interrupt = GracefulInterrupt()
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "resume.pt"
+
+    def start(self, kept_rows: int) -> None:
+        """Empty the folder of a new run; write args.json and metrics.csv with the first ``kept_rows``
+        rows of a resumed run."""
+        if self.is_main:
+            clear_run_dir(self.dir, bool(self.resumed))
+            write_json(self.dir / "args.json", self.args)
+            self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Write the resumable state (``state`` plus the arguments) atomically."""
+        if self.is_main:
+            atomic_save({**state, "args": self.args}, self.state_path)
+
+    def log(self, row: dict[str, Any]) -> int:
+        """Append ``row`` to metrics.csv; returns the rows written so far (for the resumable state)."""
+        if not self.is_main:
+            return 0
+        self.log_file.log(row)
+        return self.log_file.rows
+
+    def announce(self, row: dict[str, Any]) -> None:
+        """Print the epoch line, once its row and the resumable state are written."""
+        if self.is_main:
+            print(format_row(row), flush=True)
+
+    @property
+    def interrupted(self) -> bool:
+        """True once SIGINT or SIGTERM arrived."""
+        return self._interrupt.requested
+
+    def stop(self, where: str) -> int:
+        """Say where the run stopped and how to continue it; the exit status of an interrupted run."""
+        if self.is_main:
+            print(f"stopped {where}; continue with --resume", flush=True)
+        return INTERRUPTED_EXIT
+
+    def __enter__(self) -> "Run":
+        self._interrupt.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._interrupt.__exit__()
+        if self.log_file is not None:
+            self.log_file.close()
+        if isinstance(error, TrainingDiverged):
+            last = self.checkpoint if self.checkpoint.exists() else "none yet"
+            raise TrainingDiverged(f"{error}; nothing was saved over the last good checkpoint ({last}; "
+                                   f"resumable state {self.state_path})") from None
+        return False

@@ -1,0 +1,36 @@
+"""DataLoaders over the datasets: decoding in background processes, niced on the CPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.episodes import EpisodeDataset, collate_episode
+
+# Scheduling niceness of data-loading workers when the model runs on the CPU.
+CPU_WORKER_NICENESS = 19
+
+
+def lower_worker_priority(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: decode at a lower CPU priority than the compute threads.
+
+    On the CPU the workers share cores with the training threads; at normal priority each
+    decode preempts a compute thread and stalls the other threads of that parallel region. A
+    niced worker runs in the gaps instead, and the prefetch queue absorbs the delay.
+    """
+    os.nice(CPU_WORKER_NICENESS)
+
+
+def worker_init_for(device: torch.device):
+    """The loaders' ``worker_init_fn``: :func:`lower_worker_priority` on the CPU, none on CUDA."""
+    return lower_worker_priority if device.type == "cpu" else None
+
+
+def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
+    """One episode per step, decoded in ``workers`` background processes and prefetched
+    (at lower priority when ``device`` is the CPU)."""
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=worker_init_for(device))

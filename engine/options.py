@@ -1,0 +1,123 @@
+"""The flags of both stages, and the checks of stage 2's that need no data. The scripts' parsers
+come from here, and so do the benchmarks'."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
+from models import DEFORM_NETS
+from utils.errors import OptionError
+from utils.options import check_positive
+
+CUDA_CHUNK, CPU_CHUNK = 128, 16  # stage 2's default --batchSize per device
+
+
+def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None = 128,
+                    batch_help: str = "images per batch") -> None:
+    """Flags both training scripts share (``--batchSize`` with each script's default and meaning)."""
+    parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root: images/ plus train/val/test.csv, "
+                        "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
+    parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels (84 and 224 are usual)")
+    parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
+    parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
+    parser.add_argument("--network", default="None", help="stage-1 checkpoint to start from (models/<name>.t7), or None")
+    parser.add_argument("--LR", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--batchSize", type=int, default=batch_default, help=batch_help)
+    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers and image-decoding threads")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16 autocast) on CUDA")
+    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
+                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from runs/<tensorname>/resume.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start anew even if runs/<tensorname>/ holds a run")
+    parser.add_argument("--skipBadImages", action="store_true",
+                        help="leave unreadable or truncated images out (reported) instead of stopping")
+    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show progress bars")
+
+
+def stage1_parser() -> argparse.ArgumentParser:
+    """The flags of ``classification.py``."""
+    parser = argparse.ArgumentParser(description="IDeMe-Net stage 1: soft-random embedding pre-training",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    parser.set_defaults(tensorname="softRandom")
+    parser.add_argument("--numEpochs", type=int, default=35, help="training epochs")
+    parser.add_argument("--filesPerClass", type=int, default=500, help="first files of each base class used")
+    parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
+    parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
+    parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
+    return parser
+
+
+def stage2_parser() -> argparse.ArgumentParser:
+    """The flags of ``onlyBasetwoLoss.py``."""
+    parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, batch_default=None,
+                    batch_help=f"images per forward chunk (default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU, "
+                    "where smaller chunks need less memory and run faster)")
+    parser.set_defaults(tensorname="metaNet")
+    parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (ours or the authors' metaNet_*shot.t7)")
+    parser.add_argument("--shots", type=int, default=1, help="support images per class")
+    parser.add_argument("--ways", type=int, default=5, help="classes per val/test episode")
+    parser.add_argument("--trainways", type=int, default=5, help="classes per training episode")
+    parser.add_argument("--test_num", type=int, default=15, help="query images per class")
+    parser.add_argument("--augnum", type=int, default=None, help="deformed copies per support image (7 for 1-shot, 5 otherwise)")
+    parser.add_argument("--chooseNum", type=int, default=None, help="nearest gallery images per class (15 for 1-shot, 30 otherwise)")
+    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
+    parser.add_argument("--epoch", type=int, default=600, help="training episodes per epoch")
+    parser.add_argument("--numEpochs", type=int, default=120, help="training epochs")
+    parser.add_argument("--clsLR", type=float, default=1e-3, help="fc learning rate (the embedding gets clsLR * 0.1)")
+    parser.add_argument("--fixCls", type=int, default=0, choices=(0, 1), help="1: freeze the embedding and fc")
+    parser.add_argument("--fixAttention", type=int, default=0, choices=(0, 1), help="1: freeze the deformation sub-network")
+    parser.add_argument("--fixScale", type=int, default=0, choices=(0, 1), help="1: freeze the distance scale")
+    parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
+                        help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
+                        "twobranch, the paper's two ResNet-18 branches")
+    parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
+                        help="ablation: learned weights, U(0,1) weights per cell, or no deformed images")
+    parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
+                        help="ablation: chooseNum nearest gallery images per class, or uniform over the gallery")
+    parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
+                        help="ablation: episode leaves the training episode's own classes out of the gallery "
+                        "shortlists, so training sees what testing sees (none: the original)")
+    parser.add_argument("--selectOn", default="val", choices=("val", "test"),
+                        help="weights kept by best val accuracy, or (the original's protocol) lowest test loss")
+    parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
+                        help="1: draw support and query independently, so they may overlap (the original's protocol)")
+    parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")
+    parser.add_argument("--evaluate", action="store_true", help="only evaluate --GNet on test episodes")
+    parser.add_argument("--testEpisodes", type=int, default=600, help="test episodes of the final evaluation")
+    return parser
+
+
+def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the shot- and device-dependent defaults and check the flags that need no data."""
+    if args.batchSize is None:
+        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+    if args.augnum is None:
+        args.augnum = 7 if args.shots == 1 else 5
+    if args.chooseNum is None:
+        args.chooseNum = 15 if args.shots == 1 else 30
+    check_positive(args, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
+                   "chooseNum", "galleryNum", "epoch", "numEpochs", "valEpisodes", "testEpisodes")
+    smallest = DEFORM_NETS[args.deformNet].min_image_size
+    if args.imageSize < smallest:
+        raise OptionError(f"--imageSize {args.imageSize} is too small for --deformNet {args.deformNet} "
+                          f"(at least {smallest} px)")
+    if args.imageSize < args.Fang:
+        raise OptionError(f"--imageSize {args.imageSize} cannot hold a {args.Fang} x {args.Fang} grid")
+    if args.GNet == "None" and args.network == "None":
+        raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
+    if args.evaluate and args.GNet == "None":
+        raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
+    if args.galleryExclude == "episode" and (args.deform == "none" or args.gallerySelect != "nearest"):
+        raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
+                          "--gallerySelect nearest and deformed images (--deform learned or random)")
+
+

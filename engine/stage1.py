@@ -1,0 +1,153 @@
+"""Stage 1 (SPEC 2): the soft-random training data, the network and its optimiser, a training
+epoch and the val few-shot monitor."""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import SeededSampler, SoftRandomDataset, read_split, scan_split
+from datasets.loaders import worker_init_for
+from engine.fewshot import evaluate_embedding
+from engine.timing import NO_TIMER, Timer
+from models import EmbeddingNet, load_embedding
+from utils.checkpoint import resolve_checkpoint
+from utils.distributed import DistInfo, all_reduce_sum
+from utils.errors import OptionError, TrainingDiverged
+from utils.forward import autocast, compute_layout
+from utils.metrics import mean_ci95
+from utils.syncbn import convert_to_gloo_sync
+
+METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
+RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "LR", "batchSize", "numEpochs", "seed", "filesPerClass")
+
+
+def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
+    """The soft-random training set, its seeded sampler and loader (this process's share of each
+    batch), and the val split."""
+    train, dropped = scan_split(read_split(args.dataroot, "train"), args.skipBadImages, args.nthreads)
+    val, dropped_val = scan_split(read_split(args.dataroot, "val"), args.skipBadImages, args.nthreads)
+    if dropped + dropped_val and info.is_main:
+        print(f"left out {dropped + dropped_val} unreadable image(s) (--skipBadImages)")
+    if args.valEpisodes and val.min_class_size() < 5 + args.valQueries:
+        raise OptionError(f"--valQueries {args.valQueries}: val classes need 5 + {args.valQueries} images, "
+                          f"the smallest has {val.min_class_size()}")
+    dataset = SoftRandomDataset(train, args.imageSize, args.Fang, args.filesPerClass)
+    sampler = SeededSampler(len(dataset), args.seed, info.rank, info.world_size)
+    if args.batchSize % info.world_size:
+        raise OptionError(f"--batchSize {args.batchSize} is not divisible by the {info.world_size} processes")
+    loader = DataLoader(dataset, batch_size=args.batchSize // info.world_size, sampler=sampler,
+                        num_workers=args.nthreads, pin_memory=device.type == "cuda", drop_last=False,
+                        persistent_workers=args.nthreads > 0, prefetch_factor=4 if args.nthreads > 0 else None,
+                        worker_init_fn=worker_init_for(device))
+    return train, val, sampler, loader
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The network (random or ``--network``) and Adam with the original's learning-rate groups."""
+    if args.network == "None":
+        model = EmbeddingNet(num_classes)
+        groups = [{"params": model.parameters(), "lr": args.LR}]
+    else:
+        model = load_embedding(resolve_checkpoint(args.network, "--network"), num_classes)
+        fc = list(model.convnet.fc.parameters())
+        rest = [p for n, p in model.named_parameters() if not n.startswith("convnet.fc.")]
+        groups = [{"params": fc, "lr": args.LR * 0.1}, {"params": rest, "lr": args.LR}]
+    return model, torch.optim.Adam(groups)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                    device: torch.device, epoch: int, args: argparse.Namespace, info: DistInfo, progress: dict,
+                    stop: Callable[[], bool], timer: Timer = NO_TIMER) -> bool:
+    """Train until the epoch ends or ``stop()`` is true in any process, adding each batch to ``progress``.
+
+    Returns:
+        True when the epoch finished, False when it stopped early.
+
+    Raises:
+        TrainingDiverged: the loss was not finite (nothing was stepped for that batch).
+    """
+    model.train()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
+    batches, start = iter(loader), time.perf_counter()
+    while True:
+        with timer.section("data_wait"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        with timer.section("prepare"):
+            images = compute_layout(batch[0].to(device, non_blocking=True), device)
+            labels = batch[1].to(device, non_blocking=True)
+        with timer.section("forward"), autocast(device, args.amp):
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+        with timer.section("bookkeeping"):
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {progress['step']}")
+        with timer.section("optimizer"):
+            optimizer.zero_grad(set_to_none=True)
+        with timer.section("backward"):
+            loss.backward()
+        with timer.section("optimizer"):
+            optimizer.step()
+        with timer.section("bookkeeping"):
+            n = len(labels)
+            progress["step"] += 1
+            progress["loss_sum"] += loss.item() * n
+            progress["correct"] += (logits.argmax(1) == labels).sum().item()
+            progress["seen"] += n
+            progress["time"] += time.perf_counter() - start
+            start = time.perf_counter()
+            stopping = all_reduce_sum([float(stop())], device, info)[0] > 0
+        timer.end_step()
+        bar.update()
+        bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}",
+                        img_s=f"{progress['seen'] * info.world_size / max(progress['time'], 1e-9):.0f}")
+        if stopping:
+            bar.close()
+            return False
+    bar.close()
+    return True
+
+
+def new_progress() -> dict[str, float]:
+    """The running sums of a training epoch."""
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: argparse.Namespace) -> nn.Module:
+    """The model on ``device`` (channels_last on CUDA), wrapped in DistributedDataParallel with
+    synchronised BatchNorm under torchrun, or in DataParallel when several GPUs are visible."""
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and args.device in (None, "cuda"):
+        return nn.DataParallel(model)
+    return model
+
+
+def evaluate(model: nn.Module, val, args, device) -> dict[str, float]:
+    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier."""
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    out = {}
+    for shots in (1, 5):
+        accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
+                                  args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
+                                  desc=f"val {shots}-shot", progress=bool(args.progress))
+        out[f"val_{shots}shot"], out[f"val_{shots}shot_ci"] = mean_ci95([100 * a for a in accs])
+    return out
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the network inside DataParallel or DistributedDataParallel, on the CPU."""
+    net = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

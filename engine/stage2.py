@@ -1,0 +1,362 @@
+"""Stage 2 (SPEC 3): the model and its optimisers, the episodes, one training step, a training
+epoch, an evaluation pass, the per-epoch metrics and the test report."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from datasets import AugmentDraws, EpisodeDataset, Gallery, read_split, scan_split
+from datasets.loaders import episode_loader
+from engine.episode import (EPISODE_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank, episode_gradients,
+                            gallery_relation, run_episode)
+from engine.figures import save_deformation_figure
+from engine.timing import NO_TIMER, Timer
+from models import IDeMeNet, load_idemenet
+from utils.checkpoint import resolve_checkpoint
+from utils.errors import OptionError, TrainingDiverged
+from utils.metrics import format_accuracy, mean_ci95
+from utils.options import configure_backend
+
+TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
+METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
+           "select_acc_ci", "select_plain_acc", "select_loss", "weight_mean", "weight_std", "lr", "cls_lr", "scale_lr",
+           "scale", "episodes_per_s", "train_gallery_same_class", "train_gallery_episode_class", "train_own_distance",
+           "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
+           "select_other_distance"]
+RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways", "test_num", "augnum",
+               "chooseNum", "galleryNum", "epoch", "numEpochs", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
+               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap")
+RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
+PICTURE_DIR = Path("picture")
+
+
+def load_splits(args: argparse.Namespace, need_train: bool):
+    names = (["train"] if need_train else []) + ["val", "test"]
+    out, dropped = {}, 0
+    for name in names:
+        out[name], bad = scan_split(read_split(args.dataroot, name), args.skipBadImages, args.nthreads)
+        dropped += bad
+    out.setdefault("train", read_split(args.dataroot, "train"))
+    if dropped:
+        print(f"left out {dropped} unreadable image(s) (--skipBadImages)")
+    for name, ways in (("train", args.trainways), ("val", args.ways), ("test", args.ways)):
+        split = out[name]
+        if ways > split.num_classes:
+            raise OptionError(f"--{'trainways' if name == 'train' else 'ways'} {ways} is larger than the "
+                              f"{split.num_classes} classes of split {name}")
+        need = args.shots + args.test_num if not args.overlap else max(args.shots, args.test_num)
+        if split.min_class_size() < need:
+            raise OptionError(f"--shots {args.shots} + --test_num {args.test_num}: split {name} has a class with "
+                              f"only {split.min_class_size()} images")
+    if args.galleryNum > out["train"].min_class_size():
+        raise OptionError(f"--galleryNum {args.galleryNum} is larger than the smallest base class "
+                          f"({out['train'].min_class_size()} images)")
+    shortlisted = out["train"].num_classes - (args.trainways if args.galleryExclude == "episode" else 0)
+    if args.gallerySelect == "nearest" and args.chooseNum > args.galleryNum * shortlisted:
+        raise OptionError(f"--chooseNum {args.chooseNum} is larger than the gallery a shortlist draws from "
+                          f"({args.galleryNum} x {shortlisted} classes)")
+    return out
+
+
+def prepare(args, device, need_train: bool):
+    splits = load_splits(args, need_train)
+    configure_backend(device, args.deterministic, args.seed)
+    model = build_model(args, device)
+    if model.fc.out_features != splits["train"].num_classes:
+        raise OptionError(f"the checkpoint's fc has {model.fc.out_features} classes, split train has "
+                          f"{splits['train'].num_classes}")
+    gallery = None
+    if args.deform != "none":
+        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads, progress=bool(args.progress))
+    return splits, model, gallery
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> IDeMeNet:
+    name, flag = (args.GNet, "--GNet") if args.GNet != "None" else (args.network, "--network")
+    model = load_idemenet(resolve_checkpoint(name, flag), image_size=args.imageSize, fang=args.Fang,
+                          deform_net=args.deformNet)
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]:
+    """The parameters the prototype loss trains and those the classification loss trains."""
+    meta = [] if args.fixAttention or args.deform != "learned" else model.deformation_parameters()
+    meta = meta + ([] if args.fixScale else [model.scale])
+    cls = [] if args.fixCls else model.embedding_parameters() + list(model.fc.parameters())
+    trainable = {id(p) for p in meta + cls}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return meta, cls
+
+
+def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The original's optimisers and schedules (SPEC 3, item 7), by resume-state key.
+
+    Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
+    so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)
+    for the deformation network's and the classifier's. Frozen groups keep their optimiser, never
+    stepped.
+    """
+    meta_opt = torch.optim.Adam(model.deformation_parameters(), lr=args.LR)
+    scale_opt = torch.optim.Adam([model.scale], lr=args.LR)
+    cls_opt = torch.optim.Adam([{"params": model.embedding_parameters(), "lr": args.clsLR * 0.1},
+                                {"params": list(model.fc.parameters()), "lr": args.clsLR}])
+    schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
+                  "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}
+    return {"meta_opt": meta_opt, "scale_opt": scale_opt, "cls_opt": cls_opt}, schedulers
+
+
+def step_schedulers(*schedulers) -> None:
+    """Advance every schedule once per epoch, also those of frozen (never stepped) optimisers."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for scheduler in schedulers:
+            scheduler.step()
+
+
+def episode_config(args: argparse.Namespace, ways: int, train: bool = False) -> EpisodeConfig:
+    """The episode settings; ``--galleryExclude`` applies to training episodes only (the others'
+    classes are never in the gallery)."""
+    return EpisodeConfig(ways, args.augnum, args.chooseNum, args.deform, args.gallerySelect,
+                         args.galleryExclude if train else "none", args.batchSize, bool(args.amp))
+
+
+def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int) -> EpisodeDataset:
+    draws = None if args.deform == "none" else AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
+    return EpisodeDataset(split, args.imageSize, ways, args.shots, args.test_num, count, args.seed, stream,
+                          bool(args.overlap), draws)
+
+
+def make_embed(model: IDeMeNet, device: torch.device):
+    """``model.embed``, split over the visible GPUs with DataParallel when there are several."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        return nn.DataParallel(model.backbone)
+    return model.embed
+
+
+def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
+               device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed=None,
+               timer: Timer = NO_TIMER) -> EpisodeResult | None:
+    """One training episode: forward, gradients of both losses from that one pass, optimiser steps.
+
+    Args:
+        groups: (parameters of the prototype loss, parameters of the classification loss),
+            as :func:`param_groups` returns them; the classification loss trains from epoch 1 on.
+        optimizers: :func:`make_optimizers`' ``meta_opt`` (deformation network), ``scale_opt`` and
+            ``cls_opt`` (embedding and fc).
+
+    Returns:
+        The :class:`models.episode.EpisodeResult`, or None when a loss is not finite (then
+        nothing was stepped).
+    """
+    meta_params, cls_params = groups
+    train_cls = bool(cls_params) and epoch > 0
+    result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
+                         embed=embed, timer=timer)
+    with timer.section("bookkeeping"):
+        losses = [result.proto_loss] + ([result.cls_loss] if result.cls_loss is not None else [])
+        if not all(torch.isfinite(loss) for loss in losses):
+            return None
+    with timer.section("optimizer"):
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+    with timer.section("backward"):
+        episode_gradients(result, meta_params, cls_params if train_cls else [])
+    with timer.section("optimizer"):
+        if meta_params:
+            optimizers["meta_opt"].step()
+            optimizers["scale_opt"].step()
+        if train_cls:
+            optimizers["cls_opt"].step()
+    return result
+
+
+def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
+                    device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed,
+                    progress: dict, stop: Callable[[], bool], timer: Timer = NO_TIMER):
+    """Train the epoch's episodes from ``progress["step"]`` on, adding each to ``progress``, until the
+    epoch ends or ``stop()`` is true.
+
+    Returns:
+        The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
+        episode ran).
+
+    Raises:
+        TrainingDiverged: a loss was not finite (nothing was stepped for that episode).
+    """
+    config = episode_config(args, args.trainways, train=True)
+    dataset.set_epoch(epoch, start=progress["step"])
+    loader = episode_loader(dataset, args.nthreads, device)
+    result = relation = None
+    bar = tqdm(total=len(dataset), desc=f"epoch {epoch}", disable=not args.progress, leave=False)
+    batches, tick = iter(loader), time.perf_counter()
+    while True:
+        with timer.section("data_wait"):
+            episode = next(batches, None)
+        if episode is None:
+            break
+        result = train_step(model, episode, bank, config, device, epoch, groups, optimizers, embed, timer)
+        with timer.section("bookkeeping"):
+            if result is None:
+                classes = " ".join(dataset.split.classes[c] for c in episode["classes"].tolist())
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} "
+                                       f"(classes {classes})")
+            relation = None if result.gallery_index is None else \
+                gallery_relation(result, bank.gallery.labels, episode["classes"])
+            accumulate(progress, result, relation, time.perf_counter() - tick)
+        timer.end_step()
+        tick = time.perf_counter()
+        bar.update()
+        bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
+                        acc=f"{100 * progress['acc'] / progress['step']:.1f}")
+        if stop():
+            break
+    bar.close()
+    return result, relation
+
+
+@torch.no_grad()
+def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
+             device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER) -> dict:
+    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes.
+
+    Returns:
+        ``acc``, ``plain`` and ``loss`` (one value per episode), ``deformation`` (sums for
+        :func:`deformation_columns`) and ``first`` (the first episode's result when ``keep_first``).
+    """
+    config = episode_config(args, dataset.ways)
+    acc, plain, losses, first, sums = [], [], [], None, new_deformation_sums()
+    batches = iter(episode_loader(dataset, args.nthreads, device))
+    for _ in tqdm(range(len(dataset)), desc=desc, disable=not args.progress, leave=False):
+        with timer.section("data_wait"):
+            episode = next(batches)
+        result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer)
+        with timer.section("bookkeeping"):
+            acc.append(result.accuracy)
+            plain.append(result.plain_accuracy)
+            losses.append(result.proto_loss.item())
+            add_deformation(sums, result)
+        if keep_first and first is None:
+            first = result
+        timer.end_step()
+    return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
+
+
+def selection_columns(stats: dict, split: str) -> dict:
+    """The ``select_*`` columns of metrics.csv from an :func:`evaluate` pass over ``split``."""
+    acc, acc_ci = mean_ci95([100 * a for a in stats["acc"]])
+    deformation = deformation_columns(stats["deformation"])
+    return {"select_split": split, "select_acc": acc, "select_acc_ci": acc_ci,
+            "select_plain_acc": mean_ci95([100 * a for a in stats["plain"]])[0],
+            "select_loss": sum(stats["loss"]) / len(stats["loss"]),
+            **{f"select_{key}": deformation[key] for key in ("weight_mean", "weight_std", "own_distance",
+                                                                "other_distance")}}
+
+
+def report(stats: dict, args, split: str) -> dict:
+    """Print the accuracy lines and return the numbers for the JSON summary (percent)."""
+    ways = args.ways
+    deformed, plain = stats["acc"], stats["plain"]
+    diff = [a - b for a, b in zip(deformed, plain)]
+    mean, ci = mean_ci95([100 * a for a in deformed])
+    pmean, pci = mean_ci95([100 * a for a in plain])
+    dmean, dci = mean_ci95([100 * d for d in diff])
+    print(format_accuracy(ways, args.shots, split, deformed, args.seed))
+    print(format_accuracy(ways, args.shots, split, plain, args.seed).replace(" accuracy:", " accuracy without deformation:"))
+    print(f"difference (with - without deformation): {dmean:+.2f} +- {dci:.2f} % (paired, same episodes)")
+    return {"split": split, "ways": ways, "shots": args.shots, "episodes": len(deformed), "seed": args.seed,
+            "accuracy": mean, "ci95": ci, "plain_accuracy": pmean, "plain_ci95": pci, "difference": dmean,
+            "difference_ci95": dci, "loss": sum(stats["loss"]) / len(stats["loss"]), "deform": args.deform,
+            "gallerySelect": args.gallerySelect, "checkpoint": args.GNet if args.evaluate else args.tensorname}
+
+
+def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
+    """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if it has any;
+    ``relation`` (:func:`models.episode.gallery_relation`) marks each gallery image's class (none: of
+    no class of the episode, as at val and test)."""
+    if result is None or result.deformed is None:
+        return None
+    path = PICTURE_DIR / f"{args.tensorname}_deformed{suffix}.png"
+    save_deformation_figure(path, result.probes, result.gallery_images, result.weights, result.deformed, relation)
+    return path
+
+
+def new_deformation_sums() -> dict[str, float]:
+    """Running sums behind the deformation columns of metrics.csv (:func:`deformation_columns`)."""
+    return {"weight_sum": 0.0, "weight_sq": 0.0, "weight_n": 0, "own_distance": 0.0, "other_distance": 0.0,
+            "distance_n": 0, "same_class": 0, "episode_class": 0, "relation_n": 0}
+
+
+def add_deformation(sums: dict[str, float], result, relation: torch.Tensor | None = None) -> None:
+    """Add one episode's predicted weights, deformed-feature distances and, for a training episode,
+    the class relation of its gallery images (:func:`models.episode.gallery_relation`)."""
+    if result.weights is not None:
+        sums["weight_sum"] += result.weights.sum().item()
+        sums["weight_sq"] += result.weights.pow(2).sum().item()
+        sums["weight_n"] += result.weights.numel()
+    if result.own_distance is not None:
+        sums["own_distance"] += result.own_distance
+        sums["other_distance"] += result.other_distance
+        sums["distance_n"] += 1
+    if relation is not None:
+        sums["same_class"] += (relation == SAME_CLASS).sum().item()
+        sums["episode_class"] += (relation == EPISODE_CLASS).sum().item()
+        sums["relation_n"] += relation.numel()
+
+
+def deformation_columns(sums: dict[str, float]) -> dict[str, float | str]:
+    """Mean and spread of the predicted weights (0 without any); mean squared distance of the deformed
+    images' features to their own class's plain prototype and to the nearest other one; share of
+    deformed images whose gallery image is of the probe's class / of another class of the episode.
+    Empty where nothing was measured."""
+    n = max(sums["weight_n"], 1)
+    mean = sums["weight_sum"] / n
+    distances, relations = sums["distance_n"], sums["relation_n"]
+    return {"weight_mean": mean, "weight_std": math.sqrt(max(sums["weight_sq"] / n - mean * mean, 0.0)),
+            "own_distance": sums["own_distance"] / distances if distances else "",
+            "other_distance": sums["other_distance"] / distances if distances else "",
+            "gallery_same_class": sums["same_class"] / relations if relations else "",
+            "gallery_episode_class": sums["episode_class"] / relations if relations else ""}
+
+
+def new_progress() -> dict[str, float]:
+    return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "cls_steps": 0, "acc": 0.0, "plain_acc": 0.0,
+            "time": 0.0, "select": None, **new_deformation_sums()}
+
+
+def accumulate(progress: dict[str, float], result, relation: torch.Tensor | None, seconds: float) -> None:
+    """Add one training episode's losses, accuracies and deformation statistics to the epoch sums."""
+    progress["step"] += 1
+    progress["proto_loss"] += result.proto_loss.item()
+    if result.cls_loss is not None:
+        progress["cls_loss"] += result.cls_loss.item()
+        progress["cls_steps"] += 1
+    progress["acc"] += result.accuracy
+    progress["plain_acc"] += result.plain_accuracy
+    add_deformation(progress, result, relation)
+    progress["time"] += seconds
+
+
+def epoch_row(epoch: int, progress: dict[str, float], optimizers: dict, model: IDeMeNet) -> dict:
+    steps = max(progress["step"], 1)
+    deformation = deformation_columns(progress)
+    cls_loss = progress["cls_loss"] / progress["cls_steps"] if progress["cls_steps"] else ""  # empty: not trained
+    return {"epoch": epoch, "proto_loss": progress["proto_loss"] / steps, "cls_loss": cls_loss,
+            "train_acc": 100 * progress["acc"] / steps, "train_plain_acc": 100 * progress["plain_acc"] / steps,
+            "weight_mean": deformation["weight_mean"], "weight_std": deformation["weight_std"],
+            "lr": optimizers["meta_opt"].param_groups[0]["lr"], "cls_lr": optimizers["cls_opt"].param_groups[1]["lr"],
+            "scale_lr": optimizers["scale_opt"].param_groups[0]["lr"],
+            "scale": model.scale.item(), "episodes_per_s": progress["step"] / max(progress["time"], 1e-9),
+            **{f"train_{key}": deformation[key]
+               for key in ("gallery_same_class", "gallery_episode_class", "own_distance", "other_distance")}}

@@ -1,0 +1,34 @@
+"""Forward-pass helpers both stages share: autocast, the compute memory layout, chunked passes."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when ``enabled``, else a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+
+
+def compute_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[N, C, H, W]`` in the memory layout the networks run fastest in on ``device``:
+    channels_last on CUDA (with channels_last weights), unchanged on the CPU."""
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks of ``chunk`` -> float32 ``[N, D]``."""
+    return torch.cat([embed(images[i:i + chunk]).float() for i in range(0, len(images), chunk)])
+
+
+def deform_in_chunks(deform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                     probes: torch.Tensor, gallery: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``deform`` (``IDeMeNet.deform``) over probe and gallery images ``[N, 3, S, S]`` -> (deformed
+    ``[N, 3, S, S]``, weights ``[N, F*F]``): in chunks of ``chunk`` without autograd, in one call
+    with it (the graph keeps every activation anyway; chunks would only add copies)."""
+    if torch.is_grad_enabled() or len(probes) <= chunk:
+        return deform(probes, gallery)
+    parts = [deform(probes[i:i + chunk], gallery[i:i + chunk]) for i in range(0, len(probes), chunk)]
+    return torch.cat([deformed for deformed, _ in parts]), torch.cat([weights for _, weights in parts])
