@@ -1,0 +1,65 @@
+"""The import graph keeps its layers: utils/ -> datasets/, models/ -> engine/ -> the scripts,
+benchmarks/, scripts/ and tests/; nothing imports a training script."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = {"classification", "onlyBasetwoLoss"}
+# Packages each package may import from (besides itself, the standard library and third parties).
+ALLOWED = {
+    "utils": set(),
+    "datasets": {"utils"},
+    "models": {"utils"},
+    "engine": {"utils", "datasets", "models"},
+}
+TOP = {"utils", "datasets", "models", "engine"}  # what the top layer (scripts, benchmarks, tests) may import
+
+
+def project_imports(path: Path) -> list[str]:
+    """Top-level names of the modules ``path`` imports that belong to the project (absolute imports)."""
+    local = {p.stem for p in REPO.glob("*.py")} | {p.name for p in REPO.iterdir() if p.is_dir()}
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return [name for name in names if name.split(".")[0] in local]
+
+
+def python_files(folder: str) -> list[Path]:
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_a_library_imports_only_the_layers_below(package: str) -> None:
+    allowed = ALLOWED[package] | {package}
+    wrong = [f"{path.relative_to(REPO)} imports {name}" for path in python_files(package)
+             for name in project_imports(path) if name.split(".")[0] not in allowed]
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "scripts", "tests", "."])
+def test_nothing_imports_a_training_script(folder: str) -> None:
+    paths = python_files(folder) if folder != "." else sorted(REPO.glob("*.py"))
+    wrong = [f"{path.relative_to(REPO)} imports {name}" for path in paths for name in project_imports(path)
+             if name.split(".")[0] in SCRIPTS]
+    assert not wrong, wrong
+
+
+def test_the_top_layer_imports_libraries_and_the_engine_only() -> None:
+    paths = python_files("benchmarks") + python_files("scripts") + [REPO / f"{name}.py" for name in SCRIPTS]
+    wrong = [f"{path.relative_to(REPO)} imports {name}" for path in paths for name in project_imports(path)
+             if name.split(".")[0] not in TOP | {"benchmarks"}]
+    assert not wrong, wrong
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    """The parser finds both import forms, so a wrong import would not slip through."""
+    module = tmp_path / "bad.py"
+    module.write_text("import onlyBasetwoLoss as s\nfrom engine.stage2 import evaluate\nimport os\n")
+    assert project_imports(module) == ["onlyBasetwoLoss", "engine.stage2"]
