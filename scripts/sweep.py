@@ -26,9 +26,9 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 RUNS_DIR = Path("runs")
@@ -464,6 +464,15 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def last_error(log: str | None) -> str:
+    """``: <the log's last 'error: ...' line>``, or nothing."""
+    try:
+        errors = [line for line in Path(log).read_text(errors="replace").splitlines() if line.startswith("error:")]
+    except (OSError, TypeError):
+        return ""
+    return f": {errors[-1]}" if errors else ""
+
+
 def report(base: str, rows: list[dict[str, Any]], per_setting: list[dict[str, Any]], flags: list[str]) -> str:
     """The printed summary: the runs, the failures, the pick on val, the seed averages."""
     lines = [f"sweep {base}: {len(rows)} run(s), {sum(row['status'] == 'ok' for row in rows)} finished "
@@ -471,7 +480,8 @@ def report(base: str, rows: list[dict[str, Any]], per_setting: list[dict[str, An
              table(rows, flags + ["tensorname", "status", "val_acc", "val_epoch", "test_acc"])]
     for row in rows:
         if row["status"] not in ("ok", "not run"):
-            lines.append(f"not finished: {row['tensorname']}: {row['status']}; log {row['log']}")
+            lines.append(f"not finished: {row['tensorname']}: {row['status']}; log {row['log']}"
+                         + last_error(row["log"]))
     on_test = [row["tensorname"] for row in rows if row["val_metric"].startswith("none")]
     if on_test:
         lines.append(f"selected on test (--selectOn test), so no val accuracy and never picked: {', '.join(on_test)}")

@@ -390,5 +390,6 @@ def test_failing_grid_point_is_reported_and_the_others_finish(workdir):
     failed = rows["bad_augnum0"]
     assert failed["status"] == "bad input (exit 2)" and failed["exit_status"] == "2"
     assert "error: --augnum must be at least 1" in (workdir / failed["log"]).read_text()
-    assert f"not finished: bad_augnum0: bad input (exit 2); log {failed['log']}" in result.stdout
+    assert (f"not finished: bad_augnum0: bad input (exit 2); log {failed['log']}: error: --augnum must be at least 1"
+            in result.stdout)
     assert rows["bad_augnum1"]["status"] == "ok" and rows["bad_augnum1"]["test_acc"] != ""
