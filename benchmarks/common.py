@@ -1,18 +1,14 @@
-"""Helpers shared by the benchmarks: toy data, section timers, memory probes, output.
-
-Nothing here changes library behaviour; the benchmarks only time the library's own calls.
-"""
+"""What both benchmarks share: the toy data, the timer they pass to the engine, memory probes, output."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
 import resource
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -20,77 +16,91 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-TOY_MARKER = ".benchmark_toy.json"
+from engine.timing import Timer
 
 
-# ----------------------------------------------------------------------------------------- data
-def toy_size(image_size: int) -> int:
-    """Side of the toy JPEGs: at least the evaluation resize (S * 256 / 224), so crops are real."""
-    return max(16, math.ceil(image_size * 256 / 224))
+def parser(description: str) -> argparse.ArgumentParser:
+    """The flags both benchmarks have."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataroot", default=None, help="dataset root; default: a generated toy dataset")
+    p.add_argument("--toyDir", default=None, help="generate the toy dataset here, reuse it on later runs")
+    p.add_argument("--toySize", type=int, default=None, help="toy image side (default: ceil(imageSize*256/224))")
+    p.add_argument("--imageSize", type=int, default=224)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed block")
+    p.add_argument("--nthreads", type=int, default=4, help="DataLoader workers (and gallery decode threads)")
+    p.add_argument("--torchThreads", type=int, default=None, help="torch.set_num_threads in this process")
+    p.add_argument("--pssInterval", type=float, default=2.0, help="seconds between worker memory samples (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    return p
 
 
-def toy_dataset(root: str | None, per_class: int, size: int, keep: str | None = None):
-    """The dataset root to benchmark on, generating the toy dataset when ``root`` is None.
-
-    Args:
-        root: an existing dataset (``--dataroot``); used as is.
-        per_class, size: toy images per class and their side.
-        keep: a directory to generate into and reuse across runs (a marker file records the
-            parameters; a matching directory is not regenerated). None: a temporary directory.
-
-    Returns:
-        ``(path, seconds spent generating, TemporaryDirectory or None)``; keep the last alive
-        as long as the data is needed.
-    """
-    if root is not None:
-        return Path(root), 0.0, None
+def setup(a: argparse.Namespace, per_class: int) -> tuple[dict, Path, float, tempfile.TemporaryDirectory | None]:
+    """``(environment, dataset root, seconds generating it, TemporaryDirectory or None)``: ``--dataroot``,
+    else the toy dataset (side ``ceil(imageSize * 256 / 224)`` so the evaluation crop does real work)
+    in ``--toyDir`` (reused when its marker matches) or in a temporary directory."""
+    if a.torchThreads:
+        torch.set_num_threads(a.torchThreads)
+    env = environment()
+    if a.dataroot is not None:
+        return env, Path(a.dataroot), 0.0, None
     from datasets import toy
 
-    params = {"per_class": per_class, "size": size, "seed": 0}
-    holder = None
-    if keep is not None:
-        out = Path(keep)
-        marker = out / TOY_MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == params:
-            return out, 0.0, None
-    else:
-        holder = tempfile.TemporaryDirectory(prefix="idemenet_bench_")
-        out = Path(holder.name)
-    start = time.perf_counter()
-    toy.generate(out, per_class=per_class, size=size, seed=0)
-    seconds = time.perf_counter() - start
-    if keep is not None:
-        (out / TOY_MARKER).write_text(json.dumps(params))
-    return out, seconds, holder
+    params = {"per_class": per_class, "size": a.toySize or max(16, math.ceil(a.imageSize * 256 / 224)), "seed": 0}
+    holder = None if a.toyDir else tempfile.TemporaryDirectory(prefix="idemenet_bench_")
+    out = Path(a.toyDir or holder.name)
+    marker = out / ".benchmark_toy.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return env, out, 0.0, None
+    seconds, _ = timed(torch.device("cpu"), toy.generate, out, **params)
+    marker.write_text(json.dumps(params))
+    return env, out, seconds, holder
 
 
-# --------------------------------------------------------------------------------------- timing
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class SectionClock:
-    """Sums time per named section within one episode.
+def timed(device: torch.device, fn, *args, **kwargs):
+    """``(seconds, fn(*args, **kwargs))``, the device synchronised before the clock stops."""
+    tick = time.perf_counter()
+    out = fn(*args, **kwargs)
+    synchronize(device)
+    return time.perf_counter() - tick, out
 
-    On the CPU a section is wall time (``perf_counter``). On CUDA each section records a pair of
-    CUDA events (no synchronisation, so the measured loop keeps its overlap); the elapsed stream
-    time is read in :meth:`collect` after the caller has synchronised. Sections may nest (an
-    outer section includes its inner ones; callers derive residuals).
-    """
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+class StepTimer(Timer):
+    """The engine's :class:`Timer`: per step, seconds per section, ``total`` (since the previous step
+    ended), ``unaccounted`` (total minus sections), this process's ``cpu_user``, ``cpu_sys``, ``minflt``.
+
+    Keeps the rows of steps ``skip + 1`` to ``skip + keep``. On CUDA a section is the stream time
+    between two events except ``data_wait`` (host time blocked on the loader); :meth:`end_step`
+    synchronises. Between steps ``probe`` samples the workers' memory (every ``pss_interval`` s, and
+    after the last kept step)."""
+
+    def __init__(self, device: torch.device, skip: int, keep: int, probe: MemoryProbe | None = None) -> None:
+        self.device, self.skip, self.keep, self.probe = device, skip, keep, probe
+        self.rows: list[dict[str, float]] = []
+        self.steps, self.sampled = 0, time.perf_counter()
+        self.begin()
+
+    def done(self) -> bool:
+        """The kept steps have all ended (a loop's ``stop``)."""
+        return self.steps >= self.skip + self.keep
+
+    def begin(self) -> None:
+        """Start a step now."""
         self.times: dict[str, float] = defaultdict(float)
-        self.events: list[tuple[str, object, object]] = []
+        self.events: list = []
+        self.usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.start = time.perf_counter()
 
     @contextmanager
     def section(self, name: str):
-        if self.cuda:
+        if self.device.type == "cuda" and name != "data_wait":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             try:
@@ -105,210 +115,150 @@ class SectionClock:
             finally:
                 self.times[name] += time.perf_counter() - tick
 
-    def add(self, name: str, seconds: float) -> None:
-        """A host-side interval (e.g. waiting for the data loader)."""
-        self.times[name] += seconds
-
-    def collect(self) -> dict[str, float]:
-        """Seconds per section since the last call (call after synchronising on CUDA)."""
-        out = dict(self.times)
+    def end_step(self) -> None:
+        synchronize(self.device)
+        total, usage = time.perf_counter() - self.start, resource.getrusage(resource.RUSAGE_SELF)
+        row = dict(self.times)
         for name, start, end in self.events:
-            out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1000
-        self.times, self.events = defaultdict(float), []
-        return out
+            row[name] = row.get(name, 0.0) + start.elapsed_time(end) / 1000
+        row.update(unaccounted=total - sum(row.values()), total=total,
+                   cpu_user=usage.ru_utime - self.usage.ru_utime, cpu_sys=usage.ru_stime - self.usage.ru_stime,
+                   minflt=float(usage.ru_minflt - self.usage.ru_minflt))
+        self.steps += 1
+        if self.skip < self.steps <= self.skip + self.keep:
+            self.rows.append(row)
+        now = time.perf_counter()
+        if self.probe and (self.steps == self.skip + self.keep or now > self.sampled + self.probe.pss_interval):
+            self.probe.sample_workers()
+            self.sampled = time.perf_counter()
+        self.begin()
 
 
-def median(values) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Median per key over the rows, for the keys of any row (0 in the rows without it)."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {key: statistics.median(row.get(key, 0.0) for row in rows) for key in keys}
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+def ratio(loop: list[dict], floor: list[dict], stat=statistics.median) -> float | None:
+    """``stat`` of the loop's step times over the floor's (None when either did not run)."""
+    return stat(r["total"] for r in loop) / stat(r["total"] for r in floor) if loop and floor else None
 
 
-def section_medians(rows: list[dict[str, float]], names: list[str]) -> dict[str, float]:
-    """Median seconds per section over the episodes (0 where a section never ran)."""
-    return {name: median(row.get(name, 0.0) for row in rows) for name in names}
-
-
-# --------------------------------------------------------------------------------------- memory
-def _status_kb(field: str, pid: str = "self") -> int:
+def _read(path: str | Path) -> str:
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        return Path(path).read_text()
     except OSError:
-        return 0
-    found = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
-    return int(found.group(1)) if found else 0
+        return ""
 
 
-def _smaps_kb(pid: str) -> tuple[int, int]:
-    """(PSS, private) kB of a process from /proc/<pid>/smaps_rollup (costs milliseconds per GB mapped)."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0, 0
-    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
-    pss = int(fields.get("Pss", 0))
-    private = int(fields.get("Private_Clean", 0)) + int(fields.get("Private_Dirty", 0))
-    return pss, private
-
-
-def child_pids() -> list[str]:
-    """Direct children of this process (the DataLoader workers), from /proc."""
-    pids = []
-    for task in Path("/proc/self/task").glob("*"):
-        try:
-            pids.extend((task / "children").read_text().split())
-        except OSError:
-            pass
-    return pids
-
-
-_LIFETIME_PEAK_KB = 0  # this process's high-water mark before MemoryProbe resets it
-
-
-def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """High-water resident set size from getrusage (Linux reports kB). For this process, the peak
-    over its whole life: resetting VmHWM (MemoryProbe) also resets ``ru_maxrss``, so the peaks seen
-    before each reset are kept here."""
-    peak = resource.getrusage(who).ru_maxrss
-    if who == resource.RUSAGE_SELF:
-        peak = max(peak, _LIFETIME_PEAK_KB)
-    return peak / 1024
-
-
-def self_usage() -> tuple[float, float, int]:
-    """(user CPU s, system CPU s, minor page faults) of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
-
-
-def usage_delta(before: tuple[float, float, int]) -> dict[str, float]:
-    """CPU and page-fault counters since ``before`` (see :func:`self_usage`)."""
-    user, system, faults = self_usage()
-    return {"cpu_user": user - before[0], "cpu_sys": system - before[1], "minflt": float(faults - before[2])}
+def _kb(path: str, *names: str) -> list[int]:
+    """The ``name: N kB`` fields of a /proc file (0 where missing or unreadable)."""
+    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", _read(path), re.MULTILINE))
+    return [int(fields.get(name, 0)) for name in names]
 
 
 def children_cpu_s() -> float:
+    """CPU time of the finished children (loader workers) so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-PSS_INTERVAL = 2.0  # seconds between smaps_rollup walks; set by the benchmarks' --pssInterval (0: never)
-
-
 class MemoryProbe:
-    """Peak memory of one phase of a benchmark.
+    """Peak memory over the phases run inside ``with probe:`` (maxima over all of them): ``rss_mb``,
+    this process's VmHWM (reset on entry through /proc/self/clear_refs where allowed);
+    ``workers_private_mb``, the largest sampled sum of its children's private memory; ``total_mb``,
+    the two added; ``total_pss_mb``, the largest sampled PSS of the process and its children (samples:
+    :class:`StepTimer` and the exit; 0 ``pss_interval``: none); ``cuda_mb``, the CUDA allocator peak."""
 
-    ``rss_mb``: this process's resident high-water mark over the phase (VmHWM, reset at the start
-    through /proc/self/clear_refs where allowed, else sampled every ``interval`` s);
-    ``workers_private_mb``: the largest sampled sum of the private (unshared) memory of this
-    process's children (the DataLoader workers); ``total_mb`` = ``rss_mb`` + ``workers_private_mb``:
-    what the job holds at most, shared pages counted once; ``total_pss_mb``: the largest sampled sum
-    of proportional set sizes of this process and its children; ``cuda_mb``:
-    ``torch.cuda.max_memory_allocated`` over the phase.
+    lifetime_kb = 0  # the process's peak before the VmHWM resets (which also reset ru_maxrss)
 
-    Walking a process's page tables (smaps_rollup) costs ~10 ms per GB mapped, so the PSS and
-    private figures are sampled only every ``PSS_INTERVAL`` seconds (sampling every 50 ms took
-    most of a core away from the measured loop).
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
-        self.device, self.interval = device, interval
+    def __init__(self, device: torch.device, pss_interval: float) -> None:
+        self.device, self.pss_interval = device, pss_interval
         self.rss_mb = self.total_pss_mb = self.workers_private_mb = self.total_mb = self.cuda_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = None
-        self._hwm_reset = False
-        self._sampled_rss = 0
 
-    def sample_now(self) -> None:
-        """Take the PSS / private sample now (e.g. while the workers are still alive)."""
-        if PSS_INTERVAL > 0:
-            self._smaps()
-
-    def _smaps(self) -> None:
-        pss, _ = _smaps_kb("self")
-        workers = [_smaps_kb(pid) for pid in child_pids()]
-        self.workers_private_mb = max(self.workers_private_mb, sum(w[1] for w in workers) / 1024)
-        self.total_pss_mb = max(self.total_pss_mb, (pss + sum(w[0] for w in workers)) / 1024)
-
-    def _sample(self) -> None:
-        last = time.perf_counter()
-        while True:
-            if not self._hwm_reset:
-                self._sampled_rss = max(self._sampled_rss, _status_kb("VmRSS"))
-            if PSS_INTERVAL > 0 and time.perf_counter() - last >= PSS_INTERVAL:
-                self._smaps()
-                last = time.perf_counter()
-            if self._stop.wait(self.interval):
-                return
+    def sample_workers(self) -> None:
+        """One PSS and private-memory sample of the process and its children, now."""
+        if self.pss_interval <= 0:
+            return
+        children = [pid for task in Path("/proc/self/task").glob("*") for pid in _read(task / "children").split()]
+        workers = [_kb(f"/proc/{pid}/smaps_rollup", "Pss", "Private_Clean", "Private_Dirty") for pid in children]
+        own = _kb("/proc/self/smaps_rollup", "Pss")[0]
+        self.workers_private_mb = max(self.workers_private_mb, sum(w[1] + w[2] for w in workers) / 1024)
+        self.total_pss_mb = max(self.total_pss_mb, (own + sum(w[0] for w in workers)) / 1024)
 
     def __enter__(self) -> MemoryProbe:  # noqa: PYI034
-        global _LIFETIME_PEAK_KB
-        _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        MemoryProbe.lifetime_kb = max(MemoryProbe.lifetime_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self._hwm_reset = True
         except OSError:
-            self._hwm_reset = False
+            pass
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        hwm = _status_kb("VmHWM") if self._hwm_reset else 0
-        self.rss_mb = max(hwm, self._sampled_rss) / 1024
-        if PSS_INTERVAL > 0:
-            self._smaps()
-        self.total_mb = self.rss_mb + self.workers_private_mb
-        global _LIFETIME_PEAK_KB
-        _LIFETIME_PEAK_KB = max(_LIFETIME_PEAK_KB, hwm, self._sampled_rss,
-                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        hwm = _kb("/proc/self/status", "VmHWM")[0]
+        MemoryProbe.lifetime_kb = max(MemoryProbe.lifetime_kb, hwm)
+        self.rss_mb = max(self.rss_mb, hwm / 1024)
+        self.sample_workers()
+        self.total_mb = max(self.total_mb, self.rss_mb + self.workers_private_mb)
         if self.device.type == "cuda":
             synchronize(self.device)
-            self.cuda_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.cuda_mb = max(self.cuda_mb, torch.cuda.max_memory_allocated(self.device) / 2**20)
 
 
-# --------------------------------------------------------------------------------------- output
+def memory_fields(probes: dict[str, MemoryProbe]) -> dict[str, float]:
+    """The probes' figures per phase, the process's lifetime peak and the largest finished worker's RSS."""
+    out = {"peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, MemoryProbe.lifetime_kb) / 1024,
+           "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    for phase, p in probes.items():
+        out.update({f"{phase}_peak_rss_mb": p.rss_mb, f"{phase}_peak_total_mb": p.total_mb,
+                    f"{phase}_peak_total_pss_mb": p.total_pss_mb, f"{phase}_workers_private_mb": p.workers_private_mb})
+        if p.device.type == "cuda":
+            out[f"cuda_peak_{phase}_mb"] = p.cuda_mb
+    return out
+
+
 def environment() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "load_avg": round(os.getloadavg()[0], 2)}
 
 
-def fmt_ms(seconds: float) -> str:
-    return "-" if seconds is None or math.isnan(seconds) else f"{1000 * seconds:9.1f}"
+def print_table(title: str, columns: dict[str, dict[str, float]], keys: list[str], total_label: str) -> None:
+    """Medians in milliseconds, one row per key (the engine's section names), one column per loop;
+    '-' where a section did not run."""
+    print(f"\n{title}\n" + " " * 20 + "".join(f"{c:>14}" for c in columns))
+    for key in keys:
+        cells = [columns[c].get(key, math.nan) for c in columns]
+        print(f"{total_label if key == 'total' else key:<20}"
+              + "".join(f"{'-' if math.isnan(v) else f'{1000 * v:.1f}':>14}" for v in cells))
 
 
-def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float | None]]]) -> None:
-    """Rows of seconds shown in milliseconds; None shows as '-'."""
-    width = max(len(label) for label, _ in rows) + 2
-    print(title)
-    print(" " * width + "".join(f"{c:>14}" for c in columns))
-    for label, values in rows:
-        print(f"{label:<{width}}" + "".join(f"{fmt_ms(v) if v is not None else '-':>14}" for v in values))
+def breakdown_ms(columns: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The table for the JSON: milliseconds (page faults as counts)."""
+    return {c: {k: v if k == "minflt" else 1000 * v for k, v in vals.items()} for c, vals in columns.items()}
 
 
-def round_floats(obj, digits: int = 4):
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else round(obj, digits)
+def rounded(obj):
     if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj
+        return {k: rounded(v) for k, v in obj.items()}
+    return round(obj, 4) if isinstance(obj, float) else obj
 
 
-def emit_json(summary: dict, path: str | None) -> None:
-    """The final line of the benchmark's output (and ``path`` when given)."""
-    line = json.dumps(round_floats(summary), sort_keys=False)
+def finish(summary: dict, env_start: dict, path: str | None, holder) -> None:
+    """Add the machine's load, print the JSON line (the output's last, also written to ``path``) and
+    remove the temporary toy dataset."""
+    env_end = environment()
+    print(f"load average {env_start['load_avg']} at start, {env_end['load_avg']} at end "
+          f"({env_start['cpu_count']} CPUs, {env_start['torch_threads']} torch threads)")
+    summary.update({k: v for k, v in env_start.items() if k != "load_avg"}, load_avg_start=env_start["load_avg"],
+                   load_avg_end=env_end["load_avg"])
+    line = json.dumps(rounded(summary))
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(line + "\n")
     print(line, flush=True)
+    if holder is not None:
+        holder.cleanup()

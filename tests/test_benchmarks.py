@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmarks: each runs end to end on a tiny toy dataset and ends with a JSON line."""
+"""Smoke tests of the benchmarks: each runs end to end on a tiny toy dataset, times the engine's loops
+(their section names, one row per timed step) and ends with a JSON line."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,11 @@ EPISODE_KEYS = {"train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms
                 "train_peak_rss_mb", "train_peak_total_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
 STAGE1_KEYS = {"images_per_s_loader", "images_per_s_preloaded", "loading_ratio", "data_wait_ms", "peak_rss_mb",
                "loader_peak_total_mb", "decode_ms_per_image", "breakdown_ms"}
+# Sections of engine.stage2.train_step / evaluate and engine.stage1.train_one_epoch (engine/timing.py).
+TRAIN_SECTIONS = {"prepare", "embed_plain", "select", "gallery_batch", "deform", "embed_deformed", "losses", "backward",
+                  "optimizer", "bookkeeping"}
+TEST_SECTIONS = {"prepare", "embed_plain", "select", "gallery_batch", "deform", "embed_deformed", "losses"}
+STAGE1_SECTIONS = {"data_wait", "prepare", "forward", "backward", "optimizer", "bookkeeping"}
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +66,26 @@ def summary_of(results, script: str) -> dict:
     return summary
 
 
+def timed_sections(column: dict[str, float], names: set[str]) -> None:
+    """Every section in ``names`` ran (a positive median)."""
+    assert all(column.get(name, 0) > 0 for name in names), (names, column)
+
+
 def test_episode_benchmark(results) -> None:
     summary = summary_of(results, "episode.py")
     assert EPISODE_KEYS <= set(summary)
     assert summary["gallery_images"] == 64 * 2
     for key in ("train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms", "peak_rss_mb"):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
-    assert {"train loop", "train floor", "test loop", "test floor"} <= set(summary["breakdown_ms"])
+    breakdown = summary["breakdown_ms"]
+    assert set(breakdown) == {"train loop", "train floor", "test loop", "test floor"}
+    assert summary["timed_steps"] == dict.fromkeys(breakdown, 1)  # warmup rows dropped
+    timed_sections(breakdown["train loop"], TRAIN_SECTIONS | {"data_wait"})
+    timed_sections(breakdown["train floor"], TRAIN_SECTIONS)
+    timed_sections(breakdown["test loop"], TEST_SECTIONS | {"data_wait", "bookkeeping"})
+    timed_sections(breakdown["test floor"], TEST_SECTIONS)
+    assert "data_wait" not in breakdown["train floor"] and "backward" not in breakdown["test loop"]
+    assert 0 <= summary["train_accuracy"] <= 1
     assert "TOTAL per episode" in results["episode.py"][0].stdout
 
 
@@ -74,4 +93,7 @@ def test_stage1_benchmark(results) -> None:
     summary = summary_of(results, "stage1.py")
     assert STAGE1_KEYS <= set(summary)
     assert summary["images_per_s_loader"] > 0 and summary["images_per_s_preloaded"] > 0
+    assert summary["timed_steps"] == {"loader": 1, "preloaded": 1}
+    timed_sections(summary["breakdown_ms"]["loader"], STAGE1_SECTIONS)
+    timed_sections(summary["breakdown_ms"]["preloaded"], STAGE1_SECTIONS)
     assert "TOTAL per step" in results["stage1.py"][0].stdout
