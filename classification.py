@@ -21,27 +21,14 @@ import torch
 from torch import nn
 
 from engine.options import stage1_parser
-from engine.run import Run, write_json
-from engine.stage1 import (
-    METRICS,
-    RESUME_KEYS,
-    build_model,
-    distribute,
-    evaluate,
-    load_data,
-    new_progress,
-    plain_state,
-    train_one_epoch,
-)
+from engine.run import Run
+from engine.stage1 import (METRICS, RESUME_KEYS, build_model, distribute, evaluate, load_data, new_progress,
+                           plain_state, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
-from utils.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    init_distributed,
-)
+from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import OptionError
+from utils.files import write_json
+from utils.interrupt import Interrupted
 from utils.options import check_positive, configure_backend, resolve_device, run_cli
 
 
@@ -90,35 +77,38 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "progress": progress, "record": record})
 
     with run:
-        for epoch in range(start_epoch, args.numEpochs):
-            sampler.set_epoch(epoch, start=progress["step"] * loader.batch_size)
-            if not train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, info, progress,
-                                   stop=lambda: run.interrupted):
-                barrier(info)
-                save_state(epoch)
-                return run.stop(f"at epoch {epoch}, step {progress['step']}")
-            loss_sum, correct, seen = all_reduce_sum([progress["loss_sum"], progress["correct"], progress["seen"]],
-                                                     device, info)
-            row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
-                   "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
-            scheduler.step()
-            if info.is_main:
-                if row["loss"] < record["best_train_loss"]:
-                    record["best_train_loss"] = row["loss"]
-                    atomic_save(plain_state(model), main_path)
-                if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
-                                         or epoch + 1 == args.numEpochs):
-                    row.update(evaluate(model, val, args, device))
-                    if row["val_1shot"] > record["best_val"]:
-                        record["best_val"] = row["val_1shot"]
-                        atomic_save(plain_state(model), best_path)
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, args.numEpochs):
+                sampler.set_epoch(epoch, start=progress["step"] * loader.batch_size)
+                train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, info, progress,
+                                stop=lambda: run.interrupted)
+                loss_sum, correct, seen = all_reduce_sum([progress["loss_sum"], progress["correct"],
+                                                          progress["seen"]], device, info)
+                row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
+                       "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
+                if info.is_main:
+                    if row["loss"] < record["best_train_loss"]:
+                        record["best_train_loss"] = row["loss"]
+                        atomic_save(plain_state(model), main_path)
+                    if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
+                                             or epoch + 1 == args.numEpochs):
+                        row.update(evaluate(model, val, args, device, stop=lambda: run.interrupted))
+                        if row["val_1shot"] > record["best_val"]:
+                            record["best_val"] = row["val_1shot"]
+                            atomic_save(plain_state(model), best_path)
+                scheduler.step()
                 record["rows"] = run.log(row)
-            progress = new_progress()
-            save_state(epoch + 1)
-            run.announce(row)
+                progress = new_progress()
+                save_state(epoch + 1)
+                run.announce(row)
+                barrier(info)
+                if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
+                    return run.stop(f"after epoch {epoch}")
+        except Interrupted as stopped:
             barrier(info)
-            if run.interrupted:
-                return run.stop(f"after epoch {epoch}")
+            save_state(epoch)  # the epoch's finished steps are kept; an interrupted val evaluation is redone
+            return run.stop(str(stopped))
     if info.is_main:
         write_json(run.dir / "summary.json", {"lowest_train_loss": record["best_train_loss"], "checkpoint": str(main_path),
                                               "best_val_1shot": record["best_val"], "best_checkpoint": str(best_path)})

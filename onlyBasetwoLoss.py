@@ -21,30 +21,14 @@ import torch
 
 from engine.episode import GalleryBank
 from engine.options import resolve_stage2_args, stage2_parser
-from engine.run import RUNS_DIR, Run, write_json
-from engine.stage2 import (
-    METRICS,
-    RESUME_FORMAT,
-    RESUME_KEYS,
-    TEST_STREAM,
-    TRAIN_STREAM,
-    VAL_STREAM,
-    episodes,
-    epoch_row,
-    evaluate,
-    make_embed,
-    make_optimizers,
-    new_progress,
-    param_groups,
-    prepare,
-    report,
-    selection_columns,
-    step_schedulers,
-    train_one_epoch,
-    write_figure,
-)
+from engine.run import Run
+from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, epoch_row,
+                           episodes, evaluate, make_embed, make_optimizers, new_progress, param_groups, prepare, report,
+                           selection_columns, step_schedulers, train_one_epoch, write_figure)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
+from utils.files import RUNS_DIR, write_json
+from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import resolve_device, run_cli
 
 
@@ -65,69 +49,78 @@ def main(args: argparse.Namespace) -> int:
         raise OptionError(f"--resume: {run.state_path} was written by an earlier version (the scale's rate "
                           "decayed, gallery features were embedded from flipped images) and cannot be continued "
                           "exactly; start anew with --overwrite")
-    splits, model, gallery = prepare(args, device, need_train=True)
-    groups = param_groups(model, args)
-    optimizers, schedulers = make_optimizers(model, args)
-    start_epoch, progress, record = 0, new_progress(), {"best": None, "rows": 0}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        for key, obj in {**optimizers, **schedulers}.items():
-            obj.load_state_dict(saved[key])
-        start_epoch, progress, record = saved["epoch"], saved["progress"], saved["record"]
-        print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
-    features = saved["gallery_features"] if saved is not None and gallery is not None else None
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), features) if gallery else None
-    embed = make_embed(model, device)
-    gallery_size = len(bank or [])
-    train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
-    select_split = args.selectOn
-    select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
-                          VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size)
-    run.start(record["rows"])
-
-    def save_state(epoch: int) -> None:
-        run.save_state({"format": RESUME_FORMAT, "model": model.state_dict(),
-                        **{key: obj.state_dict() for key, obj in {**optimizers, **schedulers}.items()},
-                        "epoch": epoch, "progress": progress, "record": record,
-                        "gallery_features": None if bank is None else bank.features.cpu()})
-
-    def select(epoch: int) -> dict:
-        """Evaluate the selection episodes; keep the weights when they are the best so far."""
-        select_set.set_epoch(epoch if select_split == "test" else 0)
-        columns = selection_columns(evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed),
-                                    select_split)
-        score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
-        if record["best"] is None or score > record["best"]:
-            record["best"] = score
-            atomic_save(model.state_dict(), main_path)
-        return columns
-
     with run:
-        for epoch in range(start_epoch, args.numEpochs):
-            if select_split == "test" and progress["select"] is None:
-                # The original's timing: fresh test episodes before the epoch trains, so its candidates
-                # are the initial weights and those after epochs 0..N-2.
-                progress["select"] = select(epoch)
-            last, relation = train_one_epoch(model, train_set, bank, args, device, epoch, groups, optimizers, embed,
-                                             progress, stop=lambda: run.interrupted)
-            if run.interrupted and progress["step"] < args.epoch:
-                save_state(epoch)
-                return run.stop(f"at epoch {epoch}, episode {progress['step']}")
-            row = epoch_row(epoch, progress, optimizers, model)
-            write_figure(last, args, relation, suffix="_train")
-            step_schedulers(*schedulers.values())
-            row.update(progress["select"] if select_split == "test" else select(epoch))
-            atomic_save(model.state_dict(), last_path)
-            record["rows"] = run.log(row)
-            progress = new_progress()
-            save_state(epoch + 1)
-            run.announce(row)
-            if run.interrupted:
-                return run.stop(f"after epoch {epoch}")
-    print(f"saved {main_path} (selected by {'val accuracy' if select_split == 'val' else 'test loss'}) and {last_path}")
-    model.load_state_dict(safe_load(main_path))
-    test_set = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, gallery_size)
-    stats = evaluate(model, test_set, bank, args, device, "test", embed, keep_first=True)
+        stop = lambda: run.interrupted  # noqa: E731
+        try:
+            splits, model, gallery = prepare(args, device, need_train=True, stop=stop)
+            groups = param_groups(model, args)
+            optimizers, schedulers = make_optimizers(model, args)
+            start_epoch, progress, record = 0, new_progress(), {"best": None, "rows": 0}
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                for key, obj in {**optimizers, **schedulers}.items():
+                    obj.load_state_dict(saved[key])
+                start_epoch, progress, record = saved["epoch"], saved["progress"], saved["record"]
+                print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
+            features = saved["gallery_features"] if saved is not None else None
+            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), features, stop) if gallery \
+                else None
+        except Interrupted as stopped:
+            return run.stop(str(stopped))
+        embed = make_embed(model, device)
+        gallery_size = len(bank or [])
+        train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
+        select_split = args.selectOn
+        select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
+                              VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size)
+        run.start(record["rows"])
+
+        def save_state(epoch: int) -> None:
+            run.save_state({"format": RESUME_FORMAT, "model": model.state_dict(),
+                            **{key: obj.state_dict() for key, obj in {**optimizers, **schedulers}.items()},
+                            "epoch": epoch, "progress": progress, "record": record,
+                            "gallery_features": None if bank is None else bank.features.cpu()})
+
+        def select(epoch: int) -> dict:
+            """Evaluate the selection episodes; keep the weights when they are the best so far."""
+            select_set.set_epoch(epoch if select_split == "test" else 0)
+            stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed, stop=stop)
+            columns = selection_columns(stats, select_split)
+            score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
+            if record["best"] is None or score > record["best"]:
+                record["best"] = score
+                atomic_save(model.state_dict(), main_path)
+            return columns
+
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, args.numEpochs):
+                if select_split == "test" and progress["select"] is None:
+                    # The original's timing: fresh test episodes before the epoch trains, so its
+                    # candidates are the initial weights and those after epochs 0..N-2.
+                    progress["select"] = select(epoch)
+                last, relation = train_one_epoch(model, train_set, bank, args, device, epoch, groups, optimizers,
+                                                 embed, progress, stop)
+                row = epoch_row(epoch, progress, optimizers, model)
+                write_figure(last, args, relation, suffix="_train")
+                row.update(progress["select"] if select_split == "test" else select(epoch))
+                step_schedulers(*schedulers.values())
+                atomic_save(model.state_dict(), last_path)
+                record["rows"] = run.log(row)
+                progress = new_progress()
+                save_state(epoch + 1)
+                run.announce(row)
+                if run.interrupted:
+                    return run.stop(f"after epoch {epoch}")
+            epoch = args.numEpochs  # every epoch is done: an interruption from here on redoes the test only
+            print(f"saved {main_path} (selected by {'val accuracy' if select_split == 'val' else 'test loss'}) "
+                  f"and {last_path}")
+            model.load_state_dict(safe_load(main_path))
+            test_set = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, gallery_size)
+            stats = evaluate(model, test_set, bank, args, device, "test", embed, keep_first=True, stop=stop)
+        except Interrupted as stopped:
+            save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
+            return run.stop(str(stopped))
     write_json(run.dir / f"evaluate_{args.shots}shot_seed{args.seed}.json", report(stats, args, "test"))
     figure = write_figure(stats["first"], args)
     if figure:
@@ -137,10 +130,17 @@ def main(args: argparse.Namespace) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
     """``--evaluate``: the test episodes of ``--seed`` with and without deformation."""
-    splits, model, gallery = prepare(args, device, need_train=False)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp)) if gallery else None
-    dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []))
-    stats = evaluate(model, dataset, bank, args, device, "test", make_embed(model, device), keep_first=True)
+    with GracefulInterrupt() as interrupt:
+        stop = lambda: interrupt.requested  # noqa: E731
+        try:
+            splits, model, gallery = prepare(args, device, need_train=False, stop=stop)
+            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop) if gallery else None
+            dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []))
+            stats = evaluate(model, dataset, bank, args, device, "test", make_embed(model, device), keep_first=True,
+                             stop=stop)
+        except Interrupted as stopped:
+            print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
+            return INTERRUPTED_EXIT
     write_json(RUNS_DIR / args.tensorname / f"evaluate_{args.shots}shot_seed{args.seed}.json", report(stats, args, "test"))
     figure = write_figure(stats["first"], args)
     if figure:

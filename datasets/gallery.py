@@ -5,6 +5,7 @@ uint8; nothing is read from disk after construction.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,6 +16,7 @@ from datasets.images import load_rgb
 from datasets.splits import Split
 from datasets.transforms import eval_crop, normalize_uint8
 from utils.errors import DataError
+from utils.interrupt import check_stop
 
 GALLERY_SEED = 2019
 
@@ -38,10 +40,13 @@ def gallery_files(split: Split, gallery_num: int, seed: int = GALLERY_SEED) -> l
 
 
 class Gallery:
-    """Decoded gallery: ``images`` uint8 ``[G, 3, S, S]``, ``labels`` long ``[G]`` (base classes)."""
+    """Decoded gallery: ``images`` uint8 ``[G, 3, S, S]``, ``labels`` long ``[G]`` (base classes).
+
+    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while decoding.
+    """
 
     def __init__(self, split: Split, gallery_num: int, image_size: int, workers: int = 4,
-                 seed: int = GALLERY_SEED, progress: bool = True) -> None:
+                 seed: int = GALLERY_SEED, progress: bool = True, stop: Callable[[], bool] | None = None) -> None:
         chosen = gallery_files(split, gallery_num, seed)
         crop = eval_crop(image_size)
         self.images = torch.empty(len(chosen), 3, image_size, image_size, dtype=torch.uint8)
@@ -50,10 +55,13 @@ class Gallery:
         def decode(i: int) -> None:
             self.images[i] = crop(load_rgb(chosen[i][1]))
 
-        with ThreadPoolExecutor(max(1, workers)) as pool:
+        pool = ThreadPoolExecutor(max(1, workers))
+        try:
             for _ in tqdm(pool.map(decode, range(len(chosen))), total=len(chosen), desc="gallery",
                           disable=not progress, leave=False):
-                pass
+                check_stop(stop, "while decoding the gallery")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -15,6 +15,7 @@ from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
 from models.protonet import proto_logits, prototypes, squared_distances
 from utils.forward import autocast, compute_layout, deform_in_chunks, embed_in_chunks
+from utils.interrupt import check_stop
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
@@ -84,17 +85,21 @@ class GalleryBank:
         gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
         features: float32 ``[G, 512]``, each image embedded once as it is (evaluation crop, no
             flip), as the original does; the random flip applies only where an image is blended.
+
+    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while embedding.
     """
 
     def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, amp: bool = False,
-                 features: torch.Tensor | None = None) -> None:
+                 features: torch.Tensor | None = None, stop: Callable[[], bool] | None = None) -> None:
         self.gallery = gallery.to(device)
         if features is None:
+            parts = []
             with torch.no_grad(), autocast(device, amp):
-                features = torch.cat([
-                    model.embed(compute_layout(self.gallery.batch(torch.arange(i, min(i + chunk, len(gallery)),
-                                                                               device=device)), device)).float()
-                    for i in range(0, len(gallery), chunk)])
+                for i in range(0, len(gallery), chunk):
+                    check_stop(stop, "while embedding the gallery")
+                    index = torch.arange(i, min(i + chunk, len(gallery)), device=device)
+                    parts.append(model.embed(compute_layout(self.gallery.batch(index), device)).float())
+            features = torch.cat(parts)
         self.features = features.to(device)
 
     def __len__(self) -> int:

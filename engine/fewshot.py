@@ -13,15 +13,18 @@ from datasets.splits import Split
 from datasets.transforms import prepare_images
 from models.protonet import proto_logits, prototypes
 from utils.forward import autocast, embed_in_chunks
+from utils.interrupt import check_stop
 
 
 @torch.no_grad()
 def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Split, image_size: int, ways: int,
                        shots: int, queries: int, episodes: int, seed: int, device: torch.device, stream: int = 1,
                        chunk: int = 128,
-                       workers: int = 0, amp: bool = False, desc: str = "eval", progress: bool = True) -> list[float]:
+                       workers: int = 0, amp: bool = False, desc: str = "eval", progress: bool = True,
+                       stop: Callable[[], bool] | None = None) -> list[float]:
     """Accuracy of the nearest-prototype classifier per episode (in [0, 1]), episodes from ``seed``
-    and ``stream`` (1: val, 2: test)."""
+    and ``stream`` (1: val, 2: test); raises :class:`utils.interrupt.Interrupted` when ``stop()``
+    becomes true (checked after each episode)."""
     dataset = EpisodeDataset(split, image_size, ways, shots, queries, episodes, seed, stream)
     accuracies = []
     for episode in tqdm(episode_loader(dataset, workers, device), desc=desc, disable=not progress, leave=False):
@@ -30,4 +33,5 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
             query = embed_in_chunks(embed, prepare_images(episode["query"], device), chunk)
         logits = proto_logits(query, prototypes(support, episode["support_labels"].to(device), ways))
         accuracies.append((logits.argmax(1).cpu() == episode["query_labels"]).float().mean().item())
+        check_stop(stop, f"in the {desc} evaluation")
     return accuracies

@@ -3,18 +3,16 @@ arguments, metrics CSV, TensorBoard events), the resumable state, interruption, 
 from __future__ import annotations
 
 import csv
-import json
+import fcntl
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import atomic_save, safe_load
+from utils.files import RUNS_DIR, write_json
 from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
-
-RUNS_DIR = Path("runs")
-
 
 def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
     """``runs/<name>``; refuses a folder that holds a run unless resuming or overwriting. Writes nothing."""
@@ -49,14 +47,6 @@ def clear_run_dir(run_dir: Path, resume: bool) -> None:
     """Empty ``run_dir`` for a new run (``--overwrite``); a resumed run keeps it."""
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -110,14 +100,40 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir))
 
 
+def lock_run(name: str, runs_dir: Path = RUNS_DIR):
+    """Hold ``runs/.<name>.lock`` for this process's lifetime (released when it exits, however it
+    exits), so that no second process trains the same run.
+
+    Raises:
+        OptionError: another process holds it (its pid is named).
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(runs_dir / f".{name}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise OptionError(f"{runs_dir / name} is in use by another process (pid {owner}); wait for it to end "
+                          "or choose another --tensorname") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 class Run:
     """One run of a training script, from its folder to its last epoch line.
 
-    ``Run(args, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
-    state (``resumed``), writing nothing; :meth:`start` then empties the folder of a new run and
-    writes ``args.json`` and the metrics header. Used as a context manager it catches the first
-    SIGINT/SIGTERM (``interrupted``) and adds the last good checkpoint to a divergence error. In a
-    distributed run only the main process writes.
+    ``Run(args, resume_keys, fields)`` takes the run's lock (one process per run), checks the
+    folder and, with ``--resume``, loads the saved state (``resumed``; a larger ``--numEpochs``
+    extends the run, a smaller one than already trained is refused), writing nothing else;
+    :meth:`start` then empties the folder of a new run and writes ``args.json`` and the metrics
+    header. Used as a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
+    second one raises :class:`utils.interrupt.StopNow`) and adds the last good checkpoint to a
+    divergence error. In a distributed run only the main process writes.
 
     Args:
         args: the parsed flags (``tensorname``, ``resume``, ``overwrite``; all are saved).
@@ -128,10 +144,14 @@ class Run:
 
     def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  is_main: bool = True) -> None:
+        self._lock = lock_run(args.tensorname) if is_main else None
         self.dir, self.resumed = open_run(args, resume_keys)
+        if self.resumed is not None and self.resumed["epoch"] > args.numEpochs:
+            raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
+                              f"{self.dir} has already trained")
         self.args, self.fields, self.checkpoint, self.is_main = dict(vars(args)), fields, checkpoint, is_main
         self.log_file: MetricsLog | None = None
-        self._interrupt = GracefulInterrupt()
+        self._interrupt, self._saved = GracefulInterrupt(), False
 
     @property
     def state_path(self) -> Path:
@@ -149,6 +169,7 @@ class Run:
         """Write the resumable state (``state`` plus the arguments) atomically."""
         if self.is_main:
             atomic_save({**state, "args": self.args}, self.state_path)
+        self._saved = True
 
     def log(self, row: dict[str, Any]) -> int:
         """Append ``row`` to metrics.csv; returns the rows written so far (for the resumable state)."""
@@ -170,7 +191,9 @@ class Run:
     def stop(self, where: str) -> int:
         """Say where the run stopped and how to continue it; the exit status of an interrupted run."""
         if self.is_main:
-            print(f"stopped {where}; continue with --resume", flush=True)
+            how = "continue with --resume" if self.resumed is not None or self._saved else \
+                "nothing was saved yet: run the same command again"
+            print(f"stopped {where}; {how}", flush=True)
         return INTERRUPTED_EXIT
 
     def __enter__(self) -> "Run":

@@ -20,11 +20,12 @@ from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.errors import OptionError, TrainingDiverged
 from utils.forward import autocast, compute_layout
+from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
-RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "LR", "batchSize", "numEpochs", "seed", "filesPerClass")
+RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "LR", "batchSize", "seed", "filesPerClass")
 
 
 def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
@@ -63,13 +64,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                     device: torch.device, epoch: int, args: argparse.Namespace, info: DistInfo, progress: dict,
-                    stop: Callable[[], bool], timer: Timer = NO_TIMER) -> bool:
-    """Train until the epoch ends or ``stop()`` is true in any process, adding each batch to ``progress``.
-
-    Returns:
-        True when the epoch finished, False when it stopped early.
+                    stop: Callable[[], bool], timer: Timer = NO_TIMER) -> None:
+    """Train the epoch's batches, adding each to ``progress``.
 
     Raises:
+        Interrupted: ``stop()`` became true in some process (checked after each batch).
         TrainingDiverged: the loss was not finite (nothing was stepped for that batch).
     """
     model.train()
@@ -110,9 +109,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                         img_s=f"{progress['seen'] * info.world_size / max(progress['time'], 1e-9):.0f}")
         if stopping:
             bar.close()
-            return False
+            raise Interrupted(f"in training epoch {epoch}, after step {progress['step']}")
     bar.close()
-    return True
 
 
 def new_progress() -> dict[str, float]:
@@ -134,15 +132,16 @@ def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: arg
     return model
 
 
-def evaluate(model: nn.Module, val, args, device) -> dict[str, float]:
-    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier."""
+def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier;
+    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     out = {}
     for shots in (1, 5):
         accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
                                   args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
-                                  desc=f"val {shots}-shot", progress=bool(args.progress))
+                                  desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop)
         out[f"val_{shots}shot"], out[f"val_{shots}shot_ci"] = mean_ci95([100 * a for a in accs])
     return out
 

@@ -22,6 +22,7 @@ from engine.timing import NO_TIMER, Timer
 from models import IDeMeNet, load_idemenet
 from utils.checkpoint import resolve_checkpoint
 from utils.errors import OptionError, TrainingDiverged
+from utils.interrupt import Interrupted, check_stop
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import configure_backend
 
@@ -32,7 +33,7 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
            "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
            "select_other_distance"]
 RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways", "test_num", "augnum",
-               "chooseNum", "galleryNum", "epoch", "numEpochs", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
+               "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
                "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 PICTURE_DIR = Path("picture")
@@ -66,7 +67,10 @@ def load_splits(args: argparse.Namespace, need_train: bool):
     return out
 
 
-def prepare(args, device, need_train: bool):
+def prepare(args: argparse.Namespace, device: torch.device, need_train: bool,
+            stop: Callable[[], bool] | None = None) -> tuple[dict, IDeMeNet, Gallery | None]:
+    """The checked splits, the model on ``device`` (global generators seeded first, so a fresh
+    deformation network comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
     splits = load_splits(args, need_train)
     configure_backend(device, args.deterministic, args.seed)
     model = build_model(args, device)
@@ -75,7 +79,8 @@ def prepare(args, device, need_train: bool):
                           f"{splits['train'].num_classes}")
     gallery = None
     if args.deform != "none":
-        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads, progress=bool(args.progress))
+        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads,
+                          progress=bool(args.progress), stop=stop)
     return splits, model, gallery
 
 
@@ -185,14 +190,14 @@ def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryB
 def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
                     device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed,
                     progress: dict, stop: Callable[[], bool], timer: Timer = NO_TIMER):
-    """Train the epoch's episodes from ``progress["step"]`` on, adding each to ``progress``, until the
-    epoch ends or ``stop()`` is true.
+    """Train the epoch's episodes from ``progress["step"]`` on, adding each to ``progress``.
 
     Returns:
         The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
         episode ran).
 
     Raises:
+        Interrupted: ``stop()`` became true (checked after each episode).
         TrainingDiverged: a loss was not finite (nothing was stepped for that episode).
     """
     config = episode_config(args, args.trainways, train=True)
@@ -221,15 +226,18 @@ def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank 
         bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
                         acc=f"{100 * progress['acc'] / progress['step']:.1f}")
         if stop():
-            break
+            bar.close()
+            raise Interrupted(f"in training epoch {epoch}, after episode {progress['step']}")
     bar.close()
     return result, relation
 
 
 @torch.no_grad()
 def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
-             device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER) -> dict:
-    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes.
+             device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
+             stop: Callable[[], bool] | None = None) -> dict:
+    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes;
+    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true (checked after each episode).
 
     Returns:
         ``acc``, ``plain`` and ``loss`` (one value per episode), ``deformation`` (sums for
@@ -250,6 +258,7 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
         if keep_first and first is None:
             first = result
         timer.end_step()
+        check_stop(stop, f"in the {desc} evaluation")
     return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
 
 

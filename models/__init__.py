@@ -1,20 +1,9 @@
 """Networks of IDeMe-Net and loading them from checkpoints (ours and the authors')."""
-from models.deformation import (
-    DEFORM_NETS,
-    DeformNet,
-    SmallDeformNet,
-    TwoBranchDeformNet,
-    blend_patches,
-    encoder_output_size,
-)
+from models.deformation import (DEFORM_NETS, DeformNet, SmallDeformNet, TwoBranchDeformNet, blend_patches,
+                                encoder_output_size)
 from models.embedding import FEATURE_DIM, EmbeddingNet
 from models.idemenet import IDeMeNet
-from models.loading import (
-    checkpoint_kind,
-    convert_original,
-    load_embedding,
-    load_idemenet,
-)
+from models.loading import checkpoint_kind, convert_original, load_embedding, load_idemenet
 
 __all__ = [
     "DEFORM_NETS", "DeformNet", "FEATURE_DIM", "EmbeddingNet", "IDeMeNet", "SmallDeformNet", "TwoBranchDeformNet",

@@ -31,22 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RUNS_DIR = Path("runs")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.errors import OptionError  # noqa: E402  (the repository root is on the path only from here)
+from utils.files import RUNS_DIR, write_json  # noqa: E402
+from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
+
 SEED_FLAG = "seed"
 RESERVED = ("tensorname", "resume", "overwrite")
-INTERRUPTED = 130
 EXIT_MEANING = {2: "bad input", 3: "diverged", INTERRUPTED: "interrupted"}
 SUMMARY_FIELDS = ["tensorname", "status", "val_metric", "val_acc", "val_epoch", "test_acc", "exit_status", "wall_s",
                   "log"]
 
 
-class SweepError(Exception):
-    """Bad input to the sweep: reported as one ``error:`` line with exit status 2."""
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
-        raise SweepError(message)
+        raise OptionError(message)
 
 
 @dataclass
@@ -133,12 +132,12 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
         flag = flag.strip().removeprefix("--")
         items = [v.strip() for v in values.split(",")]
         if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", flag) or not all(items):
-            raise SweepError(f"--grid {spec!r}: expected FLAG=v1,v2 (a script flag without dashes, values "
+            raise OptionError(f"--grid {spec!r}: expected FLAG=v1,v2 (a script flag without dashes, values "
                              "separated by commas)")
         if flag in RESERVED:
-            raise SweepError(f"--grid {spec!r}: --{flag} is set by the sweep, not a grid flag")
+            raise OptionError(f"--grid {spec!r}: --{flag} is set by the sweep, not a grid flag")
         if flag in seen or len(set(items)) < len(items):
-            raise SweepError(f"--grid {spec!r}: flag or value given twice")
+            raise OptionError(f"--grid {spec!r}: flag or value given twice")
         seen.add(flag)
         grid.append((flag, items))
     return grid
@@ -164,7 +163,7 @@ def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
         runs.append(Run(index, name, values, script, run_args + ["--tensorname", name]))
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
-        raise SweepError("--grid: two values give the same run name (only letters, digits and . + - are kept)")
+        raise OptionError("--grid: two values give the same run name (only letters, digits and . + - are kept)")
     return runs
 
 
@@ -206,13 +205,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # --- devices ------------------------------------------------------------------------------------
@@ -604,39 +596,39 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def check(opts: argparse.Namespace, command: list[str], runs_of: int) -> None:
-    """Checks that need no run folder; raises SweepError naming the flag."""
+    """Checks that need no run folder; raises OptionError naming the flag."""
     for flag in ("jobs", "perGPU", "gpusPerTask", "cpusPerTask", "maxParallel"):
         if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
-            raise SweepError(f"--{flag} must be at least 1, got {getattr(opts, flag)}")
+            raise OptionError(f"--{flag} must be at least 1, got {getattr(opts, flag)}")
     if opts.jobs is not None and opts.perGPU is not None:
-        raise SweepError("--jobs and --perGPU: give one (--jobs N on the CPU, --perGPU K per visible GPU)")
+        raise OptionError("--jobs and --perGPU: give one (--jobs N on the CPU, --perGPU K per visible GPU)")
     slurm_only = [f"--{flag}" for flag in ("partition", "gpusPerTask", "gres", "cpusPerTask", "mem", "time",
                                            "maxParallel", "dryRun") if getattr(opts, flag) not in (None, False)]
     if slurm_only and not opts.slurm:
-        raise SweepError(f"{slurm_only[0]} is for --slurm only")
+        raise OptionError(f"{slurm_only[0]} is for --slurm only")
     if opts.slurm and (opts.jobs or opts.perGPU or opts.runIndex is not None or opts.summarize):
-        raise SweepError("--slurm: --jobs, --perGPU, --runIndex and --summarize do not apply")
+        raise OptionError("--slurm: --jobs, --perGPU, --runIndex and --summarize do not apply")
     if opts.gres and opts.gpusPerTask:
-        raise SweepError("--gres and --gpusPerTask: give one")
+        raise OptionError("--gres and --gpusPerTask: give one")
     if opts.runIndex is not None and (opts.summarize or opts.jobs or opts.perGPU):
-        raise SweepError("--runIndex runs one grid point: --summarize, --jobs and --perGPU do not apply")
+        raise OptionError("--runIndex runs one grid point: --summarize, --jobs and --perGPU do not apply")
     if opts.runIndex is not None and not 0 <= opts.runIndex < runs_of:
-        raise SweepError(f"--runIndex {opts.runIndex}: the grid has points 0 to {runs_of - 1}")
+        raise OptionError(f"--runIndex {opts.runIndex}: the grid has points 0 to {runs_of - 1}")
     if opts.slurm and not opts.dryRun and shutil.which("sbatch") is None:
-        raise SweepError("--slurm: sbatch not found on this machine (use --dryRun to print the script)")
+        raise OptionError("--slurm: sbatch not found on this machine (use --dryRun to print the script)")
     if not command:
-        raise SweepError("missing '-- SCRIPT ARGS...' (the stage-1 or stage-2 command line to sweep)")
+        raise OptionError("missing '-- SCRIPT ARGS...' (the stage-1 or stage-2 command line to sweep)")
     if not command[0].endswith(".py") or not Path(command[0]).is_file():
-        raise SweepError(f"SCRIPT {command[0]!r}: no such Python file (give its path, e.g. onlyBasetwoLoss.py)")
+        raise OptionError(f"SCRIPT {command[0]!r}: no such Python file (give its path, e.g. onlyBasetwoLoss.py)")
     args = command[1:]
     name = flag_value(args, "--tensorname")
     if not name:
-        raise SweepError("--tensorname: the script's command line after -- needs --tensorname NAME")
+        raise OptionError("--tensorname: the script's command line after -- needs --tensorname NAME")
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
-        raise SweepError(f"--tensorname {name!r}: use letters, digits and . _ + - only")
+        raise OptionError(f"--tensorname {name!r}: use letters, digits and . _ + - only")
     for flag in ("--resume", "--overwrite"):
         if flag in args:
-            raise SweepError(f"{flag} in the script's command line: the sweep decides it run by run")
+            raise OptionError(f"{flag} in the script's command line: the sweep decides it run by run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,9 +645,9 @@ def main(argv: list[str] | None = None) -> int:
         if opts.perGPU:
             gpus = visible_gpus()
             if not gpus:
-                raise SweepError("--perGPU: no GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
+                raise OptionError("--perGPU: no GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
             slots = gpu_slots(gpus, opts.perGPU)
-    except SweepError as exc:
+    except OptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     flags = [flag for flag, _ in grid]

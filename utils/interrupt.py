@@ -1,12 +1,25 @@
-"""Ctrl-C and SIGTERM: finish the current step, save, exit. A second signal stops at once."""
+"""Ctrl-C and SIGTERM: the first one asks the run to stop at the next episode or batch and save its
+resumable state; a second one stops at once."""
 from __future__ import annotations
 
 import signal
 from types import FrameType
 
+INTERRUPTED_EXIT = 130
+
+
+class Interrupted(Exception):
+    """A long phase (training, an evaluation, the gallery build) stopped early because a stop was
+    requested; its message names the phase."""
+
+
+class StopNow(BaseException):
+    """A second signal: stop at once, without saving (what was saved before stays intact)."""
+
 
 class GracefulInterrupt:
-    """Context manager; ``requested`` becomes true on the first SIGINT or SIGTERM."""
+    """Context manager; ``requested`` becomes true on the first SIGINT or SIGTERM, and the second one
+    raises :class:`StopNow`."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -14,9 +27,9 @@ class GracefulInterrupt:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise StopNow(signal.Signals(signum).name)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the resumable state "
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving the resumable state "
               "(send it again to stop at once)", flush=True)
 
     def __enter__(self) -> "GracefulInterrupt":
@@ -29,4 +42,7 @@ class GracefulInterrupt:
             signal.signal(sig, handler)
 
 
-INTERRUPTED_EXIT = 130
+def check_stop(stop, phase: str) -> None:
+    """Raise :class:`Interrupted` naming ``phase`` when ``stop`` (a callable, or None) says so."""
+    if stop is not None and stop():
+        raise Interrupted(phase)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError, OptionError, TrainingDiverged
+from utils.interrupt import INTERRUPTED_EXIT, StopNow
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -56,7 +57,7 @@ def configure_backend(device: torch.device, deterministic: bool, seed: int) -> N
 def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
     """Parse flags, run ``main``; bad input becomes ``error: <message>`` on stderr and status 2,
-    a diverged run status 3."""
+    a diverged run status 3, a second interrupt one line and status 130."""
     args = parser.parse_args(argv)
     try:
         return main(args) or 0
@@ -66,3 +67,6 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except StopNow as signal_name:
+        print(f"\n{signal_name} again: stopped at once; what was saved before is intact", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT

@@ -1,0 +1,183 @@
+"""Stopping at any moment and continuing exactly: a signal during an evaluation, a second signal,
+extending a finished run, and one process per run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from datasets import Gallery, read_split
+from engine.episode import GalleryBank
+from models import IDeMeNet
+from tests.scripts_helpers import REPO, make_workdir, run_script, script_env
+from utils.interrupt import Interrupted
+
+TIMING = {"images_per_s", "episodes_per_s"}
+STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--epoch", "3", "--galleryNum", "2",
+          "--chooseNum", "3", "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--fixCls", "0"]
+STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "16", "--nthreads", "0", "--filesPerClass", "2",
+          "--valEvery", "1", "--valQueries", "1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("interrupt"))
+
+
+class Live:
+    """A script running in the background whose merged output (progress bars included) is read as it comes."""
+
+    def __init__(self, cwd, script: str, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-u", str(REPO / script), *args], cwd=cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env())
+        self.output = ""
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        """Read until ``text`` has appeared (progress bars redraw with carriage returns, not lines)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert time.monotonic() < deadline, f"{text!r} did not appear: {self.output[-2000:]}"
+            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 4096).decode(errors="replace")
+                assert chunk, f"the process ended before {text!r}: {self.output[-2000:]}"
+                self.output += chunk
+
+    def finish(self, timeout: float = 300) -> tuple[int, float]:
+        """Exit status and seconds until the process ended."""
+        start = time.monotonic()
+        rest, _ = self.process.communicate(timeout=timeout)
+        self.output += rest.decode(errors="replace")
+        return self.process.returncode, time.monotonic() - start
+
+
+def metrics(path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+
+
+def same_weights(a, b) -> bool:
+    first, second = torch.load(a), torch.load(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def evaluation(workdir, name: str) -> dict:
+    return json.loads((workdir / f"runs/{name}/evaluate_1shot_seed0.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """An uninterrupted two-epoch stage-2 run."""
+    result = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--numEpochs", "2", "--valEpisodes", "60",
+                        "--testEpisodes", "60", "--progress", "0", "--tensorname", "ref")
+    assert result.returncode == 0, result.stderr
+    return "ref"
+
+
+def assert_same_run(workdir, reference: str, name: str) -> None:
+    assert metrics(workdir / f"runs/{name}/metrics.csv") == metrics(workdir / f"runs/{reference}/metrics.csv")
+    assert same_weights(workdir / f"models/{name}.t7", workdir / f"models/{reference}.t7")
+    assert same_weights(workdir / f"models/{name}_last.t7", workdir / f"models/{reference}_last.t7")
+    want, got = evaluation(workdir, reference), evaluation(workdir, name)
+    assert {k: v for k, v in got.items() if k != "checkpoint"} == {k: v for k, v in want.items() if k != "checkpoint"}
+
+
+@pytest.mark.parametrize("phase", ["val 1", "test"])
+def test_sigterm_during_an_evaluation_stops_saves_and_resumes_exactly(workdir, reference, phase) -> None:
+    name = f"eval_{phase.replace(' ', '')}"
+    flags = [*STAGE2, "--numEpochs", "2", "--valEpisodes", "60", "--testEpisodes", "60", "--tensorname", name]
+    run = Live(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "1")
+    run.wait_for(f"{phase}:")
+    run.process.send_signal(signal.SIGTERM)
+    status, seconds = run.finish()
+    assert status == 130, run.output
+    assert seconds < 30  # one episode, not the rest of the evaluation
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith(f"stopped in the {phase} evaluation") and last.endswith("continue with --resume"), last
+    assert "Traceback" not in run.output
+    state = torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)
+    if phase == "val 1":  # epoch 1's training is kept: it is not redone
+        assert state["epoch"] == 1 and state["progress"]["step"] == 3
+        assert len(metrics(workdir / f"runs/{name}/metrics.csv")) == 1
+    else:
+        assert state["epoch"] == 2 and state["progress"]["step"] == 0
+        assert not (workdir / f"runs/{name}/evaluate_1shot_seed0.json").exists()
+    result = run_script(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "0", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert_same_run(workdir, reference, name)
+
+
+def test_a_second_signal_stops_at_once_with_one_line(workdir) -> None:
+    flags = [*STAGE2, "--numEpochs", "1", "--valEpisodes", "400", "--testEpisodes", "2", "--tensorname", "twice"]
+    run = Live(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "1")
+    run.wait_for("val 0:")
+    run.process.send_signal(signal.SIGINT)
+    run.wait_for("SIGINT received")
+    run.process.send_signal(signal.SIGINT)
+    status, _ = run.finish()
+    assert status == 130
+    assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output
+    assert run.output.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
+
+
+def test_stage1_val_monitor_is_interruptible_and_resumes_exactly(workdir) -> None:
+    flags = [*STAGE1, "--numEpochs", "2", "--valEpisodes", "80"]
+    reference = run_script(workdir, "classification.py", *flags, "--progress", "0", "--tensorname", "s1ref")
+    assert reference.returncode == 0, reference.stderr
+    run = Live(workdir, "classification.py", *flags, "--progress", "1", "--tensorname", "s1stop")
+    run.wait_for("val 1-shot:")
+    run.process.send_signal(signal.SIGTERM)
+    status, seconds = run.finish()
+    assert status == 130 and seconds < 30, run.output
+    assert run.output.strip().splitlines()[-1].startswith("stopped in the val 1-shot evaluation")
+    assert torch.load(workdir / "runs/s1stop/resume.pt", weights_only=False)["epoch"] == 0  # training of epoch 0 kept
+    resumed = run_script(workdir, "classification.py", *flags, "--progress", "0", "--tensorname", "s1stop", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(workdir / "runs/s1stop/metrics.csv") == metrics(workdir / "runs/s1ref/metrics.csv")
+    assert same_weights(workdir / "models/s1stop.t7", workdir / "models/s1ref.t7")
+    assert same_weights(workdir / "models/s1stop_best.t7", workdir / "models/s1ref_best.t7")
+
+
+def test_a_finished_run_is_extended_to_more_epochs(workdir, reference) -> None:
+    common = [*STAGE2, "--valEpisodes", "60", "--testEpisodes", "60", "--progress", "0", "--tensorname", "grow"]
+    assert run_script(workdir, "onlyBasetwoLoss.py", *common, "--numEpochs", "1").returncode == 0
+    result = run_script(workdir, "onlyBasetwoLoss.py", *common, "--numEpochs", "2", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert_same_run(workdir, reference, "grow")
+    before = (workdir / "runs/grow/resume.pt").read_bytes()
+    fewer = run_script(workdir, "onlyBasetwoLoss.py", *common, "--numEpochs", "1", "--resume")
+    assert fewer.returncode == 2
+    assert fewer.stderr.count("\n") == 1 and "--numEpochs 1" in fewer.stderr and "2 epochs" in fewer.stderr
+    assert (workdir / "runs/grow/resume.pt").read_bytes() == before
+
+
+def test_a_second_process_cannot_train_the_same_run(workdir) -> None:
+    flags = [*STAGE2, "--numEpochs", "1", "--valEpisodes", "400", "--testEpisodes", "2", "--tensorname", "busy"]
+    first = Live(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "1")
+    first.wait_for("val 0:")
+    second = run_script(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "0", "--overwrite")
+    assert second.returncode == 2
+    assert second.stderr.count("\n") == 1 and "in use by another process" in second.stderr
+    assert f"pid {first.process.pid}" in second.stderr
+    first.process.send_signal(signal.SIGTERM)
+    status, _ = first.finish()
+    assert status == 130  # the first run was not disturbed: it stops when asked, and its state is there
+    assert (workdir / "runs/busy/resume.pt").is_file()
+
+
+def test_gallery_build_and_features_stop_on_request(workdir) -> None:
+    split = read_split(workdir / "toy", "train")
+    with pytest.raises(Interrupted, match="decoding the gallery"):
+        Gallery(split, 2, 32, workers=1, progress=False, stop=lambda: True)
+    gallery = Gallery(split, 2, 32, workers=1, progress=False)
+    calls = iter(range(100))
+    with pytest.raises(Interrupted, match="embedding the gallery"):
+        GalleryBank(gallery, IDeMeNet(64, 32).eval(), torch.device("cpu"), 16, stop=lambda: next(calls) == 2)
