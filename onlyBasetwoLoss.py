@@ -19,12 +19,13 @@ import sys
 
 import torch
 
+from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.options import resolve_stage2_args, stage2_parser
 from engine.run import Run
-from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, epoch_row,
-                           episodes, evaluate, make_embed, make_optimizers, new_progress, param_groups, prepare, report,
-                           selection_columns, step_schedulers, train_one_epoch, write_figure)
+from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
+                           epoch_row, episodes, evaluate, make_embed, make_optimizers, new_progress, param_groups,
+                           prepare, report, selection_columns, step_schedulers, train_one_epoch, write_figure)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
@@ -70,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         embed = make_embed(model, device)
         gallery_size = len(bank or [])
         train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
+        train_config = episode_config(args, args.trainways, train=True)
         select_split = args.selectOn
         select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
                               VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size)
@@ -99,8 +101,10 @@ def main(args: argparse.Namespace) -> int:
                     # The original's timing: fresh test episodes before the epoch trains, so its
                     # candidates are the initial weights and those after epochs 0..N-2.
                     progress["select"] = select(epoch)
-                last, relation = train_one_epoch(model, train_set, bank, args, device, epoch, groups, optimizers,
-                                                 embed, progress, stop)
+                train_set.set_epoch(epoch, start=progress["step"])
+                last, relation = train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank,
+                                                 train_config, device, epoch, groups, optimizers, embed, progress,
+                                                 stop, show=bool(args.progress))
                 row = epoch_row(epoch, progress, optimizers, model)
                 write_figure(last, args, relation, suffix="_train")
                 row.update(progress["select"] if select_split == "test" else select(epoch))

@@ -3,7 +3,7 @@
     python benchmarks/episode.py --imageSize 84 --shots 1
     python benchmarks/episode.py --device cuda --amp --episodes 50
 
-Per round: ``engine.stage2.train_one_epoch`` (train loop), ``train_step`` on one episode already on
+Per round: ``engine.stage2.train_one_epoch`` (train loop), ``train_one_epoch`` over one episode already on
 the device (train floor), ``evaluate`` (test loop), ``run_episode`` on one test episode (test floor),
 each reporting its sections to a StepTimer (benchmarks/README.md). The last line is one JSON object.
 """
@@ -25,11 +25,11 @@ import torch
 
 from benchmarks import common
 from datasets import Gallery
+from datasets.loaders import episode_loader
 from engine import stage2
 from engine.episode import GalleryBank, run_episode
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
-from utils.errors import TrainingDiverged
 from utils.interrupt import Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
 
@@ -120,10 +120,14 @@ def main(a: argparse.Namespace) -> None:
     train_config = stage2.episode_config(args, args.trainways, train=True)
     test_config = stage2.episode_config(args, args.ways)
 
-    def train_floor_step(timer: common.StepTimer) -> None:
-        if stage2.train_step(model, train_x, bank, train_config, device, first_epoch, groups, optimizers, embed,
-                             timer) is None:
-            raise TrainingDiverged("non-finite loss in the train floor")
+    def train_floor() -> list[dict]:
+        """The engine's training loop over one episode already on the device, repeated: no data loading."""
+        timer = common.StepTimer(device, a.warmup, a.episodes)
+        with probes["train_floor"]:
+            stage2.train_one_epoch(model, [train_x] * (a.warmup + a.episodes), bank, train_config, device,
+                                   first_epoch, groups, optimizers, embed, stage2.new_progress(), timer=timer,
+                                   show=False)
+        return timer.rows
 
     @torch.no_grad()
     def test_floor_step(timer: common.StepTimer) -> None:
@@ -135,12 +139,14 @@ def main(a: argparse.Namespace) -> None:
         timer, progress = common.StepTimer(device, a.warmup, a.episodes, probes["train"]), stage2.new_progress()
         cpu0 = common.children_cpu_s()
         with probes["train"], suppress(Interrupted):
-            stage2.train_one_epoch(model, train_set, bank, args, device, first_epoch + r, groups, optimizers, embed,
-                                   progress, stop=timer.done, timer=timer)
+            train_set.set_epoch(first_epoch + r)
+            stage2.train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank, train_config, device,
+                                   first_epoch + r, groups, optimizers, embed, progress, stop=timer.done, timer=timer,
+                                   show=False)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]
-        rows["train floor"] += floor(train_floor_step, device, a.warmup, a.episodes, probes["train_floor"])
+        rows["train floor"] += train_floor()
         if a.skipTest:
             continue
         test_set.set_epoch(r)

@@ -102,12 +102,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             progress["seen"] += n
             progress["time"] += time.perf_counter() - start
             start = time.perf_counter()
-            stopping = all_reduce_sum([float(stop())], device, info)[0] > 0
         timer.end_step()
         bar.update()
         bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}",
                         img_s=f"{progress['seen'] * info.world_size / max(progress['time'], 1e-9):.0f}")
-        if stopping:
+        if all_reduce_sum([float(stop())], device, info)[0] > 0:
             bar.close()
             raise Interrupted(f"in training epoch {epoch}, after step {progress['step']}")
     bar.close()

@@ -6,7 +6,7 @@ import argparse
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -150,29 +150,18 @@ def make_embed(model: IDeMeNet, device: torch.device):
     return model.embed
 
 
-def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
-               device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed=None,
-               timer: Timer = NO_TIMER) -> EpisodeResult | None:
-    """One training episode: forward, gradients of both losses from that one pass, optimiser steps.
+def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,
+                   timer: Timer = NO_TIMER) -> None:
+    """Gradients of both losses from the episode's one forward pass, then the optimiser steps.
 
     Args:
-        groups: (parameters of the prototype loss, parameters of the classification loss),
-            as :func:`param_groups` returns them; the classification loss trains from epoch 1 on.
+        groups: (parameters of the prototype loss, parameters of the classification loss), as
+            :func:`param_groups` returns them.
         optimizers: :func:`make_optimizers`' ``meta_opt`` (deformation network), ``scale_opt`` and
             ``cls_opt`` (embedding and fc).
-
-    Returns:
-        The :class:`models.episode.EpisodeResult`, or None when a loss is not finite (then
-        nothing was stepped).
+        train_cls: whether the classification loss trains this episode (from epoch 1 on).
     """
     meta_params, cls_params = groups
-    train_cls = bool(cls_params) and epoch > 0
-    result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
-                         embed=embed, timer=timer)
-    with timer.section("bookkeeping"):
-        losses = [result.proto_loss] + ([result.cls_loss] if result.cls_loss is not None else [])
-        if not all(torch.isfinite(loss) for loss in losses):
-            return None
     with timer.section("optimizer"):
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -184,13 +173,15 @@ def train_step(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryB
             optimizers["scale_opt"].step()
         if train_cls:
             optimizers["cls_opt"].step()
-    return result
 
 
-def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
+def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank | None, config: EpisodeConfig,
                     device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed,
-                    progress: dict, stop: Callable[[], bool], timer: Timer = NO_TIMER):
-    """Train the epoch's episodes from ``progress["step"]`` on, adding each to ``progress``.
+                    progress: dict, stop: Callable[[], bool] | None = None, timer: Timer = NO_TIMER,
+                    show: bool = True) -> tuple[EpisodeResult | None, torch.Tensor | None]:
+    """Train on the episodes of ``loader`` (items of :class:`datasets.EpisodeDataset`), adding each to
+    ``progress``: forward (:func:`engine.episode.run_episode`), finiteness check, both losses'
+    gradients and the optimiser steps. The classification loss trains from epoch 1 on.
 
     Returns:
         The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
@@ -200,23 +191,24 @@ def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank 
         Interrupted: ``stop()`` became true (checked after each episode).
         TrainingDiverged: a loss was not finite (nothing was stepped for that episode).
     """
-    config = episode_config(args, args.trainways, train=True)
-    dataset.set_epoch(epoch, start=progress["step"])
-    loader = episode_loader(dataset, args.nthreads, device)
+    meta_params, cls_params = groups
+    train_cls = bool(cls_params) and epoch > 0
     result = relation = None
-    bar = tqdm(total=len(dataset), desc=f"epoch {epoch}", disable=not args.progress, leave=False)
-    batches, tick = iter(loader), time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not show, leave=False)
+    episodes, tick = iter(loader), time.perf_counter()
     while True:
         with timer.section("data_wait"):
-            episode = next(batches, None)
+            episode = next(episodes, None)
         if episode is None:
             break
-        result = train_step(model, episode, bank, config, device, epoch, groups, optimizers, embed, timer)
+        result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
+                             embed=embed, timer=timer)
         with timer.section("bookkeeping"):
-            if result is None:
-                classes = " ".join(dataset.split.classes[c] for c in episode["classes"].tolist())
+            if not all(torch.isfinite(loss) for loss in (result.proto_loss, result.cls_loss) if loss is not None):
                 raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} "
-                                       f"(classes {classes})")
+                                       f"(classes {class_names(loader, episode['classes'])})")
+        optimizer_step(result, groups, optimizers, train_cls, timer)
+        with timer.section("bookkeeping"):
             relation = None if result.gallery_index is None else \
                 gallery_relation(result, bank.gallery.labels, episode["classes"])
             accumulate(progress, result, relation, time.perf_counter() - tick)
@@ -225,11 +217,17 @@ def train_one_epoch(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank 
         bar.update()
         bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
                         acc=f"{100 * progress['acc'] / progress['step']:.1f}")
-        if stop():
+        if stop is not None and stop():
             bar.close()
             raise Interrupted(f"in training epoch {epoch}, after episode {progress['step']}")
     bar.close()
     return result, relation
+
+
+def class_names(loader, classes: torch.Tensor) -> str:
+    """The wnids of an episode's ``classes`` when ``loader`` reads an EpisodeDataset, else their ids."""
+    split = getattr(getattr(loader, "dataset", None), "split", None)
+    return " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ EPISODE_KEYS = {"train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms
                 "train_peak_rss_mb", "train_peak_total_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
 STAGE1_KEYS = {"images_per_s_loader", "images_per_s_preloaded", "loading_ratio", "data_wait_ms", "peak_rss_mb",
                "loader_peak_total_mb", "decode_ms_per_image", "breakdown_ms"}
-# Sections of engine.stage2.train_step / evaluate and engine.stage1.train_one_epoch (engine/timing.py).
+# Sections of engine.stage2.train_one_epoch / evaluate and engine.stage1.train_one_epoch (engine/timing.py).
 TRAIN_SECTIONS = {"prepare", "embed_plain", "select", "gallery_batch", "deform", "embed_deformed", "losses", "backward",
                   "optimizer", "bookkeeping"}
 TEST_SECTIONS = {"prepare", "embed_plain", "select", "gallery_batch", "deform", "embed_deformed", "losses"}
@@ -84,7 +84,8 @@ def test_episode_benchmark(results) -> None:
     timed_sections(breakdown["train floor"], TRAIN_SECTIONS)
     timed_sections(breakdown["test loop"], TEST_SECTIONS | {"data_wait", "bookkeeping"})
     timed_sections(breakdown["test floor"], TEST_SECTIONS)
-    assert "data_wait" not in breakdown["train floor"] and "backward" not in breakdown["test loop"]
+    assert breakdown["train floor"].get("data_wait", 0.0) < 1.0  # episodes already in memory: nothing to wait for
+    assert "backward" not in breakdown["test loop"]
     assert 0 <= summary["train_accuracy"] <= 1
     assert "TOTAL per episode" in results["episode.py"][0].stdout
 

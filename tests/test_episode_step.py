@@ -298,7 +298,7 @@ def groups(model: IDeMeNet) -> dict[str, list[nn.Parameter]]:
 
 
 def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
-    """Build the model as the script does and take one training step with the script's train_step."""
+    """Build the model as the script does and take one training step with the engine's train_one_epoch."""
     args = make_args(stage1_file, *flags)
     torch.manual_seed(4)
     model = stage2.build_model(args, CPU)
@@ -308,8 +308,9 @@ def take_step(stage1_file, step_gallery, flags: tuple[str, ...], epoch: int):
     episode = make_episode(3, 1, 2, args.augnum, args.chooseNum, len(bank), 9, classes=[1, 4, 6], seed=21)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    result = stage2.train_step(model, episode, bank, stage2.episode_config(args, args.trainways), CPU, epoch,
-                               (meta_params, cls_params), optimizers)
+    result, _ = stage2.train_one_epoch(model, [episode], bank, stage2.episode_config(args, args.trainways, train=True),
+                                       CPU, epoch, (meta_params, cls_params), optimizers, None, stage2.new_progress(),
+                                       show=False)
     assert result is not None
     changed = {k: [not torch.equal(b, p.detach()) for b, p in zip(before[k], groups(model)[k])] for k in before}
     return model, changed, before, buffers, (meta_params, cls_params)
