@@ -2,10 +2,12 @@
 arguments, metrics CSV, TensorBoard events), the resumable state, interruption, the epoch line."""
 from __future__ import annotations
 
+import atexit
 import csv
 import fcntl
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,12 @@ from utils.files import RUNS_DIR, write_json
 from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
+LOCK_FILE = ".lock"  # in the run folder: "<pid> <host>" of the process training the run
+
 def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
     """``runs/<name>``; refuses a folder that holds a run unless resuming or overwriting. Writes nothing."""
     run_dir = runs_dir / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (resume or overwrite):
         raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
     if resume and not (run_dir / "resume.pt").is_file():
         raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
@@ -44,9 +48,13 @@ def open_run(args, resume_keys: tuple[str, ...], runs_dir: Path = RUNS_DIR) -> t
 
 
 def clear_run_dir(run_dir: Path, resume: bool) -> None:
-    """Empty ``run_dir`` for a new run (``--overwrite``); a resumed run keeps it."""
+    """Empty ``run_dir`` for a new run (``--overwrite``), all but its lock; a resumed run keeps it."""
     if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+        for path in run_dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != LOCK_FILE:
+                path.unlink()
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -100,28 +108,40 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir))
 
 
-def lock_run(name: str, runs_dir: Path = RUNS_DIR):
-    """Hold ``runs/.<name>.lock`` for this process's lifetime (released when it exits, however it
-    exits), so that no second process trains the same run.
+def lock_run(run_dir: Path):
+    """Hold ``run_dir/.lock`` (an exclusive ``flock``, released by the kernel however the process ends,
+    holding ``<pid> <host>``) so that no second process trains the same run. A lock left by a process
+    that is gone (crash, SIGKILL, reboot) is taken over with a one-line notice.
 
     Raises:
-        OptionError: another process holds it (its pid is named).
+        OptionError: a live process holds it (named with its host).
     """
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(runs_dir / f".{name}.lock", "a+")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    handle.seek(0)
+    holder = handle.read().split()
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
         handle.close()
-        raise OptionError(f"{runs_dir / name} is in use by another process (pid {owner}); wait for it to end "
-                          "or choose another --tensorname") from None
+        pid, host = holder if len(holder) == 2 else ("unknown", "unknown")
+        raise OptionError(f"{run_dir} is in use by process {pid} on {host}; wait for it to end or choose "
+                          "another --tensorname") from None
+    if len(holder) == 2:
+        print(f"taking over the lock of {run_dir} from process {holder[0]} on {holder[1]}, which is gone", flush=True)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{os.getpid()} {socket.gethostname()}\n")
     handle.flush()
+    atexit.register(release_run, handle)
     return handle
+
+
+def release_run(handle) -> None:
+    """Empty the lock file (a clean end leaves no holder to take over) and release it."""
+    if not handle.closed:
+        handle.truncate(0)
+        handle.close()
 
 
 class Run:
@@ -144,7 +164,7 @@ class Run:
 
     def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  is_main: bool = True) -> None:
-        self._lock = lock_run(args.tensorname) if is_main else None
+        self._lock = lock_run(RUNS_DIR / args.tensorname) if is_main else None
         self.dir, self.resumed = open_run(args, resume_keys)
         if self.resumed is not None and self.resumed["epoch"] > args.numEpochs:
             raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "

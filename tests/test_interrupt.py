@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,8 +166,8 @@ def test_a_second_process_cannot_train_the_same_run(workdir) -> None:
     first.wait_for("val 0:")
     second = run_script(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "0", "--overwrite")
     assert second.returncode == 2
-    assert second.stderr.count("\n") == 1 and "in use by another process" in second.stderr
-    assert f"pid {first.process.pid}" in second.stderr
+    assert second.stderr.count("\n") == 1 and "runs/busy is in use by process" in second.stderr
+    assert f"process {first.process.pid} on {socket.gethostname()}" in second.stderr
     first.process.send_signal(signal.SIGTERM)
     status, _ = first.finish()
     assert status == 130  # the first run was not disturbed: it stops when asked, and its state is there
@@ -181,3 +182,14 @@ def test_gallery_build_and_features_stop_on_request(workdir) -> None:
     calls = iter(range(100))
     with pytest.raises(Interrupted, match="embedding the gallery"):
         GalleryBank(gallery, IDeMeNet(64, 32).eval(), torch.device("cpu"), 16, stop=lambda: next(calls) == 2)
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(workdir) -> None:
+    (workdir / "runs/dead").mkdir(parents=True)
+    (workdir / "runs/dead/.lock").write_text("999999 gone-host\n")  # no process holds it any more
+    result = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--numEpochs", "1", "--valEpisodes", "2",
+                        "--testEpisodes", "2", "--progress", "0", "--tensorname", "dead")
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stdout.splitlines() if "taking over the lock" in line]
+    assert notices == ["taking over the lock of runs/dead from process 999999 on gone-host, which is gone"]
+    assert (workdir / "runs/dead/.lock").read_text() == ""  # a clean end leaves no holder behind
