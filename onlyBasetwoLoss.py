@@ -21,6 +21,7 @@ import torch
 
 from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
+from engine.features import FeatureCache
 from engine.options import resolve_stage2_args, stage2_parser
 from engine.run import Run
 from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
@@ -74,7 +75,10 @@ def main(args: argparse.Namespace) -> int:
         train_config = episode_config(args, args.trainways, train=True)
         select_split = args.selectOn
         select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
-                              VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size)
+                              VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size, evaluation=True)
+        # With the embedding frozen for the run, each image is embedded once per run, not once per pass.
+        caches = {name: FeatureCache(embed, len(split), device, args.batchSize, bool(args.amp))
+                  for name, split in splits.items()} if not groups[1] else {}
         run.start(record["rows"])
 
         def save_state(epoch: int) -> None:
@@ -86,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
         def select(epoch: int) -> dict:
             """Evaluate the selection episodes; keep the weights when they are the best so far."""
             select_set.set_epoch(epoch if select_split == "test" else 0)
-            stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed, stop=stop)
+            stats = evaluate(model, select_set, bank, args, device, f"{select_split} {epoch}", embed, stop=stop,
+                             cache=caches.get(select_split))
             columns = selection_columns(stats, select_split)
             score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
             if record["best"] is None or score > record["best"]:
@@ -104,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
                 train_set.set_epoch(epoch, start=progress["step"])
                 last, relation = train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank,
                                                  train_config, device, epoch, groups, optimizers, embed, progress,
-                                                 stop, show=bool(args.progress))
+                                                 stop, show=bool(args.progress), cache=caches.get("train"))
                 row = epoch_row(epoch, progress, optimizers, model)
                 write_figure(last, args, relation, suffix="_train")
                 row.update(progress["select"] if select_split == "test" else select(epoch))
@@ -120,8 +125,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"saved {main_path} (selected by {'val accuracy' if select_split == 'val' else 'test loss'}) "
                   f"and {last_path}")
             model.load_state_dict(safe_load(main_path))
-            test_set = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, gallery_size)
-            stats = evaluate(model, test_set, bank, args, device, "test", embed, keep_first=True, stop=stop)
+            test_set = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, gallery_size,
+                                evaluation=True)
+            stats = evaluate(model, test_set, bank, args, device, "test", embed, keep_first=True, stop=stop,
+                             cache=caches.get("test"))
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
@@ -139,7 +146,8 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
         try:
             splits, model, gallery = prepare(args, device, need_train=False, stop=stop)
             bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop) if gallery else None
-            dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []))
+            dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []),
+                               evaluation=True)
             stats = evaluate(model, dataset, bank, args, device, "test", make_embed(model, device), keep_first=True,
                              stop=stop)
         except Interrupted as stopped:

@@ -53,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--testEpisodes", type=int, default=None, help="timed test episodes (default: --episodes)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the (loop, floor) blocks this many times")
     p.add_argument("--skipTest", action="store_true", help="skip the test-episode phases")
+    p.add_argument("--passEpisodes", type=int, default=30,
+                   help="episodes of the whole evaluation passes, cached against uncached (0: none); 30 on the "
+                   "toy test split (20 x 30 images) has the ratio of 600 episodes to miniImageNet's 12,000 images")
     return p
 
 
@@ -156,6 +159,14 @@ def main(a: argparse.Namespace) -> None:
         rows["test loop"] += timer.rows
         rows["test floor"] += floor(test_floor_step, device, a.warmup, test_steps, probes["test_floor"])
 
+    passes = {}
+    if a.passEpisodes and not a.skipTest:
+        for cached in (False, True):  # whole passes as the scripts run them, the cache's advance fill included
+            dataset = stage2.episodes(splits["test"], args, args.ways, a.passEpisodes, stage2.TEST_STREAM, len(bank),
+                                      evaluation=cached)
+            passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, args, device, "pass", embed,
+                                          cached=cached)[0] / a.passEpisodes
+
     columns = {name: common.medians(r) for name, r in rows.items() if r}
     common.print_table(f"median ms per episode, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, "
                        f"{args.ways}-way {args.shots}-shot, augnum {args.augnum}, chooseNum {args.chooseNum}, "
@@ -185,12 +196,19 @@ def main(a: argparse.Namespace) -> None:
         "gallery_images": len(bank), "gallery_decode_s": decode_s, "gallery_features_s": features_s,
         "gallery_ready_s": decode_s + features_s, "gallery_ready_over_features": (decode_s + features_s) / features_s,
         "scan_s": scan_s, "toy_generate_s": toy_s, **common.memory_fields(probes),
+        "eval_pass_episodes": a.passEpisodes if passes else 0,
+        "eval_pass_ms_per_episode_uncached": 1000 * passes[False] if passes else None,
+        "eval_pass_ms_per_episode_cached": 1000 * passes[True] if passes else None,
+        "eval_cache_speedup": passes[False] / passes[True] if passes else None,
         "train_accuracy": train_acc / train_steps, "timed_steps": {name: len(r) for name, r in rows.items()},
         "breakdown_ms": common.breakdown_ms(columns),
     }
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
     test_ratio = f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else ""
+    if passes:
+        print(f"\nevaluation pass of {a.passEpisodes} episodes: {1000 * passes[False]:.1f} ms per episode uncached, "
+              f"{1000 * passes[True]:.1f} ms cached ({summary['eval_cache_speedup']:.2f} x)")
     print(f"\ntrain ratio (medians) {summary['train_ratio']:.3f}{test_ratio}, "
           f"{summary['train_episodes_per_s']:.2f} training episodes/s; gallery ready in "
           f"{summary['gallery_ready_over_features']:.2f} x the feature pass; peak memory of the train phase with "

@@ -25,6 +25,7 @@ from torch import nn
 
 from benchmarks import common
 from engine import stage1
+from engine.fewshot import evaluate_embedding
 from engine.options import stage1_parser
 from utils.distributed import DistInfo
 from utils.errors import OptionError
@@ -39,6 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batchSize", type=int, default=128)
     p.add_argument("--filesPerClass", type=int, default=500)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--monitorEpisodes", type=int, default=30,
+                   help="episodes of each val monitor pass (1- and 5-shot), cached against uncached (0: none); 30 on "
+                   "the toy val split (16 x 30 images) has the ratio of 600 episodes to miniImageNet's 9,600 images")
+    p.add_argument("--monitorQueries", type=int, default=15, help="query images per class in the monitor's episodes")
     return p
 
 
@@ -69,7 +74,7 @@ def main(a: argparse.Namespace) -> None:
     args = stage1_parser().parse_args([f for k, v in flags.items() if v is not None for f in (f"--{k}", str(v))])
     device, info, need = resolve_device(args), DistInfo(), a.warmup + a.steps
     configure_backend(device, False, args.seed)
-    scan_s, (train, _, sampler, loader) = common.timed(device, stage1.load_data, args, device, info)
+    scan_s, (train, val, sampler, loader) = common.timed(device, stage1.load_data, args, device, info)
     dataset = loader.dataset
     if len(dataset) < need * args.batchSize:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
@@ -96,6 +101,14 @@ def main(a: argparse.Namespace) -> None:
     workers_cpu_s = common.children_cpu_s() - cpu0
     rows["preloaded"] = epoch(kept.batches, "preloaded")
 
+    monitor = {}
+    if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
+        args.valEpisodes, args.valQueries = a.monitorEpisodes, a.monitorQueries
+        monitor[True] = common.timed(device, stage1.evaluate, model, val, args, device)[0]
+        monitor[False] = common.timed(device, lambda: [evaluate_embedding(
+            net.features, val, args.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, args.seed, device, 1, args.batchSize,
+            args.nthreads, args.amp, progress=False, cached=False) for shots in (1, 5)])[0]
+
     columns = {phase: common.medians(r) for phase, r in rows.items()}
     common.print_table(f"median ms per step, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, batch "
                        f"{args.batchSize}, nthreads {args.nthreads}, {a.steps}+{a.warmup} warmup steps",
@@ -113,7 +126,9 @@ def main(a: argparse.Namespace) -> None:
         "decode_ms_per_image": 1000 * item_s, "decode_s_per_batch_one_core": item_s * args.batchSize,
         "workers_cpu_s_loader_phase": workers_cpu_s, "batch_mb": images.element_size() * images.nelement() / 2**20,
         "batch_dtype": str(images.dtype).replace("torch.", ""), **common.memory_fields(probes),
-        "scan_s": scan_s, "toy_generate_s": toy_s,
+        "scan_s": scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,
+        "monitor_s_uncached": monitor.get(False), "monitor_s_cached": monitor.get(True),
+        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None,
         "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
     }
     if device.type == "cuda":
@@ -121,6 +136,9 @@ def main(a: argparse.Namespace) -> None:
     print(f"\nimages/s: {ips['loader']:.1f} with the loader, {ips['preloaded']:.1f} preloaded (step time ratio "
           f"{summary['loading_ratio']:.3f}); one item in this process {1000 * item_s:.1f} ms; peak memory of the "
           f"loader phase with the workers {summary['loader_peak_total_mb']:.0f} MB")
+    if monitor:
+        print(f"val monitor, {a.monitorEpisodes} + {a.monitorEpisodes} episodes: {monitor[False]:.1f} s uncached, "
+              f"{monitor[True]:.1f} s cached ({summary['monitor_cache_speedup']:.2f} x)")
     common.finish(summary, env, a.json, holder)
 
 

@@ -1,5 +1,5 @@
 """miniImageNet splits, transforms, the stage-1 and episodic datasets, the gallery, toy data."""
-from datasets.episodes import AugmentDraws, EpisodeDataset, collate_episode
+from datasets.episodes import AugmentDraws, CroppedImages, EpisodeDataset, collate_episode
 from datasets.gallery import Gallery, gallery_files
 from datasets.images import image_problem, load_rgb, scan_split
 from datasets.seeding import SeededSampler, item_rng
@@ -9,7 +9,7 @@ from datasets.transforms import eval_crop, eval_transform, normalize_uint8, trai
 from utils.errors import DataError
 
 __all__ = [
-    "AugmentDraws", "DataError", "EpisodeDataset", "Gallery", "SPLITS", "SeededSampler", "SoftRandomDataset",
+    "AugmentDraws", "CroppedImages", "DataError", "EpisodeDataset", "Gallery", "SPLITS", "SeededSampler", "SoftRandomDataset",
     "Split", "class_list", "collate_episode", "detect_layout", "eval_crop", "eval_transform", "gallery_files",
     "image_problem", "item_rng", "load_rgb", "normalize_uint8", "read_split", "scan_split", "train_transform",
 ]

@@ -41,16 +41,21 @@ class EpisodeDataset(Dataset):
 
     Each item is a dict:
         ``support`` uint8 ``[ways*shots, 3, S, S]`` class by class; ``query`` uint8
-        ``[ways*queries, 3, S, S]``; ``support_labels``/``query_labels`` long, episode labels
-        0..ways-1; ``classes`` long ``[ways]``, split-level class ids; and with ``draws``:
+        ``[ways*queries, 3, S, S]``; ``support_ids``/``query_ids`` long, the images' positions in
+        the split (class by class, each class's files in order: rows of a feature cache);
+        ``support_labels``/``query_labels`` long, episode labels 0..ways-1; ``classes`` long
+        ``[ways]``, split-level class ids; and with ``draws``:
         ``probe_flip`` bool ``[ways*shots*augnum]``, ``shortlist_pick`` long (index into a
         class's shortlist), ``gallery_pick`` long (index into the whole gallery),
         ``gallery_flip`` bool and ``random_weights`` float ``[ways*shots*augnum, F*F]``.
+
+    ``decode`` chooses the images decoded: ``all``; ``support`` (no ``query`` pixels: their
+    features come from a cache); ``none`` (neither).
     """
 
     def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
                  episodes: int, seed: int, stream: int = 0, overlap: bool = False,
-                 draws: AugmentDraws | None = None) -> None:
+                 draws: AugmentDraws | None = None, decode: str = "all") -> None:
         if ways > split.num_classes:
             raise DataError(f"--ways {ways} is larger than the {split.num_classes} classes of split {split.name}")
         need = shots if overlap else shots + queries
@@ -61,7 +66,8 @@ class EpisodeDataset(Dataset):
                             f"an episode needs {need} (shots {shots} + queries {queries})")
         self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
         self.episodes, self.seed, self.stream, self.overlap, self.draws = episodes, seed, stream, overlap, draws
-        self.crop = eval_crop(image_size)
+        self.image_size, self.crop, self.decode = image_size, eval_crop(image_size), decode
+        self.offsets = np.cumsum([0] + [len(f) for f in split.files[:-1]])
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -90,17 +96,39 @@ class EpisodeDataset(Dataset):
     def _decode(self, classes: np.ndarray, picks: list[list[int]]) -> torch.Tensor:
         return torch.stack([self.crop(load_rgb(self.split.files[c][i])) for c, idx in zip(classes, picks) for i in idx])
 
+    def positions(self, classes: np.ndarray, picks: list[list[int]]) -> torch.Tensor:
+        """Positions in the split of the picked files of ``classes`` (class by class)."""
+        return torch.tensor([int(self.offsets[c]) + i for c, idx in zip(classes, picks) for i in idx], dtype=torch.long)
+
+    def files_at(self, positions: torch.Tensor) -> list:
+        """The files at split ``positions``."""
+        flat = [path for files in self.split.files for path in files]
+        return [flat[p] for p in positions.tolist()]
+
+    def pass_positions(self) -> torch.Tensor:
+        """The distinct split positions of every image the current epoch's episodes use, sorted."""
+        used = set()
+        for index in range(self.start, self.episodes):
+            classes, support, query, _ = self.plan(index)
+            used.update(self.positions(classes, support).tolist())
+            used.update(self.positions(classes, query).tolist())
+        return torch.tensor(sorted(used), dtype=torch.long)
+
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         index = self.start + position
         classes, support, query, rng = self.plan(index)
         item = {
-            "support": self._decode(classes, support),
-            "query": self._decode(classes, query),
+            "support_ids": self.positions(classes, support),
+            "query_ids": self.positions(classes, query),
             "support_labels": torch.arange(self.ways).repeat_interleave(self.shots),
             "query_labels": torch.arange(self.ways).repeat_interleave(self.queries),
             "classes": torch.from_numpy(classes).long(),
             "index": torch.tensor(index),
         }
+        if self.decode in ("all", "support"):
+            item["support"] = self._decode(classes, support)
+        if self.decode == "all":
+            item["query"] = self._decode(classes, query)
         if self.draws is not None:
             n = self.ways * self.shots * self.draws.augnum
             item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)
@@ -114,3 +142,16 @@ class EpisodeDataset(Dataset):
 def collate_episode(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """DataLoader collate for ``batch_size=1``: the episode itself, no batch dimension."""
     return batch[0]
+
+
+class CroppedImages(Dataset):
+    """The evaluation crops of ``files``: item i is uint8 ``[3, S, S]`` (for embedding them once)."""
+
+    def __init__(self, files: list, image_size: int) -> None:
+        self.files, self.crop = files, eval_crop(image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.crop(load_rgb(self.files[index]))

@@ -6,7 +6,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.episodes import EpisodeDataset, collate_episode
+from datasets.episodes import CroppedImages, EpisodeDataset, collate_episode
 
 # Scheduling niceness of data-loading workers when the model runs on the CPU.
 CPU_WORKER_NICENESS = 19
@@ -33,4 +33,11 @@ def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) 
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=worker_init_for(device))
+
+
+def image_loader(dataset: CroppedImages, batch: int, workers: int, device: torch.device) -> DataLoader:
+    """Batches of ``batch`` crops in order, decoded in ``workers`` background processes."""
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=worker_init_for(device))

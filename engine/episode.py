@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from datasets.gallery import Gallery
 from datasets.transforms import prepare_images
+from engine.features import FeatureCache
 from engine.timing import NO_TIMER, Timer
 from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
@@ -129,7 +130,8 @@ def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor,
 
 def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
                 device: torch.device, train_cls: bool = False, track_grad: bool = False,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None, timer: Timer = NO_TIMER) -> EpisodeResult:
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None, timer: Timer = NO_TIMER,
+                cache: FeatureCache | None = None) -> EpisodeResult:
     """Forward one episode.
 
     Args:
@@ -140,19 +142,25 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
         track_grad: build graphs so the prototype loss can train the deformation network and scale.
         embed: the embedding call (``model.embed`` by default; DataParallel wraps it).
         timer: receives the sections (:class:`engine.timing.Timer`).
+        cache: support and query features by image (the embedding is fixed while it is used); the
+            episode then needs no ``query`` pixels, and ``support`` pixels only to deform them.
 
     Returns:
         :class:`EpisodeResult`.
     """
     embed = embed or model.embed
     with timer.section("prepare"):
-        support = prepare_images(episode["support"], device)
-        query = prepare_images(episode["query"], device)
+        support = prepare_images(episode["support"], device) if "support" in episode else None
+        query = prepare_images(episode["query"], device) if cache is None else None
         labels = episode["support_labels"].to(device)
         query_labels = episode["query_labels"].to(device)
     with timer.section("embed_plain"), torch.no_grad(), autocast(device, config.amp):
-        support_features = embed_in_chunks(embed, support, config.chunk)
-        query_features = embed_in_chunks(embed, query, config.chunk)
+        if cache is None:
+            support_features = embed_in_chunks(embed, support, config.chunk)
+            query_features = embed_in_chunks(embed, query, config.chunk)
+        else:
+            support_features = cache.lookup(episode["support_ids"], episode.get("support"))
+            query_features = cache.lookup(episode["query_ids"], episode.get("query"))
     with timer.section("losses"):
         plain_protos = prototypes(support_features, labels, config.ways)
         plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from datasets import SeededSampler, SoftRandomDataset, read_split, scan_split
 from datasets.loaders import worker_init_for
+from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
 from engine.timing import NO_TIMER, Timer
 from models import EmbeddingNet, load_embedding
@@ -132,15 +133,17 @@ def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: arg
 
 
 def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier;
-    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
+    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
+    each val image embedded once for both; raises :class:`utils.interrupt.Interrupted` when
+    ``stop()`` becomes true."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
+    cache = FeatureCache(net.features, len(val), device, args.batchSize, bool(args.amp))
     out = {}
     for shots in (1, 5):
         accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
                                   args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
-                                  desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop)
+                                  desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop, cache=cache)
         out[f"val_{shots}shot"], out[f"val_{shots}shot_ci"] = mean_ci95([100 * a for a in accs])
     return out
 

@@ -17,6 +17,7 @@ from datasets import AugmentDraws, EpisodeDataset, Gallery, read_split, scan_spl
 from datasets.loaders import episode_loader
 from engine.episode import (EPISODE_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank, episode_gradients,
                             gallery_relation, run_episode)
+from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
 from engine.timing import NO_TIMER, Timer
 from models import IDeMeNet, load_idemenet
@@ -137,10 +138,14 @@ def episode_config(args: argparse.Namespace, ways: int, train: bool = False) -> 
                          args.galleryExclude if train else "none", args.batchSize, bool(args.amp))
 
 
-def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int) -> EpisodeDataset:
+def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int,
+             evaluation: bool = False) -> EpisodeDataset:
+    """The episodes of ``split`` (``stream``: TRAIN_STREAM, VAL_STREAM or TEST_STREAM). Evaluation
+    episodes decode only what cached features cannot replace: the support images, to deform them."""
     draws = None if args.deform == "none" else AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
+    decode = ("none" if args.deform == "none" else "support") if evaluation else "all"
     return EpisodeDataset(split, args.imageSize, ways, args.shots, args.test_num, count, args.seed, stream,
-                          bool(args.overlap), draws)
+                          bool(args.overlap), draws, decode)
 
 
 def make_embed(model: IDeMeNet, device: torch.device):
@@ -178,10 +183,12 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
 def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank | None, config: EpisodeConfig,
                     device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed,
                     progress: dict, stop: Callable[[], bool] | None = None, timer: Timer = NO_TIMER,
-                    show: bool = True) -> tuple[EpisodeResult | None, torch.Tensor | None]:
+                    show: bool = True, cache: FeatureCache | None = None
+                    ) -> tuple[EpisodeResult | None, torch.Tensor | None]:
     """Train on the episodes of ``loader`` (items of :class:`datasets.EpisodeDataset`), adding each to
     ``progress``: forward (:func:`engine.episode.run_episode`), finiteness check, both losses'
-    gradients and the optimiser steps. The classification loss trains from epoch 1 on.
+    gradients and the optimiser steps. The classification loss trains from epoch 1 on. With a
+    frozen embedding (``--fixCls 1``) ``cache`` keeps each image's features from its first episode on.
 
     Returns:
         The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
@@ -202,7 +209,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
         if episode is None:
             break
         result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
-                             embed=embed, timer=timer)
+                             embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
             if not all(torch.isfinite(loss) for loss in (result.proto_loss, result.cls_loss) if loss is not None):
                 raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} "
@@ -233,21 +240,32 @@ def class_names(loader, classes: torch.Tensor) -> str:
 @torch.no_grad()
 def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
              device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
-             stop: Callable[[], bool] | None = None) -> dict:
-    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes;
-    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true (checked after each episode).
+             stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None, cached: bool = True) -> dict:
+    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes.
+
+    The embedding is fixed during the pass, so each distinct image of the pass is decoded and
+    embedded once, in advance, into ``cache`` (a new one unless the caller keeps one for a run whose
+    embedding is frozen); per episode only the deformed images go through the networks.
+    ``cached=False`` embeds every episode's images afresh instead (the dataset must decode them all).
+    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true (checked after each
+    episode and each batch of the advance pass).
 
     Returns:
         ``acc``, ``plain`` and ``loss`` (one value per episode), ``deformation`` (sums for
         :func:`deformation_columns`) and ``first`` (the first episode's result when ``keep_first``).
     """
     config = episode_config(args, dataset.ways)
+    if cached:
+        cache = cache or FeatureCache(embed, len(dataset.split), device, args.batchSize, bool(args.amp))
+        cache.fill(dataset, args.nthreads, bool(args.progress), f"{desc} images", stop)
+    else:
+        cache = None
     acc, plain, losses, first, sums = [], [], [], None, new_deformation_sums()
     batches = iter(episode_loader(dataset, args.nthreads, device))
     for _ in tqdm(range(len(dataset)), desc=desc, disable=not args.progress, leave=False):
         with timer.section("data_wait"):
             episode = next(batches)
-        result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer)
+        result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
             acc.append(result.accuracy)
             plain.append(result.plain_accuracy)

@@ -37,8 +37,8 @@ def results(toy_root: Path, tmp_path_factory: pytest.TempPathFactory
     dataroot = toy_root
     runs = {
         "episode.py": ["--shots", "1", "--augnum", "2", "--chooseNum", "2", "--galleryNum", "2", "--queries", "2",
-                       "--episodes", "1"],
-        "stage1.py": ["--batchSize", "8", "--steps", "1"],
+                       "--episodes", "1", "--passEpisodes", "2"],
+        "stage1.py": ["--batchSize", "8", "--steps", "1", "--monitorEpisodes", "2", "--monitorQueries", "2"],
     }
     procs = {}
     for script, extra in runs.items():
@@ -87,6 +87,8 @@ def test_episode_benchmark(results) -> None:
     assert breakdown["train floor"].get("data_wait", 0.0) < 1.0  # episodes already in memory: nothing to wait for
     assert "backward" not in breakdown["test loop"]
     assert 0 <= summary["train_accuracy"] <= 1
+    assert summary["eval_pass_episodes"] == 2
+    assert summary["eval_pass_ms_per_episode_cached"] > 0 and summary["eval_pass_ms_per_episode_uncached"] > 0
     assert "TOTAL per episode" in results["episode.py"][0].stdout
 
 
@@ -98,3 +100,6 @@ def test_stage1_benchmark(results) -> None:
     timed_sections(summary["breakdown_ms"]["loader"], STAGE1_SECTIONS)
     timed_sections(summary["breakdown_ms"]["preloaded"], STAGE1_SECTIONS)
     assert "TOTAL per step" in results["stage1.py"][0].stdout
+    assert summary["monitor_s_cached"] > 0 and summary["monitor_s_uncached"] > 0
+    assert summary["monitor_cache_speedup"] == pytest.approx(summary["monitor_s_uncached"] / summary["monitor_s_cached"],
+                                                             rel=1e-2)

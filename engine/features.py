@@ -1,0 +1,70 @@
+"""Embedding features cached by image while the embedding is fixed: each distinct image of an
+evaluation pass (or of a run whose embedding is frozen) goes through the network once."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from datasets.episodes import CroppedImages, EpisodeDataset
+from datasets.loaders import image_loader
+from datasets.transforms import prepare_images
+from utils.forward import autocast, embed_in_chunks
+from utils.interrupt import check_stop
+
+
+class FeatureCache:
+    """Features ``[N, D]`` of a split's N images by position (``EpisodeDataset`` ``*_ids``), filled
+    once per image: in advance for a pass (:meth:`fill`, decoding each distinct image once) or as
+    episodes bring new images (:meth:`lookup` with their pixels).
+
+    Args:
+        embed: the embedding call, ``[n, 3, S, S]`` -> ``[n, D]``; it must not change while the
+            cache is used.
+        size: images in the split.
+        chunk: images per forward call.
+    """
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, chunk: int,
+                 amp: bool = False) -> None:
+        self.embed, self.device, self.chunk, self.amp = embed, device, chunk, amp
+        self.features: torch.Tensor | None = None  # allocated at the first embedding (its width D)
+        self.known = torch.zeros(size, dtype=torch.bool, device=device)
+
+    def _store(self, positions: torch.Tensor, features: torch.Tensor) -> None:
+        if self.features is None:
+            self.features = torch.empty(len(self.known), features.shape[1], device=self.device)
+        self.features[positions] = features
+        self.known[positions] = True
+
+    @torch.no_grad()
+    def fill(self, dataset: EpisodeDataset, workers: int, progress: bool = True, desc: str = "features",
+             stop: Callable[[], bool] | None = None) -> None:
+        """Embed every image the dataset's current episodes use that is not cached yet, each decoded
+        once by ``workers`` background processes."""
+        positions = dataset.pass_positions().to(self.device)
+        positions = positions[~self.known[positions]].cpu()
+        images = CroppedImages(dataset.files_at(positions), dataset.image_size)
+        done = 0
+        for batch in tqdm(image_loader(images, self.chunk, workers, self.device), desc=desc, disable=not progress,
+                          leave=False):
+            with autocast(self.device, self.amp):
+                features = self.embed(prepare_images(batch, self.device)).float()
+            self._store(positions[done:done + len(batch)].to(self.device), features)
+            done += len(batch)
+            check_stop(stop, f"while embedding the {desc}")
+
+    @torch.no_grad()
+    def lookup(self, positions: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Features ``[n, D]`` of the images at ``positions`` ``[n]``; those not cached yet are embedded
+        from ``images`` (uint8 ``[n, 3, S, S]``, the same images in the same order) and kept."""
+        positions = positions.to(self.device)
+        missing = ~self.known[positions]
+        if missing.any():
+            if images is None:
+                raise RuntimeError("FeatureCache.lookup: images not cached and no pixels given")
+            new = prepare_images(images[missing.cpu()], self.device)
+            with autocast(self.device, self.amp):
+                self._store(positions[missing], embed_in_chunks(self.embed, new, self.chunk))
+        return self.features[positions]
