@@ -1,6 +1,7 @@
 """Running the two training scripts in a scratch folder, as a user would."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -41,3 +42,9 @@ def popen_script(cwd: Path, script: str, *args: str) -> subprocess.Popen:
     """Start a script in the background with line-buffered text output on stdout (stderr merged)."""
     return subprocess.Popen([sys.executable, "-u", str(REPO / script), *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=script_env())
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

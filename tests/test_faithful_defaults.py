@@ -3,7 +3,6 @@ gallery, the test-selection timing): the scale's undecayed rate, unflipped galle
 PyTorch 0.4.0 initialisation and ``--selectOn test`` evaluated before each epoch trains."""
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from datasets import read_split
 from engine.episode import GalleryBank
 from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet, SmallDeformNet
-from tests.scripts_helpers import make_workdir, run_script
+from tests.scripts_helpers import make_workdir, read_metrics, run_script
 from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
 from utils.options import configure_backend
@@ -31,11 +30,6 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("faithful"))
 
 
-def read_rows(path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 # 1. The scale's learning rate never decays -------------------------------------------------------
 
 def test_scale_keeps_its_rate_while_the_deformation_network_halves_every_40_epochs(workdir) -> None:
@@ -44,7 +38,7 @@ def test_scale_keeps_its_rate_while_the_deformation_network_halves_every_40_epoc
     result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "lr41", "--numEpochs", "41",
                         "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1", "--LR", str(LR))
     assert result.returncode == 0, result.stderr
-    rows = read_rows(workdir / "runs/lr41/metrics.csv")
+    rows = read_metrics(workdir / "runs/lr41/metrics.csv")
     assert len(rows) == 41
     assert float(rows[39]["lr"]) == pytest.approx(LR) and float(rows[40]["lr"]) == pytest.approx(LR / 2)
     assert all(float(row["scale_lr"]) == pytest.approx(LR) for row in rows)
@@ -162,7 +156,7 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     for name, epochs in (("seltest", "2"), ("seltest_one", "1")):
         result = run_script(workdir, "onlyBasetwoLoss.py", *common, "--tensorname", name, "--numEpochs", epochs)
         assert result.returncode == 0, result.stderr
-    rows = read_rows(workdir / "runs/seltest/metrics.csv")
+    rows = read_metrics(workdir / "runs/seltest/metrics.csv")
     assert [row["select_split"] for row in rows] == ["test", "test"]
 
     monkeypatch.chdir(workdir)

@@ -2,7 +2,6 @@
 deformed features' distances to the prototypes, ``--galleryExclude episode`` and the figure."""
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from engine.figures import RELATION_COLOURS, save_deformation_figure
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
 from models.protonet import prototypes
-from tests.scripts_helpers import make_workdir, run_script
+from tests.scripts_helpers import make_workdir, read_metrics, run_script
 from tests.test_episode_step import make_episode, make_gallery, normalise, uint8_images
 from utils.errors import OptionError
 
@@ -112,17 +111,12 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("diagnostics"))
 
 
-def read_rows(path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 @pytest.mark.parametrize("exclude", ["none", "episode"])
 def test_training_writes_the_diagnostic_columns(workdir, exclude) -> None:
     name = f"diag_{exclude}"
     result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", name, "--galleryExclude", exclude)
     assert result.returncode == 0, result.stderr
-    rows = read_rows(workdir / f"runs/{name}/metrics.csv")
+    rows = read_metrics(workdir / f"runs/{name}/metrics.csv")
     assert len(rows) == 2
     for row in rows:
         same, episode_class = float(row["train_gallery_same_class"]), float(row["train_gallery_episode_class"])
