@@ -10,7 +10,7 @@ from torchvision.utils import make_grid, save_image
 from datasets.transforms import denormalize
 from utils.grid import weight_map
 
-# Frame colours of a gallery tile by its class relation to the probe (models.episode.gallery_relation):
+# Frame colours of a gallery tile by its class relation to the probe (engine.episode.gallery_relation):
 # another class than the episode's (grey), another class of the episode (orange), the probe's own (green).
 RELATION_COLOURS = ((0.6, 0.6, 0.6), (1.0, 0.55, 0.0), (0.0, 0.75, 0.2))
 

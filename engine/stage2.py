@@ -308,7 +308,7 @@ def report(stats: dict, args, split: str) -> dict:
 
 def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
     """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if it has any;
-    ``relation`` (:func:`models.episode.gallery_relation`) marks each gallery image's class (none: of
+    ``relation`` (:func:`engine.episode.gallery_relation`) marks each gallery image's class (none: of
     no class of the episode, as at val and test)."""
     if result is None or result.deformed is None:
         return None
@@ -325,7 +325,7 @@ def new_deformation_sums() -> dict[str, float]:
 
 def add_deformation(sums: dict[str, float], result, relation: torch.Tensor | None = None) -> None:
     """Add one episode's predicted weights, deformed-feature distances and, for a training episode,
-    the class relation of its gallery images (:func:`models.episode.gallery_relation`)."""
+    the class relation of its gallery images (:func:`engine.episode.gallery_relation`)."""
     if result.weights is not None:
         sums["weight_sum"] += result.weights.sum().item()
         sums["weight_sq"] += result.weights.pow(2).sum().item()

@@ -4,17 +4,22 @@
 # without deformation -> figures. It runs the real scripts with small settings, prints an
 # estimate of its time before it starts and the time of each stage at the end.
 # Settings come from the environment; QUICK=1 halves the training and evaluation (for CI).
+# It writes data/, models/, runs/ and picture/ under WORKDIR (default: the repository).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORKDIR=${WORKDIR:-$REPO}
+mkdir -p "$WORKDIR" && cd "$WORKDIR"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 DATA=${DATA:-data/toy}
-SIZE=${SIZE:-48}
+SIZE=${SIZE:-32}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 SEED=${SEED:-0}
 QUICK=${QUICK:-0}
 half() { if [ "$QUICK" = 1 ]; then echo $(( ($1 + 1) / 2 )); else echo "$1"; fi; }
-S1_EPOCHS=${S1_EPOCHS:-$(half 6)}
+S1_EPOCHS=${S1_EPOCHS:-$(half 4)}
+S1_FILES=${S1_FILES:-20}
 MONITOR=${MONITOR:-$(half 100)}
 S2_EPOCHS=${S2_EPOCHS:-2}
 EPISODES=${EPISODES:-$(half 60)}
@@ -23,36 +28,39 @@ TEST=${TEST:-$(half 40)}
 EVAL=${EVAL:-$(half 300)}
 GALLERY=10
 
+start=$SECONDS
 if [ ! -f "$DATA/train.csv" ]; then
   python -m datasets.toy --out "$DATA" --seed "$SEED" --size $(( SIZE * 4 / 3 ))
 fi
 python -m datasets.check --dataroot "$DATA" > /dev/null || [ $? -eq 1 ]
 
-python scripts/demo_estimate.py --dataroot "$DATA" --imageSize "$SIZE" --nthreads "$THREADS" \
-  --stage1Epochs "$S1_EPOCHS" --stage1Batch 64 --monitorEpisodes "$MONITOR" --stage2Epochs "$S2_EPOCHS" \
-  --episodes "$EPISODES" --galleryNum "$GALLERY" --valEpisodes "$VAL" --testEpisodes "$TEST" --evalEpisodes "$EVAL"
+python "$REPO/scripts/demo_estimate.py" --dataroot "$DATA" --imageSize "$SIZE" --nthreads "$THREADS" \
+  --stage1Epochs "$S1_EPOCHS" --stage1Batch 64 --filesPerClass "$S1_FILES" --monitorEpisodes "$MONITOR" \
+  --stage2Epochs "$S2_EPOCHS" --episodes "$EPISODES" --galleryNum "$GALLERY" --valEpisodes "$VAL" \
+  --testEpisodes "$TEST" --evalEpisodes "$EVAL"
 
 common=(--dataroot "$DATA" --imageSize "$SIZE" --device "$DEVICE" --nthreads "$THREADS" --seed "$SEED" --overwrite)
-start=$SECONDS
+setup=$(( SECONDS - start ))
 
 echo "== stage 1: soft-random embedding pre-training"
-python classification.py "${common[@]}" --tensorname demo_stage1 --numEpochs "$S1_EPOCHS" --batchSize 64 \
-  --valEvery 0 --valEpisodes "$MONITOR"
-stage1=$(( SECONDS - start ))
+python "$REPO/classification.py" "${common[@]}" --tensorname demo_stage1 --numEpochs "$S1_EPOCHS" --batchSize 64 \
+  --filesPerClass "$S1_FILES" --valEvery 0 --valEpisodes "$MONITOR"
+stage1=$(( SECONDS - start - setup ))
 
 echo "== stage 2: 1-shot deformation meta-learning (round 1, --fixCls 1)"
-python onlyBasetwoLoss.py "${common[@]}" --network demo_stage1 --tensorname demo_1shot --shots 1 --augnum 7 \
+python "$REPO/onlyBasetwoLoss.py" "${common[@]}" --network demo_stage1 --tensorname demo_1shot --shots 1 --augnum 7 \
   --chooseNum 15 --fixCls 1 --galleryNum "$GALLERY" --numEpochs "$S2_EPOCHS" --epoch "$EPISODES" \
   --valEpisodes "$VAL" --testEpisodes "$TEST"
-stage2=$(( SECONDS - start - stage1 ))
+stage2=$(( SECONDS - start - setup - stage1 ))
 
 echo "== evaluation on $EVAL test episodes, with and without deformation"
-python onlyBasetwoLoss.py "${common[@]}" --GNet demo_1shot --tensorname demo_1shot --shots 1 --augnum 7 \
+python "$REPO/onlyBasetwoLoss.py" "${common[@]}" --GNet demo_1shot --tensorname demo_1shot --shots 1 --augnum 7 \
   --chooseNum 15 --galleryNum "$GALLERY" --evaluate --testEpisodes "$EVAL"
-evaluation=$(( SECONDS - start - stage1 - stage2 ))
+evaluation=$(( SECONDS - start - setup - stage1 - stage2 ))
 
-python scripts/plot_metrics.py runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png
+python "$REPO/scripts/plot_metrics.py" runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png
 echo
-python scripts/summarize.py runs/demo_1shot/evaluate_1shot_seed"$SEED".json
+python "$REPO/scripts/summarize.py" runs/demo_1shot/evaluate_1shot_seed"$SEED".json
 echo "figures: picture/demo_1shot_deformed.png (probe | gallery | weights | deformed)"
-echo "elapsed: stage 1 ${stage1} s, stage 2 ${stage2} s, evaluation ${evaluation} s, total $(( SECONDS - start )) s"
+echo "elapsed: data and estimate ${setup} s, stage 1 ${stage1} s, stage 2 ${stage2} s, evaluation ${evaluation} s," \
+  "total $(( SECONDS - start )) s"

@@ -46,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=int, default=2)
     p.add_argument("--stage1Epochs", type=int, required=True)
     p.add_argument("--stage1Batch", type=int, required=True)
+    p.add_argument("--filesPerClass", type=int, required=True, help="stage 1's first files of each class")
     p.add_argument("--monitorEpisodes", type=int, required=True, help="stage 1's val episodes per shot setting")
     p.add_argument("--stage2Epochs", type=int, required=True)
     p.add_argument("--episodes", type=int, required=True, help="stage-2 training episodes per epoch")
@@ -76,7 +77,8 @@ def main(a: argparse.Namespace) -> int:
     torch.manual_seed(0)
     common = ["--dataroot", a.dataroot, "--imageSize", str(a.imageSize), "--nthreads", str(a.nthreads), "--device",
               "cpu", "--progress", "0", "--tensorname", "estimate"]
-    args1 = stage1_parser().parse_args([*common, "--batchSize", str(a.stage1Batch), "--valEpisodes", "0"])
+    args1 = stage1_parser().parse_args([*common, "--batchSize", str(a.stage1Batch), "--valEpisodes", "0",
+                                        "--filesPerClass", str(a.filesPerClass)])
     train, val, _, loader = stage1.load_data(args1, device, DistInfo())
     net, optimizer = stage1.build_model(args1, train.num_classes)
     step1 = timed_steps(lambda stop: stage1.train_one_epoch(net, nn.CrossEntropyLoss(), optimizer, loader, device, 0,
@@ -108,7 +110,7 @@ def main(a: argparse.Namespace) -> int:
     evaluation = timed_steps(lambda stop: stage2.evaluate(model, test_set, bank, args2, device, "estimate",
                                                           model.embed, stop=stop, cache=test_cache), 2)
 
-    samples = 2 * sum(min(len(files), 500) for files in train.files)  # stage 1's list, used twice per epoch
+    samples = len(loader.dataset)  # stage 1's list, used twice per epoch
     stage1_s = a.stage1Epochs * samples / a.stage1Batch * step1 + len(val) * per_image \
         + 2 * a.monitorEpisodes * 0.002 + SCRIPT_START_S
     passes = a.stage2Epochs * a.valEpisodes + a.testEpisodes
