@@ -50,7 +50,7 @@ class FeatureCache:
         for batch in tqdm(image_loader(images, self.chunk, workers, self.device), desc=desc, disable=not progress,
                           leave=False):
             with autocast(self.device, self.amp):
-                features = self.embed(prepare_images(batch, self.device)).float()
+                features = embed_in_chunks(self.embed, prepare_images(batch, self.device), self.chunk)
             self._store(positions[done:done + len(batch)].to(self.device), features)
             done += len(batch)
             check_stop(stop, f"while embedding the {desc}")

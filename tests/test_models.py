@@ -34,6 +34,15 @@ def test_chunked_embedding_equals_one_pass(model: IDeMeNet, chunk: int) -> None:
     torch.testing.assert_close(chunked, whole)
 
 
+def test_an_image_gets_the_same_features_alone_or_in_a_batch(model: IDeMeNet) -> None:
+    """What a feature cache relies on: embedding an image alone (chunks of one) gives the numbers a
+    batch gives, bit for bit, on the CPU."""
+    x = images(5, 64, seed=8)
+    with torch.no_grad():
+        together, alone = embed_in_chunks(model.embed, x, 16), embed_in_chunks(model.embed, x, 1)
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 def test_chunked_deformation_equals_one_pass(model: IDeMeNet, chunk: int) -> None:
     probe, gallery = images(7, 64, seed=6), images(7, 64, seed=7)

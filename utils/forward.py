@@ -19,8 +19,17 @@ def compute_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks of ``chunk`` -> float32 ``[N, D]``."""
-    return torch.cat([embed(images[i:i + chunk]).float() for i in range(0, len(images), chunk)])
+    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks of ``chunk`` -> float32 ``[N, D]``.
+
+    A chunk of one image is embedded as a pair (the image twice): the CPU kernels take another
+    path for a batch of one and round differently, and an image's features must not depend on the
+    company it is embedded in (cached and per-episode features are then the same numbers).
+    """
+    parts = []
+    for i in range(0, len(images), chunk):
+        part = images[i:i + chunk]
+        parts.append(embed(part.expand(2, *part.shape[1:]))[:1].float() if len(part) == 1 else embed(part).float())
+    return torch.cat(parts)
 
 
 def deform_in_chunks(deform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
