@@ -147,11 +147,11 @@ def release_run(handle) -> None:
 class Run:
     """One run of a training script, from its folder to its last epoch line.
 
-    ``Run(args, resume_keys, fields)`` takes the run's lock (one process per run), checks the
-    folder and, with ``--resume``, loads the saved state (``resumed``; a larger ``--numEpochs``
-    extends the run, a smaller one than already trained is refused), writing nothing else;
-    :meth:`start` then empties the folder of a new run and writes ``args.json`` and the metrics
-    header. Used as a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
+    ``Run(args, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
+    state (``resumed``; a larger ``--numEpochs`` extends the run, a smaller one than already
+    trained is refused), writing nothing; :meth:`start` then takes the run's lock (one process per
+    run, before anything is written), empties the folder of a new run and writes ``args.json`` and
+    the metrics header. Used as a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
     second one raises :class:`utils.interrupt.StopNow`) and adds the last good checkpoint to a
     divergence error. In a distributed run only the main process writes.
 
@@ -164,7 +164,6 @@ class Run:
 
     def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  is_main: bool = True) -> None:
-        self._lock = lock_run(RUNS_DIR / args.tensorname) if is_main else None
         self.dir, self.resumed = open_run(args, resume_keys)
         if self.resumed is not None and self.resumed["epoch"] > args.numEpochs:
             raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
@@ -181,6 +180,7 @@ class Run:
         """Empty the folder of a new run; write args.json and metrics.csv with the first ``kept_rows``
         rows of a resumed run."""
         if self.is_main:
+            self._lock = lock_run(self.dir)
             clear_run_dir(self.dir, bool(self.resumed))
             write_json(self.dir / "args.json", self.args)
             self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
