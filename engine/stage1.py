@@ -15,7 +15,7 @@ from datasets import SeededSampler, SoftRandomDataset, read_split, scan_split
 from datasets.loaders import worker_init_for
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
-from engine.timing import NO_TIMER, Timer
+from engine.timing import NO_TIMER, Timer, timed_items
 from models import EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum
@@ -74,12 +74,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     """
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
-    batches, start = iter(loader), time.perf_counter()
-    while True:
-        with timer.section("data_wait"):
-            batch = next(batches, None)
-        if batch is None:
-            break
+    start = time.perf_counter()
+    for batch in timed_items(loader, timer):
         with timer.section("prepare"):
             images = compute_layout(batch[0].to(device, non_blocking=True), device)
             labels = batch[1].to(device, non_blocking=True)

@@ -19,7 +19,7 @@ from engine.episode import (EPISODE_CLASS, SAME_CLASS, EpisodeConfig, EpisodeRes
                             gallery_relation, run_episode)
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
-from engine.timing import NO_TIMER, Timer
+from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
 from utils.checkpoint import resolve_checkpoint
 from utils.errors import OptionError, TrainingDiverged
@@ -202,12 +202,8 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
     train_cls = bool(cls_params) and epoch > 0
     result = relation = None
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not show, leave=False)
-    episodes, tick = iter(loader), time.perf_counter()
-    while True:
-        with timer.section("data_wait"):
-            episode = next(episodes, None)
-        if episode is None:
-            break
+    tick = time.perf_counter()
+    for episode in timed_items(loader, timer):
         result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
                              embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
@@ -261,10 +257,8 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     else:
         cache = None
     acc, plain, losses, first, sums = [], [], [], None, new_deformation_sums()
-    batches = iter(episode_loader(dataset, args.nthreads, device))
-    for _ in tqdm(range(len(dataset)), desc=desc, disable=not args.progress, leave=False):
-        with timer.section("data_wait"):
-            episode = next(batches)
+    for episode in tqdm(timed_items(episode_loader(dataset, args.nthreads, device), timer), total=len(dataset),
+                        desc=desc, disable=not args.progress, leave=False):
         result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
             acc.append(result.accuracy)

@@ -2,6 +2,7 @@
 sections to a timer, which does nothing unless a benchmark passes its own."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 
@@ -26,3 +27,14 @@ class Timer:
 
 
 NO_TIMER = Timer()
+
+
+def timed_items(items: Iterable, timer: Timer) -> Iterator:
+    """The items of ``items`` (a loader), each wait for the next one timed as ``data_wait``."""
+    iterator = iter(items)
+    while True:
+        with timer.section("data_wait"):
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
