@@ -1,4 +1,5 @@
-"""Stage 1: pre-train the ResNet-18 embedding on the base classes with soft-random patch blending.
+"""Stage 1: pre-train the ResNet embedding (``--backbone``, ResNet-18 by default) on the base classes with
+soft-random patch blending.
 
     python classification.py --dataroot DATA --tensorname softRandom
     torchrun --nproc_per_node=4 classification.py --dataroot DATA --tensorname softRandom
@@ -38,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    check_positive(args, "imageSize", "Fang", "batchSize", "numEpochs", "filesPerClass")
+    check_positive(args, "imageSize", "Fang", "batchSize", "numEpochs")
+    if args.filesPerClass < 0:
+        raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got {args.filesPerClass}")
     if args.imageSize < args.Fang:
         raise OptionError(f"--imageSize {args.imageSize} cannot hold a {args.Fang} x {args.Fang} grid")
     device = resolve_device(args)

@@ -35,6 +35,7 @@ import argparse
 import colorsys
 import csv
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -374,6 +375,49 @@ def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
             writer.writerow(("filename", "label"))
             writer.writerows(split_rows)
     return {split: len(split_rows) for split, split_rows in rows.items()}
+
+
+def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int = 22, val_per_class: int = 4,
+                     size: int = 32, seed: int = 0, trials: int = 5, examples: int = 20) -> dict[str, int]:
+    """A toy ImageNet-1K low-shot benchmark under ``out``, in the real files' formats.
+
+    Writes ``train/<wnid>/<wnid>_<k>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG``
+    (``4 * classes_per_list`` classes), ``label_idx.json`` (``label_names`` in a shuffled, unsorted
+    order; ``base_classes_1``, ``base_classes_2``, ``novel_classes_1``, ``novel_classes_2`` of
+    ``classes_per_list`` classes each) and ``splitfile_{1..trials}.json`` (per class, ``examples``
+    distinct indices into the training images listed class by class in ``label_names`` order, each
+    class's files sorted by name). Returns the number of classes and images.
+    """
+    out = Path(out)
+    if train_per_class < examples:
+        raise ValueError(f"train_per_class {train_per_class} < examples {examples}")
+    count = 4 * classes_per_list
+    design = class_design([count], seed)
+    rng = np.random.default_rng([seed, 2])
+    order = rng.permutation(count)
+    while np.all(order[:-1] < order[1:]):
+        order = rng.permutation(count)
+    names = [f"n{90000000 + int(i):08d}" for i in order]
+    val_number = 0
+    for k, wnid in enumerate(names):
+        images = render_class(design[k], k, train_per_class + val_per_class, size, seed)
+        (out / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        (out / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        for number, data in enumerate(images[:train_per_class]):
+            (out / "train" / wnid / f"{wnid}_{number}.JPEG").write_bytes(data)
+        for data in images[train_per_class:]:
+            val_number += 1
+            (out / "val" / wnid / f"ILSVRC2012_val_{val_number:08d}.JPEG").write_bytes(data)
+    groups = [sorted(int(i) for i in part) for part in np.split(rng.permutation(count), 4)]
+    meta = {"label_names": names, "base_classes_1": groups[0], "base_classes_2": groups[1],
+            "novel_classes_1": groups[2], "novel_classes_2": groups[3], "base_classes": groups[0] + groups[1]}
+    (out / "label_idx.json").write_text(json.dumps(meta))
+    for trial in range(1, trials + 1):
+        trial_rng = np.random.default_rng([seed, 3, trial])
+        rows = [[k * train_per_class + int(i) for i in trial_rng.choice(train_per_class, examples, replace=False)]
+                for k in range(count)]
+        (out / f"splitfile_{trial}.json").write_text(json.dumps(rows))
+    return {"classes": count, "images": count * (train_per_class + val_per_class)}
 
 
 def main(argv: list[str] | None = None) -> None:

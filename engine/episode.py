@@ -84,7 +84,7 @@ class GalleryBank:
 
     Attributes:
         gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
-        features: float32 ``[G, 512]``, each image embedded once as it is (evaluation crop, no
+        features: float32 ``[G, D]``, each image embedded once as it is (evaluation crop, no
             flip), as the original does; the random flip applies only where an image is blended.
 
     Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while embedding.
@@ -177,19 +177,9 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             owner = labels.repeat_interleave(config.augnum)
             with timer.section("select"):
                 gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
-            with timer.section("gallery_batch"):
-                probes = support.repeat_interleave(config.augnum, dim=0)
-                probes = torch.where(episode["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
-                others = bank.gallery.batch(gallery_index, episode["gallery_flip"].to(device))
-            with autocast(device, config.amp):
-                with timer.section("deform"):
-                    if config.deform == "learned":
-                        deformed, weights = deform_in_chunks(model.deform, probes, others, config.chunk)
-                    else:
-                        weights = episode["random_weights"].to(device)
-                        deformed = blend_patches(probes, others, weights)
-                with timer.section("embed_deformed"):
-                    features.append(embed_in_chunks(embed, compute_layout(deformed, device), config.chunk))
+            deformed, weights, probes, others, deformed_features = deform_support(
+                model, support, gallery_index, episode, bank, config, device, embed, timer)
+            features.append(deformed_features)
             feature_labels.append(owner)
         with timer.section("losses"):
             if owner is not None:
@@ -206,6 +196,36 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
                          None if weights is None else weights.detach().float(),
                          None if deformed is None else deformed.detach(), probes, others, gallery_index, owner,
                          own_distance, other_distance)
+
+
+def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.Tensor, draws: dict[str, torch.Tensor],
+                   bank: GalleryBank, config: EpisodeConfig, device: torch.device,
+                   embed: Callable[[torch.Tensor], torch.Tensor], timer: Timer = NO_TIMER
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``config.augnum`` deformed copies of each normalised support image ``[n, 3, S, S]`` and their features.
+
+    Copy j of image i (row ``i * augnum + j``) blends the image, mirrored where ``draws["probe_flip"]``,
+    with gallery image ``gallery_index[row]``, mirrored where ``draws["gallery_flip"]``; the weights come
+    from the deformation network (``learned``) or ``draws["random_weights"]`` (``random``).
+
+    Returns:
+        (deformed ``[n*augnum, 3, S, S]``, weights ``[n*augnum, F*F]``, probes and gallery images
+        ``[n*augnum, 3, S, S]``, features ``[n*augnum, D]``).
+    """
+    with timer.section("gallery_batch"):
+        probes = support.repeat_interleave(config.augnum, dim=0)
+        probes = torch.where(draws["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
+        others = bank.gallery.batch(gallery_index, draws["gallery_flip"].to(device))
+    with autocast(device, config.amp):
+        with timer.section("deform"):
+            if config.deform == "learned":
+                deformed, weights = deform_in_chunks(model.deform, probes, others, config.chunk)
+            else:
+                weights = draws["random_weights"].to(device)
+                deformed = blend_patches(probes, others, weights)
+        with timer.section("embed_deformed"):
+            features = embed_in_chunks(embed, compute_layout(deformed, device), config.chunk)
+    return deformed, weights, probes, others, features
 
 
 def prototype_distances(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> tuple[float, float]:

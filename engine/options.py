@@ -8,7 +8,7 @@ import os
 import torch
 
 from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
-from models import DEFORM_NETS
+from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.options import check_positive
 
@@ -20,6 +20,10 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None =
     """Flags both training scripts share (``--batchSize`` with each script's default and meaning)."""
     parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root: images/ plus train/val/test.csv, "
                         "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
+    parser.add_argument("--lowshotmeta", default=None,
+                        help="label_idx.json of the ImageNet-1K low-shot benchmark: --dataroot then holds ILSVRC-2012 "
+                        "train/ and val/ class folders; training uses the 389 base classes, val the validation "
+                        "setup's novel classes and test the test setup's (ILSVRC val images)")
     parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels (84 and 224 are usual)")
     parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
     parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
@@ -47,7 +51,11 @@ def stage1_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     parser.set_defaults(tensorname="softRandom")
     parser.add_argument("--numEpochs", type=int, default=35, help="training epochs")
-    parser.add_argument("--filesPerClass", type=int, default=500, help="first files of each base class used")
+    parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
+                        help=f"embedding ResNet (models.embedding.BACKBONES); default: {DEFAULT_BACKBONE} for a fresh "
+                        "network, the checkpoint's own with --network")
+    parser.add_argument("--filesPerClass", type=int, default=500,
+                        help="first files of each base class used (0: every file)")
     parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
@@ -78,7 +86,7 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixScale", type=int, default=0, choices=(0, 1), help="1: freeze the distance scale")
     parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
                         help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
-                        "twobranch, the paper's two ResNet-18 branches")
+                        "twobranch, the paper's two ResNet branches (of the embedding's backbone)")
     parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
                         help="ablation: learned weights, U(0,1) weights per cell, or no deformed images")
     parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
@@ -121,3 +129,71 @@ def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
                           "--gallerySelect nearest and deformed images (--deform learned or random)")
 
 
+
+
+def lowshot_parser() -> argparse.ArgumentParser:
+    """The flags of ``lowshot_imagenet.py`` (the benchmark's own names where it has them)."""
+    parser = argparse.ArgumentParser(description="IDeMe-Net on the ImageNet-1K low-shot benchmark "
+                                     "(Hariharan & Girshick 2017): top-1/top-5 over five trials",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--imagenet", required=True, help="ILSVRC-2012 root holding train/<wnid>/ and val/<wnid>/ "
+                        "(scripts/fold_imagenet_val.py makes val/ class folders)")
+    parser.add_argument("--lowshotmeta", required=True, help="the benchmark's class split, label_idx.json")
+    parser.add_argument("--experimentpath", required=True,
+                        help="the trials' split files, with {:d} for the trial: 'splitfile_{:d}.json'")
+    parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels); "
+                        "without it the list is rebuilt as each class's files sorted by name")
+    parser.add_argument("--tensorname", required=True, help="name of the evaluation: runs/<name>/")
+    parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (models/<name>.t7)")
+    parser.add_argument("--network", default="None", help="stage-1 checkpoint, for the baselines without a "
+                        "learned deformation (--deform none or random)")
+    parser.add_argument("--testsetup", type=int, default=1, choices=(0, 1),
+                        help="1: the test setup (novel_classes_2), after the validation setup that chooses the "
+                        "prior; 0: the validation setup only")
+    parser.add_argument("--trials", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="trials (split files) to run")
+    parser.add_argument("--lowshotn", type=int, nargs="+", default=[1, 2, 5, 10, 20],
+                        help="novel examples per class, n")
+    parser.add_argument("--augnum", type=int, default=None, help="deformed copies per example (7 for n = 1, 5 otherwise)")
+    parser.add_argument("--chooseNum", type=int, default=None,
+                        help="nearest gallery images per class (15 for n = 1, 30 otherwise)")
+    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
+    parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
+                        help="learned (the stage-2 network), random U(0,1) weights, or none (prototypes only)")
+    parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
+                        help="gallery images from each class's nearest chooseNum, or uniform over the gallery")
+    parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
+                        help="deformation sub-network of the --GNet checkpoint")
+    parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels")
+    parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
+    parser.add_argument("--batchSize", type=int, default=None,
+                        help=f"images per forward chunk (default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
+    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding workers")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deformation draws")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16) on CUDA")
+    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1), help="deterministic CUDA kernels")
+    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show progress bars")
+    return parser
+
+
+def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the device-dependent default and check the flags that need no data."""
+    if args.batchSize is None:
+        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum")
+    for flag in ("augnum", "chooseNum"):
+        if getattr(args, flag) is not None:
+            check_positive(args, flag)
+    for flag in ("trials", "lowshotn"):
+        values = getattr(args, flag)
+        if min(values) < 1 or len(set(values)) != len(values):
+            raise OptionError(f"--{flag} {' '.join(map(str, values))}: expected distinct positive integers")
+    if len(args.trials) > 1 and "{" not in args.experimentpath:
+        raise OptionError(f"--experimentpath {args.experimentpath}: several --trials need a {{:d}} for the trial number")
+    if args.GNet == "None" and args.network == "None":
+        raise OptionError("--GNet (a stage-2 checkpoint) or --network (a stage-1 checkpoint) is required")
+    if args.deform == "learned" and args.GNet == "None":
+        raise OptionError("--deform learned needs --GNet (a stage-2 checkpoint); with a stage-1 --network use "
+                          "--deform none or random")
+    if args.imageSize < DEFORM_NETS[args.deformNet].min_image_size and args.deform == "learned":
+        raise OptionError(f"--imageSize {args.imageSize} is too small for --deformNet {args.deformNet}")

@@ -11,12 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import SeededSampler, SoftRandomDataset, read_split, scan_split
+from datasets import SeededSampler, SoftRandomDataset, scan_split
+from datasets.lowshot import read_stage_split
 from datasets.loaders import worker_init_for
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
 from engine.timing import NO_TIMER, Timer, timed_items
-from models import EmbeddingNet, load_embedding
+from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.errors import OptionError, TrainingDiverged
@@ -26,14 +27,17 @@ from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
-RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "LR", "batchSize", "seed", "filesPerClass")
+RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backbone", "LR", "batchSize", "seed",
+               "filesPerClass")
 
 
 def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
     """The soft-random training set, its seeded sampler and loader (this process's share of each
     batch), and the val split."""
-    train, dropped = scan_split(read_split(args.dataroot, "train"), args.skipBadImages, args.nthreads)
-    val, dropped_val = scan_split(read_split(args.dataroot, "val"), args.skipBadImages, args.nthreads)
+    train, dropped = scan_split(read_stage_split(args.dataroot, "train", args.lowshotmeta), args.skipBadImages,
+                                args.nthreads)
+    val, dropped_val = scan_split(read_stage_split(args.dataroot, "val", args.lowshotmeta), args.skipBadImages,
+                                  args.nthreads)
     if dropped + dropped_val and info.is_main:
         print(f"left out {dropped + dropped_val} unreadable image(s) (--skipBadImages)")
     if args.valEpisodes and val.min_class_size() < 5 + args.valQueries:
@@ -51,12 +55,21 @@ def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The network (random or ``--network``) and Adam with the original's learning-rate groups."""
+    """The network (random of ``--backbone``, or ``--network``) and Adam with the original's learning-rate
+    groups.
+
+    Raises:
+        OptionError: ``--backbone`` names another backbone than the ``--network`` checkpoint holds.
+    """
     if args.network == "None":
-        model = EmbeddingNet(num_classes)
+        model = EmbeddingNet(num_classes, args.backbone or DEFAULT_BACKBONE)
         groups = [{"params": model.parameters(), "lr": args.LR}]
     else:
-        model = load_embedding(resolve_checkpoint(args.network, "--network"), num_classes)
+        path = resolve_checkpoint(args.network, "--network")
+        model = load_embedding(path, num_classes)
+        if args.backbone not in (None, model.backbone_name):
+            raise OptionError(f"--backbone {args.backbone} contradicts --network {args.network}: {path} holds a "
+                              f"{model.backbone_name}")
         fc = list(model.convnet.fc.parameters())
         rest = [p for n, p in model.named_parameters() if not n.startswith("convnet.fc.")]
         groups = [{"params": fc, "lr": args.LR * 0.1}, {"params": rest, "lr": args.LR}]

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets import AugmentDraws, EpisodeDataset, Gallery, read_split, scan_split
+from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
+from datasets.lowshot import read_stage_split
 from datasets.loaders import episode_loader
 from engine.episode import (EPISODE_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank, episode_gradients,
                             gallery_relation, run_episode)
@@ -33,8 +34,8 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
            "scale", "episodes_per_s", "train_gallery_same_class", "train_gallery_episode_class", "train_own_distance",
            "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
            "select_other_distance"]
-RESUME_KEYS = ("dataroot", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways", "test_num", "augnum",
-               "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
+RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
+               "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
                "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 PICTURE_DIR = Path("picture")
@@ -44,9 +45,10 @@ def load_splits(args: argparse.Namespace, need_train: bool):
     names = (["train"] if need_train else []) + ["val", "test"]
     out, dropped = {}, 0
     for name in names:
-        out[name], bad = scan_split(read_split(args.dataroot, name), args.skipBadImages, args.nthreads)
+        out[name], bad = scan_split(read_stage_split(args.dataroot, name, args.lowshotmeta), args.skipBadImages,
+                                    args.nthreads)
         dropped += bad
-    out.setdefault("train", read_split(args.dataroot, "train"))
+    out.setdefault("train", read_stage_split(args.dataroot, "train", args.lowshotmeta))
     if dropped:
         print(f"left out {dropped} unreadable image(s) (--skipBadImages)")
     for name, ways in (("train", args.trainways), ("val", args.ways), ("test", args.ways)):

@@ -1,16 +1,17 @@
 """The deformation sub-networks, their registry, and the patch blend (SPEC 3).
 
 A deformation network maps a probe and a gallery batch ``[N, 3, S, S]`` to weights ``[N, F*F]``.
-Adding one is a class with the constructor ``(image_size, fang)``, a ``min_image_size`` and a
-``state_from_embedding`` method, plus one entry in :data:`DEFORM_NETS`.
+Adding one is a class with the constructor ``(image_size, fang, backbone)`` (``backbone``: the
+embedding's, a key of :data:`models.embedding.BACKBONES`, which the network may use or ignore), a
+``min_image_size`` and a ``state_from_embedding`` method, plus one entry in :data:`DEFORM_NETS`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from models.batchnorm import LeanBatchNorm2d, Torch04BatchNorm2d
+from models.embedding import DEFAULT_BACKBONE, build_backbone, feature_size
 from utils.grid import weight_map
 
 ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
@@ -41,13 +42,13 @@ class DeformNet(nn.Module):
 
     min_image_size = 1  # smallest image side S the network accepts
 
-    def __init__(self, image_size: int, fang: int) -> None:
+    def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()
         if image_size < self.min_image_size:
             raise ValueError(f"{type(self).__name__} needs images of at least {self.min_image_size} px, got {image_size}")
 
     def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The entries of this network's state dict that start from a stage-1 ResNet-18 body (keys of
+        """The entries of this network's state dict that start from a stage-1 ResNet body (keys of
         :func:`resnet_body`) when stage 2 starts from a stage-1 checkpoint; the rest keeps its
         initialisation. None by default."""
         return {}
@@ -60,12 +61,13 @@ class SmallDeformNet(DeformNet):
 
     Initialised as PyTorch 0.4.0 did, from the global generator in construction order:
     convolutions and ``toWeight`` U(+-1/sqrt(fan_in)) for weights and biases (today's defaults
-    give the same distribution), BatchNorm weights U(0, 1) and biases 0."""
+    give the same distribution), BatchNorm weights U(0, 1) and biases 0. The embedding's backbone
+    plays no part."""
 
     min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)
 
-    def __init__(self, image_size: int, fang: int) -> None:
-        super().__init__(image_size, fang)
+    def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
+        super().__init__(image_size, fang, backbone)
         side = encoder_output_size(image_size)
         self.encoder = nn.Sequential(*[
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
@@ -78,24 +80,26 @@ class SmallDeformNet(DeformNet):
         return self.toWeight(torch.flatten(code, 1))
 
 
-def resnet_body() -> nn.Module:
-    """A torchvision ResNet-18 whose forward gives pooled 512-d features (``fc`` is Identity), with
-    :class:`LeanBatchNorm2d` layers (stock keys and numbers; less memory when frozen)."""
-    net = resnet18(weights=None, norm_layer=LeanBatchNorm2d)
+def resnet_body(backbone: str = DEFAULT_BACKBONE) -> nn.Module:
+    """The torchvision ResNet ``backbone`` (a key of :data:`models.embedding.BACKBONES`) whose forward
+    gives pooled features ``[N, D]`` (``fc`` is Identity), with :class:`LeanBatchNorm2d` layers (stock
+    keys and numbers; less memory when frozen)."""
+    net = build_backbone(backbone, norm_layer=LeanBatchNorm2d)
     net.fc = nn.Identity()
     return net
 
 
 class TwoBranchDeformNet(DeformNet):
-    """The paper's figure: a ResNet-18 branch for the probe and one for the gallery image;
-    their concatenated 1024-d features -> ``Linear`` -> weights [N, F*F]. The branches are
-    initialised from the embedding when the model is built from a stage-1 checkpoint."""
+    """The paper's figure: a branch for the probe and one for the gallery image, each a ResNet of the
+    embedding's backbone (D-d features); their concatenated 2D-d features -> ``Linear`` -> weights
+    [N, F*F]. The branches are initialised from the embedding when the model is built from a stage-1
+    checkpoint."""
 
-    def __init__(self, image_size: int, fang: int) -> None:
-        super().__init__(image_size, fang)
-        self.probe_branch = resnet_body()
-        self.gallery_branch = resnet_body()
-        self.toWeight = nn.Sequential(nn.Linear(2 * 512, fang * fang))
+    def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
+        super().__init__(image_size, fang, backbone)
+        self.probe_branch = resnet_body(backbone)
+        self.gallery_branch = resnet_body(backbone)
+        self.toWeight = nn.Sequential(nn.Linear(2 * feature_size(backbone), fang * fang))
 
     def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         return self.toWeight(torch.cat([self.probe_branch(probe), self.gallery_branch(gallery)], dim=1))

@@ -1,25 +1,86 @@
-"""The stage-1 embedding network: torchvision ResNet-18 with a 64-way fc (SPEC 2)."""
+"""The stage-1 embedding network: a torchvision ResNet (ResNet-18 by default) with a 64-way fc (SPEC 2),
+and the registry of the ResNets it can be."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-FEATURE_DIM = 512
+from utils.errors import CheckpointError
+
+# Backbone name -> (residual block, blocks per stage) of its torchvision ResNet.
+LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),  # the ImageNet low-shot benchmark's (Hariharan & Girshick 2017)
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),  # the paper's
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+# Backbone name -> constructor of its torchvision ResNet, built as ``torchvision.models.<name>(weights=None)``
+# builds it; keyword arguments are ``ResNet``'s (``num_classes``, ``norm_layer``).
+BACKBONES: dict[str, Callable[..., ResNet]] = {
+    name: partial(ResNet, block, list(stages)) for name, (block, stages) in LAYOUTS.items()
+}
+DEFAULT_BACKBONE = "resnet18"
+
+
+def check_backbone(backbone: str) -> None:
+    """Raise ``ValueError`` unless ``backbone`` is a key of :data:`BACKBONES`."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
+
+
+def feature_size(backbone: str) -> int:
+    """Width D of the backbone's pooled features: 512 (BasicBlock ResNets), 2048 (Bottleneck ones)."""
+    check_backbone(backbone)
+    return 512 * LAYOUTS[backbone][0].expansion
+
+
+def build_backbone(backbone: str, **resnet_args) -> ResNet:
+    """A randomly initialised torchvision ResNet of that name (``resnet_args``: ``ResNet``'s keywords)."""
+    check_backbone(backbone)
+    return BACKBONES[backbone](**resnet_args)
+
+
+def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str | None = None) -> str:
+    """The name of the backbone whose keys ``<prefix><torchvision key>`` ``state`` holds, from the
+    blocks of each stage (``layer<s>.<i>.``) and whether the blocks have a ``conv3``.
+
+    Raises:
+        CheckpointError: no known backbone has that layout (the message starts with ``path`` when given).
+    """
+    stages = tuple(len({key[len(prefix):].split(".")[1] for key in state
+                        if key.startswith(f"{prefix}layer{stage}.")}) for stage in range(1, 5))
+    bottleneck = any(key.startswith(prefix) and ".conv3." in key for key in state)
+    for name, (block, layout) in LAYOUTS.items():
+        if stages == layout and bottleneck == (block is Bottleneck):
+            return name
+    known = "; ".join(f"{name} {layout} {block.__name__}" for name, (block, layout) in LAYOUTS.items())
+    where = f"{path}: " if path is not None else ""
+    raise CheckpointError(f"{where}the ResNet under {prefix}* has {stages} blocks per stage of "
+                          f"{'Bottleneck' if bottleneck else 'BasicBlock'} kind, no known backbone ({known})")
 
 
 class EmbeddingNet(nn.Module):
-    """ResNet-18 classifier whose state-dict keys are ``convnet.<torchvision key>``.
+    """A ResNet classifier whose state-dict keys are ``convnet.<torchvision key>``.
 
-    ``forward(images [N,3,S,S]) -> logits [N, num_classes]``; ``features`` gives ``[N, 512]``.
+    ``forward(images [N,3,S,S]) -> logits [N, num_classes]``; ``features`` gives ``[N, D]`` with
+    D = ``feature_size`` (512 for resnet10 and resnet18, 2048 for resnet50).
+
+    Args:
+        num_classes: classes of the fc (64 base classes).
+        backbone: a key of :data:`BACKBONES`, kept as ``backbone_name``.
     """
 
-    def __init__(self, num_classes: int = 64) -> None:
+    def __init__(self, num_classes: int = 64, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()
-        self.convnet = resnet18(weights=None, num_classes=num_classes)
+        self.backbone_name, self.feature_size = backbone, feature_size(backbone)
+        self.convnet = build_backbone(backbone, num_classes=num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled ResNet features ``[N, 512]``."""
+        """Global-average-pooled ResNet features ``[N, D]`` of ``images [N, 3, S, S]``."""
         net = self.convnet
         x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
         x = net.layer4(net.layer3(net.layer2(net.layer1(x))))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.deformation import DEFORM_NETS, blend_patches, resnet_body
-from models.embedding import FEATURE_DIM
+from models.embedding import DEFAULT_BACKBONE, feature_size
 
 
 class IDeMeNet(nn.Module):
@@ -17,27 +17,31 @@ class IDeMeNet(nn.Module):
         fang: F, the grid is F x F.
         deform_net: a key of :data:`models.deformation.DEFORM_NETS` (``small``: the released encoder,
             ``twobranch``: the paper's figure).
+        backbone: the embedding, a key of :data:`models.embedding.BACKBONES` (``resnet18``: the
+            paper's), kept as ``backbone_name``; its feature width D is ``feature_size``.
 
-    State-dict keys: ``backbone.*`` (torchvision ResNet-18 without fc), ``fc.*``,
+    State-dict keys: ``backbone.*`` (the torchvision ResNet without fc), ``fc.*``,
     ``deformer.*`` and ``scale``.
     """
 
-    def __init__(self, num_classes: int = 64, image_size: int = 224, fang: int = 3, deform_net: str = "small") -> None:
+    def __init__(self, num_classes: int = 64, image_size: int = 224, fang: int = 3, deform_net: str = "small",
+                 backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()
         self.image_size, self.fang, self.deform_net = image_size, fang, deform_net
-        self.backbone = resnet_body()
-        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        self.backbone_name, self.feature_size = backbone, feature_size(backbone)
+        self.backbone = resnet_body(backbone)
+        self.fc = nn.Linear(self.feature_size, num_classes)
         if deform_net not in DEFORM_NETS:
             raise ValueError(f"unknown deformation sub-network {deform_net!r} (known: {', '.join(DEFORM_NETS)})")
-        self.deformer = DEFORM_NETS[deform_net](image_size, fang)
+        self.deformer = DEFORM_NETS[deform_net](image_size, fang, backbone)
         self.scale = nn.Parameter(torch.ones(1))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` -> features ``[N, 512]``."""
+        """``[N, 3, S, S]`` -> features ``[N, D]``."""
         return self.backbone(images)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """``[N, 512]`` -> base-class logits ``[N, num_classes]``."""
+        """``[N, D]`` -> base-class logits ``[N, num_classes]``."""
         return self.fc(features)
 
     def deform(self, probe: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

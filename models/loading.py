@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from models.embedding import EmbeddingNet, backbone_from_embedding
+from models.embedding import EmbeddingNet, backbone_from_embedding, infer_backbone
 from models.idemenet import IDeMeNet
 from utils.checkpoint import describe_mismatch, load_state_dict
 from utils.errors import CheckpointError
@@ -86,32 +86,36 @@ def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
     Args:
         path: the checkpoint file.
         model_args: :class:`IDeMeNet` arguments (``num_classes``, ``image_size``, ``fang``,
-            ``deform_net``); ``num_classes`` defaults to the checkpoint's fc.
+            ``deform_net``, ``backbone``); ``num_classes`` defaults to the checkpoint's fc and
+            ``backbone`` to the checkpoint's ResNet (the authors' files hold a resnet18).
 
     Raises:
-        CheckpointError: the file is missing, unsafe, corrupt, or of another architecture
-            (the message lists the differing keys or shapes).
+        CheckpointError: the file is missing, unsafe, corrupt, holds no known backbone, or is of
+            another architecture (the message lists the differing keys or shapes).
     """
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind == "unknown":
         raise CheckpointError(f"{path}: neither a stage-1 (convnet.*) nor a stage-2 (backbone.*, deformer.*, "
                               f"attentionNet.*, CNet.*) state dict; first keys: {', '.join(list(state)[:3])}")
+    if kind == "original":
+        state = convert_original(state)
     fc_key = "convnet.fc.weight" if kind == "stage1" else "fc.weight"
     if "num_classes" not in model_args and fc_key in state:
         model_args["num_classes"] = state[fc_key].shape[0]
+    if "backbone" not in model_args:
+        model_args["backbone"] = infer_backbone(state, "convnet." if kind == "stage1" else "backbone.", path)
     model = IDeMeNet(**model_args)
     if kind == "stage1":
         state = _from_stage1(model, state)
-    elif kind == "original":
-        state = convert_original(state)
-    _load_strict(model, state, path, f"IDeMeNet({model.deform_net}, image size {model.image_size}, grid {model.fang}x{model.fang})")
+    _load_strict(model, state, path, f"IDeMeNet({model.backbone_name}, {model.deform_net}, image size "
+                                     f"{model.image_size}, grid {model.fang}x{model.fang})")
     return model
 
 
 def load_embedding(path: Path | str, num_classes: int | None = None) -> EmbeddingNet:
-    """An :class:`EmbeddingNet` from a stage-1 file (``convnet.*``), the authors' ``softRandom.t7``
-    included; the embedding and fc of a stage-2 file are accepted too."""
+    """An :class:`EmbeddingNet` of the file's backbone from a stage-1 file (``convnet.*``), the
+    authors' ``softRandom.t7`` included; the embedding and fc of a stage-2 file are accepted too."""
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind in ("original", "stage2"):
@@ -121,6 +125,6 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
     elif kind != "stage1":
         raise CheckpointError(f"{path}: not a stage-1 state dict (keys convnet.*); first keys: {', '.join(list(state)[:3])}")
     classes = num_classes or state["convnet.fc.weight"].shape[0]
-    model = EmbeddingNet(classes)
-    _load_strict(model, state, path, f"EmbeddingNet({classes} classes)")
+    model = EmbeddingNet(classes, infer_backbone(state, "convnet.", path))
+    _load_strict(model, state, path, f"EmbeddingNet({model.backbone_name}, {classes} classes)")
     return model

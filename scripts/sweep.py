@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.errors import OptionError  # noqa: E402  (the repository root is on the path only from here)
-from utils.files import RUNS_DIR, write_json  # noqa: E402
+from utils.files import RUNS_DIR, csv_cell, write_csv, write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
 
 SEED_FLAG = "seed"
@@ -430,23 +430,9 @@ def settings(rows: list[dict[str, Any]], flags: list[str]) -> list[dict[str, Any
     return out
 
 
-def cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({key: cell(row[key]) for key in fields} for row in rows)
-
-
 def table(rows: list[dict[str, Any]], fields: list[str]) -> str:
     """Aligned columns; accuracies to two decimals."""
-    cells = [fields] + [[f"{row[key]:.2f}" if isinstance(row[key], float) else cell(row[key]) for key in fields]
+    cells = [fields] + [[f"{row[key]:.2f}" if isinstance(row[key], float) else csv_cell(row[key]) for key in fields]
                         for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(fields))]
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells)

@@ -81,7 +81,8 @@ def test_stage2_rejects_bad_flags(workdir, extra, needles):
     (["--imageSize", "2", "--Fang", "3"], ["--imageSize 2"]),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
     (["--dataroot", "nowhere"], ["nowhere"]),
-], ids=["missing_network", "unsafe_network", "tiny_image", "no_gpu", "no_dataroot"])
+    (["--filesPerClass", "-1"], ["--filesPerClass", "-1"]),
+], ids=["missing_network", "unsafe_network", "tiny_image", "no_gpu", "no_dataroot", "negative_filesPerClass"])
 def test_stage1_rejects_bad_flags(workdir, extra, needles):
     expect_error(workdir, "classification.py", [*STAGE1, *extra], *needles)
 

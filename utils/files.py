@@ -1,6 +1,7 @@
 """Where runs live and how their JSON files are written (no torch: the sweep launcher reads this too)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -14,4 +15,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell: empty for None, floats to six significant digits."""
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """Write ``rows`` (the ``fields`` columns) as CSV, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: csv_cell(row[key]) for key in fields} for row in rows)
     os.replace(tmp, path)

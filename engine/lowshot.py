@@ -1,0 +1,399 @@
+"""The ImageNet-1K low-shot evaluation (``lowshot_imagenet.py``): the benchmark's images embedded once
+into float16 feature files on disk, then per setup, trial and n: n-shot prototypes of the novel
+classes with and without deformed examples, base-class prototypes from every training image, and
+the benchmark's metrics (:mod:`utils.lowshot_metrics`)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.episodes import CroppedImages
+from datasets.lowshot import (SETUPS as SETUP_NAMES, LowShotMeta, TrainList, class_images, read_lowshot_meta, read_trial,
+                              shot_indices, train_list)
+from datasets.loaders import image_loader
+from datasets.seeding import item_rng
+from datasets.transforms import prepare_images
+from engine.episode import EpisodeConfig, GalleryBank, deform_support, select_gallery
+from models.idemenet import IDeMeNet
+from models.protonet import prototypes
+from utils.checkpoint import atomic_save, safe_load
+from utils.distributed import DistInfo
+from utils.errors import DataError
+from utils.files import write_json
+from utils.forward import autocast, embed_in_chunks
+from utils.interrupt import check_stop
+from utils.lowshot_metrics import METRIC_NAMES, PRIOR_GRID, TOPK, best_prior, lowshot_metrics, prior_curve
+from utils.metrics import mean_ci95
+
+FEATURE_BLOCK = 2048  # images per feature file
+LOWSHOT_STREAM = 3  # item_rng stream of the deformation draws (0-2: the stages' episodes)
+VARIANTS = ("plain", "deformed")
+
+
+def embedding_key(model: IDeMeNet) -> str:
+    """A digest of the embedding's weights: features computed with other weights never mix."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def list_digest(files: list[Path]) -> str:
+    """A digest of an image list by ``<wnid>/<file>`` names (the tree may move)."""
+    return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for p in files).encode()).hexdigest()
+
+
+class FeatureStore:
+    """Embedding features ``[N, D]`` of ``files`` (evaluation crops), kept in ``folder`` as float16
+    files of :data:`FEATURE_BLOCK` images (``block_00000.pt``, ...), each written atomically.
+
+    A finished block is never recomputed, so an interrupted extraction resumes where it stopped;
+    under torchrun rank r extracts blocks r, r + W, r + 2W, ... A ``manifest.json`` names the image
+    list (``<wnid>/<file>`` names, so the tree may move) and size; a folder made for another list is
+    refused. Only one process creates it (``create``).
+    """
+
+    def __init__(self, folder: Path, files: list[Path], image_size: int, block: int = FEATURE_BLOCK,
+                 create: bool = True) -> None:
+        self.folder, self.files, self.image_size, self.block = Path(folder), list(files), image_size, block
+        manifest = {"images": len(self.files), "image_size": image_size, "block": block,
+                    "files_sha256": list_digest(self.files)}
+        path = self.folder / "manifest.json"
+        if path.is_file():
+            if json.loads(path.read_text()) != manifest:
+                raise DataError(f"{path}: these features belong to another image list or size; delete "
+                                f"{self.folder} to recompute them")
+        elif create:
+            write_json(path, manifest)
+        else:
+            raise DataError(f"{path}: manifest missing (the main process writes it first)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def block_path(self, index: int) -> Path:
+        return self.folder / f"block_{index:05d}.pt"
+
+    def missing(self) -> list[int]:
+        """The blocks not on disk yet."""
+        return [b for b in range(-(-len(self.files) // self.block)) if not self.block_path(b).is_file()]
+
+    @torch.no_grad()
+    def extract(self, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int, workers: int,
+                amp: bool, info: DistInfo, stop: Callable[[], bool] | None, progress: bool, desc: str) -> None:
+        """Embed this process's missing blocks (each image decoded once by ``workers`` processes)."""
+        mine = [b for b in self.missing() if b % info.world_size == info.rank]
+        files = [f for b in mine for f in self.files[b * self.block:(b + 1) * self.block]]
+        if not files:
+            return
+        sizes = [len(self.files[b * self.block:(b + 1) * self.block]) for b in mine]
+        parts, pending = [], 0
+        bar = tqdm(total=len(files), desc=f"{desc} features", disable=not progress, leave=False, unit="img")
+        for batch in image_loader(CroppedImages(files, self.image_size), chunk, workers, device):
+            with autocast(device, amp):
+                parts.append(embed_in_chunks(embed, prepare_images(batch, device), chunk).half().cpu())
+            pending += len(batch)
+            bar.update(len(batch))
+            while mine and pending >= sizes[0]:
+                done = torch.cat(parts)
+                atomic_save(done[:sizes[0]].clone(), self.block_path(mine[0]))
+                parts, pending = [done[sizes[0]:]], pending - sizes[0]
+                mine, sizes = mine[1:], sizes[1:]
+            check_stop(stop, f"while extracting the {desc} features (finished blocks are kept)")
+        bar.close()
+
+    def load(self) -> torch.Tensor:
+        """Every block, concatenated: float16 ``[N, D]``."""
+        missing = self.missing()
+        if missing:
+            raise DataError(f"{self.block_path(missing[0])}: feature block missing")
+        return torch.cat([safe_load(self.block_path(b)) for b in range(-(-len(self.files) // self.block))])
+
+
+@dataclass(frozen=True)
+class SetupData:
+    """One setup's classes and test images.
+
+    Attributes:
+        base, novel: class indices (``label_names``) of the setup; score columns are base then novel.
+        test_files: the ILSVRC val images of these classes, class by class in column order.
+        targets: long ``[M]``, each test image's column.
+    """
+
+    name: str
+    base: tuple[int, ...]
+    novel: tuple[int, ...]
+    test_files: tuple[Path, ...]
+    targets: torch.Tensor
+
+
+def setup_data(val_dir: Path, meta: LowShotMeta, name: str) -> SetupData:
+    base, novel = meta.setup(name)
+    per_class = class_images(val_dir, [meta.label_names[k] for k in base + novel], meta)
+    targets = torch.tensor([column for column, files in enumerate(per_class) for _ in files], dtype=torch.long)
+    return SetupData(name, base, novel, tuple(f for files in per_class for f in files), targets)
+
+
+def base_image_files(images: TrainList, classes: tuple[int, ...]) -> tuple[list[Path], list[int]]:
+    """The training images of ``classes`` (in that order) and their ``[len(classes) + 1]`` offsets."""
+    files, starts = [], [0]
+    for k in classes:
+        files.extend(images.class_files(k))
+        starts.append(len(files))
+    return files, starts
+
+
+def class_means(features: torch.Tensor, starts: list[int], rows: list[int], device: torch.device) -> torch.Tensor:
+    """Mean float32 feature of each class ``rows[i]`` (rows ``starts[c]:starts[c+1]`` of ``features``) -> ``[R, D]``."""
+    return torch.stack([features[starts[c]:starts[c + 1]].to(device).float().mean(0) for c in rows])
+
+
+def test_scores(test_features: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, device: torch.device,
+                chunk: int = 4096) -> torch.Tensor:
+    """``-scale * ||x - p||^2`` of float16 test features ``[M, D]`` against prototypes ``[C, D]`` -> ``[M, C]``
+    (matrix-product distances, in chunks of test images)."""
+    parts = [torch.cdist(test_features[i:i + chunk].to(device).float(), protos,
+                         compute_mode="use_mm_for_euclid_dist").pow(2) for i in range(0, len(test_features), chunk)]
+    return -scale.detach() * torch.cat(parts)
+
+
+def deformation_draws(total: int, cells: int, choose_num: int, gallery_size: int, *key: int) -> dict[str, torch.Tensor]:
+    """The random draws of ``total`` deformed images (keys as :class:`datasets.EpisodeDataset` items'),
+    determined by ``key``."""
+    rng = item_rng(*key)
+    return {"probe_flip": torch.from_numpy(rng.random(total) < 0.5),
+            "shortlist_pick": torch.from_numpy(rng.integers(choose_num, size=total)),
+            "gallery_pick": torch.from_numpy(rng.integers(gallery_size, size=total)),
+            "gallery_flip": torch.from_numpy(rng.random(total) < 0.5),
+            "random_weights": torch.from_numpy(rng.random((total, cells), dtype=np.float32))}
+
+
+@torch.no_grad()
+def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[Path], support: torch.Tensor,
+                        shots: int, config: EpisodeConfig, draws: dict[str, torch.Tensor], device: torch.device,
+                        workers: int, image_size: int) -> torch.Tensor:
+    """Prototypes ``[N, D]`` of N classes from their ``shots`` support features each (``support``
+    ``[N*shots, D]``, class by class) and ``config.augnum`` deformed copies of every support image;
+    each class's gallery shortlist comes from its plain prototype, as in stage 2. Classes are
+    processed a few at a time (decoded by ``workers`` processes) to bound memory."""
+    classes = len(support) // shots
+    labels = torch.arange(classes, device=device).repeat_interleave(shots)
+    plain = prototypes(support, labels, classes)
+    per_step = max(1, config.chunk // shots)
+    loader = image_loader(CroppedImages(support_files, image_size), per_step * shots, workers, device)
+    features, first = [support], 0
+    for images in loader:
+        count = len(images) // shots
+        rows = slice(first * shots * config.augnum, (first + count) * shots * config.augnum)
+        part = {key: value[rows] for key, value in draws.items()}
+        owner = torch.arange(count, device=device).repeat_interleave(shots * config.augnum)
+        gallery_index = select_gallery(plain[first:first + count], bank, model.scale, config, owner, part)
+        features.append(deform_support(model, prepare_images(images, device), gallery_index, part, bank, config,
+                                       device, model.embed)[-1])
+        first += count
+    owners = torch.arange(classes, device=device).repeat_interleave(shots * config.augnum)
+    return prototypes(torch.cat(features), torch.cat([labels, owners]), classes)
+
+
+def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict:
+    """One trial's metrics without the prior, and the prior's curve over ``mu`` (``prior_curve``)."""
+    return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base)}
+
+
+def summarise(per_trial: list[dict], mu: float) -> dict:
+    """Mean and 95% interval over trials of every metric (``all_prior`` at ``mu``), with the trials' values."""
+    index = PRIOR_GRID.index(mu)
+    out = {}
+    for metric in METRIC_NAMES:
+        values = {k: [t["prior_curve"][index][k] if metric == "all_prior" else t[metric][k] for t in per_trial]
+                  for k in TOPK}
+        out[metric] = {f"top{k}": _summary(values[k]) for k in TOPK}
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    mean, ci = mean_ci95(values) if not any(np.isnan(values)) else (float("nan"), float("nan"))
+    return {"mean": mean, "ci95": ci, "trials": values}
+
+
+def difference(deformed: list[dict], plain: list[dict], mu_deformed: float, mu_plain: float) -> dict:
+    """The paired per-trial difference deformed - plain of every metric, summarised like :func:`summarise`."""
+    index_d, index_p = PRIOR_GRID.index(mu_deformed), PRIOR_GRID.index(mu_plain)
+    out = {}
+    for metric in METRIC_NAMES:
+        out[metric] = {}
+        for k in TOPK:
+            if metric == "all_prior":
+                values = [d["prior_curve"][index_d][k] - p["prior_curve"][index_p][k] for d, p in zip(deformed, plain)]
+            else:
+                values = [d[metric][k] - p[metric][k] for d, p in zip(deformed, plain)]
+            out[metric][f"top{k}"] = _summary(values)
+    return out
+
+
+def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, float]]:
+    """Per variant and n, the ``mu`` with the best mean ``all_prior`` top-5 over the trials."""
+    return {variant: {n: best_prior([t["prior_curve"] for t in trials]) for n, trials in by_n.items()}
+            for variant, by_n in per_trial.items()}
+
+
+def lowshot_config(args: argparse.Namespace, shots: int, ways: int) -> EpisodeConfig:
+    """The deformation settings for n = ``shots``: ``--augnum``/``--chooseNum``, or stage 2's
+    defaults for that number of shots (7 and 15 for one, 5 and 30 otherwise)."""
+    augnum = args.augnum if args.augnum is not None else (7 if shots == 1 else 5)
+    choose = args.chooseNum if args.chooseNum is not None else (15 if shots == 1 else 30)
+    return EpisodeConfig(ways, augnum, choose, args.deform, args.gallerySelect, "none", args.batchSize, bool(args.amp))
+
+
+PAPER_NOVEL_TOP5 = {1: 60.1, 2: 69.6, 5: 77.4, 10: 80.2}  # IDeMe-Net, CVPR 2019, Table 2 (test setup)
+METHOD_NAMES = {"plain": "prototypes (no deformation)", "deformed": "IDeMe-Net (deformed examples)",
+                "difference": "difference (paired)"}
+
+
+@dataclass
+class Benchmark:
+    """Everything read from the files before any network runs (checked: bad inputs stop here)."""
+
+    meta: LowShotMeta
+    images: TrainList
+    trials: dict[int, np.ndarray]
+    setups: dict[str, SetupData]
+    base_classes: list[int]
+    novel_rows: np.ndarray  # sorted train-list indices of the trials' n-shot images of both setups' novel classes
+
+
+def read_benchmark(args: argparse.Namespace) -> Benchmark:
+    """The class split, training list, trials and setups of ``args`` (``lowshot_imagenet.py``'s flags)."""
+    meta = read_lowshot_meta(args.lowshotmeta)
+    imagenet = Path(args.imagenet)
+    for folder in ("train", "val"):
+        if not (imagenet / folder).is_dir():
+            raise DataError(f"{imagenet / folder}: folder not found (--imagenet must hold train/ and val/ class folders)")
+    images = train_list(imagenet / "train", meta, args.trainlist)
+    trials = {t: read_trial(args.experimentpath.format(t), meta, images, max(args.lowshotn)) for t in args.trials}
+    setups = {name: setup_data(imagenet / "val", meta, name) for name in (("val", "test") if args.testsetup else ("val",))}
+    novel = sorted(meta.lists["novel_classes_1"] + meta.lists["novel_classes_2"])
+    novel_rows = np.unique(np.concatenate([trial[novel].ravel() for trial in trials.values()]))
+    return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows)
+
+
+def feature_stores(bench: Benchmark, folder: Path, image_size: int, create: bool) -> dict[str, FeatureStore]:
+    """The stores of every base class's training images, the trials' n-shot images of every novel class and
+    each setup's test images, each in a folder named by its list (another list gets another folder)."""
+    base_files, _ = base_image_files(bench.images, tuple(bench.base_classes))
+    lists = {"base_train": base_files, "novel_train": [bench.images.files[i] for i in bench.novel_rows],
+             **{f"test_{name}": list(setup.test_files) for name, setup in bench.setups.items()}}
+    return {name: FeatureStore(folder / f"{name}_{list_digest(files)[:12]}", files, image_size, create=create)
+            for name, files in lists.items()}
+
+
+def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: GalleryBank | None,
+                   features: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device,
+                   stop: Callable[[], bool] | None) -> dict[str, dict[int, list[dict]]]:
+    """Per variant (``plain``, and ``deformed`` unless ``--deform none``) and n, each trial's
+    :func:`trial_metrics`; the variants of a trial share its n-shot sets."""
+    _, base_starts = base_image_files(bench.images, tuple(bench.base_classes))
+    base_protos = class_means(features["base_train"], base_starts,
+                              [bench.base_classes.index(k) for k in setup.base], device)
+    test, targets = features[f"test_{setup.name}"], setup.targets.to(device)
+    variants = VARIANTS if bank is not None else ("plain",)
+    out = {variant: {n: [] for n in args.lowshotn} for variant in variants}
+    ways = len(setup.novel)
+    steps = [(t, n) for t in args.trials for n in args.lowshotn]
+    for t, n in tqdm(steps, desc=f"{setup.name} setup", disable=not args.progress, leave=False):
+        index = shot_indices(bench.trials[t], setup.novel, n).reshape(-1)
+        support = features["novel_train"][np.searchsorted(bench.novel_rows, index)].to(device).float()
+        protos = {"plain": prototypes(support, torch.arange(ways, device=device).repeat_interleave(n), ways)}
+        if bank is not None:
+            config = lowshot_config(args, n, ways)
+            draws = deformation_draws(len(index) * config.augnum, args.Fang ** 2, config.choose_num, len(bank),
+                                      args.seed, LOWSHOT_STREAM, list(SETUP_NAMES).index(setup.name), t, n)
+            protos["deformed"] = deformed_prototypes(model, bank, [bench.images.files[i] for i in index], support, n,
+                                                     config, draws, device, args.nthreads, args.imageSize)
+        for variant, novel_protos in protos.items():
+            scores = test_scores(test, torch.cat([base_protos, novel_protos]), model.scale, device)
+            out[variant][n].append(trial_metrics(scores, targets, len(setup.base)))
+        check_stop(stop, f"in the {setup.name} setup, after trial {t}, n = {n}")
+    return out
+
+
+def report(bench: Benchmark, results: dict[str, dict], args: argparse.Namespace, timing: dict) -> dict:
+    """The JSON report: every metric per setup, variant and n (mean, 95% interval, trials), the paired
+    differences, and the prior ``mu`` chosen on the validation setup."""
+    mus = choose_priors(results["val"])
+    setups = {}
+    for name, per_variant in results.items():
+        setup = {variant: {str(n): summarise(trials, mus[variant][n]) for n, trials in by_n.items()}
+                 for variant, by_n in per_variant.items()}
+        if "deformed" in per_variant:
+            setup["difference"] = {str(n): difference(per_variant["deformed"][n], per_variant["plain"][n],
+                                                      mus["deformed"][n], mus["plain"][n]) for n in args.lowshotn}
+        s = bench.setups[name]
+        setups[name] = {"base_classes": len(s.base), "novel_classes": len(s.novel), "test_images": len(s.test_files),
+                        **setup}
+    return {"benchmark": "ImageNet-1K low-shot (Hariharan & Girshick, ICCV 2017)",
+            "lowshotmeta": str(bench.meta.path), "train_list": bench.images.source,
+            "train_list_reconstructed": bench.images.reconstructed, "checkpoint": args.GNet if args.GNet != "None"
+            else args.network, "deform": args.deform, "trials": args.trials, "lowshotn": args.lowshotn,
+            "augnum": {str(n): lowshot_config(args, n, 0).augnum for n in args.lowshotn},
+            "chooseNum": {str(n): lowshot_config(args, n, 0).choose_num for n in args.lowshotn},
+            "prior_mu": {variant: {str(n): mu for n, mu in by_n.items()} for variant, by_n in mus.items()},
+            "prior_chosen_on": "val setup" + ("" if args.testsetup else " (the setup reported: run --testsetup 1 "
+                                                                      "for a prior chosen apart from the test)"),
+            "setups": setups, "timing": timing}
+
+
+def table_rows(result: dict) -> list[dict]:
+    """The report flattened to CSV rows (setup, method, metric, n, top-1/top-5 mean and interval)."""
+    rows = []
+    for setup, data in result["setups"].items():
+        for method in ("plain", "deformed", "difference"):
+            for n, metrics in data.get(method, {}).items():
+                for metric, values in metrics.items():
+                    rows.append({"setup": setup, "method": method, "metric": metric, "n": int(n),
+                                 **{f"{k}{suffix}": values[k][field] for k in ("top1", "top5")
+                                    for suffix, field in (("", "mean"), ("_ci", "ci95"))},
+                                 "prior_mu": result["prior_mu"].get(method, {}).get(n) if metric == "all_prior" else None})
+    return rows
+
+
+def format_table(result: dict) -> str:
+    """The paper's table (top-5 on the novel classes, test setup when run) and every metric below it."""
+    setup = "test" if "test" in result["setups"] else "val"
+    data = result["setups"][setup]
+    ns = [str(n) for n in result["lowshotn"]]
+    width = 16
+    lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base classes, "
+             f"{data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% interval, "
+             f"train list {'reconstructed' if result['train_list_reconstructed'] else 'from the release'}",
+             "", "top-5 accuracy on the novel classes (%)", f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)]
+
+    def cell(values: dict) -> str:
+        return f"{values['mean']:6.2f} +- {values['ci95']:4.2f}"
+
+    for method in ("plain", "deformed", "difference"):
+        if method in data:
+            lines.append(f"{METHOD_NAMES[method]:34}" + "".join(f"{cell(data[method][n]['novel']['top5']):>{width}}"
+                                                             for n in ns))
+    paper = "".join(f"{(f'{PAPER_NOVEL_TOP5[int(n)]:.1f}' if int(n) in PAPER_NOVEL_TOP5 else '-'):>{width}}" for n in ns)
+    lines += [f"{'IDeMe-Net, paper (Table 2)':34}" + paper, ""]
+    for method in ("plain", "deformed"):
+        if method not in data:
+            continue
+        lines.append(f"{METHOD_NAMES[method]}: top-1 / top-5 (%)")
+        lines.append(f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns))
+        for metric in METRIC_NAMES:
+            lines.append(f"{metric:34}" + "".join(
+                f"{data[method][n][metric]['top1']['mean']:6.2f} / {data[method][n][metric]['top5']['mean']:5.2f}"
+                .rjust(width) for n in ns))
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""IDeMe-Net on the ImageNet-1K low-shot benchmark (Hariharan & Girshick, ICCV 2017): the paper's Table 2.
+
+    python lowshot_imagenet.py --imagenet ILSVRC --lowshotmeta label_idx.json \
+        --experimentpath 'splitfile_{:d}.json' --GNet metaNet_imagenet --tensorname lowshot_imagenet
+    torchrun --nproc_per_node=4 lowshot_imagenet.py ...   (feature extraction sharded over the GPUs)
+
+Embeds the base classes' training images, the trials' n-shot images and the setups' test images
+once into float16 files under ``runs/<tensorname>/features/`` (resumable), then per setup, trial
+and n scores the test images against base and novel prototypes, with and without deformed
+examples on the same draws. Writes ``runs/<tensorname>/lowshot_imagenet.json`` (every metric),
+``lowshot_imagenet.csv`` and ``args.json``, and prints the table.
+"""
+from __future__ import annotations
+
+from utils.runtime import set_process_env
+
+set_process_env()  # before torch loads
+
+import argparse
+import resource
+import sys
+import time
+
+import torch
+
+from datasets import Gallery
+from datasets.lowshot import benchmark_split
+from engine.episode import GalleryBank
+from engine.lowshot import (embedding_key, evaluate_setup, feature_stores, format_table, lowshot_config, read_benchmark,
+                            report, table_rows)
+from engine.options import lowshot_parser, resolve_lowshot_args
+from engine.stage2 import build_model
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.errors import OptionError
+from utils.files import RUNS_DIR, write_csv, write_json
+from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
+from utils.options import configure_backend, resolve_device, run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags (``engine/options.py``)."""
+    return lowshot_parser()
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args)
+    resolve_lowshot_args(args, device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return evaluate(args, device, info)
+    finally:
+        cleanup(info)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and peak allocated GPU memory on CUDA), in MB."""
+    peak = {"peak_cpu_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
+    bench = read_benchmark(args)
+    run_dir = RUNS_DIR / args.tensorname
+    configure_backend(device, args.deterministic, args.seed)
+    model = build_model(args, device)
+    folder = run_dir / "features" / f"{embedding_key(model)}_{args.imageSize}px"
+    with GracefulInterrupt() as interrupt:
+        stop = lambda: interrupt.requested  # noqa: E731
+        try:
+            if info.is_main:
+                write_json(run_dir / "args.json", vars(args))
+                stores = feature_stores(bench, folder, args.imageSize, create=True)
+            barrier(info)
+            if not info.is_main:
+                stores = feature_stores(bench, folder, args.imageSize, create=False)
+            start = time.perf_counter()
+            to_embed = sum(len(s.files[b * s.block:(b + 1) * s.block]) for s in stores.values() for b in s.missing())
+            for name, store in stores.items():
+                store.extract(model.embed, device, args.batchSize, args.nthreads, bool(args.amp), info, stop,
+                              bool(args.progress) and info.is_main, name)
+            features_s = time.perf_counter() - start
+            barrier(info)
+            if not info.is_main:
+                return 0
+            start = time.perf_counter()
+            features = {name: store.load() for name, store in stores.items()}
+            bank = None
+            if args.deform != "none":
+                gallery = Gallery(benchmark_split(args.imagenet, bench.meta, "train"), args.galleryNum, args.imageSize,
+                                  args.nthreads, progress=bool(args.progress), stop=stop)
+                largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
+                if args.gallerySelect == "nearest" and largest > len(gallery):
+                    raise OptionError(f"--chooseNum {largest} is larger than the {len(gallery)}-image gallery")
+                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop)
+            results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
+                       for name, setup in bench.setups.items()}
+        except Interrupted as stopped:
+            print(f"stopped {stopped}; the finished feature files are kept: run the same command again to continue",
+                  flush=True)
+            return INTERRUPTED_EXIT
+    timing = {"images_embedded": to_embed, "features_s": features_s,
+              "s_per_image": features_s / to_embed if to_embed else None,
+              "evaluation_s": time.perf_counter() - start, "processes": info.world_size, "device": str(device),
+              **peak_memory_mb(device)}
+    result = report(bench, results, args, timing)
+    write_json(run_dir / "lowshot_imagenet.json", result)
+    rows = table_rows(result)
+    write_csv(run_dir / "lowshot_imagenet.csv", rows, list(rows[0]))
+    print(format_table(result))
+    print(f"features: {to_embed} images embedded in {features_s:.1f} s; evaluation {timing['evaluation_s']:.1f} s; "
+          f"peak memory {timing['peak_cpu_memory_mb']:.0f} MB; wrote {run_dir / 'lowshot_imagenet.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
