@@ -102,17 +102,22 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
             print(f"stopped {stopped}; the finished feature files are kept: run the same command again to continue",
                   flush=True)
             return INTERRUPTED_EXIT
+    evaluation_s = time.perf_counter() - start
+    deformed = 0 if args.deform == "none" else sum(
+        len(setup.novel) * n * lowshot_config(args, n, 0).augnum for setup in bench.setups.values()
+        for n in args.lowshotn) * len(args.trials)
     timing = {"images_embedded": to_embed, "features_s": features_s,
-              "s_per_image": features_s / to_embed if to_embed else None,
-              "evaluation_s": time.perf_counter() - start, "processes": info.world_size, "device": str(device),
-              **peak_memory_mb(device)}
+              "s_per_image": features_s / to_embed if to_embed else None, "deformed_images": deformed,
+              "evaluation_s": evaluation_s, "s_per_deformed_image": evaluation_s / deformed if deformed else None,
+              "processes": info.world_size, "device": str(device), **peak_memory_mb(device)}
     result = report(bench, results, args, timing)
     write_json(run_dir / "lowshot_imagenet.json", result)
     rows = table_rows(result)
     write_csv(run_dir / "lowshot_imagenet.csv", rows, list(rows[0]))
     print(format_table(result))
-    print(f"features: {to_embed} images embedded in {features_s:.1f} s; evaluation {timing['evaluation_s']:.1f} s; "
-          f"peak memory {timing['peak_cpu_memory_mb']:.0f} MB; wrote {run_dir / 'lowshot_imagenet.json'}")
+    print(f"features: {to_embed} images embedded in {features_s:.1f} s; evaluation ({deformed} deformed images) "
+          f"{evaluation_s:.1f} s; peak memory {timing['peak_cpu_memory_mb']:.0f} MB; "
+          f"wrote {run_dir / 'lowshot_imagenet.json'}")
     return 0
 
 
