@@ -352,3 +352,18 @@ def test_reproduce_script_runs_every_step_from_a_flat_val_folder_then_skips_them
     assert "imagenet_stage1: runs/imagenet_stage1/summary.json exists, skipped" in second.stdout
     assert "imagenet_metaNet: runs/imagenet_metaNet/evaluate_1shot_seed0.json exists, skipped" in second.stdout
     assert "folding" not in second.stdout
+
+
+def test_feature_store_shards_blocks_over_processes(workdir, tmp_path):
+    files = sorted((workdir / "bench/train").glob("*/*.JPEG"))[:20]
+    torch.manual_seed(0)
+    embed = EmbeddingNet(3).eval().features
+    whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=8)
+    whole.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
+    store = FeatureStore(tmp_path / "shared", files, int(SIZE), block=8)
+    store.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False,
+                  desc="rank 1")
+    assert store.missing() == [0, 2]  # rank 1 of 2 takes blocks 1, 3, 5, ...
+    store.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False,
+                  desc="rank 0")
+    assert store.missing() == [] and torch.equal(store.load(), whole.load())
