@@ -30,6 +30,7 @@ from engine import stage2
 from engine.episode import GalleryBank, run_episode
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
+from utils.forward import layout_model
 from utils.interrupt import Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
 
@@ -99,8 +100,7 @@ def main(a: argparse.Namespace) -> None:
     scan_s, splits = common.timed(device, stage2.load_splits, args, need_train=True)
     model = IDeMeNet(num_classes=splits["train"].num_classes, image_size=args.imageSize, fang=args.Fang,
                      deform_net=args.deformNet).to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    layout_model(model)
     with probes["gallery"]:
         decode_s, gallery = common.timed(device, Gallery, splits["train"], args.galleryNum, args.imageSize,
                                          args.nthreads, progress=False)

@@ -52,4 +52,4 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 
 def prepare_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]`` (CPU, possibly pinned) -> normalised float on ``device``."""
-    return compute_layout(normalize_uint8(images.to(device, non_blocking=True)), device)
+    return compute_layout(normalize_uint8(images.to(device, non_blocking=True)))

@@ -99,7 +99,7 @@ class GalleryBank:
                 for i in range(0, len(gallery), chunk):
                     check_stop(stop, "while embedding the gallery")
                     index = torch.arange(i, min(i + chunk, len(gallery)), device=device)
-                    parts.append(model.embed(compute_layout(self.gallery.batch(index), device)).float())
+                    parts.append(model.embed(compute_layout(self.gallery.batch(index))).float())
             features = torch.cat(parts)
         self.features = features.to(device)
 
@@ -224,7 +224,7 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
                 weights = draws["random_weights"].to(device)
                 deformed = blend_patches(probes, others, weights)
         with timer.section("embed_deformed"):
-            features = embed_in_chunks(embed, compute_layout(deformed, device), config.chunk)
+            features = embed_in_chunks(embed, compute_layout(deformed), config.chunk)
     return deformed, weights, probes, others, features
 
 

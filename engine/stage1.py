@@ -21,7 +21,7 @@ from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.errors import OptionError, TrainingDiverged
-from utils.forward import autocast, compute_layout
+from utils.forward import autocast, compute_layout, layout_model
 from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
@@ -90,7 +90,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     start = time.perf_counter()
     for batch in timed_items(loader, timer):
         with timer.section("prepare"):
-            images = compute_layout(batch[0].to(device, non_blocking=True), device)
+            images = compute_layout(batch[0].to(device, non_blocking=True))
             labels = batch[1].to(device, non_blocking=True)
         with timer.section("forward"), autocast(device, args.amp):
             logits = model(images)
@@ -128,11 +128,9 @@ def new_progress() -> dict[str, float]:
 
 
 def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: argparse.Namespace) -> nn.Module:
-    """The model on ``device`` (channels_last on CUDA), wrapped in DistributedDataParallel with
+    """The model on ``device`` (channels_last), wrapped in DistributedDataParallel with
     synchronised BatchNorm under torchrun, or in DataParallel when several GPUs are visible."""
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = layout_model(model.to(device))
     if info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

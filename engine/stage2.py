@@ -24,6 +24,7 @@ from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
 from utils.checkpoint import resolve_checkpoint
 from utils.errors import OptionError, TrainingDiverged
+from utils.forward import layout_model
 from utils.interrupt import Interrupted, check_stop
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import configure_backend
@@ -91,10 +92,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> IDeMeNet:
     name, flag = (args.GNet, "--GNet") if args.GNet != "None" else (args.network, "--network")
     model = load_idemenet(resolve_checkpoint(name, flag), image_size=args.imageSize, fang=args.Fang,
                           deform_net=args.deformNet)
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
+    return layout_model(model.to(device).eval())
 
 
 def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]:

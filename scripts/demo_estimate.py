@@ -33,6 +33,7 @@ from engine.features import FeatureCache  # noqa: E402
 from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
 from models import IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
+from utils.forward import compute_layout, layout_model  # noqa: E402
 from utils.interrupt import Interrupted  # noqa: E402
 from utils.options import run_cli  # noqa: E402
 
@@ -81,19 +82,20 @@ def main(a: argparse.Namespace) -> int:
                                         "--filesPerClass", str(a.filesPerClass)])
     train, val, _, loader = stage1.load_data(args1, device, DistInfo())
     net, optimizer = stage1.build_model(args1, train.num_classes)
+    net = stage1.distribute(net, device, DistInfo(), args1)
     step1 = timed_steps(lambda stop: stage1.train_one_epoch(net, nn.CrossEntropyLoss(), optimizer, loader, device, 0,
                                                             args1, DistInfo(), stage1.new_progress(), stop), 2)
     net.eval()
     tick = time.perf_counter()
     with torch.no_grad():
-        net.features(torch.randn(64, 3, a.imageSize, a.imageSize))
+        net.features(compute_layout(torch.randn(64, 3, a.imageSize, a.imageSize)))
     per_image = (time.perf_counter() - tick) / 64
 
     args2 = stage2_parser().parse_args([*common, "--network", "random-init", "--galleryNum", str(a.galleryNum),
                                         "--fixCls", "1"])
     resolve_stage2_args(args2, device)
     splits = stage2.load_splits(args2, need_train=True)
-    model = IDeMeNet(train.num_classes, a.imageSize, args2.Fang).eval()
+    model = layout_model(IDeMeNet(train.num_classes, a.imageSize, args2.Fang).eval())
     tick = time.perf_counter()
     bank = GalleryBank(Gallery(splits["train"], a.galleryNum, a.imageSize, a.nthreads, progress=False), model,
                        device, args2.batchSize)

