@@ -26,7 +26,7 @@ from engine.run import Run
 from engine.stage1 import (METRICS, RESUME_KEYS, build_model, distribute, evaluate, load_data, new_progress,
                            plain_state, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
-from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
 from utils.files import write_json
 from utils.interrupt import Interrupted
@@ -44,14 +44,7 @@ def main(args: argparse.Namespace) -> int:
         raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got {args.filesPerClass}")
     if args.imageSize < args.Fang:
         raise OptionError(f"--imageSize {args.imageSize} cannot hold a {args.Fang} x {args.Fang} grid")
-    device = resolve_device(args)
-    info = init_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    try:
-        return train(args, device, info)
-    finally:
-        cleanup(info)
+    return run_distributed(train, args, resolve_device(args))
 
 
 def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:

@@ -30,7 +30,7 @@ from engine.lowshot import (embedding_key, evaluate_setup, feature_stores, forma
                             report, table_rows)
 from engine.options import lowshot_parser, resolve_lowshot_args
 from engine.stage2 import build_model
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, run_distributed
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_csv, write_json
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
@@ -45,13 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args)
     resolve_lowshot_args(args, device)
-    info = init_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    try:
-        return evaluate(args, device, info)
-    finally:
-        cleanup(info)
+    return run_distributed(evaluate, args, device)
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:

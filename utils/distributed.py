@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,18 @@ def init_distributed(device_type: str) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return info
+
+
+def run_distributed(work: Callable[[Any, torch.device, DistInfo], int], args: Any, device: torch.device) -> int:
+    """``work(args, device, info)`` inside the process group ``torchrun`` describes (if any), on this
+    process's own GPU; the group is left afterwards, also on errors."""
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return work(args, device, info)
+    finally:
+        cleanup(info)
 
 
 def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
