@@ -61,7 +61,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
     run_dir = RUNS_DIR / args.tensorname
     configure_backend(device, args.deterministic, args.seed)
     model = build_model(args, device)
-    folder = run_dir / "features" / f"{embedding_key(model)}_{args.imageSize}px"
+    folder = run_dir / "features" / f"{embedding_key(model)}_{args.imageSize}px{'_bf16' if args.amp else ''}"
     with GracefulInterrupt() as interrupt:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
@@ -93,8 +93,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
             results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
                        for name, setup in bench.setups.items()}
         except Interrupted as stopped:
-            print(f"stopped {stopped}; the finished feature files are kept: run the same command again to continue",
-                  flush=True)
+            print(f"stopped {stopped}; the finished feature files are kept (the same command continues the "
+                  "extraction from them; the evaluation after it starts over)", flush=True)
             return INTERRUPTED_EXIT
     evaluation_s = time.perf_counter() - start
     deformed = 0 if args.deform == "none" else sum(

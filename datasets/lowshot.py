@@ -161,8 +161,10 @@ def read_train_list(path: Path | str, train_dir: Path | str, meta: LowShotMeta) 
     names, labels = data["image_names"], data["image_labels"]
     if len(names) != len(labels):
         raise DataError(f"{path}: {len(names)} image_names but {len(labels)} image_labels")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (len(labels) and (labels.min() < 0 or labels.max() >= len(meta.label_names))):
+    if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+        raise DataError(f"{path}: image_labels must be integer class indices")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(meta.label_names)):
         raise DataError(f"{path}: image_labels must be class indices 0..{len(meta.label_names) - 1}")
     if np.any(np.diff(labels) < 0):
         raise DataError(f"{path}: images are not grouped by class in label_names order")

@@ -408,7 +408,7 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
         for data in images[train_per_class:]:
             val_number += 1
             (out / "val" / wnid / f"ILSVRC2012_val_{val_number:08d}.JPEG").write_bytes(data)
-    groups = [sorted(int(i) for i in part) for part in np.split(rng.permutation(count), 4)]
+    groups = [[int(i) for i in part] for part in np.split(rng.permutation(count), 4)]
     meta = {"label_names": names, "base_classes_1": groups[0], "base_classes_2": groups[1],
             "novel_classes_1": groups[2], "novel_classes_2": groups[3], "base_classes": groups[0] + groups[1]}
     (out / "label_idx.json").write_text(json.dumps(meta))

@@ -34,6 +34,7 @@ from utils.lowshot_metrics import METRIC_NAMES, PRIOR_GRID, TOPK, best_prior, lo
 from utils.metrics import mean_ci95
 
 FEATURE_BLOCK = 2048  # images per feature file
+DISTANCE_BUDGET = 2 ** 26  # floats of one gallery-distance computation (256 MB)
 LOWSHOT_STREAM = 3  # item_rng stream of the deformation draws (0-2: the stages' episodes)
 VARIANTS = ("plain", "deformed")
 
@@ -177,30 +178,44 @@ def deformation_draws(total: int, cells: int, choose_num: int, gallery_size: int
             "random_weights": torch.from_numpy(rng.random((total, cells), dtype=np.float32))}
 
 
+def shortlisted_gallery(plain: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
+                        shots: int, draws: dict[str, torch.Tensor], budget: int = DISTANCE_BUDGET) -> torch.Tensor:
+    """Gallery index ``[N*shots*augnum]`` of every deformed copy (:func:`engine.episode.select_gallery`,
+    stage 2's selection) for N classes with prototypes ``plain`` ``[N, D]``, a few classes at a time so
+    that the distance computation holds at most ``budget`` floats (classes x gallery x D)."""
+    per_class = shots * config.augnum
+    step = max(1, budget // (len(bank) * plain.shape[1]))
+    parts = []
+    for first in range(0, len(plain), step):
+        count = min(step, len(plain) - first)
+        rows = slice(first * per_class, (first + count) * per_class)
+        owner = torch.arange(count, device=plain.device).repeat_interleave(per_class)
+        parts.append(select_gallery(plain[first:first + count], bank, scale, config, owner,
+                                    {key: value[rows] for key, value in draws.items()}))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[Path], support: torch.Tensor,
                         shots: int, config: EpisodeConfig, draws: dict[str, torch.Tensor], device: torch.device,
                         workers: int, image_size: int) -> torch.Tensor:
     """Prototypes ``[N, D]`` of N classes from their ``shots`` support features each (``support``
     ``[N*shots, D]``, class by class) and ``config.augnum`` deformed copies of every support image;
-    each class's gallery shortlist comes from its plain prototype, as in stage 2. Classes are
-    processed a few at a time (decoded by ``workers`` processes) to bound memory."""
+    each class's gallery shortlist comes from its plain prototype, as in stage 2. The support images
+    are decoded by ``workers`` processes and deformed ``config.chunk`` images or so at a time."""
     classes = len(support) // shots
     labels = torch.arange(classes, device=device).repeat_interleave(shots)
     plain = prototypes(support, labels, classes)
-    per_step = max(1, config.chunk // shots)
-    loader = image_loader(CroppedImages(support_files, image_size), per_step * shots, workers, device)
-    features, first = [support], 0
-    for images in loader:
-        count = len(images) // shots
-        rows = slice(first * shots * config.augnum, (first + count) * shots * config.augnum)
-        part = {key: value[rows] for key, value in draws.items()}
-        owner = torch.arange(count, device=device).repeat_interleave(shots * config.augnum)
-        gallery_index = select_gallery(plain[first:first + count], bank, model.scale, config, owner, part)
-        features.append(deform_support(model, prepare_images(images, device), gallery_index, part, bank, config,
-                                       device, model.embed)[-1])
-        first += count
-    owners = torch.arange(classes, device=device).repeat_interleave(shots * config.augnum)
+    gallery_index = shortlisted_gallery(plain, bank, model.scale, config, shots, draws)
+    images_per_step = max(1, config.chunk // shots) * shots
+    features, done = [support], 0
+    for images in image_loader(CroppedImages(support_files, image_size), images_per_step, workers, device):
+        rows = slice(done * config.augnum, (done + len(images)) * config.augnum)
+        features.append(deform_support(model, prepare_images(images, device), gallery_index[rows],
+                                       {key: value[rows] for key, value in draws.items()}, bank, config, device,
+                                       model.embed)[-1])
+        done += len(images)
+    owners = labels.repeat_interleave(config.augnum)
     return prototypes(torch.cat(features), torch.cat([labels, owners]), classes)
 
 
@@ -362,7 +377,8 @@ def table_rows(result: dict) -> list[dict]:
                     rows.append({"setup": setup, "method": method, "metric": metric, "n": int(n),
                                  **{f"{k}{suffix}": values[k][field] for k in ("top1", "top5")
                                     for suffix, field in (("", "mean"), ("_ci", "ci95"))},
-                                 "prior_mu": result["prior_mu"].get(method, {}).get(n) if metric == "all_prior" else None})
+                                 "prior_mu": result["prior_mu"].get(method, {}).get(n) if metric == "all_prior" else None,
+                                 "train_list_reconstructed": result["train_list_reconstructed"]})
     return rows
 
 
@@ -385,7 +401,9 @@ def format_table(result: dict) -> str:
             lines.append(f"{METHOD_NAMES[method]:34}" + "".join(f"{cell(data[method][n]['novel']['top5']):>{width}}"
                                                              for n in ns))
     paper = "".join(f"{(f'{PAPER_NOVEL_TOP5[int(n)]:.1f}' if int(n) in PAPER_NOVEL_TOP5 else '-'):>{width}}" for n in ns)
-    lines += [f"{'IDeMe-Net, paper (Table 2)':34}" + paper, ""]
+    lines += [f"{'IDeMe-Net, paper (Table 2)':34}" + paper,
+              "(our reading of the paper's number: novel test images ranked over the novel classes; over base + "
+              "novel classes it is novel_joint below)", ""]
     for method in ("plain", "deformed"):
         if method not in data:
             continue

@@ -70,9 +70,14 @@ step "${PREFIX}_metaNet" "runs/${PREFIX}_metaNet/evaluate_1shot_seed${SEED}.json
   --fixCls 1 --galleryNum "$GALLERY" --numEpochs "$EPOCHS2" --epoch "$EPISODES" --valEpisodes "$VALEPISODES" \
   --testEpisodes "$VALEPISODES"
 
+report="runs/${PREFIX}_lowshot/lowshot_imagenet.json"
+if [ -f "$report" ]; then
+  echo "== ${PREFIX}_lowshot: $report exists, skipped"
+  exit 0
+fi
 echo "== ${PREFIX}_lowshot"
 trainlist=()
 [ -n "$TRAINLIST" ] && trainlist=(--trainlist "$TRAINLIST")
 $multi "$REPO/lowshot_imagenet.py" "${common[@]}" --imagenet "$IMAGENET" --lowshotmeta "$META" \
-  --experimentpath "$LOWSHOT/splitfile_{:d}.json" "${trainlist[@]}" --GNet "${PREFIX}_metaNet" \
+  --experimentpath "$LOWSHOT/splitfile_{:d}.json" ${trainlist[@]+"${trainlist[@]}"} --GNet "${PREFIX}_metaNet" \
   --galleryNum "$GALLERY" --trials $TRIALS --lowshotn $LOWSHOTN --tensorname "${PREFIX}_lowshot"

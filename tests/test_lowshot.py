@@ -17,12 +17,18 @@ from datasets.lowshot import (benchmark_split, read_lowshot_meta, read_train_lis
                               shot_indices)
 from datasets.toy import generate_lowshot
 from datasets.transforms import normalize_uint8
-from engine.lowshot import FeatureStore
-from models import EmbeddingNet, load_idemenet
+from datasets.gallery import Gallery
+from engine.episode import EpisodeConfig, GalleryBank
+from engine.features import FeatureCache
+from engine.lowshot import (FeatureStore, choose_priors, deformation_draws, deformed_prototypes, difference,
+                            shortlisted_gallery, summarise)
+from models import EmbeddingNet, IDeMeNet, load_idemenet
+from models.protonet import prototypes
 from models.protonet import squared_distances
 from tests.scripts_helpers import REPO, run_script, script_env
 from utils.distributed import DistInfo
 from utils.errors import DataError
+from utils.forward import layout_model
 from utils.interrupt import Interrupted
 from utils.lowshot_metrics import best_prior, lowshot_metrics, prior_scores
 
@@ -361,9 +367,57 @@ def test_feature_store_shards_blocks_over_processes(workdir, tmp_path):
     whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=8)
     whole.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
     store = FeatureStore(tmp_path / "shared", files, int(SIZE), block=8)
-    store.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False,
+    # batches of 3 straddle the blocks of 8: rows left over from a batch start the next block
+    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False,
                   desc="rank 1")
     assert store.missing() == [0, 2]  # rank 1 of 2 takes blocks 1, 3, 5, ...
-    store.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False,
+    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False,
                   desc="rank 0")
     assert store.missing() == [] and torch.equal(store.load(), whole.load())
+
+
+def test_deformed_prototypes_do_not_depend_on_the_chunking(workdir, meta):
+    torch.manual_seed(0)
+    model = layout_model(IDeMeNet(10, image_size=int(SIZE)).eval())
+    gallery = Gallery(benchmark_split(workdir / "bench", meta, "train"), 4, int(SIZE), workers=0, progress=False)
+    bank = GalleryBank(gallery, model, torch.device("cpu"), 16)
+    images = rebuild_train_list(workdir / "bench/train", meta)
+    trial = read_trial(workdir / "bench/splitfile_1.json", meta, images, 20)
+    shots, novel = 2, meta.lists["novel_classes_1"]
+    files = [images.files[i] for i in shot_indices(trial, novel, shots).reshape(-1)]
+    support = FeatureCache(model.embed, len(files), torch.device("cpu"), 16).lookup(
+        torch.arange(len(files)), torch.stack([CroppedImages(files, int(SIZE))[i] for i in range(len(files))]))
+    draws = deformation_draws(len(files) * 5, 9, 6, len(bank), 0, 3, 0, 1, shots)
+    whole = EpisodeConfig(len(novel), 5, 6, chunk=16)
+    plain = prototypes(support, torch.arange(len(novel)).repeat_interleave(shots), len(novel))
+    # one class per distance computation selects the same gallery images as all classes at once
+    assert torch.equal(shortlisted_gallery(plain, bank, model.scale, whole, shots, draws, budget=1),
+                       shortlisted_gallery(plain, bank, model.scale, whole, shots, draws))
+    one_step = deformed_prototypes(model, bank, files, support, shots, whole, draws, torch.device("cpu"), 0, int(SIZE))
+    small = EpisodeConfig(len(novel), 5, 6, chunk=2)  # one class (2 images, 10 copies) per step
+    steps = deformed_prototypes(model, bank, files, support, shots, small, draws, torch.device("cpu"), 0, int(SIZE))
+    assert torch.allclose(one_step, steps, rtol=1e-5, atol=1e-5)
+    assert (one_step - plain).abs().max() > 1e-3  # the deformed copies moved the prototypes
+
+
+def test_the_test_setups_prior_is_the_one_chosen_on_the_validation_setup():
+    """Synthetic trial results: the val curves peak at mu = 0.25 (deformed) and 0.75 (plain); the test
+    setup's all_prior is its own curve read at those mu, and the paired difference uses both."""
+    grid = [round(0.05 * i, 2) for i in range(21)]
+
+    def trial(peak: float, offset: float) -> dict:
+        flat = {metric: {1: 10.0 + offset, 5: 20.0 + offset} for metric in ("novel", "novel_joint", "base", "all")}
+        curve = [{1: 100 * mu + offset, 5: 90.0 if mu == peak else 10.0} for mu in grid]
+        return {**flat, "prior_curve": curve}
+
+    results = {"val": {"deformed": {1: [trial(0.25, 0.0), trial(0.25, 1.0)]},
+                       "plain": {1: [trial(0.75, 0.0), trial(0.75, 1.0)]}},
+               "test": {"deformed": {1: [trial(0.9, 2.0), trial(0.9, 4.0)]},
+                        "plain": {1: [trial(0.9, 0.0), trial(0.9, 1.0)]}}}
+    assert choose_priors(results["val"]) == {"deformed": {1: 0.25}, "plain": {1: 0.75}}
+    test_deformed = summarise(results["test"]["deformed"][1], 0.25)["all_prior"]["top1"]["trials"]
+    assert test_deformed == [25.0 + 2.0, 25.0 + 4.0]  # 100 * mu + offset at mu = 0.25
+    test_plain = summarise(results["test"]["plain"][1], 0.75)["all_prior"]["top1"]["trials"]
+    assert test_plain == [75.0, 76.0]
+    paired = difference(results["test"]["deformed"][1], results["test"]["plain"][1], 0.25, 0.75)
+    assert paired["all_prior"]["top1"]["trials"] == [27.0 - 75.0, 29.0 - 76.0]
