@@ -17,6 +17,7 @@ from models import EmbeddingNet, IDeMeNet, SmallDeformNet
 from tests.scripts_helpers import make_workdir, read_metrics, run_script
 from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
+from utils.forward import compute_layout, layout_model
 from utils.options import configure_backend
 
 CPU = torch.device("cpu")
@@ -71,12 +72,12 @@ def test_an_earlier_resume_state_is_refused_with_one_line(workdir) -> None:
 
 def test_gallery_features_are_embeddings_of_the_unflipped_images() -> None:
     torch.manual_seed(0)
-    model = IDeMeNet(num_classes=4, image_size=32).eval()
+    model = layout_model(IDeMeNet(num_classes=4, image_size=32).eval())  # as the scripts build it
     images = uint8_images(10, seed=3)
     bank = GalleryBank(make_gallery(images, torch.arange(10) % 4), model, CPU, chunk=4)
     with torch.no_grad():
-        want = model.embed(normalise(images))
-        mirrored = model.embed(normalise(images).flip(-1))
+        want = model.embed(compute_layout(normalise(images)))
+        mirrored = model.embed(compute_layout(normalise(images).flip(-1)))
     torch.testing.assert_close(bank.features, want, rtol=1e-5, atol=1e-6)
     # the images are not mirror-symmetric, so a flipped embedding would be told apart
     assert all(not torch.allclose(want[i], mirrored[i], rtol=1e-3, atol=1e-4) for i in range(10))
