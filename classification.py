@@ -15,6 +15,7 @@ from utils.runtime import set_process_env
 set_process_env()  # before torch loads
 
 import argparse
+import functools
 import math
 import sys
 
@@ -23,8 +24,9 @@ from torch import nn
 
 from engine.options import stage1_parser
 from engine.run import Run
+from engine.precise_bn import clean_files
 from engine.stage1 import (METRICS, RESUME_KEYS, build_model, distribute, evaluate, load_data, new_progress,
-                           plain_state, train_one_epoch)
+                           plain_state, precise_copy, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
@@ -40,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     check_positive(args, "imageSize", "Fang", "batchSize", "numEpochs")
+    if args.preciseBN < 0 or args.preciseBN == 1:
+        raise OptionError(f"--preciseBN must be 0 (off) or at least 2 images, got {args.preciseBN}")
     if args.filesPerClass < 0:
         raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got {args.filesPerClass}")
     if args.imageSize < args.Fang:
@@ -50,8 +54,10 @@ def main(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     main_path, best_path = MODELS_DIR / f"{args.tensorname}.t7", MODELS_DIR / f"{args.tensorname}_best.t7"
     run = Run(args, RESUME_KEYS, METRICS, main_path, is_main=info.is_main)
-    configure_backend(device, args.deterministic, args.seed + info.rank)
+    configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat)
     train_split, val, sampler, loader = load_data(args, device, info)
+    precise_files = clean_files(train_split, args.preciseBN, args.seed, args.filesPerClass) if args.preciseBN else []
+    selected_on = "val_1shot_precise" if precise_files else "val_1shot"
     net, optimizer = build_model(args, train_split.num_classes)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     model = distribute(net, device, info, args)
@@ -84,15 +90,22 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
                 row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                        "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
                 if info.is_main:
+                    # With --preciseBN the files hold re-estimated statistics (computed once, when first needed).
+                    saved = functools.cache(lambda: precise_copy(model, precise_files, args, device,
+                                                                 stop=lambda: run.interrupted) if precise_files
+                                            else model)
                     if row["loss"] < record["best_train_loss"]:
                         record["best_train_loss"] = row["loss"]
-                        atomic_save(plain_state(model), main_path)
+                        atomic_save(plain_state(saved()), main_path)
                     if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
                                              or epoch + 1 == args.numEpochs):
                         row.update(evaluate(model, val, args, device, stop=lambda: run.interrupted))
-                        if row["val_1shot"] > record["best_val"]:
-                            record["best_val"] = row["val_1shot"]
-                            atomic_save(plain_state(model), best_path)
+                        if precise_files:
+                            row.update(evaluate(saved(), val, args, device, stop=lambda: run.interrupted,
+                                                suffix="_precise"))
+                        if row[selected_on] > record["best_val"]:
+                            record["best_val"] = row[selected_on]
+                            atomic_save(plain_state(saved()), best_path)
                 scheduler.step()
                 record["rows"] = run.log(row)
                 progress = new_progress()
@@ -107,9 +120,12 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
             return run.stop(str(stopped))
     if info.is_main:
         write_json(run.dir / "summary.json", {"lowest_train_loss": record["best_train_loss"], "checkpoint": str(main_path),
-                                              "best_val_1shot": record["best_val"], "best_checkpoint": str(best_path)})
-        print(f"saved {main_path} (lowest training loss {record['best_train_loss']:.4f})"
-              + (f" and {best_path} (val 5-way 1-shot {record['best_val']:.2f} %)" if record["best_val"] >= 0 else ""))
+                                              "best_val_1shot": record["best_val"], "best_checkpoint": str(best_path),
+                                              "selected_on": selected_on, "preciseBN": args.preciseBN})
+        statistics = f", BatchNorm statistics re-estimated over {len(precise_files)} images" if precise_files else ""
+        print(f"saved {main_path} (lowest training loss {record['best_train_loss']:.4f}{statistics})"
+              + (f" and {best_path} ({selected_on.replace('_', ' ')} {record['best_val']:.2f} %)"
+                 if record["best_val"] >= 0 else ""))
     return 0
 
 

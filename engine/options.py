@@ -10,6 +10,7 @@ import torch
 from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
+from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
 from utils.options import check_positive
 
 CUDA_CHUNK, CPU_CHUNK = 128, 16  # stage 2's default --batchSize per device
@@ -37,6 +38,9 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None =
     parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16 autocast) on CUDA")
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
                         help="deterministic CUDA kernels (cudnn.deterministic, no benchmark)")
+    parser.add_argument("--memoryFormat", default=DEFAULT_MEMORY_FORMAT, choices=tuple(MEMORY_FORMATS),
+                        help="memory layout of images and convolution weights (float rounding only; see the "
+                        "README's 'Outcome and noise')")
     parser.add_argument("--resume", action="store_true", help="continue the run from runs/<tensorname>/resume.pt")
     parser.add_argument("--overwrite", action="store_true", help="start anew even if runs/<tensorname>/ holds a run")
     parser.add_argument("--skipBadImages", action="store_true",
@@ -59,6 +63,10 @@ def stage1_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
+    parser.add_argument("--preciseBN", type=int, default=0,
+                        help="re-estimate the BatchNorm running statistics of every saved file as a plain average over "
+                        "N clean training images (evaluation crop, no blend); the val monitor reports both and "
+                        "selects _best.t7 on the re-estimated; 0: the original's statistics, as training left them")
     return parser
 
 

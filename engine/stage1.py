@@ -16,6 +16,7 @@ from datasets.lowshot import read_stage_split
 from datasets.loaders import worker_init_for
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
+from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
@@ -26,9 +27,10 @@ from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
 
-METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci", "images_per_s"]
+METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci",
+           "val_1shot_precise", "val_1shot_precise_ci", "val_5shot_precise", "val_5shot_precise_ci", "images_per_s"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backbone", "LR", "batchSize", "seed",
-               "filesPerClass")
+               "filesPerClass", "memoryFormat", "preciseBN")
 
 
 def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
@@ -139,10 +141,11 @@ def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: arg
     return model
 
 
-def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None,
+             suffix: str = "") -> dict[str, float]:
     """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
-    each val image embedded once for both; raises :class:`utils.interrupt.Interrupted` when
-    ``stop()`` becomes true."""
+    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``;
+    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     cache = FeatureCache(net.features, len(val), device, args.batchSize, bool(args.amp))
@@ -151,8 +154,21 @@ def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | Non
         accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
                                   args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
                                   desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop, cache=cache)
-        out[f"val_{shots}shot"], out[f"val_{shots}shot_ci"] = mean_ci95([100 * a for a in accs])
+        out[f"val_{shots}shot{suffix}"], out[f"val_{shots}shot{suffix}_ci"] = mean_ci95([100 * a for a in accs])
     return out
+
+
+def precise_copy(model: nn.Module, files: list, args: argparse.Namespace, device: torch.device,
+                 stop: Callable[[], bool] | None = None) -> EmbeddingNet:
+    """A plain :class:`EmbeddingNet` on ``device`` holding ``model``'s weights (unwrapped from
+    DataParallel, DistributedDataParallel and synchronised BatchNorm) with its BatchNorm running
+    statistics re-estimated over ``files`` (``--preciseBN``); ``model`` is left as it is."""
+    net = model.module if hasattr(model, "module") else model
+    twin = EmbeddingNet(net.convnet.fc.out_features, net.backbone_name)
+    twin.load_state_dict(plain_state(model))
+    twin = layout_model(twin.to(device))
+    reestimate(twin, files, args.imageSize, args.batchSize, args.nthreads, device, bool(args.progress), stop)
+    return twin
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
            "select_other_distance"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
                "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
-               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap")
+               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap", "memoryFormat")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 PICTURE_DIR = Path("picture")
 
@@ -76,7 +76,7 @@ def prepare(args: argparse.Namespace, device: torch.device, need_train: bool,
     """The checked splits, the model on ``device`` (global generators seeded first, so a fresh
     deformation network comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
     splits = load_splits(args, need_train)
-    configure_backend(device, args.deterministic, args.seed)
+    configure_backend(device, args.deterministic, args.seed, args.memoryFormat)
     model = build_model(args, device)
     if model.fc.out_features != splits["train"].num_classes:
         raise OptionError(f"the checkpoint's fc has {model.fc.out_features} classes, split train has "

@@ -1,5 +1,8 @@
-"""BatchNorm variants: one initialised as PyTorch 0.4.0 did, one lean when frozen (SPEC 3)."""
+"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; SPEC 3) and the
+re-estimation of running statistics (``--preciseBN``)."""
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +54,54 @@ class Torch04BatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             init.uniform_(self.weight, 0.0, 1.0)
             init.zeros_(self.bias)
+
+
+@torch.no_grad()
+def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace the running statistics of every BatchNorm layer of ``module`` by their plain average
+    over ``batches`` (each ``[B, 3, S, S]``, already on the module's device and layout): per layer and
+    channel, the batch-size-weighted mean over batches of each batch's mean and unbiased variance of
+    the layer's input, the input computed as in training (every BatchNorm normalising with its own
+    batch statistics). ``num_batches_tracked``, the weights and the mode of every layer are kept.
+
+    Returns:
+        The number of images seen. Raises ``ValueError`` for a batch of fewer than two images.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    sums = {layer: [0.0, 0.0, 0] for layer in layers}  # sums of n * mean, of n * unbiased variance, of n
+
+    def accumulate(layer: nn.Module, inputs: tuple[torch.Tensor]) -> None:
+        x = inputs[0].double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // x.shape[1]
+        sums[layer][0] = sums[layer][0] + x.mean(dims) * n
+        sums[layer][1] = sums[layer][1] + x.var(dims, correction=1) * n
+        sums[layer][2] += n
+
+    modes = {m: m.training for m in module.modules()}
+    momenta = {layer: layer.momentum for layer in layers}
+    tracked = {layer: layer.num_batches_tracked.clone() for layer in layers}
+    hooks = [layer.register_forward_pre_hook(accumulate) for layer in layers]
+    seen = 0
+    try:
+        module.train()
+        for layer in layers:
+            layer.momentum = 0.0  # batch statistics normalise; the running ones stay until replaced below
+        for images in batches:
+            if len(images) < 2:
+                raise ValueError("reestimate_bn_statistics: every batch needs at least two images")
+            module(images)
+            seen += len(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum
+            layer.num_batches_tracked.copy_(tracked[layer])
+        for m, training in modes.items():
+            m.train(training)
+    for layer, (mean_sum, var_sum, count) in sums.items():
+        if count:
+            layer.running_mean.copy_(mean_sum / count)
+            layer.running_var.copy_(var_sum / count)
+    return seen

@@ -128,3 +128,29 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
     model = EmbeddingNet(classes, infer_backbone(state, "convnet.", path))
     _load_strict(model, state, path, f"EmbeddingNet({model.backbone_name}, {classes} classes)")
     return model
+
+
+def with_embedding_statistics(state: dict[str, torch.Tensor],
+                              embedding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a stage-1, stage-2 or authors' file, its key layout kept) with the BatchNorm running
+    means and variances of its embedding replaced by those of ``embedding`` (an :class:`EmbeddingNet`
+    state dict, ``convnet.*``), under every name the file gives them (the authors' GNet holds the
+    ResNet twice).
+
+    Raises:
+        CheckpointError: a running statistic of ``embedding`` has no place in ``state``.
+    """
+    prefixes = {"stage1": ("convnet.",), "stage2": ("backbone.",),
+                "original": ("CNet.resnet.convnet.", "CNet.")}.get(checkpoint_kind(state))
+    if prefixes is None:
+        raise CheckpointError("not a stage-1 or stage-2 state dict")
+    out = dict(state)
+    for key, value in embedding.items():
+        if not key.endswith((".running_mean", ".running_var")):
+            continue
+        names = [prefix + key[len("convnet."):] for prefix in prefixes if prefix + key[len("convnet."):] in state]
+        if not names:
+            raise CheckpointError(f"no {key[len('convnet.'):]} in the file's embedding")
+        for name in names:
+            out[name] = value.to(state[name].dtype).clone()
+    return out

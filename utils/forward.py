@@ -12,16 +12,31 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
 
 
+# Name -> memory format of images and convolution weights (``--memoryFormat``). The layout changes
+# only float rounding; the outcome benchmark (benchmarks/outcome.py) judges what that does to learning.
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+DEFAULT_MEMORY_FORMAT = "channels_last"
+_memory_format = MEMORY_FORMATS[DEFAULT_MEMORY_FORMAT]
+
+
+def set_memory_format(name: str) -> None:
+    """Use ``name`` (a key of :data:`MEMORY_FORMATS`) in :func:`compute_layout` and :func:`layout_model`
+    from now on in this process (the scripts call it once, from ``--memoryFormat``)."""
+    global _memory_format
+    _memory_format = MEMORY_FORMATS[name]
+
+
 def compute_layout(images: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` in channels_last, the layout the networks run fastest in on CUDA and on the
-    CPU alike (oneDNN: a ResNet-18 forward at 84 px about 1.3x, the small deformation encoder up to
-    2x faster than in the default layout); the networks' weights follow :func:`layout_model`."""
-    return images.contiguous(memory_format=torch.channels_last)
+    """``[N, C, H, W]`` in the compute memory format: channels_last by default, the layout the networks
+    run fastest in on CUDA and on the CPU alike (oneDNN: a ResNet-18 forward at 84 px about 1.3x, the
+    small deformation encoder up to 2x faster than contiguous); the weights follow :func:`layout_model`."""
+    return images.contiguous(memory_format=_memory_format)
 
 
 def layout_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with its convolution weights in channels_last (in place), to match :func:`compute_layout`."""
-    return model.to(memory_format=torch.channels_last)
+    """``model`` with its convolution weights in the compute memory format (in place), to match
+    :func:`compute_layout`."""
+    return model.to(memory_format=_memory_format)
 
 
 def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError, OptionError, TrainingDiverged
+from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
 from utils.interrupt import INTERRUPTED_EXIT, StopNow
 
 
@@ -40,8 +41,11 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def configure_backend(device: torch.device, deterministic: bool, seed: int) -> None:
-    """Seed the global generators and set the cuDNN flags for speed or determinism."""
+def configure_backend(device: torch.device, deterministic: bool, seed: int,
+                      memory_format: str = DEFAULT_MEMORY_FORMAT) -> None:
+    """Seed the global generators, set the compute memory format (``--memoryFormat``) and the cuDNN
+    flags for speed or determinism."""
+    set_memory_format(memory_format)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

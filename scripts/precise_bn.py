@@ -1,0 +1,79 @@
+"""Re-estimate the embedding's BatchNorm running statistics of a stage-1 or stage-2 checkpoint (ours or
+the authors') as a plain average over N clean training images, and write them to a new file.
+
+    python scripts/precise_bn.py --dataroot data/miniImageNet --checkpoint softRandom --imageSize 224 \
+        --images 1024 [--out models/softRandom_preciseBN.t7]
+
+Everything else in the file (weights, the deformation sub-network, the key layout) is kept as it is.
+The same computation as stage 1's ``--preciseBN`` (``engine/precise_bn.py``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.runtime import set_process_env  # noqa: E402
+
+set_process_env()  # before torch loads, as in the scripts
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from datasets.lowshot import read_stage_split  # noqa: E402
+from engine.precise_bn import clean_files, reestimate  # noqa: E402
+from models import load_embedding  # noqa: E402
+from models.loading import with_embedding_statistics  # noqa: E402
+from utils.checkpoint import atomic_save, load_state_dict, resolve_checkpoint  # noqa: E402
+from utils.errors import OptionError  # noqa: E402
+from utils.forward import layout_model  # noqa: E402
+from utils.options import check_positive, resolve_device, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="models/<name>.t7 by name, or a path")
+    parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root (its train split is used)")
+    parser.add_argument("--lowshotmeta", default=None, help="label_idx.json: --dataroot is an ILSVRC tree (as in stage 1)")
+    parser.add_argument("--imageSize", type=int, default=224, help="image side S the checkpoint was trained at")
+    parser.add_argument("--images", type=int, default=1024, help="clean training images N (at least 2)")
+    parser.add_argument("--filesPerClass", type=int, default=500, help="draw from each class's first files (0: all)")
+    parser.add_argument("--batchSize", type=int, default=128, help="images per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image draw")
+    parser.add_argument("--out", default=None, help="file to write (default: <checkpoint>_preciseBN.t7 beside it)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding workers")
+    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show a progress bar")
+    parser.set_defaults(amp=0)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    check_positive(args, "imageSize", "batchSize")
+    if args.images < 2:
+        raise OptionError(f"--images must be at least 2, got {args.images}")
+    device = resolve_device(args)
+    path = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}_preciseBN.t7")
+    if out.resolve() == path.resolve():
+        raise OptionError(f"--out {out}: would overwrite the checkpoint it reads; name another file")
+    state = load_state_dict(path)
+    net = layout_model(load_embedding(path).to(device))
+    files = clean_files(read_stage_split(args.dataroot, "train", args.lowshotmeta), args.images, args.seed,
+                        args.filesPerClass)
+    before = {k: v.clone() for k, v in net.state_dict().items() if k.endswith(".running_var")}
+    reestimate(net, files, args.imageSize, args.batchSize, args.nthreads, device, bool(args.progress))
+    after = net.state_dict()
+    change = torch.stack([((after[k].cpu() - v.cpu()).abs() / v.cpu().clamp_min(1e-12)).mean() for k, v in before.items()])
+    atomic_save(with_embedding_statistics(state, {k: v.cpu() for k, v in after.items()}), out)
+    print(f"wrote {out}: {len(before)} BatchNorm layers re-estimated over {len(files)} training images "
+          f"(running_var moved by {100 * change.mean().item():.1f} % on average)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
