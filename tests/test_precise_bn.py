@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import classification
 from datasets.splits import read_split
 from engine.precise_bn import clean_files, reestimate
 from models import EmbeddingNet, load_embedding
@@ -21,10 +20,19 @@ from utils.forward import layout_model
 
 from tests.scripts_helpers import read_metrics
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "precise_bn.py"
-_spec = importlib.util.spec_from_file_location("precise_bn_script", SCRIPT)
-precise_bn_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(precise_bn_script)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(path: Path, name: str):
+    """A script as a module, to call its ``main(args)`` in this process."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+precise_bn_script = load_script(REPO / "scripts" / "precise_bn.py", "precise_bn_script")
+classification = load_script(REPO / "classification.py", "classification_script")
 
 EPS = 1e-5
 
