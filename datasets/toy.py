@@ -38,6 +38,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,12 @@ def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Ima
         inside = (xs >= left) & (xs < left + width) & (ys >= top) & (ys < top + height)
         image[inside] = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.6), rng.uniform(0.1, 0.9))
 
+    return photometric_jitter(image, rng)
+
+
+def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """The float ``(size, size, 3)`` scene with its own contrast, brightness, colour cast and pixel noise,
+    as an RGB image."""
     mean = image.mean()
     image = (image - mean) * rng.uniform(0.7, 1.2) + mean + rng.uniform(-25, 25)
     image *= rng.uniform(0.88, 1.12, 3)
@@ -312,20 +319,22 @@ def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Ima
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
 
 
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """The image as the toy datasets' JPEG (quality 90, no chroma subsampling)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()
+
+
 def render_class(design: np.ndarray, class_index: int, per_class: int, size: int, seed: int) -> list[bytes]:
     """Return the JPEG bytes of the ``per_class`` images of one class (pure in its arguments)."""
     rng = np.random.default_rng([seed, 1, class_index])
-    images = []
-    for _ in range(per_class):
-        buffer = io.BytesIO()
-        render_image(design, size, rng).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        images.append(buffer.getvalue())
-    return images
+    return [jpeg_bytes(render_image(design, size, rng)) for _ in range(per_class)]
 
 
-def image_name(wnid: str, number: int) -> str:
-    """Return the flat-layout file name of image ``number`` (1-based) of class ``wnid``."""
-    return f"{wnid}{number:08d}.jpg"
+def image_name(label: str, number: int) -> str:
+    """Return the flat-layout file name of image ``number`` (1-based) of class ``label`` (a wnid)."""
+    return f"{label}{number:08d}.jpg"
 
 
 def validate(out: Path, per_class: int, size: int, seed: int) -> str | None:
@@ -355,19 +364,28 @@ def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
         raise ValueError(problem)
     splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
+    classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
+    return write_dataset(out, classes, lambda index: render_class(design[index], index, per_class, size, seed),
+                         FILENAME_RE, progress)
+
+
+def write_dataset(out: Path, classes: list[tuple[str, str]], render: Callable[[int], list[bytes]],
+                  stale_names: re.Pattern, progress: bool = False) -> dict[str, int]:
+    """Write ``out/images/<label><8 digits>.jpg`` and ``out/<split>.csv`` for ``classes`` (``(split, label)``
+    pairs, class i's JPEG bytes from ``render(i)``), remove images matching ``stale_names`` that this
+    call did not write, and return the number of images per split."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
     written = set()
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
-    for class_index, (split, wnid) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
-        for number, data in enumerate(render_class(design[class_index], class_index, per_class, size, seed), 1):
-            name = image_name(wnid, number)
+    for class_index, (split, label) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
+        for number, data in enumerate(render(class_index), 1):
+            name = image_name(label, number)
             (images_dir / name).write_bytes(data)
             written.add(name)
-            rows[split].append((name, wnid))
+            rows[split].append((name, label))
     for stale in images_dir.iterdir():
-        if FILENAME_RE.match(stale.name) and stale.name not in written:
+        if stale_names.match(stale.name) and stale.name not in written:
             stale.unlink()
     for split, split_rows in rows.items():
         with open(out / f"{split}.csv", "w", newline="") as handle:
