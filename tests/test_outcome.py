@@ -1,0 +1,124 @@
+"""The outcome benchmark (``benchmarks/outcome.py``): variants, the noise over seeds, and (slow) one
+smallest run whose numbers are checked against an independent evaluation of the files it wrote."""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.splits import read_split
+from engine.fewshot import evaluate_embedding
+from engine.precise_bn import clean_files, reestimate
+from models import load_embedding
+from utils.forward import layout_model
+from utils.metrics import t975
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("outcome_benchmark", REPO / "benchmarks" / "outcome.py")
+outcome = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = outcome  # its dataclass looks itself up there
+_spec.loader.exec_module(outcome)
+
+
+def test_variants_parse_flags_for_both_stages_or_each() -> None:
+    both = outcome.parse_variant("cl:--memoryFormat channels_last")
+    assert both == outcome.Variant("cl", None, ("--memoryFormat", "channels_last"), ("--memoryFormat", "channels_last"))
+    each = outcome.parse_variant("old@56d06f0:--LR 0.002 // --LR 0.0005 --deform random")
+    assert each.revision == "56d06f0"
+    assert each.stage1_flags == ("--LR", "0.002") and each.stage2_flags == ("--LR", "0.0005", "--deform", "random")
+    assert outcome.parse_variant("base:").stage1_flags == ()
+    for bad in ("no-colon", ":--LR 1", "a b:--LR 1"):
+        with pytest.raises(Exception, match="--variant"):
+            outcome.parse_variant(bad)
+
+
+def test_t975_matches_known_quantiles() -> None:
+    known = {1: 12.7062047, 2: 4.3026527, 4: 2.7764451, 9: 2.2621572, 40: 2.0210754, 1000: 1.9623391}
+    for df, value in known.items():
+        assert t975(df) == pytest.approx(value, abs=2e-6)
+
+
+def fake_results(values: dict[str, list[float]]) -> list[dict]:
+    return [{"variant": name, "seed": seed, **{m: v[i] + (0.5 if m == "stage1_s" else 0.0) for m in outcome.METRICS}}
+            for name, v in values.items() for i, seed in enumerate((0, 1, 2))]
+
+
+def test_noise_and_differences_come_from_the_seeds() -> None:
+    variants = [outcome.parse_variant("a:"), outcome.parse_variant("b:")]
+    results = fake_results({"a": [50.0, 54.0, 52.0], "b": [60.0, 61.0, 65.0]})
+    summary = outcome.summarize(results, variants, [0, 1, 2])
+    a = summary["variants"]["a"]["val_1shot_saved"]
+    assert a["mean"] == pytest.approx(52.0) and a["std"] == pytest.approx(2.0)
+    d = summary["differences"]["b"]["val_1shot_saved"]
+    diffs = [10.0, 7.0, 13.0]
+    assert d["mean"] == pytest.approx(10.0)
+    assert d["half_width_95"] == pytest.approx(4.3026527 * statistics.stdev(diffs) / math.sqrt(3))
+    assert d["exceeds_noise"] is True
+    noisy = outcome.summarize(fake_results({"a": [50.0, 54.0, 52.0], "b": [58.0, 46.0, 55.0]}), variants, [0, 1, 2])
+    assert noisy["differences"]["b"]["val_1shot_saved"]["exceeds_noise"] is False
+
+
+def test_a_revision_is_exported_as_its_own_code_tree(tmp_path: Path) -> None:
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    tree, commit = outcome.code_tree("HEAD", tmp_path)
+    assert tree == tmp_path / "code" / commit and (tree / "classification.py").is_file()
+    with pytest.raises(Exception, match="not a commit"):
+        outcome.code_tree("no-such-revision-xyz", tmp_path)
+
+
+@pytest.mark.slow
+def test_smallest_benchmark_run(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    flags = ["--workdir", str(work), "--seeds", "0", "1", "--s1Epochs", "1", "--s1Files", "2", "--s2Epochs", "1",
+             "--s2Episodes", "3", "--s2Val", "3", "--s2Test", "5", "--evalEpisodes", "5", "--preciseImages", "48",
+             "--s1Batch", "32", "--galleryNum", "2", "--perClass", "20", "--device", "cpu", "--nthreads", "0",
+             "--variant", "cl:--memoryFormat channels_last", "--variant", "plain:--memoryFormat contiguous"]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "outcome.py"), *flags], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for metric in outcome.METRICS:
+        assert f"| {metric} |" in done.stdout, metric
+    with open(work / "outcome.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"variant", "seed", *outcome.METRICS}
+    assert [(r["variant"], r["seed"]) for r in rows] == [("cl", "0"), ("plain", "0"), ("cl", "1"), ("plain", "1")]
+    results = {(r["variant"], int(r["seed"])): json.loads((work / "results" / f"{r['variant']}_seed{r['seed']}.json")
+                                                          .read_text()) for r in rows}
+    # identical seeds and data: the stage-1 command lines differ only in the variant's flags
+    for seed in (0, 1):
+        cl, plain = (results[v, seed]["settings"]["stage1"] for v in ("cl", "plain"))
+        strip = lambda flags, v: [f.replace(f"_{v}_", "_") for f in flags[:-2]]  # noqa: E731
+        assert strip(cl, "cl") == strip(plain, "plain") and cl[-1] == "channels_last" and plain[-1] == "contiguous"
+    # the noise estimate is over the seeds
+    summary = json.loads((work / "outcome.json").read_text())
+    values = [results["plain", s]["val_1shot_saved"] - results["cl", s]["val_1shot_saved"] for s in (0, 1)]
+    d = summary["differences"]["plain"]["val_1shot_saved"]
+    assert d["mean"] == pytest.approx(statistics.mean(values))
+    assert d["half_width_95"] == pytest.approx(t975(1) * statistics.stdev(values) / math.sqrt(2))
+    # as saved and re-estimated: the files the scripts wrote, evaluated here independently
+    root = Path(summary["setup"]["data"])
+    cpu = torch.device("cpu")
+    net = layout_model(load_embedding(work / "models" / "s1_plain_seed1.t7")).eval()
+    reference = {}
+    for state in ("saved", "precise"):
+        if state == "precise":
+            reestimate(net, clean_files(read_split(root, "train"), 48, 1, 2), 32, 32, 0, cpu)
+            net.eval()
+        accs = evaluate_embedding(net.features, read_split(root, "test"), 32, 5, 1, 15, 5, 0, cpu, 2, progress=False)
+        reference[state] = 100 * sum(accs) / len(accs)
+    assert results["plain", 1]["test_1shot_saved"] == pytest.approx(reference["saved"])
+    assert results["plain", 1]["test_1shot_precise"] == pytest.approx(reference["precise"])
+    # a second call reuses every finished run
+    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "outcome.py"), *flags], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reused") == 4
