@@ -339,14 +339,16 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 def best_val(rows: list[dict[str, str]]) -> tuple[str, float | None, int | None]:
     """(metric, best val accuracy, its epoch) from a metrics CSV's rows, by column name:
-    stage 2's ``select_acc`` on rows with ``select_split == val``, stage 1's ``val_1shot``."""
+    stage 2's ``select_acc`` on rows with ``select_split == val``, stage 1's ``val_1shot`` (``val_1shot_precise``
+    when the run re-estimated its BatchNorm statistics, as its ``_best.t7`` was selected)."""
     if rows and "select_acc" in rows[0]:
         metric = "select_acc"
         rows = [row for row in rows if row.get("select_split") == "val"]
         if not rows:
             return "none (--selectOn test)", None, None
     elif rows and "val_1shot" in rows[0]:
-        metric = "val_1shot"
+        metric = "val_1shot_precise" if any(to_float(row.get("val_1shot_precise")) is not None for row in rows) \
+            else "val_1shot"
     else:
         return "", None, None
     best, epoch = None, None

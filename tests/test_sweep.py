@@ -120,6 +120,9 @@ def test_best_val_reads_columns_by_name_for_both_stages():
     stage1 = [{"epoch": "0", "val_1shot": "", "loss": "3"}, {"epoch": "1", "val_1shot": "41.5", "loss": "2"},
               {"epoch": "2", "val_1shot": "40", "loss": "1"}]
     assert sweep.best_val(stage1) == ("val_1shot", 41.5, 1)
+    precise = [{**row, "val_1shot_precise": value} for row, value in zip(stage1, ["", "39", "42.5"])]
+    assert sweep.best_val(precise) == ("val_1shot_precise", 42.5, 2)
+    assert sweep.best_val([{**row, "val_1shot_precise": ""} for row in stage1]) == ("val_1shot", 41.5, 1)
     stage2 = [{"select_acc": "60", "epoch": "0", "select_split": "val", "extra": "9"},
               {"select_acc": "61", "epoch": "1", "select_split": "val", "extra": "1"}]
     assert sweep.best_val(stage2) == ("select_acc", 61.0, 1)
