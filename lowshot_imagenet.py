@@ -1,10 +1,12 @@
 """IDeMe-Net on the ImageNet-1K low-shot benchmark (Hariharan & Girshick, ICCV 2017): the paper's Table 2.
 
     python lowshot_imagenet.py --imagenet ILSVRC --lowshotmeta label_idx.json \
-        --experimentpath 'splitfile_{:d}.json' --GNet metaNet_imagenet --tensorname lowshot_imagenet
+        --experimentpath 'splitfile_{:d}.json' --trainlist train.json --GNet metaNet_imagenet \
+        --tensorname lowshot_imagenet
     torchrun --nproc_per_node=4 lowshot_imagenet.py ...   (feature extraction sharded over the GPUs)
 
-Embeds the base classes' training images, the trials' n-shot images and the setups' test images
+Checks every input first (a bad one is refused with one line, before anything is written), then,
+holding ``runs/<tensorname>/.lock``, embeds the base classes' training images, the trials' n-shot images and the setups' test images
 once into float16 files under ``runs/<tensorname>/features/`` (resumable), then per setup, trial
 and n scores the test images against base and novel prototypes, with and without deformed
 examples on the same draws. Writes ``runs/<tensorname>/lowshot_imagenet.json`` (every metric),

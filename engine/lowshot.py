@@ -451,8 +451,9 @@ def format_table(result: dict) -> str:
             lines.append(f"{metric:34}" + "".join(
                 f"{data[method][n][metric]['top1']['mean']:6.2f} / {data[method][n][metric]['top5']['mean']:5.2f}"
                 .rjust(width) for n in ns))
+        priors = (result["prior_temperature"][method], result["prior_mu"][method])
         lines.append(f"{'all_prior: temperature, mu':34}" + "".join(
-            f"{result['prior_temperature'][method][n]:g}, {result['prior_mu'][method][n]:.2f}".rjust(width) for n in ns))
+            f"{priors[0][n]:g}, {priors[1][n]:.2f}".rjust(width) for n in ns))
         lines.append("")
     lines.append(f"intervals: {result['interval']}; all_prior's temperature and mu chosen on the "
                  f"{result['prior_chosen_on']}")

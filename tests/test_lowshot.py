@@ -3,6 +3,7 @@ run lock in-process, and the whole chain (stage 1 and stage 2 on the base classe
 ``lowshot_imagenet.py``) on a toy benchmark (``slow``)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -16,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-import lowshot_imagenet
-import onlyBasetwoLoss
 from datasets.episodes import CroppedImages
 from datasets.lowshot import (RECONSTRUCTION_WARNING, benchmark_split, read_lowshot_meta, read_train_list, read_trial,
                               rebuild_train_list, shot_indices)
@@ -50,6 +49,18 @@ LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--ex
            "bench/splitfile_{:d}.json", "--trainlist", "bench/train.json", "--imageSize", SIZE, "--galleryNum", "4",
            "--nthreads", "0", "--progress", "0", "--device", "cpu", "--trials", "1", "2", "--lowshotn", "1", "2"]
 PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (SPEC.md, section 3)
+
+
+def _load_script(name: str):
+    """A top-level script as a module, so that its ``main(args)`` runs in-process as ``python <name>.py``
+    would run it (loaded from its file: no library or script imports a training script)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lowshot_imagenet, onlyBasetwoLoss = _load_script("lowshot_imagenet"), _load_script("onlyBasetwoLoss")
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +311,8 @@ def _refused(work: Path, monkeypatch, capsys, script, argv: list[str], run: str 
     (lambda b, m: _damage_row(b / "splitfile_1.json", m.lists["novel_classes_1"][3],
                               lambda row: row.__setitem__(19, 0 if row[19] >= TRAIN_PER_CLASS else TRAIN_PER_CLASS)),
      ("splitfile_1.json", "outside")),
-    (lambda b, m: (b / "splitfile_1.json").write_text(json.dumps(json.loads((b / "splitfile_1.json").read_text())[:-1])),
+    (lambda b, m: (b / "splitfile_1.json").write_text(
+        json.dumps(json.loads((b / "splitfile_1.json").read_text())[:-1])),
      ("splitfile_1.json", f"{4 * PER_LIST}")),
     (lambda b, m: shutil.rmtree(b / "train" / m.label_names[m.lists["novel_classes_2"][0]]),
      ("label_idx.json", "missing")),
@@ -351,8 +363,8 @@ def test_lowshot_imagenet_and_stage2_evaluate_take_the_run_lock(workdir, random_
     try:
         lowshot = [*LOWSHOT, "--GNet", random_gnet, "--tensorname", "busy"]
         stage2 = ["--dataroot", "bench", "--lowshotmeta", "bench/label_idx.json", "--imageSize", SIZE, "--GNet",
-                  random_gnet, "--evaluate", "--galleryNum", "4", "--chooseNum", "6", "--testEpisodes", "2", "--test_num", "2",
-                  "--nthreads", "0", "--progress", "0", "--device", "cpu", "--tensorname", "busy"]
+                  random_gnet, "--evaluate", "--galleryNum", "4", "--chooseNum", "6", "--testEpisodes", "2",
+                  "--test_num", "2", "--nthreads", "0", "--progress", "0", "--device", "cpu", "--tensorname", "busy"]
         for script, argv in ((lowshot_imagenet, lowshot), (onlyBasetwoLoss, stage2)):
             status, _, err = _run_in(workdir, monkeypatch, capsys, script, argv)
             assert status == 2 and err.strip() == (f"error: {Path('runs/busy')} is in use by process {os.getpid()} on "
@@ -546,10 +558,10 @@ def test_printed_table_shows_the_reports_numbers_under_their_n(evaluated):
                           ("difference (paired)", "difference")):
         row = next(line for line in lines if line.startswith(label))
         cells = [row[34 + 16 * i:34 + 16 * (i + 1)].strip() for i in range(2)]
-        assert cells == [f"{test[method][n]['novel']['top5']['mean']:.2f} +- {test[method][n]['novel']['top5']['t_ci95']:.2f}"
-                         for n in ("1", "2")], row
+        top5 = [test[method][n]["novel"]["top5"] for n in ("1", "2")]
+        assert cells == [f"{values['mean']:.2f} +- {values['t_ci95']:.2f}" for values in top5], row
     paper = next(line for line in lines if line.startswith("IDeMe-Net, paper (Table 2)"))
-    assert [paper[34 + 16 * i:34 + 16 * (i + 1)].strip() for i in range(2)] == [PAPER_NOVEL_TOP5[1], PAPER_NOVEL_TOP5[2]]
+    assert [paper[34 + 16 * i:34 + 16 * (i + 1)].strip() for i in range(2)] == [PAPER_NOVEL_TOP5[n] for n in (1, 2)]
 
 
 def _embedder(model):
@@ -590,7 +602,8 @@ def independent(trained, meta):
 
 
 def _check_metrics(got: dict, novel_protos: torch.Tensor, ref: dict, trial: int) -> None:
-    scores = -ref["model"].scale.detach() * squared_distances(ref["test"], torch.cat([ref["base_protos"], novel_protos]))
+    protos = torch.cat([ref["base_protos"], novel_protos])
+    scores = -ref["model"].scale.detach() * squared_distances(ref["test"], protos)
     expected = lowshot_metrics(scores, ref["targets"], len(ref["base"]))
     for metric in ("novel", "novel_joint", "base", "all"):
         assert got[metric]["top1"]["trials"][trial - 1] == pytest.approx(expected[metric][1], abs=1e-6), metric
