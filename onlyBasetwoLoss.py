@@ -16,6 +16,7 @@ set_process_env()  # before torch loads
 
 import argparse
 import sys
+from contextlib import ExitStack
 
 import torch
 
@@ -23,7 +24,7 @@ from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import resolve_stage2_args, stage2_parser
-from engine.run import Run
+from engine.run import Run, run_lock
 from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
                            epoch_row, episodes, evaluate, make_embed, make_optimizers, new_progress, param_groups,
                            prepare, report, selection_columns, step_schedulers, train_one_epoch, write_figure)
@@ -140,11 +141,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
-    """``--evaluate``: the test episodes of ``--seed`` with and without deformation."""
-    with GracefulInterrupt() as interrupt:
+    """``--evaluate``: the test episodes of ``--seed`` with and without deformation. Once the inputs are
+    read, the run's lock (``runs/<tensorname>/``, as training takes it) is held until the report is written."""
+    with GracefulInterrupt() as interrupt, ExitStack() as held:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
             splits, model, gallery = prepare(args, device, need_train=False, stop=stop)
+            held.enter_context(run_lock(RUNS_DIR / args.tensorname))
             bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop) if gallery else None
             dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []),
                                evaluation=True)
@@ -153,8 +156,9 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT
-    write_json(RUNS_DIR / args.tensorname / f"evaluate_{args.shots}shot_seed{args.seed}.json", report(stats, args, "test"))
-    figure = write_figure(stats["first"], args)
+        write_json(RUNS_DIR / args.tensorname / f"evaluate_{args.shots}shot_seed{args.seed}.json",
+                   report(stats, args, "test"))
+        figure = write_figure(stats["first"], args)
     if figure:
         print(f"figure: {figure}")
     return 0

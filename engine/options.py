@@ -103,7 +103,8 @@ def stage2_parser() -> argparse.ArgumentParser:
                         help="ablation: episode leaves the training episode's own classes out of the gallery "
                         "shortlists, so training sees what testing sees (none: the original)")
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
-                        help="weights kept by best val accuracy, or (the original's protocol) lowest test loss")
+                        help="weights kept by best val accuracy, or (the original's protocol) lowest test loss "
+                        "(refused with --lowshotmeta)")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
                         help="1: draw support and query independently, so they may overlap (the original's protocol)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")
@@ -132,6 +133,10 @@ def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
     if args.evaluate and args.GNet == "None":
         raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
+    if args.selectOn == "test" and args.lowshotmeta:
+        raise OptionError("--selectOn test with --lowshotmeta would select stage 2's weights on the test setup's "
+                          "novel classes of the ImageNet-1K low-shot benchmark; use --selectOn val (the validation "
+                          "setup's)")
     if args.galleryExclude == "episode" and (args.deform == "none" or args.gallerySelect != "nearest"):
         raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
                           "--gallerySelect nearest and deformed images (--deform learned or random)")
@@ -149,8 +154,9 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowshotmeta", required=True, help="the benchmark's class split, label_idx.json")
     parser.add_argument("--experimentpath", required=True,
                         help="the trials' split files, with {:d} for the trial: 'splitfile_{:d}.json'")
-    parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels); "
-                        "without it the list is rebuilt as each class's files sorted by name")
+    parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels), which "
+                        "the split files index; without it the list is rebuilt as each class's files sorted by name, "
+                        "so the shots differ from the benchmark's (a warning says so)")
     parser.add_argument("--tensorname", required=True, help="name of the evaluation: runs/<name>/")
     parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (models/<name>.t7)")
     parser.add_argument("--network", default="None", help="stage-1 checkpoint, for the baselines without a "

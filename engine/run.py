@@ -8,6 +8,8 @@ import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,18 @@ def release_run(handle) -> None:
     if not handle.closed:
         handle.truncate(0)
         handle.close()
+
+
+@contextmanager
+def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after; nothing
+    when ``take`` is False (the other processes of a distributed run)."""
+    handle = lock_run(run_dir) if take else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            release_run(handle)
 
 
 class Run:
