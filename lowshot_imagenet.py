@@ -89,7 +89,9 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
                 largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
                 if args.gallerySelect == "nearest" and largest > len(gallery):
                     raise OptionError(f"--chooseNum {largest} is larger than the {len(gallery)}-image gallery")
-                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop)
+                # No original to follow here: the gallery is embedded with the GNet's saved statistics.
+                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop,
+                                   batch_norm="eval")
             results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
                        for name, setup in bench.setups.items()}
         except Interrupted as stopped:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
+from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MODES
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.options import check_positive
@@ -94,6 +94,11 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
                         help="ablation: episode leaves the training episode's own classes out of the gallery "
                         "shortlists, so training sees what testing sees (none: the original)")
+    parser.add_argument("--galleryBN", default="train", choices=GALLERY_BN,
+                        help="the gallery pass before training or --evaluate: train, the original's (the embedding "
+                        "in training mode, 128 images a call in 4 shares normalised each with its own batch "
+                        "statistics, the running statistics updated by each call's first share and kept for "
+                        "everything after); eval, the embedding in evaluation mode, its statistics untouched")
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
                         help="weights kept by best val accuracy, or (the original's protocol) lowest test loss")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),

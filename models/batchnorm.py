@@ -1,5 +1,9 @@
-"""BatchNorm variants: one initialised as PyTorch 0.4.0 did, one lean when frozen (SPEC 3)."""
+"""BatchNorm variants: one initialised as PyTorch 0.4.0 did, one lean when frozen (SPEC 3); passes
+in training mode that leave the running statistics alone."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +55,28 @@ class Torch04BatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             init.uniform_(self.weight, 0.0, 1.0)
             init.zeros_(self.bias)
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``module`` that keeps running statistics, in module order."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s BatchNorm layers in training mode normalise with their batch's
+    statistics and leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched
+    (PyTorch's BatchNorm with ``track_running_stats`` off); in evaluation mode nothing changes."""
+    norms = batch_norms(module)
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+def running_variances(module: nn.Module) -> torch.Tensor:
+    """A copy of the ``running_var`` of every BatchNorm layer of ``module``, concatenated ``[channels]``."""
+    return torch.cat([norm.running_var.detach().flatten().float() for norm in batch_norms(module)]).cpu()
