@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from datasets.transforms import CROPS
 from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MODES
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
@@ -56,6 +57,11 @@ def stage1_parser() -> argparse.ArgumentParser:
                         "network, the checkpoint's own with --network")
     parser.add_argument("--filesPerClass", type=int, default=500,
                         help="first files of each base class used (0: every file)")
+    parser.add_argument("--crop", default="tv02", choices=CROPS,
+                        help="random crop of the training images: tv02, torchvision 0.2's RandomResizedCrop (the "
+                        "original's: aspect ratio uniform on [3/4, 4/3], w and h swapped half the time, a centre "
+                        "square when 10 attempts fail); current, today's torchvision (log-uniform ratio, no swap, "
+                        "the whole image clamped to the ratio range when they fail)")
     parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
