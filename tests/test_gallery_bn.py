@@ -274,3 +274,27 @@ def test_evaluate_runs_the_pass_and_names_it(workdir, monkeypatch, capsys) -> No
     out = stage2(workdir, monkeypatch, capsys, "--GNet", "toeval_last", "--evaluate", "--tensorname", "toeval")
     assert "gallery pass in training mode" in out
     assert json.loads((workdir / "runs/toeval/evaluate_1shot_seed0.json").read_text())["galleryBN"] == "train"
+
+
+# 3. The gallery's files -----------------------------------------------------------------------------
+
+def test_the_gallery_files_are_the_original_draw(toy_root) -> None:
+    """The original: the train CSV's files grouped by class in CSV order, classes sorted,
+    ``np.random.seed(2019)``, then ``np.random.choice(files, galleryNum, False)`` per class."""
+    import csv
+
+    import numpy as np
+
+    from datasets.gallery import gallery_files
+
+    by_class: dict[str, list[str]] = {}
+    with open(toy_root / "train.csv", newline="") as handle:
+        for name, label in list(csv.reader(handle))[1:]:
+            by_class.setdefault(label, []).append(name)
+    saved = np.random.get_state()
+    np.random.seed(2019)
+    want = [(label, str(name)) for label, wnid in enumerate(sorted(by_class))
+            for name in np.random.choice(by_class[wnid], 5, False)]
+    np.random.set_state(saved)
+    got = [(label, path.name) for label, path in gallery_files(read_split(toy_root, "train"), 5)]
+    assert got == want
