@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import onlyBasetwoLoss
+import engine.stage2 as stage2
 from datasets import Gallery, read_split
 from engine.episode import GalleryBank
-from engine.options import stage2_parser
+from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet, load_idemenet
-from tests.scripts_helpers import make_workdir, read_metrics
+from tests.scripts_helpers import make_workdir, read_metrics, run_script
 from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
 from utils.errors import OptionError
@@ -168,7 +168,7 @@ def test_a_share_of_one_image_that_batchnorm_cannot_normalise_is_refused_in_one_
     assert not model.backbone.training
 
 
-# 2. The scripts --------------------------------------------------------------------------------------
+# 2. The scripts (end to end, marked slow) and their steps in-process ----------------------------------
 
 TINY = ["--dataroot", "toy", "--imageSize", "32", "--galleryNum", "2", "--chooseNum", "3", "--augnum", "2",
         "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu", "--epoch", "2",
@@ -186,14 +186,11 @@ def workdir(tmp_path_factory):
     return root
 
 
-def stage2(workdir, monkeypatch, capsys, *flags: str) -> str:
-    """Run onlyBasetwoLoss in-process in ``workdir``; its standard output. The run lock (held until the
-    process ends, tested in test_resume.py) is left out: this one process resumes its own runs."""
-    monkeypatch.chdir(workdir)
-    monkeypatch.setattr("engine.run.lock_run", lambda run_dir: None)
-    capsys.readouterr()
-    assert onlyBasetwoLoss.main(stage2_parser().parse_args([*TINY, *flags])) == 0
-    return capsys.readouterr().out
+def stage2_run(workdir, *flags: str) -> str:
+    """Run onlyBasetwoLoss.py in ``workdir``; its standard output."""
+    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, *flags)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def expected_pass(workdir, monkeypatch, checkpoint: str) -> tuple[torch.Tensor, dict]:
@@ -204,8 +201,53 @@ def expected_pass(workdir, monkeypatch, checkpoint: str) -> tuple[torch.Tensor, 
     return reference_pass(model.backbone, normalise(gallery.images))
 
 
-def test_the_default_run_uses_the_train_mode_pass_and_says_so(workdir, monkeypatch, capsys) -> None:
-    out = stage2(workdir, monkeypatch, capsys, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
+def prepared(workdir, monkeypatch, *flags: str):
+    """What onlyBasetwoLoss does before its gallery pass: the flags resolved, the splits, the model and
+    the decoded gallery (``engine.stage2.prepare``)."""
+    monkeypatch.chdir(workdir)
+    args = stage2_parser().parse_args([*TINY, "--tensorname", "inprocess", *flags])
+    resolve_stage2_args(args, CPU)
+    return (args, *stage2.prepare(args, CPU, need_train=True))
+
+
+def test_the_default_pass_of_round2_runs_on_the_loaded_network(workdir, monkeypatch) -> None:
+    """A stage-2 checkpoint whose statistics a first pass changed: --GNet loads them, and the default
+    pass starts from them (the reference on that network), not from the stage-1 file's."""
+    model = load_idemenet(workdir / "models/stage1bn.t7", image_size=32).eval()
+    monkeypatch.chdir(workdir)
+    GalleryBank(Gallery(read_split("toy", "train"), 2, 32, 0, progress=False), model, CPU, 16, batch_norm="train")
+    torch.save(model.state_dict(), workdir / "models/gnet_round1.t7")
+    args, _, loaded, gallery = prepared(workdir, monkeypatch, "--GNet", "gnet_round1", "--fixCls", "0")
+    assert args.galleryBN == "train"
+    want_features, want_stats = reference_pass(copy.deepcopy(loaded.backbone), normalise(gallery.images))
+    bank = GalleryBank(gallery, loaded, CPU, args.batchSize, features=None, batch_norm=args.galleryBN)
+    torch.testing.assert_close(bank.features, want_features, rtol=1e-4, atol=1e-4)
+    assert_statistics(statistics(loaded.backbone), want_stats)
+    assert int(statistics(loaded.backbone)["bn1.num_batches_tracked"]) == \
+        int(model.state_dict()["backbone.bn1.num_batches_tracked"]) + 1
+
+
+def test_restored_features_leave_the_restored_statistics_alone(workdir, monkeypatch) -> None:
+    """Resume: the model holds the saved statistics and the bank the saved features; no pass runs."""
+    args, _, model, gallery = prepared(workdir, monkeypatch, "--network", "stage1bn")
+    before = {k: v.clone() for k, v in statistics(model).items()}
+    saved = torch.randn(len(gallery), 512)
+    bank = GalleryBank(gallery, model, CPU, args.batchSize, features=saved, batch_norm=args.galleryBN)
+    assert bank.batch_norm == "restored" and torch.equal(bank.features, saved)
+    assert all(torch.equal(before[k], v) for k, v in statistics(model).items())
+    assert "restored" in stage2.gallery_pass_line(bank)
+
+
+def test_without_deformation_the_gallery_is_still_embedded_for_the_pass(workdir, monkeypatch) -> None:
+    """--deform none: the default pass still sets the embedding's statistics (the gallery is decoded);
+    with --galleryBN eval nothing is decoded."""
+    assert prepared(workdir, monkeypatch, "--network", "stage1bn", "--deform", "none")[3] is not None
+    assert prepared(workdir, monkeypatch, "--network", "stage1bn", "--deform", "none", "--galleryBN", "eval")[3] is None
+
+
+@pytest.mark.slow
+def test_the_default_run_uses_the_train_mode_pass_and_says_so(workdir, monkeypatch) -> None:
+    out = stage2_run(workdir, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
                  "--tensorname", "bntrain")
     want_features, want_stats = expected_pass(workdir, monkeypatch, "stage1bn")
     state = safe_load(workdir / "runs/bntrain/resume.pt")
@@ -221,8 +263,9 @@ def test_the_default_run_uses_the_train_mode_pass_and_says_so(workdir, monkeypat
     assert json.loads((workdir / "runs/bntrain/evaluate_1shot_seed0.json").read_text())["galleryBN"] == "train"
 
 
-def test_gallery_bn_eval_leaves_the_stage1_statistics_bit_identical(workdir, monkeypatch, capsys) -> None:
-    out = stage2(workdir, monkeypatch, capsys, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
+@pytest.mark.slow
+def test_gallery_bn_eval_leaves_the_stage1_statistics_bit_identical(workdir, monkeypatch) -> None:
+    out = stage2_run(workdir, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
                  "--galleryBN", "eval", "--tensorname", "bneval")
     stage1 = statistics(load_idemenet(workdir / "models/stage1bn.t7", image_size=32), "backbone.")
     for path in ("runs/bneval/resume.pt", "models/bneval_last.t7", "models/bneval.t7"):
@@ -233,14 +276,15 @@ def test_gallery_bn_eval_leaves_the_stage1_statistics_bit_identical(workdir, mon
     assert {row["gallery_bn"] for row in read_metrics(workdir / "runs/bneval/metrics.csv")} == {"eval"}
 
 
-def test_a_resumed_run_restores_the_pass_and_equals_an_uninterrupted_one(workdir, monkeypatch, capsys) -> None:
+@pytest.mark.slow
+def test_a_resumed_run_restores_the_pass_and_equals_an_uninterrupted_one(workdir, monkeypatch) -> None:
     """Two epochs in one go against one epoch then --resume for the second: the same weights and
     statistics bit for bit, and the resumed process does not embed the gallery again."""
     common = ["--network", "stage1bn", "--fixCls", "0", "--fixAttention", "0"]
-    stage2(workdir, monkeypatch, capsys, *common, "--numEpochs", "2", "--tensorname", "straight")
-    stage2(workdir, monkeypatch, capsys, *common, "--numEpochs", "1", "--tensorname", "pieces")
+    stage2_run(workdir, *common, "--numEpochs", "2", "--tensorname", "straight")
+    stage2_run(workdir, *common, "--numEpochs", "1", "--tensorname", "pieces")
     first = safe_load(workdir / "runs/pieces/resume.pt")
-    out = stage2(workdir, monkeypatch, capsys, *common, "--numEpochs", "2", "--tensorname", "pieces", "--resume")
+    out = stage2_run(workdir, *common, "--numEpochs", "2", "--tensorname", "pieces", "--resume")
     assert "restored" in out and "training mode" not in out
     want, got = safe_load(workdir / "models/straight_last.t7"), safe_load(workdir / "models/pieces_last.t7")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -252,10 +296,11 @@ def test_a_resumed_run_restores_the_pass_and_equals_an_uninterrupted_one(workdir
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_round2_repeats_the_pass_on_the_loaded_network(workdir, monkeypatch, capsys) -> None:
-    stage2(workdir, monkeypatch, capsys, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
+@pytest.mark.slow
+def test_round2_repeats_the_pass_on_the_loaded_network(workdir, monkeypatch) -> None:
+    stage2_run(workdir, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
            "--tensorname", "round1")
-    out = stage2(workdir, monkeypatch, capsys, "--GNet", "round1_last", "--fixCls", "0", "--fixAttention", "1",
+    out = stage2_run(workdir, "--GNet", "round1_last", "--fixCls", "0", "--fixAttention", "1",
                  "--numEpochs", "1", "--tensorname", "round2")
     assert "training mode" in out
     want_features, want_stats = expected_pass(workdir, monkeypatch, "round1_last")
@@ -268,10 +313,11 @@ def test_round2_repeats_the_pass_on_the_loaded_network(workdir, monkeypatch, cap
     assert int(moved["bn1.num_batches_tracked"]) == int(round1["bn1.num_batches_tracked"]) + math.ceil(128 / CALL)
 
 
-def test_evaluate_runs_the_pass_and_names_it(workdir, monkeypatch, capsys) -> None:
-    stage2(workdir, monkeypatch, capsys, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
+@pytest.mark.slow
+def test_evaluate_runs_the_pass_and_names_it(workdir, monkeypatch) -> None:
+    stage2_run(workdir, "--network", "stage1bn", "--fixCls", "1", "--numEpochs", "1",
            "--tensorname", "toeval")
-    out = stage2(workdir, monkeypatch, capsys, "--GNet", "toeval_last", "--evaluate", "--tensorname", "toeval")
+    out = stage2_run(workdir, "--GNet", "toeval_last", "--evaluate", "--tensorname", "toeval")
     assert "gallery pass in training mode" in out
     assert json.loads((workdir / "runs/toeval/evaluate_1shot_seed0.json").read_text())["galleryBN"] == "train"
 
