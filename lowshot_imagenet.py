@@ -100,7 +100,9 @@ def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: arg
             if bench.gallery_split is not None:
                 gallery = Gallery(bench.gallery_split, args.galleryNum, args.imageSize, args.nthreads,
                                   progress=bool(args.progress), stop=stop)
-                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop)
+                # No original to follow here: the gallery is embedded with the GNet's saved statistics.
+                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop,
+                                   batch_norm="eval")
             results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
                        for name, setup in bench.setups.items()}
         except Interrupted as stopped:

@@ -80,7 +80,7 @@ def main(a: argparse.Namespace) -> None:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
                           "(raise --toyPerClass or lower --batchSize)")
     net, optimizer = stage1.build_model(args, train.num_classes)
-    model, criterion = stage1.distribute(net, device, info, args), nn.CrossEntropyLoss()
+    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
     sampler.set_epoch(0)
     keys = list(sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
     item_s = common.timed(device, lambda: [dataset[key] for key in keys])[0] / len(keys)

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
+from datasets.transforms import CROPS
+from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MODES
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
@@ -60,6 +61,11 @@ def stage1_parser() -> argparse.ArgumentParser:
                         "network, the checkpoint's own with --network")
     parser.add_argument("--filesPerClass", type=int, default=500,
                         help="first files of each base class used (0: every file)")
+    parser.add_argument("--crop", default="tv02", choices=CROPS,
+                        help="random crop of the training images: tv02, torchvision 0.2's RandomResizedCrop (the "
+                        "original's: aspect ratio uniform on [3/4, 4/3], w and h swapped half the time, a centre "
+                        "square when 10 attempts fail); current, today's torchvision (log-uniform ratio, no swap, "
+                        "the whole image clamped to the ratio range when they fail)")
     parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
@@ -102,6 +108,11 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
                         help="ablation: episode leaves the training episode's own classes out of the gallery "
                         "shortlists, so training sees what testing sees (none: the original)")
+    parser.add_argument("--galleryBN", default="train", choices=GALLERY_BN,
+                        help="the gallery pass before training or --evaluate: train, the original's (the embedding "
+                        "in training mode, 128 images a call in 4 shares normalised each with its own batch "
+                        "statistics, the running statistics updated by each call's first share and kept for "
+                        "everything after); eval, the embedding in evaluation mode, its statistics untouched")
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
                         help="weights kept by best val accuracy, or (the original's protocol) lowest test loss "
                         "(refused with --lowshotmeta)")

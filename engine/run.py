@@ -42,8 +42,8 @@ def open_run(args, resume_keys: tuple[str, ...], runs_dir: Path = RUNS_DIR) -> t
         return run_dir, None
     state = safe_load(run_dir / "resume.pt")
     saved = state["args"]
-    conflicts = [f"--{k} {saved.get(k)} (saved) vs {getattr(args, k, None)} (now)" for k in resume_keys
-                 if saved.get(k) != getattr(args, k, None)]
+    conflicts = [f"--{k} {saved[k] if k in saved else 'unrecorded (an earlier version wrote it)'} (saved) vs "
+                 f"{getattr(args, k, None)} (now)" for k in resume_keys if saved.get(k) != getattr(args, k, None)]
     if conflicts:
         raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
     return run_dir, state

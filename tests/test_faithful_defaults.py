@@ -165,11 +165,13 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     resolve_stage2_args(args, CPU)
     configure_backend(CPU, False, args.seed)
     model = stage2.build_model(args, CPU)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
     after_epoch0 = safe_load(workdir / "models/seltest_one_last.t7")
     splits = {"train": read_split("toy", "train"), "test": read_split("toy", "test")}
     from datasets import Gallery
-    bank = GalleryBank(Gallery(splits["train"], 2, 32, 0, progress=False), model, CPU, args.batchSize)
+    # the run's default gallery pass changes the statistics the initial candidate is evaluated with
+    bank = GalleryBank(Gallery(splits["train"], 2, 32, 0, progress=False), model, CPU, args.batchSize,
+                       batch_norm=args.galleryBN)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     def test_loss(weights, epoch: int) -> float:
         model.load_state_dict(weights)

@@ -63,8 +63,8 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     deformed = [0.8, 0.6, 0.7, 0.9]
     plain = [0.7, 0.6, 0.5, 0.8]
     stats = {"acc": deformed, "plain": plain, "loss": [1.0, 2.0, 3.0, 6.0]}
-    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", evaluate=False,
-                              tensorname="run", GNet="None")
+    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", galleryBN="train",
+                              evaluate=False, tensorname="run", GNet="None")
     summary = stage2.report(stats, args, "test")
     lines = capsys.readouterr().out.splitlines()
     # deformed: mean 75, std sqrt(125) = 11.180; half 1.96 * 11.180 / 2 = 10.957
@@ -79,6 +79,7 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     assert summary["difference"] == pytest.approx(10.0)
     assert summary["difference_ci95"] == pytest.approx(1.96 * math.sqrt(50) / 2)
     assert summary["loss"] == pytest.approx(3.0)
+    assert summary["galleryBN"] == "train"
     assert summary["episodes"] == 4
 
 
