@@ -278,6 +278,13 @@ def test_devkit_without_scipy_says_what_to_do(val: Path, tmp_path: Path, capsys,
     assert err.count("\n") == 1 and "pip install scipy" in err and "--labels" in err
 
 
+def test_a_missing_val_folder_is_one_line_and_status_2(tmp_path: Path, capsys) -> None:
+    status, out, err = run(capsys, "--val", tmp_path / "absent", "--labels", "x.txt")
+    assert status == 2 and not out
+    assert err.splitlines() == [f"error: --val {tmp_path / 'absent'}: no such directory"]
+
+
+@pytest.mark.slow
 def test_command_line_exit_status(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), "--val", str(tmp_path / "absent"), "--labels", "x.txt"],
                             capture_output=True, text=True, timeout=60)
