@@ -44,6 +44,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
@@ -63,6 +64,7 @@ def _losses(path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_loss(tmp_path):
     generate(tmp_path / "toy", per_class=4, size=36, seed=0)
     flags = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "2", "--batchSize", "128", "--nthreads", "0",
