@@ -205,6 +205,7 @@ def trained(workdir):
     return workdir
 
 
+@pytest.mark.slow
 def test_stage1_trains_on_every_image_of_the_base_classes(trained, meta):
     state = torch.load(trained / "models/imagenet_stage1.t7")
     assert state["convnet.fc.weight"].shape[0] == len(meta.lists["base_classes"])
@@ -219,6 +220,7 @@ def evaluated(trained):
     return result, json.loads((trained / "runs/ls/lowshot_imagenet.json").read_text())
 
 
+@pytest.mark.slow
 def test_lowshot_report_holds_every_metric_and_the_paired_difference(evaluated):
     result, report = evaluated
     assert set(report["setups"]) == {"val", "test"} and report["train_list_reconstructed"]
@@ -240,6 +242,7 @@ def test_lowshot_report_holds_every_metric_and_the_paired_difference(evaluated):
     assert all(mu in [round(0.05 * i, 2) for i in range(21)] for mu in report["prior_mu"]["plain"].values())
 
 
+@pytest.mark.slow
 def test_plain_scores_match_an_independent_computation(evaluated, trained, meta):
     """The plain metrics of trial 2, n = 2, recomputed here from the split file, the folders and the
     network: first n listed images per novel class, every training image per base class."""
@@ -290,6 +293,7 @@ def _refused(workdir, *extra):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_class_missing_from_the_folder_is_refused(trained, meta, tmp_path):
     work = _copy_bench(trained, tmp_path)
     wnid = meta.label_names[meta.lists["novel_classes_2"][0]]
@@ -298,6 +302,7 @@ def test_a_class_missing_from_the_folder_is_refused(trained, meta, tmp_path):
     assert wnid in line and "label_idx.json" in line and "missing" in line
 
 
+@pytest.mark.slow
 def test_an_index_past_the_end_of_a_class_is_refused(trained, meta, tmp_path):
     work = _copy_bench(trained, tmp_path)
     path = work / "bench/splitfile_2.json"
@@ -309,6 +314,7 @@ def test_an_index_past_the_end_of_a_class_is_refused(trained, meta, tmp_path):
     assert "splitfile_2.json" in line and "outside" in line
 
 
+@pytest.mark.slow
 def test_a_split_file_of_the_wrong_length_is_refused(trained, tmp_path):
     work = _copy_bench(trained, tmp_path)
     path = work / "bench/splitfile_1.json"
@@ -317,6 +323,7 @@ def test_a_split_file_of_the_wrong_length_is_refused(trained, tmp_path):
     assert "splitfile_1.json" in line and f"{4 * PER_LIST}" in line
 
 
+@pytest.mark.slow
 def test_prototype_baseline_from_a_stage1_checkpoint(trained):
     result = run_script(trained, "lowshot_imagenet.py", *LOWSHOT, "--network", "imagenet_stage1", "--deform", "none",
                         "--testsetup", "0", "--tensorname", "baseline")
@@ -327,6 +334,7 @@ def test_prototype_baseline_from_a_stage1_checkpoint(trained):
     assert (trained / "runs/baseline/lowshot_imagenet.csv").is_file()
 
 
+@pytest.mark.slow
 def test_reproduce_script_runs_every_step_from_a_flat_val_folder_then_skips_them(tmp_path):
     generate_lowshot(tmp_path / "ILSVRC", classes_per_list=PER_LIST, train_per_class=TRAIN_PER_CLASS, val_per_class=20,
                      size=int(SIZE), trials=1)
