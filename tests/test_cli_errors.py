@@ -119,7 +119,7 @@ def test_bad_image_is_named_and_can_be_skipped(broken_copy, damage):
 
 
 def test_a_diverging_run_stops_without_overwriting_the_last_good_checkpoint(workdir):
-    good = run_main(workdir, "classification.py", *STAGE1, "--tensorname", "diverge")
+    good = run_main(workdir, "classification.py", *STAGE1, "--filesPerClass", "1", "--tensorname", "diverge")
     assert good.returncode == 0, good.stderr
     saved = (workdir / "models/diverge.t7").read_bytes()
     result = run_main(workdir, "classification.py", *STAGE1, "--tensorname", "diverge", "--overwrite",

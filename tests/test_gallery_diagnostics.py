@@ -22,7 +22,7 @@ from utils.errors import OptionError
 CPU = torch.device("cpu")
 TINY = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "3", "--chooseNum", "4",
         "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu",
-        "--numEpochs", "2", "--epoch", "6", "--valEpisodes", "3", "--testEpisodes", "3"]
+        "--numEpochs", "2", "--epoch", "3", "--valEpisodes", "2", "--testEpisodes", "2"]
 
 
 def result_with(gallery_index: list[int], deformed_labels: list[int]) -> EpisodeResult:
@@ -145,9 +145,9 @@ def test_training_writes_the_diagnostic_columns(workdir, exclude, monkeypatch) -
     result = run_main(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", name, "--galleryExclude", exclude)
     assert result.returncode == 0, result.stderr
     rows = read_metrics(workdir / f"runs/{name}/metrics.csv")
-    assert len(rows) == 2 and len(picks) == 2 * 6  # --numEpochs 2, --epoch 6
+    assert len(rows) == 2 and len(picks) == 2 * 3  # --numEpochs 2, --epoch 3
     for epoch, row in enumerate(rows):
-        same, episode_class = hand_count(picks[6 * epoch: 6 * (epoch + 1)])
+        same, episode_class = hand_count(picks[3 * epoch: 3 * (epoch + 1)])
         assert float(row["train_gallery_same_class"]) == pytest.approx(same, rel=1e-5, abs=1e-9)  # 6 digits in the CSV
         assert float(row["train_gallery_episode_class"]) == pytest.approx(episode_class, rel=1e-5, abs=1e-9)
         for key in ("train_own_distance", "train_other_distance", "select_own_distance", "select_other_distance",

@@ -100,7 +100,9 @@ def last_count(output: str, phase: str) -> tuple[int, int]:
     return int(counts[-1][0]), int(counts[-1][1])
 
 
-IN_PROCESS = [*STAGE2, "--numEpochs", "2", "--valEpisodes", "4", "--testEpisodes", "4", "--progress", "0"]
+# The embedding frozen (--fixCls 1): each split's images are embedded once per run, the val images in epoch 0.
+IN_PROCESS = [*STAGE2, "--fixCls", "1", "--numEpochs", "2", "--valEpisodes", "2", "--testEpisodes", "2",
+              "--progress", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +113,13 @@ def reference_here(workdir):
     return "ref_here"
 
 
-@pytest.mark.parametrize("phase", ["val 1", "test"])
-def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(workdir, reference_here, phase,
+@pytest.mark.parametrize("phase,where", [("val 1", "in the val 1 evaluation"),
+                                         ("test", "while embedding the test images")])
+def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(workdir, reference_here, phase, where,
                                                                              monkeypatch) -> None:
-    """SIGTERM reaches this process as the ``phase`` evaluation starts (it first embeds the split's
-    images once): the run stops at its first check, with status 130 and one line naming the phase,
-    and --resume ends as the uninterrupted run."""
+    """SIGTERM reaches this process as the ``phase`` evaluation starts (after its first episode; the
+    test evaluation first embeds the test images): the run stops at its first check, with status 130
+    and one line naming the phase, and --resume ends as the uninterrupted run."""
     script = load_script("onlyBasetwoLoss.py")
     evaluate, checks = script.evaluate, []
 
@@ -133,7 +136,7 @@ def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(wor
     assert result.returncode == 130, result.stdout + result.stderr
     assert checks == [True]  # at once, not at the end of the evaluation
     last = result.stdout.strip().splitlines()[-1]
-    assert last == f"stopped while embedding the {phase} images; continue with --resume", last
+    assert last == f"stopped {where}; continue with --resume", last
     state = torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)
     assert (state["epoch"], state["progress"]["step"]) == ((1, 3) if phase == "val 1" else (2, 0))
     monkeypatch.setattr(script, "evaluate", evaluate)
@@ -246,8 +249,7 @@ def test_gallery_build_and_features_stop_on_request(workdir) -> None:
 def test_a_lock_left_by_a_dead_process_is_taken_over(workdir) -> None:
     (workdir / "runs/dead").mkdir(parents=True)
     (workdir / "runs/dead/.lock").write_text("999999 gone-host\n")  # no process holds it any more
-    result = run_main(workdir, "onlyBasetwoLoss.py", *STAGE2, "--numEpochs", "1", "--valEpisodes", "2",
-                        "--testEpisodes", "2", "--progress", "0", "--tensorname", "dead")
+    result = run_main(workdir, "onlyBasetwoLoss.py", *IN_PROCESS, "--numEpochs", "1", "--tensorname", "dead")
     assert result.returncode == 0, result.stderr
     notices = [line for line in result.stdout.splitlines() if "taking over the lock" in line]
     assert notices == ["taking over the lock of runs/dead from process 999999 on gone-host, which is gone"]
