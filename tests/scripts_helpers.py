@@ -86,7 +86,12 @@ def popen_script(cwd: Path, script: str, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=script_env())
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    """The rows of a run's metrics.csv, as text."""
+TIMING = ("images_per_s", "episodes_per_s")  # metrics.csv columns that measure speed, not the run
+
+
+def read_metrics(path: Path, timing: bool = True) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text; without the TIMING columns when ``timing`` is false
+    (two runs that computed the same numbers differ only there)."""
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{key: value for key, value in row.items() if timing or key not in TIMING}
+                for row in csv.DictReader(handle)]

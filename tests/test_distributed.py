@@ -1,7 +1,6 @@
 """Stage-1 data parallelism on the CPU: gloo processes must compute what one process computes."""
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from torch import nn
 
 from datasets.toy import generate
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, run_script, script_env
+from tests.scripts_helpers import REPO, read_metrics, run_script, script_env
 from utils.syncbn import convert_to_gloo_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
@@ -60,8 +59,7 @@ def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path)
 
 
 def _losses(path) -> list[float]:
-    with open(path) as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+    return [float(row["loss"]) for row in read_metrics(path)]
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ extending a finished run, and one process per run. The fast tests send the signa
 from the phase they name (the script's ``main`` runs here); the slow ones signal a real process."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -20,10 +19,9 @@ import torch
 from datasets import Gallery, read_split
 from engine.episode import GalleryBank
 from models import IDeMeNet
-from tests.scripts_helpers import REPO, load_script, make_workdir, run_main, run_script, script_env
+from tests.scripts_helpers import REPO, load_script, make_workdir, read_metrics, run_main, run_script, script_env
 from utils.interrupt import Interrupted
 
-TIMING = {"images_per_s", "episodes_per_s"}
 STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--epoch", "3", "--galleryNum", "2",
           "--chooseNum", "3", "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--fixCls", "0"]
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "16", "--nthreads", "0", "--filesPerClass", "2",
@@ -62,11 +60,6 @@ class Live:
         return self.process.returncode, time.monotonic() - start
 
 
-def metrics(path) -> list[dict[str, str]]:
-    with open(path) as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
-
-
 def same_weights(a, b) -> bool:
     first, second = torch.load(a), torch.load(b)
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -86,7 +79,8 @@ def reference(workdir):
 
 
 def assert_same_run(workdir, reference: str, name: str) -> None:
-    assert metrics(workdir / f"runs/{name}/metrics.csv") == metrics(workdir / f"runs/{reference}/metrics.csv")
+    assert read_metrics(workdir / f"runs/{name}/metrics.csv", timing=False) == \
+        read_metrics(workdir / f"runs/{reference}/metrics.csv", timing=False)
     assert same_weights(workdir / f"models/{name}.t7", workdir / f"models/{reference}.t7")
     assert same_weights(workdir / f"models/{name}_last.t7", workdir / f"models/{reference}_last.t7")
     want, got = evaluation(workdir, reference), evaluation(workdir, name)
@@ -163,7 +157,7 @@ def test_sigterm_during_an_evaluation_stops_saves_and_resumes_exactly(workdir, r
     state = torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)
     if phase == "val 1":  # epoch 1's training is kept: it is not redone
         assert state["epoch"] == 1 and state["progress"]["step"] == 3
-        assert len(metrics(workdir / f"runs/{name}/metrics.csv")) == 1
+        assert len(read_metrics(workdir / f"runs/{name}/metrics.csv")) == 1
     else:
         assert state["epoch"] == 2 and state["progress"]["step"] == 0
         assert not (workdir / f"runs/{name}/evaluate_1shot_seed0.json").exists()
@@ -202,7 +196,8 @@ def test_stage1_val_monitor_is_interruptible_and_resumes_exactly(workdir) -> Non
     assert torch.load(workdir / "runs/s1stop/resume.pt", weights_only=False)["epoch"] == 0  # training of epoch 0 kept
     resumed = run_script(workdir, "classification.py", *flags, "--progress", "0", "--tensorname", "s1stop", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert metrics(workdir / "runs/s1stop/metrics.csv") == metrics(workdir / "runs/s1ref/metrics.csv")
+    assert read_metrics(workdir / "runs/s1stop/metrics.csv", timing=False) == \
+        read_metrics(workdir / "runs/s1ref/metrics.csv", timing=False)
     assert same_weights(workdir / "models/s1stop.t7", workdir / "models/s1ref.t7")
     assert same_weights(workdir / "models/s1stop_best.t7", workdir / "models/s1ref_best.t7")
 

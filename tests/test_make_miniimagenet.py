@@ -212,4 +212,5 @@ def test_the_script_runs_as_a_command(tree: dict[str, Path]) -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), *command(tree)], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "images: 10 listed, 10 present" in result.stdout and "csv: copied train.csv, val.csv, test.csv" in result.stdout
+    assert "images: 10 listed, 10 present" in result.stdout
+    assert "csv: copied train.csv, val.csv, test.csv" in result.stdout

@@ -2,7 +2,6 @@
 (processes, marked slow), and the authors' ``module.``-prefixed weight layout through both scripts."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 
@@ -16,7 +15,7 @@ from engine.fewshot import evaluate_embedding
 from models import EmbeddingNet
 import engine.stage1
 from engine.options import stage1_parser
-from tests.scripts_helpers import make_workdir, run_main, run_script
+from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
 from utils.checkpoint import safe_load
 from utils.metrics import mean_ci95
 
@@ -39,8 +38,7 @@ def workdir(tmp_path_factory):
 def stage1(workdir):
     result = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "toy_stage1")
     assert result.returncode == 0, result.stderr
-    with open(workdir / "runs/toy_stage1/metrics.csv") as handle:
-        return list(csv.DictReader(handle))
+    return read_metrics(workdir / "runs/toy_stage1/metrics.csv")
 
 
 def untrained_val_accuracy(workdir) -> float:
@@ -71,8 +69,7 @@ def test_stage2_round1_then_evaluate_beats_chance_and_reports(workdir, stage1):
                          "--numEpochs", "2", "--epoch", "30", "--valEpisodes", "30", "--testEpisodes", "30",
                          "--tensorname", "toy_1shot")
     assert trained.returncode == 0, trained.stderr
-    with open(workdir / "runs/toy_1shot/metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_metrics(workdir / "runs/toy_1shot/metrics.csv")
     assert len(rows) == 2 and all(row["select_split"] == "val" for row in rows)
     assert rows[0]["cls_loss"] == ""  # --fixCls 1: no classification loss is computed
 
@@ -113,7 +110,8 @@ def assert_stage1_network_holds(root, name: str, state: dict[str, torch.Tensor],
 def assert_stage2_embedding_holds(weights_file, state: dict[str, torch.Tensor]) -> None:
     """The embedding and fc in a stage-2 weights file equal ``state`` (stage-1 names)."""
     saved = safe_load(weights_file)
-    renamed = {key.replace("convnet.fc.", "fc.").replace("convnet.", "backbone."): value for key, value in state.items()}
+    renamed = {key.replace("convnet.fc.", "fc.").replace("convnet.", "backbone."): value
+               for key, value in state.items()}
     assert all(torch.equal(saved[key], value) for key, value in renamed.items())
 
 
@@ -124,8 +122,8 @@ def test_module_prefixed_weights_load_as_the_file_holds_them(tmp_path, monkeypat
     assert_stage1_network_holds(root, "original_layout", state, monkeypatch)
     frozen = run_main(root, "onlyBasetwoLoss.py", "--dataroot", "toy", "--imageSize", "32", "--network",
                       "original_layout", "--deform", "none", "--fixCls", "1", "--numEpochs", "1", "--epoch", "2",
-                      "--valEpisodes", "2", "--testEpisodes", "2", "--test_num", "3", "--galleryNum", "2", "--nthreads", "0",
-                      "--progress", "0", "--tensorname", "from_original")
+                      "--valEpisodes", "2", "--testEpisodes", "2", "--test_num", "3", "--galleryNum", "2",
+                      "--nthreads", "0", "--progress", "0", "--tensorname", "from_original")
     assert frozen.returncode == 0, frozen.stderr
     assert_stage2_embedding_holds(root / "models/from_original_last.t7", state)
 

@@ -2,16 +2,14 @@
 must end with exactly the weights and metrics of an uninterrupted run with the same seed."""
 from __future__ import annotations
 
-import csv
 import signal
 import subprocess
 
 import pytest
 import torch
 
-from tests.scripts_helpers import make_workdir, popen_script, run_main, run_script
+from tests.scripts_helpers import make_workdir, popen_script, read_metrics, run_main, run_script
 
-TIMING = {"images_per_s", "episodes_per_s"}
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "3", "--batchSize", "16", "--nthreads", "0",
           "--filesPerClass", "4", "--valEpisodes", "0", "--progress", "0"]
@@ -24,11 +22,6 @@ STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--nu
 def workdir(tmp_path_factory):
     root = make_workdir(tmp_path_factory.mktemp("resume"))
     return root
-
-
-def metrics(path) -> list[dict[str, str]]:
-    with open(path) as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
 
 
 def interrupt_after_first_epoch(workdir, script, flags, sig) -> subprocess.Popen:
@@ -47,7 +40,8 @@ def interrupt_after_first_epoch(workdir, script, flags, sig) -> subprocess.Popen
 
 
 def assert_same_run(workdir, reference, resumed, weights_file):
-    assert metrics(workdir / f"runs/{resumed}/metrics.csv") == metrics(workdir / f"runs/{reference}/metrics.csv")
+    assert read_metrics(workdir / f"runs/{resumed}/metrics.csv", timing=False) == \
+        read_metrics(workdir / f"runs/{reference}/metrics.csv", timing=False)
     want = torch.load(workdir / "models" / weights_file.format(reference))
     got = torch.load(workdir / "models" / weights_file.format(resumed))
     assert want.keys() == got.keys()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts_helpers import REPO, make_workdir, script_env
+from tests.scripts_helpers import REPO, make_workdir, read_metrics, script_env
 
 SWEEP = REPO / "scripts" / "sweep.py"
 STAGE2 = str(REPO / "onlyBasetwoLoss.py")
@@ -121,7 +121,7 @@ def calls(cwd: Path, name: str) -> list[dict]:
 
 
 def best_val_from_files(run_dir: Path) -> tuple[float, int]:
-    rows = [row for row in read_csv(run_dir / "metrics.csv") if row["select_split"] == "val"]
+    rows = [row for row in read_metrics(run_dir / "metrics.csv") if row["select_split"] == "val"]
     best = max(rows, key=lambda row: float(row["select_acc"]))  # first of equal maxima, like the sweep
     return float(best["select_acc"]), int(best["epoch"])
 
@@ -305,8 +305,8 @@ def test_leftover_folder_is_restarted_with_overwrite(tmp_path, fake, monkeypatch
 def test_slurm_dry_run_prints_an_array_script_whose_body_runs_the_right_point(tmp_path, fake, monkeypatch, capsys):
     grid = ["--grid", "seed=1,2", "--grid", "LR=0.001,0.01"]
     command = ["--", str(fake), "--LR", "0.5", "--tensorname", "s"]
-    result = sweep_here(monkeypatch, capsys, tmp_path, "--slurm", "--dryRun", "--partition", "gpu", "--gpusPerTask", "1",
-                       "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid, *command)
+    result = sweep_here(monkeypatch, capsys, tmp_path, "--slurm", "--dryRun", "--partition", "gpu",
+                        "--gpusPerTask", "1", "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid, *command)
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert script.startswith("#!/bin/bash\n")
@@ -415,7 +415,7 @@ def test_killed_stage2_run_is_reported_then_resumed_and_the_other_finishes(workd
     assert again.returncode == 0, again.stdout + again.stderr
     assert "skip k_seed2 (finished)" in again.stdout and "start k_seed1 (--resume," in again.stdout
     assert "resuming k_seed1 at epoch" in log.read_text()
-    assert len(read_csv(workdir / "runs/k_seed1/metrics.csv")) == 4
+    assert len(read_metrics(workdir / "runs/k_seed1/metrics.csv")) == 4
     rows = {row["tensorname"]: row for row in read_csv(workdir / "runs/k_sweep/summary.csv")}
     assert rows["k_seed1"]["status"] == "ok" and rows["k_seed1"]["test_acc"] != ""
 
