@@ -18,7 +18,6 @@ SIZE = 32
 RESNET_PARTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
 
-
 def randomise_buffers(module: nn.Module, seed: int) -> None:
     """Give every BatchNorm non-trivial running statistics, so a buffer left behind shows in the outputs."""
     generator = torch.Generator().manual_seed(seed)

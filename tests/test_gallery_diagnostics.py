@@ -2,7 +2,6 @@
 deformed features' distances to the prototypes, ``--galleryExclude episode`` and the figure."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
