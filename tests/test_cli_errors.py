@@ -5,6 +5,7 @@ path of ``python <script>``); one slow test checks the same contract on real pro
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import shutil
@@ -12,6 +13,8 @@ import shutil
 import pytest
 import torch
 
+from datasets.lowshot import read_lowshot_meta
+from datasets.toy import generate_lowshot
 from models import IDeMeNet
 from tests.scripts_helpers import make_workdir, run_main, run_script
 
@@ -136,6 +139,52 @@ def test_a_diverging_stage2_run_names_the_episode_classes(workdir):
     assert result.returncode == 3, result.stdout + result.stderr
     assert "non-finite loss at epoch 0, episode" in result.stderr and "(classes n" in result.stderr
     assert not (workdir / "models/diverge2.t7").exists()
+
+
+LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--experimentpath",
+           "bench/splitfile_{:d}.json", "--imageSize", "32", "--galleryNum", "2", "--nthreads", "0", "--progress", "0",
+           "--device", "cpu", "--trials", "1", "2", "--lowshotn", "1", "2", "--GNet", "lowshot", "--tensorname", "bad3"]
+LOWSHOT_TRAIN = 20  # training images per class of the toy benchmark (its split files list 20 per class)
+
+
+@pytest.fixture(scope="module")
+def lowshot_bench(tmp_path_factory):
+    """A toy ImageNet-1K low-shot benchmark (4 lists of 2 classes) and an untrained stage-2 checkpoint."""
+    root = tmp_path_factory.mktemp("lowshot_cli")
+    generate_lowshot(root / "bench", classes_per_list=2, train_per_class=LOWSHOT_TRAIN, val_per_class=1, size=32)
+    (root / "models").mkdir()
+    torch.save(IDeMeNet(num_classes=4, image_size=32).state_dict(), root / "models/lowshot.t7")
+    return root
+
+
+def missing_class(root, meta):
+    wnid = meta.label_names[meta.lists["novel_classes_2"][0]]
+    shutil.rmtree(root / "bench/train" / wnid)
+    return [wnid, "label_idx.json", "missing"]
+
+
+def index_past_the_end(root, meta):
+    path = root / "bench/splitfile_2.json"
+    rows = json.loads(path.read_text())
+    k = meta.lists["novel_classes_1"][1]
+    rows[k][0] = (k + 1) * LOWSHOT_TRAIN  # the first image of the next class in the list
+    path.write_text(json.dumps(rows))
+    return ["splitfile_2.json", "outside"]
+
+
+def short_split_file(root, meta):
+    path = root / "bench/splitfile_1.json"
+    path.write_text(json.dumps(json.loads(path.read_text())[:-1]))
+    return ["splitfile_1.json", "a list of 8 per-class index lists", "found 7"]
+
+
+@pytest.mark.parametrize("damage", [missing_class, index_past_the_end, short_split_file],
+                         ids=lambda damage: damage.__name__)
+def test_lowshot_names_a_damaged_benchmark_file(lowshot_bench, tmp_path, damage):
+    root = tmp_path / "w"
+    shutil.copytree(lowshot_bench, root)
+    needles = damage(root, read_lowshot_meta(root / "bench/label_idx.json"))
+    expect_error(root, "lowshot_imagenet.py", LOWSHOT, *needles)
 
 
 @pytest.mark.slow
