@@ -52,12 +52,11 @@ class Live:
                 assert chunk, f"the process ended before {text!r}: {self.output[-2000:]}"
                 self.output += chunk
 
-    def finish(self, timeout: float = 300) -> tuple[int, float]:
-        """Exit status and seconds until the process ended."""
-        start = time.monotonic()
+    def finish(self, timeout: float = 300) -> int:
+        """The exit status, once the process ended (the rest of its output read)."""
         rest, _ = self.process.communicate(timeout=timeout)
         self.output += rest.decode(errors="replace")
-        return self.process.returncode, time.monotonic() - start
+        return self.process.returncode
 
 
 def same_weights(a, b) -> bool:
@@ -147,7 +146,7 @@ def test_sigterm_during_an_evaluation_stops_saves_and_resumes_exactly(workdir, r
     run = Live(workdir, "onlyBasetwoLoss.py", *flags, "--progress", "1")
     run.wait_for(f"{phase}:")
     run.process.send_signal(signal.SIGTERM)
-    status, _ = run.finish()
+    status = run.finish()
     assert status == 130, run.output
     done, total = last_count(run.output, phase)
     assert done < total  # it stopped after the episode it was on, not at the end of the evaluation
@@ -174,7 +173,7 @@ def test_a_second_signal_stops_at_once_with_one_line(workdir) -> None:
     run.process.send_signal(signal.SIGINT)
     run.wait_for("SIGINT received")
     run.process.send_signal(signal.SIGINT)
-    status, _ = run.finish()
+    status = run.finish()
     assert status == 130
     assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output
     assert run.output.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
@@ -188,7 +187,7 @@ def test_stage1_val_monitor_is_interruptible_and_resumes_exactly(workdir) -> Non
     run = Live(workdir, "classification.py", *flags, "--progress", "1", "--tensorname", "s1stop")
     run.wait_for("val 1-shot:")
     run.process.send_signal(signal.SIGTERM)
-    status, _ = run.finish()
+    status = run.finish()
     assert status == 130, run.output
     done, total = last_count(run.output, "val 1-shot")
     assert done < total  # it stopped after the episode it was on, not at the end of the evaluation
@@ -226,7 +225,7 @@ def test_a_second_process_cannot_train_the_same_run(workdir) -> None:
     assert second.stderr.count("\n") == 1 and "runs/busy is in use by process" in second.stderr
     assert f"process {first.process.pid} on {socket.gethostname()}" in second.stderr
     first.process.send_signal(signal.SIGTERM)
-    status, _ = first.finish()
+    status = first.finish()
     assert status == 130  # the first run was not disturbed: it stops when asked, and its state is there
     assert (workdir / "runs/busy/resume.pt").is_file()
 
