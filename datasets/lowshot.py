@@ -138,9 +138,6 @@ class TrainList:
     source: str
     reconstructed: bool
 
-    def class_size(self, k: int) -> int:
-        return self.starts[k + 1] - self.starts[k]
-
     def class_files(self, k: int) -> tuple[Path, ...]:
         return self.files[self.starts[k]:self.starts[k + 1]]
 

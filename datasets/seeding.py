@@ -42,4 +42,3 @@ class SeededSampler(Sampler):
         seeds = rng.integers(2**63 - 1, size=self.size)
         mine = range(self.rank, self.size, self.world_size)[self.start:]
         return iter([(int(order[p]), int(seeds[p])) for p in mine])
-

@@ -153,8 +153,6 @@ def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
                           "--gallerySelect nearest and deformed images (--deform learned or random)")
 
 
-
-
 def lowshot_parser() -> argparse.ArgumentParser:
     """The flags of ``lowshot_imagenet.py`` (the benchmark's own names where it has them)."""
     parser = argparse.ArgumentParser(description="IDeMe-Net on the ImageNet-1K low-shot benchmark "

@@ -184,7 +184,7 @@ class Run:
                               f"{self.dir} has already trained")
         self.args, self.fields, self.checkpoint, self.is_main = dict(vars(args)), fields, checkpoint, is_main
         self.log_file: MetricsLog | None = None
-        self._interrupt, self._saved = GracefulInterrupt(), False
+        self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
 
     @property
     def state_path(self) -> Path:
@@ -238,6 +238,8 @@ class Run:
         self._interrupt.__exit__()
         if self.log_file is not None:
             self.log_file.close()
+        if self._lock is not None:  # the run is over: a later run in this process may take it
+            release_run(self._lock)
         if isinstance(error, TrainingDiverged):
             last = self.checkpoint if self.checkpoint.exists() else "none yet"
             raise TrainingDiverged(f"{error}; nothing was saved over the last good checkpoint ({last}; "

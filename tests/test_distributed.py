@@ -1,7 +1,6 @@
 """Stage-1 data parallelism on the CPU: gloo processes must compute what one process computes."""
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from torch import nn
 from datasets.toy import generate
 from engine.stage1 import distribute, multi_gpu_hint
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, run_script, script_env
+from tests.scripts_helpers import REPO, read_metrics, run_script, script_env
 from utils.distributed import DistInfo
 from utils.syncbn import convert_to_gloo_sync
 
@@ -46,6 +45,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
@@ -120,10 +120,10 @@ def test_stage1_on_several_gpus_without_torchrun_says_how_to_use_them(monkeypatc
 
 
 def _losses(path) -> list[float]:
-    with open(path) as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+    return [float(row["loss"]) for row in read_metrics(path)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_loss(tmp_path):
     generate(tmp_path / "toy", per_class=4, size=36, seed=0)
     flags = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "2", "--batchSize", "128", "--nthreads", "0",
