@@ -121,7 +121,8 @@ def test_module_prefixed_weights_load_as_the_file_holds_them(tmp_path, monkeypat
     state = save_original_layout(root / "models/stage1.t7", root / "models/original_layout.t7")
     assert_stage1_network_holds(root, "original_layout", state, monkeypatch)
     frozen = run_main(root, "onlyBasetwoLoss.py", "--dataroot", "toy", "--imageSize", "32", "--network",
-                      "original_layout", "--deform", "none", "--fixCls", "1", "--numEpochs", "1", "--epoch", "2",
+                      "original_layout", "--deform", "none", "--galleryBN", "eval", "--fixCls", "1", "--numEpochs", "1",
+                      "--epoch", "2",
                       "--valEpisodes", "2", "--testEpisodes", "2", "--test_num", "3", "--galleryNum", "2",
                       "--nthreads", "0", "--progress", "0", "--tensorname", "from_original")
     assert frozen.returncode == 0, frozen.stderr
@@ -136,7 +137,7 @@ def test_network_accepts_the_original_layout_with_module_prefix(workdir, stage1,
     assert result.returncode == 0, result.stderr
     assert_stage1_network_holds(workdir, "original_layout", state, monkeypatch)
     evaluated = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--network", "original_layout", "--deform", "none",
-                           "--fixCls", "1", "--numEpochs", "1", "--epoch", "2", "--valEpisodes", "2",
+                           "--galleryBN", "eval", "--fixCls", "1", "--numEpochs", "1", "--epoch", "2", "--valEpisodes", "2",
                            "--testEpisodes", "2", "--tensorname", "from_original")
     assert evaluated.returncode == 0, evaluated.stderr
     assert_stage2_embedding_holds(workdir / "models/from_original_last.t7", state)
