@@ -89,22 +89,26 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
                                                           progress["seen"]], device, info)
                 row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                        "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
-                if info.is_main:
-                    # With --preciseBN the files hold re-estimated statistics (computed once, when first needed).
-                    saved = functools.cache(lambda: precise_copy(model, precise_files, args, device,
-                                                                 stop=lambda: run.interrupted) if precise_files
-                                            else model)
-                    if row["loss"] < record["best_train_loss"]:
-                        record["best_train_loss"] = row["loss"]
+                # Every rank keeps the same record and evaluates its share of the val episodes; the
+                # main one writes. With --preciseBN the files hold re-estimated statistics, computed
+                # once, when first needed, by every rank (no collective inside; the decision to need
+                # them is the same on every rank).
+                precise_stop = None if info.enabled else (lambda: run.interrupted)
+                saved = functools.cache(lambda: precise_copy(model, precise_files, args, device, stop=precise_stop)
+                                        if precise_files else model)
+                if row["loss"] < record["best_train_loss"]:
+                    record["best_train_loss"] = row["loss"]
+                    if info.is_main:
                         atomic_save(plain_state(saved()), main_path)
-                    if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
-                                             or epoch + 1 == args.numEpochs):
-                        row.update(evaluate(model, val, args, device, stop=lambda: run.interrupted))
-                        if precise_files:
-                            row.update(evaluate(saved(), val, args, device, stop=lambda: run.interrupted,
-                                                suffix="_precise"))
-                        if row[selected_on] > record["best_val"]:
-                            record["best_val"] = row[selected_on]
+                if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
+                                         or epoch + 1 == args.numEpochs):
+                    row.update(evaluate(model, val, args, device, info, stop=lambda: run.interrupted))
+                    if precise_files:
+                        row.update(evaluate(saved(), val, args, device, info, stop=lambda: run.interrupted,
+                                            suffix="_precise"))
+                    if row[selected_on] > record["best_val"]:
+                        record["best_val"] = row[selected_on]
+                        if info.is_main:
                             atomic_save(plain_state(saved()), best_path)
                 scheduler.step()
                 record["rows"] = run.log(row)

@@ -1,7 +1,9 @@
 """DataLoaders over the datasets: decoding in background processes, niced on the CPU."""
 from __future__ import annotations
 
+import functools
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,9 +24,26 @@ def lower_worker_priority(_worker_id: int) -> None:
     os.nice(CPU_WORKER_NICENESS)
 
 
+def ignore_stop_signals() -> None:
+    """Leave SIGINT and SIGTERM to the main process: a signal sent to the whole process group (Ctrl-C
+    in a terminal, torchrun forwarding one, ``scancel``) then reaches only its graceful stop, and the
+    workers end when it shuts the loader down instead of dying under it ("DataLoader worker killed
+    by signal")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def init_worker(worker_id: int, niced: bool) -> None:
+    """DataLoader ``worker_init_fn`` (:func:`worker_init_for`)."""
+    ignore_stop_signals()
+    if niced:
+        lower_worker_priority(worker_id)
+
+
 def worker_init_for(device: torch.device):
-    """The loaders' ``worker_init_fn``: :func:`lower_worker_priority` on the CPU, none on CUDA."""
-    return lower_worker_priority if device.type == "cpu" else None
+    """The loaders' ``worker_init_fn``: stop signals ignored (:func:`ignore_stop_signals`), and
+    :func:`lower_worker_priority` when ``device`` is the CPU."""
+    return functools.partial(init_worker, niced=device.type == "cpu")
 
 
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:

@@ -20,7 +20,7 @@ from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
-from utils.distributed import DistInfo, all_reduce_sum
+from utils.distributed import DistInfo, step_verdict
 from utils.errors import OptionError, TrainingDiverged
 from utils.forward import autocast, compute_layout, layout_model
 from utils.interrupt import Interrupted
@@ -83,9 +83,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     stop: Callable[[], bool], timer: Timer = NO_TIMER) -> None:
     """Train the epoch's batches, adding each to ``progress``.
 
+    Under distribution every rank runs the same number of batches (the sampler pads the epoch)
+    and they agree before each backward pass whether to go on (one collective per step), so they
+    stop, or fail, together.
+
     Raises:
-        Interrupted: ``stop()`` became true in some process (checked after each batch).
-        TrainingDiverged: the loss was not finite (nothing was stepped for that batch).
+        Interrupted: ``stop()`` became true in some process (asked with each batch's verdict,
+            acted on once that batch is stepped).
+        TrainingDiverged: the loss was not finite in some process, named (nothing was stepped for
+            that batch).
     """
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
@@ -98,8 +104,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             logits = model(images)
             loss = criterion(logits.float(), labels)
         with timer.section("bookkeeping"):
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {progress['step']}")
+            diverged, stopping = step_verdict(torch.isfinite(loss.detach()), stop(), info)
+            if diverged:
+                where = f" on rank {', '.join(map(str, diverged))}" if info.enabled else ""
+                bar.close()
+                raise TrainingDiverged(f"non-finite loss{where} at epoch {epoch}, step {progress['step']}")
         with timer.section("optimizer"):
             optimizer.zero_grad(set_to_none=True)
         with timer.section("backward"):
@@ -118,7 +127,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         bar.update()
         bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}",
                         img_s=f"{progress['seen'] * info.world_size / max(progress['time'], 1e-9):.0f}")
-        if all_reduce_sum([float(stop())], device, info)[0] > 0:
+        if stopping:
             bar.close()
             raise Interrupted(f"in training epoch {epoch}, after step {progress['step']}")
     bar.close()
@@ -141,11 +150,13 @@ def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: arg
     return model
 
 
-def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None,
+def evaluate(model: nn.Module, val, args, device, info: DistInfo = DistInfo(), stop: Callable[[], bool] | None = None,
              suffix: str = "") -> dict[str, float]:
     """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
-    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``;
-    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
+    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``.
+    Under distribution the episodes are sharded over the ranks and every rank returns the numbers of
+    all of them (every rank must call it). Raises :class:`utils.interrupt.Interrupted` when
+    ``stop()`` becomes true (in any rank)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     cache = FeatureCache(net.features, len(val), device, args.batchSize, bool(args.amp))
@@ -153,7 +164,8 @@ def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | Non
     for shots in (1, 5):
         accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
                                   args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
-                                  desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop, cache=cache)
+                                  desc=f"val {shots}-shot", progress=bool(args.progress) and info.is_main, stop=stop,
+                                  cache=cache, info=info)
         out[f"val_{shots}shot{suffix}"], out[f"val_{shots}shot{suffix}_ci"] = mean_ci95([100 * a for a in accs])
     return out
 

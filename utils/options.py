@@ -11,7 +11,7 @@ import torch
 
 from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
-from utils.interrupt import INTERRUPTED_EXIT, StopNow
+from utils.interrupt import INTERRUPTED_EXIT, StopNow, stopped_at_once_line
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -72,5 +72,5 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except StopNow as signal_name:
-        print(f"\n{signal_name} again: stopped at once; what was saved before is intact", file=sys.stderr, flush=True)
+        print("\n" + stopped_at_once_line(str(signal_name)), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT

@@ -1,0 +1,154 @@
+"""Several processes (gloo on the CPU) stay in step: the same number of steps per rank, a failure or a
+stop on one rank reaching all of them, the val monitor sharded over them with one process's numbers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from datasets import read_split
+from datasets.toy import generate
+from engine.fewshot import evaluate_embedding
+from engine.stage1 import new_progress, train_one_epoch
+from models import EmbeddingNet
+from tests.scripts_helpers import REPO
+from tests.test_distributed import _free_port
+from utils.distributed import DistInfo, gather_round_robin, step_verdict
+from utils.errors import TrainingDiverged
+from utils.interrupt import Interrupted
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
+
+WORLD = 3
+CPU = torch.device("cpu")
+EPISODES = 10  # not a multiple of WORLD: the shards differ in size
+
+
+def _monitor(split, stop=None, info: DistInfo = DistInfo()) -> list[float]:
+    torch.manual_seed(0)
+    net = EmbeddingNet(5).eval()
+    return evaluate_embedding(net.features, split, 32, 5, 1, 2, EPISODES, 0, CPU, chunk=16, progress=False,
+                              stop=stop, info=info)
+
+
+def _train(model: nn.Module, batches: list, info: DistInfo, stop=lambda: False) -> dict:
+    args = types.SimpleNamespace(amp=False, progress=0)
+    progress = new_progress()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, batches, CPU, 0, args, info, progress, stop=stop)
+    return progress
+
+
+def _outcome(call) -> str:
+    """What ``call()`` did: ``ok``, or the exception's class and message."""
+    try:
+        call()
+    except (Interrupted, TrainingDiverged) as error:
+        return f"{type(error).__name__}: {error}"
+    return "ok"
+
+
+def _worker(rank: int, port: int, root: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    info = DistInfo(rank, WORLD, rank)
+    torch.set_num_threads(1)
+    result = {}
+    flags = step_verdict(torch.tensor(rank != 1), rank == 2, info)
+    result["verdict"] = flags
+    values, stopped = gather_round_robin([10.0 * p for p in range(rank, 7, WORLD)], 7, False, CPU, info)
+    result["gathered"] = (values, stopped)
+    split = read_split(root, "val")
+    result["monitor"] = _monitor(split, info=info)
+    result["monitor_stop_on_rank_1"] = _outcome(lambda: _monitor(split, stop=lambda: rank == 1, info=info))
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+    before = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(2, 3, 2, 2, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
+    # Rank 2 alone sees a non-finite loss at its second step; the others must not wait for it in the
+    # backward pass's all-reduce.
+    poisoned = [batches[0], (batches[1][0] * (float("nan") if rank == 2 else 1.0), batches[1][1]), batches[2]]
+    result["nan_on_rank_2"] = _outcome(lambda: _train(model, poisoned, info))
+    result["stepped"] = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
+    result["finite"] = all(torch.isfinite(p).all().item() for p in model.parameters())
+    calls = iter(range(100))
+    result["stop_on_rank_0"] = _outcome(lambda: _train(model, batches, info, stop=lambda: rank == 0
+                                                       and next(calls) == 1))
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of three gloo processes saw (one spawn for every check, to keep it fast)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    generate(root / "toy", per_class=4, size=36, seed=0)
+    mp.spawn(_worker, args=(_free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
+    return root, [torch.load(root / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_every_rank_gets_the_same_verdict_naming_the_rank_that_diverged(ranks):
+    _, results = ranks
+    assert [r["verdict"] for r in results] == [([1], True)] * WORLD
+
+
+def test_round_robin_values_are_gathered_in_item_order(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["gathered"] == ([0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0], False)
+
+
+def test_the_sharded_val_monitor_gives_one_process_numbers_on_every_rank(ranks):
+    root, results = ranks
+    single = _monitor(read_split(root / "toy", "val"))
+    assert len(single) == EPISODES and len(set(single)) > 1
+    for result in results:
+        assert result["monitor"] == single
+
+
+def test_a_stop_on_one_rank_during_the_monitor_stops_every_rank(ranks):
+    _, results = ranks
+    assert results[1]["monitor_stop_on_rank_1"] == "Interrupted: while embedding the eval images"
+    for result in (results[0], results[2]):
+        assert result["monitor_stop_on_rank_1"] == "Interrupted: in the eval evaluation (another process was stopped)"
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_naming_it(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["nan_on_rank_2"] == "TrainingDiverged: non-finite loss on rank 2 at epoch 0, step 1"
+        # the first step was taken (together), the poisoned one on no rank: its gradients, averaged
+        # over the ranks, would have made every rank's weights NaN
+        assert all(result["stepped"]) and result["finite"]
+
+
+def test_a_stop_on_one_rank_during_training_stops_every_rank_after_the_same_step(ranks):
+    _, results = ranks
+    assert [r["stop_on_rank_0"] for r in results] == ["Interrupted: in training epoch 0, after step 2"] * WORLD
+
+
+SECOND_SIGNAL = textwrap.dedent("""
+    import os, signal, sys, time
+    from utils.interrupt import GracefulInterrupt
+    with GracefulInterrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    print("stopped; saving", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # while the first stop is still writing
+    time.sleep(5)
+    print("not reached", flush=True)
+""")
+
+
+def test_a_second_signal_after_the_stop_began_exits_130_with_one_line():
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done
+    assert "not reached" not in done.stdout
+    assert done.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; what was saved before is intact"]
