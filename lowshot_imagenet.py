@@ -59,7 +59,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     bench = read_benchmark(args)
     run_dir = RUNS_DIR / args.tensorname
-    configure_backend(device, args.deterministic, args.seed)
+    configure_backend(device, args.deterministic, args.seed, tf32=bool(args.tf32))
     model = build_model(args, device)
     folder = run_dir / "features" / f"{embedding_key(model)}_{args.imageSize}px{'_bf16' if args.amp else ''}"
     with GracefulInterrupt() as interrupt:

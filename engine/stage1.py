@@ -22,7 +22,7 @@ from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, step_verdict
 from utils.errors import OptionError, TrainingDiverged
-from utils.forward import autocast, compute_layout, layout_model
+from utils.forward import autocast, compute_layout, layout_model, step_optimizers
 from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
@@ -80,8 +80,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                     device: torch.device, epoch: int, args: argparse.Namespace, info: DistInfo, progress: dict,
-                    stop: Callable[[], bool], timer: Timer = NO_TIMER) -> None:
-    """Train the epoch's batches, adding each to ``progress``.
+                    stop: Callable[[], bool], timer: Timer = NO_TIMER,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Train the epoch's batches, adding each to ``progress``; ``scaler`` scales the loss under
+    float16 autocast (:func:`utils.forward.grad_scaler`; None: no scaling).
 
     Under distribution every rank runs the same number of batches (the sampler pads the epoch)
     and they agree before each backward pass whether to go on (one collective per step), so they
@@ -112,9 +114,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         with timer.section("optimizer"):
             optimizer.zero_grad(set_to_none=True)
         with timer.section("backward"):
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
         with timer.section("optimizer"):
-            optimizer.step()
+            step_optimizers([optimizer], scaler)
         with timer.section("bookkeeping"):
             n = len(labels)
             progress["step"] += 1
@@ -134,8 +136,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 
 def new_progress() -> dict[str, float]:
-    """The running sums of a training epoch."""
+    """The running sums of a training epoch (this process's; :data:`SUMMED_PROGRESS` add up over the
+    processes)."""
     return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
 def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: argparse.Namespace) -> nn.Module:

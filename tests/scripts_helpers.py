@@ -15,10 +15,14 @@ from models import EmbeddingNet
 REPO = Path(__file__).resolve().parent.parent
 
 
-def script_env() -> dict[str, str]:
+def script_env(cuda: bool = False) -> dict[str, str]:
+    """The environment of a script run by a test: the repository importable, one CPU thread, and no
+    GPU visible unless ``cuda`` (the tests' numbers and timings are the CPU's, also on a GPU machine)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"  # tiny images: one thread is fastest, and several tests may share the CPU
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

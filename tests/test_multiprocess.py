@@ -2,9 +2,13 @@
 stop on one rank reaching all of them, the val monitor sharded over them with one process's numbers."""
 from __future__ import annotations
 
+import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import pytest
@@ -18,7 +22,7 @@ from datasets.toy import generate
 from engine.fewshot import evaluate_embedding
 from engine.stage1 import new_progress, train_one_epoch
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO
+from tests.scripts_helpers import REPO, read_metrics, script_env
 from tests.test_distributed import _free_port
 from utils.distributed import DistInfo, gather_round_robin, step_verdict
 from utils.errors import TrainingDiverged
@@ -152,3 +156,87 @@ def test_a_second_signal_after_the_stop_began_exits_130_with_one_line():
     assert done.returncode == 130, done
     assert "not reached" not in done.stdout
     assert done.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; what was saved before is intact"]
+
+
+# ---------------------------------------------------------------- the scripts, as processes (slow)
+
+STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--filesPerClass", "1", "--batchSize", "6", "--numEpochs", "2",
+          "--valEpisodes", "30", "--valQueries", "1", "--preciseBN", "8"]
+
+
+def _torchrun(processes: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            str(REPO / "classification.py"), *flags]
+
+
+def _rows(path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """64 training items (one file of each of the 64 base classes) over 3 processes: 22, 21 and 21
+    before padding. An uninterrupted run, with the sharded monitor and --preciseBN."""
+    root = tmp_path_factory.mktemp("uneven")
+    generate(root / "toy", per_class=4, size=36, seed=0)
+    done = subprocess.run(_torchrun(3, *STAGE1, "--nthreads", "0", "--progress", "0", "--tensorname", "whole"),
+                          cwd=root, capture_output=True, text=True, timeout=900, env=script_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_torchrun_three_processes_over_data_that_does_not_split_evenly(uneven):
+    rows = _rows(uneven / "runs/whole/metrics.csv")
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert all(row["val_1shot"] and row["val_1shot_precise"] for row in rows)
+    assert (uneven / "models/whole_best.t7").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_during_the_sharded_monitor_then_resume(uneven):
+    """As torchrun forwards a signal (and scancel sends one): to every process of the group, loader
+    workers included; every rank stops in the monitor, the state is saved, --resume finishes the run
+    with the numbers of the uninterrupted one."""
+    flags = [*STAGE1, "--nthreads", "2", "--tensorname", "stopped"]
+    run = subprocess.Popen(_torchrun(3, *flags, "--progress", "1"), cwd=uneven, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=script_env(), start_new_session=True)
+    output = ""
+    deadline = time.monotonic() + 600
+    while "val 1-shot" not in output:
+        assert time.monotonic() < deadline and run.poll() is None, output[-3000:]
+        ready, _, _ = select.select([run.stdout], [], [], 1.0)
+        if ready:
+            output += os.read(run.stdout.fileno(), 4096).decode(errors="replace")
+    os.killpg(run.pid, signal.SIGTERM)
+    rest, _ = run.communicate(timeout=300)
+    output += rest.decode(errors="replace")
+    assert "killed by signal" not in output and "Traceback" not in output.split("SIGTERM received")[-1], output[-3000:]
+    assert "stopped in the val 1-shot evaluation" in output or "stopped while embedding the val 1-shot images" \
+        in output, output[-3000:]
+    assert torch.load(uneven / "runs/stopped/resume.pt", weights_only=False)["epoch"] == 0
+    resumed = subprocess.run(_torchrun(3, *flags, "--progress", "0", "--resume"), cwd=uneven, capture_output=True,
+                             text=True, timeout=900, env=script_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rows(uneven / "runs/stopped/metrics.csv") == _rows(uneven / "runs/whole/metrics.csv")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_stops_gracefully(tmp_path):
+    generate(tmp_path / "toy", per_class=4, size=36, seed=0)
+    flags = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "4", "--numEpochs", "3", "--nthreads", "2",
+             "--valEpisodes", "0", "--progress", "1", "--tensorname", "workers"]
+    run = subprocess.Popen([sys.executable, "-u", str(REPO / "classification.py"), *flags], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env(), start_new_session=True)
+    output = ""
+    while "epoch 0:" not in output:
+        assert run.poll() is None, output[-3000:]
+        ready, _, _ = select.select([run.stdout], [], [], 1.0)
+        if ready:
+            output += os.read(run.stdout.fileno(), 4096).decode(errors="replace")
+    os.killpg(run.pid, signal.SIGTERM)  # the main process and its two loader workers
+    rest, _ = run.communicate(timeout=300)
+    output += rest.decode(errors="replace")
+    assert run.returncode == 130, output[-3000:]
+    assert "killed by signal" not in output and "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith("stopped in training epoch 0"), output[-3000:]
