@@ -178,7 +178,7 @@ def uneven(tmp_path_factory):
     """64 training items (one file of each of the 64 base classes) over 3 processes: 22, 21 and 21
     before padding. An uninterrupted run, with the sharded monitor and --preciseBN."""
     root = tmp_path_factory.mktemp("uneven")
-    generate(root / "toy", per_class=4, size=36, seed=0)
+    generate(root / "toy", per_class=6, size=36, seed=0)
     done = subprocess.run(_torchrun(3, *STAGE1, "--nthreads", "0", "--progress", "0", "--tensorname", "whole"),
                           cwd=root, capture_output=True, text=True, timeout=900, env=script_env())
     assert done.returncode == 0, done.stderr[-3000:]
