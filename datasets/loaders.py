@@ -1,7 +1,10 @@
 """DataLoaders over the datasets: decoding in background processes, niced on the CPU."""
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
+import multiprocessing.util  # its exit handler is registered before ours, so ours runs first
 import os
 import signal
 
@@ -31,6 +34,19 @@ def ignore_stop_signals() -> None:
     by signal")."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_lingering_workers() -> None:
+    """At exit, end the daemonic child processes still alive (loader workers of an iterator not
+    collected yet) as multiprocessing's own exit handler does, but with SIGKILL: they ignore the
+    SIGTERM it sends before waiting for them, which would wait forever."""
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join()
+
+
+atexit.register(end_lingering_workers)
 
 
 def init_worker(worker_id: int, niced: bool) -> None:

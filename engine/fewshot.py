@@ -57,8 +57,8 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
     except Interrupted as interrupted:
         if not info.enabled:
             raise
-        stopped = interrupted
+        stopped = str(interrupted)  # the message only: the exception would keep this frame's loaders alive
     accuracies, any_stopped = gather_round_robin(accuracies, episodes, stopped is not None, device, info)
     if any_stopped:
-        raise stopped or Interrupted(f"in the {desc} evaluation (another process was stopped)")
+        raise Interrupted(stopped or f"in the {desc} evaluation (another process was stopped)")
     return accuracies

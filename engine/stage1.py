@@ -87,7 +87,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
     Under distribution every rank runs the same number of batches (the sampler pads the epoch)
     and they agree before each backward pass whether to go on (one collective per step), so they
-    stop, or fail, together.
+    stop, or fail, together. The step's loss and correct count come to the host with that verdict,
+    the step's one synchronisation: the next batch is queued while the GPU runs this backward pass.
 
     Raises:
         Interrupted: ``stop()`` became true in some process (asked with each batch's verdict,
@@ -106,7 +107,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             logits = model(images)
             loss = criterion(logits.float(), labels)
         with timer.section("bookkeeping"):
-            diverged, stopping = step_verdict(torch.isfinite(loss.detach()), stop(), info)
+            statistics = torch.stack([loss.detach(), (logits.detach().argmax(1) == labels).sum().float()])
+            diverged, stopping, (loss_value, correct) = step_verdict(torch.isfinite(loss.detach()), stop(), info,
+                                                                     statistics)
             if diverged:
                 where = f" on rank {', '.join(map(str, diverged))}" if info.enabled else ""
                 bar.close()
@@ -120,8 +123,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         with timer.section("bookkeeping"):
             n = len(labels)
             progress["step"] += 1
-            progress["loss_sum"] += loss.item() * n
-            progress["correct"] += (logits.argmax(1) == labels).sum().item()
+            progress["loss_sum"] += loss_value * n
+            progress["correct"] += int(correct)
             progress["seen"] += n
             progress["time"] += time.perf_counter() - start
             start = time.perf_counter()

@@ -64,8 +64,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     info = DistInfo(rank, WORLD, rank)
     torch.set_num_threads(1)
     result = {}
-    flags = step_verdict(torch.tensor(rank != 1), rank == 2, info)
-    result["verdict"] = flags
+    result["verdict"] = step_verdict(torch.tensor(rank != 1), rank == 2, info, torch.tensor([float(rank), 0.5]))
     values, stopped = gather_round_robin([10.0 * p for p in range(rank, 7, WORLD)], 7, False, CPU, info)
     result["gathered"] = (values, stopped)
     split = read_split(root, "val")
@@ -101,7 +100,8 @@ def ranks(tmp_path_factory):
 
 def test_every_rank_gets_the_same_verdict_naming_the_rank_that_diverged(ranks):
     _, results = ranks
-    assert [r["verdict"] for r in results] == [([1], True)] * WORLD
+    # the local statistics come back unreduced
+    assert [r["verdict"] for r in results] == [([1], True, [float(rank), 0.5]) for rank in range(WORLD)]
 
 
 def test_round_robin_values_are_gathered_in_item_order(ranks):
@@ -161,7 +161,7 @@ def test_a_second_signal_after_the_stop_began_exits_130_with_one_line():
 # ---------------------------------------------------------------- the scripts, as processes (slow)
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--filesPerClass", "1", "--batchSize", "6", "--numEpochs", "2",
-          "--valEpisodes", "30", "--valQueries", "1", "--preciseBN", "8"]
+          "--valEvery", "1", "--valEpisodes", "30", "--valQueries", "1", "--preciseBN", "8"]
 
 
 def _torchrun(processes: int, *flags: str) -> list[str]:
@@ -211,7 +211,10 @@ def test_sigterm_to_the_process_group_during_the_sharded_monitor_then_resume(une
     os.killpg(run.pid, signal.SIGTERM)
     rest, _ = run.communicate(timeout=300)
     output += rest.decode(errors="replace")
-    assert "killed by signal" not in output and "Traceback" not in output.split("SIGTERM received")[-1], output[-3000:]
+    # every process stopped by itself (torchrun SIGKILLs those that have not within 30 s), and no
+    # loader worker died under a process; the one traceback allowed is torchrun's own SignalException
+    assert "Unable to shutdown process" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
     assert "stopped in the val 1-shot evaluation" in output or "stopped while embedding the val 1-shot images" \
         in output, output[-3000:]
     assert torch.load(uneven / "runs/stopped/resume.pt", weights_only=False)["epoch"] == 0
@@ -240,3 +243,19 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_gracefully(tmp_p
     assert run.returncode == 130, output[-3000:]
     assert "killed by signal" not in output and "Traceback" not in output
     assert output.strip().splitlines()[-1].startswith("stopped in training epoch 0"), output[-3000:]
+
+
+def test_loader_workers_ignore_stop_signals_and_are_ended_at_exit():
+    from datasets.loaders import end_lingering_workers, worker_init_for
+
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1, num_workers=1,
+                                         worker_init_fn=worker_init_for(CPU))
+    iterator = iter(loader)
+    next(iterator)  # the worker is up, its init done
+    (worker,) = iterator._workers
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as a signal to the whole process group delivers them
+        os.kill(worker.pid, stop_signal)
+    time.sleep(1.0)
+    assert worker.is_alive() and next(iterator).item() == 1
+    end_lingering_workers()  # what runs at exit while an iterator is still referenced
+    assert not worker.is_alive()

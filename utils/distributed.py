@@ -65,18 +65,21 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     return tensor.tolist()
 
 
-def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo) -> tuple[list[int], bool]:
+def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
+                 local: torch.Tensor | None = None) -> tuple[list[int], bool, list[float]]:
     """One collective per training step, before its backward pass: the ranks whose loss was not
     finite (``finite``: this rank's 0-dim bool, on its device) and whether any rank asked to stop.
-    Every rank gets the same answer, so all of them raise, or stop, together; the result is read
-    to the host once."""
+    Every rank gets the same answer, so all of them raise, or stop, together. ``local`` (this
+    rank's step statistics, float32 ``[k]``, not reduced) comes back as floats in the same host
+    read, the step's only one."""
     flags = torch.zeros(info.world_size + 1, dtype=torch.float32, device=finite.device)
     flags[info.rank] = (~finite).float()
     flags[-1] = float(stop)
     if info.enabled:
         dist.all_reduce(flags)
-    values = flags.tolist()
-    return [rank for rank in range(info.world_size) if values[rank] > 0], values[-1] > 0
+    values = (flags if local is None else torch.cat([flags, local.to(flags.dtype)])).tolist()
+    diverged = [rank for rank in range(info.world_size) if values[rank] > 0]
+    return diverged, values[info.world_size] > 0, values[info.world_size + 1:]
 
 
 def gather_round_robin(values: Sequence[float], total: int, stopped: bool, device: torch.device,
