@@ -26,7 +26,7 @@ from engine.options import stage1_parser
 from engine.run import Run
 from engine.precise_bn import clean_files
 from engine.stage1 import (METRICS, RESUME_KEYS, SUMMED_PROGRESS, build_model, distribute, evaluate, load_data,
-                           new_progress, plain_state, precise_copy, train_one_epoch)
+                           multi_gpu_hint, new_progress, plain_state, precise_copy, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
@@ -61,7 +61,10 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
     selected_on = "val_1shot_precise" if precise_files else "val_1shot"
     net, optimizer = build_model(args, train_split.num_classes)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
-    model = distribute(net, device, info, args)
+    model = distribute(net, device, info)
+    hint = multi_gpu_hint(device, info)
+    if hint:
+        print(hint, flush=True)
     criterion = nn.CrossEntropyLoss()
     scaler = grad_scaler(device, bool(args.amp))
     start_epoch, progress = 0, new_progress()

@@ -1,10 +1,12 @@
 """IDeMe-Net on the ImageNet-1K low-shot benchmark (Hariharan & Girshick, ICCV 2017): the paper's Table 2.
 
     python lowshot_imagenet.py --imagenet ILSVRC --lowshotmeta label_idx.json \
-        --experimentpath 'splitfile_{:d}.json' --GNet metaNet_imagenet --tensorname lowshot_imagenet
+        --experimentpath 'splitfile_{:d}.json' --trainlist train.json --GNet metaNet_imagenet \
+        --tensorname lowshot_imagenet
     torchrun --nproc_per_node=4 lowshot_imagenet.py ...   (feature extraction sharded over the GPUs)
 
-Embeds the base classes' training images, the trials' n-shot images and the setups' test images
+Checks every input first (a bad one is refused with one line, before anything is written), then,
+holding ``runs/<tensorname>/.lock``, embeds the base classes' training images, the trials' n-shot images and the setups' test images
 once into float16 files under ``runs/<tensorname>/features/`` (resumable), then per setup, trial
 and n scores the test images against base and novel prototypes, with and without deformed
 examples on the same draws. Writes ``runs/<tensorname>/lowshot_imagenet.json`` (every metric),
@@ -20,18 +22,20 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from datasets import Gallery
-from datasets.lowshot import benchmark_split
+from datasets.lowshot import RECONSTRUCTION_WARNING
 from engine.episode import GalleryBank
-from engine.lowshot import (embedding_key, evaluate_setup, feature_stores, format_table, lowshot_config, read_benchmark,
-                            report, table_rows)
+from engine.lowshot import (Benchmark, embedding_key, evaluate_setup, feature_stores, format_table, lowshot_config,
+                            read_benchmark, report, table_rows)
 from engine.options import lowshot_parser, resolve_lowshot_args
+from engine.run import run_lock
 from engine.stage2 import build_model
+from models.idemenet import IDeMeNet
 from utils.distributed import DistInfo, barrier, run_distributed
-from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_csv, write_json
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
@@ -57,10 +61,20 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
+    """Check every input (nothing is written before), then evaluate holding the run's lock."""
     bench = read_benchmark(args)
-    run_dir = RUNS_DIR / args.tensorname
     configure_backend(device, args.deterministic, args.seed, tf32=bool(args.tf32))
     model = build_model(args, device)
+    if info.is_main and bench.images.reconstructed:
+        print(f"warning: {RECONSTRUCTION_WARNING}", file=sys.stderr, flush=True)
+    run_dir = RUNS_DIR / args.tensorname
+    with run_lock(run_dir, take=info.is_main):
+        return evaluate_checked(bench, model, run_dir, args, device, info)
+
+
+def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: argparse.Namespace,
+                     device: torch.device, info: DistInfo) -> int:
+    """Features, the setups' trials and the report of a checked benchmark, into ``run_dir``."""
     folder = run_dir / "features" / f"{embedding_key(model)}_{args.imageSize}px{'_bf16' if args.amp else ''}"
     with GracefulInterrupt() as interrupt:
         stop = lambda: interrupt.requested  # noqa: E731
@@ -86,13 +100,12 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
             start = time.perf_counter()
             features = {name: store.load() for name, store in stores.items()}
             bank = None
-            if args.deform != "none":
-                gallery = Gallery(benchmark_split(args.imagenet, bench.meta, "train"), args.galleryNum, args.imageSize,
-                                  args.nthreads, progress=bool(args.progress), stop=stop)
-                largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
-                if args.gallerySelect == "nearest" and largest > len(gallery):
-                    raise OptionError(f"--chooseNum {largest} is larger than the {len(gallery)}-image gallery")
-                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop)
+            if bench.gallery_split is not None:
+                gallery = Gallery(bench.gallery_split, args.galleryNum, args.imageSize, args.nthreads,
+                                  progress=bool(args.progress), stop=stop)
+                # No original to follow here: the gallery is embedded with the GNet's saved statistics.
+                bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop,
+                                   batch_norm="eval")
             results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
                        for name, setup in bench.setups.items()}
         except Interrupted as stopped:

@@ -16,6 +16,7 @@ set_process_env()  # before torch loads
 
 import argparse
 import sys
+from contextlib import ExitStack
 
 import torch
 
@@ -23,10 +24,11 @@ from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import resolve_stage2_args, stage2_parser
-from engine.run import Run
+from engine.run import Run, run_lock
 from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
-                           epoch_row, episodes, evaluate, make_embed, make_optimizers, new_progress, param_groups,
-                           prepare, report, selection_columns, step_schedulers, train_one_epoch, write_figure)
+                           epoch_row, episodes, evaluate, gallery_pass_line, make_embed, make_optimizers, new_progress,
+                           param_groups, prepare, report, selection_columns, step_schedulers, train_one_epoch,
+                           write_figure)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
@@ -68,11 +70,14 @@ def main(args: argparse.Namespace) -> int:
                     scaler.load_state_dict(saved["scaler"])
                 start_epoch, progress, record = saved["epoch"], saved["progress"], saved["record"]
                 print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
+            # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
             features = saved["gallery_features"] if saved is not None else None
-            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), features, stop) if gallery \
-                else None
+            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), features, stop,
+                               args.galleryBN) if gallery else None
         except Interrupted as stopped:
             return run.stop(str(stopped))
+        if bank is not None:
+            print(gallery_pass_line(bank), flush=True)
         embed = make_embed(model, device, bool(args.dataParallel))
         gallery_size = len(bank or [])
         train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
@@ -116,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
                                                  train_config, device, epoch, groups, optimizers, embed, progress,
                                                  stop, show=bool(args.progress), cache=caches.get("train"),
                                                  scaler=scaler)
-                row = epoch_row(epoch, progress, optimizers, model)
+                row = {**epoch_row(epoch, progress, optimizers, model), "gallery_bn": args.galleryBN}
                 write_figure(last, args, relation, suffix="_train")
                 row.update(progress["select"] if select_split == "test" else select(epoch))
                 step_schedulers(*schedulers.values())
@@ -146,12 +151,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
-    """``--evaluate``: the test episodes of ``--seed`` with and without deformation."""
-    with GracefulInterrupt() as interrupt:
+    """``--evaluate``: the test episodes of ``--seed`` with and without deformation. Once the inputs are
+    read, the run's lock (``runs/<tensorname>/``, as training takes it) is held until the report is written."""
+    with GracefulInterrupt() as interrupt, ExitStack() as held:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
             splits, model, gallery = prepare(args, device, need_train=False, stop=stop)
-            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop) if gallery else None
+            held.enter_context(run_lock(RUNS_DIR / args.tensorname))
+            bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop,
+                               batch_norm=args.galleryBN) if gallery else None
+            if bank is not None:
+                print(gallery_pass_line(bank), flush=True)
             dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []),
                                evaluation=True)
             embed = make_embed(model, device, bool(args.dataParallel))
@@ -160,8 +170,9 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT
-    write_json(RUNS_DIR / args.tensorname / f"evaluate_{args.shots}shot_seed{args.seed}.json", report(stats, args, "test"))
-    figure = write_figure(stats["first"], args)
+        write_json(RUNS_DIR / args.tensorname / f"evaluate_{args.shots}shot_seed{args.seed}.json",
+                   report(stats, args, "test"))
+        figure = write_figure(stats["first"], args)
     if figure:
         print(f"figure: {figure}")
     return 0

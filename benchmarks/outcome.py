@@ -39,6 +39,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -53,7 +54,7 @@ from models import load_embedding  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.forward import layout_model  # noqa: E402
-from utils.metrics import mean_std_t95  # noqa: E402
+from utils.metrics import mean_t_ci95  # noqa: E402
 from utils.options import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,13 +239,13 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) ->
         summary["variants"][v.name] = {}
         for metric in METRICS:
             values = [by[v.name, s][metric] for s in seeds]
-            mean, std, _ = mean_std_t95(values)
-            summary["variants"][v.name][metric] = {"mean": mean, "std": std, "values": values}
+            std = statistics.stdev(values) if len(values) > 1 else math.nan
+            summary["variants"][v.name][metric] = {"mean": statistics.mean(values), "std": std, "values": values}
     for v in variants[1:]:
         summary["differences"][v.name] = {}
         for metric in METRICS:
             diffs = [by[v.name, s][metric] - by[base, s][metric] for s in seeds]
-            mean, std, half = mean_std_t95(diffs)
+            mean, half = mean_t_ci95(diffs)
             summary["differences"][v.name][metric] = {
                 "mean": mean, "half_width_95": half, "exceeds_noise": bool(abs(mean) > half) if len(seeds) > 1 else None}
     return summary

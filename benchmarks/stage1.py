@@ -30,6 +30,7 @@ from engine.options import stage1_parser
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
+from utils.metrics import mean_ci95
 from utils.options import configure_backend, resolve_device, run_cli
 
 ROWS = ["data_wait", "prepare", "forward", "backward", "optimizer", "bookkeeping", "unaccounted", "total"]
@@ -81,7 +82,7 @@ def main(a: argparse.Namespace) -> None:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
                           "(raise --toyPerClass or lower --batchSize)")
     net, optimizer = stage1.build_model(args, train.num_classes)
-    model, criterion = stage1.distribute(net, device, info, args), nn.CrossEntropyLoss()
+    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
     sampler.set_epoch(0)
     keys = list(sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
     item_s = common.timed(device, lambda: [dataset[key] for key in keys])[0] / len(keys)
@@ -104,13 +105,16 @@ def main(a: argparse.Namespace) -> None:
     workers_cpu_s = common.children_cpu_s() - cpu0
     rows["preloaded"] = epoch(kept.batches, "preloaded")
 
-    monitor = {}
+    monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
         args.valEpisodes, args.valQueries = a.monitorEpisodes, a.monitorQueries
-        monitor[True] = common.timed(device, stage1.evaluate, model, val, args, device)[0]
-        monitor[False] = common.timed(device, lambda: [evaluate_embedding(
+        monitor[True], cached = common.timed(device, stage1.evaluate, model, val, args, device)
+        monitor[False], uncached = common.timed(device, lambda: [evaluate_embedding(
             net.features, val, args.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, args.seed, device, 1, args.batchSize,
-            args.nthreads, args.amp, progress=False, cached=False) for shots in (1, 5)])[0]
+            args.nthreads, args.amp, progress=False, cached=False) for shots in (1, 5)])
+        for shots, accuracies in zip((1, 5), uncached):  # the same numbers either way: only the time differs
+            monitor_accuracy[f"monitor_val_{shots}shot_cached"] = cached[f"val_{shots}shot"]
+            monitor_accuracy[f"monitor_val_{shots}shot_uncached"] = mean_ci95([100 * acc for acc in accuracies])[0]
 
     columns = {phase: common.medians(r) for phase, r in rows.items()}
     common.print_table(f"median ms per step, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, batch "
@@ -131,7 +135,7 @@ def main(a: argparse.Namespace) -> None:
         "batch_dtype": str(images.dtype).replace("torch.", ""), **common.memory_fields(probes),
         "scan_s": scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,
         "monitor_s_uncached": monitor.get(False), "monitor_s_cached": monitor.get(True),
-        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None,
+        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy,
         "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
     }
     if device.type == "cuda":

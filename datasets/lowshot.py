@@ -9,8 +9,10 @@ Its files (downloaded by the user; see the README):
 - ``splitfile_{1..5}.json``: five trials; for each class (index order) a list of indices into
   the benchmark's list of training images; the n-shot set of a novel class is its first n.
 - the list of training images (``train.json`` of the release: ``image_names`` and
-  ``image_labels``), grouped by class in ``label_names`` order. Without it the list is rebuilt as
-  each class's files sorted by name, a reconstruction whose within-class order is unconfirmed.
+  ``image_labels``, at the root of the benchmark's repository), grouped by class in ``label_names``
+  order. Without it the list is rebuilt as each class's files sorted by name: ILSVRC file numbers
+  are not zero-padded, so that order is not the release's and the split files' indices pick other
+  images (the shots differ from the benchmark's).
 
 The ILSVRC tree is ``<imagenet>/train/<wnid>/*`` and ``<imagenet>/val/<wnid>/*`` (50 test
 images per class; ``scripts/fold_imagenet_val.py`` makes the class folders).
@@ -68,8 +70,9 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
 
     Raises:
         DataError: the file is missing, not JSON, lacks a list, holds an index outside
-            ``label_names``, repeats a class, mixes novel and base classes, or its
-            ``base_classes`` is not ``base_classes_1`` U ``base_classes_2``.
+            ``label_names``, repeats a class, shares a class between the two setups' base
+            classes or between novel and base classes, or its ``base_classes`` is not
+            ``base_classes_1`` U ``base_classes_2``.
     """
     path = Path(path)
     data = _read_json(path, "low-shot class split (--lowshotmeta)")
@@ -94,6 +97,9 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
         if len(set(values)) != len(values):
             raise DataError(f"{path}: {key} repeats a class")
         lists[key] = tuple(values)
+    shared = set(lists["base_classes_1"]) & set(lists["base_classes_2"])
+    if shared:
+        raise DataError(f"{path}: class {min(shared)} is in both base_classes_1 and base_classes_2")
     if set(lists["base_classes"]) != set(lists["base_classes_1"]) | set(lists["base_classes_2"]):
         raise DataError(f"{path}: base_classes is not the union of base_classes_1 and base_classes_2")
     for novel in ("novel_classes_1", "novel_classes_2"):
@@ -132,11 +138,13 @@ class TrainList:
     source: str
     reconstructed: bool
 
-    def class_size(self, k: int) -> int:
-        return self.starts[k + 1] - self.starts[k]
-
     def class_files(self, k: int) -> tuple[Path, ...]:
         return self.files[self.starts[k]:self.starts[k + 1]]
+
+
+RECONSTRUCTION_WARNING = ("no --trainlist (the release's train.json): the training list is rebuilt with each class's "
+                          "files sorted by name, not the release's order, so the split files pick other images and "
+                          "the shots differ from the benchmark's")
 
 
 def rebuild_train_list(train_dir: Path | str, meta: LowShotMeta) -> TrainList:
@@ -191,9 +199,12 @@ def train_list(train_dir: Path | str, meta: LowShotMeta, release: Path | str | N
 def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples: int) -> np.ndarray:
     """One trial's split file -> ``[C, examples]`` int64 indices into ``images`` (row k: class k).
 
+    Every index of a row is checked, also those past ``examples``.
+
     Raises:
         DataError: not JSON, a length other than ``len(label_names)``, a row with fewer than
-            ``examples`` indices, or an index outside its class's images in the list.
+            ``examples`` indices, a row that is not all integers, repeats an index or holds one
+            outside its class's images in the list.
     """
     path = Path(path)
     data = _read_json(path, "trial split file (--experimentpath)")
@@ -204,14 +215,20 @@ def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples:
                         f"of {meta.path}), found {found}")
     rows = np.zeros((classes, examples), dtype=np.int64)
     for k, row in enumerate(data):
-        if not isinstance(row, list) or len(row) < examples or not all(isinstance(i, int) for i in row[:examples]):
-            raise DataError(f"{path}: class {k} ({meta.label_names[k]}) needs at least {examples} image indices")
-        rows[k] = row[:examples]
+        name = f"{path}: class {k} ({meta.label_names[k]})"
+        if not isinstance(row, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
+            raise DataError(f"{name}: expected a list of integer image indices")
+        if len(row) < examples:
+            raise DataError(f"{name}: {len(row)} image indices, fewer than the {examples} the largest --lowshotn needs")
+        if len(set(row)) != len(row):
+            repeated = next(i for j, i in enumerate(row) if i in row[:j])
+            raise DataError(f"{name}: index {repeated} is listed more than once (the n-shot sets need distinct images)")
         start, end = images.starts[k], images.starts[k + 1]
-        outside = [i for i in row[:examples] if not start <= i < end]
+        outside = [i for i in row if not start <= i < end]
         if outside:
-            raise DataError(f"{path}: class {k} ({meta.label_names[k]}): index {outside[0]} lies outside its "
-                            f"{end - start} training images (indices {start}..{end - 1} of {images.source})")
+            raise DataError(f"{name}: index {outside[0]} lies outside its {end - start} training images "
+                            f"(indices {start}..{end - 1} of {images.source})")
+        rows[k] = row[:examples]
     return rows
 
 

@@ -53,4 +53,3 @@ class SeededSampler(Sampler):
         padded = range(self.per_rank * self.world_size)
         mine = padded[self.rank::self.world_size][self.start:]
         return iter([(int(order[p % self.size]), int(seeds[p % self.size])) for p in mine])
-

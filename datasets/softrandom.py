@@ -14,7 +14,8 @@ class SoftRandomDataset(Dataset):
     """The first ``files_per_class`` files of each class (0: every file), listed ``repeats`` times.
 
     Items are requested as ``(index, item_seed)`` (see :class:`datasets.seeding.SeededSampler`);
-    every random draw of the item comes from ``item_seed``. With probability ``blend_prob``
+    every random draw of the item comes from ``item_seed``, the random crop's (``crop``, see
+    :func:`datasets.transforms.train_transform`) included. With probability ``blend_prob``
     another file of the same class is transformed too and each cell k of the F x F grid becomes
     ``w_k * x + (1 - w_k) * other`` with ``w_k ~ U(0, 1)``.
 
@@ -23,13 +24,13 @@ class SoftRandomDataset(Dataset):
     """
 
     def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
-                 repeats: int = 2, blend_prob: float = 2 / 3) -> None:
+                 repeats: int = 2, blend_prob: float = 2 / 3, crop: str = "tv02") -> None:
         if files_per_class < 0:
             raise ValueError(f"files_per_class must be at least 0 (0: every file), got {files_per_class}")
         self.image_size, self.fang, self.repeats, self.blend_prob = image_size, fang, repeats, blend_prob
         self.class_files = [files[:files_per_class or None] for files in split.files]
         self.samples = [(path, label) for label, files in enumerate(self.class_files) for path in files]
-        self.transform = train_transform(image_size)
+        self.transform = train_transform(image_size, crop)
 
     def __len__(self) -> int:
         return len(self.samples) * self.repeats

@@ -399,12 +399,14 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
                      size: int = 32, seed: int = 0, trials: int = 5, examples: int = 20) -> dict[str, int]:
     """A toy ImageNet-1K low-shot benchmark under ``out``, in the real files' formats.
 
-    Writes ``train/<wnid>/<wnid>_<k>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG``
-    (``4 * classes_per_list`` classes), ``label_idx.json`` (``label_names`` in a shuffled, unsorted
-    order; ``base_classes_1``, ``base_classes_2``, ``novel_classes_1``, ``novel_classes_2`` of
-    ``classes_per_list`` classes each) and ``splitfile_{1..trials}.json`` (per class, ``examples``
-    distinct indices into the training images listed class by class in ``label_names`` order, each
-    class's files sorted by name). Returns the number of classes and images.
+    Writes ``train/<wnid>/<wnid>_<k>.JPEG`` (``k`` not zero-padded, as in ILSVRC) and
+    ``val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG`` (``4 * classes_per_list`` classes),
+    ``label_idx.json`` (``label_names`` in a shuffled, unsorted order; ``base_classes_1``,
+    ``base_classes_2``, ``novel_classes_1``, ``novel_classes_2`` of ``classes_per_list`` classes
+    each), ``train.json`` (the release's list of training images: ``image_names``, absolute paths
+    of another machine, and ``image_labels``; class by class in ``label_names`` order, each class's
+    files by ``k``, which is not their name order) and ``splitfile_{1..trials}.json`` (per class,
+    ``examples`` distinct indices into ``train.json``'s list). Returns the number of classes and images.
     """
     out = Path(out)
     if train_per_class < examples:
@@ -430,6 +432,10 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
     meta = {"label_names": names, "base_classes_1": groups[0], "base_classes_2": groups[1],
             "novel_classes_1": groups[2], "novel_classes_2": groups[3], "base_classes": groups[0] + groups[1]}
     (out / "label_idx.json").write_text(json.dumps(meta))
+    (out / "train.json").write_text(json.dumps({
+        "image_names": [f"/datasets/imagenet/train/{wnid}/{wnid}_{number}.JPEG" for wnid in names
+                        for number in range(train_per_class)],
+        "image_labels": [k for k in range(count) for _ in range(train_per_class)]}))
     for trial in range(1, trials + 1):
         trial_rng = np.random.default_rng([seed, 3, trial])
         rows = [[k * train_per_class + int(i) for i in trial_rng.choice(train_per_class, examples, replace=False)]

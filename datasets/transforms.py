@@ -1,8 +1,14 @@
 """Image transforms of SPEC section 1 for any image size S."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from utils.forward import compute_layout
 
@@ -15,10 +21,64 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def train_transform(image_size: int) -> T.Compose:
-    """``RandomResizedCrop(S)``, horizontal flip, ImageNet normalisation -> float ``[3, S, S]``."""
+CROPS = ("tv02", "current")  # stage 1's random crop: torchvision 0.2's (the original's) or today's torchvision's
+CROP_ATTEMPTS, CROP_SCALE, CROP_RATIO = 10, (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def torch_uniform(low: float, high: float) -> float:
+    """One draw of U(low, high) from torch's global generator (seeded per item by the datasets)."""
+    return low + (high - low) * torch.rand((), dtype=torch.float64).item()
+
+
+def tv02_crop_box(width: int, height: int, uniform: Callable[[float, float], float] = torch_uniform
+                  ) -> tuple[int, int, int, int]:
+    """The crop torchvision 0.2's ``RandomResizedCrop`` chose in an image of ``width`` x ``height``:
+    ``(top, left, crop height, crop width)``.
+
+    Up to 10 attempts: area fraction U(0.08, 1) and aspect ratio U(3/4, 4/3), uniform (today's
+    torchvision: log-uniform); w and h rounded as Python 2 rounded (half away from zero), then swapped
+    with probability 1/2; accepted if it fits, at a uniform position. Otherwise a centre square of the
+    shorter side (today's torchvision: the whole image, its ratio clamped). ``uniform(low, high)``
+    gives every draw; integer positions are its floor over ``[0, room + 1)``.
+    """
+    area = width * height
+    for _ in range(CROP_ATTEMPTS):
+        target = uniform(*CROP_SCALE) * area
+        ratio = uniform(*CROP_RATIO)
+        w = math.floor(math.sqrt(target * ratio) + 0.5)
+        h = math.floor(math.sqrt(target / ratio) + 0.5)
+        if uniform(0.0, 1.0) < 0.5:
+            w, h = h, w
+        if w <= width and h <= height:
+            top = math.floor(uniform(0.0, height - h + 1))
+            left = math.floor(uniform(0.0, width - w + 1))
+            return top, left, h, w
+    side = min(width, height)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class TV02RandomResizedCrop:
+    """torchvision 0.2's ``RandomResizedCrop(size)`` (:func:`tv02_crop_box`, then a bilinear resize to
+    ``size`` x ``size``) on a PIL image, its draws from torch's global generator."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, h, w = tv02_crop_box(*image.size)
+        return TF.resized_crop(image, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
+    """Random crop (``crop``: ``tv02``, the original's :class:`TV02RandomResizedCrop`, or ``current``,
+    today's ``T.RandomResizedCrop``) to S, horizontal flip, ImageNet normalisation -> float ``[3, S, S]``."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r} (known: {', '.join(CROPS)})")
     return T.Compose([
-        T.RandomResizedCrop(image_size),
+        TV02RandomResizedCrop(image_size) if crop == "tv02" else T.RandomResizedCrop(image_size),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -12,15 +12,19 @@ from datasets.gallery import Gallery
 from datasets.transforms import prepare_images
 from engine.features import FeatureCache
 from engine.timing import NO_TIMER, Timer
+from models.batchnorm import running_statistics_kept, running_variances
 from models.deformation import blend_patches
 from models.idemenet import IDeMeNet
 from models.protonet import proto_logits, prototypes, squared_distances
+from utils.errors import OptionError
 from utils.forward import autocast, compute_layout, deform_in_chunks, embed_in_chunks
 from utils.interrupt import check_stop
 
 DEFORM_MODES = ("learned", "random", "none")
 GALLERY_MODES = ("nearest", "random")
 GALLERY_EXCLUDE = ("none", "episode")
+GALLERY_BN = ("train", "eval")  # the gallery pass: the original's training-mode pass, or evaluation mode
+GALLERY_CALL, GALLERY_SHARES = 128, 4  # the original's gallery pass: 128 images a call, DataParallel over 4 GPUs
 # Class relation of a deformed image's gallery image to the episode (training episodes only).
 OTHER_CLASS, EPISODE_CLASS, SAME_CLASS = 0, 1, 2
 
@@ -86,14 +90,27 @@ class GalleryBank:
         gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
         features: float32 ``[G, D]``, each image embedded once as it is (evaluation crop, no
             flip), as the original does; the random flip applies only where an image is blended.
+        batch_norm: how the features were computed: ``train`` (:func:`embed_gallery_train_mode`, the
+            original's pass, which changes the embedding's BatchNorm running statistics), ``eval``
+            (evaluation mode, statistics untouched) or ``restored`` (``features`` given).
+        running_var_change: after a ``train`` pass, the mean relative change ``|new - old| / old`` of
+            the embedding's BatchNorm ``running_var`` over all its channels; else None.
 
     Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while embedding.
     """
 
     def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, amp: bool = False,
-                 features: torch.Tensor | None = None, stop: Callable[[], bool] | None = None) -> None:
+                 features: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
+                 batch_norm: str = "eval") -> None:
+        if batch_norm not in GALLERY_BN:
+            raise ValueError(f"unknown gallery BatchNorm mode {batch_norm!r} (known: {', '.join(GALLERY_BN)})")
         self.gallery = gallery.to(device)
-        if features is None:
+        self.batch_norm, self.running_var_change = ("restored" if features is not None else batch_norm), None
+        if features is None and batch_norm == "train":
+            before = running_variances(model.backbone)
+            features = embed_gallery_train_mode(model, self.gallery, device, amp, stop)
+            self.running_var_change = ((running_variances(model.backbone) - before).abs() / before).mean().item()
+        elif features is None:
             parts = []
             with torch.no_grad(), autocast(device, amp):
                 for i in range(0, len(gallery), chunk):
@@ -105,6 +122,49 @@ class GalleryBank:
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+
+def embed_gallery_train_mode(model: IDeMeNet, gallery: Gallery, device: torch.device, amp: bool = False,
+                             stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The original's gallery pass (SPEC 3, Gallery) on one device: features ``[G, D]`` of the gallery
+    images embedded with the embedding in training mode.
+
+    The original embedded the gallery through ``DataParallel`` over 4 GPUs before it ever switched
+    to evaluation mode: ``GALLERY_CALL`` images a call in gallery order, each call scattered into
+    ``GALLERY_SHARES`` consecutive shares (``torch.chunk`` sizes), each share normalised with its own
+    batch statistics; only the first share's BatchNorm update (momentum 0.1, unbiased variance) reached
+    the model's running statistics. So here: per call, the first share through the embedding in
+    training mode (PyTorch's own BatchNorm update), the other shares in training mode with the running
+    statistics kept. The embedding is back in its former mode afterwards, its running statistics changed.
+
+    Raises:
+        OptionError: a share of one image that BatchNorm cannot normalise (one value per channel).
+        Interrupted: ``stop()`` became true (checked before each call).
+    """
+    backbone, parts = model.backbone, []
+    was_training = backbone.training
+    backbone.train()
+    try:
+        with torch.no_grad(), autocast(device, amp):
+            for start in range(0, len(gallery), GALLERY_CALL):
+                check_stop(stop, "while embedding the gallery")
+                index = torch.arange(start, min(start + GALLERY_CALL, len(gallery)), device=device)
+                shares = compute_layout(gallery.batch(index)).chunk(GALLERY_SHARES)
+                parts.append(embed_share(model, shares[0]))
+                with running_statistics_kept(backbone):
+                    parts.extend(embed_share(model, share) for share in shares[1:])
+    finally:
+        backbone.train(was_training)
+    return torch.cat(parts)
+
+
+def embed_share(model: IDeMeNet, share: torch.Tensor) -> torch.Tensor:
+    """Float32 features ``[n, D]`` of one share ``[n, 3, S, S]`` of a training-mode gallery pass."""
+    try:
+        return model.embed(share).float()
+    except ValueError as error:  # BatchNorm over a single value per channel
+        raise OptionError(f"--galleryBN train: a share of {len(share)} gallery image(s) cannot be batch-normalised "
+                          f"({error}); choose another --galleryNum or --galleryBN eval") from None
 
 
 def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,

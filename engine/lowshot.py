@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ import torch
 from tqdm import tqdm
 
 from datasets.episodes import CroppedImages
-from datasets.lowshot import (SETUPS as SETUP_NAMES, LowShotMeta, TrainList, class_images, read_lowshot_meta, read_trial,
-                              shot_indices, train_list)
+from datasets.gallery import gallery_files
+from datasets.lowshot import (RECONSTRUCTION_WARNING, SETUPS as SETUP_NAMES, LowShotMeta, TrainList, benchmark_split,
+                              class_images, read_lowshot_meta, read_trial, shot_indices, train_list)
+from datasets.splits import Split
 from datasets.loaders import image_loader
 from datasets.seeding import item_rng
 from datasets.transforms import prepare_images
@@ -26,12 +29,13 @@ from models.idemenet import IDeMeNet
 from models.protonet import prototypes
 from utils.checkpoint import atomic_save, safe_load
 from utils.distributed import DistInfo
-from utils.errors import DataError
+from utils.errors import DataError, OptionError
 from utils.files import write_json
 from utils.forward import autocast, embed_in_chunks
 from utils.interrupt import check_stop
-from utils.lowshot_metrics import METRIC_NAMES, PRIOR_GRID, TOPK, best_prior, lowshot_metrics, prior_curve
-from utils.metrics import mean_ci95
+from utils.lowshot_metrics import (METRIC_NAMES, PRIOR_GRID, TEMPERATURE_GRID, TOPK, best_prior, lowshot_metrics,
+                                   prior_curve)
+from utils.metrics import mean_t_ci95
 
 FEATURE_BLOCK = 2048  # images per feature file
 DISTANCE_BUDGET = 2 ** 26  # floats of one gallery-distance computation (256 MB)
@@ -226,43 +230,54 @@ def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[
 
 
 def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict:
-    """One trial's metrics without the prior, and the prior's curve over ``mu`` (``prior_curve``)."""
+    """One trial's metrics without the prior, and the prior's accuracy over the temperature and ``mu``
+    grids (``prior_curve``)."""
     return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base)}
 
 
-def summarise(per_trial: list[dict], mu: float) -> dict:
-    """Mean and 95% interval over trials of every metric (``all_prior`` at ``mu``), with the trials' values."""
-    index = PRIOR_GRID.index(mu)
+Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
+
+
+def prior_point(trial: dict, prior: Prior) -> dict[int, float]:
+    """A trial's ``all_prior`` accuracy ``{k: %}`` at ``prior`` (a point of its curve)."""
+    temperature, mu = prior
+    return trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+
+
+def summarise(per_trial: list[dict], prior: Prior) -> dict:
+    """Mean and 95% t-interval over trials of every metric (``all_prior`` at ``prior``), with the trials' values."""
     out = {}
     for metric in METRIC_NAMES:
-        values = {k: [t["prior_curve"][index][k] if metric == "all_prior" else t[metric][k] for t in per_trial]
+        values = {k: [prior_point(t, prior)[k] if metric == "all_prior" else t[metric][k] for t in per_trial]
                   for k in TOPK}
         out[metric] = {f"top{k}": _summary(values[k]) for k in TOPK}
     return out
 
 
 def _summary(values: list[float]) -> dict:
-    mean, ci = mean_ci95(values) if not any(np.isnan(values)) else (float("nan"), float("nan"))
-    return {"mean": mean, "ci95": ci, "trials": values}
+    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`;
+    nan for one trial), and the trials' values."""
+    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (float("nan"), float("nan"))
+    return {"mean": mean, "t_ci95": ci, "trials": values}
 
 
-def difference(deformed: list[dict], plain: list[dict], mu_deformed: float, mu_plain: float) -> dict:
+def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
     """The paired per-trial difference deformed - plain of every metric, summarised like :func:`summarise`."""
-    index_d, index_p = PRIOR_GRID.index(mu_deformed), PRIOR_GRID.index(mu_plain)
     out = {}
     for metric in METRIC_NAMES:
         out[metric] = {}
         for k in TOPK:
             if metric == "all_prior":
-                values = [d["prior_curve"][index_d][k] - p["prior_curve"][index_p][k] for d, p in zip(deformed, plain)]
+                values = [prior_point(d, prior_deformed)[k] - prior_point(p, prior_plain)[k]
+                          for d, p in zip(deformed, plain)]
             else:
                 values = [d[metric][k] - p[metric][k] for d, p in zip(deformed, plain)]
             out[metric][f"top{k}"] = _summary(values)
     return out
 
 
-def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, float]]:
-    """Per variant and n, the ``mu`` with the best mean ``all_prior`` top-5 over the trials."""
+def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, Prior]]:
+    """Per variant and n, the ``(temperature, mu)`` with the best mean ``all_prior`` top-5 over the trials."""
     return {variant: {n: best_prior([t["prior_curve"] for t in trials]) for n, trials in by_n.items()}
             for variant, by_n in per_trial.items()}
 
@@ -290,10 +305,16 @@ class Benchmark:
     setups: dict[str, SetupData]
     base_classes: list[int]
     novel_rows: np.ndarray  # sorted train-list indices of the trials' n-shot images of both setups' novel classes
+    gallery_split: Split | None  # the base classes' training images the gallery is drawn from (None: --deform none)
 
 
 def read_benchmark(args: argparse.Namespace) -> Benchmark:
-    """The class split, training list, trials and setups of ``args`` (``lowshot_imagenet.py``'s flags)."""
+    """The class split, training list, trials and setups of ``args`` (``lowshot_imagenet.py``'s flags),
+    each checked whole, and the gallery's size against ``--galleryNum`` and ``--chooseNum``.
+
+    Raises:
+        DataError, OptionError: the first bad input, before anything is computed or written.
+    """
     meta = read_lowshot_meta(args.lowshotmeta)
     imagenet = Path(args.imagenet)
     for folder in ("train", "val"):
@@ -304,7 +325,14 @@ def read_benchmark(args: argparse.Namespace) -> Benchmark:
     setups = {name: setup_data(imagenet / "val", meta, name) for name in (("val", "test") if args.testsetup else ("val",))}
     novel = sorted(meta.lists["novel_classes_1"] + meta.lists["novel_classes_2"])
     novel_rows = np.unique(np.concatenate([trial[novel].ravel() for trial in trials.values()]))
-    return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows)
+    gallery_split = None
+    if args.deform != "none":
+        gallery_split = benchmark_split(imagenet, meta, "train")
+        gallery_size = len(gallery_files(gallery_split, args.galleryNum))
+        largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
+        if args.gallerySelect == "nearest" and largest > gallery_size:
+            raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
+    return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows, gallery_split)
 
 
 def feature_stores(bench: Benchmark, folder: Path, image_size: int, create: bool) -> dict[str, FeatureStore]:
@@ -347,27 +375,35 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
     return out
 
 
+INTERVAL = ("mean +- 95% Student t-interval over the trials: t(0.975, trials - 1) * sample std / sqrt(trials) "
+            "(none for one trial)")
+
+
 def report(bench: Benchmark, results: dict[str, dict], args: argparse.Namespace, timing: dict) -> dict:
-    """The JSON report: every metric per setup, variant and n (mean, 95% interval, trials), the paired
-    differences, and the prior ``mu`` chosen on the validation setup."""
-    mus = choose_priors(results["val"])
+    """The JSON report: every metric per setup, variant and n (mean, 95% t-interval, trials), the paired
+    differences, and the prior's temperature and ``mu`` chosen on the validation setup."""
+    priors = choose_priors(results["val"])
     setups = {}
     for name, per_variant in results.items():
-        setup = {variant: {str(n): summarise(trials, mus[variant][n]) for n, trials in by_n.items()}
+        setup = {variant: {str(n): summarise(trials, priors[variant][n]) for n, trials in by_n.items()}
                  for variant, by_n in per_variant.items()}
         if "deformed" in per_variant:
             setup["difference"] = {str(n): difference(per_variant["deformed"][n], per_variant["plain"][n],
-                                                      mus["deformed"][n], mus["plain"][n]) for n in args.lowshotn}
+                                                      priors["deformed"][n], priors["plain"][n]) for n in args.lowshotn}
         s = bench.setups[name]
         setups[name] = {"base_classes": len(s.base), "novel_classes": len(s.novel), "test_images": len(s.test_files),
                         **setup}
     return {"benchmark": "ImageNet-1K low-shot (Hariharan & Girshick, ICCV 2017)",
             "lowshotmeta": str(bench.meta.path), "train_list": bench.images.source,
-            "train_list_reconstructed": bench.images.reconstructed, "checkpoint": args.GNet if args.GNet != "None"
-            else args.network, "deform": args.deform, "trials": args.trials, "lowshotn": args.lowshotn,
+            "train_list_reconstructed": bench.images.reconstructed,
+            "train_list_warning": RECONSTRUCTION_WARNING if bench.images.reconstructed else None,
+            "checkpoint": args.GNet if args.GNet != "None" else args.network, "deform": args.deform,
+            "trials": args.trials, "lowshotn": args.lowshotn, "interval": INTERVAL,
             "augnum": {str(n): lowshot_config(args, n, 0).augnum for n in args.lowshotn},
             "chooseNum": {str(n): lowshot_config(args, n, 0).choose_num for n in args.lowshotn},
-            "prior_mu": {variant: {str(n): mu for n, mu in by_n.items()} for variant, by_n in mus.items()},
+            "prior_mu": {variant: {str(n): prior[1] for n, prior in by_n.items()} for variant, by_n in priors.items()},
+            "prior_temperature": {variant: {str(n): prior[0] for n, prior in by_n.items()}
+                                  for variant, by_n in priors.items()},
             "prior_chosen_on": "val setup" + ("" if args.testsetup else " (the setup reported: run --testsetup 1 "
                                                                       "for a prior chosen apart from the test)"),
             "setups": setups, "timing": timing}
@@ -382,8 +418,9 @@ def table_rows(result: dict) -> list[dict]:
                 for metric, values in metrics.items():
                     rows.append({"setup": setup, "method": method, "metric": metric, "n": int(n),
                                  **{f"{k}{suffix}": values[k][field] for k in ("top1", "top5")
-                                    for suffix, field in (("", "mean"), ("_ci", "ci95"))},
-                                 "prior_mu": result["prior_mu"].get(method, {}).get(n) if metric == "all_prior" else None,
+                                    for suffix, field in (("", "mean"), ("_t_ci95", "t_ci95"))},
+                                 **{f"prior_{field}": result[f"prior_{field}"].get(method, {}).get(n)
+                                    if metric == "all_prior" else None for field in ("mu", "temperature")},
                                  "train_list_reconstructed": result["train_list_reconstructed"]})
     return rows
 
@@ -395,12 +432,13 @@ def format_table(result: dict) -> str:
     ns = [str(n) for n in result["lowshotn"]]
     width = 16
     lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base classes, "
-             f"{data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% interval, "
+             f"{data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% t-interval, "
              f"train list {'reconstructed' if result['train_list_reconstructed'] else 'from the release'}",
              "", "top-5 accuracy on the novel classes (%)", f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)]
 
     def cell(values: dict) -> str:
-        return f"{values['mean']:6.2f} +- {values['ci95']:4.2f}"
+        interval = f" +- {values['t_ci95']:4.2f}" if math.isfinite(values["t_ci95"]) else ""
+        return f"{values['mean']:6.2f}{interval}"
 
     for method in ("plain", "deformed", "difference"):
         if method in data:
@@ -419,5 +457,12 @@ def format_table(result: dict) -> str:
             lines.append(f"{metric:34}" + "".join(
                 f"{data[method][n][metric]['top1']['mean']:6.2f} / {data[method][n][metric]['top5']['mean']:5.2f}"
                 .rjust(width) for n in ns))
+        priors = (result["prior_temperature"][method], result["prior_mu"][method])
+        lines.append(f"{'all_prior: temperature, mu':34}" + "".join(
+            f"{priors[0][n]:g}, {priors[1][n]:.2f}".rjust(width) for n in ns))
         lines.append("")
+    lines.append(f"intervals: {result['interval']}; all_prior's temperature and mu chosen on the "
+                 f"{result['prior_chosen_on']}")
+    if result["train_list_warning"]:
+        lines.append(f"warning: {result['train_list_warning']}")
     return "\n".join(lines)

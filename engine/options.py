@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from engine.episode import DEFORM_MODES, GALLERY_EXCLUDE, GALLERY_MODES
+from datasets.transforms import CROPS
+from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MODES
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
@@ -65,6 +66,11 @@ def stage1_parser() -> argparse.ArgumentParser:
                         "network, the checkpoint's own with --network")
     parser.add_argument("--filesPerClass", type=int, default=500,
                         help="first files of each base class used (0: every file)")
+    parser.add_argument("--crop", default="tv02", choices=CROPS,
+                        help="random crop of the training images: tv02, torchvision 0.2's RandomResizedCrop (the "
+                        "original's: aspect ratio uniform on [3/4, 4/3], w and h swapped half the time, a centre "
+                        "square when 10 attempts fail); current, today's torchvision (log-uniform ratio, no swap, "
+                        "the whole image clamped to the ratio range when they fail)")
     parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
@@ -107,8 +113,14 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
                         help="ablation: episode leaves the training episode's own classes out of the gallery "
                         "shortlists, so training sees what testing sees (none: the original)")
+    parser.add_argument("--galleryBN", default="train", choices=GALLERY_BN,
+                        help="the gallery pass before training or --evaluate: train, the original's (the embedding "
+                        "in training mode, 128 images a call in 4 shares normalised each with its own batch "
+                        "statistics, the running statistics updated by each call's first share and kept for "
+                        "everything after); eval, the embedding in evaluation mode, its statistics untouched")
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
-                        help="weights kept by best val accuracy, or (the original's protocol) lowest test loss")
+                        help="weights kept by best val accuracy, or (the original's protocol) lowest test loss "
+                        "(refused with --lowshotmeta)")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
                         help="1: draw support and query independently, so they may overlap (the original's protocol)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")
@@ -140,11 +152,13 @@ def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
     if args.evaluate and args.GNet == "None":
         raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
+    if args.selectOn == "test" and args.lowshotmeta:
+        raise OptionError("--selectOn test with --lowshotmeta would select stage 2's weights on the test setup's "
+                          "novel classes of the ImageNet-1K low-shot benchmark; use --selectOn val (the validation "
+                          "setup's)")
     if args.galleryExclude == "episode" and (args.deform == "none" or args.gallerySelect != "nearest"):
         raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
                           "--gallerySelect nearest and deformed images (--deform learned or random)")
-
-
 
 
 def lowshot_parser() -> argparse.ArgumentParser:
@@ -157,8 +171,9 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowshotmeta", required=True, help="the benchmark's class split, label_idx.json")
     parser.add_argument("--experimentpath", required=True,
                         help="the trials' split files, with {:d} for the trial: 'splitfile_{:d}.json'")
-    parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels); "
-                        "without it the list is rebuilt as each class's files sorted by name")
+    parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels), which "
+                        "the split files index; without it the list is rebuilt as each class's files sorted by name, "
+                        "so the shots differ from the benchmark's (a warning says so)")
     parser.add_argument("--tensorname", required=True, help="name of the evaluation: runs/<name>/")
     parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (models/<name>.t7)")
     parser.add_argument("--network", default="None", help="stage-1 checkpoint, for the baselines without a "

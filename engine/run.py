@@ -8,6 +8,8 @@ import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,8 @@ def open_run(args, resume_keys: tuple[str, ...], runs_dir: Path = RUNS_DIR) -> t
         return run_dir, None
     state = safe_load(run_dir / "resume.pt")
     saved = state["args"]
-    conflicts = [f"--{k} {saved.get(k)} (saved) vs {getattr(args, k, None)} (now)" for k in resume_keys
-                 if saved.get(k) != getattr(args, k, None)]
+    conflicts = [f"--{k} {saved[k] if k in saved else 'unrecorded (an earlier version wrote it)'} (saved) vs "
+                 f"{getattr(args, k, None)} (now)" for k in resume_keys if saved.get(k) != getattr(args, k, None)]
     if conflicts:
         raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
     return run_dir, state
@@ -144,6 +146,18 @@ def release_run(handle) -> None:
         handle.close()
 
 
+@contextmanager
+def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after; nothing
+    when ``take`` is False (the other processes of a distributed run)."""
+    handle = lock_run(run_dir) if take else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            release_run(handle)
+
+
 class Run:
     """One run of a training script, from its folder to its last epoch line.
 
@@ -170,7 +184,7 @@ class Run:
                               f"{self.dir} has already trained")
         self.args, self.fields, self.checkpoint, self.is_main = dict(vars(args)), fields, checkpoint, is_main
         self.log_file: MetricsLog | None = None
-        self._interrupt, self._saved = GracefulInterrupt(), False
+        self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
 
     @property
     def state_path(self) -> Path:
@@ -224,6 +238,8 @@ class Run:
         self._interrupt.__exit__()
         if self.log_file is not None:
             self.log_file.close()
+        if self._lock is not None:  # the run is over: a later run in this process may take it
+            release_run(self._lock)
         if isinstance(error, TrainingDiverged):
             last = self.checkpoint if self.checkpoint.exists() else "none yet"
             raise TrainingDiverged(f"{error}; nothing was saved over the last good checkpoint ({last}; "

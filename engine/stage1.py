@@ -30,7 +30,7 @@ from utils.syncbn import convert_to_gloo_sync
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci",
            "val_1shot_precise", "val_1shot_precise_ci", "val_5shot_precise", "val_5shot_precise_ci", "images_per_s"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backbone", "LR", "batchSize", "seed",
-               "filesPerClass", "memoryFormat", "preciseBN")
+               "filesPerClass", "crop", "memoryFormat", "preciseBN")
 
 
 def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
@@ -45,7 +45,7 @@ def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
     if args.valEpisodes and val.min_class_size() < 5 + args.valQueries:
         raise OptionError(f"--valQueries {args.valQueries}: val classes need 5 + {args.valQueries} images, "
                           f"the smallest has {val.min_class_size()}")
-    dataset = SoftRandomDataset(train, args.imageSize, args.Fang, args.filesPerClass)
+    dataset = SoftRandomDataset(train, args.imageSize, args.Fang, args.filesPerClass, crop=args.crop)
     sampler = SeededSampler(len(dataset), args.seed, info.rank, info.world_size)
     if args.batchSize % info.world_size:
         raise OptionError(f"--batchSize {args.batchSize} is not divisible by the {info.world_size} processes")
@@ -147,16 +147,26 @@ def new_progress() -> dict[str, float]:
 SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
-def distribute(model: nn.Module, device: torch.device, info: DistInfo, args: argparse.Namespace) -> nn.Module:
-    """The model on ``device`` (channels_last), wrapped in DistributedDataParallel with
-    synchronised BatchNorm under torchrun, or in DataParallel when several GPUs are visible."""
+def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    """The model on ``device`` (channels_last); under torchrun wrapped in DistributedDataParallel with
+    synchronised BatchNorm, whose statistics are those of the whole batch, as on the original's one GPU.
+    Without torchrun one device, whatever the GPUs visible (DataParallel would normalise each GPU's
+    share of the batch apart)."""
     model = layout_model(model.to(device))
     if info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and args.device in (None, "cuda"):
-        return nn.DataParallel(model)
     return model
+
+
+def multi_gpu_hint(device: torch.device, info: DistInfo) -> str | None:
+    """The line that says how to use several visible GPUs when stage 1 runs on one of them, else None."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if info.enabled or gpus < 2:
+        return None
+    return (f"stage 1 runs on one GPU of the {gpus} visible (BatchNorm over the whole batch, as the original); "
+            f"to use all of them: torchrun --nproc_per_node={gpus} classification.py ... (synchronised BatchNorm, "
+            "the same statistics)")
 
 
 def evaluate(model: nn.Module, val, args, device, info: DistInfo = DistInfo(), stop: Callable[[], bool] | None = None,
@@ -193,6 +203,6 @@ def precise_copy(model: nn.Module, files: list, args: argparse.Namespace, device
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the network inside DataParallel or DistributedDataParallel, on the CPU."""
+    """The state dict of the network (inside DistributedDataParallel under torchrun), on the CPU."""
     net = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
 from datasets.lowshot import read_stage_split
 from datasets.loaders import episode_loader
-from engine.episode import (EPISODE_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank, episode_gradients,
-                            gallery_relation, run_episode)
+from engine.episode import (EPISODE_CLASS, GALLERY_CALL, GALLERY_SHARES, SAME_CLASS, EpisodeConfig, EpisodeResult,
+                            GalleryBank, episode_gradients, gallery_relation, run_episode)
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
 from engine.timing import NO_TIMER, Timer, timed_items
@@ -34,10 +34,11 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
            "select_acc_ci", "select_plain_acc", "select_loss", "weight_mean", "weight_std", "lr", "cls_lr", "scale_lr",
            "scale", "episodes_per_s", "train_gallery_same_class", "train_gallery_episode_class", "train_own_distance",
            "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
-           "select_other_distance"]
+           "select_other_distance", "gallery_bn"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
                "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
-               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "selectOn", "overlap", "memoryFormat")
+               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn", "overlap",
+               "memoryFormat")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 PICTURE_DIR = Path("picture")
 
@@ -82,7 +83,7 @@ def prepare(args: argparse.Namespace, device: torch.device, need_train: bool,
         raise OptionError(f"the checkpoint's fc has {model.fc.out_features} classes, split train has "
                           f"{splits['train'].num_classes}")
     gallery = None
-    if args.deform != "none":
+    if args.deform != "none" or args.galleryBN == "train":  # the pass sets the statistics of every variant
         gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads,
                           progress=bool(args.progress), stop=stop)
     return splits, model, gallery
@@ -275,6 +276,19 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
 
 
+def gallery_pass_line(bank: GalleryBank) -> str:
+    """The log line that says how the gallery features (and the embedding's BatchNorm statistics) came about."""
+    if bank.batch_norm == "restored":
+        return "gallery features and BatchNorm statistics restored from the resumable state (no new gallery pass)"
+    if bank.batch_norm == "eval":
+        return "gallery pass in evaluation mode (--galleryBN eval): BatchNorm running statistics untouched"
+    calls = -(-len(bank) // GALLERY_CALL)
+    return (f"gallery pass in training mode (--galleryBN train, the original's): {calls} call(s) of up to "
+            f"{GALLERY_CALL} images in {GALLERY_SHARES} shares, each share normalised with its own statistics; "
+            f"the first shares' updates moved the embedding's BatchNorm running_var by "
+            f"{100 * bank.running_var_change:.2f} % (mean relative change), used by everything after")
+
+
 def selection_columns(stats: dict, split: str) -> dict:
     """The ``select_*`` columns of metrics.csv from an :func:`evaluate` pass over ``split``."""
     acc, acc_ci = mean_ci95([100 * a for a in stats["acc"]])
@@ -300,7 +314,8 @@ def report(stats: dict, args, split: str) -> dict:
     return {"split": split, "ways": ways, "shots": args.shots, "episodes": len(deformed), "seed": args.seed,
             "accuracy": mean, "ci95": ci, "plain_accuracy": pmean, "plain_ci95": pci, "difference": dmean,
             "difference_ci95": dci, "loss": sum(stats["loss"]) / len(stats["loss"]), "deform": args.deform,
-            "gallerySelect": args.gallerySelect, "checkpoint": args.GNet if args.evaluate else args.tensorname}
+            "gallerySelect": args.gallerySelect, "galleryBN": args.galleryBN,
+            "checkpoint": args.GNet if args.evaluate else args.tensorname}
 
 
 def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:

@@ -1,8 +1,10 @@
-"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; SPEC 3) and the
-re-estimation of running statistics (``--preciseBN``)."""
+"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; SPEC 3), passes in
+training mode that leave the running statistics alone, and the re-estimation of running statistics
+(``--preciseBN``)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,31 @@ class Torch04BatchNorm2d(nn.BatchNorm2d):
             init.zeros_(self.bias)
 
 
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``module`` that keeps running statistics, in module order."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s BatchNorm layers in training mode normalise with their batch's
+    statistics and leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched
+    (PyTorch's BatchNorm with ``track_running_stats`` off); in evaluation mode nothing changes."""
+    norms = batch_norms(module)
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+def running_variances(module: nn.Module) -> torch.Tensor:
+    """A copy of the ``running_var`` of every BatchNorm layer of ``module``, concatenated ``[channels]``."""
+    return torch.cat([norm.running_var.detach().flatten().float() for norm in batch_norms(module)]).cpu()
+
+
 @torch.no_grad()
 def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace the running statistics of every BatchNorm layer of ``module`` by their plain average
@@ -67,7 +94,7 @@ def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor])
     Returns:
         The number of images seen. Raises ``ValueError`` for a batch of fewer than two images.
     """
-    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = batch_norms(module)
     sums = {layer: [0.0, 0.0, 0] for layer in layers}  # sums of n * mean, of n * unbiased variance, of n
 
     def accumulate(layer: nn.Module, inputs: tuple[torch.Tensor]) -> None:
@@ -79,25 +106,19 @@ def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor])
         sums[layer][2] += n
 
     modes = {m: m.training for m in module.modules()}
-    momenta = {layer: layer.momentum for layer in layers}
-    tracked = {layer: layer.num_batches_tracked.clone() for layer in layers}
     hooks = [layer.register_forward_pre_hook(accumulate) for layer in layers]
     seen = 0
     try:
         module.train()
-        for layer in layers:
-            layer.momentum = 0.0  # batch statistics normalise; the running ones stay until replaced below
-        for images in batches:
-            if len(images) < 2:
-                raise ValueError("reestimate_bn_statistics: every batch needs at least two images")
-            module(images)
-            seen += len(images)
+        with running_statistics_kept(module):  # batch statistics normalise; the running ones are replaced below
+            for images in batches:
+                if len(images) < 2:
+                    raise ValueError("reestimate_bn_statistics: every batch needs at least two images")
+                module(images)
+                seen += len(images)
     finally:
         for hook in hooks:
             hook.remove()
-        for layer, momentum in momenta.items():
-            layer.momentum = momentum
-            layer.num_batches_tracked.copy_(tracked[layer])
         for m, training in modes.items():
             m.train(training)
     for layer, (mean_sum, var_sum, count) in sums.items():

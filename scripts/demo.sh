@@ -27,6 +27,7 @@ VAL=${VAL:-$(half 40)}
 TEST=${TEST:-$(half 40)}
 EVAL=${EVAL:-$(half 300)}
 GALLERY=10
+GALLERY_BN=${GALLERY_BN:-train}  # stage 2's gallery pass: train (the original's) or eval
 
 start=$SECONDS
 if [ ! -f "$DATA/train.csv" ]; then
@@ -47,15 +48,15 @@ python "$REPO/classification.py" "${common[@]}" --tensorname demo_stage1 --numEp
   --filesPerClass "$S1_FILES" --valEvery 0 --valEpisodes "$MONITOR"
 stage1=$(( SECONDS - start - setup ))
 
-echo "== stage 2: 1-shot deformation meta-learning (round 1, --fixCls 1)"
+echo "== stage 2: 1-shot deformation meta-learning (round 1, --fixCls 1), gallery pass --galleryBN $GALLERY_BN"
 python "$REPO/onlyBasetwoLoss.py" "${common[@]}" --network demo_stage1 --tensorname demo_1shot --shots 1 --augnum 7 \
-  --chooseNum 15 --fixCls 1 --galleryNum "$GALLERY" --numEpochs "$S2_EPOCHS" --epoch "$EPISODES" \
-  --valEpisodes "$VAL" --testEpisodes "$TEST"
+  --chooseNum 15 --fixCls 1 --galleryNum "$GALLERY" --galleryBN "$GALLERY_BN" --numEpochs "$S2_EPOCHS" \
+  --epoch "$EPISODES" --valEpisodes "$VAL" --testEpisodes "$TEST"
 stage2=$(( SECONDS - start - setup - stage1 ))
 
-echo "== evaluation on $EVAL test episodes, with and without deformation"
+echo "== evaluation on $EVAL test episodes, with and without deformation, gallery pass --galleryBN $GALLERY_BN"
 python "$REPO/onlyBasetwoLoss.py" "${common[@]}" --GNet demo_1shot --tensorname demo_1shot --shots 1 --augnum 7 \
-  --chooseNum 15 --galleryNum "$GALLERY" --evaluate --testEpisodes "$EVAL"
+  --chooseNum 15 --galleryNum "$GALLERY" --galleryBN "$GALLERY_BN" --evaluate --testEpisodes "$EVAL"
 evaluation=$(( SECONDS - start - setup - stage1 - stage2 ))
 
 python "$REPO/scripts/plot_metrics.py" runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png

@@ -82,7 +82,7 @@ def main(a: argparse.Namespace) -> int:
                                         "--filesPerClass", str(a.filesPerClass)])
     train, val, _, loader = stage1.load_data(args1, device, DistInfo())
     net, optimizer = stage1.build_model(args1, train.num_classes)
-    net = stage1.distribute(net, device, DistInfo(), args1)
+    net = stage1.distribute(net, device, DistInfo())
     step1 = timed_steps(lambda stop: stage1.train_one_epoch(net, nn.CrossEntropyLoss(), optimizer, loader, device, 0,
                                                             args1, DistInfo(), stage1.new_progress(), stop), 2)
     net.eval()

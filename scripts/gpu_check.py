@@ -126,7 +126,7 @@ def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     train, _, _, loader = stage1.load_data(args, device, info)
     batches = list(islice(iter(loader), steps + 1))
     net, optimizer = stage1.build_model(args, train.num_classes)
-    model = stage1.distribute(net, device, info, args)
+    model = stage1.distribute(net, device, info)
     common = (model, nn.CrossEntropyLoss(), optimizer)
     scaler = grad_scaler(device, amp)
     stage1.train_one_epoch(*common, batches[:1], device, 0, args, info, stage1.new_progress(), lambda: False,
@@ -156,7 +156,7 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     splits, model, gallery = stage2.prepare(args, device, need_train=True)
     groups = stage2.param_groups(model, args)
     optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp))
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
     embed = stage2.make_embed(model, device)
     train_set = stage2.episodes(splits["train"], args, args.trainways, episodes + 1, stage2.TRAIN_STREAM, len(bank))
     train_set.set_epoch(1)

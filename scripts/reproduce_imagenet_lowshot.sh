@@ -5,8 +5,11 @@
 # Each step is skipped when its result exists and resumed when its run folder holds an interrupted run;
 # the feature files of the evaluation resume by themselves.
 #   IMAGENET=/data/ILSVRC2012 LOWSHOT=/data/lowshot NPROC=4 bash scripts/reproduce_imagenet_lowshot.sh
-# IMAGENET holds train/<wnid>/ and val/ (flat or in class folders); LOWSHOT holds label_idx.json and
-# splitfile_{1..5}.json (the README's download command). A flat val/ is folded with VAL_LABELS (a
+# IMAGENET holds train/<wnid>/ and val/ (flat or in class folders); LOWSHOT holds label_idx.json,
+# splitfile_{1..5}.json and train.json (the README's download command). TRAINLIST (default
+# LOWSHOT/train.json when it is there) is the release's list of training images that the split files
+# index; without it the list is rebuilt from the folders and the shots differ from the benchmark's
+# (a warning at the start says so). A flat val/ is folded with VAL_LABELS (a
 # 'filename wnid' file or Kaggle's LOC_val_solution.csv) or DEVKIT (the ILSVRC-2012 devkit; needs scipy).
 # models/ and runs/ go under WORKDIR (default: the repository); relative paths are taken from there.
 set -euo pipefail
@@ -16,7 +19,7 @@ mkdir -p "$WORKDIR" && cd "$WORKDIR"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 IMAGENET=${IMAGENET:?set IMAGENET to the ILSVRC-2012 folder holding train/ and val/}
-LOWSHOT=${LOWSHOT:?set LOWSHOT to the folder holding label_idx.json and splitfile_1..5.json}
+LOWSHOT=${LOWSHOT:?set LOWSHOT to the folder holding label_idx.json, splitfile_1..5.json and train.json}
 NPROC=${NPROC:-1}
 DEVICE=${DEVICE:-cuda}
 THREADS=${THREADS:-8}
@@ -24,7 +27,9 @@ SEED=${SEED:-0}
 AMP=${AMP:-1}
 SIZE=${SIZE:-224}
 BACKBONE=${BACKBONE:-resnet18}
-TRAINLIST=${TRAINLIST:-}
+release_list=""
+[ -f "$LOWSHOT/train.json" ] && release_list="$LOWSHOT/train.json"
+TRAINLIST=${TRAINLIST-$release_list}  # set it empty to rebuild the list from the folders
 PREFIX=${PREFIX:-imagenet}
 EPOCHS1=${EPOCHS1:-35}       # stage 1 epochs (each sees every base-class image twice)
 BATCH1=${BATCH1:-256}        # stage 1 global batch
@@ -36,6 +41,11 @@ TRIALS=${TRIALS:-1 2 3 4 5}
 LOWSHOTN=${LOWSHOTN:-1 2 5 10 20}
 META="$LOWSHOT/label_idx.json"
 common=(--imageSize "$SIZE" --nthreads "$THREADS" --seed "$SEED" --amp "$AMP" --device "$DEVICE")
+if [ -z "$TRAINLIST" ]; then
+  echo "warning: no $LOWSHOT/train.json and no TRAINLIST: the training list will be rebuilt with each class's files" \
+    "sorted by name, not the release's order, so the split files pick other images and the shots differ from" \
+    "the benchmark's" >&2
+fi
 
 if compgen -G "$IMAGENET/val/*.JPEG" > /dev/null; then
   echo "== folding $IMAGENET/val into class folders"

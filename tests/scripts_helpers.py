@@ -1,11 +1,17 @@
-"""Running the two training scripts in a scratch folder, as a user would."""
+"""Running the training scripts in a scratch folder, as a user would: as a process (``run_script``,
+for the end-to-end tests marked slow) or through the script's own ``main`` in this process
+(``run_main``: the same code path from the parsed flags on, without starting an interpreter)."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -16,9 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def script_env(cuda: bool = False) -> dict[str, str]:
-    """The environment of a script run by a test: the repository importable, one CPU thread, and no
-    GPU visible unless ``cuda`` (the tests' numbers and timings are the CPU's, also on a GPU machine)."""
+    """The environment of a script started by a test: the repository importable, one OpenMP thread,
+    this interpreter's folder first on PATH, so that the shell scripts' ``python`` and ``torchrun``
+    are those of the test environment (as in a user's activated virtual environment), and no GPU
+    visible unless ``cuda`` (the tests' numbers and timings are the CPU's, also on a GPU machine)."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"  # tiny images: one thread is fastest, and several tests may share the CPU
     if not cuda:
@@ -42,13 +51,54 @@ def run_script(cwd: Path, script: str, *args: str, timeout: float = 600) -> subp
                           timeout=timeout, env=script_env())
 
 
+def load_script(script: str) -> ModuleType:
+    """A training script (``onlyBasetwoLoss.py``, ...) loaded from its file, as ``python <script>`` loads it
+    (without running its ``__main__`` block). Tests never import a script (tests/test_layers.py): they
+    run its ``main`` through this. The script's process settings (``utils.runtime``) are undone."""
+    name = f"script_{Path(script).stem}"
+    if name not in sys.modules:
+        environ = dict(os.environ)
+        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def run_main(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python <script> args...`` in ``cwd`` run in this process through the script's ``main`` and
+    ``utils.options.run_cli`` (its exit status, one-line errors included); output captured as text."""
+    from utils.options import run_cli
+
+    module = load_script(script)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    here = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = run_cli(module.main, module.get_args_parser(), list(args))
+            except SystemExit as exit_:  # argparse's own errors
+                status = exit_.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], status, stdout.getvalue(), stderr.getvalue())
+
+
 def popen_script(cwd: Path, script: str, *args: str) -> subprocess.Popen:
     """Start a script in the background with line-buffered text output on stdout (stderr merged)."""
     return subprocess.Popen([sys.executable, "-u", str(REPO / script), *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=script_env())
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    """The rows of a run's metrics.csv, as text."""
+TIMING = ("images_per_s", "episodes_per_s")  # metrics.csv columns that measure speed, not the run
+
+
+def read_metrics(path: Path, timing: bool = True) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text; without the TIMING columns when ``timing`` is false
+    (two runs that computed the same numbers differ only there)."""
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{key: value for key, value in row.items() if timing or key not in TIMING}
+                for row in csv.DictReader(handle)]

@@ -17,7 +17,7 @@ from engine.run import open_run
 from engine.stage1 import RESUME_KEYS
 from models import BACKBONES, EmbeddingNet, IDeMeNet, feature_size, infer_backbone, load_embedding, load_idemenet
 from models.deformation import TwoBranchDeformNet, resnet_body
-from tests.scripts_helpers import make_workdir, run_script
+from tests.scripts_helpers import make_workdir, run_main
 from utils.errors import CheckpointError, OptionError
 
 SIZE = 32
@@ -180,7 +180,7 @@ def workdir(tmp_path_factory, stage1_files) -> Path:
 
 
 def test_backbone_contradicting_the_network_exits_2_with_one_line(workdir: Path) -> None:
-    result = run_script(workdir, "classification.py", *STAGE1, "--backbone", "resnet50", "--network", "r10",
+    result = run_main(workdir, "classification.py", *STAGE1, "--backbone", "resnet50", "--network", "r10",
                         "--tensorname", "mismatch")
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip()
@@ -190,7 +190,7 @@ def test_backbone_contradicting_the_network_exits_2_with_one_line(workdir: Path)
 
 
 def test_stage1_trains_a_resnet10_on_every_file_and_resume_keeps_the_backbone(workdir: Path) -> None:
-    result = run_script(workdir, "classification.py", *STAGE1, "--backbone", "resnet10", "--filesPerClass", "0",
+    result = run_main(workdir, "classification.py", *STAGE1, "--backbone", "resnet10", "--filesPerClass", "0",
                         "--tensorname", "r10_all")
     assert result.returncode == 0, result.stderr
     assert load_embedding(workdir / "models/r10_all.t7").backbone_name == "resnet10"

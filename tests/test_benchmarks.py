@@ -71,6 +71,7 @@ def timed_sections(column: dict[str, float], names: set[str]) -> None:
     assert all(column.get(name, 0) > 0 for name in names), (names, column)
 
 
+@pytest.mark.slow
 def test_episode_benchmark(results) -> None:
     summary = summary_of(results, "episode.py")
     assert EPISODE_KEYS <= set(summary)
@@ -92,6 +93,7 @@ def test_episode_benchmark(results) -> None:
     assert "TOTAL per episode" in results["episode.py"][0].stdout
 
 
+@pytest.mark.slow
 def test_stage1_benchmark(results) -> None:
     summary = summary_of(results, "stage1.py")
     assert STAGE1_KEYS <= set(summary)
@@ -101,5 +103,6 @@ def test_stage1_benchmark(results) -> None:
     timed_sections(summary["breakdown_ms"]["preloaded"], STAGE1_SECTIONS)
     assert "TOTAL per step" in results["stage1.py"][0].stdout
     assert summary["monitor_s_cached"] > 0 and summary["monitor_s_uncached"] > 0
-    assert summary["monitor_cache_speedup"] == pytest.approx(summary["monitor_s_uncached"] / summary["monitor_s_cached"],
-                                                             rel=1e-2)
+    for shots in (1, 5):  # the timed passes did the same work: the cache changes the time, not the accuracies
+        cached, uncached = summary[f"monitor_val_{shots}shot_cached"], summary[f"monitor_val_{shots}shot_uncached"]
+        assert 0 <= cached <= 100 and cached == pytest.approx(uncached, abs=1e-9)

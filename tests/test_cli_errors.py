@@ -1,7 +1,11 @@
-"""Bad input to either script: one line naming the flag or file, exit status 2, nothing written."""
+"""Bad input to either script: one line naming the flag or file, exit status 2, nothing written.
+
+Each case runs the script's ``main`` in this process (``run_main``: from the parsed flags on, the code
+path of ``python <script>``); one slow test checks the same contract on real processes."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import shutil
@@ -9,8 +13,10 @@ import shutil
 import pytest
 import torch
 
+from datasets.lowshot import read_lowshot_meta
+from datasets.toy import generate_lowshot
 from models import IDeMeNet
-from tests.scripts_helpers import make_workdir, run_script
+from tests.scripts_helpers import make_workdir, run_main, run_script
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "1", "--batchSize", "32", "--nthreads", "0",
           "--filesPerClass", "2", "--valEpisodes", "0", "--progress", "0", "--tensorname", "bad1"]
@@ -39,9 +45,9 @@ def snapshot(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "toy" not in p.parts)
 
 
-def expect_error(root, script, flags, *needles):
+def expect_error(root, script, flags, *needles, run=run_main):
     before = snapshot(root)
-    result = run_script(root, script, *flags)
+    result = run(root, script, *flags)
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: ") and "\n" not in message, message
@@ -110,16 +116,16 @@ def test_bad_image_is_named_and_can_be_skipped(broken_copy, damage):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not a picture")
     expect_error(broken_copy, "onlyBasetwoLoss.py", STAGE2, victim.name, "--skipBadImages")
-    result = run_script(broken_copy, "onlyBasetwoLoss.py", *STAGE2, "--skipBadImages")
+    result = run_main(broken_copy, "onlyBasetwoLoss.py", *STAGE2, "--skipBadImages")
     assert result.returncode == 0, result.stderr
     assert "left out 1 unreadable image(s)" in result.stdout
 
 
 def test_a_diverging_run_stops_without_overwriting_the_last_good_checkpoint(workdir):
-    good = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "diverge")
+    good = run_main(workdir, "classification.py", *STAGE1, "--filesPerClass", "1", "--tensorname", "diverge")
     assert good.returncode == 0, good.stderr
     saved = (workdir / "models/diverge.t7").read_bytes()
-    result = run_script(workdir, "classification.py", *STAGE1, "--tensorname", "diverge", "--overwrite",
+    result = run_main(workdir, "classification.py", *STAGE1, "--tensorname", "diverge", "--overwrite",
                         "--LR", "1e30", "--filesPerClass", "4")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "non-finite loss at epoch 0, step" in result.stderr
@@ -128,8 +134,66 @@ def test_a_diverging_run_stops_without_overwriting_the_last_good_checkpoint(work
 
 
 def test_a_diverging_stage2_run_names_the_episode_classes(workdir):
-    result = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--tensorname", "diverge2", "--LR", "1e30",
+    result = run_main(workdir, "onlyBasetwoLoss.py", *STAGE2, "--tensorname", "diverge2", "--LR", "1e30",
                         "--epoch", "6")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "non-finite loss at epoch 0, episode" in result.stderr and "(classes n" in result.stderr
     assert not (workdir / "models/diverge2.t7").exists()
+
+
+LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--experimentpath",
+           "bench/splitfile_{:d}.json", "--imageSize", "32", "--galleryNum", "2", "--nthreads", "0", "--progress", "0",
+           "--device", "cpu", "--trials", "1", "2", "--lowshotn", "1", "2", "--GNet", "lowshot", "--tensorname", "bad3"]
+LOWSHOT_TRAIN = 20  # training images per class of the toy benchmark (its split files list 20 per class)
+
+
+@pytest.fixture(scope="module")
+def lowshot_bench(tmp_path_factory):
+    """A toy ImageNet-1K low-shot benchmark (4 lists of 2 classes) and an untrained stage-2 checkpoint."""
+    root = tmp_path_factory.mktemp("lowshot_cli")
+    generate_lowshot(root / "bench", classes_per_list=2, train_per_class=LOWSHOT_TRAIN, val_per_class=1, size=32)
+    (root / "models").mkdir()
+    torch.save(IDeMeNet(num_classes=4, image_size=32).state_dict(), root / "models/lowshot.t7")
+    return root
+
+
+def missing_class(root, meta):
+    wnid = meta.label_names[meta.lists["novel_classes_2"][0]]
+    shutil.rmtree(root / "bench/train" / wnid)
+    return [wnid, "label_idx.json", "missing"]
+
+
+def index_past_the_end(root, meta):
+    path = root / "bench/splitfile_2.json"
+    rows = json.loads(path.read_text())
+    k = meta.lists["novel_classes_1"][1]
+    rows[k][0] = (k + 1) * LOWSHOT_TRAIN  # the first image of the next class in the list
+    path.write_text(json.dumps(rows))
+    return ["splitfile_2.json", "outside"]
+
+
+def short_split_file(root, meta):
+    path = root / "bench/splitfile_1.json"
+    path.write_text(json.dumps(json.loads(path.read_text())[:-1]))
+    return ["splitfile_1.json", "a list of 8 per-class index lists", "found 7"]
+
+
+@pytest.mark.parametrize("damage", [missing_class, index_past_the_end, short_split_file],
+                         ids=lambda damage: damage.__name__)
+def test_lowshot_names_a_damaged_benchmark_file(lowshot_bench, tmp_path, damage):
+    root = tmp_path / "w"
+    shutil.copytree(lowshot_bench, root)
+    needles = damage(root, read_lowshot_meta(root / "bench/label_idx.json"))
+    expect_error(root, "lowshot_imagenet.py", LOWSHOT, *needles)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,flags,needles", [
+    ("onlyBasetwoLoss.py", [*STAGE2, "--ways", "30"], ["--ways 30", "16 classes of split val"]),
+    ("onlyBasetwoLoss.py", [*STAGE2, "--GNet", "unsafe"], ["unsafe.t7", "refused"]),
+    ("classification.py", [*STAGE1, "--network", "unsafe"], ["refused"]),
+    ("classification.py", [*STAGE1, "--filesPerClass", "-1"], ["--filesPerClass", "-1"]),
+], ids=["stage2_ways", "stage2_unsafe_pickle", "stage1_unsafe_pickle", "stage1_negative_filesPerClass"])
+def test_a_process_given_bad_flags_prints_one_line_and_exits_2(workdir, script, flags, needles):
+    expect_error(workdir, script, flags, *needles, run=run_script)
+    assert not (workdir / "executed_marker").exists()

@@ -1,7 +1,6 @@
 """Stage-1 data parallelism on the CPU: gloo processes must compute what one process computes."""
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -14,8 +13,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from datasets.toy import generate
+from engine.stage1 import distribute, multi_gpu_hint
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, run_script, script_env
+from tests.scripts_helpers import REPO, read_metrics, run_script, script_env
+from utils.distributed import DistInfo
 from utils.syncbn import convert_to_gloo_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
@@ -44,6 +45,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
@@ -58,11 +60,70 @@ def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path)
         torch.testing.assert_close(distributed[name], param.grad, rtol=0, atol=tolerance, msg=name)
 
 
+def _stage1_net() -> nn.Module:
+    """Stage 1's network with non-trivial running statistics (the same in every process)."""
+    torch.manual_seed(0)
+    net = EmbeddingNet(10)
+    generator = torch.Generator().manual_seed(2)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.3, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return net
+
+
+def _statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    net = model.module if hasattr(model, "module") else model
+    return {k: v.clone() for k, v in net.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def _statistics_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = distribute(_stage1_net(), torch.device("cpu"), DistInfo(rank, 2, rank))
+    model.train()
+    images, _ = _batch()
+    model(images[rank * 4:rank * 4 + 4])
+    if rank == 0:
+        torch.save(_statistics(model), out)
+    dist.destroy_process_group()
+
+
+def test_stage1_batch_statistics_of_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """Stage 1's network as ``distribute`` prepares it: one training step's BatchNorm update over two
+    gloo processes of 4 images each equals one process's over the 8 (and one process's own
+    statistics of its 4 images differ)."""
+    out = str(tmp_path / "stats.pt")
+    mp.spawn(_statistics_worker, args=(_free_port(), out), nprocs=2, join=True)
+    single = distribute(_stage1_net(), torch.device("cpu"), DistInfo())
+    assert isinstance(single, EmbeddingNet)  # no DataParallel, no wrapper: the whole batch in one call
+    single.train()
+    images, _ = _batch()
+    single(images)
+    want, got = _statistics(single), torch.load(out)
+    assert want.keys() == got.keys() and len(want) == 3 * 20
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    half = _stage1_net().train()
+    half(images[:4])
+    assert not torch.allclose(_statistics(half)["convnet.bn1.running_var"], want["convnet.bn1.running_var"],
+                              rtol=1e-3)
+
+
+def test_stage1_on_several_gpus_without_torchrun_says_how_to_use_them(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    hint = multi_gpu_hint(torch.device("cuda", 0), DistInfo())
+    assert hint is not None and "torchrun --nproc_per_node=4" in hint and "\n" not in hint
+    assert multi_gpu_hint(torch.device("cuda", 0), DistInfo(0, 4, 0)) is None  # already under torchrun
+    assert multi_gpu_hint(torch.device("cpu"), DistInfo()) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert multi_gpu_hint(torch.device("cuda", 0), DistInfo()) is None
+
+
 def _losses(path) -> list[float]:
-    with open(path) as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+    return [float(row["loss"]) for row in read_metrics(path)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_loss(tmp_path):
     generate(tmp_path / "toy", per_class=4, size=36, seed=0)
     flags = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "2", "--batchSize", "128", "--nthreads", "0",

@@ -14,7 +14,7 @@ from datasets import read_split
 from engine.episode import GalleryBank
 from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet, SmallDeformNet
-from tests.scripts_helpers import make_workdir, read_metrics, run_script
+from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
 from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
 from utils.forward import compute_layout, layout_model
@@ -33,6 +33,42 @@ def workdir(tmp_path_factory):
 
 # 1. The scale's learning rate never decays -------------------------------------------------------
 
+def tiny_args(*flags: str):
+    """The stage-2 flags of TINY plus ``flags``, resolved as the script resolves them (run in ``workdir``)."""
+    args = stage2_parser().parse_args([*TINY, "--tensorname", "tiny", *flags])
+    resolve_stage2_args(args, CPU)
+    return args
+
+
+def test_schedules_over_41_epochs_as_the_training_loop_steps_them(workdir, monkeypatch) -> None:
+    """The loop's own calls once per epoch (``epoch_row`` then ``step_schedulers``) on the optimisers
+    ``make_optimizers`` builds: in epoch 40 the deformation network's rate is LR / 2 and the scale's
+    LR; the states resume.pt keeps continue the schedules where they were."""
+    monkeypatch.chdir(workdir)
+    args = tiny_args("--LR", str(LR))
+    model = stage2.build_model(args, CPU)
+    optimizers, schedulers = stage2.make_optimizers(model, args)
+    rows = []
+    for epoch in range(41):
+        rows.append(stage2.epoch_row(epoch, stage2.new_progress(), optimizers, model))
+        stage2.step_schedulers(*schedulers.values())
+    assert [row["lr"] for row in rows] == [pytest.approx(LR)] * 40 + [pytest.approx(LR / 2)]
+    assert [row["scale_lr"] for row in rows] == [pytest.approx(LR)] * 41
+    assert optimizers["scale_opt"].param_groups[0]["params"] == [model.scale]  # the scale alone
+    assert all(p is not model.scale for g in optimizers["meta_opt"].param_groups for p in g["params"])
+
+    saved = {key: obj.state_dict() for key, obj in {**optimizers, **schedulers}.items()}
+    resumed_optimizers, resumed_schedulers = stage2.make_optimizers(model, args)
+    for key, obj in {**resumed_optimizers, **resumed_schedulers}.items():
+        obj.load_state_dict(saved[key])
+    assert resumed_optimizers["meta_opt"].param_groups[0]["lr"] == pytest.approx(LR / 2)
+    for _ in range(41, 80):
+        stage2.step_schedulers(*resumed_schedulers.values())
+    assert resumed_optimizers["meta_opt"].param_groups[0]["lr"] == pytest.approx(LR / 4)
+    assert resumed_optimizers["scale_opt"].param_groups[0]["lr"] == pytest.approx(LR)
+
+
+@pytest.mark.slow
 def test_scale_keeps_its_rate_while_the_deformation_network_halves_every_40_epochs(workdir) -> None:
     """41 one-episode epochs: in epoch 40 the deformation network's rate is LR / 2, the scale's LR,
     in metrics.csv and in the optimiser states that resume.pt keeps at its top level."""
@@ -52,16 +88,16 @@ def test_scale_keeps_its_rate_while_the_deformation_network_halves_every_40_epoc
 
 
 def test_an_earlier_resume_state_is_refused_with_one_line(workdir) -> None:
-    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
-                        "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1")
+    result = run_main(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
+                      "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1")
     assert result.returncode == 0, result.stderr
     path = workdir / "runs/old/resume.pt"
     state = safe_load(path)
     old = {k: v for k, v in state.items() if k not in ("format", "scale_opt")}  # the layout before the change
     torch.save(old, path)
     before = path.read_bytes()
-    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
-                        "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1", "--resume")
+    result = run_main(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", "old", "--numEpochs", "2",
+                      "--epoch", "1", "--valEpisodes", "1", "--testEpisodes", "1", "--resume")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "resume.pt" in lines[0] and "--overwrite" in lines[0]
@@ -96,9 +132,17 @@ def assert_uniform(tensor: torch.Tensor, low: float, high: float) -> None:
         assert values.mean().item() == pytest.approx((low + high) / 2, abs=0.05 * width)
 
 
-def test_deformation_encoder_batchnorm_starts_uniform_0_1_with_zero_bias() -> None:
-    torch.manual_seed(1)
-    net = SmallDeformNet(224, 3)
+def built_deformer(seed: int, *flags: str) -> nn.Module:
+    """The deformation network stage 2 builds for a new run with ``--seed seed`` (run in ``workdir``)."""
+    args = tiny_args("--seed", str(seed), *flags)
+    configure_backend(CPU, False, args.seed)
+    return stage2.build_model(args, CPU).deformer
+
+
+def test_deformation_encoder_batchnorm_starts_uniform_0_1_with_zero_bias(workdir, monkeypatch) -> None:
+    monkeypatch.chdir(workdir)
+    net = built_deformer(1)
+    assert isinstance(net, SmallDeformNet)
     norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 5
     weights = torch.cat([bn.weight.detach() for bn in norms])
@@ -109,11 +153,12 @@ def test_deformation_encoder_batchnorm_starts_uniform_0_1_with_zero_bias() -> No
                and torch.equal(bn.running_var, torch.ones_like(bn.running_var)) for bn in norms)
 
 
-def test_convolutions_and_toweight_use_the_04_initialiser() -> None:
+def test_convolutions_and_toweight_use_the_04_initialiser(workdir, monkeypatch) -> None:
     """PyTorch 0.4.0: weights and biases U(+-1/sqrt(fan_in)), fan_in = in_channels * k * k or
-    in_features. Today's defaults (kaiming_uniform with a = sqrt(5)) give the same distribution."""
-    torch.manual_seed(2)
-    net = SmallDeformNet(224, 3)
+    in_features, in the deformation network as stage 2 builds it (today's defaults give the same
+    distribution: the project must not initialise these layers otherwise)."""
+    monkeypatch.chdir(workdir)
+    net = built_deformer(2)
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(layers) == 6
     for layer in layers:
@@ -135,13 +180,7 @@ def test_stage1_resnet_batchnorm_starts_at_one_as_torchvision_did_then() -> None
 def test_the_deformation_network_is_drawn_from_the_run_seed(workdir, monkeypatch) -> None:
     monkeypatch.chdir(workdir)
 
-    def deformer(seed: int) -> dict[str, torch.Tensor]:
-        args = stage2_parser().parse_args([*TINY, "--tensorname", "init", "--seed", str(seed)])
-        resolve_stage2_args(args, CPU)
-        configure_backend(CPU, False, args.seed)
-        return stage2.build_model(args, CPU).deformer.state_dict()
-
-    first, again, other = deformer(5), deformer(5), deformer(6)
+    first, again, other = (built_deformer(seed).state_dict() for seed in (5, 5, 6))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["encoder.0.1.weight"], other["encoder.0.1.weight"])
     assert_uniform(first["encoder.0.1.weight"], 0.0, 1.0)
@@ -155,7 +194,7 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     lowest of these losses; the weights after the last epoch are never a candidate."""
     common = [*TINY, "--epoch", "3", "--valEpisodes", "2", "--testEpisodes", "1", "--selectOn", "test"]
     for name, epochs in (("seltest", "2"), ("seltest_one", "1")):
-        result = run_script(workdir, "onlyBasetwoLoss.py", *common, "--tensorname", name, "--numEpochs", epochs)
+        result = run_main(workdir, "onlyBasetwoLoss.py", *common, "--tensorname", name, "--numEpochs", epochs)
         assert result.returncode == 0, result.stderr
     rows = read_metrics(workdir / "runs/seltest/metrics.csv")
     assert [row["select_split"] for row in rows] == ["test", "test"]
@@ -165,11 +204,13 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     resolve_stage2_args(args, CPU)
     configure_backend(CPU, False, args.seed)
     model = stage2.build_model(args, CPU)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
     after_epoch0 = safe_load(workdir / "models/seltest_one_last.t7")
     splits = {"train": read_split("toy", "train"), "test": read_split("toy", "test")}
     from datasets import Gallery
-    bank = GalleryBank(Gallery(splits["train"], 2, 32, 0, progress=False), model, CPU, args.batchSize)
+    # the run's default gallery pass changes the statistics the initial candidate is evaluated with
+    bank = GalleryBank(Gallery(splits["train"], 2, 32, 0, progress=False), model, CPU, args.batchSize,
+                       batch_norm=args.galleryBN)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     def test_loss(weights, epoch: int) -> float:
         model.load_state_dict(weights)

@@ -2,7 +2,6 @@
 deformed features' distances to the prototypes, ``--galleryExclude episode`` and the figure."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -15,14 +14,14 @@ from engine.figures import RELATION_COLOURS, save_deformation_figure
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
 from models.protonet import prototypes
-from tests.scripts_helpers import make_workdir, read_metrics, run_script
+from tests.scripts_helpers import make_workdir, read_metrics, run_main
 from tests.test_episode_step import make_episode, make_gallery, normalise, uint8_images
 from utils.errors import OptionError
 
 CPU = torch.device("cpu")
 TINY = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "3", "--chooseNum", "4",
         "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu",
-        "--numEpochs", "2", "--epoch", "6", "--valEpisodes", "3", "--testEpisodes", "3"]
+        "--numEpochs", "2", "--epoch", "3", "--valEpisodes", "2", "--testEpisodes", "2"]
 
 
 def result_with(gallery_index: list[int], deformed_labels: list[int]) -> EpisodeResult:
@@ -111,21 +110,57 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("diagnostics"))
 
 
+def hand_count(picks: list[tuple[list[int], list[int]]]) -> tuple[float, float]:
+    """Shares of deformed images whose gallery image is of the probe's class / of another class of
+    the episode, counted one by one from ``(gallery image classes, probe classes, episode classes)``."""
+    same = other_episode_class = total = 0
+    for gallery_classes, probe_classes, episode_classes in picks:
+        for gallery_class, probe_class in zip(gallery_classes, probe_classes):
+            total += 1
+            if gallery_class == probe_class:
+                same += 1
+            elif gallery_class in episode_classes:
+                other_episode_class += 1
+    return same / total, other_episode_class / total
+
+
 @pytest.mark.parametrize("exclude", ["none", "episode"])
-def test_training_writes_the_diagnostic_columns(workdir, exclude) -> None:
+def test_training_writes_the_diagnostic_columns(workdir, exclude, monkeypatch) -> None:
+    """The gallery shares in metrics.csv equal a hand count over the gallery images each training
+    episode picked (the gallery holds --galleryNum images of each base class, its classes known)."""
+    picks = []
+
+    def recording(model, episode, bank, config, device, **options):
+        result = real_run_episode(model, episode, bank, config, device, **options)
+        if "train_cls" in options:  # a training episode (engine.stage2.train_one_epoch)
+            classes = episode["classes"].tolist()
+            picks.append(([int(bank.gallery.labels[i]) for i in result.gallery_index.tolist()],
+                          [classes[label] for label in result.deformed_labels.tolist()], classes))
+        return result
+
+    real_run_episode = stage2.run_episode
+    monkeypatch.setattr(stage2, "run_episode", recording)
     name = f"diag_{exclude}"
-    result = run_script(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", name, "--galleryExclude", exclude)
+    # Gallery features from the clean pass, like the support's: the original's training-mode pass normalises
+    # each share of 32 gallery images (about one class) by its own statistics, so that nearest shortlists
+    # need not find a probe's own class, which the last check below relies on.
+    result = run_main(workdir, "onlyBasetwoLoss.py", *TINY, "--tensorname", name, "--galleryExclude", exclude,
+                      "--galleryBN", "eval")
     assert result.returncode == 0, result.stderr
     rows = read_metrics(workdir / f"runs/{name}/metrics.csv")
-    assert len(rows) == 2
-    for row in rows:
-        same, episode_class = float(row["train_gallery_same_class"]), float(row["train_gallery_episode_class"])
-        assert 0 <= same <= 1 and 0 <= episode_class <= 1
-        if exclude == "episode":
-            assert same == 0 and episode_class == 0
+    assert len(rows) == 2 and len(picks) == 2 * 3  # --numEpochs 2, --epoch 3
+    for epoch, row in enumerate(rows):
+        same, episode_class = hand_count(picks[3 * epoch: 3 * (epoch + 1)])
+        assert float(row["train_gallery_same_class"]) == pytest.approx(same, rel=1e-5, abs=1e-9)  # 6 digits in the CSV
+        assert float(row["train_gallery_episode_class"]) == pytest.approx(episode_class, rel=1e-5, abs=1e-9)
         for key in ("train_own_distance", "train_other_distance", "select_own_distance", "select_other_distance",
                     "select_weight_std"):
             assert float(row[key]) > 0, key
+    same_overall, _ = hand_count(picks)
+    if exclude == "episode":
+        assert same_overall == 0
+    else:
+        assert same_overall > 0  # the nearest shortlist finds the probe's own class on this data
     assert (workdir / f"picture/{name}_deformed_train.png").is_file()
     assert (workdir / f"picture/{name}_deformed.png").is_file()
 

@@ -1,5 +1,6 @@
 """The import graph keeps its layers: utils/ -> datasets/, models/ -> engine/ -> the scripts,
-benchmarks/, scripts/ and tests/; nothing imports a training script."""
+benchmarks/, scripts/ and tests/; nothing imports a training script (tests run a script's ``main``
+through ``tests.scripts_helpers.load_script``, which loads it from its file as ``python`` does)."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"classification", "onlyBasetwoLoss"}
+SCRIPTS = {"classification", "onlyBasetwoLoss", "lowshot_imagenet"}
 # Packages each package may import from (besides itself, the standard library and third parties).
 ALLOWED = {
     "utils": set(),
@@ -56,6 +57,13 @@ def test_the_top_layer_imports_libraries_and_the_engine_only() -> None:
     wrong = [f"{path.relative_to(REPO)} imports {name}" for path in paths for name in project_imports(path)
              if name.split(".")[0] not in TOP | {"benchmarks"}]
     assert not wrong, wrong
+
+
+def test_every_training_script_at_the_top_is_covered() -> None:
+    """A script at the repository's top (one with a ``__main__`` block) is in SCRIPTS, so the checks above
+    see imports of it and its own imports."""
+    scripts = {path.stem for path in REPO.glob("*.py") if "__main__" in path.read_text()}
+    assert scripts == SCRIPTS
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:

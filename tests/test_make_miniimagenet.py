@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +77,17 @@ def tree(tmp_path: Path) -> dict[str, Path]:
     return {"train": train, "splits": splits, "out": tmp_path / "out"}
 
 
+def command(tree: dict[str, Path], *extra: str) -> list[str]:
+    return ["--imagenet", str(tree["train"]), "--splits", str(tree["splits"]), "--out", str(tree["out"]),
+            "--nthreads", "2", *extra]
+
+
 def run(tree: dict[str, Path], *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "scripts/make_miniimagenet.py", "--imagenet", str(tree["train"]),
-           "--splits", str(tree["splits"]), "--out", str(tree["out"]), "--nthreads", "2", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    """The script's ``main`` in this process; its exit status and output as a process would give them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = mm.main(command(tree, *extra))
+    return subprocess.CompletedProcess(command(tree, *extra), status, stdout.getvalue(), stderr.getvalue())
 
 
 def mean_rgb(path: Path) -> tuple[float, ...]:
@@ -196,3 +205,12 @@ def test_missing_dir_exits_2(tree: dict[str, Path], key: str, flag: str) -> None
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and flag in errors[0] and "absent" in errors[0]
+
+
+@pytest.mark.slow
+def test_the_script_runs_as_a_command(tree: dict[str, Path]) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), *command(tree)], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "images: 10 listed, 10 present" in result.stdout
+    assert "csv: copied train.csv, val.csv, test.csv" in result.stdout

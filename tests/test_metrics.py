@@ -1,4 +1,5 @@
-"""Tests for ``utils.metrics``: mean and 95% interval, and the accuracy line (SPEC 5)."""
+"""Tests for ``utils.metrics``: mean and 95% interval (normal over episodes, Student t over trials), and the
+accuracy line (SPEC 5)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import engine.stage2 as stage2
-from utils.metrics import format_accuracy, mean_ci95
+from utils.metrics import format_accuracy, mean_ci95, mean_t_ci95, t_central_probability, t_quantile_975
 
 
 @pytest.mark.parametrize("values", [
@@ -62,8 +63,8 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     deformed = [0.8, 0.6, 0.7, 0.9]
     plain = [0.7, 0.6, 0.5, 0.8]
     stats = {"acc": deformed, "plain": plain, "loss": [1.0, 2.0, 3.0, 6.0]}
-    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", evaluate=False,
-                              tensorname="run", GNet="None")
+    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", galleryBN="train",
+                              evaluate=False, tensorname="run", GNet="None")
     summary = stage2.report(stats, args, "test")
     lines = capsys.readouterr().out.splitlines()
     # deformed: mean 75, std sqrt(125) = 11.180; half 1.96 * 11.180 / 2 = 10.957
@@ -78,4 +79,34 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     assert summary["difference"] == pytest.approx(10.0)
     assert summary["difference_ci95"] == pytest.approx(1.96 * math.sqrt(50) / 2)
     assert summary["loss"] == pytest.approx(3.0)
+    assert summary["galleryBN"] == "train"
     assert summary["episodes"] == 4
+
+
+# Published 97.5% quantiles of Student's t (standard tables, 7 decimals); 1.959964 is the normal's.
+T_975 = {1: 12.7062047, 2: 4.3026527, 3: 3.1824463, 4: 2.7764451, 5: 2.5705818, 9: 2.2621572, 10: 2.2281389,
+         30: 2.0422725, 120: 1.9799304}
+
+
+@pytest.mark.parametrize("df, quantile", sorted(T_975.items()))
+def test_t_quantile_matches_the_tables(df, quantile) -> None:
+    assert t_quantile_975(df) == pytest.approx(quantile, abs=5e-8)
+
+
+def test_t_distribution_closed_forms() -> None:
+    # df = 1 (Cauchy): P(|T| < t) = 2 atan(t) / pi; df = 2: t / sqrt(2 + t^2)
+    for t in (0.3, 1.0, 4.0):
+        assert t_central_probability(t, 1) == pytest.approx(2 * math.atan(t) / math.pi, rel=1e-12)
+        assert t_central_probability(t, 2) == pytest.approx(t / math.sqrt(2 + t * t), rel=1e-12)
+    assert t_quantile_975(2000) == pytest.approx(1.959964, abs=2e-3)  # approaches the normal's
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_mean_t_ci95_by_hand() -> None:
+    # 1, 2, 3, 4, 5: mean 3, sample variance 10 / 4 = 2.5; half-width t(0.975, 4) * sqrt(2.5 / 5)
+    mean, half = mean_t_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.7764451 * math.sqrt(0.5), abs=1e-7)
+    assert half / mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])[1] == pytest.approx(1.58, abs=0.01)  # the issue's "1.6x"
+    mean, half = mean_t_ci95([70.0])
+    assert mean == 70.0 and math.isnan(half)

@@ -9,7 +9,6 @@ from models import IDeMeNet, SmallDeformNet, TwoBranchDeformNet, blend_patches, 
 from utils.forward import deform_in_chunks, embed_in_chunks
 
 
-
 def images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

@@ -2,16 +2,14 @@
 must end with exactly the weights and metrics of an uninterrupted run with the same seed."""
 from __future__ import annotations
 
-import csv
 import signal
 import subprocess
 
 import pytest
 import torch
 
-from tests.scripts_helpers import make_workdir, popen_script, run_script
+from tests.scripts_helpers import make_workdir, popen_script, read_metrics, run_main, run_script
 
-TIMING = {"images_per_s", "episodes_per_s"}
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "3", "--batchSize", "16", "--nthreads", "0",
           "--filesPerClass", "4", "--valEpisodes", "0", "--progress", "0"]
@@ -24,11 +22,6 @@ STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--nu
 def workdir(tmp_path_factory):
     root = make_workdir(tmp_path_factory.mktemp("resume"))
     return root
-
-
-def metrics(path) -> list[dict[str, str]]:
-    with open(path) as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
 
 
 def interrupt_after_first_epoch(workdir, script, flags, sig) -> subprocess.Popen:
@@ -47,7 +40,8 @@ def interrupt_after_first_epoch(workdir, script, flags, sig) -> subprocess.Popen
 
 
 def assert_same_run(workdir, reference, resumed, weights_file):
-    assert metrics(workdir / f"runs/{resumed}/metrics.csv") == metrics(workdir / f"runs/{reference}/metrics.csv")
+    assert read_metrics(workdir / f"runs/{resumed}/metrics.csv", timing=False) == \
+        read_metrics(workdir / f"runs/{reference}/metrics.csv", timing=False)
     want = torch.load(workdir / "models" / weights_file.format(reference))
     got = torch.load(workdir / "models" / weights_file.format(resumed))
     assert want.keys() == got.keys()
@@ -55,6 +49,7 @@ def assert_same_run(workdir, reference, resumed, weights_file):
         assert torch.equal(want[key], got[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,flags,weights_file", [
     ("classification.py", STAGE1, "{}.t7"),
     ("onlyBasetwoLoss.py", STAGE2, "{}_last.t7"),
@@ -79,20 +74,26 @@ def test_ctrl_c_and_sigkill_then_resume_match_an_uninterrupted_run(workdir, scri
     assert_same_run(workdir, f"{stage}_full", f"{stage}_kill", weights_file)
 
 
-def test_a_run_folder_is_not_overwritten_without_asking(workdir):
-    first = run_script(workdir, "classification.py", *STAGE1, "--numEpochs", "1", "--tensorname", "guard")
+@pytest.fixture(scope="module")
+def finished(workdir):
+    """A finished one-epoch stage-1 run (its main in this process) and its flags."""
+    flags = [*STAGE1, "--numEpochs", "1", "--filesPerClass", "1", "--tensorname", "guard"]
+    first = run_main(workdir, "classification.py", *flags)
     assert first.returncode == 0, first.stderr
+    return flags
+
+
+def test_a_run_folder_is_not_overwritten_without_asking(workdir, finished):
     before = (workdir / "runs/guard/metrics.csv").read_bytes()
-    again = run_script(workdir, "classification.py", *STAGE1, "--numEpochs", "1", "--tensorname", "guard")
+    again = run_main(workdir, "classification.py", *finished)
     assert again.returncode == 2
     assert again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
     assert (workdir / "runs/guard/metrics.csv").read_bytes() == before
 
 
-def test_resume_with_changed_arguments_is_refused_naming_them(workdir):
-    first = run_script(workdir, "classification.py", *STAGE1, "--numEpochs", "1", "--tensorname", "changed")
-    assert first.returncode == 0, first.stderr
-    again = run_script(workdir, "classification.py", *STAGE1, "--numEpochs", "1", "--tensorname", "changed",
-                       "--resume", "--LR", "0.01")
+def test_resume_with_changed_arguments_is_refused_naming_them(workdir, finished):
+    before = (workdir / "runs/guard/resume.pt").read_bytes()
+    again = run_main(workdir, "classification.py", *finished, "--resume", "--LR", "0.01")
     assert again.returncode == 2
     assert "--LR" in again.stderr and "incompatible" in again.stderr
+    assert (workdir / "runs/guard/resume.pt").read_bytes() == before

@@ -1,6 +1,7 @@
-"""Process settings both scripts put in place before torch loads."""
+"""Process settings the scripts put in place before torch loads."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -9,9 +10,52 @@ from pathlib import Path
 
 import pytest
 
-from utils.runtime import PROCESS_ENV
+from utils.runtime import PROCESS_ENV, set_process_env
 
 REPO = Path(__file__).resolve().parent.parent
+# Every entry point that imports torch: the training scripts, the benchmarks and the demo's estimate.
+ENTRY_POINTS = ["classification.py", "onlyBasetwoLoss.py", "lowshot_imagenet.py", "benchmarks/episode.py",
+                "benchmarks/stage1.py", "scripts/demo_estimate.py"]
+
+
+def test_set_process_env_fills_in_what_the_user_did_not_set(monkeypatch) -> None:
+    first, *others = sorted(PROCESS_ENV)
+    for name in PROCESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(first, "mine")
+    set_process_env()
+    assert os.environ[first] == "mine"
+    assert all(os.environ[name] == PROCESS_ENV[name] for name in others)
+
+
+def first_imports_before_the_call(path: Path) -> list[str]:
+    """The modules ``path`` imports at its top level before it calls ``set_process_env()``
+    (all of them if it never calls it)."""
+    names = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
+                and getattr(node.value.func, "id", None) == "set_process_env":
+            return names
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names + ["(set_process_env is never called)"]
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_each_entry_point_sets_the_process_env_before_any_other_import(script: str) -> None:
+    """Only the standard library and utils.runtime (which imports nothing heavy) come before the call,
+    so torch reads the settings when it loads."""
+    before = first_imports_before_the_call(REPO / script)
+    others = [name for name in before if name != "utils.runtime" and name.split(".")[0] not in sys.stdlib_module_names]
+    assert not others and "utils.runtime" in before, before
+
+
+def test_the_check_sees_a_late_call(tmp_path: Path) -> None:
+    late = tmp_path / "late.py"
+    late.write_text("from utils.runtime import set_process_env\nimport torch\nset_process_env()\n")
+    assert first_imports_before_the_call(late) == ["utils.runtime", "torch"]
 
 
 def env_after_import(module: str, preset: dict[str, str]) -> dict[str, str]:
@@ -22,7 +66,8 @@ def env_after_import(module: str, preset: dict[str, str]) -> dict[str, str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["onlyBasetwoLoss", "classification"])
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["onlyBasetwoLoss", "classification", "lowshot_imagenet"])
 def test_scripts_set_the_process_env_unless_the_user_did(module: str) -> None:
     assert env_after_import(module, {}) == PROCESS_ENV
     mine = {name: "mine" for name in PROCESS_ENV}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts_helpers import REPO, make_workdir, script_env
+from tests.scripts_helpers import REPO, make_workdir, read_metrics, script_env
 
 SWEEP = REPO / "scripts" / "sweep.py"
 STAGE2 = str(REPO / "onlyBasetwoLoss.py")
@@ -46,9 +46,31 @@ print("started", flush=True)
 end = start + (0 if "--resume" in args else float(value("--sleep", "0")))
 while time.time() < end and not stop:
     time.sleep(0.02)
+seen = {}
+if "--waitFor" in args:  # announce itself in alive/, wait until --waitFor runs are alive or all --runs started
+    alive, started = Path("alive"), Path("started")
+    alive.mkdir(exist_ok=True)
+    started.mkdir(exist_ok=True)
+    (started / run.name).touch()
+    (alive / (run.name + ".tmp")).write_text(os.environ.get("CUDA_VISIBLE_DEVICES") or "")
+    (alive / (run.name + ".tmp")).rename(alive / run.name)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        now = {}
+        for path in alive.glob("*[!p]"):
+            try:
+                now[path.name] = path.read_text()
+            except FileNotFoundError:  # that run just ended
+                pass
+        if len(now) > len(seen):
+            seen = now
+        if len(now) >= int(value("--waitFor")) or len(list(started.iterdir())) == int(value("--runs")):
+            break
+        time.sleep(0.02)
+    (alive / run.name).unlink()
 with open(run / "calls.jsonl", "a") as handle:
     handle.write(json.dumps({"args": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                             "omp": os.environ.get("OMP_NUM_THREADS"), "start": start, "end": time.time()}) + "\\n")
+                             "omp": os.environ.get("OMP_NUM_THREADS"), "alive": seen}) + "\\n")
 if stop:
     (run / "resume.pt").write_text("state")
     sys.exit(130)
@@ -69,6 +91,21 @@ def fake(tmp_path) -> Path:
     return path
 
 
+def sweep_here(monkeypatch, capsys, cwd: Path, *args: str, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """``scripts/sweep.py args...`` run through its ``main`` in this process (the runs it starts are
+    processes), in ``cwd`` and, when given, with exactly the environment ``env``."""
+    monkeypatch.chdir(cwd)
+    if env is not None:
+        for name in list(os.environ):
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+    status = sweep.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
 def run_sweep(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=env or script_env())
@@ -84,7 +121,7 @@ def calls(cwd: Path, name: str) -> list[dict]:
 
 
 def best_val_from_files(run_dir: Path) -> tuple[float, int]:
-    rows = [row for row in read_csv(run_dir / "metrics.csv") if row["select_split"] == "val"]
+    rows = [row for row in read_metrics(run_dir / "metrics.csv") if row["select_split"] == "val"]
     best = max(rows, key=lambda row: float(row["select_acc"]))  # first of equal maxima, like the sweep
     return float(best["select_acc"]), int(best["epoch"])
 
@@ -148,9 +185,10 @@ def test_best_val_reads_columns_by_name_for_both_stages():
     (["--", "FAKE", "--tensorname", "t", "--resume"], "--resume"),
 ], ids=["no-command", "grid-syntax", "grid-empty-value", "grid-reserved", "no-tensorname", "no-script", "jobs",
        "jobs-and-perGPU", "no-gpu", "no-sbatch", "dryRun-alone", "runIndex", "resume"])
-def test_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, fake, args, flag):
+def test_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, fake, args, flag, monkeypatch, capsys):
     env = {**script_env(), "PATH": str(tmp_path / "empty"), "CUDA_VISIBLE_DEVICES": ""}  # no sbatch, no GPU
-    result = run_sweep(tmp_path, *[str(fake) if arg == "FAKE" else arg for arg in args], env=env)
+    result = sweep_here(monkeypatch, capsys, tmp_path, *[str(fake) if arg == "FAKE" else arg for arg in args],
+                        env=env)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and flag in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fake_train.py"]
@@ -213,28 +251,24 @@ def test_summary_picks_on_val_where_test_disagrees_and_averages_over_seeds(tmp_p
 
 # --- local pool, with the stand-in script ---------------------------------------------------------
 
-def test_per_gpu_pool_pins_each_run_and_shares_gpus(tmp_path, fake):
+def test_per_gpu_pool_pins_each_run_and_shares_gpus(tmp_path, fake, monkeypatch, capsys):
+    """Two GPUs, two runs per GPU: four runs at once, never more, and never more than two on one GPU,
+    counted from the runs' own records of which runs were alive with them (each waits until four are,
+    or until all six have started)."""
     env = {k: v for k, v in script_env().items() if k != "OMP_NUM_THREADS"}
     env["CUDA_VISIBLE_DEVICES"] = "3,5"
-    result = run_sweep(tmp_path, "--grid", "x=1,2,3,4,5,6", "--perGPU", "2", "--", str(fake), "--sleep", "1.5",
-                       "--tensorname", "g", env=env)
+    result = sweep_here(monkeypatch, capsys, tmp_path, "--grid", "x=1,2,3,4,5,6", "--perGPU", "2", "--", str(fake),
+                        "--waitFor", "4", "--runs", "6", "--tensorname", "g", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     records = {x: calls(tmp_path, f"g_x{x}")[0] for x in "123456"}
     assert {record["cuda"] for record in records.values()} == {"3", "5"}
     assert records["1"]["cuda"] != records["2"]["cuda"]  # spread over the GPUs before sharing
     assert {record["omp"] for record in records.values()} == {str(max(1, (os.cpu_count() or 1) // 4))}
-
-    def most_at_once(items) -> int:
-        events = sorted([(r["start"], 1) for r in items] + [(r["end"], -1) for r in items], key=lambda e: (e[0], e[1]))
-        level = peak = 0
-        for _, step in events:
-            level += step
-            peak = max(peak, level)
-        return peak
-
-    assert most_at_once(records.values()) == 4
-    for gpu in "35":
-        assert most_at_once([r for r in records.values() if r["cuda"] == gpu]) <= 2
+    assert max(len(record["alive"]) for record in records.values()) == 4
+    for x, record in records.items():
+        assert record["alive"][f"g_x{x}"] == record["cuda"]  # it saw itself, on its own GPU
+        on_gpu = list(record["alive"].values())
+        assert max(on_gpu.count("3"), on_gpu.count("5")) <= 2, record["alive"]
 
 
 def test_sigterm_to_the_sweep_stops_runs_resumably_and_the_next_sweep_resumes(tmp_path, fake):
@@ -261,21 +295,21 @@ def test_sigterm_to_the_sweep_stops_runs_resumably_and_the_next_sweep_resumes(tm
     assert record["attempts"] == 2 and record["exit_status"] == 0
 
 
-def test_leftover_folder_is_restarted_with_overwrite(tmp_path, fake):
+def test_leftover_folder_is_restarted_with_overwrite(tmp_path, fake, monkeypatch, capsys):
     (tmp_path / "runs/o_seed1").mkdir(parents=True)
     (tmp_path / "runs/o_seed1/args.json").write_text("{}")
-    result = run_sweep(tmp_path, "--grid", "seed=1", "--", str(fake), "--tensorname", "o")
+    result = sweep_here(monkeypatch, capsys, tmp_path, "--grid", "seed=1", "--", str(fake), "--tensorname", "o")
     assert result.returncode == 0, result.stdout + result.stderr
     assert calls(tmp_path, "o_seed1")[0]["args"][-1] == "--overwrite"
 
 
 # --- SLURM ----------------------------------------------------------------------------------------
 
-def test_slurm_dry_run_prints_an_array_script_whose_body_runs_the_right_point(tmp_path, fake):
+def test_slurm_dry_run_prints_an_array_script_whose_body_runs_the_right_point(tmp_path, fake, monkeypatch, capsys):
     grid = ["--grid", "seed=1,2", "--grid", "LR=0.001,0.01"]
     command = ["--", str(fake), "--LR", "0.5", "--tensorname", "s"]
-    result = run_sweep(tmp_path, "--slurm", "--dryRun", "--partition", "gpu", "--gpusPerTask", "1",
-                       "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid, *command)
+    result = sweep_here(monkeypatch, capsys, tmp_path, "--slurm", "--dryRun", "--partition", "gpu",
+                        "--gpusPerTask", "1", "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid, *command)
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert script.startswith("#!/bin/bash\n")
@@ -307,14 +341,15 @@ def test_slurm_dry_run_prints_an_array_script_whose_body_runs_the_right_point(tm
     assert [row["status"] for row in rows] == ["not run", "not run", "ok", "not run"]
 
 
-def test_slurm_submits_the_array_and_a_summary_job_after_it(tmp_path, fake):
+def test_slurm_submits_the_array_and_a_summary_job_after_it(tmp_path, fake, monkeypatch, capsys):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     sbatch = bin_dir / "sbatch"
     sbatch.write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >> {tmp_path}/sbatch_calls\necho 4242\n')
     sbatch.chmod(0o755)
     env = {**script_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    result = run_sweep(tmp_path, "--slurm", "--grid", "seed=1,2", "--", str(fake), "--tensorname", "q", env=env)
+    result = sweep_here(monkeypatch, capsys, tmp_path, "--slurm", "--grid", "seed=1,2", "--", str(fake),
+                        "--tensorname", "q", env=env)
     assert result.returncode == 0, result.stderr
     array_call, summary_call = (tmp_path / "sbatch_calls").read_text().splitlines()
     assert array_call == "--parsable runs/q_sweep/sweep.sbatch"
@@ -326,6 +361,7 @@ def test_slurm_submits_the_array_and_a_summary_job_after_it(tmp_path, fake):
 
 # --- real stage-2 runs -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_by_two_grid_of_stage2_runs_then_a_second_sweep_skips_them(workdir):
     args = ["--grid", "seed=1,2", "--grid", "LR=0.001,0.01", "--jobs", "2", "--", STAGE2, *TINY, "--tensorname", "g"]
     result = run_sweep(workdir, *args)
@@ -356,6 +392,7 @@ def test_two_by_two_grid_of_stage2_runs_then_a_second_sweep_skips_them(workdir):
     assert {name: (workdir / f"runs/g_sweep/logs/{name}.log").read_text() for name in names} == logs
 
 
+@pytest.mark.slow
 def test_killed_stage2_run_is_reported_then_resumed_and_the_other_finishes(workdir):
     args = ["--grid", "seed=1,2", "--jobs", "2", "--", STAGE2, *TINY, "--numEpochs", "4", "--tensorname", "k"]
     process = subprocess.Popen([sys.executable, "-u", str(SWEEP), *args], cwd=workdir, stdout=subprocess.PIPE,
@@ -381,11 +418,12 @@ def test_killed_stage2_run_is_reported_then_resumed_and_the_other_finishes(workd
     assert again.returncode == 0, again.stdout + again.stderr
     assert "skip k_seed2 (finished)" in again.stdout and "start k_seed1 (--resume," in again.stdout
     assert "resuming k_seed1 at epoch" in log.read_text()
-    assert len(read_csv(workdir / "runs/k_seed1/metrics.csv")) == 4
+    assert len(read_metrics(workdir / "runs/k_seed1/metrics.csv")) == 4
     rows = {row["tensorname"]: row for row in read_csv(workdir / "runs/k_sweep/summary.csv")}
     assert rows["k_seed1"]["status"] == "ok" and rows["k_seed1"]["test_acc"] != ""
 
 
+@pytest.mark.slow
 def test_failing_grid_point_is_reported_and_the_others_finish(workdir):
     result = run_sweep(workdir, "--grid", "augnum=0,1", "--jobs", "2", "--", STAGE2, *TINY, "--tensorname", "bad")
     assert result.returncode == 1

@@ -7,8 +7,10 @@ after them; ``targets`` ``[M]`` are column indices. Accuracies are in %.
 - ``novel_joint``: novel test images over base + novel classes (the original benchmark's number);
 - ``base``: base test images over base + novel classes;
 - ``all``: every test image over base + novel classes;
-- ``all_prior``: as ``all``, with the base and novel probabilities renormalised to sum to
-  ``1 - mu`` and ``mu`` (``mu`` chosen on the validation setup).
+- ``all_prior``: as ``all``, with the base and novel probabilities (softmax of ``scores / T``)
+  renormalised to sum to ``1 - mu`` and ``mu``; the temperature ``T`` and ``mu`` are chosen
+  together on the validation setup. Prototype scores ``-scale * ||x - p||^2`` run to the hundreds,
+  so at ``T = 1`` the softmax is one-hot and every ``mu < 0.5`` ranks like base-only.
 """
 from __future__ import annotations
 
@@ -19,27 +21,34 @@ import torch
 METRIC_NAMES = ("novel", "novel_joint", "base", "all", "all_prior")
 TOPK = (1, 5)
 PRIOR_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # candidate mu values
+TEMPERATURE_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)  # candidate T values
 
 
 def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """% of rows of ``scores`` ``[M, C]`` whose ``targets`` ``[M]`` column is among the k highest
-    (all of them when C <= k); nan for no rows."""
+    """% of rows of ``scores`` ``[M, C]`` whose ``targets`` ``[M]`` column is among the k highest: fewer
+    than k other columns score at least as high (a tie counts against the target, so an undecided
+    classifier gets no credit and no tie is broken by column order); nan for no rows."""
     if len(targets) == 0:
         return math.nan
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return 100.0 * (top == targets.unsqueeze(1)).any(1).float().mean().item()
+    target = scores.gather(1, targets.unsqueeze(1))
+    rivals = (scores >= target).sum(1) - 1
+    return 100.0 * (rivals < k).float().mean().item()
 
 
-def prior_scores(scores: torch.Tensor, num_base: int, mu: float) -> torch.Tensor:
+def _log_weight(weight: float) -> float:
+    return math.log(weight) if weight > 0 else -math.inf
+
+
+def prior_scores(scores: torch.Tensor, num_base: int, mu: float, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities ``[M, B+N]`` whose base part sums to ``1 - mu`` and novel part to ``mu``
-    (softmax over each part of ``scores``)."""
-    base = torch.log_softmax(scores[:, :num_base], 1) + (math.log(1 - mu) if mu < 1 else -math.inf)
-    novel = torch.log_softmax(scores[:, num_base:], 1) + (math.log(mu) if mu > 0 else -math.inf)
+    (softmax over each part of ``scores / temperature``)."""
+    base = torch.log_softmax(scores[:, :num_base] / temperature, 1) + _log_weight(1 - mu)
+    novel = torch.log_softmax(scores[:, num_base:] / temperature, 1) + _log_weight(mu)
     return torch.cat([base, novel], 1)
 
 
-def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int,
-                    mu: float | None = None) -> dict[str, dict[int, float]]:
+def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int, mu: float | None = None,
+                    temperature: float = 1.0) -> dict[str, dict[int, float]]:
     """Every metric of the module docstring, top-1 and top-5: ``{metric: {k: accuracy %}}``
     (``all_prior`` only when ``mu`` is given)."""
     novel = targets >= num_base
@@ -48,18 +57,42 @@ def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int,
     for name, mask in rows.items():
         out[name] = {k: topk_accuracy(scores[mask], targets[mask], k) for k in TOPK}
     if mu is not None:
-        out["all_prior"] = {k: topk_accuracy(prior_scores(scores, num_base, mu), targets, k) for k in TOPK}
+        out["all_prior"] = {k: topk_accuracy(prior_scores(scores, num_base, mu, temperature), targets, k)
+                            for k in TOPK}
     return out
 
 
 def prior_curve(scores: torch.Tensor, targets: torch.Tensor, num_base: int,
-                grid: tuple[float, ...] = PRIOR_GRID) -> list[dict[int, float]]:
-    """``all_prior`` top-1 and top-5 accuracy ``{k: %}`` for each ``mu`` of ``grid``."""
-    return [{k: topk_accuracy(prior_scores(scores, num_base, mu), targets, k) for k in TOPK} for mu in grid]
+                temperatures: tuple[float, ...] = TEMPERATURE_GRID,
+                grid: tuple[float, ...] = PRIOR_GRID) -> list[list[dict[int, float]]]:
+    """``all_prior`` top-1 and top-5 accuracy ``{k: %}`` (as :func:`topk_accuracy` counts them) for each
+    temperature (outer list) and ``mu`` (inner list). The prior adds one constant to each part, so
+    whether fewer than k rivals reach the target is decided by each part's own k highest: those
+    ``[M, 2k]`` candidates are compared once per ``mu``."""
+    k = max(TOPK)
+    is_novel = (targets >= num_base).unsqueeze(1)
+    curves = []
+    for temperature in temperatures:
+        base = torch.log_softmax(scores[:, :num_base] / temperature, 1)
+        novel = torch.log_softmax(scores[:, num_base:] / temperature, 1)
+        target = torch.cat([base, novel], 1).gather(1, targets.unsqueeze(1))  # the target's log-probability
+        top_base, top_novel = base.topk(min(k, num_base), 1), novel.topk(min(k, novel.shape[1]), 1)
+        own = torch.cat([top_base.indices, top_novel.indices + num_base], 1) == targets.unsqueeze(1)
+        curve = []
+        for mu in grid:
+            shift = torch.where(is_novel, _log_weight(mu), _log_weight(1 - mu))
+            candidates = torch.cat([top_base.values + _log_weight(1 - mu), top_novel.values + _log_weight(mu)], 1)
+            rivals = ((candidates >= target + shift) & ~own).sum(1)
+            curve.append({top: 100.0 * (rivals < top).float().mean().item() for top in TOPK})
+        curves.append(curve)
+    return curves
 
 
-def best_prior(curves: list[list[dict[int, float]]], grid: tuple[float, ...] = PRIOR_GRID) -> float:
-    """The ``mu`` of ``grid`` with the highest mean top-5 over ``curves`` (one :func:`prior_curve` per
-    trial); the smallest such ``mu`` on ties."""
-    means = [sum(point[5] for point in points) / len(points) for points in zip(*curves)]
-    return grid[max(range(len(grid)), key=lambda i: (means[i], -i))]
+def best_prior(curves: list[list[list[dict[int, float]]]], temperatures: tuple[float, ...] = TEMPERATURE_GRID,
+               grid: tuple[float, ...] = PRIOR_GRID) -> tuple[float, float]:
+    """The ``(temperature, mu)`` of the grids with the highest mean top-5 over ``curves`` (one
+    :func:`prior_curve` per trial); on ties the smallest temperature, then the smallest ``mu``."""
+    candidates = [(t, m) for t in range(len(temperatures)) for m in range(len(grid))]
+    means = {(t, m): sum(curve[t][m][5] for curve in curves) / len(curves) for t, m in candidates}
+    t, m = max(candidates, key=lambda c: (means[c], -c[0], -c[1]))
+    return temperatures[t], grid[m]
