@@ -25,12 +25,13 @@ from torch import nn
 from engine.options import stage1_parser
 from engine.run import Run
 from engine.precise_bn import clean_files
-from engine.stage1 import (METRICS, RESUME_KEYS, build_model, distribute, evaluate, load_data, multi_gpu_hint,
-                           new_progress, plain_state, precise_copy, train_one_epoch)
+from engine.stage1 import (METRICS, RESUME_KEYS, SUMMED_PROGRESS, build_model, distribute, evaluate, load_data,
+                           multi_gpu_hint, new_progress, plain_state, precise_copy, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
 from utils.files import write_json
+from utils.forward import grad_scaler
 from utils.interrupt import Interrupted
 from utils.options import check_positive, configure_backend, resolve_device, run_cli
 
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     main_path, best_path = MODELS_DIR / f"{args.tensorname}.t7", MODELS_DIR / f"{args.tensorname}_best.t7"
     run = Run(args, RESUME_KEYS, METRICS, main_path, is_main=info.is_main)
-    configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat)
+    configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
     train_split, val, sampler, loader = load_data(args, device, info)
     precise_files = clean_files(train_split, args.preciseBN, args.seed, args.filesPerClass) if args.preciseBN else []
     selected_on = "val_1shot_precise" if precise_files else "val_1shot"
@@ -65,21 +66,29 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
     if hint:
         print(hint, flush=True)
     criterion = nn.CrossEntropyLoss()
+    scaler = grad_scaler(device, bool(args.amp))
     start_epoch, progress = 0, new_progress()
     record = {"best_train_loss": math.inf, "best_val": -1.0, "rows": 0}
     if run.resumed is not None:
         net.load_state_dict(run.resumed["model"])
         optimizer.load_state_dict(run.resumed["optimizer"])
         scheduler.load_state_dict(run.resumed["scheduler"])
+        if "scaler" in run.resumed:
+            scaler.load_state_dict(run.resumed["scaler"])
         start_epoch, progress, record = run.resumed["epoch"], run.resumed["progress"], run.resumed["record"]
+        if not info.is_main:  # the saved sums cover every process; the main one carries them on
+            progress.update({key: 0 for key in SUMMED_PROGRESS})
         if info.is_main:
             print(f"resuming {args.tensorname} at epoch {start_epoch}, step {progress['step']}")
     barrier(info)
     run.start(record["rows"])
 
     def save_state(epoch: int) -> None:
+        """Write the resumable state (every process calls it: the epoch's sums are added up)."""
+        totals = dict(zip(SUMMED_PROGRESS, all_reduce_sum([progress[k] for k in SUMMED_PROGRESS], device, info)))
         run.save_state({"model": plain_state(model), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "progress": progress, "record": record})
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                        "progress": {**progress, **totals}, "record": record})
 
     with run:
         epoch = start_epoch
@@ -87,27 +96,30 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
             for epoch in range(start_epoch, args.numEpochs):
                 sampler.set_epoch(epoch, start=progress["step"] * loader.batch_size)
                 train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, info, progress,
-                                stop=lambda: run.interrupted)
-                loss_sum, correct, seen = all_reduce_sum([progress["loss_sum"], progress["correct"],
-                                                          progress["seen"]], device, info)
+                                stop=lambda: run.interrupted, scaler=scaler)
+                loss_sum, correct, seen = all_reduce_sum([progress[k] for k in SUMMED_PROGRESS], device, info)
                 row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                        "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
-                if info.is_main:
-                    # With --preciseBN the files hold re-estimated statistics (computed once, when first needed).
-                    saved = functools.cache(lambda: precise_copy(model, precise_files, args, device,
-                                                                 stop=lambda: run.interrupted) if precise_files
-                                            else model)
-                    if row["loss"] < record["best_train_loss"]:
-                        record["best_train_loss"] = row["loss"]
+                # Every rank keeps the same record and evaluates its share of the val episodes; the
+                # main one writes. With --preciseBN the files hold re-estimated statistics, computed
+                # once, when first needed, by every rank (no collective inside; the decision to need
+                # them is the same on every rank).
+                precise_stop = None if info.enabled else (lambda: run.interrupted)
+                saved = functools.cache(lambda: precise_copy(model, precise_files, args, device, stop=precise_stop)
+                                        if precise_files else model)
+                if row["loss"] < record["best_train_loss"]:
+                    record["best_train_loss"] = row["loss"]
+                    if info.is_main:
                         atomic_save(plain_state(saved()), main_path)
-                    if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
-                                             or epoch + 1 == args.numEpochs):
-                        row.update(evaluate(model, val, args, device, stop=lambda: run.interrupted))
-                        if precise_files:
-                            row.update(evaluate(saved(), val, args, device, stop=lambda: run.interrupted,
-                                                suffix="_precise"))
-                        if row[selected_on] > record["best_val"]:
-                            record["best_val"] = row[selected_on]
+                if args.valEpisodes and ((args.valEvery and (epoch + 1) % args.valEvery == 0)
+                                         or epoch + 1 == args.numEpochs):
+                    row.update(evaluate(model, val, args, device, info, stop=lambda: run.interrupted))
+                    if precise_files:
+                        row.update(evaluate(saved(), val, args, device, info, stop=lambda: run.interrupted,
+                                            suffix="_precise"))
+                    if row[selected_on] > record["best_val"]:
+                        record["best_val"] = row[selected_on]
+                        if info.is_main:
                             atomic_save(plain_state(saved()), best_path)
                 scheduler.step()
                 record["rows"] = run.log(row)

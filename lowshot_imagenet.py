@@ -63,7 +63,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     """Check every input (nothing is written before), then evaluate holding the run's lock."""
     bench = read_benchmark(args)
-    configure_backend(device, args.deterministic, args.seed)
+    configure_backend(device, args.deterministic, args.seed, tf32=bool(args.tf32))
     model = build_model(args, device)
     if info.is_main and bench.images.reconstructed:
         print(f"warning: {RECONSTRUCTION_WARNING}", file=sys.stderr, flush=True)
@@ -86,10 +86,13 @@ def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: arg
             if not info.is_main:
                 stores = feature_stores(bench, folder, args.imageSize, create=False)
             start = time.perf_counter()
-            to_embed = sum(len(s.files[b * s.block:(b + 1) * s.block]) for s in stores.values() for b in s.missing())
+            missing = {name: store.missing() for name, store in stores.items()}
+            barrier(info)  # every rank has read the same missing blocks before any is written
+            to_embed = sum(len(stores[name].files[b * stores[name].block:(b + 1) * stores[name].block])
+                           for name, blocks in missing.items() for b in blocks)
             for name, store in stores.items():
                 store.extract(model.embed, device, args.batchSize, args.nthreads, bool(args.amp), info, stop,
-                              bool(args.progress) and info.is_main, name)
+                              bool(args.progress) and info.is_main, name, missing[name])
             features_s = time.perf_counter() - start
             barrier(info)
             if not info.is_main:

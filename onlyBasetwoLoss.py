@@ -32,6 +32,7 @@ from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRA
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
+from utils.forward import grad_scaler
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import resolve_device, run_cli
 
@@ -59,11 +60,14 @@ def main(args: argparse.Namespace) -> int:
             splits, model, gallery = prepare(args, device, need_train=True, stop=stop)
             groups = param_groups(model, args)
             optimizers, schedulers = make_optimizers(model, args)
+            scaler = grad_scaler(device, bool(args.amp))
             start_epoch, progress, record = 0, new_progress(), {"best": None, "rows": 0}
             if saved is not None:
                 model.load_state_dict(saved["model"])
                 for key, obj in {**optimizers, **schedulers}.items():
                     obj.load_state_dict(saved[key])
+                if "scaler" in saved:
+                    scaler.load_state_dict(saved["scaler"])
                 start_epoch, progress, record = saved["epoch"], saved["progress"], saved["record"]
                 print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
@@ -74,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
             return run.stop(str(stopped))
         if bank is not None:
             print(gallery_pass_line(bank), flush=True)
-        embed = make_embed(model, device)
+        embed = make_embed(model, device, bool(args.dataParallel))
         gallery_size = len(bank or [])
         train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
         train_config = episode_config(args, args.trainways, train=True)
@@ -89,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
         def save_state(epoch: int) -> None:
             run.save_state({"format": RESUME_FORMAT, "model": model.state_dict(),
                             **{key: obj.state_dict() for key, obj in {**optimizers, **schedulers}.items()},
+                            "scaler": scaler.state_dict(),
                             "epoch": epoch, "progress": progress, "record": record,
                             "gallery_features": None if bank is None else bank.features.cpu()})
 
@@ -114,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
                 train_set.set_epoch(epoch, start=progress["step"])
                 last, relation = train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank,
                                                  train_config, device, epoch, groups, optimizers, embed, progress,
-                                                 stop, show=bool(args.progress), cache=caches.get("train"))
+                                                 stop, show=bool(args.progress), cache=caches.get("train"),
+                                                 scaler=scaler)
                 row = {**epoch_row(epoch, progress, optimizers, model), "gallery_bn": args.galleryBN}
                 write_figure(last, args, relation, suffix="_train")
                 row.update(progress["select"] if select_split == "test" else select(epoch))
@@ -158,7 +164,8 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
                 print(gallery_pass_line(bank), flush=True)
             dataset = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, len(bank or []),
                                evaluation=True)
-            stats = evaluate(model, dataset, bank, args, device, "test", make_embed(model, device), keep_first=True,
+            embed = make_embed(model, device, bool(args.dataParallel))
+            stats = evaluate(model, dataset, bank, args, device, "test", embed, keep_first=True,
                              stop=stop)
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)

@@ -30,7 +30,7 @@ from engine import stage2
 from engine.episode import GalleryBank, run_episode
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
-from utils.forward import layout_model
+from utils.forward import grad_scaler, layout_model
 from utils.interrupt import Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
 
@@ -122,6 +122,7 @@ def main(a: argparse.Namespace) -> None:
     test_decode_s, test_x = decode(test_set, device)
     train_config = stage2.episode_config(args, args.trainways, train=True)
     test_config = stage2.episode_config(args, args.ways)
+    scaler = grad_scaler(device, bool(args.amp))  # as the script: float16 --amp scales its losses
 
     def train_floor() -> list[dict]:
         """The engine's training loop over one episode already on the device, repeated: no data loading."""
@@ -129,7 +130,7 @@ def main(a: argparse.Namespace) -> None:
         with probes["train_floor"]:
             stage2.train_one_epoch(model, [train_x] * (a.warmup + a.episodes), bank, train_config, device,
                                    first_epoch, groups, optimizers, embed, stage2.new_progress(), timer=timer,
-                                   show=False)
+                                   show=False, scaler=scaler)
         return timer.rows
 
     @torch.no_grad()
@@ -145,7 +146,7 @@ def main(a: argparse.Namespace) -> None:
             train_set.set_epoch(first_epoch + r)
             stage2.train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank, train_config, device,
                                    first_epoch + r, groups, optimizers, embed, progress, stop=timer.done, timer=timer,
-                                   show=False)
+                                   show=False, scaler=scaler)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]

@@ -29,6 +29,7 @@ from engine.fewshot import evaluate_embedding
 from engine.options import stage1_parser
 from utils.distributed import DistInfo
 from utils.errors import OptionError
+from utils.forward import grad_scaler
 from utils.metrics import mean_ci95
 from utils.options import configure_backend, resolve_device, run_cli
 
@@ -88,11 +89,13 @@ def main(a: argparse.Namespace) -> None:
 
     probes = {phase: common.MemoryProbe(device, a.pssInterval) for phase in ("loader", "preloaded")}
 
+    scaler = grad_scaler(device, bool(args.amp))  # as the script: float16 --amp scales its loss
+
     def epoch(batches, phase: str) -> list[dict]:
         timer = common.StepTimer(device, a.warmup, a.steps, probes[phase])
         with probes[phase]:
             stage1.train_one_epoch(model, criterion, optimizer, batches, device, 0, args, info, stage1.new_progress(),
-                                   stop=lambda: False, timer=timer)
+                                   stop=lambda: False, timer=timer, scaler=scaler)
         return timer.rows
 
     kept, cpu0 = Keeping(loader, need), common.children_cpu_s()

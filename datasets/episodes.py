@@ -69,13 +69,23 @@ class EpisodeDataset(Dataset):
         self.image_size, self.crop, self.decode = image_size, eval_crop(image_size), decode
         self.offsets = np.cumsum([0] + [len(f) for f in split.files[:-1]])
         self.epoch, self.start = 0, 0
+        self.rank, self.world_size = 0, 1
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's episodes, skipping the first ``start`` (to resume mid-epoch)."""
         self.epoch, self.start = epoch, start
 
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Serve only episodes ``rank``, ``rank + world_size``, ... (of those after ``start``): one
+        process's share of a pass sharded over ``world_size`` processes."""
+        self.rank, self.world_size = rank, world_size
+
+    def indices(self) -> range:
+        """The episode indices this dataset serves, in order."""
+        return range(self.start, self.episodes)[self.rank::self.world_size]
+
     def __len__(self) -> int:
-        return self.episodes - self.start
+        return len(self.indices())
 
     def plan(self, index: int) -> tuple[np.ndarray, list[list[int]], list[list[int]], np.random.Generator]:
         """The classes and the support and query file indices of episode ``index`` (no decoding)."""
@@ -108,14 +118,14 @@ class EpisodeDataset(Dataset):
     def pass_positions(self) -> torch.Tensor:
         """The distinct split positions of every image the current epoch's episodes use, sorted."""
         used = set()
-        for index in range(self.start, self.episodes):
+        for index in self.indices():
             classes, support, query, _ = self.plan(index)
             used.update(self.positions(classes, support).tolist())
             used.update(self.positions(classes, query).tolist())
         return torch.tensor(sorted(used), dtype=torch.long)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        index = self.start + position
+        index = self.indices()[position]
         classes, support, query, rng = self.plan(index)
         item = {
             "support_ids": self.positions(classes, support),

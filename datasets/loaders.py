@@ -1,7 +1,12 @@
 """DataLoaders over the datasets: decoding in background processes, niced on the CPU."""
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import multiprocessing.util  # its exit handler is registered before ours, so ours runs first
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,9 +27,39 @@ def lower_worker_priority(_worker_id: int) -> None:
     os.nice(CPU_WORKER_NICENESS)
 
 
+def ignore_stop_signals() -> None:
+    """Leave SIGINT and SIGTERM to the main process: a signal sent to the whole process group (Ctrl-C
+    in a terminal, torchrun forwarding one, ``scancel``) then reaches only its graceful stop, and the
+    workers end when it shuts the loader down instead of dying under it ("DataLoader worker killed
+    by signal")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_lingering_workers() -> None:
+    """At exit, end the daemonic child processes still alive (loader workers of an iterator not
+    collected yet) as multiprocessing's own exit handler does, but with SIGKILL: they ignore the
+    SIGTERM it sends before waiting for them, which would wait forever."""
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join()
+
+
+atexit.register(end_lingering_workers)
+
+
+def init_worker(worker_id: int, niced: bool) -> None:
+    """DataLoader ``worker_init_fn`` (:func:`worker_init_for`)."""
+    ignore_stop_signals()
+    if niced:
+        lower_worker_priority(worker_id)
+
+
 def worker_init_for(device: torch.device):
-    """The loaders' ``worker_init_fn``: :func:`lower_worker_priority` on the CPU, none on CUDA."""
-    return lower_worker_priority if device.type == "cpu" else None
+    """The loaders' ``worker_init_fn``: stop signals ignored (:func:`ignore_stop_signals`), and
+    :func:`lower_worker_priority` when ``device`` is the CPU."""
+    return functools.partial(init_worker, niced=device.type == "cpu")
 
 
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:

@@ -19,11 +19,15 @@ def item_rng(*key: int) -> np.random.Generator:
 class SeededSampler(Sampler):
     """Yields ``(index, item_seed)`` for a shuffled epoch, optionally one rank's share of it.
 
+    Under distribution the epoch is padded, as ``DistributedSampler`` does, to the next multiple
+    of ``world_size`` with its own first positions (the same items with the same seeds), so every
+    rank yields ``ceil(size / world_size)`` items and runs the same number of steps; rank r takes
+    padded positions r, r + W, ... One process is never padded.
+
     Args:
         size: number of items in the dataset.
         seed: run seed.
-        rank, world_size: for distributed training; rank r takes positions r, r + W, ...
-        start: number of this rank's items to skip at the start of the epoch (resume).
+        rank, world_size: for distributed training.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -31,14 +35,21 @@ class SeededSampler(Sampler):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order, skipping this rank's first ``start`` items (to resume mid-epoch)."""
         self.epoch, self.start = epoch, start
 
+    @property
+    def per_rank(self) -> int:
+        """Items each rank yields in a whole epoch, padding included."""
+        return -(-self.size // self.world_size)
+
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size)) - self.start
+        return max(self.per_rank - self.start, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = item_rng(self.seed, self.epoch)
         order = rng.permutation(self.size)
         seeds = rng.integers(2**63 - 1, size=self.size)
-        mine = range(self.rank, self.size, self.world_size)[self.start:]
-        return iter([(int(order[p]), int(seeds[p])) for p in mine])
+        padded = range(self.per_rank * self.world_size)
+        mine = padded[self.rank::self.world_size][self.start:]
+        return iter([(int(order[p % self.size]), int(seeds[p % self.size])) for p in mine])

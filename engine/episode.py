@@ -312,10 +312,13 @@ def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classe
 
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
-                      cls_params: list[torch.nn.Parameter]) -> None:
+                      cls_params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler | None = None) -> None:
     """Fill ``.grad``: the prototype loss for ``meta_params`` (deformation network, scale), the
-    classification loss for ``cls_params`` (embedding, fc), both from the one forward pass."""
+    classification loss for ``cls_params`` (embedding, fc), both from the one forward pass; each loss
+    scaled by ``scaler`` (float16 autocast, :func:`utils.forward.grad_scaler`) when given."""
+    scale = (lambda loss: loss) if scaler is None else scaler.scale
     if meta_params:
-        result.proto_loss.backward(inputs=meta_params, retain_graph=bool(cls_params and result.cls_loss is not None))
+        scale(result.proto_loss).backward(inputs=meta_params,
+                                          retain_graph=bool(cls_params and result.cls_loss is not None))
     if cls_params and result.cls_loss is not None:
-        result.cls_loss.backward(inputs=cls_params)
+        scale(result.cls_loss).backward(inputs=cls_params)

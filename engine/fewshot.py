@@ -13,8 +13,9 @@ from datasets.splits import Split
 from datasets.transforms import prepare_images
 from engine.features import FeatureCache
 from models.protonet import proto_logits, prototypes
+from utils.distributed import DistInfo, gather_round_robin
 from utils.forward import autocast, embed_in_chunks
-from utils.interrupt import check_stop
+from utils.interrupt import Interrupted, check_stop
 
 
 @torch.no_grad()
@@ -22,9 +23,13 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
                        shots: int, queries: int, episodes: int, seed: int, device: torch.device, stream: int = 1,
                        chunk: int = 128, workers: int = 0, amp: bool = False, desc: str = "eval",
                        progress: bool = True, stop: Callable[[], bool] | None = None,
-                       cache: FeatureCache | None = None, cached: bool = True) -> list[float]:
+                       cache: FeatureCache | None = None, cached: bool = True,
+                       info: DistInfo = DistInfo()) -> list[float]:
     """Accuracy of the nearest-prototype classifier per episode (in [0, 1]), episodes from ``seed``
     and ``stream`` (1: val, 2: test).
+
+    Under distribution (``info``) rank r evaluates episodes r, r + W, ... and every rank returns all
+    of them, in order (the same numbers as one process); a stop on any rank stops every rank.
 
     Each distinct image of the pass is decoded and embedded once, into ``cache`` (a new one unless
     the caller shares one between passes with the same embedding); ``cached=False`` embeds every
@@ -33,18 +38,27 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
     """
     dataset = EpisodeDataset(split, image_size, ways, shots, queries, episodes, seed, stream,
                              decode="none" if cached else "all")
-    if cached:
-        cache = cache or FeatureCache(embed, len(split), device, chunk, amp)
-        cache.fill(dataset, workers, progress, f"{desc} images", stop)
-    accuracies = []
-    for episode in tqdm(episode_loader(dataset, workers, device), desc=desc, disable=not progress, leave=False):
+    dataset.set_shard(info.rank, info.world_size)
+    accuracies, stopped = [], None
+    try:
         if cached:
-            support, query = cache.lookup(episode["support_ids"]), cache.lookup(episode["query_ids"])
-        else:
-            with autocast(device, amp):
-                support = embed_in_chunks(embed, prepare_images(episode["support"], device), chunk)
-                query = embed_in_chunks(embed, prepare_images(episode["query"], device), chunk)
-        logits = proto_logits(query, prototypes(support, episode["support_labels"].to(device), ways))
-        accuracies.append((logits.argmax(1).cpu() == episode["query_labels"]).float().mean().item())
-        check_stop(stop, f"in the {desc} evaluation")
+            cache = cache or FeatureCache(embed, len(split), device, chunk, amp)
+            cache.fill(dataset, workers, progress, f"{desc} images", stop)
+        for episode in tqdm(episode_loader(dataset, workers, device), desc=desc, disable=not progress, leave=False):
+            if cached:
+                support, query = cache.lookup(episode["support_ids"]), cache.lookup(episode["query_ids"])
+            else:
+                with autocast(device, amp):
+                    support = embed_in_chunks(embed, prepare_images(episode["support"], device), chunk)
+                    query = embed_in_chunks(embed, prepare_images(episode["query"], device), chunk)
+            logits = proto_logits(query, prototypes(support, episode["support_labels"].to(device), ways))
+            accuracies.append((logits.argmax(1).cpu() == episode["query_labels"]).float().mean().item())
+            check_stop(stop, f"in the {desc} evaluation")
+    except Interrupted as interrupted:
+        if not info.enabled:
+            raise
+        stopped = str(interrupted)  # the message only: the exception would keep this frame's loaders alive
+    accuracies, any_stopped = gather_round_robin(accuracies, episodes, stopped is not None, device, info)
+    if any_stopped:
+        raise Interrupted(stopped or f"in the {desc} evaluation (another process was stopped)")
     return accuracies

@@ -62,7 +62,8 @@ class FeatureStore:
     files of :data:`FEATURE_BLOCK` images (``block_00000.pt``, ...), each written atomically.
 
     A finished block is never recomputed, so an interrupted extraction resumes where it stopped;
-    under torchrun rank r extracts blocks r, r + W, r + 2W, ... A ``manifest.json`` names the image
+    under torchrun rank r extracts the r-th, (r + W)-th, ... of the blocks still missing, so a resumed
+    extraction is split evenly too. A ``manifest.json`` names the image
     list (``<wnid>/<file>`` names, so the tree may move) and size; a folder made for another list is
     refused. Only one process creates it (``create``).
     """
@@ -94,9 +95,14 @@ class FeatureStore:
 
     @torch.no_grad()
     def extract(self, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int, workers: int,
-                amp: bool, info: DistInfo, stop: Callable[[], bool] | None, progress: bool, desc: str) -> None:
-        """Embed this process's missing blocks (each image decoded once by ``workers`` processes)."""
-        mine = [b for b in self.missing() if b % info.world_size == info.rank]
+                amp: bool, info: DistInfo, stop: Callable[[], bool] | None, progress: bool, desc: str,
+                missing: list[int] | None = None) -> None:
+        """Embed this process's share of the missing blocks (each image decoded once by ``workers``
+        processes). Under distribution every rank must pass the same ``missing`` (:meth:`missing`
+        read by all of them before any writes); one process may leave it out."""
+        if missing is None:
+            missing = self.missing()
+        mine = missing[info.rank::info.world_size]
         files = [f for b in mine for f in self.files[b * self.block:(b + 1) * self.block]]
         if not files:
             return

@@ -36,9 +36,14 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None =
                         help="DataLoader workers and image-decoding threads")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16 autocast) on CUDA")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
+                        "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
-                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark)")
+                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
+                        "cuBLAS workspace)")
+    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
+                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
+                        "matrix products stay in full float32)")
     parser.add_argument("--memoryFormat", default=DEFAULT_MEMORY_FORMAT, choices=tuple(MEMORY_FORMATS),
                         help="memory layout of images and convolution weights (float rounding only; see the "
                         "README's 'Outcome and noise')")
@@ -119,6 +124,9 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
                         help="1: draw support and query independently, so they may overlap (the original's protocol)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")
+    parser.add_argument("--dataParallel", type=int, default=0, choices=(0, 1),
+                        help="1: split each embedding chunk over all visible GPUs with DataParallel (0: --device "
+                        "alone; chunks of 5 to 75 images usually run faster on one GPU)")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate --GNet on test episodes")
     parser.add_argument("--testEpisodes", type=int, default=600, help="test episodes of the final evaluation")
     return parser
@@ -193,8 +201,11 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding workers")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deformation draws")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision (bfloat16) on CUDA")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
+                        "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1), help="deterministic CUDA kernels")
+    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
+                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1)")
     parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show progress bars")
     return parser
 

@@ -20,9 +20,9 @@ from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
 from utils.checkpoint import resolve_checkpoint
-from utils.distributed import DistInfo, all_reduce_sum
+from utils.distributed import DistInfo, step_verdict
 from utils.errors import OptionError, TrainingDiverged
-from utils.forward import autocast, compute_layout, layout_model
+from utils.forward import autocast, compute_layout, layout_model, step_optimizers
 from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
 from utils.syncbn import convert_to_gloo_sync
@@ -80,12 +80,21 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                     device: torch.device, epoch: int, args: argparse.Namespace, info: DistInfo, progress: dict,
-                    stop: Callable[[], bool], timer: Timer = NO_TIMER) -> None:
-    """Train the epoch's batches, adding each to ``progress``.
+                    stop: Callable[[], bool], timer: Timer = NO_TIMER,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Train the epoch's batches, adding each to ``progress``; ``scaler`` scales the loss under
+    float16 autocast (:func:`utils.forward.grad_scaler`; None: no scaling).
+
+    Under distribution every rank runs the same number of batches (the sampler pads the epoch)
+    and they agree before each backward pass whether to go on (one collective per step), so they
+    stop, or fail, together. The step's loss and correct count come to the host with that verdict,
+    the step's one synchronisation: the next batch is queued while the GPU runs this backward pass.
 
     Raises:
-        Interrupted: ``stop()`` became true in some process (checked after each batch).
-        TrainingDiverged: the loss was not finite (nothing was stepped for that batch).
+        Interrupted: ``stop()`` became true in some process (asked with each batch's verdict,
+            acted on once that batch is stepped).
+        TrainingDiverged: the loss was not finite in some process, named (nothing was stepped for
+            that batch).
     """
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
@@ -98,19 +107,24 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             logits = model(images)
             loss = criterion(logits.float(), labels)
         with timer.section("bookkeeping"):
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {progress['step']}")
+            statistics = torch.stack([loss.detach(), (logits.detach().argmax(1) == labels).sum().float()])
+            diverged, stopping, (loss_value, correct) = step_verdict(torch.isfinite(loss.detach()), stop(), info,
+                                                                     statistics)
+            if diverged:
+                where = f" on rank {', '.join(map(str, diverged))}" if info.enabled else ""
+                bar.close()
+                raise TrainingDiverged(f"non-finite loss{where} at epoch {epoch}, step {progress['step']}")
         with timer.section("optimizer"):
             optimizer.zero_grad(set_to_none=True)
         with timer.section("backward"):
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
         with timer.section("optimizer"):
-            optimizer.step()
+            step_optimizers([optimizer], scaler)
         with timer.section("bookkeeping"):
             n = len(labels)
             progress["step"] += 1
-            progress["loss_sum"] += loss.item() * n
-            progress["correct"] += (logits.argmax(1) == labels).sum().item()
+            progress["loss_sum"] += loss_value * n
+            progress["correct"] += int(correct)
             progress["seen"] += n
             progress["time"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -118,15 +132,19 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         bar.update()
         bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}",
                         img_s=f"{progress['seen'] * info.world_size / max(progress['time'], 1e-9):.0f}")
-        if all_reduce_sum([float(stop())], device, info)[0] > 0:
+        if stopping:
             bar.close()
             raise Interrupted(f"in training epoch {epoch}, after step {progress['step']}")
     bar.close()
 
 
 def new_progress() -> dict[str, float]:
-    """The running sums of a training epoch."""
+    """The running sums of a training epoch (this process's; :data:`SUMMED_PROGRESS` add up over the
+    processes)."""
     return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
 def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
@@ -151,11 +169,13 @@ def multi_gpu_hint(device: torch.device, info: DistInfo) -> str | None:
             "the same statistics)")
 
 
-def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | None = None,
+def evaluate(model: nn.Module, val, args, device, info: DistInfo = DistInfo(), stop: Callable[[], bool] | None = None,
              suffix: str = "") -> dict[str, float]:
     """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
-    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``;
-    raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
+    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``.
+    Under distribution the episodes are sharded over the ranks and every rank returns the numbers of
+    all of them (every rank must call it). Raises :class:`utils.interrupt.Interrupted` when
+    ``stop()`` becomes true (in any rank)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     cache = FeatureCache(net.features, len(val), device, args.batchSize, bool(args.amp))
@@ -163,7 +183,8 @@ def evaluate(model: nn.Module, val, args, device, stop: Callable[[], bool] | Non
     for shots in (1, 5):
         accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
                                   args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
-                                  desc=f"val {shots}-shot", progress=bool(args.progress), stop=stop, cache=cache)
+                                  desc=f"val {shots}-shot", progress=bool(args.progress) and info.is_main, stop=stop,
+                                  cache=cache, info=info)
         out[f"val_{shots}shot{suffix}"], out[f"val_{shots}shot{suffix}_ci"] = mean_ci95([100 * a for a in accs])
     return out
 

@@ -24,7 +24,7 @@ from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
 from utils.checkpoint import resolve_checkpoint
 from utils.errors import OptionError, TrainingDiverged
-from utils.forward import layout_model
+from utils.forward import AutocastReplica, layout_model, step_optimizers
 from utils.interrupt import Interrupted, check_stop
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import configure_backend
@@ -77,7 +77,7 @@ def prepare(args: argparse.Namespace, device: torch.device, need_train: bool,
     """The checked splits, the model on ``device`` (global generators seeded first, so a fresh
     deformation network comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
     splits = load_splits(args, need_train)
-    configure_backend(device, args.deterministic, args.seed, args.memoryFormat)
+    configure_backend(device, args.deterministic, args.seed, args.memoryFormat, bool(args.tf32))
     model = build_model(args, device)
     if model.fc.out_features != splits["train"].num_classes:
         raise OptionError(f"the checkpoint's fc has {model.fc.out_features} classes, split train has "
@@ -149,15 +149,19 @@ def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int,
                           bool(args.overlap), draws, decode)
 
 
-def make_embed(model: IDeMeNet, device: torch.device):
-    """``model.embed``, split over the visible GPUs with DataParallel when there are several."""
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        return nn.DataParallel(model.backbone)
+def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):
+    """``model.embed``; with ``data_parallel`` (``--dataParallel 1``) and several visible GPUs, split
+    over all of them with DataParallel, gathering on ``device`` (chunks of 5 to 75 images usually run
+    faster on one GPU), each replica in the run's autocast dtype."""
+    if data_parallel and device.type == "cuda" and torch.cuda.device_count() > 1:
+        others = [index for index in range(torch.cuda.device_count()) if index != device.index]
+        return nn.DataParallel(AutocastReplica(model.backbone), device_ids=[device.index, *others],
+                               output_device=device.index)
     return model.embed
 
 
 def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,
-                   timer: Timer = NO_TIMER) -> None:
+                   timer: Timer = NO_TIMER, scaler: torch.amp.GradScaler | None = None) -> None:
     """Gradients of both losses from the episode's one forward pass, then the optimiser steps.
 
     Args:
@@ -166,26 +170,25 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
         optimizers: :func:`make_optimizers`' ``meta_opt`` (deformation network), ``scale_opt`` and
             ``cls_opt`` (embedding and fc).
         train_cls: whether the classification loss trains this episode (from epoch 1 on).
+        scaler: loss scaling under float16 autocast (:func:`utils.forward.grad_scaler`): each
+            loss's backward scaled, each optimiser stepped through it, one update.
     """
     meta_params, cls_params = groups
     with timer.section("optimizer"):
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
     with timer.section("backward"):
-        episode_gradients(result, meta_params, cls_params if train_cls else [])
+        episode_gradients(result, meta_params, cls_params if train_cls else [], scaler)
     with timer.section("optimizer"):
-        if meta_params:
-            optimizers["meta_opt"].step()
-            optimizers["scale_opt"].step()
-        if train_cls:
-            optimizers["cls_opt"].step()
+        step_optimizers(([optimizers["meta_opt"], optimizers["scale_opt"]] if meta_params else [])
+                        + ([optimizers["cls_opt"]] if train_cls else []), scaler)
 
 
 def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank | None, config: EpisodeConfig,
                     device: torch.device, epoch: int, groups: tuple[list, list], optimizers: dict, embed,
                     progress: dict, stop: Callable[[], bool] | None = None, timer: Timer = NO_TIMER,
-                    show: bool = True, cache: FeatureCache | None = None
-                    ) -> tuple[EpisodeResult | None, torch.Tensor | None]:
+                    show: bool = True, cache: FeatureCache | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[EpisodeResult | None, torch.Tensor | None]:
     """Train on the episodes of ``loader`` (items of :class:`datasets.EpisodeDataset`), adding each to
     ``progress``: forward (:func:`engine.episode.run_episode`), finiteness check, both losses'
     gradients and the optimiser steps. The classification loss trains from epoch 1 on. With a
@@ -211,7 +214,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
             if not all(torch.isfinite(loss) for loss in (result.proto_loss, result.cls_loss) if loss is not None):
                 raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} "
                                        f"(classes {class_names(loader, episode['classes'])})")
-        optimizer_step(result, groups, optimizers, train_cls, timer)
+        optimizer_step(result, groups, optimizers, train_cls, timer, scaler)
         with timer.section("bookkeeping"):
             relation = None if result.gallery_index is None else \
                 gallery_relation(result, bank.gallery.labels, episode["classes"])

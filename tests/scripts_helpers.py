@@ -21,14 +21,17 @@ from models import EmbeddingNet
 REPO = Path(__file__).resolve().parent.parent
 
 
-def script_env() -> dict[str, str]:
+def script_env(cuda: bool = False) -> dict[str, str]:
     """The environment of a script started by a test: the repository importable, one OpenMP thread,
-    and this interpreter's folder first on PATH, so that the shell scripts' ``python`` and ``torchrun``
-    are those of the test environment (as in a user's activated virtual environment)."""
+    this interpreter's folder first on PATH, so that the shell scripts' ``python`` and ``torchrun``
+    are those of the test environment (as in a user's activated virtual environment), and no GPU
+    visible unless ``cuda`` (the tests' numbers and timings are the CPU's, also on a GPU machine)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"  # tiny images: one thread is fastest, and several tests may share the CPU
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -40,25 +40,28 @@ def test_sampler_is_deterministic_and_epochs_differ() -> None:
     assert list(other_seed) != first
 
 
-@pytest.mark.parametrize("size", [10, 11])
-def test_sampler_two_ranks_partition_the_epoch(size: int) -> None:
+@pytest.mark.parametrize("size,world_size", [(10, 2), (11, 2), (11, 3), (12, 3), (13, 3)])
+def test_sampler_ranks_split_the_epoch_evenly_padding_with_its_first_items(size: int, world_size: int) -> None:
     full = SeededSampler(size, seed=7)
     full.set_epoch(2)
     everything = list(full)
     shards = []
-    for rank in range(2):
-        sampler = SeededSampler(size, seed=7, rank=rank, world_size=2)
+    for rank in range(world_size):
+        sampler = SeededSampler(size, seed=7, rank=rank, world_size=world_size)
         sampler.set_epoch(2)
         shards.append(list(sampler))
         assert len(sampler) == len(shards[-1])
-    assert sorted(shards[0] + shards[1]) == sorted(everything)
-    assert not {i for i, _ in shards[0]} & {i for i, _ in shards[1]}
-    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    # every rank runs the same number of steps: ceil(size / W) items each
+    assert [len(shard) for shard in shards] == [-(-size // world_size)] * world_size
+    # round-robin over the padded epoch: the epoch's items once, then its first ones again
+    interleaved = [shards[p % world_size][p // world_size] for p in range(len(shards[0]) * world_size)]
+    pad = len(interleaved) - size
+    assert interleaved == everything + everything[:pad]
     # the seed of an item does not depend on how the epoch is sharded
-    assert dict(shards[0] + shards[1]) == dict(everything)
+    assert dict(item for shard in shards for item in shard) == dict(everything)
 
 
-@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 0), (2, 1)])
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 0), (2, 1), (3, 2)])
 def test_sampler_start_skips_the_first_items(world_size: int, rank: int) -> None:
     sampler = SeededSampler(23, seed=3, rank=rank, world_size=world_size)
     sampler.set_epoch(1)

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+# How long a process waits in a collective for the others before it fails with an error instead of
+# hanging. Every wait is short by design (same steps per rank, sharded val monitor); the longest is
+# the main process writing checkpoints or re-estimating BatchNorm statistics while the others wait.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ def init_distributed(device_type: str) -> DistInfo:
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return info
 
 
@@ -56,6 +63,39 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
+                 local: torch.Tensor | None = None) -> tuple[list[int], bool, list[float]]:
+    """One collective per training step, before its backward pass: the ranks whose loss was not
+    finite (``finite``: this rank's 0-dim bool, on its device) and whether any rank asked to stop.
+    Every rank gets the same answer, so all of them raise, or stop, together. ``local`` (this
+    rank's step statistics, float32 ``[k]``, not reduced) comes back as floats in the same host
+    read, the step's only one."""
+    flags = torch.zeros(info.world_size + 1, dtype=torch.float32, device=finite.device)
+    flags[info.rank] = (~finite).float()
+    flags[-1] = float(stop)
+    if info.enabled:
+        dist.all_reduce(flags)
+    values = (flags if local is None else torch.cat([flags, local.to(flags.dtype)])).tolist()
+    diverged = [rank for rank in range(info.world_size) if values[rank] > 0]
+    return diverged, values[info.world_size] > 0, values[info.world_size + 1:]
+
+
+def gather_round_robin(values: Sequence[float], total: int, stopped: bool, device: torch.device,
+                       info: DistInfo) -> tuple[list[float], bool]:
+    """The ``total`` values of a pass sharded round robin (rank r computed items r, r + W, ... as
+    ``values``), in item order on every rank, and whether any rank stopped early (its values are
+    then incomplete and the result is not to be used)."""
+    if not info.enabled:
+        return list(values), stopped
+    buffer = torch.zeros(total + 1, dtype=torch.float64, device=device)
+    if not stopped:
+        buffer[info.rank:total:info.world_size] = torch.tensor(values, dtype=torch.float64, device=device)
+    buffer[-1] = float(stopped)
+    dist.all_reduce(buffer)
+    gathered = buffer.tolist()
+    return gathered[:total], gathered[-1] > 0
 
 
 def barrier(info: DistInfo) -> None:

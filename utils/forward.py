@@ -6,10 +6,60 @@ from contextlib import nullcontext
 
 import torch
 
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later compute bfloat16 natively (earlier GPUs emulate it)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The ``--amp`` autocast dtype on CUDA ``device``: bfloat16 where the GPU has it natively
+    (compute capability 8.0+: A100, RTX 30xx, H100, ...), else float16 (V100, T4, RTX 20xx), whose
+    gradients need loss scaling (:func:`grad_scaler`)."""
+    capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if tuple(capability) >= NATIVE_BF16_CAPABILITY else torch.float16
+
 
 def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when ``enabled``, else a no-op context."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    """Autocast in :func:`amp_dtype` on CUDA when ``enabled``, else a no-op context."""
+    return torch.autocast("cuda", dtype=amp_dtype(device)) if enabled and device.type == "cuda" else nullcontext()
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast (:func:`amp_dtype`); a pass-through (``enabled`` false) for
+    bfloat16, float32 and the CPU. Per step: ``scale(loss).backward()`` for each loss,
+    ``step(optimizer)`` for each optimiser, one ``update()``."""
+    scaled = enabled and device.type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler("cuda" if scaled else "cpu", enabled=scaled)
+
+
+def step_optimizers(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    """Step each optimiser once, through ``scaler`` when it scales (an optimiser whose parameters got
+    no gradient this step is left alone, then one ``update``); plainly otherwise."""
+    if scaler is None or not scaler.is_enabled():
+        for optimizer in optimizers:
+            optimizer.step()
+        return
+    stepped = False
+    for optimizer in optimizers:
+        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            scaler.step(optimizer)
+            stepped = True
+    if stepped:
+        scaler.update()
+
+
+class AutocastReplica(torch.nn.Module):
+    """``module`` for :class:`torch.nn.DataParallel`: each replica thread runs it in the caller's
+    autocast dtype (:func:`amp_dtype`). DataParallel's threads enter autocast without a dtype, which
+    is float16, whatever the caller's."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_cuda and torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cuda", dtype=amp_dtype(images.device)):
+                return self.module(images)
+        return self.module(images)
 
 
 # Name -> memory format of images and convolution weights (``--memoryFormat``). The layout changes

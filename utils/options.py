@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 
 from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
-from utils.interrupt import INTERRUPTED_EXIT, StopNow
+from utils.interrupt import INTERRUPTED_EXIT, StopNow, stopped_at_once_line
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -21,7 +22,9 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
-    """The device from ``--device`` (cuda when available by default); checks ``--amp`` too."""
+    """The device from ``--device`` (cuda when available by default), with its index (``cuda`` is
+    the current GPU) and made the current CUDA device, so that every allocation, kernel, stream and
+    timing event without an explicit device lands on it; checks ``--amp`` too."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -32,19 +35,26 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
             raise OptionError(f"--device {name}: no CUDA GPU is available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise OptionError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise OptionError(f"--device {name}: only cpu and cuda are supported")
     if args.amp and device.type != "cuda":
         raise OptionError(f"--amp 1 needs a CUDA device; --device is {device}")
-    if args.amp and not torch.cuda.is_bf16_supported():
-        raise OptionError(f"--amp 1: {torch.cuda.get_device_name(device)} does not support bfloat16")
     return device
 
 
+# cuBLAS needs a fixed workspace to be deterministic (set before its first call, i.e. before any model).
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+TF32_CAPABILITY = (8, 0)  # TensorFloat-32 exists from Ampere on
+
+
 def configure_backend(device: torch.device, deterministic: bool, seed: int,
-                      memory_format: str = DEFAULT_MEMORY_FORMAT) -> None:
-    """Seed the global generators, set the compute memory format (``--memoryFormat``) and the cuDNN
-    flags for speed or determinism."""
+                      memory_format: str = DEFAULT_MEMORY_FORMAT, tf32: bool = True) -> None:
+    """Seed the global generators, set the compute memory format (``--memoryFormat``) and the CUDA
+    flags for speed or determinism: cuDNN autotuning unless ``deterministic``; TF32 convolutions
+    (``tf32``, ``--tf32``) on Ampere and later unless ``deterministic``; matrix products (the
+    prototype distances) always in full float32."""
     set_memory_format(memory_format)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -53,8 +63,10 @@ def configure_backend(device: torch.device, deterministic: bool, seed: int,
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = bool(deterministic)
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = bool(tf32 and not deterministic
+                                               and tuple(torch.cuda.get_device_capability(device)) >= TF32_CAPABILITY)
         if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
             torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -72,5 +84,5 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except StopNow as signal_name:
-        print(f"\n{signal_name} again: stopped at once; what was saved before is intact", file=sys.stderr, flush=True)
+        print("\n" + stopped_at_once_line(str(signal_name)), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT

@@ -1,0 +1,325 @@
+"""The first command to run on a GPU machine: speed, memory and correctness of the engine's own code
+on generated toy data, in under 10 minutes on one GPU.
+
+    python scripts/gpu_check.py                      # cuda, 224 px, the outcome check included
+    python scripts/gpu_check.py --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
+
+It reports the versions, the device, its compute capability and whether it has bfloat16 natively;
+stage 1 (batch ``--batchSize``) and stage 2 1-shot and 5-shot, each in float32 and with ``--amp``
+(CUDA only): images/s, training and test episode seconds, peak ``torch.cuda.max_memory_allocated``
+per phase; and checks: finite losses, CPU and GPU features of the same batch close, cached and
+per-episode evaluation the same, the autocast dtype inside DataParallel replicas (2+ GPUs), and
+with 2+ GPUs torchrun on two ranks giving one process's loss. Without ``--quick`` (and with
+``--outcomeSeeds``) it runs ``benchmarks/outcome.py``: short stage-1 runs per memory layout and with
+``--amp``, val accuracy as saved and with re-estimated BatchNorm statistics, over seeds. It prints a
+table and writes ``--json`` (``gpu_check.json``); the exit status is 1 when a check failed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.runtime import set_process_env  # noqa: E402
+
+set_process_env()  # before torch loads, as in the scripts
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from itertools import islice  # noqa: E402
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from datasets import read_split, toy  # noqa: E402
+from datasets.episodes import CroppedImages  # noqa: E402
+from datasets.transforms import prepare_images  # noqa: E402
+from engine import stage1, stage2  # noqa: E402
+from engine.episode import GalleryBank  # noqa: E402
+from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
+from models import EmbeddingNet, IDeMeNet  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
+from utils.errors import OptionError  # noqa: E402
+from utils.files import write_json  # noqa: E402
+from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
+from utils.options import configure_backend, resolve_device, run_cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--imageSize", type=int, default=224, help="image side of every phase")
+    p.add_argument("--batchSize", type=int, default=None, help="stage 1's batch (default: 128; 16 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a few steps and episodes, no outcome check (the dry run)")
+    p.add_argument("--dataroot", default=None, help="toy dataset folder (generated there when it holds none; "
+                   "default: <workdir>/toy)")
+    p.add_argument("--workdir", default="runs/gpu_check", help="folder of the check's files")
+    p.add_argument("--json", default="gpu_check.json", help="the report")
+    p.add_argument("--nthreads", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
+    p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
+    return p
+
+
+def environment(device: torch.device) -> dict:
+    """Versions, the device, its compute capability and whether it has bfloat16 natively."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+           "device": str(device), "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    if device.type == "cuda":
+        capability = tuple(torch.cuda.get_device_capability(device))
+        env.update(name=torch.cuda.get_device_name(device), capability=".".join(map(str, capability)),
+                   native_bf16=capability >= NATIVE_BF16_CAPABILITY, amp_dtype=str(amp_dtype(device)).split(".")[-1],
+                   memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1))
+    else:
+        env.update(name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    return env
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Phase:
+    """Wall seconds and peak CUDA memory of a block: ``with Phase(device) as phase: ...``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self.peak_mb = device, 0.0, None
+
+    def __enter__(self) -> "Phase":
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+        if self.device.type == "cuda":
+            self.peak_mb = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+
+
+def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, *extra: str) -> argparse.Namespace:
+    return stage1_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--batchSize",
+                                       str(a.batchSize), "--tensorname", "gpu_check", "--device", str(device),
+                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--filesPerClass", "0",
+                                       "--progress", "0", *extra])
+
+
+def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
+    """Training images/s of stage 1 (decoded ahead: the network's speed) and its peak memory."""
+    args = stage1_args(root, a, device, amp)
+    info = DistInfo()
+    configure_backend(device, False, 0, args.memoryFormat)
+    train, _, _, loader = stage1.load_data(args, device, info)
+    batches = list(islice(iter(loader), steps + 1))
+    net, optimizer = stage1.build_model(args, train.num_classes)
+    model = stage1.distribute(net, device, info)
+    common = (model, nn.CrossEntropyLoss(), optimizer)
+    scaler = grad_scaler(device, amp)
+    stage1.train_one_epoch(*common, batches[:1], device, 0, args, info, stage1.new_progress(), lambda: False,
+                           scaler=scaler)  # warm-up (cuDNN autotuning, allocator)
+    progress = stage1.new_progress()
+    with Phase(device) as phase:
+        stage1.train_one_epoch(*common, batches[1:], device, 0, args, info, progress, lambda: False, scaler=scaler)
+    images = sum(len(b[1]) for b in batches[1:])
+    return {"images_per_s": round(images / phase.seconds, 1), "peak_memory_mb": phase.peak_mb,
+            "loss": progress["loss_sum"] / progress["seen"]}
+
+
+def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int) -> argparse.Namespace:
+    args = stage2_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--network",
+                                       "gpu_check_stage1", "--shots", str(shots), "--device", str(device),
+                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--galleryNum", "5",
+                                       "--chooseNum", "5", "--progress", "0", "--tensorname", "gpu_check"])
+    resolve_stage2_args(args, device)
+    return args
+
+
+def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
+                 episodes: int) -> tuple[dict, dict]:
+    """Seconds per training episode (epoch 1: both losses train) and per test episode, peak memory;
+    and the check that cached and per-episode test features give the same evaluation."""
+    args = stage2_args(root, a, device, amp, shots)
+    splits, model, gallery = stage2.prepare(args, device, need_train=True)
+    groups = stage2.param_groups(model, args)
+    optimizers, _ = stage2.make_optimizers(model, args)
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
+    embed = stage2.make_embed(model, device)
+    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes + 1, stage2.TRAIN_STREAM, len(bank))
+    train_set.set_epoch(1)
+    items = [train_set[i] for i in range(len(train_set))]  # decoded ahead: the networks' speed
+    config = stage2.episode_config(args, args.trainways, train=True)
+    scaler = grad_scaler(device, amp)
+
+    def train(part):
+        stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
+                               show=False, scaler=scaler)
+
+    train(items[:1])
+    with Phase(device) as training:
+        train(items[1:])
+    test_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
+                               evaluation=True)
+    with Phase(device) as testing:
+        cached = stage2.evaluate(model, test_set, bank, args, device, "test", embed)
+    fresh_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank))
+    fresh = stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False)
+    gap = max(abs(x - y) for x, y in zip(cached["loss"], fresh["loss"]))
+    check = {"ok": cached["acc"] == fresh["acc"] and gap < (1e-2 if amp else 1e-4),
+             "detail": f"{shots}-shot{' amp' if amp else ''}: accuracies {'equal' if cached['acc'] == fresh['acc'] else 'differ'}"
+                       f", largest loss gap {gap:.2e}"}
+    return ({"train_episode_s": round(training.seconds / episodes, 4), "test_episode_s": round(testing.seconds / episodes, 4),
+             "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check)
+
+
+def cpu_gpu_features(root: Path, device: torch.device, amp: bool, image_size: int) -> dict:
+    """The embedding of one batch of val images on the CPU (float32) and on ``device``."""
+    if device.type != "cuda":
+        return {"ok": None, "detail": "skipped: the device is the CPU"}
+    split = read_split(root, "val")
+    images = torch.stack([CroppedImages(split.files[c][:1], image_size)[0] for c in range(8)])
+    torch.manual_seed(0)
+    net = EmbeddingNet(5).eval()
+    with torch.no_grad():
+        reference = net.features(prepare_images(images, torch.device("cpu")))
+        net = net.to(device)
+        with autocast(device, amp):
+            features = net.features(prepare_images(images, device)).float().cpu()
+    error = ((features - reference).abs().max() / reference.abs().max()).item()
+    limit = 5e-2 if amp else 1e-2  # TF32 convolutions round to 10-bit mantissas
+    return {"ok": error < limit, "detail": f"{'amp' if amp else 'fp32'}: largest difference {error:.2e} of the "
+                                           f"largest feature (limit {limit})"}
+
+
+def replica_dtypes(device: torch.device, image_size: int) -> dict:
+    """The autocast dtype inside DataParallel's replicas (each GPU) under --amp."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return {"ok": None, "detail": "skipped: fewer than 2 GPUs"}
+    model = IDeMeNet(5, image_size=image_size).to(device).eval()
+    seen = {}
+    hook = model.backbone.register_forward_hook(
+        lambda module, inputs, output: seen.__setitem__(output.device.index, output.dtype))
+    embed = stage2.make_embed(model, device, data_parallel=True)
+    with torch.no_grad(), autocast(device, True):
+        embed(torch.randn(4 * torch.cuda.device_count(), 3, image_size, image_size, device=device))
+    hook.remove()
+    want = amp_dtype(device)
+    return {"ok": len(seen) == torch.cuda.device_count() and set(seen.values()) == {want},
+            "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
+
+
+def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """Two ranks (NCCL, synchronised BatchNorm) give one process's first-epoch loss."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return {"ok": None, "detail": "skipped: fewer than 2 GPUs"}
+    flags = ["--dataroot", str(root), "--imageSize", str(min(a.imageSize, 64)), "--numEpochs", "1", "--batchSize",
+             "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
+             "--overwrite"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    one = subprocess.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
+                          "--device", str(device)], cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "classification.py"), *flags, "--tensorname", "two"], cwd=workdir,
+                         capture_output=True, text=True, env=env, timeout=600)
+    if one.returncode or two.returncode:
+        return {"ok": False, "detail": f"exit {one.returncode} / {two.returncode}: {(one.stderr + two.stderr)[-500:]}"}
+
+    def loss(name):
+        with open(workdir / f"runs/{name}/metrics.csv") as handle:
+            return float(next(csv.DictReader(handle))["loss"])
+
+    single, double = loss("one"), loss("two")
+    return {"ok": math.isclose(single, double, rel_tol=1e-3), "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
+
+
+def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds."""
+    variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
+    if device.type == "cuda":
+        variants.append("amp:--amp 1")
+    command = [sys.executable, str(REPO / "benchmarks/outcome.py"), "--data", "toy", "--imageSize",
+               str(min(a.imageSize, 84)), "--seeds", *map(str, range(a.outcomeSeeds)), "--device", str(device),
+               "--workdir", str(workdir / "outcome"), "--json", str(workdir / "outcome.json"),
+               *[arg for v in variants for arg in ("--variant", v)]]
+    done = subprocess.run(command, cwd=REPO, text=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    print(done.stdout[-4000:], flush=True)
+    if done.returncode:
+        return {"error": done.stderr[-1000:]}
+    return json.loads((workdir / "outcome.json").read_text())
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.imageSize < 32:
+        raise OptionError(f"--imageSize must be at least 32, got {a.imageSize}")
+    a.batchSize = a.batchSize or (16 if a.quick else 128)
+    device = resolve_device(argparse.Namespace(device=a.device, amp=0))
+    workdir = Path(a.workdir).resolve()
+    root = Path(a.dataroot).resolve() if a.dataroot else workdir / "toy"
+    if not (root / "train.csv").is_file():
+        print(f"generating toy data in {root}", flush=True)
+        toy.generate(root, per_class=PER_CLASS, size=math.ceil(a.imageSize * 256 / 224), seed=0)
+    json_path = Path(a.json).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # the engine reads and writes models/ and runs/ relative to here
+    (workdir / "models").mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(EmbeddingNet(read_split(root, "train").num_classes).state_dict(), workdir / "models/gpu_check_stage1.t7")
+    steps, episodes = (2, 2) if a.quick else (20, 10)
+    precisions = [False, True] if device.type == "cuda" else [False]
+    report = {"device": environment(device).get("name"), "environment": environment(device), "quick": a.quick,
+              "imageSize": a.imageSize, "stage1": {}, "stage2": {}, "checks": {}}
+    for amp in precisions:
+        name = "amp" if amp else "fp32"
+        report["stage1"][name] = stage1_speed(root, a, device, amp, steps)
+        report["checks"][f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(report["stage1"][name]["loss"]),
+                                                          "detail": f"loss {report['stage1'][name]['loss']:.4f}"}
+        report["checks"][f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
+        for shots in (1, 5):
+            numbers, check = stage2_speed(root, a, device, amp, shots, episodes)
+            report["stage2"][f"{shots}shot_{name}"] = numbers
+            report["checks"][f"cached_features_{shots}shot_{name}"] = check
+    report["stage1"].update(report["stage1"]["fp32"])  # the headline numbers: float32
+    report["stage2"].update(report["stage2"]["1shot_fp32"])
+    report["checks"]["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)
+    report["checks"]["torchrun_two_ranks_loss"] = torchrun_loss(root, a, device, workdir)
+    if not a.quick and a.outcomeSeeds:
+        report["outcome"] = outcome(root, a, device, workdir)
+    write_json(json_path, report)
+    print_table(report)
+    print(f"wrote {json_path}")
+    return 1 if any(check["ok"] is False for check in report["checks"].values()) else 0
+
+
+def print_table(report: dict) -> None:
+    env = report["environment"]
+    print(f"\n{env['name']} ({env['device']}{', capability ' + env['capability'] if 'capability' in env else ''}"
+          f"{', native bf16' if env.get('native_bf16') else ''}); torch {env['torch']}, CUDA {env['cuda']}")
+    print(f"{'phase':<16}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
+    for name, numbers in report["stage1"].items():
+        if isinstance(numbers, dict):
+            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>12}{'':>11}{str(numbers['peak_memory_mb']):>10}")
+    for name, numbers in report["stage2"].items():
+        if isinstance(numbers, dict):
+            peak = max(filter(None, [numbers["train_peak_memory_mb"], numbers["test_peak_memory_mb"]]), default=None)
+            print(f"{'stage2 ' + name:<16}{'':>10}{numbers['train_episode_s']:>12}{numbers['test_episode_s']:>11}"
+                  f"{str(peak):>10}")
+    for name, check in report["checks"].items():
+        state = {True: "ok", False: "FAILED", None: "-"}[check["ok"]]
+        print(f"{state:<7}{name}: {check['detail']}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))

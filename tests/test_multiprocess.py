@@ -1,0 +1,261 @@
+"""Several processes (gloo on the CPU) stay in step: the same number of steps per rank, a failure or a
+stop on one rank reaching all of them, the val monitor sharded over them with one process's numbers."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from datasets import read_split
+from datasets.toy import generate
+from engine.fewshot import evaluate_embedding
+from engine.stage1 import new_progress, train_one_epoch
+from models import EmbeddingNet
+from tests.scripts_helpers import REPO, read_metrics, script_env
+from tests.test_distributed import _free_port
+from utils.distributed import DistInfo, gather_round_robin, step_verdict
+from utils.errors import TrainingDiverged
+from utils.interrupt import Interrupted
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
+
+WORLD = 3
+CPU = torch.device("cpu")
+EPISODES = 10  # not a multiple of WORLD: the shards differ in size
+
+
+def _monitor(split, stop=None, info: DistInfo = DistInfo()) -> list[float]:
+    torch.manual_seed(0)
+    net = EmbeddingNet(5).eval()
+    return evaluate_embedding(net.features, split, 32, 5, 1, 2, EPISODES, 0, CPU, chunk=16, progress=False,
+                              stop=stop, info=info)
+
+
+def _train(model: nn.Module, batches: list, info: DistInfo, stop=lambda: False) -> dict:
+    args = types.SimpleNamespace(amp=False, progress=0)
+    progress = new_progress()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, batches, CPU, 0, args, info, progress, stop=stop)
+    return progress
+
+
+def _outcome(call) -> str:
+    """What ``call()`` did: ``ok``, or the exception's class and message."""
+    try:
+        call()
+    except (Interrupted, TrainingDiverged) as error:
+        return f"{type(error).__name__}: {error}"
+    return "ok"
+
+
+def _worker(rank: int, port: int, root: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    info = DistInfo(rank, WORLD, rank)
+    torch.set_num_threads(1)
+    result = {}
+    result["verdict"] = step_verdict(torch.tensor(rank != 1), rank == 2, info, torch.tensor([float(rank), 0.5]))
+    values, stopped = gather_round_robin([10.0 * p for p in range(rank, 7, WORLD)], 7, False, CPU, info)
+    result["gathered"] = (values, stopped)
+    split = read_split(root, "val")
+    result["monitor"] = _monitor(split, info=info)
+    result["monitor_stop_on_rank_1"] = _outcome(lambda: _monitor(split, stop=lambda: rank == 1, info=info))
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+    before = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(2, 3, 2, 2, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
+    # Rank 2 alone sees a non-finite loss at its second step; the others must not wait for it in the
+    # backward pass's all-reduce.
+    poisoned = [batches[0], (batches[1][0] * (float("nan") if rank == 2 else 1.0), batches[1][1]), batches[2]]
+    result["nan_on_rank_2"] = _outcome(lambda: _train(model, poisoned, info))
+    result["stepped"] = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
+    result["finite"] = all(torch.isfinite(p).all().item() for p in model.parameters())
+    calls = iter(range(100))
+    result["stop_on_rank_0"] = _outcome(lambda: _train(model, batches, info, stop=lambda: rank == 0
+                                                       and next(calls) == 1))
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of three gloo processes saw (one spawn for every check, to keep it fast)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    generate(root / "toy", per_class=4, size=36, seed=0)
+    mp.spawn(_worker, args=(_free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
+    return root, [torch.load(root / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_every_rank_gets_the_same_verdict_naming_the_rank_that_diverged(ranks):
+    _, results = ranks
+    # the local statistics come back unreduced
+    assert [r["verdict"] for r in results] == [([1], True, [float(rank), 0.5]) for rank in range(WORLD)]
+
+
+def test_round_robin_values_are_gathered_in_item_order(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["gathered"] == ([0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0], False)
+
+
+def test_the_sharded_val_monitor_gives_one_process_numbers_on_every_rank(ranks):
+    root, results = ranks
+    single = _monitor(read_split(root / "toy", "val"))
+    assert len(single) == EPISODES and len(set(single)) > 1
+    for result in results:
+        assert result["monitor"] == single
+
+
+def test_a_stop_on_one_rank_during_the_monitor_stops_every_rank(ranks):
+    _, results = ranks
+    assert results[1]["monitor_stop_on_rank_1"] == "Interrupted: while embedding the eval images"
+    for result in (results[0], results[2]):
+        assert result["monitor_stop_on_rank_1"] == "Interrupted: in the eval evaluation (another process was stopped)"
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_naming_it(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["nan_on_rank_2"] == "TrainingDiverged: non-finite loss on rank 2 at epoch 0, step 1"
+        # the first step was taken (together), the poisoned one on no rank: its gradients, averaged
+        # over the ranks, would have made every rank's weights NaN
+        assert all(result["stepped"]) and result["finite"]
+
+
+def test_a_stop_on_one_rank_during_training_stops_every_rank_after_the_same_step(ranks):
+    _, results = ranks
+    assert [r["stop_on_rank_0"] for r in results] == ["Interrupted: in training epoch 0, after step 2"] * WORLD
+
+
+SECOND_SIGNAL = textwrap.dedent("""
+    import os, signal, sys, time
+    from utils.interrupt import GracefulInterrupt
+    with GracefulInterrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    print("stopped; saving", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # while the first stop is still writing
+    time.sleep(5)
+    print("not reached", flush=True)
+""")
+
+
+def test_a_second_signal_after_the_stop_began_exits_130_with_one_line():
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done
+    assert "not reached" not in done.stdout
+    assert done.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; what was saved before is intact"]
+
+
+# ---------------------------------------------------------------- the scripts, as processes (slow)
+
+STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--filesPerClass", "1", "--batchSize", "6", "--numEpochs", "2",
+          "--valEvery", "1", "--valEpisodes", "30", "--valQueries", "1", "--preciseBN", "8"]
+
+
+def _torchrun(processes: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            str(REPO / "classification.py"), *flags]
+
+
+def _rows(path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """64 training items (one file of each of the 64 base classes) over 3 processes: 22, 21 and 21
+    before padding. An uninterrupted run, with the sharded monitor and --preciseBN."""
+    root = tmp_path_factory.mktemp("uneven")
+    generate(root / "toy", per_class=6, size=36, seed=0)
+    done = subprocess.run(_torchrun(3, *STAGE1, "--nthreads", "0", "--progress", "0", "--tensorname", "whole"),
+                          cwd=root, capture_output=True, text=True, timeout=900, env=script_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_torchrun_three_processes_over_data_that_does_not_split_evenly(uneven):
+    rows = _rows(uneven / "runs/whole/metrics.csv")
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert all(row["val_1shot"] and row["val_1shot_precise"] for row in rows)
+    assert (uneven / "models/whole_best.t7").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_during_the_sharded_monitor_then_resume(uneven):
+    """As torchrun forwards a signal (and scancel sends one): to every process of the group, loader
+    workers included; every rank stops in the monitor, the state is saved, --resume finishes the run
+    with the numbers of the uninterrupted one."""
+    flags = [*STAGE1, "--nthreads", "2", "--tensorname", "stopped"]
+    run = subprocess.Popen(_torchrun(3, *flags, "--progress", "1"), cwd=uneven, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=script_env(), start_new_session=True)
+    output = ""
+    deadline = time.monotonic() + 600
+    while "val 1-shot" not in output:
+        assert time.monotonic() < deadline and run.poll() is None, output[-3000:]
+        ready, _, _ = select.select([run.stdout], [], [], 1.0)
+        if ready:
+            output += os.read(run.stdout.fileno(), 4096).decode(errors="replace")
+    os.killpg(run.pid, signal.SIGTERM)
+    rest, _ = run.communicate(timeout=300)
+    output += rest.decode(errors="replace")
+    # every process stopped by itself (torchrun SIGKILLs those that have not within 30 s), and no
+    # loader worker died under a process; the one traceback allowed is torchrun's own SignalException
+    assert "Unable to shutdown process" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
+    assert "stopped in the val 1-shot evaluation" in output or "stopped while embedding the val 1-shot images" \
+        in output, output[-3000:]
+    assert torch.load(uneven / "runs/stopped/resume.pt", weights_only=False)["epoch"] == 0
+    resumed = subprocess.run(_torchrun(3, *flags, "--progress", "0", "--resume"), cwd=uneven, capture_output=True,
+                             text=True, timeout=900, env=script_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rows(uneven / "runs/stopped/metrics.csv") == _rows(uneven / "runs/whole/metrics.csv")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_stops_gracefully(tmp_path):
+    generate(tmp_path / "toy", per_class=4, size=36, seed=0)
+    flags = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "4", "--numEpochs", "3", "--nthreads", "2",
+             "--valEpisodes", "0", "--progress", "1", "--tensorname", "workers"]
+    run = subprocess.Popen([sys.executable, "-u", str(REPO / "classification.py"), *flags], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env(), start_new_session=True)
+    output = ""
+    while "epoch 0:" not in output:
+        assert run.poll() is None, output[-3000:]
+        ready, _, _ = select.select([run.stdout], [], [], 1.0)
+        if ready:
+            output += os.read(run.stdout.fileno(), 4096).decode(errors="replace")
+    os.killpg(run.pid, signal.SIGTERM)  # the main process and its two loader workers
+    rest, _ = run.communicate(timeout=300)
+    output += rest.decode(errors="replace")
+    assert run.returncode == 130, output[-3000:]
+    assert "killed by signal" not in output and "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith("stopped in training epoch 0"), output[-3000:]
+
+
+def test_loader_workers_ignore_stop_signals_and_are_ended_at_exit():
+    from datasets.loaders import end_lingering_workers, worker_init_for
+
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1, num_workers=1,
+                                         worker_init_fn=worker_init_for(CPU))
+    iterator = iter(loader)
+    next(iterator)  # the worker is up, its init done
+    (worker,) = iterator._workers
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as a signal to the whole process group delivers them
+        os.kill(worker.pid, stop_signal)
+    time.sleep(1.0)
+    assert worker.is_alive() and next(iterator).item() == 1
+    end_lingering_workers()  # what runs at exit while an iterator is still referenced
+    assert not worker.is_alive()
