@@ -2,7 +2,6 @@
 smallest run whose numbers are checked against an independent evaluation of the files it wrote."""
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
