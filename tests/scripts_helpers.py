@@ -52,18 +52,24 @@ def run_script(cwd: Path, script: str, *args: str, timeout: float = 600) -> subp
 
 
 def load_script(script: str) -> ModuleType:
-    """A training script (``onlyBasetwoLoss.py``, ...) loaded from its file, as ``python <script>`` loads it
-    (without running its ``__main__`` block). Tests never import a script (tests/test_layers.py): they
-    run its ``main`` through this. The script's process settings (``utils.runtime``) are undone."""
+    """A script (``onlyBasetwoLoss.py``, ``scripts/precise_bn.py``, ``benchmarks/outcome.py``, ...) loaded
+    from its file, as ``python <script>`` loads it (without running its ``__main__`` block). Tests never
+    import a script (tests/test_layers.py): they run its ``main`` through this. The script's process
+    settings (``utils.runtime``) are undone."""
     name = f"script_{Path(script).stem}"
     if name not in sys.modules:
         environ = dict(os.environ)
         spec = importlib.util.spec_from_file_location(name, REPO / script)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.modules[name] = module
+        sys.modules[name] = module  # before it runs: a dataclass in it looks its module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
     return sys.modules[name]
 
 

@@ -3,7 +3,6 @@ run lock in-process, and the whole chain (stage 1 and stage 2 on the base classe
 ``lowshot_imagenet.py``) on a toy benchmark (``slow``)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from engine.run import lock_run, release_run
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from models.protonet import prototypes
 from models.protonet import squared_distances
-from tests.scripts_helpers import REPO, run_script, script_env
+from tests.scripts_helpers import REPO, load_script, run_script, script_env
 from utils.distributed import DistInfo
 from utils.errors import DataError
 from utils.forward import layout_model
@@ -51,16 +50,7 @@ LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--ex
 PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (SPEC.md, section 3)
 
 
-def _load_script(name: str):
-    """A top-level script as a module, so that its ``main(args)`` runs in-process as ``python <name>.py``
-    would run it (loaded from its file: no library or script imports a training script)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lowshot_imagenet, onlyBasetwoLoss = _load_script("lowshot_imagenet"), _load_script("onlyBasetwoLoss")
+lowshot_imagenet, onlyBasetwoLoss = load_script("lowshot_imagenet.py"), load_script("onlyBasetwoLoss.py")
 
 
 @pytest.fixture(scope="module")

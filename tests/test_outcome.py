@@ -3,7 +3,6 @@ smallest run whose numbers are checked against an independent evaluation of the 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
@@ -19,13 +18,11 @@ from engine.fewshot import evaluate_embedding
 from engine.precise_bn import clean_files, reestimate
 from models import load_embedding
 from utils.forward import layout_model
+from tests.scripts_helpers import load_script
 from utils.metrics import t_quantile_975
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("outcome_benchmark", REPO / "benchmarks" / "outcome.py")
-outcome = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = outcome  # its dataclass looks itself up there
-_spec.loader.exec_module(outcome)
+outcome = load_script("benchmarks/outcome.py")
 
 
 def test_variants_parse_flags_for_both_stages_or_each() -> None:

@@ -3,7 +3,6 @@ what the re-estimation leaves alone, the image draw, stage 1's saved files and t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,10 @@ from models.loading import with_embedding_statistics
 from utils.checkpoint import safe_load
 from utils.forward import layout_model
 
-from tests.scripts_helpers import read_metrics
+from tests.scripts_helpers import load_script, read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script(path: Path, name: str):
-    """A script as a module, to call its ``main(args)`` in this process."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-precise_bn_script = load_script(REPO / "scripts" / "precise_bn.py", "precise_bn_script")
-classification = load_script(REPO / "classification.py", "classification_script")
+precise_bn_script = load_script("scripts/precise_bn.py")
+classification = load_script("classification.py")
 
 EPS = 1e-5
 
