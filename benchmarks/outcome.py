@@ -33,7 +33,6 @@ from utils.runtime import set_process_env  # noqa: E402
 set_process_env()  # before torch loads, as in the scripts
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -52,7 +51,7 @@ from engine.fewshot import evaluate_embedding  # noqa: E402
 from engine.precise_bn import clean_files, reestimate  # noqa: E402
 from models import load_embedding  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
-from utils.files import write_json  # noqa: E402
+from utils.files import read_csv, write_csv, write_json  # noqa: E402
 from utils.forward import layout_model  # noqa: E402
 from utils.metrics import mean_t_ci95  # noqa: E402
 from utils.options import run_cli  # noqa: E402
@@ -167,11 +166,6 @@ def run_script(code: Path, script: str, flags: list[str], workdir: Path, log: Pa
     return time.perf_counter() - start
 
 
-def last_metrics_row(path: Path) -> dict[str, str]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))[-1]
-
-
 @torch.no_grad()
 def evaluate_file(path: Path, root: Path, a: argparse.Namespace, seed: int, device: torch.device) -> dict[str, float]:
     """Val and test 5-way 1- and 5-shot accuracy (%) of a stage-1 file's embedding, as saved and with
@@ -217,7 +211,7 @@ def run_one(variant: Variant, seed: int, root: Path, a: argparse.Namespace, work
     print(f"{name}: stage 1", flush=True)
     result = {"variant": variant.name, "seed": seed, "settings": settings}
     result["stage1_s"] = run_script(code, "classification.py", stage1, workdir, workdir / "logs" / f"s1_{name}.log")
-    row = last_metrics_row(workdir / "runs" / f"s1_{name}" / "metrics.csv")
+    row = read_csv(workdir / "runs" / f"s1_{name}" / "metrics.csv")[-1]
     result["s1_final_loss"], result["s1_images_per_s"] = float(row["loss"]), float(row["images_per_s"])
     result.update(evaluate_file(workdir / "models" / f"s1_{name}.t7", root, a, seed, device))
     print(f"{name}: stage 2", flush=True)
@@ -297,10 +291,7 @@ def main(a: argparse.Namespace) -> int:
                         or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                         "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
                         "wall_s": time.perf_counter() - start}
-    with open(workdir / "outcome.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["variant", "seed", *METRICS], extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(workdir / "outcome.csv", results, ["variant", "seed", *METRICS])
     write_json(workdir / "outcome.json", summary)
     if a.json:
         write_json(Path(a.json), summary)

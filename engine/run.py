@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import atomic_save, safe_load
-from utils.files import RUNS_DIR, write_json
+from utils.files import RUNS_DIR, read_csv, write_json
 from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
@@ -74,8 +74,7 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         if keep_rows and self.path.is_file():
-            with open(self.path, newline="") as handle:
-                rows = list(csv.DictReader(handle))[:keep_rows]
+            rows = read_csv(self.path)[:keep_rows]
         with open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()

@@ -26,7 +26,6 @@ from utils.runtime import set_process_env  # noqa: E402
 set_process_env()  # before torch loads, as in the scripts
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -48,7 +47,7 @@ from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # 
 from models import EmbeddingNet, IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
-from utils.files import write_json  # noqa: E402
+from utils.files import read_csv, write_json  # noqa: E402
 from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
 from utils.options import configure_backend, resolve_device, run_cli  # noqa: E402
 
@@ -238,8 +237,7 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
         return {"ok": False, "detail": f"exit {one.returncode} / {two.returncode}: {(one.stderr + two.stderr)[-500:]}"}
 
     def loss(name):
-        with open(workdir / f"runs/{name}/metrics.csv") as handle:
-            return float(next(csv.DictReader(handle))["loss"])
+        return float(read_csv(workdir / f"runs/{name}/metrics.csv")[0]["loss"])
 
     single, double = loss("one"), loss("two")
     return {"ok": math.isclose(single, double, rel_tol=1e-3), "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}

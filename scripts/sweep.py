@@ -12,7 +12,6 @@ Exit status: 0 every run finished, 1 some did not, 2 bad input, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -33,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.errors import OptionError  # noqa: E402  (the repository root is on the path only from here)
-from utils.files import RUNS_DIR, csv_cell, write_csv, write_json  # noqa: E402
+from utils.files import RUNS_DIR, csv_cell, read_csv, write_csv, write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
 
 SEED_FLAG = "seed"
@@ -331,8 +330,7 @@ def execute(base: str, runs: list[Run], slots: Sequence[str | None], forward: bo
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
     try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
+        return read_csv(path)
     except OSError:
         return []
 

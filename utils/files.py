@@ -1,4 +1,4 @@
-"""Where runs live and how their JSON files are written (no torch: the sweep launcher reads this too)."""
+"""Where runs live and how their JSON and CSV files are read and written (no torch: the sweep launcher reads this too)."""
 from __future__ import annotations
 
 import csv
@@ -23,6 +23,12 @@ def csv_cell(value: Any) -> str:
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header (a run's ``metrics.csv``, ...), as text by column name."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
