@@ -4,7 +4,6 @@ for the end-to-end tests marked slow) or through the script's own ``main`` in th
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import io
 import os
@@ -17,6 +16,7 @@ import torch
 
 from datasets.toy import generate
 from models import EmbeddingNet
+from utils.files import read_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,6 +105,4 @@ TIMING = ("images_per_s", "episodes_per_s")  # metrics.csv columns that measure 
 def read_metrics(path: Path, timing: bool = True) -> list[dict[str, str]]:
     """The rows of a run's metrics.csv, as text; without the TIMING columns when ``timing`` is false
     (two runs that computed the same numbers differ only there)."""
-    with open(path, newline="") as handle:
-        return [{key: value for key, value in row.items() if timing or key not in TIMING}
-                for row in csv.DictReader(handle)]
+    return [{key: value for key, value in row.items() if timing or key not in TIMING} for row in read_csv(path)]
