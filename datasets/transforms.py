@@ -1,6 +1,7 @@
 """Image transforms of SPEC section 1 for any image size S."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -96,17 +97,24 @@ def eval_transform(image_size: int) -> T.Compose:
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+@functools.lru_cache(maxsize=None)
+def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std ``[3, 1, 1]`` (float32) on ``device``, made once per device: a tensor built
+    from Python numbers is a blocking host-to-device copy, which would stall the GPU at every call.
+    Read only (shared by every caller)."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1))
+
+
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, S, S]`` -> normalised float32 of the same shape (same as ToTensor + Normalize)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    mean, std = normalization_constants(images.device)
     return images.float().div_(255).sub_(mean).div_(std)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Normalised ``[N, 3, S, S]`` -> ``[0, 1]`` RGB (the inverse of :func:`normalize_uint8`, clipped)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = normalization_constants(images.device)
     return (images.float() * std + mean).clamp(0, 1)
 
 

@@ -66,21 +66,22 @@ class EpisodeResult:
     ``plain_accuracy`` (prototypes of the support images alone) are fractions in [0, 1];
     ``own_distance`` and ``other_distance`` are the mean squared distances of the deformed images'
     features to their own class's plain prototype and to the nearest other one (None without
-    deformation).
+    deformation). Accuracies and distances are float32 0-dim tensors on the compute device: reading
+    them (``float()``) waits for the GPU, so callers sum them there and read once in a while.
     """
 
     proto_loss: torch.Tensor
     cls_loss: torch.Tensor | None
-    accuracy: float
-    plain_accuracy: float
+    accuracy: torch.Tensor
+    plain_accuracy: torch.Tensor
     weights: torch.Tensor | None
     deformed: torch.Tensor | None
     probes: torch.Tensor | None
     gallery_images: torch.Tensor | None
     gallery_index: torch.Tensor | None = None
     deformed_labels: torch.Tensor | None = None
-    own_distance: float | None = None
-    other_distance: float | None = None
+    own_distance: torch.Tensor | None = None
+    other_distance: torch.Tensor | None = None
 
 
 class GalleryBank:
@@ -188,6 +189,17 @@ def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor,
     return shortlist[owner, episode["shortlist_pick"].to(device)]
 
 
+# Keys of an episode that stay on the host: the images (prepare_images copies them), the image ids
+# (they index host-side caches) and the index (error messages).
+HOST_KEYS = ("support", "query", "support_ids", "query_ids", "index")
+
+
+def episode_on_device(episode: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The episode with its labels, classes and draws copied to ``device`` without waiting (the loader
+    pins them on CUDA), once per episode; the :data:`HOST_KEYS` entries stay as they are."""
+    return {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in episode.items()}
+
+
 def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: GalleryBank | None, config: EpisodeConfig,
                 device: torch.device, train_cls: bool = False, track_grad: bool = False,
                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None, timer: Timer = NO_TIMER,
@@ -206,14 +218,14 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             episode then needs no ``query`` pixels, and ``support`` pixels only to deform them.
 
     Returns:
-        :class:`EpisodeResult`.
+        :class:`EpisodeResult`. Nothing in the episode waits for the GPU (no value is read back).
     """
     embed = embed or model.embed
     with timer.section("prepare"):
+        episode = episode_on_device(episode, device)
         support = prepare_images(episode["support"], device) if "support" in episode else None
         query = prepare_images(episode["query"], device) if cache is None else None
-        labels = episode["support_labels"].to(device)
-        query_labels = episode["query_labels"].to(device)
+        labels, query_labels = episode["support_labels"], episode["query_labels"]
     with timer.section("embed_plain"), torch.no_grad(), autocast(device, config.amp):
         if cache is None:
             support_features = embed_in_chunks(embed, support, config.chunk)
@@ -224,7 +236,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
     with timer.section("losses"):
         plain_protos = prototypes(support_features, labels, config.ways)
         plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
-        plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean().item()
+        plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean()
 
     weights = deformed = probes = others = gallery_index = owner = None
     own_distance = other_distance = None
@@ -249,9 +261,9 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             proto_loss = F.cross_entropy(logits, query_labels)
             cls_loss = None
             if train_cls:
-                base_labels = episode["classes"].to(device)[feature_labels]
+                base_labels = episode["classes"][feature_labels]
                 cls_loss = F.cross_entropy(model.classify(features).float(), base_labels)
-            accuracy = (logits.argmax(1) == query_labels).float().mean().item()
+            accuracy = (logits.argmax(1) == query_labels).float().mean()
     return EpisodeResult(proto_loss, cls_loss, accuracy, plain_accuracy,
                          None if weights is None else weights.detach().float(),
                          None if deformed is None else deformed.detach(), probes, others, gallery_index, owner,
@@ -288,13 +300,16 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
     return deformed, weights, probes, others, features
 
 
-def prototype_distances(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> tuple[float, float]:
+def prototype_distances(features: torch.Tensor, labels: torch.Tensor,
+                        protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared distance of ``features`` ``[M, D]`` to their own class's prototype (``labels``
-    ``[M]`` index ``protos`` ``[W, D]``) and mean distance to the nearest other prototype (nan when W = 1)."""
+    ``[M]`` index ``protos`` ``[W, D]``) and mean distance to the nearest other prototype (nan when
+    W = 1), as 0-dim tensors on the features' device."""
     distances = squared_distances(features, protos)
     own = distances.gather(1, labels.unsqueeze(1)).squeeze(1)
-    other = distances.scatter(1, labels.unsqueeze(1), float("inf")).min(1).values
-    return own.mean().item(), (other.mean().item() if protos.shape[0] > 1 else float("nan"))
+    if protos.shape[0] == 1:
+        return own.mean(), torch.full((), float("nan"), dtype=own.dtype, device=own.device)
+    return own.mean(), distances.scatter(1, labels.unsqueeze(1), float("inf")).min(1).values.mean()
 
 
 def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

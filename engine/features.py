@@ -30,12 +30,14 @@ class FeatureCache:
                  amp: bool = False) -> None:
         self.embed, self.device, self.chunk, self.amp = embed, device, chunk, amp
         self.features: torch.Tensor | None = None  # allocated at the first embedding (its width D)
-        self.known = torch.zeros(size, dtype=torch.bool, device=device)
+        self.known = torch.zeros(size, dtype=torch.bool)  # on the host: which images need embedding is
+        # decided there, without waiting for the GPU
 
     def _store(self, positions: torch.Tensor, features: torch.Tensor) -> None:
+        """``positions`` ``[n]`` (CPU) get ``features`` ``[n, D]``."""
         if self.features is None:
             self.features = torch.empty(len(self.known), features.shape[1], device=self.device)
-        self.features[positions] = features
+        self.features[positions.to(self.device, non_blocking=True)] = features
         self.known[positions] = True
 
     @torch.no_grad()
@@ -43,28 +45,27 @@ class FeatureCache:
              stop: Callable[[], bool] | None = None) -> None:
         """Embed every image the dataset's current episodes use that is not cached yet, each decoded
         once by ``workers`` background processes."""
-        positions = dataset.pass_positions().to(self.device)
-        positions = positions[~self.known[positions]].cpu()
+        positions = dataset.pass_positions()
+        positions = positions[~self.known[positions]]
         images = CroppedImages(dataset.files_at(positions), dataset.image_size)
         done = 0
         for batch in tqdm(image_loader(images, self.chunk, workers, self.device), desc=desc, disable=not progress,
                           leave=False):
             with autocast(self.device, self.amp):
                 features = embed_in_chunks(self.embed, prepare_images(batch, self.device), self.chunk)
-            self._store(positions[done:done + len(batch)].to(self.device), features)
+            self._store(positions[done:done + len(batch)], features)
             done += len(batch)
             check_stop(stop, f"while embedding the {desc}")
 
     @torch.no_grad()
     def lookup(self, positions: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Features ``[n, D]`` of the images at ``positions`` ``[n]``; those not cached yet are embedded
-        from ``images`` (uint8 ``[n, 3, S, S]``, the same images in the same order) and kept."""
-        positions = positions.to(self.device)
+        """Features ``[n, D]`` of the images at ``positions`` ``[n]`` (CPU); those not cached yet are
+        embedded from ``images`` (uint8 ``[n, 3, S, S]``, the same images in the same order) and kept."""
         missing = ~self.known[positions]
         if missing.any():
             if images is None:
                 raise RuntimeError("FeatureCache.lookup: images not cached and no pixels given")
-            new = prepare_images(images[missing.cpu()], self.device)
+            new = prepare_images(images[missing], self.device)
             with autocast(self.device, self.amp):
                 self._store(positions[missing], embed_in_chunks(self.embed, new, self.chunk))
-        return self.features[positions]
+        return self.features[positions.to(self.device, non_blocking=True)]

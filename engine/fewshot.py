@@ -51,13 +51,16 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
                 with autocast(device, amp):
                     support = embed_in_chunks(embed, prepare_images(episode["support"], device), chunk)
                     query = embed_in_chunks(embed, prepare_images(episode["query"], device), chunk)
-            logits = proto_logits(query, prototypes(support, episode["support_labels"].to(device), ways))
-            accuracies.append((logits.argmax(1).cpu() == episode["query_labels"]).float().mean().item())
+            labels = episode["support_labels"].to(device, non_blocking=True)
+            logits = proto_logits(query, prototypes(support, labels, ways))
+            correct = logits.argmax(1) == episode["query_labels"].to(device, non_blocking=True)
+            accuracies.append(correct.float().mean())  # read once, after the pass: no wait per episode
             check_stop(stop, f"in the {desc} evaluation")
     except Interrupted as interrupted:
         if not info.enabled:
             raise
         stopped = str(interrupted)  # the message only: the exception would keep this frame's loaders alive
+    accuracies = torch.stack(accuracies).tolist() if accuracies and stopped is None else []
     accuracies, any_stopped = gather_round_robin(accuracies, episodes, stopped is not None, device, info)
     if any_stopped:
         raise Interrupted(stopped or f"in the {desc} evaluation (another process was stopped)")

@@ -17,7 +17,7 @@ from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
 from datasets.lowshot import read_stage_split
 from datasets.loaders import episode_loader
 from engine.episode import (EPISODE_CLASS, GALLERY_CALL, GALLERY_SHARES, SAME_CLASS, EpisodeConfig, EpisodeResult,
-                            GalleryBank, episode_gradients, gallery_relation, run_episode)
+                            GalleryBank, episode_gradients, episode_on_device, gallery_relation, run_episode)
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
 from engine.timing import NO_TIMER, Timer, timed_items
@@ -40,6 +40,9 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet"
                "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn", "overlap",
                "memoryFormat")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
+# Training episodes between two reads of the device-side sums by the host (a read waits for the GPU):
+# the divergence check and the progress bar's numbers come that often.
+SYNC_EVERY = 16
 PICTURE_DIR = Path("picture")
 
 
@@ -190,41 +193,59 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                     show: bool = True, cache: FeatureCache | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> tuple[EpisodeResult | None, torch.Tensor | None]:
     """Train on the episodes of ``loader`` (items of :class:`datasets.EpisodeDataset`), adding each to
-    ``progress``: forward (:func:`engine.episode.run_episode`), finiteness check, both losses'
-    gradients and the optimiser steps. The classification loss trains from epoch 1 on. With a
-    frozen embedding (``--fixCls 1``) ``cache`` keeps each image's features from its first episode on.
+    ``progress``: forward (:func:`engine.episode.run_episode`), both losses' gradients and the
+    optimiser steps. The classification loss trains from epoch 1 on. With a frozen embedding
+    (``--fixCls 1``) ``cache`` keeps each image's features from its first episode on.
+
+    The episodes' losses, accuracies and deformation statistics are summed on the device
+    (:class:`DeviceSums`); the host reads them, and checks that every loss was finite, every
+    :data:`SYNC_EVERY` episodes, at the epoch's end and on a stop, so the GPU is never waited for
+    within an episode and the next episodes are queued while it computes.
 
     Returns:
         The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
         episode ran).
 
     Raises:
-        Interrupted: ``stop()`` became true (checked after each episode).
-        TrainingDiverged: a loss was not finite (nothing was stepped for that episode).
+        Interrupted: ``stop()`` became true (checked after each episode; ``progress`` holds every
+            finished episode).
+        TrainingDiverged: a loss was not finite, naming the first such episode; the weights were
+            stepped since (up to :data:`SYNC_EVERY` episodes), so the caller must not save them.
     """
     meta_params, cls_params = groups
     train_cls = bool(cls_params) and epoch > 0
     result = relation = None
+    sums, unread = DeviceSums(progress, device), []
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not show, leave=False)
     tick = time.perf_counter()
-    for episode in timed_items(loader, timer):
+    for done, episode in enumerate(timed_items(loader, timer), 1):
+        episode = episode_on_device(episode, device)
         result = run_episode(model, episode, bank, config, device, train_cls=train_cls, track_grad=bool(meta_params),
                              embed=embed, timer=timer, cache=cache)
-        with timer.section("bookkeeping"):
-            if not all(torch.isfinite(loss) for loss in (result.proto_loss, result.cls_loss) if loss is not None):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(episode['index'])} "
-                                       f"(classes {class_names(loader, episode['classes'])})")
         optimizer_step(result, groups, optimizers, train_cls, timer, scaler)
+        stopping = stop is not None and stop()
         with timer.section("bookkeeping"):
             relation = None if result.gallery_index is None else \
                 gallery_relation(result, bank.gallery.labels, episode["classes"])
-            accumulate(progress, result, relation, time.perf_counter() - tick)
+            sums.add(result, relation)
+            unread.append((int(episode["index"]), episode["classes"]))
+            progress["step"] += 1
+            progress["cls_steps"] += int(result.cls_loss is not None)
+            if stopping or len(unread) == SYNC_EVERY or done == len(loader):
+                first_bad = sums.read()
+                if first_bad is not None:
+                    bar.close()
+                    index, classes = unread[first_bad]
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {index} "
+                                           f"(classes {class_names(loader, classes)})")
+                unread = []
+                bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
+                                acc=f"{100 * progress['acc'] / progress['step']:.1f}")
+            progress["time"] += time.perf_counter() - tick
         timer.end_step()
         tick = time.perf_counter()
         bar.update()
-        bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
-                        acc=f"{100 * progress['acc'] / progress['step']:.1f}")
-        if stop is not None and stop():
+        if stopping:
             bar.close()
             raise Interrupted(f"in training epoch {epoch}, after episode {progress['step']}")
     bar.close()
@@ -260,19 +281,20 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
         cache.fill(dataset, args.nthreads, bool(args.progress), f"{desc} images", stop)
     else:
         cache = None
-    acc, plain, losses, first, sums = [], [], [], None, new_deformation_sums()
+    per_episode, first, sums = [], None, new_deformation_sums()
+    device_sums = DeviceSums(sums, device)
     for episode in tqdm(timed_items(episode_loader(dataset, args.nthreads, device), timer), total=len(dataset),
                         desc=desc, disable=not args.progress, leave=False):
         result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
-            acc.append(result.accuracy)
-            plain.append(result.plain_accuracy)
-            losses.append(result.proto_loss.item())
-            add_deformation(sums, result)
+            per_episode.append(torch.stack([result.accuracy, result.plain_accuracy, result.proto_loss.float()]))
+            device_sums.add(result)
         if keep_first and first is None:
             first = result
         timer.end_step()
         check_stop(stop, f"in the {desc} evaluation")
+    acc, plain, losses = torch.stack(per_episode).T.tolist() if per_episode else ([], [], [])
+    device_sums.read()
     return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
 
 
@@ -335,21 +357,71 @@ def new_deformation_sums() -> dict[str, float]:
             "distance_n": 0, "same_class": 0, "episode_class": 0, "relation_n": 0}
 
 
-def add_deformation(sums: dict[str, float], result, relation: torch.Tensor | None = None) -> None:
-    """Add one episode's predicted weights, deformed-feature distances and, for a training episode,
-    the class relation of its gallery images (:func:`engine.episode.gallery_relation`)."""
+# The sums of per-episode values that are kept on the device, in this order (the counts beside
+# them, such as ``weight_n``, are known on the host).
+DEVICE_SUMS = ("proto_loss", "cls_loss", "acc", "plain_acc", "weight_sum", "weight_sq", "own_distance",
+               "other_distance", "same_class", "episode_class")
+
+
+def episode_values(result: EpisodeResult, relation: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One episode's contributions (0-dim device tensors) to the :data:`DEVICE_SUMS`: its losses and
+    accuracies, the sum and sum of squares of its predicted weights, its deformed-feature distances
+    and, for a training episode, the class relation counts of its gallery images
+    (:func:`engine.episode.gallery_relation`)."""
+    values = {"proto_loss": result.proto_loss.detach(), "acc": result.accuracy, "plain_acc": result.plain_accuracy}
+    if result.cls_loss is not None:
+        values["cls_loss"] = result.cls_loss.detach()
     if result.weights is not None:
-        sums["weight_sum"] += result.weights.sum().item()
-        sums["weight_sq"] += result.weights.pow(2).sum().item()
-        sums["weight_n"] += result.weights.numel()
+        values["weight_sum"], values["weight_sq"] = result.weights.sum(), result.weights.pow(2).sum()
     if result.own_distance is not None:
-        sums["own_distance"] += result.own_distance
-        sums["other_distance"] += result.other_distance
-        sums["distance_n"] += 1
+        values["own_distance"], values["other_distance"] = result.own_distance, result.other_distance
     if relation is not None:
-        sums["same_class"] += (relation == SAME_CLASS).sum().item()
-        sums["episode_class"] += (relation == EPISODE_CLASS).sum().item()
-        sums["relation_n"] += relation.numel()
+        values["same_class"] = (relation == SAME_CLASS).sum()
+        values["episode_class"] = (relation == EPISODE_CLASS).sum()
+    return values
+
+
+class DeviceSums:
+    """The running sums of ``sums`` (:func:`new_progress` or :func:`new_deformation_sums`) named in
+    :data:`DEVICE_SUMS`, kept on ``device`` between reads; the host-side counts in ``sums`` are
+    advanced at once.
+
+    Each episode's values are added in float64 in episode order, so after :meth:`read` the sums are
+    the numbers adding each value on the host (``.item()``, which waits for the GPU) would give, bit
+    for bit. Between reads the device-side sums in ``sums`` are stale.
+    """
+
+    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
+        self.sums, self.keys = sums, [key for key in DEVICE_SUMS if key in sums]
+        self.totals = torch.tensor([float(sums[key]) for key in self.keys], dtype=torch.float64, device=device)
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.unread = 0
+
+    def add(self, result: EpisodeResult, relation: torch.Tensor | None = None) -> None:
+        """Add one episode (``relation``: its gallery class relation, training episodes only) and note
+        whether its losses were finite."""
+        values = episode_values(result, relation)
+        self.totals += torch.stack([values[key].double() if key in values else self.zero for key in self.keys])
+        losses = [result.proto_loss.detach()] + ([] if result.cls_loss is None else [result.cls_loss.detach()])
+        finite = torch.isfinite(torch.stack(losses)).all()
+        self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, float(self.unread))
+        self.unread += 1
+        if result.weights is not None:
+            self.sums["weight_n"] += result.weights.numel()
+        if result.own_distance is not None:
+            self.sums["distance_n"] += 1
+        if relation is not None:
+            self.sums["relation_n"] += relation.numel()
+
+    def read(self) -> int | None:
+        """Write the sums back to ``sums`` (one transfer, waiting for the GPU); returns the position,
+        among the episodes added since the last read, of the first with a non-finite loss, else None."""
+        *totals, first_bad = torch.cat([self.totals, self.first_bad.view(1)]).tolist()
+        self.sums.update(zip(self.keys, totals))
+        self.first_bad.fill_(-1.0)
+        self.unread = 0
+        return None if first_bad < 0 else int(first_bad)
 
 
 def deformation_columns(sums: dict[str, float]) -> dict[str, float | str]:
@@ -368,21 +440,9 @@ def deformation_columns(sums: dict[str, float]) -> dict[str, float | str]:
 
 
 def new_progress() -> dict[str, float]:
+    """The running sums of a training epoch (:class:`DeviceSums` keeps most of them on the device)."""
     return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "cls_steps": 0, "acc": 0.0, "plain_acc": 0.0,
             "time": 0.0, "select": None, **new_deformation_sums()}
-
-
-def accumulate(progress: dict[str, float], result, relation: torch.Tensor | None, seconds: float) -> None:
-    """Add one training episode's losses, accuracies and deformation statistics to the epoch sums."""
-    progress["step"] += 1
-    progress["proto_loss"] += result.proto_loss.item()
-    if result.cls_loss is not None:
-        progress["cls_loss"] += result.cls_loss.item()
-        progress["cls_steps"] += 1
-    progress["acc"] += result.accuracy
-    progress["plain_acc"] += result.plain_accuracy
-    add_deformation(progress, result, relation)
-    progress["time"] += seconds
 
 
 def epoch_row(epoch: int, progress: dict[str, float], optimizers: dict, model: IDeMeNet) -> dict:

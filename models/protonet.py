@@ -13,8 +13,9 @@ def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch
     """Mean feature per class: ``features`` ``[N, D]``, ``labels`` ``[N]`` in 0..ways-1 -> ``[ways, D]``."""
     sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
     sums.index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=ways).to(features.dtype).unsqueeze(1)
-    return sums / counts
+    counts = torch.zeros(ways, 1, dtype=features.dtype, device=features.device)
+    counts.index_add_(0, labels, torch.ones(len(labels), 1, dtype=features.dtype, device=features.device))
+    return sums / counts  # counts by index_add_: bincount would wait for the GPU to size its output
 
 
 def proto_logits(queries: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ TINY = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--gall
 
 
 def result_with(gallery_index: list[int], deformed_labels: list[int]) -> EpisodeResult:
-    return EpisodeResult(torch.tensor(0.0), None, 0.0, 0.0, None, None, None, None,
+    return EpisodeResult(torch.tensor(0.0), None, torch.tensor(0.0), torch.tensor(0.0), None, None, None, None,
                          torch.tensor(gallery_index), torch.tensor(deformed_labels))
 
 
@@ -41,9 +41,11 @@ def test_gallery_relation_and_shares_on_a_constructed_episode() -> None:
     assert relation.tolist() == [SAME_CLASS, OTHER_CLASS, EPISODE_CLASS, SAME_CLASS, OTHER_CLASS]
 
     sums = stage2.new_deformation_sums()
-    stage2.add_deformation(sums, result, relation)
-    stage2.add_deformation(sums, result_with([4, 4, 4], [1, 0, 1]),
-                           gallery_relation(result_with([4, 4, 4], [1, 0, 1]), gallery_labels, classes))
+    device_sums = stage2.DeviceSums(sums, CPU)
+    device_sums.add(result, relation)
+    device_sums.add(result_with([4, 4, 4], [1, 0, 1]),
+                    gallery_relation(result_with([4, 4, 4], [1, 0, 1]), gallery_labels, classes))
+    assert device_sums.read() is None  # finite losses
     columns = stage2.deformation_columns(sums)
     # same: 2 of the first five and 2 of the next three; another episode class: 1 + 1
     assert columns["gallery_same_class"] == pytest.approx(4 / 8)

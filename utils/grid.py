@@ -1,6 +1,8 @@
 """The F x F patch grid shared by stage 1 (soft-random blending) and stage 2 (deformation)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -21,15 +23,16 @@ def grid_boundaries(size: int, fang: int) -> list[int]:
     return [i * step for i in range(fang)] + [size]
 
 
+@functools.lru_cache(maxsize=None)
 def cell_index(size: int, fang: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Index of the grid cell each pixel row (or column) belongs to.
+    """Index of the grid cell each pixel row (or column) belongs to, made once per size, grid and
+    device (building it on a GPU would wait for the GPU at every call). Read only.
 
     Returns:
         Long tensor ``[size]`` with values in ``0..fang-1``.
     """
     bounds = grid_boundaries(size, fang)
-    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
-    return torch.repeat_interleave(torch.arange(fang, device=device), lengths)
+    return torch.tensor([cell for cell in range(fang) for _ in range(bounds[cell], bounds[cell + 1])], device=device)
 
 
 def weight_map(weights: torch.Tensor, size: int) -> torch.Tensor:
