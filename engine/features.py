@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,15 +31,15 @@ class FeatureCache:
                  amp: bool = False) -> None:
         self.embed, self.device, self.chunk, self.amp = embed, device, chunk, amp
         self.features: torch.Tensor | None = None  # allocated at the first embedding (its width D)
-        self.known = torch.zeros(size, dtype=torch.bool)  # on the host: which images need embedding is
-        # decided there, without waiting for the GPU
+        self.known = np.zeros(size, dtype=bool)  # on the host: which images need embedding is decided
+        # there, without waiting for the GPU
 
     def _store(self, positions: torch.Tensor, features: torch.Tensor) -> None:
         """``positions`` ``[n]`` (CPU) get ``features`` ``[n, D]``."""
         if self.features is None:
             self.features = torch.empty(len(self.known), features.shape[1], device=self.device)
         self.features[positions.to(self.device, non_blocking=True)] = features
-        self.known[positions] = True
+        self.known[positions.numpy()] = True
 
     @torch.no_grad()
     def fill(self, dataset: EpisodeDataset, workers: int, progress: bool = True, desc: str = "features",
@@ -46,7 +47,7 @@ class FeatureCache:
         """Embed every image the dataset's current episodes use that is not cached yet, each decoded
         once by ``workers`` background processes."""
         positions = dataset.pass_positions()
-        positions = positions[~self.known[positions]]
+        positions = positions[~self.known[positions.numpy()]]
         images = CroppedImages(dataset.files_at(positions), dataset.image_size)
         done = 0
         for batch in tqdm(image_loader(images, self.chunk, workers, self.device), desc=desc, disable=not progress,
@@ -61,10 +62,11 @@ class FeatureCache:
     def lookup(self, positions: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """Features ``[n, D]`` of the images at ``positions`` ``[n]`` (CPU); those not cached yet are
         embedded from ``images`` (uint8 ``[n, 3, S, S]``, the same images in the same order) and kept."""
-        missing = ~self.known[positions]
+        missing = ~self.known[positions.numpy()]
         if missing.any():
             if images is None:
                 raise RuntimeError("FeatureCache.lookup: images not cached and no pixels given")
+            missing = torch.from_numpy(missing)
             new = prepare_images(images[missing], self.device)
             with autocast(self.device, self.amp):
                 self._store(positions[missing], embed_in_chunks(self.embed, new, self.chunk))

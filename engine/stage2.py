@@ -228,7 +228,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
             relation = None if result.gallery_index is None else \
                 gallery_relation(result, bank.gallery.labels, episode["classes"])
             sums.add(result, relation)
-            unread.append((int(episode["index"]), episode["classes"]))
+            unread.append((episode["index"], episode["classes"]))
             progress["step"] += 1
             progress["cls_steps"] += int(result.cls_loss is not None)
             if stopping or len(unread) == SYNC_EVERY or done == len(loader):
@@ -236,7 +236,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                 if first_bad is not None:
                     bar.close()
                     index, classes = unread[first_bad]
-                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {index} "
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(index)} "
                                            f"(classes {class_names(loader, classes)})")
                 unread = []
                 bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
