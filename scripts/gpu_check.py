@@ -32,6 +32,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from itertools import islice  # noqa: E402
 
 import torch  # noqa: E402
@@ -170,6 +171,7 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     train(items[:1])
     with Phase(device) as training:
         train(items[1:])
+    syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaler.is_enabled())
     test_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
                                evaluation=True)
     with Phase(device) as testing:
@@ -181,7 +183,26 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
              "detail": f"{shots}-shot{' amp' if amp else ''}: accuracies {'equal' if cached['acc'] == fresh['acc'] else 'differ'}"
                        f", largest loss gap {gap:.2e}"}
     return ({"train_episode_s": round(training.seconds / episodes, 4), "test_episode_s": round(testing.seconds / episodes, 4),
-             "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check)
+             "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
+
+
+def host_syncs(device: torch.device, train, episodes: int, scaled: bool) -> dict:
+    """How often ``train()`` (``episodes`` training episodes) made the host wait for the GPU, counted by
+    CUDA's sync debug mode: the sums are read every ``stage2.SYNC_EVERY`` episodes and at the end,
+    and a float16 GradScaler reads its inf check once per step; anything more is a regression."""
+    if device.type != "cuda":
+        return {"ok": None, "detail": "skipped: the device is the CPU"}
+    allowed = -(-episodes // stage2.SYNC_EVERY) + (episodes if scaled else 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train()  # its last read waits for the GPU to finish
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchronizing" in str(warning.message) for warning in caught)
+    return {"ok": syncs <= allowed, "detail": f"{syncs} host wait(s) in {episodes} training episodes (at most "
+                                              f"{allowed}: the sums' reads{' and the scaler' if scaled else ''})"}
 
 
 def cpu_gpu_features(root: Path, device: torch.device, amp: bool, image_size: int) -> dict:
@@ -286,9 +307,10 @@ def main(a: argparse.Namespace) -> int:
                                                           "detail": f"loss {report['stage1'][name]['loss']:.4f}"}
         report["checks"][f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
         for shots in (1, 5):
-            numbers, check = stage2_speed(root, a, device, amp, shots, episodes)
+            numbers, check, syncs = stage2_speed(root, a, device, amp, shots, episodes)
             report["stage2"][f"{shots}shot_{name}"] = numbers
             report["checks"][f"cached_features_{shots}shot_{name}"] = check
+            report["checks"][f"stage2_host_syncs_{shots}shot_{name}"] = syncs
     report["stage1"].update(report["stage1"]["fp32"])  # the headline numbers: float32
     report["stage2"].update(report["stage2"]["1shot_fp32"])
     report["checks"]["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)

@@ -28,6 +28,7 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert checks["cached_features_1shot_fp32"]["ok"] is True and checks["cached_features_5shot_fp32"]["ok"] is True
     # what needs a GPU, or two, says so instead of passing
     assert checks["cpu_gpu_features_fp32"] == {"ok": None, "detail": "skipped: the device is the CPU"}
+    assert checks["stage2_host_syncs_1shot_fp32"] == {"ok": None, "detail": "skipped: the device is the CPU"}
     assert checks["torchrun_two_ranks_loss"]["ok"] is None and "amp" not in report["stage1"]
     assert "outcome" not in report  # --quick
     assert "ok     cached_features_1shot_fp32" in done.stdout
