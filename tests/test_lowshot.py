@@ -397,42 +397,6 @@ def test_feature_store_resumes_after_an_interruption_and_refuses_another_list(wo
         FeatureStore(tmp_path / "parts", files[:-1], int(SIZE), block=8)
 
 
-def test_feature_store_shards_blocks_over_processes(workdir, tmp_path):
-    files = sorted((workdir / "bench/train").glob("*/*.JPEG"))[:20]
-    torch.manual_seed(0)
-    embed = EmbeddingNet(3).eval().features
-    whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=8)
-    whole.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
-    store = FeatureStore(tmp_path / "shared", files, int(SIZE), block=8)
-    missing = store.missing()  # read by every rank before any writes
-    # batches of 3 straddle the blocks of 8: rows left over from a batch start the next block
-    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False,
-                  desc="rank 1", missing=missing)
-    assert store.missing() == [0, 2]  # rank 1 of 2 takes blocks 1, 3, 5, ...
-    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False,
-                  desc="rank 0", missing=missing)
-    assert store.missing() == [] and torch.equal(store.load(), whole.load())
-
-
-def test_a_resumed_extraction_splits_the_blocks_left_evenly_over_the_processes(workdir, tmp_path):
-    files = sorted((workdir / "bench/train").glob("*/*.JPEG"))[:12]
-    torch.manual_seed(0)
-    embed = EmbeddingNet(3).eval().features
-    cpu = torch.device("cpu")
-    whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=2)
-    whole.extract(embed, cpu, 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
-    store = FeatureStore(tmp_path / "resumed", files, int(SIZE), block=2)
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False, desc="first")
-    missing = store.missing()
-    assert missing == [1, 3, 5]  # an interrupted run left the odd blocks (by block number: all rank 1's)
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False, desc="rank 1",
-                  missing=missing)
-    assert store.missing() == [1, 5]  # rank 1 took one of the three, not all of them
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False, desc="rank 0",
-                  missing=missing)
-    assert store.missing() == [] and torch.equal(store.load(), whole.load())
-
-
 def test_deformed_prototypes_do_not_depend_on_the_chunking(workdir, meta):
     torch.manual_seed(0)
     model = layout_model(IDeMeNet(10, image_size=int(SIZE)).eval())
