@@ -393,8 +393,11 @@ def test_feature_store_resumes_after_an_interruption_and_refuses_another_list(wo
     loaded = store.load()
     assert loaded.dtype == torch.float16 and loaded.shape == (20, 512)
     assert torch.equal(loaded, whole.load())
-    with pytest.raises(DataError, match="another image list"):
-        FeatureStore(tmp_path / "parts", files[:-1], int(SIZE), block=8)
+    for create in (True, False):  # every process of a distributed run refuses it, not only the main one
+        with pytest.raises(DataError, match="another image list"):
+            FeatureStore(tmp_path / "parts", files[:-1], int(SIZE), block=8, create=create)
+    FeatureStore(tmp_path / "fresh", files, int(SIZE), block=8, create=False)
+    assert not (tmp_path / "fresh").exists()  # only the main process writes the manifest
 
 
 def test_deformed_prototypes_do_not_depend_on_the_chunking(workdir, meta):
