@@ -9,7 +9,10 @@ stage 1 (batch ``--batchSize``) and stage 2 1-shot and 5-shot, each in float32 a
 (CUDA only): images/s, training and test episode seconds, peak ``torch.cuda.max_memory_allocated``
 per phase; and checks: finite losses, CPU and GPU features of the same batch close, cached and
 per-episode evaluation the same, the autocast dtype inside DataParallel replicas (2+ GPUs), and
-with 2+ GPUs torchrun on two ranks giving one process's loss. Without ``--quick`` (and with
+with 2+ GPUs torchrun on two ranks giving one process's loss; with 2+ GPUs or ``--distributedChecks 1``
+(gloo on the CPU then) torchrun over data that does not split evenly (same steps per rank), SIGTERM to
+torchrun's process group during training (every rank exits 130 with ``resume.pt``, then ``--resume``
+finishes) and a NaN loss on one rank (every rank exits 3 naming it). Without ``--quick`` (and with
 ``--outcomeSeeds``) it runs ``benchmarks/outcome.py``: short stage-1 runs per memory layout and with
 ``--amp``, val accuracy as saved and with re-estimated BatchNorm statistics, over seeds. It prints a
 table and writes ``--json`` (``gpu_check.json``); the exit status is 1 when a check failed.
@@ -71,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
     p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
     p.add_argument("--distributedChecks", type=int, default=None, choices=(0, 1),
-                   help="torchrun on two ranks over data that does not split evenly: same steps per rank, SIGTERM "
+                   help="torchrun checks: an epoch over data that does not split evenly (same steps per rank), SIGTERM "
                         "to the process group then --resume, a NaN loss on one rank (NCCL with 2+ GPUs, else gloo on "
                         "the CPU; default: on with 2+ GPUs)")
     p.add_argument("--worker", default=None, choices=("stage1", "steps", "nan"),
