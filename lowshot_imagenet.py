@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, info: DistInfo) -> 
     if info.is_main and bench.images.reconstructed:
         print(f"warning: {RECONSTRUCTION_WARNING}", file=sys.stderr, flush=True)
     run_dir = RUNS_DIR / args.tensorname
-    with run_lock(run_dir, take=info.is_main):
+    with run_lock(run_dir, info):
         return evaluate_checked(bench, model, run_dir, args, device, info)
 
 
@@ -79,12 +79,11 @@ def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: arg
     with GracefulInterrupt() as interrupt:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
+            # Every rank checks the feature folders (a refusal is raised by all of them); the main
+            # process writes the manifests.
+            stores = feature_stores(bench, folder, args.imageSize, create=info.is_main)
             if info.is_main:
                 write_json(run_dir / "args.json", vars(args))
-                stores = feature_stores(bench, folder, args.imageSize, create=True)
-            barrier(info)
-            if not info.is_main:
-                stores = feature_stores(bench, folder, args.imageSize, create=False)
             start = time.perf_counter()
             missing = {name: store.missing() for name, store in stores.items()}
             barrier(info)  # every rank has read the same missing blocks before any is written

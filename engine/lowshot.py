@@ -28,11 +28,11 @@ from engine.episode import EpisodeConfig, GalleryBank, deform_support, select_ga
 from models.idemenet import IDeMeNet
 from models.protonet import prototypes
 from utils.checkpoint import atomic_save, safe_load
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, all_reduce_sum
 from utils.errors import DataError, OptionError
 from utils.files import write_json
 from utils.forward import autocast, embed_in_chunks
-from utils.interrupt import check_stop
+from utils.interrupt import Interrupted, check_stop
 from utils.lowshot_metrics import (METRIC_NAMES, PRIOR_GRID, TEMPERATURE_GRID, TOPK, best_prior, lowshot_metrics,
                                    prior_curve)
 from utils.metrics import mean_t_ci95
@@ -65,7 +65,8 @@ class FeatureStore:
     under torchrun rank r extracts the r-th, (r + W)-th, ... of the blocks still missing, so a resumed
     extraction is split evenly too. A ``manifest.json`` names the image
     list (``<wnid>/<file>`` names, so the tree may move) and size; a folder made for another list is
-    refused. Only one process creates it (``create``).
+    refused (by every process that opens it, so all of them refuse it together). Only one process
+    writes the manifest (``create``).
     """
 
     def __init__(self, folder: Path, files: list[Path], image_size: int, block: int = FEATURE_BLOCK,
@@ -80,14 +81,16 @@ class FeatureStore:
                                 f"{self.folder} to recompute them")
         elif create:
             write_json(path, manifest)
-        else:
-            raise DataError(f"{path}: manifest missing (the main process writes it first)")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def block_path(self, index: int) -> Path:
         return self.folder / f"block_{index:05d}.pt"
+
+    def block_files(self, index: int) -> list[Path]:
+        """The images of block ``index`` (:attr:`block` of them, fewer in the last block)."""
+        return self.files[index * self.block:(index + 1) * self.block]
 
     def missing(self) -> list[int]:
         """The blocks not on disk yet."""
@@ -98,28 +101,42 @@ class FeatureStore:
                 amp: bool, info: DistInfo, stop: Callable[[], bool] | None, progress: bool, desc: str,
                 missing: list[int] | None = None) -> None:
         """Embed this process's share of the missing blocks (each image decoded once by ``workers``
-        processes). Under distribution every rank must pass the same ``missing`` (:meth:`missing`
-        read by all of them before any writes); one process may leave it out."""
+        processes), ``chunk`` images a step. Under distribution every rank must pass the same ``missing``
+        (:meth:`missing` read by all of them before any writes; one process may leave it out) and
+        call this: every rank runs as many steps as the largest share has batches (a smaller share
+        ends with empty steps) and after each step they agree whether a stop was asked (one small
+        all-reduce), so they stop together.
+
+        Raises:
+            Interrupted: ``stop()`` became true in some process; the blocks finished by then are kept.
+        """
         if missing is None:
             missing = self.missing()
-        mine = missing[info.rank::info.world_size]
-        files = [f for b in mine for f in self.files[b * self.block:(b + 1) * self.block]]
-        if not files:
-            return
-        sizes = [len(self.files[b * self.block:(b + 1) * self.block]) for b in mine]
+        shares = [missing[rank::info.world_size] for rank in range(info.world_size)]
+        steps = max(-(-sum(len(self.block_files(b)) for b in share) // chunk) for share in shares)
+        mine = shares[info.rank]
+        sizes = [len(self.block_files(b)) for b in mine]
+        files = [f for b in mine for f in self.block_files(b)]
+        batches = iter(image_loader(CroppedImages(files, self.image_size), chunk, workers, device) if files else ())
         parts, pending = [], 0
         bar = tqdm(total=len(files), desc=f"{desc} features", disable=not progress, leave=False, unit="img")
-        for batch in image_loader(CroppedImages(files, self.image_size), chunk, workers, device):
-            with autocast(device, amp):
-                parts.append(embed_in_chunks(embed, prepare_images(batch, device), chunk).half().cpu())
-            pending += len(batch)
-            bar.update(len(batch))
+        for _ in range(steps):
+            batch = next(batches, None)  # None: this share is done, the others are not
+            if batch is not None:
+                with autocast(device, amp):
+                    parts.append(embed_in_chunks(embed, prepare_images(batch, device), chunk).half().cpu())
+                pending += len(batch)
+                bar.update(len(batch))
             while mine and pending >= sizes[0]:
                 done = torch.cat(parts)
                 atomic_save(done[:sizes[0]].clone(), self.block_path(mine[0]))
                 parts, pending = [done[sizes[0]:]], pending - sizes[0]
                 mine, sizes = mine[1:], sizes[1:]
-            check_stop(stop, f"while extracting the {desc} features (finished blocks are kept)")
+            stopped_here = stop is not None and stop()
+            if all_reduce_sum([float(stopped_here)], device, info)[0] > 0:
+                bar.close()
+                raise Interrupted(f"while extracting the {desc} features "
+                                  f"({'' if stopped_here else 'another process was stopped; '}finished blocks are kept)")
         bar.close()
 
     def load(self) -> torch.Tensor:

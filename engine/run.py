@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import atomic_save, safe_load
+from utils.distributed import DistInfo, raise_together
 from utils.files import RUNS_DIR, read_csv, write_json
 from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
@@ -146,10 +147,16 @@ def release_run(handle) -> None:
 
 
 @contextmanager
-def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
-    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after; nothing
-    when ``take`` is False (the other processes of a distributed run)."""
-    handle = lock_run(run_dir) if take else None
+def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after. Under
+    distribution the main process takes it, and its refusal is raised by every process together."""
+    handle, refusal = None, None
+    if info.is_main:
+        try:
+            handle = lock_run(run_dir)
+        except OptionError as error:
+            refusal = error
+    raise_together(refusal, info)
     try:
         yield
     finally:

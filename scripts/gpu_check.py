@@ -9,7 +9,10 @@ stage 1 (batch ``--batchSize``) and stage 2 1-shot and 5-shot, each in float32 a
 (CUDA only): images/s, training and test episode seconds, peak ``torch.cuda.max_memory_allocated``
 per phase; and checks: finite losses, CPU and GPU features of the same batch close, cached and
 per-episode evaluation the same, the autocast dtype inside DataParallel replicas (2+ GPUs), and
-with 2+ GPUs torchrun on two ranks giving one process's loss. Without ``--quick`` (and with
+with 2+ GPUs torchrun on two ranks giving one process's loss; with 2+ GPUs or ``--distributedChecks 1``
+(gloo on the CPU then) torchrun over data that does not split evenly (same steps per rank), SIGTERM to
+torchrun's process group during training (every rank exits 130 with ``resume.pt``, then ``--resume``
+finishes) and a NaN loss on one rank (every rank exits 3 naming it). Without ``--quick`` (and with
 ``--outcomeSeeds``) it runs ``benchmarks/outcome.py``: short stage-1 runs per memory layout and with
 ``--amp``, val accuracy as saved and with re-estimated BatchNorm statistics, over seeds. It prints a
 table and writes ``--json`` (``gpu_check.json``); the exit status is 1 when a check failed.
@@ -30,6 +33,9 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import runpy  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -46,8 +52,8 @@ from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
 from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
 from models import EmbeddingNet, IDeMeNet  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
-from utils.errors import OptionError  # noqa: E402
+from utils.distributed import DistInfo, run_distributed  # noqa: E402
+from utils.errors import OptionError, TrainingDiverged  # noqa: E402
 from utils.files import read_csv, write_json  # noqa: E402
 from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
 from utils.options import configure_backend, resolve_device, run_cli  # noqa: E402
@@ -68,6 +74,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="gpu_check.json", help="the report")
     p.add_argument("--nthreads", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
     p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
+    p.add_argument("--distributedChecks", type=int, default=None, choices=(0, 1),
+                   help="torchrun checks: an epoch over data that does not split evenly (same steps per rank), SIGTERM "
+                        "to the process group then --resume, a NaN loss on one rank (NCCL with 2+ GPUs, else gloo on "
+                        "the CPU; default: on with 2+ GPUs)")
+    p.add_argument("--worker", default=None, choices=("stage1", "steps", "nan"),
+                   help="internal: one rank of a distributed check, as torchrun starts it "
+                        "(gpu_check.py --worker KIND -- STAGE-1 FLAGS)")
+    p.add_argument("stage1Flags", nargs="*", help=argparse.SUPPRESS)
     return p
 
 
@@ -264,6 +278,175 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
     return {"ok": math.isclose(single, double, rel_tol=1e-3), "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
 
 
+# --------------------------------------------------------------- torchrun on two ranks (2+ GPUs, or gloo on the CPU)
+
+RANKS = 2
+RANK_BATCH = 8  # stage 1's images per rank and step in the distributed checks
+DISTRIBUTED_CHECKS = ("torchrun_uneven_split", "torchrun_sigterm_resume", "torchrun_nan_on_one_rank")
+
+
+def distributed_stage1(args: argparse.Namespace, device: torch.device, info: DistInfo):
+    """Stage 1's padded sampler, loader, distributed model and optimiser for ``args``, as classification.py
+    builds them."""
+    configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
+    train, _, sampler, loader = stage1.load_data(args, device, info)
+    net, optimizer = stage1.build_model(args, train.num_classes)
+    return sampler, loader, stage1.distribute(net, device, info), optimizer
+
+
+def uneven_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
+    """One epoch of stage 1's ``train_one_epoch``; ``outcome`` gets the items, this rank's share and its steps."""
+    sampler, loader, model, optimizer = distributed_stage1(args, device, info)
+    progress = stage1.new_progress()
+    stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, device, 0, args, info, progress,
+                           lambda: False)
+    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
+    return 0
+
+
+def poisoned_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
+    """Stage 1's ``train_one_epoch`` on three batches, the loss of the second one NaN on rank 1 alone
+    (the loss, not the images: synchronised BatchNorm would carry NaN images into every rank's
+    statistics, and so into every rank's loss); ``outcome`` gets the error it raised."""
+    _, loader, model, optimizer = distributed_stage1(args, device, info)
+    criterion, calls = nn.CrossEntropyLoss(), iter(range(3))
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = criterion(logits, labels)
+        return loss * float("nan") if next(calls) == 1 and info.rank == 1 else loss
+
+    try:
+        stage1.train_one_epoch(model, poisoned, optimizer, list(islice(iter(loader), 3)), device, 0, args, info,
+                               stage1.new_progress(), lambda: False)
+    except TrainingDiverged as error:
+        outcome["error"] = str(error)
+        raise
+    return 0
+
+
+def worker(a: argparse.Namespace) -> int:
+    """One rank of a distributed check, started by torchrun (``--worker KIND -- STAGE-1 FLAGS``): ``stage1``
+    runs classification.py itself, ``steps`` and ``nan`` a function above, each with the scripts' exit
+    statuses; writes ``<KIND>_rank<RANK>.json`` (the exit status and what the rank saw) here."""
+    outcome = {"rank": int(os.environ.get("RANK", "0"))}
+    try:
+        if a.worker == "stage1":
+            sys.argv = [str(REPO / "classification.py"), *a.stage1Flags]
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            status = 0
+        else:
+            work = {"steps": uneven_epoch, "nan": poisoned_epoch}[a.worker]
+            status = run_cli(lambda args: run_distributed(lambda *call: work(*call, outcome), args, resolve_device(args)),
+                             stage1_parser(), a.stage1Flags)
+    except SystemExit as exit_:  # the script's own exit, or a flag refused by argparse
+        status = exit_.code or 0
+    write_json(Path(f"{a.worker}_rank{outcome['rank']}.json"), {**outcome, "exit": status})
+    return status
+
+
+def launch(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS) -> subprocess.Popen:
+    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (in a process group of its own),
+    output merged on stdout; the reports of an earlier launch are removed."""
+    for old in cwd.glob(f"{kind}_rank*.json"):
+        old.unlink()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(REPO / "scripts/gpu_check.py"), "--worker", kind, "--", *flags]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+
+
+def finish(run: subprocess.Popen, kind: str, cwd: Path, timeout: float) -> tuple[str, list[dict]]:
+    """The output of a launch once it ended (past ``timeout``, after SIGTERM to its process group, which
+    torchrun passes on to the ranks) and the ranks' reports."""
+    try:
+        output, _ = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGTERM)
+        output, _ = run.communicate(timeout=60)
+        output += f"\n(timed out after {timeout:.0f} s)".encode()
+    reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
+    return output.decode(errors="replace"), reports
+
+
+def exits(reports: list[dict], ranks: int = RANKS) -> list[int | None]:
+    """Each rank's exit status, by rank (None: the rank wrote no report)."""
+    by_rank = {report["rank"]: report["exit"] for report in reports}
+    return [by_rank.get(rank) for rank in range(ranks)]
+
+
+def uneven_split_check(flags: list[str], cwd: Path, ranks: int) -> dict:
+    """An epoch of stage 1 on ``ranks`` processes: every rank finishes, with the same steps (the sampler
+    pads the epoch to a multiple of ``ranks``)."""
+    output, reports = finish(launch("steps", [*flags, "--tensorname", "steps"], cwd, ranks), "steps", cwd, 600)
+    if not reports:
+        return {"ok": False, "detail": f"no rank reported: {output[-500:]}"}
+    items = reports[0]["items"]
+    shares = sorted({report.get("share") for report in reports}, key=str)
+    steps = sorted({report.get("steps") for report in reports}, key=str)
+    ok = (exits(reports, ranks) == [0] * ranks and shares == [-(-items // ranks)]
+          and steps == [-(-shares[0] // RANK_BATCH)])
+    return {"ok": ok, "detail": f"{items} items on {ranks} ranks ({'padded' if items % ranks else 'an even split'}): "
+                                f"exit {exits(reports, ranks)}, {shares} items and {steps} steps per rank"
+                                + ("" if ok else f": {output[-500:]}")}
+
+
+def sigterm_check(flags: list[str], cwd: Path) -> dict:
+    """classification.py on two ranks, SIGTERM to torchrun's process group as the first epoch starts:
+    every rank exits 130 with ``resume.pt`` written, and ``--resume`` finishes the run."""
+    epochs = 2
+    common = [*flags, "--tensorname", "stopped", "--numEpochs", str(epochs)]
+    run = launch("stage1", [*common, "--overwrite", "--progress", "1"], cwd)
+    output, deadline = b"", time.monotonic() + 600
+    while b"epoch 0:" not in output and run.poll() is None and time.monotonic() < deadline:
+        if select.select([run.stdout], [], [], 1.0)[0]:
+            output += os.read(run.stdout.fileno(), 4096)
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGTERM)
+    rest, reports = finish(run, "stage1", cwd, 300)
+    output = output.decode(errors="replace") + rest
+    stopped = [line for line in output.splitlines() if line.startswith("stopped ")]
+    state_path = cwd / "runs/stopped/resume.pt"
+    if exits(reports) != [130] * RANKS or not state_path.is_file():
+        return {"ok": False, "detail": f"after SIGTERM: exit {exits(reports)}, resume.pt "
+                                       f"{'written' if state_path.is_file() else 'missing'}: {output[-500:]}"}
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    output, reports = finish(launch("stage1", [*common, "--resume", "--progress", "0"], cwd), "stage1", cwd, 600)
+    rows = len(read_csv(cwd / "runs/stopped/metrics.csv")) if exits(reports) == [0] * RANKS else 0
+    return {"ok": exits(reports) == [0] * RANKS and rows == epochs,
+            "detail": f"SIGTERM: exit {[130] * RANKS}, {stopped[0] if stopped else 'no stop line'}, resume.pt at "
+                      f"epoch {state['epoch']} step {state['progress']['step']}; --resume: exit {exits(reports)}, "
+                      f"{rows} of {epochs} epochs logged" + ("" if rows == epochs else f": {output[-500:]}")}
+
+
+def nan_check(flags: list[str], cwd: Path) -> dict:
+    """A NaN loss on rank 1 alone: every rank exits 3 naming rank 1."""
+    output, reports = finish(launch("nan", [*flags, "--tensorname", "nan"], cwd), "nan", cwd, 600)
+    errors = sorted({report.get("error") for report in reports}, key=str)
+    ok = exits(reports) == [3] * RANKS and errors == ["non-finite loss on rank 1 at epoch 0, step 1"]
+    return {"ok": ok, "detail": f"exit {exits(reports)}: {errors}" + ("" if ok else f": {output[-500:]}")}
+
+
+def distributed_checks(a: argparse.Namespace, device: torch.device, workdir: Path) -> dict[str, dict]:
+    """torchrun on toy data of 2 images per class (stage 1 lists each twice: 256 items), NCCL on the GPUs
+    when ``device`` is CUDA and 2+ are visible, else gloo on the CPU. Two ranks; three for the uneven
+    split where there are 3+ GPUs or on the CPU (256 items split evenly over two)."""
+    cuda = device.type == "cuda" and torch.cuda.device_count() >= RANKS
+    cwd = workdir / "distributed"
+    size = min(a.imageSize, 64)
+    toy.generate(cwd / "toy", per_class=2, size=math.ceil(size * 256 / 224), seed=0)
+
+    def flags(ranks: int) -> list[str]:
+        return ["--dataroot", str(cwd / "toy"), "--imageSize", str(size), "--batchSize", str(RANK_BATCH * ranks),
+                "--filesPerClass", "0", "--valEpisodes", "0", "--nthreads", str(a.nthreads), "--device",
+                "cuda" if cuda else "cpu"]
+
+    uneven = RANKS + 1 if not cuda or torch.cuda.device_count() > RANKS else RANKS
+    checks = dict(zip(DISTRIBUTED_CHECKS, (uneven_split_check(flags(uneven), cwd, uneven),
+                                           sigterm_check(flags(RANKS), cwd), nan_check(flags(RANKS), cwd))))
+    backend = "nccl, GPUs" if cuda else "gloo, CPU"
+    return {name: {**check, "detail": f"{backend}: {check['detail']}"} for name, check in checks.items()}
+
+
 def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
     """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds."""
     variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
@@ -281,6 +464,10 @@ def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Pa
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.worker:
+        return worker(a)
+    if a.stage1Flags:
+        raise OptionError(f"unexpected arguments {' '.join(a.stage1Flags)} (stage-1 flags follow --worker KIND --)")
     if a.imageSize < 32:
         raise OptionError(f"--imageSize must be at least 32, got {a.imageSize}")
     a.batchSize = a.batchSize or (16 if a.quick else 128)
@@ -315,6 +502,12 @@ def main(a: argparse.Namespace) -> int:
     report["stage2"].update(report["stage2"]["1shot_fp32"])
     report["checks"]["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)
     report["checks"]["torchrun_two_ranks_loss"] = torchrun_loss(root, a, device, workdir)
+    if a.distributedChecks if a.distributedChecks is not None else (
+            device.type == "cuda" and torch.cuda.device_count() >= RANKS):
+        report["checks"].update(distributed_checks(a, device, workdir))
+    else:
+        report["checks"].update({name: {"ok": None, "detail": "skipped: --distributedChecks 0 (on by default with "
+                                                             "2+ GPUs)"} for name in DISTRIBUTED_CHECKS})
     if not a.quick and a.outcomeSeeds:
         report["outcome"] = outcome(root, a, device, workdir)
     write_json(json_path, report)

@@ -3,18 +3,23 @@ run lock in-process, and the whole chain (stage 1 and stage 2 on the base classe
 ``lowshot_imagenet.py``) on a toy benchmark (``slow``)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from datasets.episodes import CroppedImages
 from datasets.lowshot import (RECONSTRUCTION_WARNING, benchmark_split, read_lowshot_meta, read_train_list, read_trial,
@@ -32,6 +37,8 @@ from models import EmbeddingNet, IDeMeNet, load_idemenet
 from models.protonet import prototypes
 from models.protonet import squared_distances
 from tests.scripts_helpers import REPO, load_script, run_script, script_env
+from tests.test_distributed import _free_port
+from utils import distributed
 from utils.distributed import DistInfo
 from utils.errors import DataError
 from utils.forward import layout_model
@@ -393,44 +400,58 @@ def test_feature_store_resumes_after_an_interruption_and_refuses_another_list(wo
     loaded = store.load()
     assert loaded.dtype == torch.float16 and loaded.shape == (20, 512)
     assert torch.equal(loaded, whole.load())
-    with pytest.raises(DataError, match="another image list"):
-        FeatureStore(tmp_path / "parts", files[:-1], int(SIZE), block=8)
+    for create in (True, False):  # every process of a distributed run refuses it, not only the main one
+        with pytest.raises(DataError, match="another image list"):
+            FeatureStore(tmp_path / "parts", files[:-1], int(SIZE), block=8, create=create)
+    FeatureStore(tmp_path / "fresh", files, int(SIZE), block=8, create=False)
+    assert not (tmp_path / "fresh").exists()  # only the main process writes the manifest
 
 
-def test_feature_store_shards_blocks_over_processes(workdir, tmp_path):
-    files = sorted((workdir / "bench/train").glob("*/*.JPEG"))[:20]
-    torch.manual_seed(0)
-    embed = EmbeddingNet(3).eval().features
-    whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=8)
-    whole.extract(embed, torch.device("cpu"), 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
-    store = FeatureStore(tmp_path / "shared", files, int(SIZE), block=8)
-    missing = store.missing()  # read by every rank before any writes
-    # batches of 3 straddle the blocks of 8: rows left over from a batch start the next block
-    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False,
-                  desc="rank 1", missing=missing)
-    assert store.missing() == [0, 2]  # rank 1 of 2 takes blocks 1, 3, 5, ...
-    store.extract(embed, torch.device("cpu"), 3, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False,
-                  desc="rank 0", missing=missing)
-    assert store.missing() == [] and torch.equal(store.load(), whole.load())
+def _two_process_worker(rank: int, ports: list[int], workdir: str, gnet: str, out: str) -> None:
+    """One of two processes (gloo) running lowshot_imagenet.py's ``main`` as torchrun would, twice: in the
+    first run rank 0 gets SIGTERM as the second feature store starts (the first one is finished)."""
+    os.chdir(workdir)
+    torch.set_num_threads(1)
+    distributed.PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)  # a process left waiting fails the test, soon
+    extract, calls = FeatureStore.extract, iter(range(100))
+
+    def signalled(self, *args, **kwargs):
+        if rank == 0 and next(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the script's graceful stop
+        return extract(self, *args, **kwargs)
+
+    FeatureStore.extract = signalled
+    blocks = Path("runs/two/features")
+    result = []
+    for port in ports:
+        os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            status = run_cli(lowshot_imagenet.main, lowshot_imagenet.get_args_parser(),
+                             [*LOWSHOT, "--GNet", gnet, "--deform", "none", "--tensorname", "two"])
+        result.append({"status": status, "stdout": stdout.getvalue(),
+                       "blocks": {str(path.relative_to(blocks)): path.stat().st_mtime_ns
+                                  for path in sorted(blocks.glob("*/*/block_*.pt"))}})
+    torch.save(result, f"{out}/rank{rank}.pt")
 
 
-def test_a_resumed_extraction_splits_the_blocks_left_evenly_over_the_processes(workdir, tmp_path):
-    files = sorted((workdir / "bench/train").glob("*/*.JPEG"))[:12]
-    torch.manual_seed(0)
-    embed = EmbeddingNet(3).eval().features
-    cpu = torch.device("cpu")
-    whole = FeatureStore(tmp_path / "whole", files, int(SIZE), block=2)
-    whole.extract(embed, cpu, 4, 0, False, DistInfo(), stop=None, progress=False, desc="whole")
-    store = FeatureStore(tmp_path / "resumed", files, int(SIZE), block=2)
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False, desc="first")
-    missing = store.missing()
-    assert missing == [1, 3, 5]  # an interrupted run left the odd blocks (by block number: all rank 1's)
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=1, world_size=2), stop=None, progress=False, desc="rank 1",
-                  missing=missing)
-    assert store.missing() == [1, 5]  # rank 1 took one of the three, not all of them
-    store.extract(embed, cpu, 4, 0, False, DistInfo(rank=0, world_size=2), stop=None, progress=False, desc="rank 0",
-                  missing=missing)
-    assert store.missing() == [] and torch.equal(store.load(), whole.load())
+def test_a_signal_to_one_of_two_processes_stops_both_in_the_extraction_then_the_rerun_resumes(workdir, random_gnet,
+                                                                                              tmp_path):
+    mp.spawn(_two_process_worker, args=([_free_port(), _free_port()], str(workdir), random_gnet, str(tmp_path)),
+             nprocs=2, join=True)
+    first, second = zip(*[torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)])
+    assert [run["status"] for run in first] == [130, 130]
+    assert "stopped while extracting the novel_train features (finished blocks are kept)" in first[0]["stdout"]
+    assert ("stopped while extracting the novel_train features (another process was stopped; finished blocks are "
+            "kept)") in first[1]["stdout"]
+    kept = first[0]["blocks"]
+    assert [Path(name).parts[1].split("_")[:2] for name in kept] == [["base", "train"]]  # the finished store only
+    assert [run["status"] for run in second] == [0, 0]
+    assert {name: second[0]["blocks"][name] for name in kept} == kept  # not recomputed
+    assert len(second[0]["blocks"]) == 4  # every store, one block each
+    report = json.loads((workdir / "runs/two/lowshot_imagenet.json").read_text())
+    assert report["timing"]["processes"] == 2
 
 
 def test_deformed_prototypes_do_not_depend_on_the_chunking(workdir, meta):

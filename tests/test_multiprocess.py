@@ -1,15 +1,19 @@
 """Several processes (gloo on the CPU) stay in step: the same number of steps per rank, a failure or a
-stop on one rank reaching all of them, the val monitor sharded over them with one process's numbers."""
+stop on one rank reaching all of them, the val monitor sharded over them with one process's numbers,
+the low-shot feature extraction split over them and stopped together."""
 from __future__ import annotations
 
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 import types
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +24,14 @@ from torch import nn
 from datasets import read_split
 from datasets.toy import generate
 from engine.fewshot import evaluate_embedding
+from engine.lowshot import FeatureStore
+from engine.run import lock_run, release_run, run_lock
 from engine.stage1 import new_progress, train_one_epoch
 from models import EmbeddingNet
 from tests.scripts_helpers import REPO, read_metrics, script_env
 from tests.test_distributed import _free_port
 from utils.distributed import DistInfo, gather_round_robin, step_verdict
-from utils.errors import TrainingDiverged
+from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import Interrupted
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
@@ -59,8 +65,59 @@ def _outcome(call) -> str:
     return "ok"
 
 
+def _stores(out: str, rank: int) -> dict[str, FeatureStore]:
+    """The feature stores of the extraction checks: blocks of 2 of 20 toy images."""
+    files = sorted((Path(out) / "toy/images").glob("*.jpg"))[:20]
+    return {name: FeatureStore(Path(out) / name, files, 32, block=2, create=rank == 0)
+            for name in ("single", "whole", "stopped")}
+
+
+def _extractions(rank: int, out: str) -> dict:
+    """Feature extraction over the ranks: shares of 4, 3 and 3 blocks (3, 2 and 2 batches of 3)."""
+    info = DistInfo(rank, WORLD, rank)
+    torch.manual_seed(0)
+    net = EmbeddingNet(3).eval().features
+    embedded = []
+
+    def counting(images: torch.Tensor) -> torch.Tensor:
+        embedded.append(len(images))
+        return net(images)
+
+    stores = _stores(out, rank)
+    result = {}
+    if rank == 0:  # one process's features, to compare with
+        stores["single"].extract(net, CPU, 3, 0, False, DistInfo(), None, False, "single")
+    missing = stores["whole"].missing()
+    dist.barrier()  # every rank has read the same missing blocks before any is written
+    stores["whole"].extract(net, CPU, 3, 0, False, info, None, False, "whole", missing)
+    missing = stores["stopped"].missing()
+    dist.barrier()
+    # rank 1 is stopped after its first batch, the others are not
+    result["stopped"] = _outcome(lambda: stores["stopped"].extract(net, CPU, 3, 0, False, info, lambda: rank == 1,
+                                                                    False, "base_train", missing))
+    dist.barrier()
+    result["missing_after_stop"] = stores["stopped"].missing()
+    result["kept"] = {b: stores["stopped"].block_path(b).stat().st_mtime_ns for b in range(10)
+                      if b not in result["missing_after_stop"]}
+    dist.barrier()
+    result["resumed"] = _outcome(lambda: stores["stopped"].extract(counting, CPU, 2, 0, False, info, None, False,
+                                                                    "base_train", result["missing_after_stop"]))
+    result["resumed_images"] = sum(embedded)
+    return result
+
+
+def _lock_outcome(run_dir: Path, info: DistInfo) -> str:
+    try:
+        with run_lock(run_dir, info):
+            return "taken"
+    except OptionError as error:
+        return f"OptionError: {error}"
+
+
 def _worker(rank: int, port: int, root: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
     info = DistInfo(rank, WORLD, rank)
     torch.set_num_threads(1)
     result = {}
@@ -85,6 +142,9 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     calls = iter(range(100))
     result["stop_on_rank_0"] = _outcome(lambda: _train(model, batches, info, stop=lambda: rank == 0
                                                        and next(calls) == 1))
+    result["extraction"] = _extractions(rank, out)
+    result["lock_busy"] = _lock_outcome(Path(out) / "runs/busy", info)  # held by the test's process
+    result["lock_free"] = _lock_outcome(Path(out) / "runs/free", info)
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -94,7 +154,11 @@ def ranks(tmp_path_factory):
     """What each of three gloo processes saw (one spawn for every check, to keep it fast)."""
     root = tmp_path_factory.mktemp("multiprocess")
     generate(root / "toy", per_class=4, size=36, seed=0)
-    mp.spawn(_worker, args=(_free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
+    held = lock_run(root / "runs/busy")
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
+    finally:
+        release_run(held)
     return root, [torch.load(root / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
@@ -137,6 +201,38 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_naming_it(ranks):
 def test_a_stop_on_one_rank_during_training_stops_every_rank_after_the_same_step(ranks):
     _, results = ranks
     assert [r["stop_on_rank_0"] for r in results] == ["Interrupted: in training epoch 0, after step 2"] * WORLD
+
+
+def test_feature_extraction_over_uneven_shares_gives_one_process_features(ranks):
+    root, _ = ranks
+    stores = _stores(str(root), 0)
+    assert stores["whole"].missing() == []
+    assert torch.equal(stores["whole"].load(), stores["single"].load())
+
+
+def test_a_stop_on_one_rank_during_feature_extraction_stops_every_rank_then_resumes(ranks):
+    root, results = ranks
+    extraction = [result["extraction"] for result in results]
+    assert extraction[1]["stopped"] == "Interrupted: while extracting the base_train features (finished blocks are kept)"
+    for rank in (0, 2):
+        assert extraction[rank]["stopped"] == ("Interrupted: while extracting the base_train features (another "
+                                               "process was stopped; finished blocks are kept)")
+    # each rank stopped after its first batch of 3, which finished its first block (rank r takes r, r + 3, ...)
+    assert all(e["missing_after_stop"] == [3, 4, 5, 6, 7, 8, 9] for e in extraction)
+    # the resumed extraction splits the 7 blocks left evenly (3, 2, 2) and recomputes none of the kept ones
+    assert [e["resumed"] for e in extraction] == ["ok"] * WORLD
+    assert [e["resumed_images"] for e in extraction] == [6, 4, 4]
+    stores = _stores(str(root), 0)
+    assert {b: stores["stopped"].block_path(b).stat().st_mtime_ns for b in range(3)} == extraction[0]["kept"]
+    assert torch.equal(stores["stopped"].load(), stores["single"].load())
+
+
+def test_a_run_lock_the_main_process_cannot_take_is_refused_by_every_rank(ranks):
+    root, results = ranks
+    busy = (f"OptionError: {root / 'runs/busy'} is in use by process {os.getpid()} on {socket.gethostname()}; "
+            "wait for it to end or choose another --tensorname")
+    assert [r["lock_busy"] for r in results] == [busy] * WORLD
+    assert [r["lock_free"] for r in results] == ["taken"] * WORLD
 
 
 SECOND_SIGNAL = textwrap.dedent("""

@@ -98,6 +98,18 @@ def gather_round_robin(values: Sequence[float], total: int, stopped: bool, devic
     return gathered[:total], gathered[-1] > 0
 
 
+def raise_together(error: Exception | None, info: DistInfo) -> None:
+    """Raise on every process the error of the lowest rank that had one (``error``: this process's,
+    or None); return when none had. Every process must call it: one collective, so that a process
+    that fails alone does not leave the others waiting in the next collective."""
+    if info.enabled:
+        errors: list[Exception | None] = [None] * info.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
