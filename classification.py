@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int:
     main_path, best_path = MODELS_DIR / f"{args.tensorname}.t7", MODELS_DIR / f"{args.tensorname}_best.t7"
-    run = Run(args, RESUME_KEYS, METRICS, main_path, is_main=info.is_main)
+    run = Run(args, RESUME_KEYS, METRICS, main_path, info)
     configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
     train_split, val, sampler, loader = load_data(args, device, info)
     precise_files = clean_files(train_split, args.preciseBN, args.seed, args.filesPerClass) if args.preciseBN else []

@@ -146,10 +146,10 @@ def release_run(handle) -> None:
         handle.close()
 
 
-@contextmanager
-def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
-    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after. Under
-    distribution the main process takes it, and its refusal is raised by every process together."""
+def lock_together(run_dir: Path, info: DistInfo):
+    """The main process takes ``run_dir``'s lock (:func:`lock_run`; its handle, None elsewhere); under
+    distribution its refusal is raised by every process together, so none is left waiting in the
+    next collective."""
     handle, refusal = None, None
     if info.is_main:
         try:
@@ -157,6 +157,14 @@ def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
         except OptionError as error:
             refusal = error
     raise_together(refusal, info)
+    return handle
+
+
+@contextmanager
+def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after. Under
+    distribution the main process takes it, and its refusal is raised by every process together."""
+    handle = lock_together(run_dir, info)
     try:
         yield
     finally:
@@ -183,12 +191,13 @@ class Run:
     """
 
     def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
-                 is_main: bool = True) -> None:
+                 info: DistInfo = DistInfo()) -> None:
         self.dir, self.resumed = open_run(args, resume_keys)
         if self.resumed is not None and self.resumed["epoch"] > args.numEpochs:
             raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
                               f"{self.dir} has already trained")
-        self.args, self.fields, self.checkpoint, self.is_main = dict(vars(args)), fields, checkpoint, is_main
+        self.args, self.fields, self.checkpoint, self.info = dict(vars(args)), fields, checkpoint, info
+        self.is_main = info.is_main
         self.log_file: MetricsLog | None = None
         self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
 
@@ -198,9 +207,10 @@ class Run:
 
     def start(self, kept_rows: int) -> None:
         """Empty the folder of a new run; write args.json and metrics.csv with the first ``kept_rows``
-        rows of a resumed run."""
+        rows of a resumed run. Under distribution the main process takes the lock, and its refusal is
+        raised by every process together (none is left waiting in the first step's collective)."""
+        self._lock = lock_together(self.dir, self.info)
         if self.is_main:
-            self._lock = lock_run(self.dir)
             clear_run_dir(self.dir, bool(self.resumed))
             write_json(self.dir / "args.json", self.args)
             self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
