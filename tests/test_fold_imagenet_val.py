@@ -6,7 +6,6 @@ The script never opens an image, so the images are small files holding their own
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -18,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.scripts_helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "fold_imagenet_val.py"
 
-_spec = importlib.util.spec_from_file_location("fold_imagenet_val", SCRIPT)
-fold = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fold)
+fold = load_script("scripts/fold_imagenet_val.py")
 
 # Image k's class, interleaved as in the real set: 3 classes of 3, 2 and 3 images.
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01440764", "n01484850",

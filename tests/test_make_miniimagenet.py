@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import subprocess
 import sys
@@ -12,13 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
+from tests.scripts_helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_miniimagenet.py"
 
-_spec = importlib.util.spec_from_file_location("make_miniimagenet", SCRIPT)
-mm = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = mm  # dataclasses look the module up here
-_spec.loader.exec_module(mm)
+mm = load_script("scripts/make_miniimagenet.py")
 
 PHOTO_SIZE = (40, 30)  # non-square, so --size is visible
 

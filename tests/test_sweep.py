@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts_helpers import REPO, make_workdir, read_metrics, script_env
+from tests.scripts_helpers import (
+    REPO,
+    load_script,
+    make_workdir,
+    read_metrics,
+    script_env,
+)
 
 SWEEP = REPO / "scripts" / "sweep.py"
 STAGE2 = str(REPO / "onlyBasetwoLoss.py")
@@ -24,10 +30,7 @@ TINY = ["--dataroot", "toy", "--network", "stage1", "--imageSize", "32", "--epoc
         "--valEpisodes", "4", "--testEpisodes", "4", "--galleryNum", "2", "--chooseNum", "2", "--augnum", "1",
         "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu"]
 
-_spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep
-_spec.loader.exec_module(sweep)
+sweep = load_script("scripts/sweep.py")
 
 # A stand-in for a training script: records how it was called, sleeps --sleep seconds (unless
 # resumed), on SIGTERM writes resume.pt and exits 130, else writes the files stage 2 writes.
