@@ -27,13 +27,32 @@ def lower_worker_priority(_worker_id: int) -> None:
     os.nice(CPU_WORKER_NICENESS)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def ignore_stop_signals() -> None:
     """Leave SIGINT and SIGTERM to the main process: a signal sent to the whole process group (Ctrl-C
     in a terminal, torchrun forwarding one, ``scancel``) then reaches only its graceful stop, and the
     workers end when it shuts the loader down instead of dying under it ("DataLoader worker killed
-    by signal")."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    by signal"). A signal held back while the worker started (:class:`StopSafeLoader`) is dropped."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGINT and SIGTERM held back (blocked in the calling
+    thread, a mask the workers inherit) until their ``worker_init_fn`` ignores them
+    (:func:`init_worker`). Without it a signal to the process group as an epoch or an evaluation
+    starts can reach a worker before that, where PyTorch's own SIGTERM handler ends it. The main
+    process gets a signal held back as soon as the workers are started."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def end_lingering_workers() -> None:
@@ -65,7 +84,7 @@ def worker_init_for(device: torch.device):
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
     """One episode per step, decoded in ``workers`` background processes and prefetched
     (at lower priority when ``device`` is the CPU)."""
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
+    return StopSafeLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=worker_init_for(device))
@@ -73,6 +92,6 @@ def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) 
 
 def image_loader(dataset: CroppedImages, batch: int, workers: int, device: torch.device) -> DataLoader:
     """Batches of ``batch`` crops in order, decoded in ``workers`` background processes."""
-    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+    return StopSafeLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=worker_init_for(device))

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import SeededSampler, SoftRandomDataset, scan_split
+from datasets.loaders import StopSafeLoader, worker_init_for
 from datasets.lowshot import read_stage_split
-from datasets.loaders import worker_init_for
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
 from engine.precise_bn import reestimate
@@ -49,7 +49,7 @@ def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
     sampler = SeededSampler(len(dataset), args.seed, info.rank, info.world_size)
     if args.batchSize % info.world_size:
         raise OptionError(f"--batchSize {args.batchSize} is not divisible by the {info.world_size} processes")
-    loader = DataLoader(dataset, batch_size=args.batchSize // info.world_size, sampler=sampler,
+    loader = StopSafeLoader(dataset, batch_size=args.batchSize // info.world_size, sampler=sampler,
                         num_workers=args.nthreads, pin_memory=device.type == "cuda", drop_last=False,
                         persistent_workers=args.nthreads > 0, prefetch_factor=4 if args.nthreads > 0 else None,
                         worker_init_fn=worker_init_for(device))

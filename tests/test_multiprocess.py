@@ -355,3 +355,34 @@ def test_loader_workers_ignore_stop_signals_and_are_ended_at_exit():
     assert worker.is_alive() and next(iterator).item() == 1
     end_lingering_workers()  # what runs at exit while an iterator is still referenced
     assert not worker.is_alive()
+
+
+def _slow_init(worker_id: int) -> None:
+    """The loaders' worker init, a second late: the window in which a worker has started but does
+    not ignore stop signals yet."""
+    from datasets.loaders import init_worker
+
+    time.sleep(1.0)
+    init_worker(worker_id, niced=False)
+
+
+def test_a_sigterm_as_loader_workers_start_kills_none_of_them():
+    """SIGTERM to the process group as an epoch or evaluation starts reaches workers that have not run
+    their init yet, where PyTorch's own SIGTERM handler would end them: the loader holds it back until
+    they ignore it. The main process gets it once the workers are started."""
+    from datasets.loaders import StopSafeLoader
+
+    stop_signal, received = signal.SIGTERM, []
+    previous = signal.signal(stop_signal, lambda signum, frame: received.append(signum))
+    try:
+        loader = StopSafeLoader(list(range(8)), batch_size=1, num_workers=2, worker_init_fn=_slow_init)
+        iterator = iter(loader)
+        workers = list(iterator._workers)
+        for worker in workers:
+            os.kill(worker.pid, stop_signal)
+        os.kill(os.getpid(), stop_signal)  # the main process, while no worker has run its init
+        assert [batch.item() for batch in iterator] == list(range(8))
+        assert all(worker.exitcode in (None, 0) for worker in workers)
+    finally:
+        signal.signal(stop_signal, previous)
+    assert received == [stop_signal]
