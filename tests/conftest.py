@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import toy
+from datasets import read_split, toy
+from tests.scripts_helpers import make_workdir
 
 PER_CLASS = 12
 TOY_SIZE = 48
@@ -142,3 +143,16 @@ def make_folders(toy_root: Path, tmp_path: Path) -> Callable[..., Path]:
         return build_folders(toy_root, tmp_path / f"folders{next(counter)}", copy=copy)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def stage2_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch folder with a small toy dataset and a random stage-1 checkpoint
+    (:func:`tests.scripts_helpers.make_workdir`), shared by the in-process stage-2 tests."""
+    return make_workdir(tmp_path_factory.mktemp("stage2"))
+
+
+@pytest.fixture(scope="session")
+def stage2_splits(stage2_workdir: Path) -> dict:
+    """The three splits of :func:`stage2_workdir`'s toy data, by name."""
+    return {name: read_split(stage2_workdir / "toy", name) for name in ("train", "val", "test")}

@@ -106,3 +106,16 @@ def read_metrics(path: Path, timing: bool = True) -> list[dict[str, str]]:
     """The rows of a run's metrics.csv, as text; without the TIMING columns when ``timing`` is false
     (two runs that computed the same numbers differ only there)."""
     return [{key: value for key, value in row.items() if timing or key not in TIMING} for row in read_csv(path)]
+
+
+def stage2_test_args(workdir: Path, *flags: str):
+    """Stage 2's resolved flags for in-process tests on ``workdir`` (:func:`make_workdir`): 32 px,
+    1-shot, 3 queries, 2 deformed copies from a shortlist of 3, 2 gallery images per class, CPU."""
+    from engine.options import resolve_stage2_args, stage2_parser
+
+    args = stage2_parser().parse_args(["--dataroot", str(workdir / "toy"), "--tensorname", "inprocess", "--network",
+                                       str(workdir / "models/stage1.t7"), "--imageSize", "32", "--shots", "1",
+                                       "--test_num", "3", "--augnum", "2", "--chooseNum", "3", "--galleryNum", "2",
+                                       "--nthreads", "0", "--progress", "0", "--device", "cpu", *flags])
+    resolve_stage2_args(args, torch.device("cpu"))
+    return args

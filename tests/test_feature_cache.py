@@ -11,23 +11,11 @@ from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
-from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet
-from tests.scripts_helpers import make_workdir
+from tests.scripts_helpers import stage2_test_args
 
 CPU = torch.device("cpu")
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return make_workdir(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def splits(workdir):
-    from datasets import read_split
-    return {name: read_split(workdir / "toy", name) for name in ("train", "val", "test")}
 
 
 class Counting:
@@ -42,10 +30,10 @@ class Counting:
         return self.embed(images)
 
 
-def test_stage1_monitor_cached_equals_per_episode(splits) -> None:
+def test_stage1_monitor_cached_equals_per_episode(stage2_splits) -> None:
     torch.manual_seed(0)
     net = EmbeddingNet(64).eval()
-    common = dict(split=splits["val"], image_size=SIZE, ways=5, shots=1, queries=3, episodes=12, seed=3,
+    common = dict(split=stage2_splits["val"], image_size=SIZE, ways=5, shots=1, queries=3, episodes=12, seed=3,
                   device=CPU, chunk=7, progress=False)
     fresh = Counting(net.features)
     per_episode = evaluate_embedding(fresh, cached=False, **common)
@@ -53,40 +41,31 @@ def test_stage1_monitor_cached_equals_per_episode(splits) -> None:
     cached = evaluate_embedding(once, **common)
     assert cached == per_episode
     assert fresh.images == 12 * 5 * (1 + 3)
-    used = EpisodeDataset(splits["val"], SIZE, 5, 1, 3, 12, 3, 1).pass_positions()
+    used = EpisodeDataset(stage2_splits["val"], SIZE, 5, 1, 3, 12, 3, 1).pass_positions()
     assert once.images == len(used) < fresh.images  # each distinct image once
 
 
-def test_a_shared_cache_embeds_nothing_twice(splits) -> None:
+def test_a_shared_cache_embeds_nothing_twice(stage2_splits) -> None:
     torch.manual_seed(0)
     net = EmbeddingNet(64).eval()
     counting = Counting(net.features)
-    cache = FeatureCache(counting, len(splits["val"]), CPU, 16)
+    cache = FeatureCache(counting, len(stage2_splits["val"]), CPU, 16)
     for shots in (1, 5):
-        evaluate_embedding(counting, splits["val"], SIZE, 5, shots, 1, 10, 0, CPU, progress=False, cache=cache)
+        evaluate_embedding(counting, stage2_splits["val"], SIZE, 5, shots, 1, 10, 0, CPU, progress=False, cache=cache)
     assert counting.images == int(cache.known.sum())
 
 
-def stage2_args(workdir, *flags: str):
-    args = stage2_parser().parse_args(["--dataroot", str(workdir / "toy"), "--tensorname", "cache", "--network",
-                                       str(workdir / "models/stage1.t7"), "--imageSize", str(SIZE), "--shots", "1",
-                                       "--test_num", "3", "--augnum", "2", "--chooseNum", "3", "--galleryNum", "2",
-                                       "--nthreads", "0", "--progress", "0", "--device", "cpu", *flags])
-    resolve_stage2_args(args, CPU)
-    return args
-
-
 @pytest.mark.parametrize("deform", ["learned", "random", "none"])
-def test_stage2_evaluation_cached_equals_per_episode(workdir, splits, deform) -> None:
-    args = stage2_args(workdir, "--deform", deform)
+def test_stage2_evaluation_cached_equals_per_episode(stage2_workdir, stage2_splits, deform) -> None:
+    args = stage2_test_args(stage2_workdir, "--deform", deform)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
-    gallery = None if deform == "none" else Gallery(splits["train"], 2, SIZE, 0, progress=False)
+    gallery = None if deform == "none" else Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False)
     bank = GalleryBank(gallery, model, CPU, args.batchSize) if gallery else None
     size = len(bank or [])
-    cached = stage2.evaluate(model, stage2.episodes(splits["val"], args, 5, 10, stage2.VAL_STREAM, size,
+    cached = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, 5, 10, stage2.VAL_STREAM, size,
                                                     evaluation=True), bank, args, CPU, "val", model.embed)
-    fresh = stage2.evaluate(model, stage2.episodes(splits["val"], args, 5, 10, stage2.VAL_STREAM, size), bank,
+    fresh = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, 5, 10, stage2.VAL_STREAM, size), bank,
                             args, CPU, "val", model.embed, cached=False)
     assert cached["acc"] == fresh["acc"] and cached["plain"] == fresh["plain"]
     assert cached["loss"] == pytest.approx(fresh["loss"], rel=1e-6)
@@ -104,20 +83,20 @@ def assert_same_columns(got: dict[str, float | str], want: dict[str, float | str
             assert got[key] == pytest.approx(value, rel=1e-5), key
 
 
-def test_frozen_embedding_training_with_a_run_cache_trains_the_same(workdir, splits) -> None:
+def test_frozen_embedding_training_with_a_run_cache_trains_the_same(stage2_workdir, stage2_splits) -> None:
     """--fixCls 1: features kept from an image's first episode on give the same training, bit for bit,
     and each support or query image is embedded once."""
-    args = stage2_args(workdir, "--fixCls", "1")
+    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
     results = []
     for use_cache in (False, True):
         torch.manual_seed(0)
         model = stage2.build_model(args, CPU)
         groups = stage2.param_groups(model, args)
         optimizers, _ = stage2.make_optimizers(model, args)
-        bank = GalleryBank(Gallery(splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
+        bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
         counting = Counting(model.embed)
-        cache = FeatureCache(counting, len(splits["train"]), CPU, args.batchSize) if use_cache else None
-        dataset = stage2.episodes(splits["train"], args, 5, 6, stage2.TRAIN_STREAM, len(bank))
+        cache = FeatureCache(counting, len(stage2_splits["train"]), CPU, args.batchSize) if use_cache else None
+        dataset = stage2.episodes(stage2_splits["train"], args, 5, 6, stage2.TRAIN_STREAM, len(bank))
         for epoch in range(2):
             dataset.set_epoch(epoch)
             stage2.train_one_epoch(model, episode_loader(dataset, 0, CPU), bank, stage2.episode_config(args, 5, True),

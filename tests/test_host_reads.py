@@ -9,15 +9,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine.stage2 as stage2
-from datasets import Gallery, read_split
+from datasets import Gallery
 from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine import fewshot
 from engine.fewshot import evaluate_embedding
-from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet
-from tests.scripts_helpers import make_workdir
+from tests.scripts_helpers import stage2_test_args
 from utils.errors import TrainingDiverged
 
 CPU = torch.device("cpu")
@@ -76,39 +75,20 @@ class Loaded(list):
         self.dataset = loader.dataset
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return make_workdir(tmp_path_factory.mktemp("reads"))
-
-
-@pytest.fixture(scope="module")
-def splits(workdir):
-    return {name: read_split(workdir / "toy", name) for name in ("train", "val", "test")}
-
-
-def stage2_args(workdir, *flags: str):
-    args = stage2_parser().parse_args(["--dataroot", str(workdir / "toy"), "--tensorname", "reads", "--network",
-                                       str(workdir / "models/stage1.t7"), "--imageSize", str(SIZE), "--shots", "1",
-                                       "--test_num", "3", "--augnum", "2", "--chooseNum", "3", "--galleryNum", "2",
-                                       "--nthreads", "0", "--progress", "0", "--device", "cpu", *flags])
-    resolve_stage2_args(args, CPU)
-    return args
-
-
-def train(workdir, splits, flags: tuple[str, ...], epoch: int, monkeypatch, mode: HostReads | None = None,
-          poison: int | None = None):
+def train(stage2_workdir, stage2_splits, flags: tuple[str, ...], epoch: int, monkeypatch,
+          mode: HostReads | None = None, poison: int | None = None):
     """One epoch of EPISODES training episodes. With ``mode``, all of it is watched but the optimiser
     steps (Adam reads its step count, a host tensor); with ``poison``, that episode's prototype loss is
     made NaN. Returns (progress, each episode's result, per DeviceSums read the episodes it covered)."""
-    args = stage2_args(workdir, *flags)
+    args = stage2_test_args(stage2_workdir, *flags)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
     groups = stage2.param_groups(model, args)
     optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(Gallery(splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize) \
+    bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize) \
         if args.deform != "none" else None
-    cache = FeatureCache(model.embed, len(splits["train"]), CPU, args.batchSize) if args.fixCls else None
-    dataset = stage2.episodes(splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank or []))
+    cache = FeatureCache(model.embed, len(stage2_splits["train"]), CPU, args.batchSize) if args.fixCls else None
+    dataset = stage2.episodes(stage2_splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank or []))
     dataset.set_epoch(epoch)
     seen, reads, run_episode = [], [], stage2.run_episode
 
@@ -139,12 +119,12 @@ CASES = [(("--fixCls", "1"), 0), (("--fixCls", "0"), 1), (("--fixCls", "1", "--d
 
 @pytest.mark.parametrize("flags, epoch", CASES, ids=[" ".join(flags) for flags, _ in CASES])
 def test_training_reads_the_device_every_sync_every_episodes_and_its_sums_equal_the_host_sums(
-        workdir, splits, flags, epoch, monkeypatch, host_reads) -> None:
+        stage2_workdir, stage2_splits, flags, epoch, monkeypatch, host_reads) -> None:
     """The host reads the sums (one ``tolist`` each) after SYNC_EVERY episodes and at the epoch's
     end, and no other value in the whole epoch but the optimisers' own. Each sum equals adding each
     episode's value on the host in episode order (float64 adds of the float32 values, as ``+=
     x.item()`` did), exactly."""
-    progress, seen, reads = train(workdir, splits, flags, epoch, monkeypatch, host_reads)
+    progress, seen, reads = train(stage2_workdir, stage2_splits, flags, epoch, monkeypatch, host_reads)
     assert len(seen) == EPISODES
     assert reads == [stage2.SYNC_EVERY, EPISODES - stage2.SYNC_EVERY]
     assert host_reads.reads == ["tolist", "tolist"]
@@ -168,26 +148,27 @@ def test_training_reads_the_device_every_sync_every_episodes_and_its_sums_equal_
 
 
 @pytest.mark.parametrize("poison", [3, 17])
-def test_a_non_finite_loss_is_named_at_the_next_read(workdir, splits, monkeypatch, poison) -> None:
+def test_a_non_finite_loss_is_named_at_the_next_read(stage2_workdir, stage2_splits, monkeypatch, poison) -> None:
     """The first episode with a non-finite loss is named (its index and classes) at the read that
     follows it: after SYNC_EVERY episodes, or at the epoch's end."""
-    args = stage2_args(workdir, "--fixCls", "1")
-    dataset = stage2.episodes(splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, 2 * splits["train"].num_classes)
+    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
+    train_split = stage2_splits["train"]
+    dataset = stage2.episodes(train_split, args, 5, EPISODES, stage2.TRAIN_STREAM, 2 * train_split.num_classes)
     dataset.set_epoch(0)
-    classes = " ".join(splits["train"].classes[c] for c in dataset[poison]["classes"].tolist())
+    classes = " ".join(stage2_splits["train"].classes[c] for c in dataset[poison]["classes"].tolist())
     with pytest.raises(TrainingDiverged) as raised:
-        train(workdir, splits, ("--fixCls", "1"), 0, monkeypatch, poison=poison)
+        train(stage2_workdir, stage2_splits, ("--fixCls", "1"), 0, monkeypatch, poison=poison)
     assert str(raised.value) == f"non-finite loss at epoch 0, episode {poison} (classes {classes})"
 
 
 def test_a_stop_reads_the_sums_first_so_the_saved_progress_holds_every_finished_episode(
-        workdir, splits, monkeypatch) -> None:
-    args = stage2_args(workdir, "--fixCls", "1")
+        stage2_workdir, stage2_splits, monkeypatch) -> None:
+    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
-    bank = GalleryBank(Gallery(splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
+    bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
     optimizers, _ = stage2.make_optimizers(model, args)
-    dataset = stage2.episodes(splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank))
+    dataset = stage2.episodes(stage2_splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank))
     dataset.set_epoch(0)
     seen, run_episode = [], stage2.run_episode
     monkeypatch.setattr(stage2, "run_episode", lambda *a, **k: seen.append(run_episode(*a, **k)) or seen[-1])
@@ -201,7 +182,7 @@ def test_a_stop_reads_the_sums_first_so_the_saved_progress_holds_every_finished_
     assert progress["acc"] == sum(r.accuracy.item() for r in seen)
 
 
-def test_evaluation_reads_nothing_per_episode(workdir, splits, monkeypatch, host_reads) -> None:
+def test_evaluation_reads_nothing_per_episode(stage2_workdir, stage2_splits, monkeypatch, host_reads) -> None:
     """Stage 2's evaluation reads two things once per pass (the per-episode values, the sums) and
     the stage-1 monitor one (its accuracies), whatever the number of episodes. (The advance pass
     that fills the feature cache reads the host-side image positions, and the loaders are loaded in
@@ -210,18 +191,19 @@ def test_evaluation_reads_nothing_per_episode(workdir, splits, monkeypatch, host
     loaded = watched(host_reads, lambda *args: Loaded(episode_loader(*args)), watching=False)
     monkeypatch.setattr(stage2, "episode_loader", loaded)
     monkeypatch.setattr(fewshot, "episode_loader", loaded)
-    args = stage2_args(workdir)
+    args = stage2_test_args(stage2_workdir)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
-    bank = GalleryBank(Gallery(splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
+    bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
     for episodes in (3, 9):
         host_reads.reads.clear()
-        dataset = stage2.episodes(splits["val"], args, 5, episodes, stage2.VAL_STREAM, len(bank), evaluation=True)
+        dataset = stage2.episodes(stage2_splits["val"], args, 5, episodes, stage2.VAL_STREAM, len(bank),
+                                  evaluation=True)
         stats = watched(host_reads, stage2.evaluate)(model, dataset, bank, args, CPU, "val", model.embed)
         assert host_reads.reads == ["tolist", "tolist"] and len(stats["acc"]) == episodes
 
         host_reads.reads.clear()
         net = EmbeddingNet(64).eval()
-        accuracies = watched(host_reads, evaluate_embedding)(net.features, splits["val"], SIZE, 5, 1, 3, episodes, 0,
-                                                             CPU, progress=False)
+        accuracies = watched(host_reads, evaluate_embedding)(net.features, stage2_splits["val"], SIZE, 5, 1, 3,
+                                                             episodes, 0, CPU, progress=False)
         assert host_reads.reads == ["tolist"] and len(accuracies) == episodes
