@@ -393,7 +393,9 @@ class DeviceSums:
 
     def __init__(self, sums: dict[str, float], device: torch.device) -> None:
         self.sums, self.keys = sums, [key for key in DEVICE_SUMS if key in sums]
-        self.totals = torch.tensor([float(sums[key]) for key in self.keys], dtype=torch.float64, device=device)
+        # built on the host and copied without waiting (a tensor made on the GPU from Python numbers waits)
+        self.totals = torch.tensor([float(sums[key]) for key in self.keys], dtype=torch.float64).to(
+            device, non_blocking=True)
         self.zero = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
         self.unread = 0
