@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import engine.stage2 as stage2
 from datasets import Gallery
 from datasets.loaders import episode_loader
+from engine import fewshot
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
-from engine import fewshot
 from engine.fewshot import evaluate_embedding
 from models import EmbeddingNet
 from tests.scripts_helpers import stage2_test_args
@@ -108,7 +108,7 @@ def train(stage2_workdir, stage2_splits, flags: tuple[str, ...], epoch: int, mon
         train_one_epoch = watched(mode, train_one_epoch)
     progress = stage2.new_progress()
     train_one_epoch(model, Loaded(episode_loader(dataset, 0, CPU)), bank, stage2.episode_config(args, 5, True), CPU,
-                           epoch, groups, optimizers, model.embed, progress, show=False, cache=cache)
+                    epoch, groups, optimizers, model.embed, progress, show=False, cache=cache)
     return progress, seen, reads
 
 
