@@ -85,13 +85,13 @@ def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) 
     """One episode per step, decoded in ``workers`` background processes and prefetched
     (at lower priority when ``device`` is the CPU)."""
     return StopSafeLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_episode,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=worker_init_for(device))
+                          pin_memory=device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None,
+                          worker_init_fn=worker_init_for(device))
 
 
 def image_loader(dataset: CroppedImages, batch: int, workers: int, device: torch.device) -> DataLoader:
     """Batches of ``batch`` crops in order, decoded in ``workers`` background processes."""
     return StopSafeLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=worker_init_for(device))
+                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+                          worker_init_fn=worker_init_for(device))

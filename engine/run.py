@@ -197,9 +197,13 @@ class Run:
             raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
                               f"{self.dir} has already trained")
         self.args, self.fields, self.checkpoint, self.info = dict(vars(args)), fields, checkpoint, info
-        self.is_main = info.is_main
         self.log_file: MetricsLog | None = None
         self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (the only one without distribution)."""
+        return self.info.is_main
 
     @property
     def state_path(self) -> Path:
