@@ -26,8 +26,8 @@ from engine.features import FeatureCache
 from engine.options import resolve_stage2_args, stage2_parser
 from engine.run import Run, run_lock
 from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
-                           epoch_row, episodes, evaluate, gallery_pass_line, make_embed, make_optimizers, new_progress,
-                           param_groups, prepare, report, selection_columns, step_schedulers, train_one_epoch,
+                           epoch_row, episodes, evaluate, gallery_pass_line, initialize_scale, make_embed,
+                           make_optimizers, new_progress, param_groups, prepare, report, selection_columns, step_schedulers, train_one_epoch,
                            write_figure)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
@@ -88,6 +88,14 @@ def main(args: argparse.Namespace) -> int:
         # With the embedding frozen for the run, each image is embedded once per run, not once per pass.
         caches = {name: FeatureCache(embed, len(split), device, args.batchSize, bool(args.amp))
                   for name, split in splits.items()} if not groups[1] else {}
+        if saved is None:
+            def first_episode() -> dict:
+                train_set.set_epoch(0)
+                return train_set[0]
+            scale_line = initialize_scale(model, args.scaleInit, first_episode, args.trainways, device, embed,
+                                          train_config, caches.get("train"))
+            if scale_line:
+                print(scale_line, flush=True)
         run.start(record["rows"])
 
         def save_state(epoch: int) -> None:

@@ -86,10 +86,9 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, revision or None, stage1, tuple(shlex.split(second)) if split else stage1)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", action="append", default=[],
-                   help="NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: one variant 'default:')")
+def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
+    """The flags of the runs both the outcome benchmark and the study (``benchmarks/study.py``) launch."""
+    p.add_argument("--variant", action="append", default=[], help=variant_help)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")
     p.add_argument("--data", default="toy", help="toy, emoji (generated in --workdir) or a dataset root")
     p.add_argument("--perClass", type=int, default=None, help="generated images per class (toy 30, emoji 60)")
@@ -103,10 +102,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--s2Val", type=int, default=50, help="stage-2 val episodes per epoch (selection)")
     p.add_argument("--s2Test", type=int, default=300, help="stage-2 test episodes")
     p.add_argument("--galleryNum", type=int, default=10, help="stage 2's --galleryNum")
-    p.add_argument("--evalEpisodes", type=int, default=300, help="episodes of each stage-1 evaluation")
-    p.add_argument("--preciseImages", type=int, default=1024, help="clean training images of the re-estimation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--nthreads", type=int, default=2, help="loader workers of the scripts and the evaluation")
+
+
+def check_run_args(a: argparse.Namespace) -> list[Variant]:
+    """The parsed ``--variant`` list (``default:`` when none) after checking the flags of
+    :func:`add_run_args`."""
+    variants = [parse_variant(text) for text in (a.variant or ["default:"])]
+    if len({v.name for v in variants}) != len(variants):
+        raise OptionError("--variant: two variants share a name")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise OptionError(f"--seeds {' '.join(map(str, a.seeds))}: repeated seed")
+    for flag in ("imageSize", "s1Epochs", "s1Files", "s1Batch", "s2Epochs", "s2Episodes", "s2Val", "s2Test",
+                 "galleryNum"):
+        if getattr(a, flag) < 1:
+            raise OptionError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    return variants
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_args(p, "NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: one variant 'default:')")
+    p.add_argument("--evalEpisodes", type=int, default=300, help="episodes of each stage-1 evaluation")
+    p.add_argument("--preciseImages", type=int, default=1024, help="clean training images of the re-estimation")
     p.add_argument("--workdir", default="runs/outcome", help="folder of the runs, data, code trees and results")
     p.add_argument("--json", default=None, help="also write the summary to this file")
     return p
@@ -187,27 +206,53 @@ def evaluate_file(path: Path, root: Path, a: argparse.Namespace, seed: int, devi
     return out
 
 
+def script_flags(a: argparse.Namespace, root: Path, seed: int, start: str = "--overwrite") -> list[str]:
+    """The flags both scripts get from the benchmark's own (``start``: ``--overwrite`` or ``--resume``)."""
+    return ["--dataroot", str(root), "--imageSize", str(a.imageSize), "--seed", str(seed), "--nthreads",
+            str(a.nthreads), "--progress", "0", start] + (["--device", a.device] if a.device else [])
+
+
+def stage1_flags(a: argparse.Namespace, root: Path, seed: int, name: str, extra: tuple[str, ...]) -> list[str]:
+    """``classification.py``'s command line for the stage-1 run ``name``."""
+    return script_flags(a, root, seed) + ["--tensorname", name, "--numEpochs", str(a.s1Epochs),
+                                          "--batchSize", str(a.s1Batch), "--filesPerClass", str(a.s1Files),
+                                          "--valEpisodes", "0", *extra]
+
+
+def stage2_flags(a: argparse.Namespace, root: Path, seed: int, network: str, name: str, extra: tuple[str, ...],
+                 start: str = "--overwrite") -> list[str]:
+    """``onlyBasetwoLoss.py``'s command line for the round-1 1-shot run ``name`` from ``network``
+    (``start``: ``--overwrite``, or ``--resume`` to continue it)."""
+    return script_flags(a, root, seed, start) + ["--network", network, "--tensorname", name, "--shots", "1",
+                                          "--fixCls", "1", "--galleryNum", str(a.galleryNum), "--epoch",
+                                          str(a.s2Episodes), "--numEpochs", str(a.s2Epochs), "--valEpisodes",
+                                          str(a.s2Val), "--testEpisodes", str(a.s2Test), *extra]
+
+
+def reusable(path: Path, settings: dict) -> dict | None:
+    """The result saved at ``path`` when it was made with ``settings``, else None."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            print(f"{path.stem}: reused {path}", flush=True)
+            return saved
+    return None
+
+
 def run_one(variant: Variant, seed: int, root: Path, a: argparse.Namespace, workdir: Path,
             device: torch.device) -> dict:
     """Both stages of one variant and seed, and their numbers; reused from ``results/`` when the
     settings are the same."""
     code, commit = code_tree(variant.revision, workdir)
     name = f"{variant.name}_seed{seed}"
-    common = ["--dataroot", str(root), "--imageSize", str(a.imageSize), "--seed", str(seed), "--nthreads",
-              str(a.nthreads), "--progress", "0", "--overwrite"] + (["--device", a.device] if a.device else [])
-    stage1 = common + ["--tensorname", f"s1_{name}", "--numEpochs", str(a.s1Epochs), "--batchSize", str(a.s1Batch),
-                       "--filesPerClass", str(a.s1Files), "--valEpisodes", "0", *variant.stage1_flags]
-    stage2 = common + ["--network", f"s1_{name}", "--tensorname", f"s2_{name}", "--shots", "1", "--fixCls", "1", "--galleryNum",
-                       str(a.galleryNum), "--epoch", str(a.s2Episodes), "--numEpochs", str(a.s2Epochs),
-                       "--valEpisodes", str(a.s2Val), "--testEpisodes", str(a.s2Test), *variant.stage2_flags]
+    stage1 = stage1_flags(a, root, seed, f"s1_{name}", variant.stage1_flags)
+    stage2 = stage2_flags(a, root, seed, f"s1_{name}", f"s2_{name}", variant.stage2_flags)
     settings = {"commit": commit, "stage1": stage1, "stage2": stage2, "evalEpisodes": a.evalEpisodes,
                 "preciseImages": a.preciseImages, "evalSeed": EVAL_SEED}
     result_path = workdir / "results" / f"{name}.json"
-    if result_path.is_file():
-        saved = json.loads(result_path.read_text())
-        if saved["settings"] == settings:
-            print(f"{name}: reused {result_path}", flush=True)
-            return saved
+    saved = reusable(result_path, settings)
+    if saved is not None:
+        return saved
     print(f"{name}: stage 1", flush=True)
     result = {"variant": variant.name, "seed": seed, "settings": settings}
     result["stage1_s"] = run_script(code, "classification.py", stage1, workdir, workdir / "logs" / f"s1_{name}.log")
@@ -269,15 +314,9 @@ def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> N
 
 
 def main(a: argparse.Namespace) -> int:
-    variants = [parse_variant(text) for text in (a.variant or ["default:"])]
-    if len({v.name for v in variants}) != len(variants):
-        raise OptionError("--variant: two variants share a name")
-    if len(set(a.seeds)) != len(a.seeds):
-        raise OptionError(f"--seeds {' '.join(map(str, a.seeds))}: repeated seed")
-    for flag in ("imageSize", "s1Epochs", "s1Files", "s1Batch", "s2Epochs", "s2Episodes", "s2Val", "s2Test",
-                 "galleryNum", "evalEpisodes"):
-        if getattr(a, flag) < 1:
-            raise OptionError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    variants = check_run_args(a)
+    if a.evalEpisodes < 1:
+        raise OptionError(f"--evalEpisodes must be at least 1, got {a.evalEpisodes}")
     if a.preciseImages < 2:
         raise OptionError(f"--preciseImages must be at least 2, got {a.preciseImages}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -3,6 +3,7 @@ come from here, and so do the benchmarks'."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -81,6 +82,19 @@ def stage1_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def scale_init(text: str) -> float | str:
+    """``--scaleInit``: ``auto`` or a positive finite number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive number, got {text!r}")
+    return value
+
+
 def stage2_parser() -> argparse.ArgumentParser:
     """The flags of ``onlyBasetwoLoss.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
@@ -103,6 +117,11 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixCls", type=int, default=0, choices=(0, 1), help="1: freeze the embedding and fc")
     parser.add_argument("--fixAttention", type=int, default=0, choices=(0, 1), help="1: freeze the deformation sub-network")
     parser.add_argument("--fixScale", type=int, default=0, choices=(0, 1), help="1: freeze the distance scale")
+    parser.add_argument("--scaleInit", type=scale_init, default=None,
+                        help="initial distance scale of a new run: a positive number, or auto, 1 / the mean over the "
+                        "first training episode's queries of the standard deviation of their squared distances to the "
+                        "plain prototypes, so that each query's logits start with unit spread (default: the "
+                        "checkpoint's, 1 from a stage-1 --network as in the original; a resume key)")
     parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
                         help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
                         "twobranch, the paper's two ResNet branches (of the embedding's backbone)")

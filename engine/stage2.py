@@ -16,15 +16,17 @@ from tqdm import tqdm
 from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
 from datasets.lowshot import read_stage_split
 from datasets.loaders import episode_loader
+from datasets.transforms import prepare_images
 from engine.episode import (EPISODE_CLASS, GALLERY_CALL, GALLERY_SHARES, SAME_CLASS, EpisodeConfig, EpisodeResult,
                             GalleryBank, episode_gradients, episode_on_device, gallery_relation, run_episode)
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
+from models.protonet import prototypes, squared_distances
 from utils.checkpoint import resolve_checkpoint
 from utils.errors import OptionError, TrainingDiverged
-from utils.forward import AutocastReplica, layout_model, step_optimizers
+from utils.forward import AutocastReplica, autocast, embed_in_chunks, layout_model, step_optimizers
 from utils.interrupt import Interrupted, check_stop
 from utils.metrics import format_accuracy, mean_ci95
 from utils.options import configure_backend
@@ -38,7 +40,7 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
                "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
                "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn", "overlap",
-               "memoryFormat")
+               "memoryFormat", "scaleInit")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 # Training episodes between two reads of the device-side sums by the host (a read waits for the GPU):
 # the divergence check and the progress bar's numbers come that often.
@@ -161,6 +163,38 @@ def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = Fals
         return nn.DataParallel(AutocastReplica(model.backbone), device_ids=[device.index, *others],
                                output_device=device.index)
     return model.embed
+
+
+@torch.no_grad()
+def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device, embed, config: EpisodeConfig,
+               cache: FeatureCache | None = None) -> float:
+    """``--scaleInit auto``'s scale from one episode (an item of :class:`datasets.EpisodeDataset`):
+    1 / the mean over its queries of the standard deviation of their squared distances ``[Q, W]`` to
+    the plain prototypes, so that each query's logits ``-scale * d`` start with unit spread."""
+    episode = episode_on_device(episode, device)
+    features = []
+    for part in ("support", "query"):
+        if cache is not None:
+            features.append(cache.lookup(episode[f"{part}_ids"], episode.get(part)))
+        else:
+            with autocast(device, config.amp):
+                features.append(embed_in_chunks(embed, prepare_images(episode[part], device), config.chunk))
+    support, query = (f.float() for f in features)
+    distances = squared_distances(query, prototypes(support, episode["support_labels"], ways))
+    return 1.0 / distances.std(dim=1).mean().item()
+
+
+def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
+                     device: torch.device, embed, config: EpisodeConfig, cache: FeatureCache | None = None) -> str | None:
+    """Set ``model.scale`` for ``--scaleInit`` (a number, or ``auto`` from ``first_episode()``, the
+    first training episode); returns the log line, None when the checkpoint's scale stays."""
+    if value is None:
+        return None
+    scale = auto_scale(first_episode(), ways, device, embed, config, cache) if value == "auto" else float(value)
+    if not math.isfinite(scale) or scale <= 0:
+        raise OptionError(f"--scaleInit auto: the first training episode's distances give no usable scale ({scale})")
+    model.scale.data.fill_(scale)
+    return f"initial scale {scale:.6g} (--scaleInit {value})"
 
 
 def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,

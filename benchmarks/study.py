@@ -1,0 +1,251 @@
+"""Does the deformation help, and when? Stage 2's learning over seeds, measured along a long schedule.
+
+Per seed, one stage-1 network (``classification.py``) is trained and shared by every variant; each
+variant (a set of stage-2 flags) then trains stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls
+1``) for ``--s2Epochs`` x ``--s2Episodes`` training episodes. After every epoch the script itself
+evaluates the same ``--s2Val`` val episodes with and without deformation; the study reads each run's
+``metrics.csv`` for the curves (paired val gain, weight mean and spread, scale, prototype loss,
+same-class share of the gallery picks) and its test report for the end of the schedule, and
+summarises every number over the seeds (mean and 95 % t-interval), with each variant's paired
+difference from the first.
+
+    python benchmarks/study.py --data emoji --imageSize 32 --seeds 0 1 2 --s1Epochs 8 --s1Files 60 \\
+        --s2Epochs 10 --s2Episodes 200 --s2Val 100 --s2Test 300 --device cpu \\
+        --variant 'faithful:' --variant 'galleryEval:--galleryBN eval' \\
+        --variant 'exclude:--galleryExclude episode' --variant 'scaleAuto:--scaleInit auto'
+
+It runs the scripts through the outcome benchmark's machinery (``benchmarks/outcome.py``). Finished
+runs are reused; a run asked for more epochs than it has is continued (``--resume``), so a study is
+extended by the same command with a larger ``--s2Epochs``, and an interrupted one goes on where it
+stopped. Runs of the working tree are reused across commits (delete ``--workdir``'s ``results/`` after
+changing what the scripts compute); a ``NAME@REVISION`` variant runs that commit's scripts. Output in
+``--workdir``: ``study.json`` (summary), ``study.csv`` (every curve point), ``study.png`` (the figure).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.runtime import set_process_env  # noqa: E402
+
+set_process_env()  # before torch loads, as in the scripts
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import time  # noqa: E402
+
+from benchmarks.outcome import (REPO, Variant, add_run_args, check_run_args, code_tree, prepare_data,  # noqa: E402
+                                reusable, run_script, stage1_flags, stage2_flags)
+from utils.files import read_csv, write_csv, write_json  # noqa: E402
+from utils.metrics import mean_t_ci95  # noqa: E402
+from utils.options import run_cli  # noqa: E402
+
+# Per-epoch columns of a stage-2 metrics.csv the curves keep, by the study's name.
+CURVE_COLUMNS = {"val_acc": "select_acc", "val_plain": "select_plain_acc", "weight_mean": "weight_mean",
+                 "weight_std": "weight_std", "scale": "scale", "proto_loss": "proto_loss",
+                 "gallery_same_class": "train_gallery_same_class", "val_weight_mean": "select_weight_mean"}
+CURVE_FIELDS = ["variant", "seed", "epoch", "episodes", "val_gain", *CURVE_COLUMNS]
+# End-of-schedule numbers: the last epoch's curve point, and the test report of the weights the
+# script keeps (best val accuracy with deformation).
+END_METRICS = ["val_gain", "val_acc", "val_plain", "weight_mean", "weight_std", "scale", "proto_loss",
+               "gallery_same_class", "test_gain", "test_acc", "test_plain"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_args(p, "NAME[@REVISION]:FLAGS, stage-2 flags, repeated; the first is the baseline of the paired "
+                 "differences (default: one variant 'default:')")
+    p.add_argument("--s1Flags", default="", help="extra flags of every stage-1 run (one network per seed)")
+    p.add_argument("--workdir", default="runs/study", help="folder of the runs, data, code trees and results")
+    p.add_argument("--figure", default=None, help="the figure's path (default: study.png in --workdir)")
+    p.set_defaults(s1Epochs=8, s1Files=60, s2Epochs=10, s2Episodes=200, s2Val=100)
+    return p
+
+
+def run_stage1(a: argparse.Namespace, root: Path, seed: int, workdir: Path) -> dict:
+    """The seed's stage-1 network ``models/s1_seed<S>.t7``, trained unless a run with the same flags
+    made it; returns its record (settings, time)."""
+    name = f"s1_seed{seed}"
+    flags = stage1_flags(a, root, seed, name, tuple(shlex.split(a.s1Flags)))
+    settings = {"stage1": flags}
+    path = workdir / "results" / f"{name}.json"
+    saved = reusable(path, settings)
+    if saved is not None and (workdir / "models" / f"{name}.t7").is_file():
+        return saved
+    print(f"{name}: stage 1", flush=True)
+    record = {"settings": settings, "stage1_s": run_script(REPO, "classification.py", flags, workdir,
+                                                          workdir / "logs" / f"{name}.log")}
+    write_json(path, record)
+    return record
+
+
+def run_stage2(variant: Variant, seed: int, a: argparse.Namespace, root: Path, workdir: Path, stage1: dict) -> dict:
+    """One variant's stage-2 run of ``seed`` for ``--s2Epochs`` epochs: reused when done, continued
+    (``--resume``) when it has fewer, started anew otherwise; returns its curve and test report."""
+    code, commit = code_tree(variant.revision, workdir)
+    name = f"{variant.name}_seed{seed}"
+    flags = stage2_flags(a, root, seed, f"s1_seed{seed}", f"s2_{name}", variant.stage2_flags)
+    at = flags.index("--numEpochs")
+    settings = {"commit": commit if variant.revision else "working tree", "stage1": stage1["settings"]["stage1"],
+                "stage2": flags[:at] + flags[at + 2:]}
+    path = workdir / "results" / f"{name}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    same = saved is not None and saved["settings"] == settings
+    if same and saved.get("done") and saved["epochs"] == a.s2Epochs:
+        print(f"{name}: reused {path}", flush=True)
+        return saved
+    state = workdir / "runs" / f"s2_{name}" / "resume.pt"
+    if same and state.is_file() and saved["epochs"] <= a.s2Epochs:
+        flags[flags.index("--overwrite")] = "--resume"
+        print(f"{name}: stage 2, continued to {a.s2Epochs} epochs", flush=True)
+    else:
+        print(f"{name}: stage 2", flush=True)
+    write_json(path, {"settings": settings, "epochs": a.s2Epochs, "done": False})
+    spent = (saved or {}).get("stage2_s", 0.0) if same else 0.0
+    spent += run_script(code, "onlyBasetwoLoss.py", flags, workdir, workdir / "logs" / f"s2_{name}.log")
+    result = {"variant": variant.name, "seed": seed, "settings": settings, "epochs": a.s2Epochs, "done": True,
+              "commit": commit, "stage2_s": spent, **read_run(workdir, name, seed, a.s2Episodes)}
+    write_json(path, result)
+    return result
+
+
+def read_run(workdir: Path, name: str, seed: int, episodes_per_epoch: int) -> dict:
+    """A finished stage-2 run's ``curve`` (one point per epoch, from its metrics.csv) and end-of-
+    schedule numbers (the last point's, and the test report's ``test_*``)."""
+    curve = []
+    for row in read_csv(workdir / "runs" / f"s2_{name}" / "metrics.csv"):
+        point = {"epoch": int(row["epoch"]), "episodes": (int(row["epoch"]) + 1) * episodes_per_epoch}
+        point.update({key: float(row[column]) if row[column] != "" else math.nan
+                      for key, column in CURVE_COLUMNS.items()})
+        point["val_gain"] = point["val_acc"] - point["val_plain"]
+        curve.append(point)
+    report = json.loads((workdir / "runs" / f"s2_{name}" / f"evaluate_1shot_seed{seed}.json").read_text())
+    end = {key: curve[-1][key] for key in END_METRICS if key in curve[-1]}
+    end.update(test_gain=report["difference"], test_acc=report["accuracy"], test_plain=report["plain_accuracy"])
+    return {"curve": curve, "end": end}
+
+
+def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) -> dict:
+    """Per variant: each end-of-schedule number's mean, 95 % t half-interval and values over the
+    seeds, and the curves' mean per epoch; per other variant: the paired difference from the first."""
+    by = {(r["variant"], r["seed"]): r for r in results}
+    summary = {"variants": {}, "differences": {}, "curves": {}}
+    for v in variants:
+        runs = [by[v.name, s] for s in seeds]
+        summary["variants"][v.name] = {metric: interval([r["end"][metric] for r in runs]) for metric in END_METRICS}
+        summary["variants"][v.name]["flags"] = " ".join(v.stage2_flags)
+        epochs = min(len(r["curve"]) for r in runs)
+        summary["curves"][v.name] = [
+            {"episodes": runs[0]["curve"][i]["episodes"],
+             **{key: interval([r["curve"][i][key] for r in runs]) for key in ("val_gain", "weight_mean", "scale",
+                                                                             "gallery_same_class")}}
+            for i in range(epochs)]
+    base = variants[0].name
+    for v in variants[1:]:
+        summary["differences"][v.name] = {
+            metric: interval([by[v.name, s]["end"][metric] - by[base, s]["end"][metric] for s in seeds])
+            for metric in ("val_gain", "test_gain", "test_acc")}
+    return summary
+
+
+def interval(values: list[float]) -> dict:
+    """Mean, 95 % t half-interval over the values (nan for one), the values, and whether the interval
+    leaves out 0."""
+    mean, half = mean_t_ci95(values)
+    return {"mean": mean, "half_width_95": half, "values": values,
+            "excludes_zero": bool(abs(mean) > half) if len(values) > 1 else None}
+
+
+def table(summary: dict, variants: list[Variant], seeds: list[int]) -> str:
+    """The end-of-schedule table (markdown), as the README shows it."""
+    rows = [("paired val gain, last weights", "val_gain", 2), ("paired test gain, kept weights", "test_gain", 2),
+            ("test accuracy with deformation", "test_acc", 2), ("test accuracy without", "test_plain", 2),
+            ("weight mean", "weight_mean", 3), ("weight spread (std)", "weight_std", 3), ("scale", "scale", 4),
+            ("prototype loss", "proto_loss", 3), ("same-class gallery picks", "gallery_same_class", 3)]
+    names = [v.name for v in variants]
+    lines = [f"{len(seeds)} seeds ({' '.join(map(str, seeds))}); mean +- 95 % t half-interval over the seeds; "
+             "accuracies and gains in points",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key, digits in rows:
+        cells = []
+        for n in names:
+            s = summary["variants"][n][key]
+            mark = " *" if key.endswith("gain") and s["excludes_zero"] else ""
+            cells.append(f"{s['mean']:+.{digits}f} +- {s['half_width_95']:.{digits}f}{mark}" if key.endswith("gain")
+                         else f"{s['mean']:.{digits}g} +- {s['half_width_95']:.{digits}g}" if key == "scale"
+                         else f"{s['mean']:.{digits}f} +- {s['half_width_95']:.{digits}f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for n in names[1:]:
+        d = summary["differences"][n]["test_gain"]
+        mark = " (exceeds noise)" if d["excludes_zero"] else " (within noise)"
+        lines.append(f"| test gain, {n} - {names[0]} | " + " | ".join(
+            f"{d['mean']:+.2f} +- {d['half_width_95']:.2f}{mark}" if m == n else "" for m in names) + " |")
+    lines.append("(* the gain's interval leaves out 0)")
+    return "\n".join(lines)
+
+
+def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
+    """Paired val gain, weight mean, scale and same-class share against training episodes, one line per
+    variant (mean over seeds) with its 95 % t band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("val_gain", "paired val gain (points)", "linear"), ("weight_mean", "weight mean (1: the probe)", "linear"),
+              ("scale", "scale", "log"), ("gallery_same_class", "same-class gallery picks", "linear")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (key, title, yscale) in zip(axes, panels):
+        for v in variants:
+            curve = summary["curves"][v.name]
+            x = [p["episodes"] for p in curve]
+            mean = [p[key]["mean"] for p in curve]
+            half = [0.0 if math.isnan(p[key]["half_width_95"]) else p[key]["half_width_95"] for p in curve]
+            line, = axis.plot(x, mean, marker="o", markersize=3, label=v.name)
+            low = [max(m - h, 1e-6) if yscale == "log" else m - h for m, h in zip(mean, half)]
+            axis.fill_between(x, low, [m + h for m, h in zip(mean, half)], color=line.get_color(), alpha=0.18)
+        if key == "val_gain":
+            axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_yscale(yscale)
+        axis.set_title(title)
+        axis.set_xlabel("training episodes")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(a: argparse.Namespace) -> int:
+    variants = check_run_args(a)
+    workdir = Path(a.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = prepare_data(a, workdir)
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    results = []
+    for seed in a.seeds:
+        stage1 = run_stage1(a, root, seed, workdir)
+        results += [run_stage2(v, seed, a, root, workdir, stage1) for v in variants]
+    summary = summarize(results, variants, a.seeds)
+    summary["setup"] = {"argv": sys.argv[1:], "data": str(root), "machine": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
+                        "wall_s": time.perf_counter() - start,
+                        "stage2_s": {r["variant"] + f"_seed{r['seed']}": r["stage2_s"] for r in results}}
+    write_csv(workdir / "study.csv", [{"variant": r["variant"], "seed": r["seed"], **p} for r in results
+                                      for p in r["curve"]], CURVE_FIELDS)
+    write_json(workdir / "study.json", summary)
+    figure = write_figure(summary, variants, Path(a.figure) if a.figure else workdir / "study.png")
+    print("\n" + table(summary, variants, a.seeds))
+    print(json.dumps({"study": str(workdir / "study.json"), "figure": str(figure),
+                      "wall_s": round(summary["setup"]["wall_s"], 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
