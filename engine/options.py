@@ -13,14 +13,19 @@ from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MO
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
-from utils.options import check_positive
+from utils.options import HelpFormatter, check_positive
 
 CUDA_CHUNK, CPU_CHUNK = 128, 16  # stage 2's default --batchSize per device
+CHUNK_HELP = (f"images per forward chunk; smaller chunks need less memory and run faster on the CPU "
+              f"(default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+THREADS_HELP = "DataLoader workers and image-decoding threads (default: 4, or the CPU count when smaller)"
+DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
+PROGRESS_HELP = "show progress bars (default: 1 when stderr is a terminal, else 0)"
 
 
-def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None = 128,
-                    batch_help: str = "images per batch") -> None:
-    """Flags both training scripts share (``--batchSize`` with each script's default and meaning)."""
+def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str) -> None:
+    """Flags both training scripts share (``--batchSize`` and ``--LR`` with each script's default and meaning)."""
     parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root: images/ plus train/val/test.csv, "
                         "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
     parser.add_argument("--lowshotmeta", default=None,
@@ -31,11 +36,10 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None =
     parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
     parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
     parser.add_argument("--network", default="None", help="stage-1 checkpoint to start from (models/<name>.t7), or None")
-    parser.add_argument("--LR", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
     parser.add_argument("--batchSize", type=int, default=batch_default, help=batch_help)
-    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader workers and image-decoding threads")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
                         "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
@@ -52,19 +56,18 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None =
     parser.add_argument("--overwrite", action="store_true", help="start anew even if runs/<tensorname>/ holds a run")
     parser.add_argument("--skipBadImages", action="store_true",
                         help="leave unreadable or truncated images out (reported) instead of stopping")
-    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show progress bars")
+    parser.add_argument("--progress", type=int, default=None, choices=(0, 1), help=PROGRESS_HELP)
 
 
 def stage1_parser() -> argparse.ArgumentParser:
     """The flags of ``classification.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 1: soft-random embedding pre-training",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(parser)
-    parser.set_defaults(tensorname="softRandom")
+                                     formatter_class=HelpFormatter)
+    add_common_args(parser, 128, "global batch (split over the processes under torchrun)", "learning rate")
     parser.add_argument("--numEpochs", type=int, default=35, help="training epochs")
     parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
-                        help=f"embedding ResNet (models.embedding.BACKBONES); default: {DEFAULT_BACKBONE} for a fresh "
-                        "network, the checkpoint's own with --network")
+                        help=f"embedding ResNet (models.embedding.BACKBONES) (default: {DEFAULT_BACKBONE} for a new "
+                        "network, the checkpoint's own with --network)")
     parser.add_argument("--filesPerClass", type=int, default=500,
                         help="first files of each base class used (0: every file)")
     parser.add_argument("--crop", default="tv02", choices=CROPS,
@@ -98,30 +101,29 @@ def scale_init(text: str) -> float | str:
 def stage2_parser() -> argparse.ArgumentParser:
     """The flags of ``onlyBasetwoLoss.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(parser, batch_default=None,
-                    batch_help=f"images per forward chunk (default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU, "
-                    "where smaller chunks need less memory and run faster)")
-    parser.set_defaults(tensorname="metaNet")
+                                     formatter_class=HelpFormatter)
+    add_common_args(parser, None, CHUNK_HELP, "learning rate of the deformation sub-network and of the scale")
     parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (ours or the authors' metaNet_*shot.t7)")
     parser.add_argument("--shots", type=int, default=1, help="support images per class")
     parser.add_argument("--ways", type=int, default=5, help="classes per val/test episode")
     parser.add_argument("--trainways", type=int, default=5, help="classes per training episode")
     parser.add_argument("--test_num", type=int, default=15, help="query images per class")
-    parser.add_argument("--augnum", type=int, default=None, help="deformed copies per support image (7 for 1-shot, 5 otherwise)")
-    parser.add_argument("--chooseNum", type=int, default=None, help="nearest gallery images per class (15 for 1-shot, 30 otherwise)")
+    parser.add_argument("--augnum", type=int, default=None,
+                        help="deformed copies per support image (default: 7 for 1-shot, 5 otherwise)")
+    parser.add_argument("--chooseNum", type=int, default=None,
+                        help="nearest gallery images per class (default: 15 for 1-shot, 30 otherwise)")
     parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
     parser.add_argument("--epoch", type=int, default=600, help="training episodes per epoch")
     parser.add_argument("--numEpochs", type=int, default=120, help="training epochs")
-    parser.add_argument("--clsLR", type=float, default=1e-3, help="fc learning rate (the embedding gets clsLR * 0.1)")
+    parser.add_argument("--clsLR", type=float, default=1e-3, help="learning rate of the fc (the embedding's is clsLR * 0.1)")
     parser.add_argument("--fixCls", type=int, default=0, choices=(0, 1), help="1: freeze the embedding and fc")
     parser.add_argument("--fixAttention", type=int, default=0, choices=(0, 1), help="1: freeze the deformation sub-network")
     parser.add_argument("--fixScale", type=int, default=0, choices=(0, 1), help="1: freeze the distance scale")
     parser.add_argument("--scaleInit", type=scale_init, default=None,
                         help="initial distance scale of a new run: a positive number, or auto, 1 / the mean over the "
                         "first training episode's queries of the standard deviation of their squared distances to the "
-                        "plain prototypes, so that each query's logits start with unit spread (default: the "
-                        "checkpoint's, 1 from a stage-1 --network as in the original; a resume key)")
+                        "plain prototypes, so that each query's logits start with unit spread; a resume key (default: "
+                        "the checkpoint's, 1 from a stage-1 --network as in the original)")
     parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
                         help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
                         "twobranch, the paper's two ResNet branches (of the embedding's backbone)")
@@ -184,7 +186,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
     """The flags of ``lowshot_imagenet.py`` (the benchmark's own names where it has them)."""
     parser = argparse.ArgumentParser(description="IDeMe-Net on the ImageNet-1K low-shot benchmark "
                                      "(Hariharan & Girshick 2017): top-1/top-5 over five trials",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--imagenet", required=True, help="ILSVRC-2012 root holding train/<wnid>/ and val/<wnid>/ "
                         "(scripts/fold_imagenet_val.py makes val/ class folders)")
     parser.add_argument("--lowshotmeta", required=True, help="the benchmark's class split, label_idx.json")
@@ -203,9 +205,10 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="trials (split files) to run")
     parser.add_argument("--lowshotn", type=int, nargs="+", default=[1, 2, 5, 10, 20],
                         help="novel examples per class, n")
-    parser.add_argument("--augnum", type=int, default=None, help="deformed copies per example (7 for n = 1, 5 otherwise)")
+    parser.add_argument("--augnum", type=int, default=None,
+                        help="deformed copies per example (default: 7 for n = 1, 5 otherwise)")
     parser.add_argument("--chooseNum", type=int, default=None,
-                        help="nearest gallery images per class (15 for n = 1, 30 otherwise)")
+                        help="nearest gallery images per class (default: 15 for n = 1, 30 otherwise)")
     parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
     parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
                         help="learned (the stage-2 network), random U(0,1) weights, or none (prototypes only)")
@@ -215,17 +218,16 @@ def lowshot_parser() -> argparse.ArgumentParser:
                         help="deformation sub-network of the --GNet checkpoint")
     parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels")
     parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
-    parser.add_argument("--batchSize", type=int, default=None,
-                        help=f"images per forward chunk (default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
-    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding workers")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--batchSize", type=int, default=None, help=CHUNK_HELP)
+    parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of the deformation draws")
     parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
                         "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1), help="deterministic CUDA kernels")
     parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
                         help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1)")
-    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show progress bars")
+    parser.add_argument("--progress", type=int, default=None, choices=(0, 1), help=PROGRESS_HELP)
     return parser
 
 

@@ -4,10 +4,13 @@
 # without deformation -> figures. It runs the real scripts with small settings, prints an
 # estimate of its time before it starts and the time of each stage at the end.
 # Settings come from the environment; QUICK=1 halves the training and evaluation (for CI).
-# It writes data/, models/, runs/ and picture/ under WORKDIR (default: the repository).
+# It writes data/, models/, runs/ and picture/ under WORKDIR (default: runs/demo of the repository,
+# which git ignores, so the checkout stays clean); FIGURES=DIR also copies the figures into DIR
+# (FIGURES=docs/figures regenerates the README's).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORKDIR=${WORKDIR:-$REPO}
+WORKDIR=${WORKDIR:-$REPO/runs/demo}
+FIGURES=${FIGURES:+$(mkdir -p "$FIGURES" && cd "$FIGURES" && pwd)}  # absolute: the demo runs in WORKDIR
 mkdir -p "$WORKDIR" && cd "$WORKDIR"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -62,6 +65,11 @@ evaluation=$(( SECONDS - start - setup - stage1 - stage2 ))
 python "$REPO/scripts/plot_metrics.py" runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png
 echo
 python "$REPO/scripts/summarize.py" runs/demo_1shot/evaluate_1shot_seed"$SEED".json
-echo "figures: picture/demo_1shot_deformed.png (probe | gallery | weights | deformed)"
+if [ -n "$FIGURES" ]; then
+  cp picture/demo_1shot_deformed.png picture/demo_1shot_deformed_train.png picture/demo_1shot_curves.png "$FIGURES"/
+fi
+echo "outputs in $WORKDIR: models/, runs/demo_1shot/ (metrics.csv, evaluate_1shot_seed$SEED.json)"
+echo "figures: $WORKDIR/picture/demo_1shot_deformed.png (probe | gallery | weights | deformed)," \
+  "demo_1shot_deformed_train.png (a training episode), demo_1shot_curves.png (losses and accuracies)"
 echo "elapsed: data and estimate ${setup} s, stage 1 ${stage1} s, stage 2 ${stage2} s, evaluation ${evaluation} s," \
   "total $(( SECONDS - start )) s"

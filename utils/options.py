@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import sys
 from collections.abc import Callable
 
@@ -13,6 +14,36 @@ import torch
 from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
 from utils.interrupt import INTERRUPTED_EXIT, StopNow, stopped_at_once_line
+
+
+_STATED_DEFAULT = re.compile(r"\(default: ([^()]*)\)")
+
+
+def displayed_default(action: argparse.Action) -> str | None:
+    """The one default ``--help`` shows for a flag: ``required``; the default its help states as
+    ``(default: ...)`` (one that depends on other flags or on the machine); the parser's default;
+    None for a switch or a flag without a default."""
+    if action.required:
+        return "required"
+    stated = _STATED_DEFAULT.search(action.help or "")
+    if stated:
+        return stated.group(1)
+    if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
+        return None
+    if isinstance(action.default, (list, tuple)):
+        return " ".join(map(str, action.default))
+    return str(action.default)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with one default per flag (:func:`displayed_default`): ``(required)`` for a
+    required flag, nothing added where the help states its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, shown = action.help or "", displayed_default(action)
+        if shown is None or _STATED_DEFAULT.search(text):
+            return text
+        return f"{text} (required)" if shown == "required" else f"{text} (default: {shown})"
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -75,6 +106,8 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     """Parse flags, run ``main``; bad input becomes ``error: <message>`` on stderr and status 2,
     a diverged run status 3, a second interrupt one line and status 130."""
     args = parser.parse_args(argv)
+    if getattr(args, "progress", 0) is None:  # --progress's default: bars only for a person watching
+        args.progress = int(sys.stderr.isatty())
     try:
         return main(args) or 0
     except InputError as exc:
