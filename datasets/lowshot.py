@@ -1,6 +1,6 @@
 """The ImageNet-1K low-shot benchmark of Hariharan & Girshick (ICCV 2017) over an ILSVRC-2012 tree.
 
-Its files (downloaded by the user; see the README):
+Its files (downloaded by the user; see docs/lowshot.md):
 
 - ``label_idx.json``: ``label_names`` (the wnids; index k is class k, not sorted by wnid),
   ``base_classes`` (= ``base_classes_1`` U ``base_classes_2``), and two setups: validation

@@ -50,8 +50,8 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, 
                         help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
                         "matrix products stay in full float32)")
     parser.add_argument("--memoryFormat", default=DEFAULT_MEMORY_FORMAT, choices=tuple(MEMORY_FORMATS),
-                        help="memory layout of images and convolution weights (float rounding only; see the "
-                        "README's 'Outcome and noise')")
+                        help="memory layout of images and convolution weights (float rounding only; see "
+                        "docs/outcome.md)")
     parser.add_argument("--resume", action="store_true", help="continue the run from runs/<tensorname>/resume.pt")
     parser.add_argument("--overwrite", action="store_true", help="start anew even if runs/<tensorname>/ holds a run")
     parser.add_argument("--skipBadImages", action="store_true",

@@ -6,7 +6,7 @@
 # the feature files of the evaluation resume by themselves.
 #   IMAGENET=/data/ILSVRC2012 LOWSHOT=/data/lowshot NPROC=4 bash scripts/reproduce_imagenet_lowshot.sh
 # IMAGENET holds train/<wnid>/ and val/ (flat or in class folders); LOWSHOT holds label_idx.json,
-# splitfile_{1..5}.json and train.json (the README's download command). TRAINLIST (default
+# splitfile_{1..5}.json and train.json (docs/lowshot.md's download command). TRAINLIST (default
 # LOWSHOT/train.json when it is there) is the release's list of training images that the split files
 # index; without it the list is rebuilt from the folders and the shots differ from the benchmark's
 # (a warning at the start says so). A flat val/ is folded with VAL_LABELS (a
