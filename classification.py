@@ -31,7 +31,7 @@ from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
 from utils.files import write_json
-from utils.forward import grad_scaler
+from utils.forward import grad_scaler, load_scaler_state
 from utils.interrupt import Interrupted
 from utils.options import check_positive, configure_backend, resolve_device, run_cli
 
@@ -73,8 +73,7 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
         net.load_state_dict(run.resumed["model"])
         optimizer.load_state_dict(run.resumed["optimizer"])
         scheduler.load_state_dict(run.resumed["scheduler"])
-        if "scaler" in run.resumed:
-            scaler.load_state_dict(run.resumed["scaler"])
+        load_scaler_state(scaler, run.resumed.get("scaler"))
         start_epoch, progress, record = run.resumed["epoch"], run.resumed["progress"], run.resumed["record"]
         if not info.is_main:  # the saved sums cover every process; the main one carries them on
             progress.update({key: 0 for key in SUMMED_PROGRESS})

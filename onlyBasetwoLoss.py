@@ -32,7 +32,7 @@ from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRA
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
-from utils.forward import grad_scaler
+from utils.forward import grad_scaler, load_scaler_state
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import resolve_device, run_cli
 
@@ -66,8 +66,7 @@ def main(args: argparse.Namespace) -> int:
                 model.load_state_dict(saved["model"])
                 for key, obj in {**optimizers, **schedulers}.items():
                     obj.load_state_dict(saved[key])
-                if "scaler" in saved:
-                    scaler.load_state_dict(saved["scaler"])
+                load_scaler_state(scaler, saved.get("scaler"))
                 start_epoch, progress, record = saved["epoch"], saved["progress"], saved["record"]
                 print(f"resuming {args.tensorname} at epoch {start_epoch}, episode {progress['step']}")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.

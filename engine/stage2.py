@@ -217,8 +217,15 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
     with timer.section("backward"):
         episode_gradients(result, meta_params, cls_params if train_cls else [], scaler)
     with timer.section("optimizer"):
-        step_optimizers(([optimizers["meta_opt"], optimizers["scale_opt"]] if meta_params else [])
-                        + ([optimizers["cls_opt"]] if train_cls else []), scaler)
+        step_optimizers(stepped_optimizers(optimizers, bool(meta_params), train_cls), scaler)
+
+
+def stepped_optimizers(optimizers: dict, train_meta: bool, train_cls: bool) -> list[torch.optim.Optimizer]:
+    """The optimisers a training episode steps: the deformation network's and the scale's when the
+    prototype loss trains, the embedding's and fc's when the classification loss does (up to three,
+    each through the GradScaler under float16 autocast, each such step one host read)."""
+    return ([optimizers["meta_opt"], optimizers["scale_opt"]] if train_meta else []) \
+        + ([optimizers["cls_opt"]] if train_cls else [])
 
 
 def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank | None, config: EpisodeConfig,

@@ -39,27 +39,38 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from collections import deque  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from itertools import islice  # noqa: E402
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from datasets import read_split, toy  # noqa: E402
 from datasets.episodes import CroppedImages  # noqa: E402
+from datasets.loaders import episode_loader  # noqa: E402
 from datasets.transforms import prepare_images  # noqa: E402
 from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
+from engine.features import FeatureCache  # noqa: E402
 from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
 from models import EmbeddingNet, IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo, run_distributed  # noqa: E402
-from utils.errors import OptionError, TrainingDiverged  # noqa: E402
+from utils.errors import InputError, OptionError, TrainingDiverged  # noqa: E402
 from utils.files import read_csv, write_json  # noqa: E402
 from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
 from utils.options import configure_backend, resolve_device, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
+BUDGET_S, QUICK_BUDGET_S = 480, 180  # the whole check's seconds on one H100, set-up included (--budget)
+# Each phase's cap, as a share of the budget; a subprocess phase is stopped at its cap, an in-process one
+# runs a fixed small number of steps, and a phase that would start after the budget is spent is skipped.
+PHASE_SHARES = {"stage1": 0.08, "stage2": 0.12, "rounds": 0.1, "torchrun": 0.15, "distributed": 0.3, "outcome": 0.45}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,6 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="gpu_check.json", help="the report")
     p.add_argument("--nthreads", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
     p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds the whole check may take (default: {BUDGET_S}; {QUICK_BUDGET_S} with --quick)")
     p.add_argument("--distributedChecks", type=int, default=None, choices=(0, 1),
                    help="torchrun checks: an epoch over data that does not split evenly (same steps per rank), SIGTERM "
                         "to the process group then --resume, a NaN loss on one rank (NCCL with 2+ GPUs, else gloo on "
@@ -125,6 +138,71 @@ class Phase:
             self.peak_mb = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
 
 
+class Budget:
+    """The check's time budget: each phase's cap (its share of the total, at most what is left) and the
+    seconds each phase took (``phases``)."""
+
+    def __init__(self, total: float) -> None:
+        self.total, self.start, self.phases = total, time.perf_counter(), {}
+
+    def left(self) -> float:
+        return self.total - (time.perf_counter() - self.start)
+
+    def cap(self, kind: str) -> float:
+        return max(0.0, min(PHASE_SHARES[kind] * self.total, self.left()))
+
+    def run(self, report: dict, name: str, work: Callable[[], object]):
+        """``work()``'s value, its seconds in ``phases[name]``; None when the budget was spent before it
+        started (check ``phase_<name>`` skipped) or when it raised (that check failed, naming the error:
+        a NaN loss, a crash, an out-of-memory), so that every failure reaches the table and the exit status."""
+        if self.left() <= 0:
+            report["checks"][f"phase_{name}"] = {"ok": None, "detail": f"skipped: the {self.total:.0f} s budget "
+                                                                      "was spent (--budget)"}
+            return None
+        start = time.perf_counter()
+        try:
+            return work()
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a check reports every failure instead of stopping
+            line = str(error).strip().splitlines()
+            report["checks"][f"phase_{name}"] = {"ok": False,
+                                                 "detail": f"{type(error).__name__}: {line[0] if line else ''}"}
+            return None
+        finally:
+            self.phases[name] = round(time.perf_counter() - start, 2)
+
+
+class FirstItems:
+    """The first ``count`` items of ``loader`` for a training loop (sized, as its progress bar wants).
+    ``since`` is when the loop asked for the second item, after the device finished the first: the loop's
+    time from then on covers items 2..count, their loading included (not the workers' start); ``units``
+    sums ``size(item)`` over those items (images of a batch, 1 per episode)."""
+
+    def __init__(self, loader: Iterable, count: int, device: torch.device,
+                 size: Callable[[object], int] = lambda item: 1) -> None:
+        self.loader, self.count, self.device, self.size = loader, count, device, size
+        self.dataset = getattr(loader, "dataset", None)
+        self.since, self.units = None, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for index, item in enumerate(islice(self.loader, self.count)):
+            if index:
+                self.units += self.size(item)
+            yield item
+            if index == 0:
+                synchronize(self.device)
+                self.since = time.perf_counter()
+
+    def per_second(self) -> float:
+        """``units`` per second from ``since`` to now (the device finished)."""
+        synchronize(self.device)
+        return round(self.units / (time.perf_counter() - self.since), 2)
+
+
 def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, *extra: str) -> argparse.Namespace:
     return stage1_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--batchSize",
                                        str(a.batchSize), "--tensorname", "gpu_check", "--device", str(device),
@@ -133,7 +211,8 @@ def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bo
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
-    """Training images/s of stage 1 (decoded ahead: the network's speed) and its peak memory."""
+    """Training images/s of stage 1 decoded ahead (the network's speed) and through the real loader
+    (``loader_images_per_s``), peak memory, the mean loss."""
     args = stage1_args(root, a, device, amp)
     info = DistInfo()
     configure_backend(device, False, 0, args.memoryFormat)
@@ -149,15 +228,21 @@ def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     with Phase(device) as phase:
         stage1.train_one_epoch(*common, batches[1:], device, 0, args, info, progress, lambda: False, scaler=scaler)
     images = sum(len(b[1]) for b in batches[1:])
+    del batches
+    through = FirstItems(loader, steps + 1, device, lambda batch: len(batch[1]))  # decoding, blending, the copy
+    stage1.train_one_epoch(*common, through, device, 0, args, info, stage1.new_progress(), lambda: False,
+                           scaler=scaler)
     return {"images_per_s": round(images / phase.seconds, 1), "peak_memory_mb": phase.peak_mb,
-            "loss": progress["loss_sum"] / progress["seen"]}
+            "loss": progress["loss_sum"] / progress["seen"],
+            "loader_images_per_s": through.per_second()}
 
 
-def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int) -> argparse.Namespace:
+def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
+                *extra: str) -> argparse.Namespace:
     args = stage2_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--network",
                                        "gpu_check_stage1", "--shots", str(shots), "--device", str(device),
                                        "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--galleryNum", "5",
-                                       "--chooseNum", "5", "--progress", "0", "--tensorname", "gpu_check"])
+                                       "--chooseNum", "5", "--progress", "0", "--tensorname", "gpu_check", *extra])
     resolve_stage2_args(args, device)
     return args
 
@@ -185,38 +270,132 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     train(items[:1])
     with Phase(device) as training:
         train(items[1:])
-    syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaler.is_enabled())
+    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))  # epoch 1: both losses
+    syncs = host_syncs(device, lambda: train(items[1:]), episodes, len(stepped) if scaler.is_enabled() else 0)
     test_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
                                evaluation=True)
     with Phase(device) as testing:
-        cached = stage2.evaluate(model, test_set, bank, args, device, "test", embed)
+        stage2.evaluate(model, test_set, bank, args, device, "test", embed)
     fresh_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank))
-    fresh = stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False)
-    gap = max(abs(x - y) for x, y in zip(cached["loss"], fresh["loss"]))
-    check = {"ok": cached["acc"] == fresh["acc"] and gap < (1e-2 if amp else 1e-4),
-             "detail": f"{shots}-shot{' amp' if amp else ''}: accuracies {'equal' if cached['acc'] == fresh['acc'] else 'differ'}"
-                       f", largest loss gap {gap:.2e}"}
+    check = cached_features_check(
+        lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
+        lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
+        amp, f"{shots}-shot{' amp' if amp else ''}", args.ways * args.test_num)
     return ({"train_episode_s": round(training.seconds / episodes, 4), "test_episode_s": round(testing.seconds / episodes, 4),
              "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
 
 
-def host_syncs(device: torch.device, train, episodes: int, scaled: bool) -> dict:
-    """How often ``train()`` (``episodes`` training episodes) made the host wait for the GPU, counted by
-    CUDA's sync debug mode: the sums are read every ``stage2.SYNC_EVERY`` episodes and at the end,
-    and a float16 GradScaler reads its inf check once per step; anything more is a regression."""
-    if device.type != "cuda":
-        return {"ok": None, "detail": "skipped: the device is the CPU"}
-    allowed = -(-episodes // stage2.SYNC_EVERY) + (episodes if scaled else 0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            train()  # its last read waits for the GPU to finish
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchronizing" in str(warning.message) for warning in caught)
+@contextmanager
+def full_float32():
+    """cuDNN convolutions and matrix products in full float32 (no TensorFloat-32) inside the block."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# Cached against per-episode evaluation: the same images embedded in batches of other sizes, so cuDNN
+# may pick other kernels. In full float32 (TF32 off for the comparison) those round differently by about
+# 1e-6 of a value, so a relative loss gap of 1e-4 leaves a margin of 100, while a wrong feature (another
+# image's, a stale cache entry) moves an episode's loss by 1e-2 and more. Under --amp the features are
+# rounded to 8 bits of mantissa: 1e-2, and an accuracy may move by one query whose two classes tie.
+CACHED_LOSS_RTOL = {False: 1e-4, True: 1e-2}
+
+
+def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[[], dict], amp: bool, what: str,
+                          queries: int) -> dict:
+    """Run both evaluation passes (:func:`engine.stage2.evaluate`: ``acc`` and ``loss`` per episode) in full
+    float32 (under ``--amp`` its autocast dtype) and compare them: per-episode accuracies equal (under amp
+    within one of the episode's ``queries``), losses within :data:`CACHED_LOSS_RTOL`."""
+    with full_float32():
+        cached, fresh = cached_pass(), fresh_pass()
+    gap = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(cached["loss"], fresh["loss"]))
+    moved = max(abs(x - y) for x, y in zip(cached["acc"], fresh["acc"]))
+    acc_ok = moved <= (1 / queries + 1e-9 if amp else 0.0)
+    return {"ok": acc_ok and gap < CACHED_LOSS_RTOL[amp],
+            "detail": f"{what}: accuracies {'equal' if moved == 0 else f'differ by up to {moved:.4f}'}, largest "
+                      f"relative loss gap {gap:.2e} (limit {CACHED_LOSS_RTOL[amp]:g}, TF32 off)"}
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the host's reads of a tensor's value (``item()``, ``bool()``, ``float()``: the ATen op
+    ``_local_scalar_dense``; on a GPU each waits for it), but not those inside an optimiser's own step:
+    Adam reads its step count, a CPU tensor wherever the parameters are (no wait on a GPU either)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads, self.in_step = 0, False
+
+    def __enter__(self) -> "ScalarReads":
+        def stepping(value: bool):
+            return lambda *_: setattr(self, "in_step", value)
+        self.hooks = [register_optimizer_step_pre_hook(stepping(True)),
+                      register_optimizer_step_post_hook(stepping(False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default and not self.in_step
+        return func(*args, **(kwargs or {}))
+
+
+def sync_allowance(episodes: int, scaled_steps: int) -> int:
+    """Host waits ``episodes`` training episodes may make: one read of the sums every
+    ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser stepped through a float16
+    GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads its inf check)."""
+    return -(-episodes // stage2.SYNC_EVERY) + episodes * scaled_steps
+
+
+def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, scaled_steps: int) -> dict:
+    """How often ``train()`` (``episodes`` training episodes) made the host wait: on CUDA counted by its sync
+    debug mode, on the CPU as reads of a value (:class:`ScalarReads`); more than :func:`sync_allowance`
+    is a regression."""
+    allowed = sync_allowance(episodes, scaled_steps)
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train()  # its last read waits for the GPU to finish
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchronizing" in str(warning.message) for warning in caught)
+    else:
+        with ScalarReads() as counter:
+            train()
+        syncs = counter.reads
+    scaler = f" and {scaled_steps} scaler step(s) per episode" if scaled_steps else ""
     return {"ok": syncs <= allowed, "detail": f"{syncs} host wait(s) in {episodes} training episodes (at most "
-                                              f"{allowed}: the sums' reads{' and the scaler' if scaled else ''})"}
+                                              f"{allowed}: the sums' reads{scaler})"}
+
+
+def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, fix_cls: int,
+                 episodes: int) -> float:
+    """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
+    the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
+    epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
+    args = stage2_args(root, a, device, amp, 1, "--fixCls", str(fix_cls))
+    splits, model, gallery = stage2.prepare(args, device, need_train=True)
+    groups = stage2.param_groups(model, args)
+    optimizers, _ = stage2.make_optimizers(model, args)
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
+    embed = stage2.make_embed(model, device)
+    cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if fix_cls else None
+    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
+    train_set.set_epoch(1)
+    config = stage2.episode_config(args, args.trainways, train=True)
+    scaler = grad_scaler(device, amp)
+    for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
+        through = FirstItems(episode_loader(train_set, args.nthreads, device), episodes, device)
+        stage2.train_one_epoch(model, through, bank, config, device, 1, groups, optimizers, embed,
+                               stage2.new_progress(), show=False, cache=cache, scaler=scaler)
+    return through.per_second()
 
 
 def cpu_gpu_features(root: Path, device: torch.device, amp: bool, image_size: int) -> dict:
@@ -255,8 +434,9 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
-    """Two ranks (NCCL, synchronised BatchNorm) give one process's first-epoch loss."""
+def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path, timeout: float) -> dict:
+    """Two ranks (NCCL, synchronised BatchNorm) give one process's first-epoch loss (each run stopped
+    after ``timeout`` seconds)."""
     if device.type != "cuda" or torch.cuda.device_count() < 2:
         return {"ok": None, "detail": "skipped: fewer than 2 GPUs"}
     flags = ["--dataroot", str(root), "--imageSize", str(min(a.imageSize, 64)), "--numEpochs", "1", "--batchSize",
@@ -264,10 +444,10 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
              "--overwrite"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     one = subprocess.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                          "--device", str(device)], cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+                          "--device", str(device)], cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "classification.py"), *flags, "--tensorname", "two"], cwd=workdir,
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=timeout)
     if one.returncode or two.returncode:
         return {"ok": False, "detail": f"exit {one.returncode} / {two.returncode}: {(one.stderr + two.stderr)[-500:]}"}
 
@@ -447,20 +627,66 @@ def distributed_checks(a: argparse.Namespace, device: torch.device, workdir: Pat
     return {name: {**check, "detail": f"{backend}: {check['detail']}"} for name, check in checks.items()}
 
 
-def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
-    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds."""
+def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path,
+            timeout: float) -> tuple[dict | None, dict]:
+    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds, stopped
+    after ``timeout`` seconds (:func:`outcome_run`)."""
     variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
     if device.type == "cuda":
         variants.append("amp:--amp 1")
+    (workdir / "outcome.json").unlink(missing_ok=True)
     command = [sys.executable, str(REPO / "benchmarks/outcome.py"), "--data", "toy", "--imageSize",
                str(min(a.imageSize, 84)), "--seeds", *map(str, range(a.outcomeSeeds)), "--device", str(device),
-               "--workdir", str(workdir / "outcome"), "--json", str(workdir / "outcome.json"),
+               "--workdir", str(workdir / "outcome"), "--json", str(workdir / "outcome.json"), "--nthreads",
+               str(a.nthreads),
                *[arg for v in variants for arg in ("--variant", v)]]
-    done = subprocess.run(command, cwd=REPO, text=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    print(done.stdout[-4000:], flush=True)
-    if done.returncode:
-        return {"error": done.stderr[-1000:]}
-    return json.loads((workdir / "outcome.json").read_text())
+    return outcome_run(command, workdir / "outcome.json", timeout)
+
+
+def stream(command: list[str], timeout: float, prefix: str) -> tuple[int | None, str]:
+    """Run ``command`` in the repository (a process group of its own), printing each line of its output as
+    it comes, after ``prefix``; past ``timeout`` seconds SIGTERM to its group. Returns the exit status (None
+    when it timed out) and its last lines."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+    deadline, tail, pending = time.monotonic() + timeout, deque(maxlen=20), b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            process.stdout.close()
+            return None, "\n".join(tail)
+        if select.select([process.stdout], [], [], min(left, 1.0))[0]:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace")
+                tail.append(text)
+                print(f"{prefix}{text}", flush=True)
+    process.stdout.close()
+    if pending:
+        tail.append(pending.decode(errors="replace"))
+    return process.wait(), "\n".join(tail)
+
+
+def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[dict | None, dict]:
+    """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
+    ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
+    start = time.monotonic()
+    status, tail = stream(command, timeout, "outcome| ")
+    seconds = time.monotonic() - start
+    if status is None:
+        return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail[-300:]}"}
+    if status or not json_path.is_file():
+        return None, {"ok": False, "detail": f"exit {status} after {seconds:.0f} s: {tail[-300:]}"}
+    return json.loads(json_path.read_text()), {"ok": True, "detail": f"finished in {seconds:.0f} s"}
 
 
 def main(a: argparse.Namespace) -> int:
@@ -471,6 +697,7 @@ def main(a: argparse.Namespace) -> int:
     if a.imageSize < 32:
         raise OptionError(f"--imageSize must be at least 32, got {a.imageSize}")
     a.batchSize = a.batchSize or (16 if a.quick else 128)
+    budget = Budget(a.budget or (QUICK_BUDGET_S if a.quick else BUDGET_S))  # set-up included
     device = resolve_device(argparse.Namespace(device=a.device, amp=0))
     workdir = Path(a.workdir).resolve()
     root = Path(a.dataroot).resolve() if a.dataroot else workdir / "toy"
@@ -489,30 +716,53 @@ def main(a: argparse.Namespace) -> int:
               "imageSize": a.imageSize, "stage1": {}, "stage2": {}, "checks": {}}
     for amp in precisions:
         name = "amp" if amp else "fp32"
-        report["stage1"][name] = stage1_speed(root, a, device, amp, steps)
-        report["checks"][f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(report["stage1"][name]["loss"]),
-                                                          "detail": f"loss {report['stage1'][name]['loss']:.4f}"}
+        speed = budget.run(report, f"stage1_{name}", lambda: stage1_speed(root, a, device, amp, steps))
+        if speed is not None:
+            report["stage1"][name] = speed
+            report["checks"][f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(speed["loss"]),
+                                                              "detail": f"loss {speed['loss']:.4f}"}
         report["checks"][f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
         for shots in (1, 5):
-            numbers, check, syncs = stage2_speed(root, a, device, amp, shots, episodes)
-            report["stage2"][f"{shots}shot_{name}"] = numbers
-            report["checks"][f"cached_features_{shots}shot_{name}"] = check
-            report["checks"][f"stage2_host_syncs_{shots}shot_{name}"] = syncs
-    report["stage1"].update(report["stage1"]["fp32"])  # the headline numbers: float32
-    report["stage2"].update(report["stage2"]["1shot_fp32"])
+            measured = budget.run(report, f"stage2_{shots}shot_{name}",
+                                  lambda: stage2_speed(root, a, device, amp, shots, episodes))
+            if measured is not None:
+                numbers, check, syncs = measured
+                report["stage2"][f"{shots}shot_{name}"] = numbers
+                report["checks"][f"cached_features_{shots}shot_{name}"] = check
+                report["checks"][f"stage2_host_syncs_{shots}shot_{name}"] = syncs
+        for round_, fix_cls in ((1, 1), (2, 0)):
+            rate = budget.run(report, f"stage2_round{round_}_{name}",
+                              lambda: stage2_round(root, a, device, amp, fix_cls, episodes + 1))
+            if rate is not None:
+                report["stage2"].setdefault(f"rounds_{name}", {})[f"round{round_}_episodes_per_s"] = rate
+    # the headline numbers: float32
+    report["stage1"].update({k: v for k, v in report["stage1"].get("fp32", {}).items()})
+    report["stage2"].update(report["stage2"].get("1shot_fp32", {}))
+    report["stage2"].update(report["stage2"].get("rounds_fp32", {}))
     report["checks"]["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)
-    report["checks"]["torchrun_two_ranks_loss"] = torchrun_loss(root, a, device, workdir)
+    loss = budget.run(report, "torchrun_loss", lambda: torchrun_loss(root, a, device, workdir, budget.cap("torchrun")))
+    if loss is not None:
+        report["checks"]["torchrun_two_ranks_loss"] = loss
     if a.distributedChecks if a.distributedChecks is not None else (
             device.type == "cuda" and torch.cuda.device_count() >= RANKS):
-        report["checks"].update(distributed_checks(a, device, workdir))
+        report["checks"].update(budget.run(report, "distributed", lambda: distributed_checks(a, device, workdir)) or {})
     else:
         report["checks"].update({name: {"ok": None, "detail": "skipped: --distributedChecks 0 (on by default with "
                                                              "2+ GPUs)"} for name in DISTRIBUTED_CHECKS})
     if not a.quick and a.outcomeSeeds:
-        report["outcome"] = outcome(root, a, device, workdir)
+        done = budget.run(report, "outcome", lambda: outcome(root, a, device, workdir, budget.cap("outcome")))
+        if done is not None:
+            report["outcome"], report["checks"]["outcome_benchmark"] = done
+    report["phases_s"] = budget.phases
+    report["total_s"] = round(time.perf_counter() - budget.start, 1)
     write_json(json_path, report)
     print_table(report)
     print(f"wrote {json_path}")
+    return exit_status(report)
+
+
+def exit_status(report: dict) -> int:
+    """1 when a check failed (a phase that raised included), else 0."""
     return 1 if any(check["ok"] is False for check in report["checks"].values()) else 0
 
 
@@ -523,12 +773,18 @@ def print_table(report: dict) -> None:
     print(f"{'phase':<16}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
     for name, numbers in report["stage1"].items():
         if isinstance(numbers, dict):
-            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>12}{'':>11}{str(numbers['peak_memory_mb']):>10}")
+            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>12}{'':>11}{str(numbers['peak_memory_mb']):>10}"
+                  f"  (through the loader: {numbers['loader_images_per_s']} images/s)")
     for name, numbers in report["stage2"].items():
-        if isinstance(numbers, dict):
+        if isinstance(numbers, dict) and name.startswith("rounds_"):
+            print(f"{'stage2 ' + name:<16} episodes/s through the loader: round 1 (warm cache) "
+                  f"{numbers.get('round1_episodes_per_s')}, round 2 {numbers.get('round2_episodes_per_s')}")
+        elif isinstance(numbers, dict):
             peak = max(filter(None, [numbers["train_peak_memory_mb"], numbers["test_peak_memory_mb"]]), default=None)
             print(f"{'stage2 ' + name:<16}{'':>10}{numbers['train_episode_s']:>12}{numbers['test_episode_s']:>11}"
                   f"{str(peak):>10}")
+    print("phase seconds: " + ", ".join(f"{name} {seconds}" for name, seconds in report["phases_s"].items())
+          + f"; total {report['total_s']}")
     for name, check in report["checks"].items():
         state = {True: "ok", False: "FAILED", None: "-"}[check["ok"]]
         print(f"{state:<7}{name}: {check['detail']}")

@@ -238,6 +238,14 @@ def gpu_slots(gpus: list[str], per_gpu: int) -> list[str]:
     return [gpu for _ in range(per_gpu) for gpu in gpus]
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may use: its affinity (what a scheduler's cgroup or ``taskset`` left
+    it, not the machine's count), at most SLURM's ``SLURM_CPUS_PER_TASK`` when set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
+
+
 def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> dict[str, str]:
     """The environment of a run: pinned to GPU ``slot`` (none: unchanged), unbuffered output,
     and the CPU cores shared among the slots unless OMP_NUM_THREADS is already set."""
@@ -282,7 +290,7 @@ def execute(base: str, runs: list[Run], slots: Sequence[str | None], forward: bo
     pending, free = deque(runs), deque(slots)
     running: dict[subprocess.Popen, tuple[Run, str | None, float, Any]] = {}
     stopper = Stopper(forward)
-    start, busy, cpus = time.perf_counter(), 0.0, os.cpu_count() or 1
+    start, busy, cpus = time.perf_counter(), 0.0, usable_cpus()
     try:
         while running or (pending and not stopper.requested):
             while pending and free and not stopper.requested:
@@ -581,7 +589,7 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
-def check(opts: argparse.Namespace, command: list[str], runs_of: int) -> None:
+def check(opts: argparse.Namespace, command: list[str], grid: list[tuple[str, list[str]]]) -> None:
     """Checks that need no run folder; raises OptionError naming the flag."""
     for flag in ("jobs", "perGPU", "gpusPerTask", "cpusPerTask", "maxParallel"):
         if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
@@ -598,6 +606,7 @@ def check(opts: argparse.Namespace, command: list[str], runs_of: int) -> None:
         raise OptionError("--gres and --gpusPerTask: give one")
     if opts.runIndex is not None and (opts.summarize or opts.jobs or opts.perGPU):
         raise OptionError("--runIndex runs one grid point: --summarize, --jobs and --perGPU do not apply")
+    runs_of = math.prod(len(values) for _, values in grid)
     if opts.runIndex is not None and not 0 <= opts.runIndex < runs_of:
         raise OptionError(f"--runIndex {opts.runIndex}: the grid has points 0 to {runs_of - 1}")
     if opts.slurm and not opts.dryRun and shutil.which("sbatch") is None:
@@ -615,6 +624,11 @@ def check(opts: argparse.Namespace, command: list[str], runs_of: int) -> None:
     for flag in ("--resume", "--overwrite"):
         if flag in args:
             raise OptionError(f"{flag} in the script's command line: the sweep decides it run by run")
+    devices = [flag_value(args, "--device")] + [value for flag, values in grid if flag == "device" for value in values]
+    pinned = [device for device in devices if device and re.fullmatch(r"cuda:\d+", device)]
+    if pinned and (opts.perGPU or opts.slurm):
+        raise OptionError(f"--device {pinned[0]} in the swept command: each run sees only its own GPU(s) "
+                          f"({'--perGPU' if opts.perGPU else '--slurm'}), so give --device cuda or none")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,8 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = get_parser().parse_args(sweep_argv)
         grid = parse_grid(opts.grid)
-        size = math.prod(len(values) for _, values in grid)
-        check(opts, command, size)
+        check(opts, command, grid)
         runs = expand(command, grid)
         base = flag_value(command[1:], "--tensorname")
         slots: Sequence[str | None] = [None] * (opts.jobs or 1)

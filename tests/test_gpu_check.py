@@ -2,13 +2,18 @@
 its JSON report."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.scripts_helpers import REPO, script_env
+import engine.stage2 as stage2
+from datasets import toy
+from models import EmbeddingNet
+from tests.scripts_helpers import REPO, load_script, script_env
 
 
 @pytest.mark.slow
@@ -29,7 +34,10 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert checks["cached_features_1shot_fp32"]["ok"] is True and checks["cached_features_5shot_fp32"]["ok"] is True
     # what needs a GPU, or two, says so instead of passing
     assert checks["cpu_gpu_features_fp32"] == {"ok": None, "detail": "skipped: the device is the CPU"}
-    assert checks["stage2_host_syncs_1shot_fp32"] == {"ok": None, "detail": "skipped: the device is the CPU"}
+    assert checks["stage2_host_syncs_1shot_fp32"]["ok"] is True  # on the CPU: reads of a value, counted
+    assert report["stage1"]["loader_images_per_s"] > 0 and report["total_s"] > 0
+    assert report["stage2"]["round1_episodes_per_s"] > 0 and report["stage2"]["round2_episodes_per_s"] > 0
+    assert report["total_s"] <= 180 and set(report["phases_s"]) >= {"stage1_fp32", "stage2_round1_fp32", "distributed"}
     assert checks["torchrun_two_ranks_loss"]["ok"] is None and "amp" not in report["stage1"]
     assert "outcome" not in report  # --quick
     assert "ok     cached_features_1shot_fp32" in done.stdout
@@ -44,3 +52,116 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
         "ok": True, "detail": "gloo, CPU: exit [3, 3]: ['non-finite loss on rank 1 at epoch 0, step 1']"}
     work = tmp_path / "work/distributed"
     assert [json.loads((work / f"nan_rank{rank}.json").read_text())["exit"] for rank in range(2)] == [3, 3]
+
+
+# ------------------------------------------------------------ the checks' verdicts, in this process on the CPU
+
+@pytest.fixture(scope="module")
+def check_dir(tmp_path_factory):
+    """A working folder as gpu_check.py's ``main`` leaves it: toy data with 16 images per class (1-shot
+    episodes of 15 queries) and a random stage-1 file in ``models/``."""
+    root = tmp_path_factory.mktemp("gpu_check")
+    toy.generate(root / "toy", per_class=16, size=37, seed=0)
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(EmbeddingNet(64).state_dict(), root / "models/gpu_check_stage1.t7")
+    return root
+
+
+@pytest.fixture
+def gpu_check(check_dir, monkeypatch):
+    monkeypatch.chdir(check_dir)
+    return load_script("scripts/gpu_check.py")
+
+
+def one_shot_round2(gpu_check, check_dir):
+    """stage2_speed: 1-shot, 2 training episodes of epoch 1 (both losses, three optimisers), 32 px, CPU."""
+    a = argparse.Namespace(imageSize=32, nthreads=0)
+    return gpu_check.stage2_speed(check_dir / "toy", a, torch.device("cpu"), False, 1, 2)
+
+
+def test_three_optimisers_through_a_scaler_are_allowed_their_reads(gpu_check, check_dir, monkeypatch):
+    """A float16 GradScaler (here an enabled CPU one) reads its inf check at each of the three optimisers'
+    steps of a round-2 episode: 6 reads in 2 episodes, within the allowance."""
+    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    _, _, syncs = one_shot_round2(gpu_check, check_dir)
+    assert syncs["ok"] is True and syncs["detail"].startswith("6 host wait(s) in 2 training episodes"), syncs
+
+
+def test_an_extra_host_read_per_episode_fails_the_check(gpu_check, check_dir, monkeypatch):
+    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    run_episode = stage2.run_episode
+
+    def reading(*args, **kwargs):
+        result = run_episode(*args, **kwargs)
+        result.proto_loss.item()  # a regression: the host waits within each episode
+        return result
+
+    monkeypatch.setattr(stage2, "run_episode", reading)
+    _, _, syncs = one_shot_round2(gpu_check, check_dir)
+    assert syncs["ok"] is False and syncs["detail"].startswith("8 host wait(s)"), syncs
+
+
+def tf32_noisy_pass(losses: list[float], noise: float):
+    """An evaluation pass whose losses carry ``noise`` (relative) while TF32 convolutions are on, as a GPU's
+    would, and none without."""
+    return lambda: {"acc": [0.5] * len(losses),
+                    "loss": [x * (1 + noise * torch.backends.cudnn.allow_tf32) for x in losses]}
+
+
+def test_tf32_sized_noise_does_not_fail_the_cached_features_check(gpu_check, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # as configure_backend leaves it on Ampere+
+    losses = [1.2, 0.8, 2.5]
+    check = gpu_check.cached_features_check(tf32_noisy_pass(losses, 0.0), tf32_noisy_pass(losses, 1e-3), False,
+                                            "1-shot", 75)
+    assert check["ok"] is True, check
+    assert torch.backends.cudnn.allow_tf32 is True  # restored after the comparison
+
+
+def test_a_wrong_cached_feature_fails_the_cached_features_check(gpu_check):
+    losses = [1.2, 0.8, 2.5]
+    wrong = lambda: {"acc": [0.5, 0.5, 0.48], "loss": [1.2, 0.8, 2.52]}  # noqa: E731
+    for amp in (False, True):
+        check = gpu_check.cached_features_check(tf32_noisy_pass(losses, 0.0), wrong, amp, "1-shot", 75)
+        assert check["ok"] is False, check
+    one_query = lambda: {"acc": [0.5, 0.5, 0.5 - 1 / 75], "loss": losses}  # noqa: E731
+    assert gpu_check.cached_features_check(tf32_noisy_pass(losses, 0.0), one_query, True, "1-shot", 75)["ok"]
+    assert not gpu_check.cached_features_check(tf32_noisy_pass(losses, 0.0), one_query, False, "1-shot", 75)["ok"]
+
+
+def test_a_nan_loss_fails_the_check_and_its_exit_status(gpu_check, check_dir):
+    healthy = (check_dir / "models/gpu_check_stage1.t7").read_bytes()
+    state = torch.load(check_dir / "models/gpu_check_stage1.t7")
+    torch.save({k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+               check_dir / "models/gpu_check_stage1.t7")
+    try:
+        report = {"checks": {}}
+        budget = gpu_check.Budget(60)
+        assert budget.run(report, "stage2", lambda: one_shot_round2(gpu_check, check_dir)) is None
+    finally:
+        (check_dir / "models/gpu_check_stage1.t7").write_bytes(healthy)
+    assert report["checks"]["phase_stage2"]["ok"] is False
+    assert report["checks"]["phase_stage2"]["detail"].startswith("TrainingDiverged: non-finite loss"), report
+    assert "stage2" in budget.phases and gpu_check.exit_status(report) == 1
+
+
+def test_a_spent_budget_skips_a_phase_and_says_so(gpu_check):
+    report, budget = {"checks": {}}, gpu_check.Budget(0)
+    assert budget.run(report, "outcome", lambda: 1 / 0) is None
+    assert report["checks"]["phase_outcome"]["ok"] is None and "--budget" in report["checks"]["phase_outcome"]["detail"]
+
+
+def test_the_outcome_benchmark_streams_its_output_and_its_failure_fails_the_check(gpu_check, tmp_path, capsys):
+    json_path = tmp_path / "outcome.json"
+    ok = [sys.executable, "-c", f"import json; print('seed 0 done'); json.dump({{'x': 1}}, open({str(json_path)!r}, 'w'))"]
+    report, check = gpu_check.outcome_run(ok, json_path, 60)
+    assert report == {"x": 1} and check["ok"] is True
+    assert "outcome| seed 0 done" in capsys.readouterr().out
+    json_path.unlink()
+    failing = [sys.executable, "-c", "print('variant a'); raise SystemExit(1)"]
+    report, check = gpu_check.outcome_run(failing, json_path, 60)
+    assert report is None and check["ok"] is False and check["detail"].startswith("exit 1") and "variant a" in check["detail"]
+    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    report, check = gpu_check.outcome_run(slow, json_path, 2)
+    assert report is None and check["ok"] is False and check["detail"].startswith("timed out after 2 s"), check
+    assert gpu_check.exit_status({"checks": {"outcome_benchmark": check}}) == 1

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.scripts_helpers import make_workdir, popen_script, read_metrics, run_main, run_script
+from tests.scripts_helpers import load_script, make_workdir, popen_script, read_metrics, run_main, run_script
 
 
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "3", "--batchSize", "16", "--nthreads", "0",
@@ -97,3 +97,22 @@ def test_resume_with_changed_arguments_is_refused_naming_them(workdir, finished)
     assert again.returncode == 2
     assert "--LR" in again.stderr and "incompatible" in again.stderr
     assert (workdir / "runs/guard/resume.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("classification.py", [*STAGE1, "--filesPerClass", "1"]),
+    ("onlyBasetwoLoss.py", [*STAGE2, "--epoch", "2", "--valEpisodes", "1", "--testEpisodes", "1"]),
+], ids=["stage1", "stage2"])
+def test_a_run_saved_without_loss_scaling_resumes_with_it(workdir, monkeypatch, script, flags):
+    """A run saved with a disabled scaler (float32, bfloat16) stores an empty scaler state; resumed where
+    the scaler is enabled (--amp 1 on a float16 GPU, simulated by an enabled CPU scaler) it continues,
+    the scaler starting fresh, and saves the scaler's state."""
+    name = f"scaler_{script[:5]}"
+    first = run_main(workdir, script, *flags, "--numEpochs", "1", "--tensorname", name)
+    assert first.returncode == 0, first.stderr
+    assert torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)["scaler"] == {}
+    monkeypatch.setattr(load_script(script), "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    resumed = run_main(workdir, script, *flags, "--numEpochs", "2", "--tensorname", name, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_metrics(workdir / f"runs/{name}/metrics.csv")) == 2
+    assert torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)["scaler"]["scale"] > 0

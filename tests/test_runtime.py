@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.runtime import PROCESS_ENV, set_process_env
+from utils import runtime
+from utils.runtime import MIN_VERSIONS, PROCESS_ENV, check_versions, set_process_env, version_problem
 
 REPO = Path(__file__).resolve().parent.parent
 # Every entry point that imports torch: the training scripts, the benchmarks and the demo's estimate.
@@ -26,6 +28,29 @@ def test_set_process_env_fills_in_what_the_user_did_not_set(monkeypatch) -> None
     set_process_env()
     assert os.environ[first] == "mine"
     assert all(os.environ[name] == PROCESS_ENV[name] for name in others)
+
+
+def test_requirements_state_the_version_floor_the_code_checks() -> None:
+    """requirements.txt's lower bounds for torch and torchvision are the floor check_versions enforces."""
+    floors = dict(re.findall(r"^(torch|torchvision)>=([\d.]+)", (REPO / "requirements.txt").read_text(), re.M))
+    assert {name: tuple(map(int, floor.split("."))) for name, floor in floors.items()} == MIN_VERSIONS
+
+
+def test_the_floor_holds_the_apis_the_code_calls() -> None:
+    """torch.amp.GradScaler (2.3) and torch.is_autocast_enabled("cuda") (2.4) are under the floor."""
+    assert MIN_VERSIONS["torch"] >= (2, 4) and MIN_VERSIONS["torchvision"] >= (0, 19)
+    assert version_problem("torch", "2.3.1+cu121") and version_problem("torchvision", "0.18.0")
+    assert version_problem("torch", "2.4.0") is None and version_problem("torch", "2.10.0a0+git1234") is None
+
+
+def test_too_old_a_torch_is_refused_with_one_line(monkeypatch, capsys) -> None:
+    versions = {"torch": "2.1.2", "torchvision": "0.19.0"}
+    monkeypatch.setattr(runtime.importlib.metadata, "version", versions.__getitem__)
+    with pytest.raises(SystemExit) as stopped:
+        check_versions()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert "torch 2.1.2" in err and "torch >= 2.4" in err
 
 
 def first_imports_before_the_call(path: Path) -> list[str]:

@@ -156,6 +156,16 @@ def test_gpu_detection_slots_and_child_environment():
     assert sweep.child_env({"OMP_NUM_THREADS": "2"}, None, 8, 2) == {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 
 
+def test_the_cores_shared_among_runs_are_this_process_s_allocation(monkeypatch):
+    """A SLURM task or a taskset sees fewer cores than the machine has: those are the ones to share."""
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert sweep.usable_cpus() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert sweep.usable_cpus() == 6
+
+
 def test_best_val_reads_columns_by_name_for_both_stages():
     stage1 = [{"epoch": "0", "val_1shot": "", "loss": "3"}, {"epoch": "1", "val_1shot": "41.5", "loss": "2"},
               {"epoch": "2", "val_1shot": "40", "loss": "1"}]
@@ -186,8 +196,12 @@ def test_best_val_reads_columns_by_name_for_both_stages():
     (["--dryRun", "--", "FAKE", "--tensorname", "t"], "--dryRun"),
     (["--runIndex", "2", "--grid", "seed=1,2", "--", "FAKE", "--tensorname", "t"], "--runIndex"),
     (["--", "FAKE", "--tensorname", "t", "--resume"], "--resume"),
+    (["--perGPU", "1", "--", "FAKE", "--tensorname", "t", "--device", "cuda:1"], "--device cuda:1"),
+    (["--perGPU", "1", "--grid", "device=cuda:0,cuda:1", "--", "FAKE", "--tensorname", "t"], "--device cuda:0"),
+    (["--slurm", "--dryRun", "--", "FAKE", "--tensorname", "t", "--device=cuda:2"], "--device cuda:2"),
 ], ids=["no-command", "grid-syntax", "grid-empty-value", "grid-reserved", "no-tensorname", "no-script", "jobs",
-       "jobs-and-perGPU", "no-gpu", "no-sbatch", "dryRun-alone", "runIndex", "resume"])
+       "jobs-and-perGPU", "no-gpu", "no-sbatch", "dryRun-alone", "runIndex", "resume", "device-pinned",
+       "device-pinned-grid", "device-pinned-slurm"])
 def test_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, fake, args, flag, monkeypatch, capsys):
     env = {**script_env(), "PATH": str(tmp_path / "empty"), "CUDA_VISIBLE_DEVICES": ""}  # no sbatch, no GPU
     result = sweep_here(monkeypatch, capsys, tmp_path, *[str(fake) if arg == "FAKE" else arg for arg in args],

@@ -30,6 +30,15 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda" if scaled else "cpu", enabled=scaled)
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+    """Continue ``scaler`` from a resumed run's ``state``. A run saved without loss scaling (float32,
+    bfloat16, the CPU) saved an empty state, and scaled nothing: resumed where the scaler is enabled
+    (``--amp 1`` on a float16 GPU) the scaler starts as it would in a fresh run. A disabled scaler
+    ignores any state."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def step_optimizers(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
     """Step each optimiser once, through ``scaler`` when it scales (an optimiser whose parameters got
     no gradient this step is left alone, then one ``update``); plainly otherwise."""

@@ -4,7 +4,10 @@ This module imports nothing heavy, so the scripts and benchmarks can call it fir
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
+import sys
 
 # Values already in the environment win, so a user can still override each one.
 PROCESS_ENV = {
@@ -17,8 +20,38 @@ PROCESS_ENV = {
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 
+# The oldest releases the code runs on, as requirements.txt states them: torch.amp.GradScaler("cuda")
+# (every run, utils/forward.py) needs torch 2.3 and torch.is_autocast_enabled("cuda") 2.4;
+# torchvision 0.19 is the release built for torch 2.4.
+MIN_VERSIONS = {"torch": (2, 4), "torchvision": (0, 19)}
+
+
+def version_problem(name: str, version: str) -> str | None:
+    """One line saying why ``version`` of package ``name`` is too old for :data:`MIN_VERSIONS`, else None."""
+    floor = MIN_VERSIONS[name]
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found >= floor:
+        return None
+    return (f"{name} {version} is installed, this code needs {name} >= {'.'.join(map(str, floor))} "
+            "(pip install -r requirements.txt)")
+
+
+def check_versions() -> None:
+    """Exit with one line on stderr and status 2 when an installed torch or torchvision is older than
+    :data:`MIN_VERSIONS` (read from the package metadata, without importing either)."""
+    for name in MIN_VERSIONS:
+        try:
+            problem = version_problem(name, importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            problem = f"{name} is not installed (pip install -r requirements.txt)"
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+
 
 def set_process_env() -> None:
-    """Put :data:`PROCESS_ENV` into ``os.environ`` where not already set."""
+    """Refuse too old a torch or torchvision (:func:`check_versions`), then put :data:`PROCESS_ENV` into
+    ``os.environ`` where not already set."""
+    check_versions()
     for name, value in PROCESS_ENV.items():
         os.environ.setdefault(name, value)

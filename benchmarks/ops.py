@@ -1,0 +1,120 @@
+"""ATen operations dispatched per stage-2 training episode: the host's work per episode that a GPU
+turns into kernel launches (each some 5-15 us of host time there).
+
+    python benchmarks/ops.py                       # toy data, 32 px, CPU: the issue's counting set-up
+    python benchmarks/ops.py --imageSize 84 --json ops.json
+
+Per round it runs ``engine.stage2.train_one_epoch`` over ``--short`` and ``--long`` episodes already
+decoded (the loader's work happens in its worker processes) on a fresh model and optimisers, counts every
+ATen operation dispatched in this process with a ``TorchDispatchMode``, and reports the difference divided
+by the difference in length: set-up and the first step's lazy state cancel. Rounds: round 1 (``--fixCls
+1``) with the feature cache warm (a pass over the same episodes filled it) and cold (a fresh cache: the
+first epoch), round 2 (``--fixCls 0``, epoch 1: both losses train). With the defaults (8 and 24) the
+difference holds exactly one read of the device-side sums (every ``stage2.SYNC_EVERY`` = 16 episodes).
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.runtime import set_process_env
+
+set_process_env()  # before torch loads, as in the scripts
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import common
+from benchmarks.episode import engine_args
+from datasets import Gallery
+from engine import stage2
+from engine.episode import GalleryBank
+from engine.features import FeatureCache
+from models import IDeMeNet
+from utils.forward import layout_model
+from utils.options import configure_backend, run_cli
+
+ROUNDS = {"round1_warm": (1, True), "round1_cold": (1, False), "round2": (0, False)}  # name -> (fixCls, warm)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = common.parser("ATen operations per stage-2 training episode, rounds 1 (warm and cold cache) and 2")
+    p.set_defaults(imageSize=32, device="cpu", nthreads=0)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
+    p.add_argument("--augnum", type=int, default=7)
+    p.add_argument("--chooseNum", type=int, default=15)
+    p.add_argument("--galleryNum", type=int, default=15)
+    p.add_argument("--deformNet", default="small", choices=("small", "twobranch"))
+    p.add_argument("--batchSize", type=int, default=None, help="forward chunk (default: 128 on CUDA, 16 on the CPU)")
+    p.add_argument("--short", type=int, default=8, help="episodes of the shorter run")
+    p.add_argument("--long", type=int, default=24, help="episodes of the longer run")
+    p.add_argument("--top", type=int, default=12, help="operations listed per round, most frequent first")
+    return p
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts each ATen operation dispatched while active, by name (``aten.add_.Tensor``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(args: argparse.Namespace, device: torch.device, splits: dict, gallery: Gallery, episodes,
+          length: int, warm: bool) -> Counter:
+    """Operations of one training pass over the first ``length`` of ``episodes`` (an EpisodeDataset of
+    ``args``' round), decoded ahead, on a fresh model, optimisers and (round 1) feature cache, filled
+    first when ``warm``."""
+    torch.manual_seed(args.seed)
+    model = layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=args.imageSize,
+                                  fang=args.Fang, deform_net=args.deformNet).to(device).eval())
+    groups = stage2.param_groups(model, args)
+    optimizers, _ = stage2.make_optimizers(model, args)
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp))
+    embed = stage2.make_embed(model, device)
+    cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if args.fixCls else None
+    if warm:
+        cache.fill(episodes, 0, progress=False)
+    items = [episodes[i] for i in range(length)]
+    config = stage2.episode_config(args, args.trainways, train=True)
+    with OpCounter() as counter:
+        stage2.train_one_epoch(model, items, bank, config, device, 0 if args.fixCls else 1, groups, optimizers,
+                               embed, stage2.new_progress(), show=False, cache=cache)
+    return counter.counts
+
+
+def main(a: argparse.Namespace) -> None:
+    env, root, _, holder = common.setup(a, max(a.galleryNum, a.shots + a.queries))
+    summary = {"environment": env, "imageSize": a.imageSize, "shots": a.shots, "augnum": a.augnum,
+               "chooseNum": a.chooseNum, "short": a.short, "long": a.long, "ops_per_episode": {}, "top": {}}
+    for name, (fix_cls, warm) in ROUNDS.items():
+        args, device = engine_args(argparse.Namespace(**{**vars(a), "fixCls": fix_cls}), root)
+        configure_backend(device, False, args.seed)
+        splits = stage2.load_splits(args, need_train=True)
+        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, 0, progress=False)
+        episodes = stage2.episodes(splits["train"], args, args.trainways, a.long, stage2.TRAIN_STREAM,
+                                   len(gallery))
+        episodes.set_epoch(0 if fix_cls else 1)
+        short, long = (count(args, device, splits, gallery, episodes, n, warm) for n in (a.short, a.long))
+        per_episode = {op: (long[op] - short[op]) / (a.long - a.short) for op in long | short}
+        summary["ops_per_episode"][name] = round(sum(per_episode.values()), 1)
+        summary["top"][name] = {op: round(n, 2) for op, n in
+                                sorted(per_episode.items(), key=lambda kv: -kv[1])[:a.top]}
+        print(f"{name}: {summary['ops_per_episode'][name]:.1f} ATen operations per training episode "
+              f"({a.long} - {a.short} episodes)", flush=True)
+    common.finish(summary, env, a.json, holder)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
