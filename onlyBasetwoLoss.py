@@ -142,7 +142,8 @@ def main(args: argparse.Namespace) -> int:
             epoch = args.numEpochs  # every epoch is done: an interruption from here on redoes the test only
             print(f"saved {main_path} (selected by {'val accuracy' if select_split == 'val' else 'test loss'}) "
                   f"and {last_path}")
-            model.load_state_dict(safe_load(main_path))
+            if args.testWeights == "kept":
+                model.load_state_dict(safe_load(main_path))
             test_set = episodes(splits["test"], args, args.ways, args.testEpisodes, TEST_STREAM, gallery_size,
                                 evaluation=True)
             stats = evaluate(model, test_set, bank, args, device, "test", embed, keep_first=True, stop=stop,
@@ -150,7 +151,8 @@ def main(args: argparse.Namespace) -> int:
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
-    write_json(run.dir / f"evaluate_{args.shots}shot_seed{args.seed}.json", report(stats, args, "test"))
+    suffix = "_last" if args.testWeights == "last" else ""
+    write_json(run.dir / f"evaluate_{args.shots}shot_seed{args.seed}{suffix}.json", report(stats, args, "test"))
     figure = write_figure(stats["first"], args)
     if figure:
         print(f"figure: {figure}")

@@ -142,6 +142,10 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selectOn", default="val", choices=("val", "test"),
                         help="weights kept by best val accuracy, or (the original's protocol) lowest test loss "
                         "(refused with --lowshotmeta)")
+    parser.add_argument("--testWeights", default="kept", choices=("kept", "last"),
+                        help="weights of the final test evaluation: kept, those --selectOn kept (models/<name>.t7, "
+                        "report evaluate_<K>shot_seed<S>.json); last, the last epoch's (report "
+                        "evaluate_<K>shot_seed<S>_last.json); with --resume after the last epoch it only evaluates")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
                         help="1: draw support and query independently, so they may overlap (the original's protocol)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")

@@ -378,7 +378,8 @@ def report(stats: dict, args, split: str) -> dict:
             "accuracy": mean, "ci95": ci, "plain_accuracy": pmean, "plain_ci95": pci, "difference": dmean,
             "difference_ci95": dci, "loss": sum(stats["loss"]) / len(stats["loss"]), "deform": args.deform,
             "gallerySelect": args.gallerySelect, "galleryBN": args.galleryBN,
-            "checkpoint": args.GNet if args.evaluate else args.tensorname}
+            "checkpoint": args.GNet if args.evaluate else args.tensorname,
+            "weights": "checkpoint" if args.evaluate else args.testWeights}
 
 
 def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:

@@ -64,7 +64,7 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     plain = [0.7, 0.6, 0.5, 0.8]
     stats = {"acc": deformed, "plain": plain, "loss": [1.0, 2.0, 3.0, 6.0]}
     args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", galleryBN="train",
-                              evaluate=False, tensorname="run", GNet="None")
+                              evaluate=False, tensorname="run", GNet="None", testWeights="kept")
     summary = stage2.report(stats, args, "test")
     lines = capsys.readouterr().out.splitlines()
     # deformed: mean 75, std sqrt(125) = 11.180; half 1.96 * 11.180 / 2 = 10.957

@@ -22,7 +22,8 @@ def fake_run(variant: str, seed: int, gains: list[float], test_gain: float) -> d
               "weight_mean": 0.1 * i, "weight_std": 0.2, "scale": 1.0 / (i + 1), "proto_loss": 3.0,
               "gallery_same_class": 0.5, "val_weight_mean": 0.1} for i, g in enumerate(gains)]
     end = {key: curve[-1][key] for key in study.END_METRICS if key in curve[-1]}
-    end.update(test_gain=test_gain, test_acc=40.0 + test_gain, test_plain=40.0)
+    end.update(test_gain=test_gain, test_acc=40.0 + test_gain, test_plain=40.0, test_last_gain=test_gain - 1,
+               test_last_acc=39.0 + test_gain, test_last_plain=40.0)
     return {"variant": variant, "seed": seed, "curve": curve, "end": end}
 
 
@@ -49,7 +50,8 @@ def test_summary_is_the_t_interval_over_seeds_and_the_paired_difference() -> Non
     assert first["episodes"] == 10 and first["val_gain"]["mean"] == pytest.approx(-2.0)
     assert summary["variants"]["b"]["flags"] == "--scaleInit auto"
     text = study.table(summary, variants, [0, 1, 2])
-    assert "| paired test gain, kept weights | -1.50 +- " in text and "(exceeds noise)" in text
+    assert "| paired test gain, kept weights (best val) | -1.50 +- " in text and "(exceeds noise)" in text
+    assert "| paired test gain, last weights | -2.50 +- " in text
 
 
 SMALL = ["--data", "toy", "--perClass", "20", "--dataSize", "36", "--imageSize", "32", "--seeds", "0", "1",
@@ -68,16 +70,17 @@ def test_smallest_study_reports_what_its_checkpoints_give_and_extends(tmp_path: 
     for seed_index, seed in enumerate((0, 1)):
         # The kept weights of the evaluation-mode variant, evaluated afresh by the script's --evaluate
         # on the same test episodes (its gallery pass leaves the statistics as training saw them).
-        check = run_script(workdir, "onlyBasetwoLoss.py", "--dataroot", str(root), "--imageSize", "32", "--seed",
-                           str(seed), "--GNet", f"s2_eval_seed{seed}", "--tensorname", f"check{seed}", "--evaluate",
-                           "--shots", "1", "--galleryNum", "2", "--galleryBN", "eval", "--testEpisodes", "6",
-                           "--nthreads", "0", "--progress", "0", "--device", "cpu")
-        assert check.returncode == 0, check.stderr
-        report = json.loads((workdir / f"runs/check{seed}/evaluate_1shot_seed{seed}.json").read_text())
-        reported = summary["variants"]["eval"]
-        assert reported["test_acc"]["values"][seed_index] == pytest.approx(report["accuracy"])
-        assert reported["test_plain"]["values"][seed_index] == pytest.approx(report["plain_accuracy"])
-        assert reported["test_gain"]["values"][seed_index] == pytest.approx(report["difference"])
+        for weights, kind in ((f"s2_eval_seed{seed}", "test"), (f"s2_eval_seed{seed}_last", "test_last")):
+            check = run_script(workdir, "onlyBasetwoLoss.py", "--dataroot", str(root), "--imageSize", "32", "--seed",
+                               str(seed), "--GNet", weights, "--tensorname", f"check_{weights}", "--evaluate",
+                               "--shots", "1", "--galleryNum", "2", "--galleryBN", "eval", "--testEpisodes", "6",
+                               "--nthreads", "0", "--progress", "0", "--device", "cpu")
+            assert check.returncode == 0, check.stderr
+            report = json.loads((workdir / f"runs/check_{weights}/evaluate_1shot_seed{seed}.json").read_text())
+            reported = summary["variants"]["eval"]
+            assert reported[f"{kind}_acc"]["values"][seed_index] == pytest.approx(report["accuracy"])
+            assert reported[f"{kind}_plain"]["values"][seed_index] == pytest.approx(report["plain_accuracy"])
+            assert reported[f"{kind}_gain"]["values"][seed_index] == pytest.approx(report["difference"])
         for variant in ("faithful", "eval"):
             rows = read_metrics(workdir / f"runs/s2_{variant}_seed{seed}/metrics.csv")
             assert len(rows) == 2
@@ -99,10 +102,13 @@ def test_smallest_study_reports_what_its_checkpoints_give_and_extends(tmp_path: 
     again = run_script(tmp_path, "benchmarks/study.py", *SMALL, "--s2Epochs", "2", "--workdir", str(workdir))
     assert again.returncode == 0, again.stderr
     assert again.stdout.count(": reused ") == 2 + 4 and ": stage 2" not in again.stdout
+    assert not (workdir / "runs/s2_eval_seed0/evaluate_1shot_seed0_last.json").stat().st_size == 0
     longer = run_script(tmp_path, "benchmarks/study.py", *SMALL, "--s2Epochs", "3", "--workdir", str(workdir))
     assert longer.returncode == 0, longer.stderr
     assert longer.stdout.count("continued to 3 epochs") == 4
     after = read_metrics(workdir / "runs/s2_faithful_seed0/metrics.csv", timing=False)
     assert after[:2] == before and len(after) == 3
+    last = json.loads((workdir / "runs/s2_faithful_seed0/evaluate_1shot_seed0_last.json").read_text())
+    assert last["weights"] == "last"
     extended = json.loads((workdir / "study.json").read_text())
     assert [p["episodes"] for p in extended["curves"]["faithful"]] == [3, 6, 9]
