@@ -1,4 +1,4 @@
-"""Stage 2 (SPEC 3): the model and its optimisers, the episodes, one training step, a training
+"""Stage 2 (docs/original.md §4): the model and its optimisers, the episodes, one training step, a training
 epoch, an evaluation pass, the per-epoch metrics and the test report."""
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]
 
 
 def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, dict]:
-    """The original's optimisers and schedules (SPEC 3, item 7), by resume-state key.
+    """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key.
 
     Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
     so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)

@@ -1,4 +1,4 @@
-"""The deformation sub-networks, their registry, and the patch blend (SPEC 3).
+"""The deformation sub-networks, their registry, and the patch blend (docs/original.md §4.1).
 
 A deformation network maps a probe and a gallery batch ``[N, 3, S, S]`` to weights ``[N, F*F]``.
 Adding one is a class with the constructor ``(image_size, fang, backbone)`` (``backbone``: the

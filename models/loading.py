@@ -1,4 +1,4 @@
-"""Building networks from checkpoints: ours, and the authors' released files (SPEC 4)."""
+"""Building networks from checkpoints: ours, and the authors' released files (docs/original.md §5)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Tests for one stage-2 episode (SPEC 3 steps 2-8): gallery selection, the prototype and
+"""Tests for one stage-2 episode (docs/original.md §4.5 to §4.7): gallery selection, the prototype and
 classification losses against a hand computation, and which parameters one training step
 changes for each combination of flags."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from models import EmbeddingNet, IDeMeNet
 
 CPU = torch.device("cpu")
 SIZE = 32
-# ImageNet statistics, typed out here (SPEC 1) rather than imported.
+# ImageNet statistics, typed out here (docs/original.md §2.2) rather than imported.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -355,7 +355,7 @@ def test_training_step_changes_exactly_the_flagged_groups(stage1_file, step_gall
     trainable = trainable_groups(flags)
     for group, params in groups(model).items():
         assert all(p.requires_grad == (group in trainable) for p in params), group
-    # BatchNorm stays in evaluation mode (SPEC 3 step 8): no running statistic moved, anywhere.
+    # BatchNorm stays in evaluation mode (docs/original.md §4.7): no running statistic moved, anywhere.
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name]), name
     for bn in (m for m in model.deformer.modules() if isinstance(m, nn.BatchNorm2d)):

@@ -1,4 +1,5 @@
-"""Stage-2 episodes (SPEC 3): deterministic, worker-independent, resumable, disjoint by default."""
+"""Stage-2 episodes (docs/original.md §4.5, step 1, and §6.2): deterministic, worker-independent, resumable,
+disjoint by default."""
 from __future__ import annotations
 
 import os

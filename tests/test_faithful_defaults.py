@@ -1,6 +1,7 @@
-"""The original's behaviours that change a reproduction's numbers (SPEC 3, items 7 and 9, the
-gallery, the test-selection timing): the scale's undecayed rate, unflipped gallery features,
-PyTorch 0.4.0 initialisation and ``--selectOn test`` evaluated before each epoch trains."""
+"""The original's behaviours that change a reproduction's numbers (docs/original.md §7): the scale's undecayed
+rate (§4.6), unflipped gallery features (§4.3), PyTorch 0.4.0 initialisation of the deformation network and
+torchvision's of the stage-1 ResNet (§4.2, §3.1), and ``--selectOn test`` evaluated before each epoch trains
+(§4.8, §6.1)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Stage 2's gallery pass (SPEC 3, Gallery): the original's pass in training mode by default, the
+"""Stage 2's gallery pass (docs/original.md §4.4): the original's pass in training mode by default, the
 clean evaluation-mode pass with ``--galleryBN eval``.
 
 The reference below is written with plain tensor operations: a ResNet forward whose BatchNorm

@@ -1,4 +1,4 @@
-"""The F x F patch grid (SPEC 2: boundaries ``[i * (S // F) for i in range(F)] + [S]``)."""
+"""The F x F patch grid (docs/original.md §3.4: boundaries ``[i * (S // F) for i in range(F)] + [S]``)."""
 from __future__ import annotations
 
 import pytest

@@ -54,7 +54,7 @@ VAL_PER_CLASS = 6  # stage 1's val monitor needs 5 support + 1 query images per 
 LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--experimentpath",
            "bench/splitfile_{:d}.json", "--trainlist", "bench/train.json", "--imageSize", SIZE, "--galleryNum", "4",
            "--nthreads", "0", "--progress", "0", "--device", "cpu", "--trials", "1", "2", "--lowshotn", "1", "2"]
-PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (SPEC.md, section 3)
+PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (docs/original.md §4.10)
 
 
 lowshot_imagenet, onlyBasetwoLoss = load_script("lowshot_imagenet.py"), load_script("onlyBasetwoLoss.py")

@@ -1,5 +1,5 @@
 """Tests for ``utils.metrics``: mean and 95% interval (normal over episodes, Student t over trials), and the
-accuracy line (SPEC 5)."""
+accuracy line (docs/original.md §6.4)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Tests for ``models.IDeMeNet`` and its deformation sub-networks (SPEC 3, "Networks")."""
+"""Tests for ``models.IDeMeNet`` and its deformation sub-networks (docs/original.md §4.1)."""
 from __future__ import annotations
 
 import pytest
@@ -90,7 +90,7 @@ def test_scale_starts_at_one(model: IDeMeNet) -> None:
 
 @pytest.mark.parametrize("size,flat", [(224, 784), (84, 64), (64, 64), (96, 144), (33, 16), (32, 16)])
 def test_small_encoder_flatten_size(size: int, flat: int) -> None:
-    # 16 channels times (S // 32)^2 after five 2x2 max-pools; 16 * 7 * 7 = 784 at 224 (SPEC 3).
+    # 16 channels times (S // 32)^2 after five 2x2 max-pools; 16 * 7 * 7 = 784 at 224 (docs/original.md §4.1).
     net = SmallDeformNet(size, fang=3)
     assert encoder_output_size(size) == size // 32
     assert net.toWeight[0].in_features == flat
@@ -146,7 +146,7 @@ def test_deformation_parameters_are_the_deformer(model: IDeMeNet) -> None:
 
 
 def test_encoder_batchnorm_statistics_stay_at_init_in_eval_mode() -> None:
-    # SPEC 3 step 8: the whole stage runs in eval mode, so the deformation encoder's BatchNorm
+    # docs/original.md §4.7: the whole stage runs in eval mode, so the deformation encoder's BatchNorm
     # layers keep running mean 0 and variance 1 while their affine parameters train.
     torch.manual_seed(2)
     net = IDeMeNet(image_size=32, fang=3).eval()

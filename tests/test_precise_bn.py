@@ -146,7 +146,7 @@ def test_tool_replaces_only_the_embedding_statistics_under_every_name(layout: st
     own = net.state_dict()
     if layout == "stage1":
         state = own
-    else:  # the authors' GNet names the ResNet twice (SPEC 4)
+    else:  # the authors' GNet names the ResNet twice (docs/original.md §5.2)
         body = {k[len("convnet."):]: v for k, v in own.items() if not k.startswith("convnet.fc.")}
         state = {**{"CNet.resnet." + k: v for k, v in own.items()},
                  **{"CNet." + k: v.clone() for k, v in body.items()},
