@@ -180,15 +180,16 @@ def test_prototype_loss_matches_hand_computation(controlled, deform: str) -> Non
     # same shortlist position in the same class -> same gallery image
     for m in range(len(chosen)):
         for n in range(len(chosen)):
-            if m // (SHOTS * AUGNUM) == n // (SHOTS * AUGNUM) and episode["shortlist_pick"][m] == episode["shortlist_pick"][n]:
+            same_pick = episode["shortlist_pick"][m] == episode["shortlist_pick"][n]
+            if m // (SHOTS * AUGNUM) == n // (SHOTS * AUGNUM) and same_pick:
                 assert chosen[m][0] == chosen[n][0]
 
     # Copy m belongs to support image m // AUGNUM; A is that image, mirrored where probe_flip says.
     probes = torch.stack([support[m // AUGNUM].flip(-1) if episode["probe_flip"][m] else support[m // AUGNUM]
                           for m in range(WAYS * SHOTS * AUGNUM)])
     torch.testing.assert_close(result.probes, probes, rtol=0, atol=0)
-    others = torch.stack([normalise(gallery_images[g:g + 1])[0].flip(-1) if flip else normalise(gallery_images[g:g + 1])[0]
-                          for g, flip in chosen])
+    others = torch.stack([normalise(gallery_images[g:g + 1])[0].flip(-1) if flip
+                          else normalise(gallery_images[g:g + 1])[0] for g, flip in chosen])
     if deform == "learned":
         bias = model.deformer.bias
         weights = bias.unsqueeze(0) + 0.5 * (probes.mean(dim=(1, 2, 3)) - others.mean(dim=(1, 2, 3))).unsqueeze(1)
@@ -233,8 +234,10 @@ def test_classification_loss_matches_hand_computation(controlled) -> None:
     result = run_episode(model, episode, bank, config, CPU, train_cls=True, track_grad=True)
     support = normalise(episode["support"])
     probes, others = result.probes, result.gallery_images
-    features = torch.cat([support.flatten(1), hand_blend(probes, others, result.weights).flatten(1)]) @ model.backbone.matrix
-    owners = torch.cat([torch.arange(WAYS).repeat_interleave(SHOTS), torch.arange(WAYS).repeat_interleave(SHOTS * AUGNUM)])
+    images = torch.cat([support.flatten(1), hand_blend(probes, others, result.weights).flatten(1)])
+    features = images @ model.backbone.matrix
+    owners = torch.cat([torch.arange(WAYS).repeat_interleave(SHOTS),
+                        torch.arange(WAYS).repeat_interleave(SHOTS * AUGNUM)])
     base = torch.tensor([2, 5, 9])[owners]  # the episode's split-level (base) class ids
     logits = features @ model.fc.weight.t() + model.fc.bias
     torch.testing.assert_close(result.cls_loss, hand_nll(logits, base), rtol=1e-5, atol=1e-6)

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from conftest import PER_CLASS
 from datasets.episodes import AugmentDraws, EpisodeDataset, collate_episode
 from datasets.images import load_rgb
+from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 from datasets.splits import Split
 from datasets.transforms import eval_crop
 from utils.errors import DataError
-from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 
 SIZE = 32
 WAYS, SHOTS, QUERIES = 5, 1, 3

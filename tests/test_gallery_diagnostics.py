@@ -8,8 +8,17 @@ import torch
 from PIL import Image
 
 import engine.stage2 as stage2
-from engine.episode import (EPISODE_CLASS, OTHER_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank,
-                            gallery_relation, run_episode, select_gallery)
+from engine.episode import (
+    EPISODE_CLASS,
+    OTHER_CLASS,
+    SAME_CLASS,
+    EpisodeConfig,
+    EpisodeResult,
+    GalleryBank,
+    gallery_relation,
+    run_episode,
+    select_gallery,
+)
 from engine.figures import RELATION_COLOURS, save_deformation_figure
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet

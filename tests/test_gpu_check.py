@@ -43,7 +43,8 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert "ok     cached_features_1shot_fp32" in done.stdout
     # the multi-process checks, on the CPU with gloo (--distributedChecks 1)
     assert checks["torchrun_uneven_split"] == {
-        "ok": True, "detail": "gloo, CPU: 256 items on 3 ranks (padded): exit [0, 0, 0], [86] items and [11] steps per rank"}
+        "ok": True,
+        "detail": "gloo, CPU: 256 items on 3 ranks (padded): exit [0, 0, 0], [86] items and [11] steps per rank"}
     sigterm = checks["torchrun_sigterm_resume"]
     assert sigterm["ok"] is True and sigterm["detail"].startswith("gloo, CPU: SIGTERM: exit [130, 130], stopped in "
                                                                   "training epoch 0, after step "), sigterm

@@ -213,7 +213,8 @@ def test_feature_extraction_over_uneven_shares_gives_one_process_features(ranks)
 def test_a_stop_on_one_rank_during_feature_extraction_stops_every_rank_then_resumes(ranks):
     root, results = ranks
     extraction = [result["extraction"] for result in results]
-    assert extraction[1]["stopped"] == "Interrupted: while extracting the base_train features (finished blocks are kept)"
+    assert extraction[1]["stopped"] == \
+        "Interrupted: while extracting the base_train features (finished blocks are kept)"
     for rank in (0, 2):
         assert extraction[rank]["stopped"] == ("Interrupted: while extracting the base_train features (another "
                                                "process was stopped; finished blocks are kept)")

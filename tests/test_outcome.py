@@ -17,8 +17,8 @@ from datasets.splits import read_split
 from engine.fewshot import evaluate_embedding
 from engine.precise_bn import clean_files, reestimate
 from models import load_embedding
-from utils.forward import layout_model
 from tests.scripts_helpers import load_script
+from utils.forward import layout_model
 from utils.metrics import t_quantile_975
 
 REPO = Path(__file__).resolve().parent.parent

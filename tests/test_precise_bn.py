@@ -14,10 +14,9 @@ from engine.precise_bn import clean_files, reestimate
 from models import EmbeddingNet, load_embedding
 from models.batchnorm import reestimate_bn_statistics
 from models.loading import with_embedding_statistics
+from tests.scripts_helpers import load_script, read_metrics
 from utils.checkpoint import safe_load
 from utils.forward import layout_model
-
-from tests.scripts_helpers import load_script, read_metrics
 
 precise_bn_script = load_script("scripts/precise_bn.py")
 classification = load_script("classification.py")
