@@ -8,20 +8,13 @@ import torch
 from torch import nn
 
 import engine.stage2 as stage2
-from datasets.gallery import Gallery
+from conftest import EPISODE_SIZE, make_episode, make_gallery, normalise, uint8_images
 from engine.episode import EpisodeConfig, GalleryBank, run_episode
 from engine.options import CPU_CHUNK, CUDA_CHUNK, resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet
 
 CPU = torch.device("cpu")
-SIZE = 32
-# ImageNet statistics, typed out here (docs/original.md §2.2) rather than imported.
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    return (images.float() / 255 - MEAN) / STD
+SIZE = EPISODE_SIZE
 
 
 def hand_blend(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,42 +62,6 @@ class BiasDeformer(nn.Module):
     def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         delta = probe.mean(dim=(1, 2, 3)) - gallery.mean(dim=(1, 2, 3))
         return self.bias.unsqueeze(0) + 0.5 * delta.unsqueeze(1)
-
-
-def make_gallery(images: torch.Tensor, labels: torch.Tensor) -> Gallery:
-    """A :class:`datasets.Gallery` holding the given uint8 images (no files decoded)."""
-    gallery = Gallery.__new__(Gallery)
-    gallery.images, gallery.labels = images.clone(), labels.clone()
-    return gallery
-
-
-def uint8_images(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
-def make_episode(ways: int, shots: int, queries: int, augnum: int, choose_num: int, gallery_size: int, cells: int,
-                 classes: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """An episode dict with the keys of ``EpisodeDataset.__getitem__`` (with ``AugmentDraws``).
-
-    Each class's ``shortlist_pick`` values cover 0..choose_num-1 when shots * augnum >= choose_num,
-    so the chosen gallery images of a class must be exactly its choose_num nearest ones."""
-    generator = torch.Generator().manual_seed(seed)
-    n = ways * shots * augnum
-    per_class = shots * augnum
-    picks = torch.cat([torch.randperm(per_class, generator=generator) % choose_num for _ in range(ways)])
-    return {
-        "support": uint8_images(ways * shots, seed + 1),
-        "query": uint8_images(ways * queries, seed + 2),
-        "support_labels": torch.arange(ways).repeat_interleave(shots),
-        "query_labels": torch.arange(ways).repeat_interleave(queries),
-        "classes": torch.tensor(classes),
-        "index": torch.tensor(0),
-        "probe_flip": torch.rand(n, generator=generator) < 0.5,
-        "shortlist_pick": picks,
-        "gallery_pick": torch.randint(gallery_size, (n,), generator=generator),
-        "gallery_flip": torch.rand(n, generator=generator) < 0.5,
-        "random_weights": torch.rand(n, cells, generator=generator),
-    }
 
 
 def identify(images: torch.Tensor, gallery_images: torch.Tensor) -> list[tuple[int, bool]]:
