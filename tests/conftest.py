@@ -13,8 +13,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
+from torchvision import transforms as T
 
 from datasets import read_split, toy
 from datasets.gallery import Gallery
@@ -169,6 +172,17 @@ def stage2_splits(stage2_workdir: Path) -> dict:
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``[N, 3, S, S]`` as the network sees them: scaled to [0, 1], then ImageNet-normalised."""
     return (images.float() / 255 - MEAN) / STD
+
+
+def eval_crops(files: list[Path], size: int) -> torch.Tensor:
+    """``files`` through the evaluation crop of docs/original.md §2.2 (Resize(round(S*256/224)), CenterCrop(S))
+    with torchvision's PIL transforms, then :func:`normalise`: one batch ``[N, 3, S, S]``, no blend, no flip."""
+    crops = []
+    for path in files:
+        with PIL.Image.open(path) as image:
+            crop = T.CenterCrop(size)(T.Resize(round(size * 256 / 224))(image.convert("RGB")))
+        crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+    return normalise(torch.stack(crops))
 
 
 def uint8_images(n: int, seed: int) -> torch.Tensor:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from torch import nn
-from torchvision import transforms as T
 
-from conftest import normalise
+from conftest import eval_crops
 from datasets.splits import read_split
 from engine.precise_bn import clean_files, reestimate
 from models import EmbeddingNet, load_embedding
@@ -112,17 +109,6 @@ def stage1_args(root: Path, **overrides) -> argparse.Namespace:
     return args
 
 
-def clean_batch(files: list[Path], size: int) -> torch.Tensor:
-    """``files`` as one normalised batch through the evaluation crop (Resize(round(S*256/224)),
-    CenterCrop(S); docs/original.md §2.2), with torchvision's PIL transforms: no blend, no flip."""
-    crops = []
-    for path in files:
-        with PIL.Image.open(path) as image:
-            crop = T.CenterCrop(size)(T.Resize(round(size * 256 / 224))(image.convert("RGB")))
-        crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
-    return normalise(torch.stack(crops))
-
-
 def test_stage1_writes_reestimated_statistics_and_reports_both(toy_root: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The 24 clean images fit one batch of 32, so each BatchNorm's re-estimated statistics are that batch's
@@ -137,7 +123,7 @@ def test_stage1_writes_reestimated_statistics_and_reports_both(toy_root: Path, t
     for norm in reference.modules():
         if isinstance(norm, nn.BatchNorm2d):
             norm.momentum = 1.0
-    batch = clean_batch(clean_files(read_split(toy_root, "train"), 24, 0, 2), 32)
+    batch = eval_crops(clean_files(read_split(toy_root, "train"), 24, 0, 2), 32)
     with torch.no_grad():
         reference.train()(batch)
     expected = reference.state_dict()
