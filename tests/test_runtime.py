@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +14,10 @@ from utils import runtime
 from utils.runtime import MIN_VERSIONS, PROCESS_ENV, check_versions, set_process_env, version_problem
 
 REPO = Path(__file__).resolve().parent.parent
-# Every entry point that imports torch: the training scripts, the benchmarks and the demo's estimate.
+# Every entry point that loads torch: the training scripts, the benchmarks and the tools of scripts/ that do.
 ENTRY_POINTS = ["classification.py", "onlyBasetwoLoss.py", "lowshot_imagenet.py", "benchmarks/episode.py",
-                "benchmarks/stage1.py", "scripts/demo_estimate.py"]
+                "benchmarks/ops.py", "benchmarks/outcome.py", "benchmarks/stage1.py", "benchmarks/study.py",
+                "scripts/demo_estimate.py", "scripts/gpu_check.py", "scripts/precise_bn.py"]
 
 
 def test_set_process_env_fills_in_what_the_user_did_not_set(monkeypatch) -> None:
