@@ -23,10 +23,22 @@ import torch
 from torch import nn
 
 from engine.options import stage1_parser
-from engine.run import Run
 from engine.precise_bn import clean_files
-from engine.stage1 import (METRICS, RESUME_KEYS, SUMMED_PROGRESS, build_model, distribute, evaluate, load_data,
-                           multi_gpu_hint, new_progress, plain_state, precise_copy, train_one_epoch)
+from engine.run import Run
+from engine.stage1 import (
+    METRICS,
+    RESUME_KEYS,
+    SUMMED_PROGRESS,
+    build_model,
+    distribute,
+    evaluate,
+    load_data,
+    multi_gpu_hint,
+    new_progress,
+    plain_state,
+    precise_copy,
+    train_one_epoch,
+)
 from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
@@ -133,9 +145,10 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
             save_state(epoch)  # the epoch's finished steps are kept; an interrupted val evaluation is redone
             return run.stop(str(stopped))
     if info.is_main:
-        write_json(run.dir / "summary.json", {"lowest_train_loss": record["best_train_loss"], "checkpoint": str(main_path),
-                                              "best_val_1shot": record["best_val"], "best_checkpoint": str(best_path),
-                                              "selected_on": selected_on, "preciseBN": args.preciseBN})
+        write_json(run.dir / "summary.json", {"lowest_train_loss": record["best_train_loss"],
+                                              "checkpoint": str(main_path), "best_val_1shot": record["best_val"],
+                                              "best_checkpoint": str(best_path), "selected_on": selected_on,
+                                              "preciseBN": args.preciseBN})
         statistics = f", BatchNorm statistics re-estimated over {len(precise_files)} images" if precise_files else ""
         print(f"saved {main_path} (lowest training loss {record['best_train_loss']:.4f}{statistics})"
               + (f" and {best_path} ({selected_on.replace('_', ' ')} {record['best_val']:.2f} %)"

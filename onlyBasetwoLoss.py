@@ -25,10 +25,30 @@ from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import resolve_stage2_args, stage2_parser
 from engine.run import Run, run_lock
-from engine.stage2 import (METRICS, RESUME_FORMAT, RESUME_KEYS, TEST_STREAM, TRAIN_STREAM, VAL_STREAM, episode_config,
-                           epoch_row, episodes, evaluate, gallery_pass_line, initialize_scale, make_embed,
-                           make_optimizers, new_progress, param_groups, prepare, report, selection_columns, step_schedulers, train_one_epoch,
-                           write_figure)
+from engine.stage2 import (
+    METRICS,
+    RESUME_FORMAT,
+    RESUME_KEYS,
+    TEST_STREAM,
+    TRAIN_STREAM,
+    VAL_STREAM,
+    episode_config,
+    episodes,
+    epoch_row,
+    evaluate,
+    gallery_pass_line,
+    initialize_scale,
+    make_embed,
+    make_optimizers,
+    new_progress,
+    param_groups,
+    prepare,
+    report,
+    selection_columns,
+    step_schedulers,
+    train_one_epoch,
+    write_figure,
+)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json

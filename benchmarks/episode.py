@@ -1,4 +1,4 @@
-"""Benchmark of stage-2 episodes (SPEC 3): the engine's training and test loops against their compute floor.
+"""Benchmark of stage-2 episodes (docs/original.md §4.5): the engine's training and test loops vs their compute floor.
 
     python benchmarks/episode.py --imageSize 84 --shots 1
     python benchmarks/episode.py --device cuda --amp --episodes 50

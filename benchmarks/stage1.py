@@ -1,4 +1,4 @@
-"""Benchmark of stage 1 (SPEC 2): images/s of the engine's training epoch with data loading vs preloaded.
+"""Benchmark of stage 1 (docs/original.md §3): images/s of the engine's training epoch with data loading vs preloaded.
 
     python benchmarks/stage1.py --imageSize 84 --batchSize 64 --steps 10
     python benchmarks/stage1.py --device cuda --amp --steps 30

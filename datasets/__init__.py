@@ -9,7 +9,8 @@ from datasets.transforms import eval_crop, eval_transform, normalize_uint8, trai
 from utils.errors import DataError
 
 __all__ = [
-    "AugmentDraws", "CroppedImages", "DataError", "EpisodeDataset", "Gallery", "SPLITS", "SeededSampler", "SoftRandomDataset",
-    "Split", "class_list", "collate_episode", "detect_layout", "eval_crop", "eval_transform", "gallery_files",
-    "image_problem", "item_rng", "load_rgb", "normalize_uint8", "read_split", "scan_split", "train_transform",
+    "AugmentDraws", "CroppedImages", "DataError", "EpisodeDataset", "Gallery", "SPLITS", "SeededSampler",
+    "SoftRandomDataset", "Split", "class_list", "collate_episode", "detect_layout", "eval_crop", "eval_transform",
+    "gallery_files", "image_problem", "item_rng", "load_rgb", "normalize_uint8", "read_split", "scan_split",
+    "train_transform",
 ]

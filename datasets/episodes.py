@@ -1,4 +1,4 @@
-"""Episodes for stage 2 (SPEC 3): classes, support and query images, and the random draws
+"""Episodes for stage 2 (docs/original.md §4.5): classes, support and query images, and the random draws
 the deformation step needs, all determined by (seed, epoch, episode index)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The gallery of base-class images that deformed examples are blended from (SPEC 3).
+"""The gallery of base-class images that deformed examples are blended from (docs/original.md §4.3).
 
 The images are decoded once, centre-cropped at the evaluation size and kept in memory as
 uint8; nothing is read from disk after construction.

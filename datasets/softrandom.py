@@ -1,4 +1,5 @@
-"""Stage-1 data: images blended patch by patch with another image of the same class (SPEC 2)."""
+"""Stage-1 data: images blended patch by patch with another image of the same class (docs/original.md
+§3.2 and §3.3)."""
 from __future__ import annotations
 
 import torch

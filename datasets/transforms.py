@@ -1,4 +1,4 @@
-"""Image transforms of SPEC section 1 for any image size S."""
+"""Image transforms of docs/original.md §2.2 and §2.3 for any image size S."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""One stage-2 episode (SPEC 3, steps 2 to 7): gallery selection, deformed support images,
+"""One stage-2 episode (docs/original.md §4.5 and §4.6): gallery selection, deformed support images,
 the prototype loss, the classification loss and the gradients each optimiser uses."""
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class GalleryBank:
 
 def embed_gallery_train_mode(model: IDeMeNet, gallery: Gallery, device: torch.device, amp: bool = False,
                              stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """The original's gallery pass (SPEC 3, Gallery) on one device: features ``[G, D]`` of the gallery
+    """The original's gallery pass (docs/original.md §4.4) on one device: features ``[G, D]`` of the gallery
     images embedded with the embedding in training mode.
 
     The original embedded the gallery through ``DataParallel`` over 4 GPUs before it ever switched

@@ -15,8 +15,8 @@ from typing import Any
 
 from utils.checkpoint import atomic_save, safe_load
 from utils.distributed import DistInfo, raise_together
-from utils.files import RUNS_DIR, read_csv, write_json
 from utils.errors import OptionError, TrainingDiverged
+from utils.files import RUNS_DIR, read_csv, write_json
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
 LOCK_FILE = ".lock"  # in the run folder: "<pid> <host>" of the process training the run

@@ -1,4 +1,4 @@
-"""Stage 1 (SPEC 2): the soft-random training data, the network and its optimiser, a training
+"""Stage 1 (docs/original.md §3): the soft-random training data, the network and its optimiser, a training
 epoch and the val few-shot monitor."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2 (SPEC 3): the model and its optimisers, the episodes, one training step, a training
+"""Stage 2 (docs/original.md §4): the model and its optimisers, the episodes, one training step, a training
 epoch, an evaluation pass, the per-epoch metrics and the test report."""
 from __future__ import annotations
 
@@ -14,11 +14,22 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
-from datasets.lowshot import read_stage_split
 from datasets.loaders import episode_loader
+from datasets.lowshot import read_stage_split
 from datasets.transforms import prepare_images
-from engine.episode import (EPISODE_CLASS, GALLERY_CALL, GALLERY_SHARES, SAME_CLASS, EpisodeConfig, EpisodeResult,
-                            GalleryBank, episode_gradients, episode_on_device, gallery_relation, run_episode)
+from engine.episode import (
+    EPISODE_CLASS,
+    GALLERY_CALL,
+    GALLERY_SHARES,
+    SAME_CLASS,
+    EpisodeConfig,
+    EpisodeResult,
+    GalleryBank,
+    episode_gradients,
+    episode_on_device,
+    gallery_relation,
+    run_episode,
+)
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
 from engine.timing import NO_TIMER, Timer, timed_items
@@ -38,9 +49,9 @@ METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "s
            "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
            "select_other_distance", "gallery_bn"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
-               "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR", "clsLR",
-               "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn", "overlap",
-               "memoryFormat", "scaleInit")
+               "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR",
+               "clsLR", "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn",
+               "overlap", "memoryFormat", "scaleInit")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
 # Training episodes between two reads of the device-side sums by the host (a read waits for the GPU):
 # the divergence check and the progress bar's numbers come that often.
@@ -113,7 +124,7 @@ def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]
 
 
 def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, dict]:
-    """The original's optimisers and schedules (SPEC 3, item 7), by resume-state key.
+    """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key.
 
     Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
     so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)
@@ -185,7 +196,8 @@ def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device
 
 
 def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
-                     device: torch.device, embed, config: EpisodeConfig, cache: FeatureCache | None = None) -> str | None:
+                     device: torch.device, embed, config: EpisodeConfig,
+                     cache: FeatureCache | None = None) -> str | None:
     """Set ``model.scale`` for ``--scaleInit`` (a number, or ``auto`` from ``first_episode()``, the
     first training episode); returns the log line, None when the checkpoint's scale stays."""
     if value is None:
@@ -372,7 +384,8 @@ def report(stats: dict, args, split: str) -> dict:
     pmean, pci = mean_ci95([100 * a for a in plain])
     dmean, dci = mean_ci95([100 * d for d in diff])
     print(format_accuracy(ways, args.shots, split, deformed, args.seed))
-    print(format_accuracy(ways, args.shots, split, plain, args.seed).replace(" accuracy:", " accuracy without deformation:"))
+    print(format_accuracy(ways, args.shots, split, plain, args.seed)
+          .replace(" accuracy:", " accuracy without deformation:"))
     print(f"difference (with - without deformation): {dmean:+.2f} +- {dci:.2f} % (paired, same episodes)")
     return {"split": split, "ways": ways, "shots": args.shots, "episodes": len(deformed), "seed": args.seed,
             "accuracy": mean, "ci95": ci, "plain_accuracy": pmean, "plain_ci95": pci, "difference": dmean,

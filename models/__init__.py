@@ -1,6 +1,12 @@
 """Networks of IDeMe-Net and loading them from checkpoints (ours and the authors')."""
-from models.deformation import (DEFORM_NETS, DeformNet, SmallDeformNet, TwoBranchDeformNet, blend_patches,
-                                encoder_output_size)
+from models.deformation import (
+    DEFORM_NETS,
+    DeformNet,
+    SmallDeformNet,
+    TwoBranchDeformNet,
+    blend_patches,
+    encoder_output_size,
+)
 from models.embedding import BACKBONES, DEFAULT_BACKBONE, EmbeddingNet, feature_size, infer_backbone
 from models.idemenet import IDeMeNet
 from models.loading import checkpoint_kind, convert_original, load_embedding, load_idemenet

@@ -1,4 +1,4 @@
-"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; SPEC 3), passes in
+"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; docs/original.md §4.2), passes in
 training mode that leave the running statistics alone, and the re-estimation of running statistics
 (``--preciseBN``)."""
 from __future__ import annotations
@@ -47,7 +47,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
 
 
 class Torch04BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` initialised as in PyTorch 0.4.0, the authors' version (SPEC 3, item 9):
+    """``nn.BatchNorm2d`` initialised as in PyTorch 0.4.0, the authors' version (docs/original.md §4.2):
     weight ~ U(0, 1) from the global generator, bias 0 (today's PyTorch starts the weight at 1).
     Same parameters, buffers, state-dict keys and forward."""
 

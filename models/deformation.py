@@ -1,4 +1,4 @@
-"""The deformation sub-networks, their registry, and the patch blend (SPEC 3).
+"""The deformation sub-networks, their registry, and the patch blend (docs/original.md §4.1).
 
 A deformation network maps a probe and a gallery batch ``[N, 3, S, S]`` to weights ``[N, F*F]``.
 Adding one is a class with the constructor ``(image_size, fang, backbone)`` (``backbone``: the
@@ -45,7 +45,8 @@ class DeformNet(nn.Module):
     def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()
         if image_size < self.min_image_size:
-            raise ValueError(f"{type(self).__name__} needs images of at least {self.min_image_size} px, got {image_size}")
+            raise ValueError(f"{type(self).__name__} needs images of at least {self.min_image_size} px, "
+                             f"got {image_size}")
 
     def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The entries of this network's state dict that start from a stage-1 ResNet body (keys of
@@ -70,7 +71,8 @@ class SmallDeformNet(DeformNet):
         super().__init__(image_size, fang, backbone)
         side = encoder_output_size(image_size)
         self.encoder = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True),
+                          nn.MaxPool2d(2))
             for cin, cout in zip(ENCODER_CHANNELS[:-1], ENCODER_CHANNELS[1:])
         ])
         self.toWeight = nn.Sequential(nn.Linear(ENCODER_CHANNELS[-1] * side * side, fang * fang))
@@ -105,7 +107,8 @@ class TwoBranchDeformNet(DeformNet):
         return self.toWeight(torch.cat([self.probe_branch(probe), self.gallery_branch(gallery)], dim=1))
 
     def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {f"{branch}.{key}": value for branch in ("probe_branch", "gallery_branch") for key, value in body.items()}
+        return {f"{branch}.{key}": value for branch in ("probe_branch", "gallery_branch")
+                for key, value in body.items()}
 
 
 # ``--deformNet`` name -> class; ``small`` (the released encoder) is the default.

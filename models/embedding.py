@@ -1,4 +1,4 @@
-"""The stage-1 embedding network: a torchvision ResNet (ResNet-18 by default) with a 64-way fc (SPEC 2),
+"""The stage-1 embedding network: a torchvision ResNet (ResNet-18 by default) with a 64-way fc (docs/original.md §3.1),
 and the registry of the ResNets it can be."""
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ class EmbeddingNet(nn.Module):
 
 def backbone_from_embedding(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a stage-1 state dict (``convnet.*``) into ResNet body keys and ``fc`` keys."""
-    body = {k[len("convnet."):]: v for k, v in state.items() if k.startswith("convnet.") and not k.startswith("convnet.fc.")}
+    body = {k[len("convnet."):]: v for k, v in state.items()
+            if k.startswith("convnet.") and not k.startswith("convnet.fc.")}
     fc = {k[len("convnet.fc."):]: v for k, v in state.items() if k.startswith("convnet.fc.")}
     return body, fc

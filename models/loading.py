@@ -1,4 +1,4 @@
-"""Building networks from checkpoints: ours, and the authors' released files (SPEC 4)."""
+"""Building networks from checkpoints: ours, and the authors' released files (docs/original.md §5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -123,7 +123,8 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
         state = {("convnet." + k[len("backbone."):]): v for k, v in body.items() if k.startswith("backbone.")}
         state.update({("convnet." + k): v for k, v in body.items() if k.startswith("fc.")})
     elif kind != "stage1":
-        raise CheckpointError(f"{path}: not a stage-1 state dict (keys convnet.*); first keys: {', '.join(list(state)[:3])}")
+        raise CheckpointError(f"{path}: not a stage-1 state dict (keys convnet.*); "
+                              f"first keys: {', '.join(list(state)[:3])}")
     classes = num_classes or state["convnet.fc.weight"].shape[0]
     model = EmbeddingNet(classes, infer_backbone(state, "convnet.", path))
     _load_strict(model, state, path, f"EmbeddingNet({model.backbone_name}, {classes} classes)")

@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="models/<name>.t7 by name, or a path")
     parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root (its train split is used)")
-    parser.add_argument("--lowshotmeta", default=None, help="label_idx.json: --dataroot is an ILSVRC tree (as in stage 1)")
+    parser.add_argument("--lowshotmeta", default=None,
+                        help="label_idx.json: --dataroot is an ILSVRC tree (as in stage 1)")
     parser.add_argument("--imageSize", type=int, default=224, help="image side S the checkpoint was trained at")
     parser.add_argument("--images", type=int, default=1024, help="clean training images N (at least 2)")
     parser.add_argument("--filesPerClass", type=int, default=500, help="draw from each class's first files (0: all)")
@@ -68,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
     before = {k: v.clone() for k, v in net.state_dict().items() if k.endswith(".running_var")}
     reestimate(net, files, args.imageSize, args.batchSize, args.nthreads, device, bool(args.progress))
     after = net.state_dict()
-    change = torch.stack([((after[k].cpu() - v.cpu()).abs() / v.cpu().clamp_min(1e-12)).mean() for k, v in before.items()])
+    change = torch.stack([((after[k].cpu() - v.cpu()).abs() / v.cpu().clamp_min(1e-12)).mean()
+                          for k, v in before.items()])
     atomic_save(with_embedding_statistics(state, {k: v.cpu() for k, v in after.items()}), out)
     print(f"wrote {out}: {len(before)} BatchNorm layers re-estimated over {len(files)} training images "
           f"(running_var moved by {100 * change.mean().item():.1f} % on average)")

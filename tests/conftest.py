@@ -1,4 +1,5 @@
-"""Shared fixtures: one thread for torch, and one small toy dataset in all three layouts.
+"""Shared fixtures and helpers: one thread for torch, one small toy dataset in all three layouts, and
+hand-made stage-2 inputs (random images, a gallery without files, an episode) for the episode tests.
 
 The toy dataset (``datasets.toy.generate``) is written once per session in the flat+CSV
 layout; the other two layouts are built from it with symbolic links (read-only tests) or
@@ -12,15 +13,23 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
+from torchvision import transforms as T
 
 from datasets import read_split, toy
+from datasets.gallery import Gallery
 from tests.scripts_helpers import make_workdir
 
 PER_CLASS = 12
 TOY_SIZE = 48
 SPLIT_NAMES = ("train", "val", "test")
+EPISODE_SIZE = 32  # side of the images uint8_images makes
+# ImageNet statistics, typed out here (docs/original.md §2.2) rather than imported.
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -156,3 +165,59 @@ def stage2_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stage2_splits(stage2_workdir: Path) -> dict:
     """The three splits of :func:`stage2_workdir`'s toy data, by name."""
     return {name: read_split(stage2_workdir / "toy", name) for name in ("train", "val", "test")}
+
+
+# Hand-made stage-2 inputs -------------------------------------------------------------------------
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[N, 3, S, S]`` as the network sees them: scaled to [0, 1], then ImageNet-normalised."""
+    return (images.float() / 255 - MEAN) / STD
+
+
+def eval_crops(files: list[Path], size: int) -> torch.Tensor:
+    """``files`` through the evaluation crop of docs/original.md §2.2 (Resize(round(S*256/224)), CenterCrop(S))
+    with torchvision's PIL transforms, then :func:`normalise`: one batch ``[N, 3, S, S]``, no blend, no flip."""
+    crops = []
+    for path in files:
+        with PIL.Image.open(path) as image:
+            crop = T.CenterCrop(size)(T.Resize(round(size * 256 / 224))(image.convert("RGB")))
+        crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+    return normalise(torch.stack(crops))
+
+
+def uint8_images(n: int, seed: int) -> torch.Tensor:
+    """``n`` random uint8 images ``[n, 3, EPISODE_SIZE, EPISODE_SIZE]`` drawn from ``seed``."""
+    return torch.randint(0, 256, (n, 3, EPISODE_SIZE, EPISODE_SIZE), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+def make_gallery(images: torch.Tensor, labels: torch.Tensor) -> Gallery:
+    """A :class:`datasets.Gallery` holding the given uint8 images (no files decoded)."""
+    gallery = Gallery.__new__(Gallery)
+    gallery.images, gallery.labels = images.clone(), labels.clone()
+    return gallery
+
+
+def make_episode(ways: int, shots: int, queries: int, augnum: int, choose_num: int, gallery_size: int, cells: int,
+                 classes: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """An episode dict with the keys of ``EpisodeDataset.__getitem__`` (with ``AugmentDraws``).
+
+    Each class's ``shortlist_pick`` values cover 0..choose_num-1 when shots * augnum >= choose_num,
+    so the chosen gallery images of a class must be exactly its choose_num nearest ones."""
+    generator = torch.Generator().manual_seed(seed)
+    n = ways * shots * augnum
+    per_class = shots * augnum
+    picks = torch.cat([torch.randperm(per_class, generator=generator) % choose_num for _ in range(ways)])
+    return {
+        "support": uint8_images(ways * shots, seed + 1),
+        "query": uint8_images(ways * queries, seed + 2),
+        "support_labels": torch.arange(ways).repeat_interleave(shots),
+        "query_labels": torch.arange(ways).repeat_interleave(queries),
+        "classes": torch.tensor(classes),
+        "index": torch.tensor(0),
+        "probe_flip": torch.rand(n, generator=generator) < 0.5,
+        "shortlist_pick": picks,
+        "gallery_pick": torch.randint(gallery_size, (n,), generator=generator),
+        "gallery_flip": torch.rand(n, generator=generator) < 0.5,
+        "random_weights": torch.rand(n, cells, generator=generator),
+    }

@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,13 @@ from models import EmbeddingNet
 from utils.files import read_csv
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for the rendezvous of processes a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def script_env(cuda: bool = False) -> dict[str, str]:

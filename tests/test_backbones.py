@@ -78,7 +78,8 @@ def test_seeded_backbone_equals_seeded_torchvision_network(choice: dict[str, str
     torch.manual_seed(3)
     ours = EmbeddingNet(7, **choice)
     torch.manual_seed(3)
-    reference = getattr(torchvision.models, choice.get("backbone", "resnet18"))(weights=None, num_classes=7).state_dict()
+    build = getattr(torchvision.models, choice.get("backbone", "resnet18"))
+    reference = build(weights=None, num_classes=7).state_dict()
     state = ours.state_dict()
     assert list(state) == [f"convnet.{key}" for key in reference]
     assert all(torch.equal(state[f"convnet.{key}"], value) for key, value in reference.items())

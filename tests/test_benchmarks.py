@@ -18,7 +18,8 @@ COMMON = ["--imageSize", str(IMAGE_SIZE), "--nthreads", "1", "--torchThreads", "
 
 EPISODE_KEYS = {"train_ratio", "test_ratio", "train_episode_ms", "train_floor_ms", "test_episode_ms", "test_floor_ms",
                 "train_data_wait_ms", "gallery_decode_s", "gallery_features_s", "gallery_ready_s", "peak_rss_mb",
-                "train_peak_rss_mb", "train_peak_total_mb", "train_peak_total_pss_mb", "children_maxrss_mb", "breakdown_ms"}
+                "train_peak_rss_mb", "train_peak_total_mb", "train_peak_total_pss_mb", "children_maxrss_mb",
+                "breakdown_ms"}
 STAGE1_KEYS = {"images_per_s_loader", "images_per_s_preloaded", "loading_ratio", "data_wait_ms", "peak_rss_mb",
                "loader_peak_total_mb", "decode_ms_per_image", "breakdown_ms"}
 # Sections of engine.stage2.train_one_epoch / evaluate and engine.stage1.train_one_epoch (engine/timing.py).

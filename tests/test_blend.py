@@ -1,4 +1,4 @@
-"""Tests for ``models.blend_patches``: the per-cell blend ``W * probe + (1 - W) * gallery`` (SPEC 3)."""
+"""Tests for ``models.blend_patches``: the per-cell blend ``W * probe + (1 - W) * gallery`` (docs/original.md §4.1)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,8 @@ from models import blend_patches
 
 
 def bounds(size: int, fang: int) -> list[int]:
-    """Cell boundaries written out from SPEC 2: every cell has size // fang pixels, the last the rest."""
+    """Cell boundaries written out from docs/original.md §3.4: every cell has size // fang pixels, the last
+    the rest."""
     return [i * (size // fang) for i in range(fang)] + [size]
 
 

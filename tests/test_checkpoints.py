@@ -1,4 +1,4 @@
-"""Tests for checkpoints (SPEC 4): the authors' stage-2 layout, stage-1 files, mismatches, damaged and
+"""Tests for checkpoints (docs/original.md §5): the authors' stage-2 layout, stage-1 files, mismatches, damaged and
 unsafe files, and atomic saving."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def source_model(fang: int = 3, image_size: int = SIZE, seed: int = 0) -> IDeMeN
 
 def original_layout(model: IDeMeNet, *, top_level_toweight: bool, nested: bool = True, duplicates: bool = True,
                     counts: bool = True) -> OrderedDict:
-    """The authors' GNet state dict, written out from SPEC 4 (not from models.loading)."""
+    """The authors' GNet state dict, written out from docs/original.md §5.2 (not from models.loading)."""
     own = model.state_dict()
     out = OrderedDict()
     conv_keys = ("weight", "bias")
@@ -189,7 +189,7 @@ def test_stage1_file_gives_embedding_fresh_deformer_and_unit_scale(tmp_path: Pat
     for bn in (m for m in model.deformer.modules() if isinstance(m, nn.BatchNorm2d)):
         assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
-        # PyTorch 0.4.0's initialisation (SPEC 3, item 9): weight U(0, 1), bias 0
+        # PyTorch 0.4.0's initialisation (docs/original.md §4.2): weight U(0, 1), bias 0
         assert 0 <= bn.weight.min() and bn.weight.max() < 1 and torch.equal(bn.bias, torch.zeros_like(bn.bias))
 
 

@@ -1,4 +1,4 @@
-"""Stage 1's crop (SPEC 1): torchvision 0.2's RandomResizedCrop, drawn from the item's seed."""
+"""Stage 1's crop (docs/original.md §2.3): torchvision 0.2's RandomResizedCrop, drawn from the item's seed."""
 from __future__ import annotations
 
 import math

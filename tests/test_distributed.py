@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,17 +14,11 @@ from torch import nn
 from datasets.toy import generate
 from engine.stage1 import distribute, multi_gpu_hint
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, read_metrics, run_script, script_env
+from tests.scripts_helpers import REPO, free_port, read_metrics, run_script, script_env
 from utils.distributed import DistInfo
 from utils.syncbn import convert_to_gloo_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +41,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_sync_batchnorm_gradients_match_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     torch.manual_seed(0)
     model = EmbeddingNet(10)
     images, labels = _batch()
@@ -93,7 +86,7 @@ def test_stage1_batch_statistics_of_two_processes_equal_one_process_on_the_whole
     gloo processes of 4 images each equals one process's over the 8 (and one process's own
     statistics of its 4 images differ)."""
     out = str(tmp_path / "stats.pt")
-    mp.spawn(_statistics_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_statistics_worker, args=(free_port(), out), nprocs=2, join=True)
     single = distribute(_stage1_net(), torch.device("cpu"), DistInfo())
     assert isinstance(single, EmbeddingNet)  # no DataParallel, no wrapper: the whole batch in one call
     single.train()

@@ -1,4 +1,4 @@
-"""Tests for one stage-2 episode (SPEC 3 steps 2-8): gallery selection, the prototype and
+"""Tests for one stage-2 episode (docs/original.md §4.5 to §4.7): gallery selection, the prototype and
 classification losses against a hand computation, and which parameters one training step
 changes for each combination of flags."""
 from __future__ import annotations
@@ -8,20 +8,13 @@ import torch
 from torch import nn
 
 import engine.stage2 as stage2
-from datasets.gallery import Gallery
+from conftest import EPISODE_SIZE, make_episode, make_gallery, normalise, uint8_images
 from engine.episode import EpisodeConfig, GalleryBank, run_episode
 from engine.options import CPU_CHUNK, CUDA_CHUNK, resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet
 
 CPU = torch.device("cpu")
-SIZE = 32
-# ImageNet statistics, typed out here (SPEC 1) rather than imported.
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    return (images.float() / 255 - MEAN) / STD
+SIZE = EPISODE_SIZE
 
 
 def hand_blend(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,42 +62,6 @@ class BiasDeformer(nn.Module):
     def forward(self, probe: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         delta = probe.mean(dim=(1, 2, 3)) - gallery.mean(dim=(1, 2, 3))
         return self.bias.unsqueeze(0) + 0.5 * delta.unsqueeze(1)
-
-
-def make_gallery(images: torch.Tensor, labels: torch.Tensor) -> Gallery:
-    """A :class:`datasets.Gallery` holding the given uint8 images (no files decoded)."""
-    gallery = Gallery.__new__(Gallery)
-    gallery.images, gallery.labels = images.clone(), labels.clone()
-    return gallery
-
-
-def uint8_images(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
-def make_episode(ways: int, shots: int, queries: int, augnum: int, choose_num: int, gallery_size: int, cells: int,
-                 classes: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """An episode dict with the keys of ``EpisodeDataset.__getitem__`` (with ``AugmentDraws``).
-
-    Each class's ``shortlist_pick`` values cover 0..choose_num-1 when shots * augnum >= choose_num,
-    so the chosen gallery images of a class must be exactly its choose_num nearest ones."""
-    generator = torch.Generator().manual_seed(seed)
-    n = ways * shots * augnum
-    per_class = shots * augnum
-    picks = torch.cat([torch.randperm(per_class, generator=generator) % choose_num for _ in range(ways)])
-    return {
-        "support": uint8_images(ways * shots, seed + 1),
-        "query": uint8_images(ways * queries, seed + 2),
-        "support_labels": torch.arange(ways).repeat_interleave(shots),
-        "query_labels": torch.arange(ways).repeat_interleave(queries),
-        "classes": torch.tensor(classes),
-        "index": torch.tensor(0),
-        "probe_flip": torch.rand(n, generator=generator) < 0.5,
-        "shortlist_pick": picks,
-        "gallery_pick": torch.randint(gallery_size, (n,), generator=generator),
-        "gallery_flip": torch.rand(n, generator=generator) < 0.5,
-        "random_weights": torch.rand(n, cells, generator=generator),
-    }
 
 
 def identify(images: torch.Tensor, gallery_images: torch.Tensor) -> list[tuple[int, bool]]:
@@ -180,15 +137,16 @@ def test_prototype_loss_matches_hand_computation(controlled, deform: str) -> Non
     # same shortlist position in the same class -> same gallery image
     for m in range(len(chosen)):
         for n in range(len(chosen)):
-            if m // (SHOTS * AUGNUM) == n // (SHOTS * AUGNUM) and episode["shortlist_pick"][m] == episode["shortlist_pick"][n]:
+            same_pick = episode["shortlist_pick"][m] == episode["shortlist_pick"][n]
+            if m // (SHOTS * AUGNUM) == n // (SHOTS * AUGNUM) and same_pick:
                 assert chosen[m][0] == chosen[n][0]
 
     # Copy m belongs to support image m // AUGNUM; A is that image, mirrored where probe_flip says.
     probes = torch.stack([support[m // AUGNUM].flip(-1) if episode["probe_flip"][m] else support[m // AUGNUM]
                           for m in range(WAYS * SHOTS * AUGNUM)])
     torch.testing.assert_close(result.probes, probes, rtol=0, atol=0)
-    others = torch.stack([normalise(gallery_images[g:g + 1])[0].flip(-1) if flip else normalise(gallery_images[g:g + 1])[0]
-                          for g, flip in chosen])
+    others = torch.stack([normalise(gallery_images[g:g + 1])[0].flip(-1) if flip
+                          else normalise(gallery_images[g:g + 1])[0] for g, flip in chosen])
     if deform == "learned":
         bias = model.deformer.bias
         weights = bias.unsqueeze(0) + 0.5 * (probes.mean(dim=(1, 2, 3)) - others.mean(dim=(1, 2, 3))).unsqueeze(1)
@@ -233,8 +191,10 @@ def test_classification_loss_matches_hand_computation(controlled) -> None:
     result = run_episode(model, episode, bank, config, CPU, train_cls=True, track_grad=True)
     support = normalise(episode["support"])
     probes, others = result.probes, result.gallery_images
-    features = torch.cat([support.flatten(1), hand_blend(probes, others, result.weights).flatten(1)]) @ model.backbone.matrix
-    owners = torch.cat([torch.arange(WAYS).repeat_interleave(SHOTS), torch.arange(WAYS).repeat_interleave(SHOTS * AUGNUM)])
+    images = torch.cat([support.flatten(1), hand_blend(probes, others, result.weights).flatten(1)])
+    features = images @ model.backbone.matrix
+    owners = torch.cat([torch.arange(WAYS).repeat_interleave(SHOTS),
+                        torch.arange(WAYS).repeat_interleave(SHOTS * AUGNUM)])
     base = torch.tensor([2, 5, 9])[owners]  # the episode's split-level (base) class ids
     logits = features @ model.fc.weight.t() + model.fc.bias
     torch.testing.assert_close(result.cls_loss, hand_nll(logits, base), rtol=1e-5, atol=1e-6)
@@ -355,7 +315,7 @@ def test_training_step_changes_exactly_the_flagged_groups(stage1_file, step_gall
     trainable = trainable_groups(flags)
     for group, params in groups(model).items():
         assert all(p.requires_grad == (group in trainable) for p in params), group
-    # BatchNorm stays in evaluation mode (SPEC 3 step 8): no running statistic moved, anywhere.
+    # BatchNorm stays in evaluation mode (docs/original.md §4.7): no running statistic moved, anywhere.
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name]), name
     for bn in (m for m in model.deformer.modules() if isinstance(m, nn.BatchNorm2d)):

@@ -1,4 +1,5 @@
-"""Stage-2 episodes (SPEC 3): deterministic, worker-independent, resumable, disjoint by default."""
+"""Stage-2 episodes (docs/original.md §4.5, step 1, and §6.2): deterministic, worker-independent, resumable,
+disjoint by default."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,10 @@ from torch.utils.data import DataLoader
 from conftest import PER_CLASS
 from datasets.episodes import AugmentDraws, EpisodeDataset, collate_episode
 from datasets.images import load_rgb
+from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 from datasets.splits import Split
 from datasets.transforms import eval_crop
 from utils.errors import DataError
-from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 
 SIZE = 32
 WAYS, SHOTS, QUERIES = 5, 1, 3

@@ -1,21 +1,24 @@
-"""The original's behaviours that change a reproduction's numbers (SPEC 3, items 7 and 9, the
-gallery, the test-selection timing): the scale's undecayed rate, unflipped gallery features,
-PyTorch 0.4.0 initialisation and ``--selectOn test`` evaluated before each epoch trains."""
+"""The original's behaviours that change a reproduction's numbers (docs/original.md §7): the scale's undecayed
+rate (§4.6), unflipped gallery features (§4.3), PyTorch 0.4.0 initialisation of the deformation network and
+torchvision's of the stage-1 ResNet (§4.2, §3.1), and ``--selectOn test`` evaluated before each epoch trains
+(§4.8, §6.1)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
+import engine.stage1 as stage1
 import engine.stage2 as stage2
+from conftest import make_gallery, normalise, uint8_images
 from datasets import read_split
 from engine.episode import GalleryBank
-from engine.options import resolve_stage2_args, stage2_parser
-from models import EmbeddingNet, IDeMeNet, SmallDeformNet
+from engine.options import resolve_stage2_args, stage1_parser, stage2_parser
+from models import DEFORM_NETS, IDeMeNet, SmallDeformNet
 from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
-from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
 from utils.forward import compute_layout, layout_model
 from utils.options import configure_backend
@@ -153,28 +156,67 @@ def test_deformation_encoder_batchnorm_starts_uniform_0_1_with_zero_bias(workdir
                and torch.equal(bn.running_var, torch.ones_like(bn.running_var)) for bn in norms)
 
 
-def test_convolutions_and_toweight_use_the_04_initialiser(workdir, monkeypatch) -> None:
-    """PyTorch 0.4.0: weights and biases U(+-1/sqrt(fan_in)), fan_in = in_channels * k * k or
-    in_features, in the deformation network as stage 2 builds it (today's defaults give the same
-    distribution: the project must not initialise these layers otherwise)."""
+def torch040_small_deformer(image_size: int, fang: int) -> dict[str, torch.Tensor]:
+    """The small encoder's state as PyTorch 0.4.0's ``reset_parameters`` left it (docs/original.md §4.1, §4.2),
+    drawn from the global generator in construction order: per block a 3x3 convolution (weight, then bias,
+    both U(+-1/sqrt(fan_in)) with fan_in = in_channels * 9), then BatchNorm (weight U(0, 1), bias 0, running
+    mean 0 and variance 1); at the end ``toWeight`` (weight, then bias, U(+-1/sqrt(in_features))). Written
+    out from those rules, not from the project's classes."""
+    channels = (6, 32, 64, 64, 32, 16)
+    state = {}
+    for block, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        bound = 1 / math.sqrt(cin * 3 * 3)
+        state[f"encoder.{block}.0.weight"] = torch.empty(cout, cin, 3, 3).uniform_(-bound, bound)
+        state[f"encoder.{block}.0.bias"] = torch.empty(cout).uniform_(-bound, bound)
+        state[f"encoder.{block}.1.weight"] = torch.empty(cout).uniform_()
+        state[f"encoder.{block}.1.bias"] = torch.zeros(cout)
+        state[f"encoder.{block}.1.running_mean"] = torch.zeros(cout)
+        state[f"encoder.{block}.1.running_var"] = torch.ones(cout)
+        state[f"encoder.{block}.1.num_batches_tracked"] = torch.tensor(0)
+    flat = channels[-1] * (image_size // 32) ** 2
+    bound = 1 / math.sqrt(flat)
+    state["toWeight.0.weight"] = torch.empty(fang * fang, flat).uniform_(-bound, bound)
+    state["toWeight.0.bias"] = torch.empty(fang * fang).uniform_(-bound, bound)
+    return state
+
+
+def test_the_deformation_network_starts_as_pytorch_040_drew_it(workdir, monkeypatch) -> None:
+    """The deformation network of a new stage-2 run equals, number for number, the PyTorch 0.4.0
+    initialisation drawn from the generator state at which the run builds it: the same layers, the same
+    draws in the same order, and nothing re-initialised afterwards."""
     monkeypatch.chdir(workdir)
-    net = built_deformer(2)
-    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(layers) == 6
-    for layer in layers:
-        fan_in = layer.weight[0].numel()
-        bound = 1 / math.sqrt(fan_in)
-        assert_uniform(layer.weight, -bound, bound)
-        assert_uniform(layer.bias, -bound, bound)
+    states = []
+
+    class Recorded(SmallDeformNet):
+        def __init__(self, *args, **kwargs) -> None:
+            states.append(torch.get_rng_state())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(DEFORM_NETS, "small", Recorded)
+    built = built_deformer(2).state_dict()
+    assert len(states) == 1
+    torch.set_rng_state(states[0])
+    want = torch040_small_deformer(32, 3)
+    assert list(built) == list(want)
+    for key, value in want.items():
+        # today's kaiming_uniform_ bound equals 1/sqrt(fan_in) up to rounding in its last digit
+        torch.testing.assert_close(built[key], value, rtol=1e-6, atol=0, msg=key)
 
 
-def test_stage1_resnet_batchnorm_starts_at_one_as_torchvision_did_then() -> None:
-    """torchvision's ResNet set BatchNorm weights to 1 and biases to 0 under PyTorch 0.4.0 as today."""
+def test_stage1_builds_torchvisions_resnet18_whose_batchnorm_starts_at_one() -> None:
+    """Only the deformation network gets PyTorch 0.4.0's BatchNorm: the network stage 1 trains from scratch
+    (docs/original.md §3.1) is torchvision's ResNet-18 with a 64-way fc, drawn as torchvision draws it, whose
+    ResNet sets every BatchNorm weight to 1 and bias to 0 (in torchvision 0.2 as today)."""
+    args = stage1_parser().parse_args(["--tensorname", "init", "--device", "cpu"])
     torch.manual_seed(3)
-    norms = [m for m in EmbeddingNet(64).modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(norms) == 20
-    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in norms)
-    assert all(torch.equal(bn.bias, torch.zeros_like(bn.bias)) for bn in norms)
+    model, _ = stage1.build_model(args, 64)
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None, num_classes=64).state_dict()
+    state = model.state_dict()
+    assert list(state) == [f"convnet.{key}" for key in reference]
+    assert all(torch.equal(state[f"convnet.{key}"], value) for key, value in reference.items())
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in norms)
 
 
 def test_the_deformation_network_is_drawn_from_the_run_seed(workdir, monkeypatch) -> None:

@@ -118,7 +118,8 @@ def test_dry_run_changes_nothing(val: Path, tmp_path: Path, capsys) -> None:
     status, out, _ = run(capsys, "--val", val, "--labels", labels, "--dryRun")
     assert status == 0
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
-    assert f"would move {val / 'ILSVRC2012_val_00000002.JPEG'} -> {val / 'n01443537/ILSVRC2012_val_00000002.JPEG'}" in out
+    move = f"would move {val / 'ILSVRC2012_val_00000002.JPEG'} -> {val / 'n01443537/ILSVRC2012_val_00000002.JPEG'}"
+    assert move in out
     assert sum(line.startswith("would move") for line in out.splitlines()) == 8
     assert "nothing changed" in out
 

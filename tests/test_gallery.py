@@ -1,4 +1,4 @@
-"""The in-memory gallery of base-class images (SPEC 3, "Gallery")."""
+"""The in-memory gallery of base-class images (docs/original.md §4.3)."""
 from __future__ import annotations
 
 import re
@@ -21,7 +21,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def reference_crop(path: Path, size: int) -> PIL.Image.Image:
-    """SPEC 1 evaluation crop with torchvision's PIL transforms: Resize(round(S*256/224)), CenterCrop(S)."""
+    """The evaluation crop of docs/original.md §2.2 with torchvision's PIL transforms: Resize(round(S*256/224)),
+    CenterCrop(S)."""
     with PIL.Image.open(path) as image:
         image = image.convert("RGB")
     return T.CenterCrop(size)(T.Resize(round(size * 256 / 224))(image))
@@ -55,7 +56,7 @@ def test_gallery_files_draws_gallery_num_per_class(train_split) -> None:
 
 def test_gallery_files_reproducible_from_seed(train_split) -> None:
     assert gallery_files(train_split, 5) == gallery_files(train_split, 5)
-    # SPEC 3: the gallery is drawn with numpy seed 2019
+    # docs/original.md §4.3: the gallery is drawn with numpy seed 2019
     assert gallery_files(train_split, 5) == gallery_files(train_split, 5, seed=2019)
     assert gallery_files(train_split, 5, seed=1) == gallery_files(train_split, 5, seed=1)
     assert gallery_files(train_split, 5, seed=1) != gallery_files(train_split, 5)

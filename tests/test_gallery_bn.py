@@ -1,4 +1,4 @@
-"""Stage 2's gallery pass (SPEC 3, Gallery): the original's pass in training mode by default, the
+"""Stage 2's gallery pass (docs/original.md §4.4): the original's pass in training mode by default, the
 clean evaluation-mode pass with ``--galleryBN eval``.
 
 The reference below is written with plain tensor operations: a ResNet forward whose BatchNorm
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import engine.stage2 as stage2
+from conftest import make_gallery, normalise, uint8_images
 from datasets import Gallery, read_split
 from engine.episode import GalleryBank
 from engine.options import resolve_stage2_args, stage2_parser
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from tests.scripts_helpers import make_workdir, read_metrics, run_script
-from tests.test_episode_step import make_gallery, normalise, uint8_images
 from utils.checkpoint import safe_load
 from utils.errors import OptionError
 from utils.forward import compute_layout, layout_model

@@ -8,14 +8,23 @@ import torch
 from PIL import Image
 
 import engine.stage2 as stage2
-from engine.episode import (EPISODE_CLASS, OTHER_CLASS, SAME_CLASS, EpisodeConfig, EpisodeResult, GalleryBank,
-                            gallery_relation, run_episode, select_gallery)
+from conftest import make_episode, make_gallery, normalise, uint8_images
+from engine.episode import (
+    EPISODE_CLASS,
+    OTHER_CLASS,
+    SAME_CLASS,
+    EpisodeConfig,
+    EpisodeResult,
+    GalleryBank,
+    gallery_relation,
+    run_episode,
+    select_gallery,
+)
 from engine.figures import RELATION_COLOURS, save_deformation_figure
 from engine.options import resolve_stage2_args, stage2_parser
 from models import IDeMeNet
 from models.protonet import prototypes
 from tests.scripts_helpers import make_workdir, read_metrics, run_main
-from tests.test_episode_step import make_episode, make_gallery, normalise, uint8_images
 from utils.errors import OptionError
 
 CPU = torch.device("cpu")

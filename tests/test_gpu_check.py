@@ -43,7 +43,8 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert "ok     cached_features_1shot_fp32" in done.stdout
     # the multi-process checks, on the CPU with gloo (--distributedChecks 1)
     assert checks["torchrun_uneven_split"] == {
-        "ok": True, "detail": "gloo, CPU: 256 items on 3 ranks (padded): exit [0, 0, 0], [86] items and [11] steps per rank"}
+        "ok": True,
+        "detail": "gloo, CPU: 256 items on 3 ranks (padded): exit [0, 0, 0], [86] items and [11] steps per rank"}
     sigterm = checks["torchrun_sigterm_resume"]
     assert sigterm["ok"] is True and sigterm["detail"].startswith("gloo, CPU: SIGTERM: exit [130, 130], stopped in "
                                                                   "training epoch 0, after step "), sigterm
@@ -153,14 +154,16 @@ def test_a_spent_budget_skips_a_phase_and_says_so(gpu_check):
 
 def test_the_outcome_benchmark_streams_its_output_and_its_failure_fails_the_check(gpu_check, tmp_path, capsys):
     json_path = tmp_path / "outcome.json"
-    ok = [sys.executable, "-c", f"import json; print('seed 0 done'); json.dump({{'x': 1}}, open({str(json_path)!r}, 'w'))"]
+    ok = [sys.executable, "-c",
+          f"import json; print('seed 0 done'); json.dump({{'x': 1}}, open({str(json_path)!r}, 'w'))"]
     report, check = gpu_check.outcome_run(ok, json_path, 60)
     assert report == {"x": 1} and check["ok"] is True
     assert "outcome| seed 0 done" in capsys.readouterr().out
     json_path.unlink()
     failing = [sys.executable, "-c", "print('variant a'); raise SystemExit(1)"]
     report, check = gpu_check.outcome_run(failing, json_path, 60)
-    assert report is None and check["ok"] is False and check["detail"].startswith("exit 1") and "variant a" in check["detail"]
+    assert report is None and check["ok"] is False
+    assert check["detail"].startswith("exit 1") and "variant a" in check["detail"]
     slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     report, check = gpu_check.outcome_run(slow, json_path, 2)
     assert report is None and check["ok"] is False and check["detail"].startswith("timed out after 2 s"), check

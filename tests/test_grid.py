@@ -1,4 +1,4 @@
-"""The F x F patch grid (SPEC 2: boundaries ``[i * (S // F) for i in range(F)] + [S]``)."""
+"""The F x F patch grid (docs/original.md §3.4: boundaries ``[i * (S // F) for i in range(F)] + [S]``)."""
 from __future__ import annotations
 
 import pytest
@@ -26,15 +26,23 @@ def test_grid_boundaries_last_cell_takes_remainder(size: int, fang: int, expecte
     assert grid_boundaries(size, fang) == expected
 
 
-@pytest.mark.parametrize("size", [31, 33, 47, 50])
+@pytest.mark.parametrize("size,fang,expected", [
+    (10, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]),
+    (7, 2, [0, 0, 0, 1, 1, 1, 1]),
+    (5, 5, [0, 1, 2, 3, 4]),
+    (4, 1, [0, 0, 0, 0]),
+])
+def test_cell_index_written_out(size: int, fang: int, expected: list[int]) -> None:
+    assert cell_index(size, fang).tolist() == expected
+
+
+@pytest.mark.parametrize("size", [31, 33, 47, 50, 224])
 @pytest.mark.parametrize("fang", [1, 3, 5, 7])
-def test_cell_index_matches_boundaries(size: int, fang: int) -> None:
-    bounds = grid_boundaries(size, fang)
-    index = cell_index(size, fang)
-    assert index.shape == (size,)
-    for pixel in range(size):
-        cell = max(k for k in range(fang) if bounds[k] <= pixel)
-        assert int(index[pixel]) == cell
+def test_cell_index_gives_size_over_f_pixels_per_cell_and_the_rest_to_the_last(size: int, fang: int) -> None:
+    """docs/original.md §3.4: pixel p lies in cell ``p // (S // F)``, except that the pixels past the
+    first F - 1 cells all belong to the last one."""
+    step = size // fang
+    assert cell_index(size, fang).tolist() == [min(pixel // step, fang - 1) for pixel in range(size)]
 
 
 def _loop_weight_map(weights: torch.Tensor, size: int, fang: int) -> torch.Tensor:

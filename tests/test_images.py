@@ -1,4 +1,4 @@
-"""Image decoding, the pre-run scan for bad files, and the SPEC 1 transforms."""
+"""Image decoding, the pre-run scan for bad files, and the transforms of docs/original.md §2.2."""
 from __future__ import annotations
 
 import re

@@ -36,8 +36,7 @@ from engine.run import lock_run, release_run
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from models.protonet import prototypes
 from models.protonet import squared_distances
-from tests.scripts_helpers import REPO, load_script, run_script, script_env
-from tests.test_distributed import _free_port
+from tests.scripts_helpers import REPO, free_port, load_script, run_script, script_env
 from utils import distributed
 from utils.distributed import DistInfo
 from utils.errors import DataError
@@ -54,7 +53,7 @@ VAL_PER_CLASS = 6  # stage 1's val monitor needs 5 support + 1 query images per 
 LOWSHOT = ["--imagenet", "bench", "--lowshotmeta", "bench/label_idx.json", "--experimentpath",
            "bench/splitfile_{:d}.json", "--trainlist", "bench/train.json", "--imageSize", SIZE, "--galleryNum", "4",
            "--nthreads", "0", "--progress", "0", "--device", "cpu", "--trials", "1", "2", "--lowshotn", "1", "2"]
-PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (SPEC.md, section 3)
+PAPER_NOVEL_TOP5 = {1: "60.1", 2: "69.6"}  # IDeMe-Net, CVPR 2019, Table 2 (docs/original.md §4.10)
 
 
 lowshot_imagenet, onlyBasetwoLoss = load_script("lowshot_imagenet.py"), load_script("onlyBasetwoLoss.py")
@@ -438,7 +437,7 @@ def _two_process_worker(rank: int, ports: list[int], workdir: str, gnet: str, ou
 
 def test_a_signal_to_one_of_two_processes_stops_both_in_the_extraction_then_the_rerun_resumes(workdir, random_gnet,
                                                                                               tmp_path):
-    mp.spawn(_two_process_worker, args=([_free_port(), _free_port()], str(workdir), random_gnet, str(tmp_path)),
+    mp.spawn(_two_process_worker, args=([free_port(), free_port()], str(workdir), random_gnet, str(tmp_path)),
              nprocs=2, join=True)
     first, second = zip(*[torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)])
     assert [run["status"] for run in first] == [130, 130]

@@ -55,7 +55,7 @@ def target(wnid: str, position: int) -> str:
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "filename,label") -> None:
-    path.write_text(header + "\n" + "".join(f"{f},{l}\n" for f, l in rows))
+    path.write_text(header + "\n" + "".join(f"{name},{label}\n" for name, label in rows))
 
 
 @pytest.fixture
@@ -170,11 +170,11 @@ def test_missing_position_and_class_reported(tree: dict[str, Path]) -> None:
     result = run(tree)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
-    position = [l for l in lines if "position beyond" in l]
+    position = [line for line in lines if "position beyond" in line]
     assert len(position) == 1 and "1 row(s)" in position[0]
     assert target("n01532829", 5) in position[0] and "class has 4" in position[0]
-    assert any("class folder absent" in l and "n0999999900000001.jpg" in l for l in lines)
-    assert any("does not start with its label" in l for l in lines)
+    assert any("class folder absent" in line and "n0999999900000001.jpg" in line for line in lines)
+    assert any("does not start with its label" in line for line in lines)
     assert (tree["out"] / "images" / target("n01532829", 1)).is_file()
     assert (tree["out"] / "images" / target("n01558993", 3)).is_file()
 

@@ -1,5 +1,5 @@
 """Tests for ``utils.metrics``: mean and 95% interval (normal over episodes, Student t over trials), and the
-accuracy line (SPEC 5)."""
+accuracy line (docs/original.md §6.4)."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,8 @@ def test_format_accuracy_reproduces_the_paper_line() -> None:
 
 def test_format_accuracy_other_values() -> None:
     # [0.5, 0.7]: mean 60 %, std 10 %, half-width 19.6 / sqrt(2) = 13.859 %
-    assert format_accuracy(5, 5, "val", [0.5, 0.7], 17) == "5-way 5-shot val accuracy: 60.00 +- 13.86 % (2 episodes, seed 17)"
+    assert format_accuracy(5, 5, "val", [0.5, 0.7], 17) == \
+        "5-way 5-shot val accuracy: 60.00 +- 13.86 % (2 episodes, seed 17)"
     # 1/3, 2/3, 1: mean 66.667 %, std 33.333 * sqrt(2/3) = 27.217 %, half-width 1.96 * 27.217 / sqrt(3) = 30.798 %
     line = format_accuracy(20, 1, "test", [1 / 3, 2 / 3, 1.0], 2)
     assert line == "20-way 1-shot test accuracy: 66.67 +- 30.80 % (3 episodes, seed 2)"

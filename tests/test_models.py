@@ -1,8 +1,9 @@
-"""Tests for ``models.IDeMeNet`` and its deformation sub-networks (SPEC 3, "Networks")."""
+"""Tests for ``models.IDeMeNet`` and its deformation sub-networks (docs/original.md §4.1)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from models import IDeMeNet, SmallDeformNet, TwoBranchDeformNet, blend_patches, encoder_output_size
@@ -19,9 +20,33 @@ def model() -> IDeMeNet:
     return IDeMeNet(num_classes=64, image_size=64, fang=3).eval()
 
 
-def test_embed_gives_512_features(model: IDeMeNet) -> None:
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_embed_is_torchvisions_resnet18_up_to_the_average_pool(training: bool) -> None:
+    """The embedding (docs/original.md §4.1) is torchvision's ResNet-18 without its fc: the 512-d global
+    average of layer4, its BatchNorm layers normalising with their running statistics in evaluation mode
+    and with the batch's in training mode (the gallery pass, §4.4), updating them as torchvision's do."""
+    torch.manual_seed(0)
+    model = IDeMeNet(num_classes=64, image_size=64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # statistics and affine parameters away from their initial values, so that they matter
+        for norm in (m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)):
+            c = norm.num_features
+            norm.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
+            norm.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            norm.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+            norm.bias.copy_(torch.rand(c, generator=generator) - 0.5)
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = nn.Identity()
+    reference.load_state_dict(model.backbone.state_dict())
+    model.train(training)
+    reference.train(training)
+    x = images(4, 64, 2)
     with torch.no_grad():
-        assert model.embed(images(4, 64, 1)).shape == (4, 512)
+        features = model.embed(x)
+        assert torch.equal(features, reference(x))
+    assert features.shape == (4, 512)
+    ours, theirs = model.backbone.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)  # the same running statistics after the pass
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])
@@ -52,11 +77,6 @@ def test_chunked_deformation_equals_one_pass(model: IDeMeNet, chunk: int) -> Non
     torch.testing.assert_close(chunked[1], whole[1])
 
 
-def test_classify_gives_64_logits(model: IDeMeNet) -> None:
-    with torch.no_grad():
-        assert model.classify(torch.randn(5, 512)).shape == (5, 64)
-
-
 def test_deform_gives_images_and_cell_weights(model: IDeMeNet) -> None:
     probe, gallery = images(3, 64, 2), images(3, 64, 3)
     with torch.no_grad():
@@ -82,15 +102,9 @@ def test_weights_are_unconstrained() -> None:
     assert torch.equal(weights, torch.tensor([[3.0, -2.0, 0.5, 1.5]] * 2))
 
 
-def test_scale_starts_at_one(model: IDeMeNet) -> None:
-    assert isinstance(model.scale, nn.Parameter)
-    assert model.scale.shape == (1,)
-    assert model.scale.item() == 1.0
-
-
 @pytest.mark.parametrize("size,flat", [(224, 784), (84, 64), (64, 64), (96, 144), (33, 16), (32, 16)])
 def test_small_encoder_flatten_size(size: int, flat: int) -> None:
-    # 16 channels times (S // 32)^2 after five 2x2 max-pools; 16 * 7 * 7 = 784 at 224 (SPEC 3).
+    # 16 channels times (S // 32)^2 after five 2x2 max-pools; 16 * 7 * 7 = 784 at 224 (docs/original.md §4.1).
     net = SmallDeformNet(size, fang=3)
     assert encoder_output_size(size) == size // 32
     assert net.toWeight[0].in_features == flat
@@ -146,7 +160,7 @@ def test_deformation_parameters_are_the_deformer(model: IDeMeNet) -> None:
 
 
 def test_encoder_batchnorm_statistics_stay_at_init_in_eval_mode() -> None:
-    # SPEC 3 step 8: the whole stage runs in eval mode, so the deformation encoder's BatchNorm
+    # docs/original.md §4.7: the whole stage runs in eval mode, so the deformation encoder's BatchNorm
     # layers keep running mean 0 and variance 1 while their affine parameters train.
     torch.manual_seed(2)
     net = IDeMeNet(image_size=32, fang=3).eval()

@@ -28,8 +28,7 @@ from engine.lowshot import FeatureStore
 from engine.run import lock_run, release_run, run_lock
 from engine.stage1 import new_progress, train_one_epoch
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, read_metrics, script_env
-from tests.test_distributed import _free_port
+from tests.scripts_helpers import REPO, free_port, read_metrics, script_env
 from utils.distributed import DistInfo, gather_round_robin, step_verdict
 from utils.errors import OptionError, TrainingDiverged
 from utils.interrupt import Interrupted
@@ -156,7 +155,7 @@ def ranks(tmp_path_factory):
     generate(root / "toy", per_class=4, size=36, seed=0)
     held = lock_run(root / "runs/busy")
     try:
-        mp.spawn(_worker, args=(_free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), str(root / "toy"), str(root)), nprocs=WORLD, join=True)
     finally:
         release_run(held)
     return root, [torch.load(root / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -213,7 +212,8 @@ def test_feature_extraction_over_uneven_shares_gives_one_process_features(ranks)
 def test_a_stop_on_one_rank_during_feature_extraction_stops_every_rank_then_resumes(ranks):
     root, results = ranks
     extraction = [result["extraction"] for result in results]
-    assert extraction[1]["stopped"] == "Interrupted: while extracting the base_train features (finished blocks are kept)"
+    assert extraction[1]["stopped"] == \
+        "Interrupted: while extracting the base_train features (finished blocks are kept)"
     for rank in (0, 2):
         assert extraction[rank]["stopped"] == ("Interrupted: while extracting the base_train features (another "
                                                "process was stopped; finished blocks are kept)")

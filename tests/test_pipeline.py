@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.stage1
 from datasets import read_split
 from datasets.toy import generate
 from engine.fewshot import evaluate_embedding
-from models import EmbeddingNet
-import engine.stage1
 from engine.options import stage1_parser
+from models import EmbeddingNet
 from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
 from utils.checkpoint import safe_load
 from utils.metrics import mean_ci95
@@ -137,7 +137,7 @@ def test_network_accepts_the_original_layout_with_module_prefix(workdir, stage1,
     assert result.returncode == 0, result.stderr
     assert_stage1_network_holds(workdir, "original_layout", state, monkeypatch)
     evaluated = run_script(workdir, "onlyBasetwoLoss.py", *STAGE2, "--network", "original_layout", "--deform", "none",
-                           "--galleryBN", "eval", "--fixCls", "1", "--numEpochs", "1", "--epoch", "2", "--valEpisodes", "2",
-                           "--testEpisodes", "2", "--tensorname", "from_original")
+                           "--galleryBN", "eval", "--fixCls", "1", "--numEpochs", "1", "--epoch", "2",
+                           "--valEpisodes", "2", "--testEpisodes", "2", "--tensorname", "from_original")
     assert evaluated.returncode == 0, evaluated.stderr
     assert_stage2_embedding_holds(workdir / "models/from_original_last.t7", state)

@@ -10,7 +10,6 @@ import torch
 
 from tests.scripts_helpers import load_script, make_workdir, popen_script, read_metrics, run_main, run_script
 
-
 STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--numEpochs", "3", "--batchSize", "16", "--nthreads", "0",
           "--filesPerClass", "4", "--valEpisodes", "0", "--progress", "0"]
 STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--numEpochs", "3", "--epoch", "12",

@@ -1,10 +1,9 @@
 """Process settings the scripts put in place before torch loads."""
 from __future__ import annotations
 
-import ast
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,10 @@ from utils import runtime
 from utils.runtime import MIN_VERSIONS, PROCESS_ENV, check_versions, set_process_env, version_problem
 
 REPO = Path(__file__).resolve().parent.parent
-# Every entry point that imports torch: the training scripts, the benchmarks and the demo's estimate.
+# Every entry point that loads torch: the training scripts, the benchmarks and the tools of scripts/ that do.
 ENTRY_POINTS = ["classification.py", "onlyBasetwoLoss.py", "lowshot_imagenet.py", "benchmarks/episode.py",
-                "benchmarks/stage1.py", "scripts/demo_estimate.py"]
+                "benchmarks/ops.py", "benchmarks/outcome.py", "benchmarks/stage1.py", "benchmarks/study.py",
+                "scripts/demo_estimate.py", "scripts/gpu_check.py", "scripts/precise_bn.py"]
 
 
 def test_set_process_env_fills_in_what_the_user_did_not_set(monkeypatch) -> None:
@@ -53,34 +53,35 @@ def test_too_old_a_torch_is_refused_with_one_line(monkeypatch, capsys) -> None:
     assert "torch 2.1.2" in err and "torch >= 2.4" in err
 
 
-def first_imports_before_the_call(path: Path) -> list[str]:
-    """The modules ``path`` imports at its top level before it calls ``set_process_env()``
-    (all of them if it never calls it)."""
-    names = []
-    for node in ast.parse(path.read_text(), str(path)).body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
-                and getattr(node.value.func, "id", None) == "set_process_env":
-            return names
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names.append(node.module or "")
-    return names + ["(set_process_env is never called)"]
+# Run in a fresh interpreter: load an entry point's top level (not its __main__ block) and stop at the first
+# import of anything besides the standard library and utils.runtime, printing that module's name and the
+# PROCESS_ENV variables at that moment. Prints nothing if there is no such import.
+FIRST_IMPORT = """
+import json, os, runpy, sys
+
+class FirstImport:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in sys.stdlib_module_names or name in ("utils", "utils.runtime"):
+            return None
+        print(json.dumps({"module": name, "env": {key: os.environ.get(key) for key in KEYS}}), flush=True)
+        os._exit(0)
+
+sys.meta_path.insert(0, FirstImport())
+runpy.run_path(SCRIPT, run_name="entry_point")
+"""
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
-def test_each_entry_point_sets_the_process_env_before_any_other_import(script: str) -> None:
-    """Only the standard library and utils.runtime (which imports nothing heavy) come before the call,
-    so torch reads the settings when it loads."""
-    before = first_imports_before_the_call(REPO / script)
-    others = [name for name in before if name != "utils.runtime" and name.split(".")[0] not in sys.stdlib_module_names]
-    assert not others and "utils.runtime" in before, before
-
-
-def test_the_check_sees_a_late_call(tmp_path: Path) -> None:
-    late = tmp_path / "late.py"
-    late.write_text("from utils.runtime import set_process_env\nimport torch\nset_process_env()\n")
-    assert first_imports_before_the_call(late) == ["utils.runtime", "torch"]
+def test_each_entry_point_sets_the_process_env_before_anything_else_loads(script: str) -> None:
+    """When an entry point first imports anything besides the standard library and utils.runtime (torch,
+    numpy, the project's packages), PROCESS_ENV is already in the environment, so torch reads it when it
+    loads."""
+    env = {key: value for key, value in os.environ.items() if key not in PROCESS_ENV}
+    code = f"KEYS = {sorted(PROCESS_ENV)!r}\nSCRIPT = {str(REPO / script)!r}\n{FIRST_IMPORT}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
+    first = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first["env"] == PROCESS_ENV, first
 
 
 def env_after_import(module: str, preset: dict[str, str]) -> dict[str, str]:

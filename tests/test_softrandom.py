@@ -1,4 +1,4 @@
-"""Stage-1 soft-random data (SPEC 2) and the per-item seeded sampler."""
+"""Stage-1 soft-random data (docs/original.md §3.2 and §3.3) and the per-item seeded sampler."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Reading miniImageNet splits from the three layouts (SPEC 1), and the split class lists."""
+"""Reading miniImageNet splits from the three layouts (docs/original.md §2.1), and the split class lists."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,7 @@ from conftest import PER_CLASS, SPLIT_NAMES, csv_rows
 from datasets.splits import class_list, detect_layout, read_split
 from utils.errors import DataError
 
-# SPEC 1: the Ravi & Larochelle split has 64 / 16 / 20 classes.
+# docs/original.md §2.1: the Ravi & Larochelle split has 64 / 16 / 20 classes.
 SPLIT_SIZES = {"train": 64, "val": 16, "test": 20}
 WNID_RE = re.compile(r"^n\d{8}$")
 
@@ -88,7 +88,7 @@ def test_classes_sorted_and_numbered_from_zero(toy_root: Path, tmp_path: Path) -
 
 
 def test_csv_layout_keeps_csv_order_within_class(toy_root: Path, tmp_path: Path) -> None:
-    # SPEC 2 takes "the first 500 files of each base class (in CSV order)".
+    # Stage 1 takes the first 500 files of each base class in the order of train.csv (docs/original.md §3.2).
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)
     rows = csv_rows(toy_root, "test")[::-1]

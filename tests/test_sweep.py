@@ -326,7 +326,8 @@ def test_slurm_dry_run_prints_an_array_script_whose_body_runs_the_right_point(tm
     grid = ["--grid", "seed=1,2", "--grid", "LR=0.001,0.01"]
     command = ["--", str(fake), "--LR", "0.5", "--tensorname", "s"]
     result = sweep_here(monkeypatch, capsys, tmp_path, "--slurm", "--dryRun", "--partition", "gpu",
-                        "--gpusPerTask", "1", "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid, *command)
+                        "--gpusPerTask", "1", "--cpusPerTask", "4", "--mem", "16G", "--time", "2:00:00", *grid,
+                        *command)
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert script.startswith("#!/bin/bash\n")

@@ -79,7 +79,8 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     obj = safe_load(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+    if not isinstance(obj, dict) or not obj \
+            or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(f"{path}: not a state dict (expected a mapping from names to tensors)")
     return strip_module(obj)
 
@@ -96,7 +97,8 @@ def resolve_checkpoint(name: str, flag: str, models_dir: Path = MODELS_DIR) -> P
             return path
     available = sorted(p.stem for p in models_dir.glob("*.t7")) if models_dir.is_dir() else []
     listing = ", ".join(available) if available else "none"
-    raise CheckpointError(f"{flag} {name}: no file {models_dir / (name + '.t7')} (available in {models_dir}/: {listing})")
+    raise CheckpointError(f"{flag} {name}: no file {models_dir / (name + '.t7')} "
+                          f"(available in {models_dir}/: {listing})")
 
 
 def describe_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 4) -> str | None:

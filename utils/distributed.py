@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 # How long a process waits in a collective for the others before it fails with an error instead of
 # hanging. Every wait is short by design (same steps per rank, sharded val monitor); the longest is
 # the main process writing checkpoints or re-estimating BatchNorm statistics while the others wait.

@@ -1,4 +1,5 @@
-"""Where runs live and how their JSON and CSV files are read and written (no torch: the sweep launcher reads this too)."""
+"""Where runs live and how their JSON and CSV files are read and written (no torch: the sweep launcher reads
+this too)."""
 from __future__ import annotations
 
 import csv

@@ -15,7 +15,6 @@ from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
 from utils.interrupt import INTERRUPTED_EXIT, StopNow, stopped_at_once_line
 
-
 _STATED_DEFAULT = re.compile(r"\(default: ([^()]*)\)")
 
 
