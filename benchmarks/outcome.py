@@ -122,7 +122,8 @@ def check_run_args(a: argparse.Namespace) -> list[Variant]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_args(p, "NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: one variant 'default:')")
     p.add_argument("--evalEpisodes", type=int, default=300, help="episodes of each stage-1 evaluation")
     p.add_argument("--preciseImages", type=int, default=1024, help="clean training images of the re-estimation")
@@ -286,7 +287,8 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) ->
             diffs = [by[v.name, s][metric] - by[base, s][metric] for s in seeds]
             mean, half = mean_t_ci95(diffs)
             summary["differences"][v.name][metric] = {
-                "mean": mean, "half_width_95": half, "exceeds_noise": bool(abs(mean) > half) if len(seeds) > 1 else None}
+                "mean": mean, "half_width_95": half,
+                "exceeds_noise": bool(abs(mean) > half) if len(seeds) > 1 else None}
     return summary
 
 
@@ -304,12 +306,14 @@ def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> N
             cells.append(f"{s['mean']:.2f} +- {s['std']:.2f}" if len(seeds) > 1 else f"{s['mean']:.2f}")
         for n in names[1:]:
             d = summary["differences"][n][metric]
-            verdict = "" if d["exceeds_noise"] is None else (" **exceeds noise**" if d["exceeds_noise"] else " within noise")
+            verdict = "" if d["exceeds_noise"] is None else \
+                (" **exceeds noise**" if d["exceeds_noise"] else " within noise")
             cells.append(f"{d['mean']:+.2f} +- {d['half_width_95']:.2f}{verdict}")
         print("| " + " | ".join(cells) + " |")
     if len(names) > 1 and len(seeds) > 1:
         tests = len(STAGE1_METRICS + STAGE2_METRICS)
-        print(f"(each variant: {tests} accuracy comparisons at 95 %; when nothing differs, about {tests / 20:.1f} of them "
+        print(f"(each variant: {tests} accuracy comparisons at 95 %; when nothing differs, about "
+              f"{tests / 20:.1f} of them "
               "exceed the noise by chance alone)")
 
 

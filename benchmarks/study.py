@@ -42,8 +42,18 @@ import platform  # noqa: E402
 import shlex  # noqa: E402
 import time  # noqa: E402
 
-from benchmarks.outcome import (REPO, Variant, add_run_args, check_run_args, code_tree, prepare_data,  # noqa: E402
-                                reusable, run_script, stage1_flags, stage2_flags)
+from benchmarks.outcome import (  # noqa: E402
+    REPO,
+    Variant,
+    add_run_args,
+    check_run_args,
+    code_tree,
+    prepare_data,
+    reusable,
+    run_script,
+    stage1_flags,
+    stage2_flags,
+)
 from utils.files import read_csv, write_csv, write_json  # noqa: E402
 from utils.metrics import mean_t_ci95  # noqa: E402
 from utils.options import run_cli  # noqa: E402
@@ -61,7 +71,8 @@ END_METRICS = ["val_gain", "val_acc", "val_plain", "weight_mean", "weight_std", 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_args(p, "NAME[@REVISION]:FLAGS, stage-2 flags, repeated; the first is the baseline of the paired "
                  "differences (default: one variant 'default:')")
     p.add_argument("--s1Flags", default="", help="extra flags of every stage-1 run (one network per seed)")
@@ -212,7 +223,8 @@ def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("val_gain", "paired val gain (points)", "linear"), ("weight_mean", "weight mean (1: the probe)", "linear"),
+    panels = [("val_gain", "paired val gain (points)", "linear"),
+              ("weight_mean", "weight mean (1: the probe)", "linear"),
               ("scale", "scale", "log"), ("gallery_same_class", "same-class gallery picks", "linear")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for axis, (key, title, yscale) in zip(axes, panels):

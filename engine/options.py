@@ -22,11 +22,14 @@ DEFAULT_THREADS = min(4, os.cpu_count() or 1)
 THREADS_HELP = "DataLoader workers and image-decoding threads (default: 4, or the CPU count when smaller)"
 DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
 PROGRESS_HELP = "show progress bars (default: 1 when stderr is a terminal, else 0)"
+AMP_HELP = ("mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
+            "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
 
 
 def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str) -> None:
     """Flags both training scripts share (``--batchSize`` and ``--LR`` with each script's default and meaning)."""
-    parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root: images/ plus train/val/test.csv, "
+    parser.add_argument("--dataroot", default="data/miniImageNet",
+                        help="dataset root: images/ plus train/val/test.csv, "
                         "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
     parser.add_argument("--lowshotmeta", default=None,
                         help="label_idx.json of the ImageNet-1K low-shot benchmark: --dataroot then holds ILSVRC-2012 "
@@ -35,14 +38,14 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, 
     parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels (84 and 224 are usual)")
     parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
     parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
-    parser.add_argument("--network", default="None", help="stage-1 checkpoint to start from (models/<name>.t7), or None")
+    parser.add_argument("--network", default="None",
+                        help="stage-1 checkpoint to start from (models/<name>.t7), or None")
     parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
     parser.add_argument("--batchSize", type=int, default=batch_default, help=batch_help)
     parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
-                        "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
                         help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
                         "cuBLAS workspace)")
@@ -75,7 +78,8 @@ def stage1_parser() -> argparse.ArgumentParser:
                         "original's: aspect ratio uniform on [3/4, 4/3], w and h swapped half the time, a centre "
                         "square when 10 attempts fail); current, today's torchvision (log-uniform ratio, no swap, "
                         "the whole image clamped to the ratio range when they fail)")
-    parser.add_argument("--valEvery", type=int, default=5, help="val few-shot evaluation every N epochs (0: only at the end)")
+    parser.add_argument("--valEvery", type=int, default=5,
+                        help="val few-shot evaluation every N epochs (0: only at the end)")
     parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
     parser.add_argument("--preciseBN", type=int, default=0,
@@ -115,9 +119,11 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
     parser.add_argument("--epoch", type=int, default=600, help="training episodes per epoch")
     parser.add_argument("--numEpochs", type=int, default=120, help="training epochs")
-    parser.add_argument("--clsLR", type=float, default=1e-3, help="learning rate of the fc (the embedding's is clsLR * 0.1)")
+    parser.add_argument("--clsLR", type=float, default=1e-3,
+                        help="learning rate of the fc (the embedding's is clsLR * 0.1)")
     parser.add_argument("--fixCls", type=int, default=0, choices=(0, 1), help="1: freeze the embedding and fc")
-    parser.add_argument("--fixAttention", type=int, default=0, choices=(0, 1), help="1: freeze the deformation sub-network")
+    parser.add_argument("--fixAttention", type=int, default=0, choices=(0, 1),
+                        help="1: freeze the deformation sub-network")
     parser.add_argument("--fixScale", type=int, default=0, choices=(0, 1), help="1: freeze the distance scale")
     parser.add_argument("--scaleInit", type=scale_init, default=None,
                         help="initial distance scale of a new run: a positive number, or auto, 1 / the mean over the "
@@ -226,8 +232,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of the deformation draws")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
-                        "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1), help="deterministic CUDA kernels")
     parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
                         help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1)")
@@ -248,7 +253,8 @@ def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> None
         if min(values) < 1 or len(set(values)) != len(values):
             raise OptionError(f"--{flag} {' '.join(map(str, values))}: expected distinct positive integers")
     if len(args.trials) > 1 and "{" not in args.experimentpath:
-        raise OptionError(f"--experimentpath {args.experimentpath}: several --trials need a {{:d}} for the trial number")
+        raise OptionError(f"--experimentpath {args.experimentpath}: several --trials need a {{:d}} for the "
+                          "trial number")
     if args.GNet == "None" and args.network == "None":
         raise OptionError("--GNet (a stage-2 checkpoint) or --network (a stage-1 checkpoint) is required")
     if args.deform == "learned" and args.GNet == "None":
