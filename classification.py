@@ -25,8 +25,8 @@ from torch import nn
 from engine.options import stage1_parser
 from engine.run import Run
 from engine.precise_bn import clean_files
-from engine.stage1 import (METRICS, RESUME_KEYS, SUMMED_PROGRESS, build_model, distribute, evaluate, load_data,
-                           multi_gpu_hint, new_progress, plain_state, precise_copy, train_one_epoch)
+from engine.stage1 import (METRICS, RESUME_KEYS, SUMMED_PROGRESS, build_model, console_row, distribute, evaluate,
+                           load_data, multi_gpu_hint, new_progress, plain_state, precise_copy, train_one_epoch)
 from utils.checkpoint import MODELS_DIR, atomic_save
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.errors import OptionError
@@ -124,7 +124,7 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
                 record["rows"] = run.log(row)
                 progress = new_progress()
                 save_state(epoch + 1)
-                run.announce(row)
+                run.announce(console_row(row))
                 barrier(info)
                 if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
                     return run.stop(f"after epoch {epoch}")
