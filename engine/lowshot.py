@@ -247,9 +247,10 @@ def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[
 
 
 def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict:
-    """One trial's metrics without the prior, and the prior's accuracy over the temperature and ``mu``
-    grids (``prior_curve``)."""
-    return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base)}
+    """One trial's metrics without the prior, and the prior's hits over the temperature and ``mu``
+    grids (``prior_curve``) out of ``test_images``."""
+    return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base),
+            "test_images": len(targets)}
 
 
 Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
@@ -258,7 +259,8 @@ Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
 def prior_point(trial: dict, prior: Prior) -> dict[int, float]:
     """A trial's ``all_prior`` accuracy ``{k: %}`` at ``prior`` (a point of its curve)."""
     temperature, mu = prior
-    return trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+    hits = trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+    return {k: 100.0 * count / trial["test_images"] for k, count in hits.items()}
 
 
 def summarise(per_trial: list[dict], prior: Prior) -> dict:
@@ -272,10 +274,14 @@ def summarise(per_trial: list[dict], prior: Prior) -> dict:
 
 
 def _summary(values: list[float]) -> dict:
-    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`;
-    nan for one trial), and the trials' values."""
-    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (float("nan"), float("nan"))
-    return {"mean": mean, "t_ci95": ci, "trials": values}
+    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`),
+    and the trials' values; None where a number is undefined (the interval of one trial), so the report is JSON."""
+    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (math.nan, math.nan)
+    return {"mean": _number(mean), "t_ci95": _number(ci), "trials": [_number(v) for v in values]}
+
+
+def _number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
@@ -348,7 +354,12 @@ def read_benchmark(args: argparse.Namespace) -> Benchmark:
         gallery_size = len(gallery_files(gallery_split, args.galleryNum))
         largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
         if args.gallerySelect == "nearest" and largest > gallery_size:
-            raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
+            if args.chooseNum is not None:
+                raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
+            n = min(n for n in args.lowshotn if lowshot_config(args, n, 0).choose_num == largest)
+            raise OptionError(f"--galleryNum {args.galleryNum} makes a {gallery_size}-image gallery, fewer than the "
+                              f"{largest} nearest images the default --chooseNum takes for n = {n}; give a larger "
+                              "--galleryNum or a smaller --chooseNum")
     return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows, gallery_split)
 
 
@@ -454,7 +465,7 @@ def format_table(result: dict) -> str:
              "", "top-5 accuracy on the novel classes (%)", f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)]
 
     def cell(values: dict) -> str:
-        interval = f" +- {values['t_ci95']:4.2f}" if math.isfinite(values["t_ci95"]) else ""
+        interval = f" +- {values['t_ci95']:4.2f}" if values["t_ci95"] is not None else ""
         return f"{values['mean']:6.2f}{interval}"
 
     for method in ("plain", "deformed", "difference"):
