@@ -30,6 +30,7 @@ from datasets.transforms import normalize_uint8
 from datasets.gallery import Gallery
 from engine.episode import EpisodeConfig, GalleryBank
 from engine.features import FeatureCache
+import engine.lowshot
 from engine.lowshot import (FeatureStore, choose_priors, deformation_draws, deformed_prototypes, difference,
                             shortlisted_gallery, summarise)
 from engine.run import lock_run, release_run
@@ -439,6 +440,43 @@ def test_lowshot_imagenet_and_stage2_evaluate_take_the_run_lock(workdir, random_
     assert status == 0, err
     assert (workdir / "runs/busy/evaluate_1shot_seed0.json").is_file()
     assert (workdir / "runs/busy/.lock").read_text() == ""
+
+
+def test_a_stop_during_the_trials_keeps_the_finished_ones_for_the_rerun(workdir, random_gnet, monkeypatch, capsys):
+    """SIGTERM as the third step (val setup, trial 2, n = 1) computes its first variant: the run stops after
+    that step with status 130; the rerun computes the five steps left (two variants each) and reports
+    what an uninterrupted run does. A step saved with another --seed is computed again."""
+    argv = [*LOWSHOT, "--GNet", random_gnet]  # 2 setups x 2 trials x n = 1, 2: 8 steps
+    status, _, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "nonstop"])
+    assert status == 0, err
+    trial_metrics, calls, signal_at = engine.lowshot.trial_metrics, [], [5]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(engine.lowshot, "trial_metrics", counted)
+    status, out, _ = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "stopped"])
+    assert status == 130 and len(calls) == 6
+    assert out.splitlines()[-1] == ("stopped in the val setup, after trial 2, n = 1; the finished feature files and "
+                                    "trials are kept (the same command continues from them)")
+    calls.clear()
+    signal_at.clear()
+    status, out, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "stopped"])
+    assert status == 0, err
+    assert len(calls) == 2 * 5 and "3 finished (setup, trial, n) steps reused" in out
+    reports = [json.loads((workdir / f"runs/{name}/lowshot_imagenet.json").read_text()) for name in ("nonstop",
+                                                                                                       "stopped")]
+    for report in reports:
+        del report["timing"]
+    assert reports[1] == reports[0]
+    calls.clear()
+    status, _, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet,
+                             [*argv, "--seed", "1", "--tensorname", "stopped"])
+    assert status == 0, err
+    assert len(calls) == 2 * 8
 
 
 # --- the feature files ------------------------------------------------------------------------------------------------
