@@ -813,7 +813,11 @@ def test_prototype_baseline_from_a_stage1_checkpoint_warns_without_the_release_l
 
 
 @pytest.mark.slow
-def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_it(tmp_path):
+def test_reproduce_script_warns_without_the_release_list_and_redoes_only_the_steps_it_changes(tmp_path):
+    """Run once without train.json (a warning first), again with it: the training steps, whose inputs and
+    settings are the same, are reused; the evaluation, whose are not, runs again with the release's list.
+    A third run reuses everything; a fourth, after the stage-1 network changed, trains stage 2 anew (not
+    resuming the run of the old network) and evaluates it."""
     generate_lowshot(tmp_path / "ILSVRC", classes_per_list=PER_LIST, train_per_class=TRAIN_PER_CLASS, val_per_class=20,
                      size=int(SIZE), trials=1)
     val = tmp_path / "ILSVRC/val"
@@ -826,7 +830,7 @@ def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_i
     (tmp_path / "val_labels.txt").write_text("\n".join(labels) + "\n")
     lowshot = tmp_path / "lowshot"
     lowshot.mkdir()
-    for name in ("label_idx.json", "splitfile_1.json", "train.json"):
+    for name in ("label_idx.json", "splitfile_1.json"):
         (tmp_path / "ILSVRC" / name).rename(lowshot / name)
     env = {**script_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # this interpreter's python
            "WORKDIR": str(tmp_path / "work"), "IMAGENET": str(tmp_path / "ILSVRC"), "LOWSHOT": str(lowshot),
@@ -834,18 +838,40 @@ def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_i
            "EPOCHS1": "1", "BATCH1": "32", "EPOCHS2": "1", "EPISODES": "2", "VALEPISODES": "2", "GALLERY": "4",
            "TRIALS": "1", "LOWSHOTN": "1 2"}
     command = ["bash", str(REPO / "scripts/reproduce_imagenet_lowshot.sh")]
+    path = tmp_path / "work/runs/imagenet_lowshot/lowshot_imagenet.json"
     first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "warning" not in first.stderr
+    assert first.stderr.splitlines()[0].startswith(f"warning: no {lowshot}/train.json and no TRAINLIST")
+    assert "shots differ from the benchmark's" in first.stderr.splitlines()[0]
     assert len(list(val.glob("*/*.JPEG"))) == len(labels) and not list(val.glob("*.JPEG"))
-    report = json.loads((tmp_path / "work/runs/imagenet_lowshot/lowshot_imagenet.json").read_text())
-    assert report["trials"] == [1] and report["lowshotn"] == [1, 2]
-    assert not report["train_list_reconstructed"] and report["train_list"] == f"release list {lowshot / 'train.json'}"
-    (lowshot / "train.json").unlink()
+    report = json.loads(path.read_text())
+    assert report["trials"] == [1] and report["lowshotn"] == [1, 2] and report["train_list_reconstructed"]
+    (tmp_path / "ILSVRC/train.json").rename(lowshot / "train.json")
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stderr.splitlines()[0].startswith(f"warning: no {lowshot}/train.json and no TRAINLIST")
-    assert "shots differ from the benchmark's" in second.stderr.splitlines()[0]
-    assert "imagenet_stage1: runs/imagenet_stage1/summary.json exists, skipped" in second.stdout
-    assert "imagenet_metaNet: runs/imagenet_metaNet/evaluate_1shot_seed0.json exists, skipped" in second.stdout
-    assert "folding" not in second.stdout
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "warning" not in second.stderr and "folding" not in second.stdout
+    skipped = [line for line in second.stdout.splitlines() if line.endswith("skipped")]
+    assert skipped == [
+        "== imagenet_stage1: runs/imagenet_stage1/summary.json exists with these inputs and settings, skipped",
+        "== imagenet_metaNet: runs/imagenet_metaNet/evaluate_1shot_seed0.json exists with these inputs and settings, "
+        "skipped"]
+    assert "== imagenet_lowshot" in second.stdout.splitlines()
+    report = json.loads(path.read_text())
+    assert not report["train_list_reconstructed"] and report["train_list"] == f"release list {lowshot / 'train.json'}"
+    written = path.stat().st_mtime_ns
+    third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert [line for line in third.stdout.splitlines() if line.startswith("== ")] == [*skipped, (
+        "== imagenet_lowshot: runs/imagenet_lowshot/lowshot_imagenet.json exists with these inputs and settings, "
+        "skipped")]
+    assert path.stat().st_mtime_ns == written
+    stage1 = tmp_path / "work/models/imagenet_stage1.t7"
+    weights = torch.load(stage1)
+    weights["convnet.fc.weight"] += 1.0
+    torch.save(weights, stage1)
+    fourth = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert [line for line in fourth.stdout.splitlines() if line.startswith("== ")] == [
+        skipped[0], "== imagenet_metaNet", "== imagenet_lowshot"]
+    assert "resuming" not in fourth.stdout
+    assert path.stat().st_mtime_ns > written
