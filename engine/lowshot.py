@@ -432,7 +432,8 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
     steps = [(t, n) for t in args.trials for n in args.lowshotn]
     for t, n in tqdm(steps, desc=f"{setup.name} setup", disable=not args.progress, leave=False):
         index = shot_indices(bench.trials[t], setup.novel, n).reshape(-1)
-        shots = list_digest([bench.images.files[i] for i in index])
+        files = [bench.images.files[i] for i in index]
+        shots = list_digest(files)
         metrics = trials.load(setup.name, t, n, shots)
         if metrics is None:
             support = features["novel_train"][np.searchsorted(bench.novel_rows, index)].to(device).float()
@@ -441,11 +442,12 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
                 config = lowshot_config(args, n, ways)
                 draws = deformation_draws(len(index) * config.augnum, args.Fang ** 2, config.choose_num, len(bank),
                                           args.seed, LOWSHOT_STREAM, list(SETUP_NAMES).index(setup.name), t, n)
-                protos["deformed"] = deformed_prototypes(model, bank, [bench.images.files[i] for i in index], support,
-                                                         n, config, draws, device, args.nthreads, args.imageSize)
-            metrics = {variant: trial_metrics(test_scores(test, torch.cat([base_protos, novel_protos]), model.scale,
-                                                          device), targets, len(setup.base))
-                       for variant, novel_protos in protos.items()}
+                protos["deformed"] = deformed_prototypes(model, bank, files, support, n, config, draws, device,
+                                                         args.nthreads, args.imageSize)
+            metrics = {}
+            for variant, novel_protos in protos.items():
+                scores = test_scores(test, torch.cat([base_protos, novel_protos]), model.scale, device)
+                metrics[variant] = trial_metrics(scores, targets, len(setup.base))
             trials.save(setup.name, t, n, shots, metrics)
         for variant, values in metrics.items():
             out[variant][n].append(values)
