@@ -9,7 +9,7 @@ import pytest
 from engine.run import format_row
 from tests.scripts_helpers import make_workdir, read_metrics, run_main
 
-STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "16", "--nthreads", "0", "--filesPerClass", "4",
+STAGE1 = ["--dataroot", "toy", "--imageSize", "32", "--batchSize", "32", "--nthreads", "0", "--filesPerClass", "2",
           "--numEpochs", "2", "--valEvery", "1", "--valEpisodes", "2", "--valQueries", "1", "--progress", "0"]
 STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--epoch", "3", "--galleryNum", "2",
           "--chooseNum", "3", "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--numEpochs", "1",
