@@ -30,6 +30,7 @@ from engine.stage1 import (
     RESUME_KEYS,
     SUMMED_PROGRESS,
     build_model,
+    console_row,
     distribute,
     evaluate,
     load_data,
@@ -136,7 +137,7 @@ def train(args: argparse.Namespace, device: torch.device, info: DistInfo) -> int
                 record["rows"] = run.log(row)
                 progress = new_progress()
                 save_state(epoch + 1)
-                run.announce(row)
+                run.announce(console_row(row))
                 barrier(info)
                 if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
                     return run.stop(f"after epoch {epoch}")

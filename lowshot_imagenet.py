@@ -9,7 +9,8 @@ Checks every input first (a bad one is refused with one line, before anything is
 holding ``runs/<tensorname>/.lock``, embeds the base classes' training images, the trials' n-shot images and the setups' test images
 once into float16 files under ``runs/<tensorname>/features/`` (resumable), then per setup, trial
 and n scores the test images against base and novel prototypes, with and without deformed
-examples on the same draws. Writes ``runs/<tensorname>/lowshot_imagenet.json`` (every metric),
+examples on the same draws (each finished step kept in ``runs/<tensorname>/trials/``, reused by a
+rerun with the same settings: a stopped evaluation continues). Writes ``runs/<tensorname>/lowshot_imagenet.json`` (every metric),
 ``lowshot_imagenet.csv`` and ``args.json``, and prints the table.
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from datasets import Gallery
 from datasets.lowshot import RECONSTRUCTION_WARNING
 from engine.episode import GalleryBank
-from engine.lowshot import (Benchmark, embedding_key, evaluate_setup, feature_stores, format_table, lowshot_config,
-                            read_benchmark, report, table_rows)
+from engine.lowshot import (Benchmark, TrialStore, embedding_key, evaluate_setup, feature_stores, format_table,
+                            lowshot_config, read_benchmark, report, table_rows, trial_settings)
 from engine.options import lowshot_parser, resolve_lowshot_args
 from engine.run import run_lock
 from engine.stage2 import build_model
@@ -97,6 +98,7 @@ def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: arg
             if not info.is_main:
                 return 0
             start = time.perf_counter()
+            trials = TrialStore(run_dir / "trials", trial_settings(model, stores, args))
             features = {name: store.load() for name, store in stores.items()}
             bank = None
             if bench.gallery_split is not None:
@@ -105,26 +107,27 @@ def evaluate_checked(bench: Benchmark, model: IDeMeNet, run_dir: Path, args: arg
                 # No original to follow here: the gallery is embedded with the GNet's saved statistics.
                 bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), stop=stop,
                                    batch_norm="eval")
-            results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop)
+            results = {name: evaluate_setup(bench, setup, model, bank, features, args, device, stop, trials)
                        for name, setup in bench.setups.items()}
         except Interrupted as stopped:
-            print(f"stopped {stopped}; the finished feature files are kept (the same command continues the "
-                  "extraction from them; the evaluation after it starts over)", flush=True)
+            print(f"stopped {stopped}; the finished feature files and trials are kept (the same command continues "
+                  "from them)", flush=True)
             return INTERRUPTED_EXIT
     evaluation_s = time.perf_counter() - start
     deformed = 0 if args.deform == "none" else sum(
-        len(setup.novel) * n * lowshot_config(args, n, 0).augnum for setup in bench.setups.values()
-        for n in args.lowshotn) * len(args.trials)
+        len(bench.setups[name].novel) * n * lowshot_config(args, n, 0).augnum for name, _, n in trials.computed)
+    reused = len(bench.setups) * len(args.trials) * len(args.lowshotn) - len(trials.computed)
     timing = {"images_embedded": to_embed, "features_s": features_s,
               "s_per_image": features_s / to_embed if to_embed else None, "deformed_images": deformed,
               "evaluation_s": evaluation_s, "s_per_deformed_image": evaluation_s / deformed if deformed else None,
-              "processes": info.world_size, "device": str(device), **peak_memory_mb(device)}
+              "steps_reused": reused, "processes": info.world_size, "device": str(device), **peak_memory_mb(device)}
     result = report(bench, results, args, timing)
     write_json(run_dir / "lowshot_imagenet.json", result)
     rows = table_rows(result)
     write_csv(run_dir / "lowshot_imagenet.csv", rows, list(rows[0]))
     print(format_table(result))
-    print(f"features: {to_embed} images embedded in {features_s:.1f} s; evaluation ({deformed} deformed images) "
+    again = f", {reused} finished (setup, trial, n) steps reused" if reused else ""
+    print(f"features: {to_embed} images embedded in {features_s:.1f} s; evaluation ({deformed} deformed images{again}) "
           f"{evaluation_s:.1f} s; peak memory {timing['peak_cpu_memory_mb']:.0f} MB; "
           f"wrote {run_dir / 'lowshot_imagenet.json'}")
     return 0

@@ -4,14 +4,15 @@
 
 Exit status 0 when every split reads and (with ``--full``) every image is readable, 1 when
 the data deviates from miniImageNet's 64/16/20 classes of 600 images (a warning, the scripts
-still run), 2 when a split cannot be read at all.
+still run), 2 when a split cannot be read at all or (with ``--full``) an image cannot be read
+(the scripts stop on it); ``--full`` lists every such image, one line each.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from datasets.images import scan_split
+from datasets.images import bad_images
 from datasets.splits import SPLITS, class_list, detect_layout, read_split
 from utils.errors import DataError
 
@@ -34,15 +35,17 @@ def check(dataroot: str, full: bool, workers: int) -> int:
             foreign = sorted(set(split.classes) - official)
             print(f"  warning: {name} differs from the Ravi & Larochelle split "
                   f"({EXPECTED[name]} classes){'; not in it: ' + ' '.join(foreign[:5]) if foreign else ''}")
-            status = 1
+            status = max(status, 1)
         if any(size != IMAGES_PER_CLASS for size in sizes):
             print(f"  warning: {name} classes do not all have {IMAGES_PER_CLASS} images")
-            status = 1
+            status = max(status, 1)
         if full:
-            _, bad = scan_split(split, skip_bad=True, workers=workers)
-            print(f"  {name}: {'all images readable' if not bad else f'{bad} unreadable or truncated image(s)'}")
+            bad = bad_images(split, workers)
+            print(f"  {name}: {f'{len(bad)} unreadable or truncated image(s)' if bad else 'all images readable'}")
+            for path, problem in bad:
+                print(f"    {path}: {problem}")
             if bad:
-                scan_split(split, skip_bad=False, workers=workers)
+                status = 2
     return status
 
 

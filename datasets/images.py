@@ -42,22 +42,27 @@ def image_problem(path: Path) -> str | None:
         return f"not a readable image ({exc})"
 
 
+def bad_images(split: Split, workers: int = 8) -> list[tuple[Path, str]]:
+    """``(path, problem)`` for every unusable file of a split, in the split's order."""
+    flat = [p for files in split.files for p in files]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = pool.map(image_problem, flat)
+    return [(path, problem) for path, problem in zip(flat, problems) if problem is not None]
+
+
 def scan_split(split: Split, skip_bad: bool = False, workers: int = 8) -> tuple[Split, int]:
     """Check every file of a split; raise on the first bad one, or drop bad ones when ``skip_bad``.
 
     Returns:
         The split (without the bad files when skipping) and the number of files dropped.
     """
-    flat = [p for files in split.files for p in files]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        problems = dict(zip(flat, pool.map(image_problem, flat)))
-    bad = [p for p in flat if problems[p] is not None]
+    bad = bad_images(split, workers)
     if not bad:
         return split, 0
     if not skip_bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"{bad[0]}: {problems[bad[0]]}{more}; pass --skipBadImages to leave such files out")
-    bad_set = set(bad)
+        (path, problem), more = bad[0], f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{path}: {problem}{more}; pass --skipBadImages to leave such files out")
+    bad_set = {path for path, _ in bad}
     kept = tuple(tuple(p for p in files if p not in bad_set) for files in split.files)
     for wnid, files in zip(split.classes, kept):
         if not files:

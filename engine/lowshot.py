@@ -1,7 +1,7 @@
 """The ImageNet-1K low-shot evaluation (``lowshot_imagenet.py``): the benchmark's images embedded once
-into float16 feature files on disk, then per setup, trial and n: n-shot prototypes of the novel
-classes with and without deformed examples, base-class prototypes from every training image, and
-the benchmark's metrics (:mod:`utils.lowshot_metrics`)."""
+into float16 feature files on disk, then per setup, trial and n (each such step's metrics saved on
+disk): n-shot prototypes of the novel classes with and without deformed examples, base-class
+prototypes from every training image, and the benchmark's metrics (:mod:`utils.lowshot_metrics`)."""
 from __future__ import annotations
 
 import argparse
@@ -43,13 +43,18 @@ LOWSHOT_STREAM = 3  # item_rng stream of the deformation draws (0-2: the stages'
 VARIANTS = ("plain", "deformed")
 
 
-def embedding_key(model: IDeMeNet) -> str:
-    """A digest of the embedding's weights: features computed with other weights never mix."""
+def state_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's weights and buffers."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.backbone.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def embedding_key(model: IDeMeNet) -> str:
+    """A digest of the embedding's weights: features computed with other weights never mix."""
+    return state_digest(model.backbone)
 
 
 def list_digest(files: list[Path]) -> str:
@@ -145,6 +150,44 @@ class FeatureStore:
         if missing:
             raise DataError(f"{self.block_path(missing[0])}: feature block missing")
         return torch.cat([safe_load(self.block_path(b)) for b in range(-(-len(self.files) // self.block))])
+
+
+# The flags a step's numbers depend on, besides the network, the feature files and its n-shot images.
+TRIAL_FLAGS = ("imageSize", "Fang", "amp", "seed", "deform", "gallerySelect", "galleryNum", "deformNet", "augnum",
+               "chooseNum")
+
+
+class TrialStore:
+    """The finished steps (setup, trial, n) of an evaluation, one file each in ``folder``
+    (``<setup>_trial<t>_n<n>.pt``, written atomically) with the settings they were computed with: a
+    stopped evaluation continues after its last finished step, and a step saved with other settings
+    is computed again. ``computed`` lists the steps this process computed."""
+
+    def __init__(self, folder: Path, settings: dict) -> None:
+        self.folder, self.settings, self.computed = Path(folder), settings, []
+
+    def path(self, setup: str, trial: int, n: int) -> Path:
+        return self.folder / f"{setup}_trial{trial}_n{n}.pt"
+
+    def load(self, setup: str, trial: int, n: int, shots: str) -> dict | None:
+        """The step's metrics per variant when it was saved with these settings and n-shot images
+        (``shots``, their digest), else None."""
+        path = self.path(setup, trial, n)
+        if not path.is_file():
+            return None
+        saved = safe_load(path)
+        return saved["metrics"] if saved["settings"] == {**self.settings, "shots": shots} else None
+
+    def save(self, setup: str, trial: int, n: int, shots: str, metrics: dict) -> None:
+        atomic_save({"settings": {**self.settings, "shots": shots}, "metrics": metrics}, self.path(setup, trial, n))
+        self.computed.append((setup, trial, n))
+
+
+def trial_settings(model: IDeMeNet, stores: dict[str, FeatureStore], args: argparse.Namespace) -> dict:
+    """What every step's numbers depend on besides its n-shot images: the network's weights, the
+    feature files (named by their image lists) and :data:`TRIAL_FLAGS`."""
+    return {"network": state_digest(model), "features": sorted(store.folder.name for store in stores.values()),
+            **{flag: getattr(args, flag) for flag in TRIAL_FLAGS}}
 
 
 @dataclass(frozen=True)
@@ -247,9 +290,10 @@ def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[
 
 
 def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict:
-    """One trial's metrics without the prior, and the prior's accuracy over the temperature and ``mu``
-    grids (``prior_curve``)."""
-    return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base)}
+    """One trial's metrics without the prior, and the prior's hits over the temperature and ``mu``
+    grids (``prior_curve``) out of ``test_images``."""
+    return {**lowshot_metrics(scores, targets, num_base), "prior_curve": prior_curve(scores, targets, num_base),
+            "test_images": len(targets)}
 
 
 Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
@@ -258,7 +302,8 @@ Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
 def prior_point(trial: dict, prior: Prior) -> dict[int, float]:
     """A trial's ``all_prior`` accuracy ``{k: %}`` at ``prior`` (a point of its curve)."""
     temperature, mu = prior
-    return trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+    hits = trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+    return {k: 100.0 * count / trial["test_images"] for k, count in hits.items()}
 
 
 def summarise(per_trial: list[dict], prior: Prior) -> dict:
@@ -272,10 +317,14 @@ def summarise(per_trial: list[dict], prior: Prior) -> dict:
 
 
 def _summary(values: list[float]) -> dict:
-    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`;
-    nan for one trial), and the trials' values."""
-    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (float("nan"), float("nan"))
-    return {"mean": mean, "t_ci95": ci, "trials": values}
+    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`),
+    and the trials' values; None where a number is undefined (the interval of one trial), so the report is JSON."""
+    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (math.nan, math.nan)
+    return {"mean": _number(mean), "t_ci95": _number(ci), "trials": [_number(v) for v in values]}
+
+
+def _number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
@@ -348,7 +397,12 @@ def read_benchmark(args: argparse.Namespace) -> Benchmark:
         gallery_size = len(gallery_files(gallery_split, args.galleryNum))
         largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
         if args.gallerySelect == "nearest" and largest > gallery_size:
-            raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
+            if args.chooseNum is not None:
+                raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
+            n = min(n for n in args.lowshotn if lowshot_config(args, n, 0).choose_num == largest)
+            raise OptionError(f"--galleryNum {args.galleryNum} makes a {gallery_size}-image gallery, fewer than the "
+                              f"{largest} nearest images the default --chooseNum takes for n = {n}; give a larger "
+                              "--galleryNum or a smaller --chooseNum")
     return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows, gallery_split)
 
 
@@ -364,9 +418,10 @@ def feature_stores(bench: Benchmark, folder: Path, image_size: int, create: bool
 
 def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: GalleryBank | None,
                    features: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device,
-                   stop: Callable[[], bool] | None) -> dict[str, dict[int, list[dict]]]:
+                   stop: Callable[[], bool] | None, trials: TrialStore) -> dict[str, dict[int, list[dict]]]:
     """Per variant (``plain``, and ``deformed`` unless ``--deform none``) and n, each trial's
-    :func:`trial_metrics`; the variants of a trial share its n-shot sets."""
+    :func:`trial_metrics`; the variants of a trial share its n-shot sets. A step (trial, n) that
+    ``trials`` holds is read from it, every other one computed and saved there."""
     _, base_starts = base_image_files(bench.images, tuple(bench.base_classes))
     base_protos = class_means(features["base_train"], base_starts,
                               [bench.base_classes.index(k) for k in setup.base], device)
@@ -377,17 +432,25 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
     steps = [(t, n) for t in args.trials for n in args.lowshotn]
     for t, n in tqdm(steps, desc=f"{setup.name} setup", disable=not args.progress, leave=False):
         index = shot_indices(bench.trials[t], setup.novel, n).reshape(-1)
-        support = features["novel_train"][np.searchsorted(bench.novel_rows, index)].to(device).float()
-        protos = {"plain": prototypes(support, torch.arange(ways, device=device).repeat_interleave(n), ways)}
-        if bank is not None:
-            config = lowshot_config(args, n, ways)
-            draws = deformation_draws(len(index) * config.augnum, args.Fang ** 2, config.choose_num, len(bank),
-                                      args.seed, LOWSHOT_STREAM, list(SETUP_NAMES).index(setup.name), t, n)
-            protos["deformed"] = deformed_prototypes(model, bank, [bench.images.files[i] for i in index], support, n,
-                                                     config, draws, device, args.nthreads, args.imageSize)
-        for variant, novel_protos in protos.items():
-            scores = test_scores(test, torch.cat([base_protos, novel_protos]), model.scale, device)
-            out[variant][n].append(trial_metrics(scores, targets, len(setup.base)))
+        files = [bench.images.files[i] for i in index]
+        shots = list_digest(files)
+        metrics = trials.load(setup.name, t, n, shots)
+        if metrics is None:
+            support = features["novel_train"][np.searchsorted(bench.novel_rows, index)].to(device).float()
+            protos = {"plain": prototypes(support, torch.arange(ways, device=device).repeat_interleave(n), ways)}
+            if bank is not None:
+                config = lowshot_config(args, n, ways)
+                draws = deformation_draws(len(index) * config.augnum, args.Fang ** 2, config.choose_num, len(bank),
+                                          args.seed, LOWSHOT_STREAM, list(SETUP_NAMES).index(setup.name), t, n)
+                protos["deformed"] = deformed_prototypes(model, bank, files, support, n, config, draws, device,
+                                                         args.nthreads, args.imageSize)
+            metrics = {}
+            for variant, novel_protos in protos.items():
+                scores = test_scores(test, torch.cat([base_protos, novel_protos]), model.scale, device)
+                metrics[variant] = trial_metrics(scores, targets, len(setup.base))
+            trials.save(setup.name, t, n, shots, metrics)
+        for variant, values in metrics.items():
+            out[variant][n].append(values)
         check_stop(stop, f"in the {setup.name} setup, after trial {t}, n = {n}")
     return out
 
@@ -454,7 +517,7 @@ def format_table(result: dict) -> str:
              "", "top-5 accuracy on the novel classes (%)", f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)]
 
     def cell(values: dict) -> str:
-        interval = f" +- {values['t_ci95']:4.2f}" if math.isfinite(values["t_ci95"]) else ""
+        interval = f" +- {values['t_ci95']:4.2f}" if values["t_ci95"] is not None else ""
         return f"{values['mean']:6.2f}{interval}"
 
     for method in ("plain", "deformed", "difference"):

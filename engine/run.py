@@ -61,8 +61,10 @@ def clear_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    """``epoch E: name value, ...`` for the console; floats to four significant digits."""
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch")
+    """``epoch E: name value, ...`` for the console; floats to four significant digits, columns
+    without a value (empty or None) left out."""
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                      if k != "epoch" and v is not None and v != "")
     return f"epoch {row['epoch']}: {shown}"
 
 

@@ -147,6 +147,12 @@ def new_progress() -> dict[str, float]:
 SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
+def console_row(row: dict) -> dict:
+    """An epoch's row as its console line shows it: the training accuracy in percent, as the val
+    accuracies beside it (metrics.csv keeps the fraction)."""
+    return {**row, "accuracy": 100 * row["accuracy"]}
+
+
 def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
     """The model on ``device`` (channels_last); under torchrun wrapped in DistributedDataParallel with
     synchronised BatchNorm, whose statistics are those of the whole batch, as on the original's one GPU.

@@ -16,6 +16,25 @@ CURVES = {
 }
 
 
+def draw(table: pd.DataFrame, title: str):
+    """The figure of a metrics table: one panel per entry of CURVES, whole epochs on the x axis."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
+    for axis, (label, columns) in zip(axes, CURVES.items()):
+        for column in columns:
+            if column in table and table[column].notna().any():
+                axis.plot(table["epoch"], table[column], marker="o", label=column)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", type=Path, help="runs/<name>/metrics.csv")
@@ -24,24 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib); no plot written")
         return 0
     if not args.metrics.is_file():
         print(f"error: {args.metrics}: metrics CSV not found", file=sys.stderr)
         return 2
-    table = pd.read_csv(args.metrics)
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
-    for axis, (label, columns) in zip(axes, CURVES.items()):
-        for column in columns:
-            if column in table and table[column].notna().any():
-                axis.plot(table["epoch"], table[column], marker="o", label=column)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(label)
-        axis.legend()
-    figure.suptitle(args.metrics.parent.name)
-    figure.tight_layout()
+    figure = draw(pd.read_csv(args.metrics), args.metrics.parent.name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -2,8 +2,12 @@
 # The paper's second table end to end: the ImageNet-1K low-shot benchmark (Hariharan & Girshick 2017).
 # ILSVRC-2012 folders -> val images in class folders -> stage 1 on the 389 base classes (every image)
 # -> stage 2 on base-class episodes -> lowshot_imagenet.py (5 trials, n = 1 2 5 10 20, both setups).
-# Each step is skipped when its result exists and resumed when its run folder holds an interrupted run;
-# the feature files of the evaluation resume by themselves.
+# Each step is skipped when its result exists and the record next to it (<result>.inputs: the script,
+# its settings and the sha256 of each input file) is this run's; otherwise it runs again: a training
+# step resumes its run when runs/<name>/resume.pt is newer than every input file (an interrupted run
+# continues; the scripts refuse, with one line, a resume whose settings conflict: delete runs/<name>
+# to start it anew), else starts anew; the evaluation reuses by itself the feature files and trials
+# computed with the same settings.
 #   IMAGENET=/data/ILSVRC2012 LOWSHOT=/data/lowshot NPROC=4 bash scripts/reproduce_imagenet_lowshot.sh
 # IMAGENET holds train/<wnid>/ and val/ (flat or in class folders); LOWSHOT holds label_idx.json,
 # splitfile_{1..5}.json and train.json (docs/lowshot.md's download command). TRAINLIST (default
@@ -40,7 +44,8 @@ GALLERY=${GALLERY:-30}       # gallery images per base class (stage 2 and the ev
 TRIALS=${TRIALS:-1 2 3 4 5}
 LOWSHOTN=${LOWSHOTN:-1 2 5 10 20}
 META="$LOWSHOT/label_idx.json"
-common=(--imageSize "$SIZE" --nthreads "$THREADS" --seed "$SEED" --amp "$AMP" --device "$DEVICE")
+common=(--imageSize "$SIZE" --seed "$SEED" --amp "$AMP")  # recorded with each result
+machine=(--nthreads "$THREADS" --device "$DEVICE")        # not recorded: they do not change a result
 if [ -z "$TRAINLIST" ]; then
   echo "warning: no $LOWSHOT/train.json and no TRAINLIST: the training list will be rebuilt with each class's files" \
     "sorted by name, not the release's order, so the split files pick other images and the shots differ from" \
@@ -56,38 +61,58 @@ if compgen -G "$IMAGENET/val/*.JPEG" > /dev/null; then
   fi
 fi
 
-# step NAME DONE_FILE LAUNCHER SCRIPT ARGS...: run unless DONE_FILE exists; resume an interrupted run.
+# record SCRIPT ARGS...: what a step's result depends on, one item a line: the script, its arguments
+# and the sha256 of each file of the array INPUTS (set before each step).
+record() {
+  printf '%s\n' "$@"
+  python -c 'import hashlib, sys
+for path in sys.argv[1:]:
+    with open(path, "rb") as handle:
+        print(hashlib.sha256(handle.read()).hexdigest(), path)' "${INPUTS[@]}"
+}
+
+# step NAME RESULT LAUNCHER SCRIPT ARGS...: skipped when RESULT exists with this run's record, else run
+# (a training script resumes or starts anew, as the header says) and the record written next to RESULT.
 step() {
-  local name=$1 final=$2 launcher=$3 script=$4
+  local name=$1 result=$2 launcher=$3 script=$4 wanted
   shift 4
-  if [ -f "$final" ]; then
-    echo "== $name: $final exists, skipped"
+  wanted=$(record "$script" "${common[@]}" "$@")
+  if [ -f "$result" ] && [ -f "$result.inputs" ] && [ "$(cat "$result.inputs")" = "$wanted" ]; then
+    echo "== $name: $result exists with these inputs and settings, skipped"
     return
   fi
   echo "== $name"
-  local mode=--overwrite
-  [ -f "runs/$name/resume.pt" ] && mode=--resume
-  $launcher "$REPO/$script" "${common[@]}" --tensorname "$name" "$mode" "$@"
+  local mode=() input
+  if [ "$script" != lowshot_imagenet.py ]; then
+    mode=(--resume)
+    for input in "${INPUTS[@]}"; do  # -nt is also true when there is no resume.pt
+      if [ "$input" -nt "runs/$name/resume.pt" ]; then mode=(--overwrite); fi
+    done
+  fi
+  $launcher "$REPO/$script" "${machine[@]}" "${common[@]}" --tensorname "$name" ${mode[@]+"${mode[@]}"} "$@"
+  echo "$wanted" > "$result.inputs"
 }
 
 if [ "$NPROC" -gt 1 ]; then multi="torchrun --nproc_per_node=$NPROC"; else multi=python; fi
 
+INPUTS=("$META")
 step "${PREFIX}_stage1" "runs/${PREFIX}_stage1/summary.json" "$multi" classification.py \
   --dataroot "$IMAGENET" --lowshotmeta "$META" --filesPerClass 0 --backbone "$BACKBONE" --numEpochs "$EPOCHS1" \
   --batchSize "$BATCH1" --valEpisodes "$VALEPISODES"
+INPUTS=("$META" "models/${PREFIX}_stage1.t7")
 step "${PREFIX}_metaNet" "runs/${PREFIX}_metaNet/evaluate_1shot_seed${SEED}.json" python onlyBasetwoLoss.py \
   --dataroot "$IMAGENET" --lowshotmeta "$META" --network "${PREFIX}_stage1" --shots 1 --augnum 7 --chooseNum 15 \
   --fixCls 1 --galleryNum "$GALLERY" --numEpochs "$EPOCHS2" --epoch "$EPISODES" --valEpisodes "$VALEPISODES" \
   --testEpisodes "$VALEPISODES"
 
-report="runs/${PREFIX}_lowshot/lowshot_imagenet.json"
-if [ -f "$report" ]; then
-  echo "== ${PREFIX}_lowshot: $report exists, skipped"
-  exit 0
-fi
-echo "== ${PREFIX}_lowshot"
+INPUTS=("$META" "models/${PREFIX}_metaNet.t7")
+for trial in $TRIALS; do INPUTS+=("$LOWSHOT/splitfile_$trial.json"); done
 trainlist=()
-[ -n "$TRAINLIST" ] && trainlist=(--trainlist "$TRAINLIST")
-$multi "$REPO/lowshot_imagenet.py" "${common[@]}" --imagenet "$IMAGENET" --lowshotmeta "$META" \
-  --experimentpath "$LOWSHOT/splitfile_{:d}.json" ${trainlist[@]+"${trainlist[@]}"} --GNet "${PREFIX}_metaNet" \
-  --galleryNum "$GALLERY" --trials $TRIALS --lowshotn $LOWSHOTN --tensorname "${PREFIX}_lowshot"
+if [ -n "$TRAINLIST" ]; then
+  trainlist=(--trainlist "$TRAINLIST")
+  INPUTS+=("$TRAINLIST")
+fi
+step "${PREFIX}_lowshot" "runs/${PREFIX}_lowshot/lowshot_imagenet.json" "$multi" lowshot_imagenet.py \
+  --imagenet "$IMAGENET" --lowshotmeta "$META" --experimentpath "$LOWSHOT/splitfile_{:d}.json" \
+  ${trainlist[@]+"${trainlist[@]}"} --GNet "${PREFIX}_metaNet" --galleryNum "$GALLERY" --trials $TRIALS \
+  --lowshotn $LOWSHOTN

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from datasets import Gallery, read_split
 from engine.episode import GalleryBank
 from models import IDeMeNet
 from tests.scripts_helpers import REPO, load_script, make_workdir, read_metrics, run_main, run_script, script_env
+from utils.checkpoint import safe_load
 from utils.interrupt import Interrupted
 
 STAGE2 = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--epoch", "3", "--galleryNum", "2",
@@ -177,6 +179,37 @@ def test_a_second_signal_stops_at_once_with_one_line(workdir) -> None:
     assert status == 130
     assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output
     assert run.output.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` still runs a handler of its own for SIGTERM (``SigCgt`` in
+    ``/proc/<pid>/status``); false once the interpreter has restored the default action at its exit,
+    or set it to ignore, or the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)
+    return bool(int(caught.group(1), 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_while_the_interpreter_exits_still_gives_130(workdir) -> None:
+    """The second SIGTERM of a scheduler lands after the stop was saved, while Python exits (its own
+    handlers gone): the status is still 130, and the saved state loads."""
+    flags = [*STAGE1, "--numEpochs", "3", "--valEpisodes", "0", "--progress", "1", "--tensorname", "exiting"]
+    run = Live(workdir, "classification.py", *flags)
+    run.wait_for("epoch 0:")
+    run.process.send_signal(signal.SIGTERM)
+    run.wait_for("continue with --resume")
+    while handles_sigterm(run.process.pid):
+        time.sleep(0.0005)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 130, run.output
+    assert "Traceback" not in run.output
+    assert safe_load(workdir / "runs/exiting/resume.pt")["epoch"] == 0
+    resumed = run_main(workdir, "classification.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
 
 
 @pytest.mark.slow

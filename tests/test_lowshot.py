@@ -30,6 +30,7 @@ from datasets.transforms import normalize_uint8
 from datasets.gallery import Gallery
 from engine.episode import EpisodeConfig, GalleryBank
 from engine.features import FeatureCache
+import engine.lowshot
 from engine.lowshot import (FeatureStore, choose_priors, deformation_draws, deformed_prototypes, difference,
                             shortlisted_gallery, summarise)
 from engine.run import lock_run, release_run
@@ -138,7 +139,8 @@ def test_prior_curve_is_the_full_ranking_at_every_temperature_and_mu():
     for t, temperature in enumerate(TEMPERATURE_GRID):
         for m, mu in enumerate(PRIOR_GRID):
             expected = lowshot_metrics(scores, targets, num_base, mu=mu, temperature=temperature)["all_prior"]
-            assert curves[t][m] == pytest.approx(expected, abs=1e-9), (temperature, mu)
+            assert all(isinstance(hits, int) for hits in curves[t][m].values())
+            assert {k: 100 * hits / len(targets) for k, hits in curves[t][m].items()} == expected, (temperature, mu)
 
 
 def test_a_temperature_makes_mu_act_where_the_one_hot_softmax_does_not():
@@ -146,8 +148,8 @@ def test_a_temperature_makes_mu_act_where_the_one_hot_softmax_does_not():
     assert scores.std(1).mean() > 100  # saturated: the softmax over each part is one-hot at T = 1
     curves = prior_curve(scores, targets, num_base)
     one_hot = curves[TEMPERATURE_GRID.index(1.0)]
-    base_only = 100.0 * (scores[:, :num_base].argmax(1) == targets).float().mean().item()
-    image = 100 / len(targets)
+    base_only = int((scores[:, :num_base].argmax(1) == targets).sum())
+    image = 1  # the curves count test images
     inside = [m for m, mu in enumerate(PRIOR_GRID) if 0 < mu < 1]
     # T = 1: every mu < 0.5 ranks like base-only (to within one image), and top-5 moves by at most two images
     # over mu in (0, 1): the choice of mu falls to single images
@@ -157,7 +159,7 @@ def test_a_temperature_makes_mu_act_where_the_one_hot_softmax_does_not():
     chosen = curves[TEMPERATURE_GRID.index(temperature)]
     assert temperature > 1
     assert chosen[PRIOR_GRID.index(mu)][5] >= max(point[5] for point in one_hot) + 3 * image
-    assert max(chosen[m][5] for m in inside) - min(chosen[m][5] for m in inside) >= 10  # here mu acts
+    assert max(chosen[m][5] for m in inside) - min(chosen[m][5] for m in inside) >= len(targets) / 10  # here mu acts
 
 
 def test_best_prior_takes_the_best_mean_then_the_smallest_temperature_and_mu_on_ties():
@@ -167,6 +169,35 @@ def test_best_prior_takes_the_best_mean_then_the_smallest_temperature_and_mu_on_
     assert best_prior([trial_a, trial_b], temperatures, grid) == (10.0, 0.5)  # mean 35 beats 30
     tied = [[{5: 1.0}, {5: 2.0}, {5: 2.0}], [{5: 2.0}, {5: 1.0}, {5: 1.0}]]
     assert best_prior([tied], temperatures, grid) == (1.0, 0.5)
+
+
+def trials_of_one_setup(seed: int, trials: int = 3) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Prototype scores of ``trials`` trials (other novel prototypes each) on the same 36 test images of
+    6 base and 6 novel classes."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, per, dim, num_base = 12, 3, 8, 6
+    centres = torch.randn(classes, dim, generator=generator)
+    test = centres.repeat_interleave(per, 0) + torch.randn(classes * per, dim, generator=generator)
+    noise = torch.cat([torch.full((num_base, 1), 0.3), torch.full((classes - num_base, 1), 1.2)])
+    scores = [-3 * squared_distances(test, centres + noise * torch.randn(classes, dim, generator=generator))
+              for _ in range(trials)]
+    return scores, torch.arange(classes).repeat_interleave(per), num_base
+
+
+@pytest.mark.parametrize("seed", [16, 42])
+def test_the_prior_is_chosen_on_exact_hit_counts_with_the_documented_tie_rule(seed):
+    """The most top-5 hits over the trials, then the smallest temperature, then the smallest mu, with the
+    hits counted here from the full ranking (:func:`prior_scores`). These draws hold two points of equal
+    total hits whose accuracies, summed as float32 fractions, differ in the last bits."""
+    scores, targets, num_base = trials_of_one_setup(seed)
+    total = {}
+    for t, temperature in enumerate(TEMPERATURE_GRID):
+        for m, mu in enumerate(PRIOR_GRID):
+            ranked = [prior_scores(s, num_base, mu, temperature) for s in scores]
+            total[t, m] = sum(int(((r >= r.gather(1, targets[:, None])).sum(1) - 1 < 5).sum()) for r in ranked)
+    t, m = max(total, key=lambda point: (total[point], -point[0], -point[1]))
+    assert sum(count == total[t, m] for count in total.values()) > 1  # a tie to break
+    assert best_prior([prior_curve(s, targets, num_base) for s in scores]) == (TEMPERATURE_GRID[t], PRIOR_GRID[m])
 
 
 # --- the benchmark's files -------------------------------------------------------------------------------------------
@@ -330,6 +361,28 @@ def test_lowshot_imagenet_refuses_a_shortlist_larger_than_the_gallery_before_wri
     assert "--chooseNum 41" in line and "40-image gallery" in line  # 4 images x 10 base classes
 
 
+def test_the_gallery_refusal_names_the_flag_that_was_set(workdir, random_gnet, monkeypatch, capsys):
+    line = _refused(workdir, monkeypatch, capsys, lowshot_imagenet, [*LOWSHOT, "--GNet", random_gnet, "--galleryNum",
+                                                                     "2", "--tensorname", "bad"])
+    assert line == ("error: --galleryNum 2 makes a 20-image gallery, fewer than the 30 nearest images the default "
+                    "--chooseNum takes for n = 2; give a larger --galleryNum or a smaller --chooseNum")
+
+
+def test_a_flat_val_folder_is_refused_pointing_to_the_folding_script(workdir, meta, random_gnet, tmp_path,
+                                                                     monkeypatch, capsys):
+    work = _copy_bench(workdir, tmp_path, random_gnet)
+    val = work / "bench/val"
+    for path in sorted(val.glob("*/*.JPEG")):
+        path.rename(val / path.name)
+        if not any(path.parent.iterdir()):
+            path.parent.rmdir()
+    line = _refused(work, monkeypatch, capsys, lowshot_imagenet, [*LOWSHOT, "--GNet", random_gnet,
+                                                                  "--tensorname", "bad"])
+    assert line == (f"error: {Path('bench/val')}: the ILSVRC val images lie flat, not in <wnid>/ class folders; fold "
+                    f"them with python scripts/fold_imagenet_val.py --val {Path('bench/val')} --devkit DEVKIT (or "
+                    "--labels FILE)")
+
+
 def test_stage2_refuses_selecting_on_the_test_setup(workdir, random_gnet, monkeypatch, capsys):
     line = _refused(workdir, monkeypatch, capsys, onlyBasetwoLoss, [
         "--dataroot", "bench", "--lowshotmeta", "bench/label_idx.json", "--imageSize", SIZE, "--GNet", random_gnet,
@@ -353,6 +406,19 @@ def test_lowshot_imagenet_warns_first_without_the_release_list_and_releases_its_
     assert "taking over" not in capsys.readouterr().out
 
 
+def test_a_single_trial_report_is_json_without_nan(workdir, random_gnet, monkeypatch, capsys):
+    argv = [*LOWSHOT, "--trials", "1", "--lowshotn", "1", "--testsetup", "0", "--GNet", random_gnet,
+            "--tensorname", "single"]
+    status, out, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, argv)
+    assert status == 0, err
+    text = (workdir / "runs/single/lowshot_imagenet.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    for method in ("plain", "deformed", "difference"):
+        novel = report["setups"]["val"][method]["1"]["novel"]["top5"]
+        assert novel["t_ci95"] is None and novel["mean"] == novel["trials"][0]
+    assert "+-" not in next(line for line in out.splitlines() if line.startswith("prototypes (no deformation)"))
+
+
 def test_lowshot_imagenet_and_stage2_evaluate_take_the_run_lock(workdir, random_gnet, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     held = lock_run(Path("runs/busy"))
@@ -373,6 +439,43 @@ def test_lowshot_imagenet_and_stage2_evaluate_take_the_run_lock(workdir, random_
     assert status == 0, err
     assert (workdir / "runs/busy/evaluate_1shot_seed0.json").is_file()
     assert (workdir / "runs/busy/.lock").read_text() == ""
+
+
+def test_a_stop_during_the_trials_keeps_the_finished_ones_for_the_rerun(workdir, random_gnet, monkeypatch, capsys):
+    """SIGTERM as the third step (val setup, trial 2, n = 1) computes its first variant: the run stops after
+    that step with status 130; the rerun computes the five steps left (two variants each) and reports
+    what an uninterrupted run does. A step saved with another --seed is computed again."""
+    argv = [*LOWSHOT, "--GNet", random_gnet]  # 2 setups x 2 trials x n = 1, 2: 8 steps
+    status, _, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "nonstop"])
+    assert status == 0, err
+    trial_metrics, calls, signal_at = engine.lowshot.trial_metrics, [], [5]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(engine.lowshot, "trial_metrics", counted)
+    status, out, _ = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "stopped"])
+    assert status == 130 and len(calls) == 6
+    assert out.splitlines()[-1] == ("stopped in the val setup, after trial 2, n = 1; the finished feature files and "
+                                    "trials are kept (the same command continues from them)")
+    calls.clear()
+    signal_at.clear()
+    status, out, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "stopped"])
+    assert status == 0, err
+    assert len(calls) == 2 * 5 and "3 finished (setup, trial, n) steps reused" in out
+    reports = [json.loads((workdir / f"runs/{name}/lowshot_imagenet.json").read_text()) for name in ("nonstop",
+                                                                                                       "stopped")]
+    for report in reports:
+        del report["timing"]
+    assert reports[1] == reports[0]
+    calls.clear()
+    status, _, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet,
+                             [*argv, "--seed", "1", "--tensorname", "stopped"])
+    assert status == 0, err
+    assert len(calls) == 2 * 8
 
 
 # --- the feature files ------------------------------------------------------------------------------------------------
@@ -485,7 +588,7 @@ def test_the_test_setups_prior_is_the_one_chosen_on_the_validation_setup():
         flat = {metric: {1: 10.0 + offset, 5: 20.0 + offset} for metric in ("novel", "novel_joint", "base", "all")}
         curve = [[{1: 100 * mu + temperature + offset, 5: 90.0 if (temperature, mu) == peak else 10.0}
                   for mu in PRIOR_GRID] for temperature in TEMPERATURE_GRID]
-        return {**flat, "prior_curve": curve}
+        return {**flat, "prior_curve": curve, "test_images": 100}  # hits out of 100 test images: % as they are
 
     results = {"val": {"deformed": {1: [trial((20.0, 0.25), 0.0), trial((20.0, 0.25), 1.0)]},
                        "plain": {1: [trial((1.0, 0.75), 0.0), trial((1.0, 0.75), 1.0)]}},
@@ -504,13 +607,15 @@ def test_trial_intervals_are_t_intervals_by_hand():
     """Five trials 40, 42, 44, 46, 48: mean 44, sample std sqrt(10); t(0.975, 4) = 2.7764451 (tables),
     half-width 2.7764451 * sqrt(10) / sqrt(5) = 3.9265 (1.96 * population std / sqrt(5) would be 2.479)."""
     trials = [{metric: {1: value, 5: value} for metric in ("novel", "novel_joint", "base", "all")}
-              | {"prior_curve": [[{1: value, 5: value}] * len(PRIOR_GRID)] * len(TEMPERATURE_GRID)}
+              | {"prior_curve": [[{1: value, 5: value}] * len(PRIOR_GRID)] * len(TEMPERATURE_GRID), "test_images": 100}
               for value in (40.0, 42.0, 44.0, 46.0, 48.0)]
     summary = summarise(trials, (1.0, 0.5))
     for metric in ("novel", "all_prior"):
         assert summary[metric]["top5"]["mean"] == pytest.approx(44.0)
         assert summary[metric]["top5"]["t_ci95"] == pytest.approx(2.7764451 * math.sqrt(2), abs=1e-6)
-    assert math.isnan(summarise(trials[:1], (1.0, 0.5))["novel"]["top1"]["t_ci95"])  # one trial: no interval
+    one = summarise(trials[:1], (1.0, 0.5))
+    assert one["novel"]["top1"]["t_ci95"] is None and one["novel"]["top1"]["mean"] == 40.0  # one trial: no interval
+    json.dumps(one, allow_nan=False)
 
 
 # --- the whole chain, as processes (slow) -----------------------------------------------------------------------------
@@ -707,7 +812,11 @@ def test_prototype_baseline_from_a_stage1_checkpoint_warns_without_the_release_l
 
 
 @pytest.mark.slow
-def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_it(tmp_path):
+def test_reproduce_script_warns_without_the_release_list_and_redoes_only_the_steps_it_changes(tmp_path):
+    """Run once without train.json (a warning first), again with it: the training steps, whose inputs and
+    settings are the same, are reused; the evaluation, whose are not, runs again with the release's list.
+    A third run reuses everything; a fourth, after the stage-1 network changed, trains stage 2 anew (not
+    resuming the run of the old network) and evaluates it."""
     generate_lowshot(tmp_path / "ILSVRC", classes_per_list=PER_LIST, train_per_class=TRAIN_PER_CLASS, val_per_class=20,
                      size=int(SIZE), trials=1)
     val = tmp_path / "ILSVRC/val"
@@ -720,7 +829,7 @@ def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_i
     (tmp_path / "val_labels.txt").write_text("\n".join(labels) + "\n")
     lowshot = tmp_path / "lowshot"
     lowshot.mkdir()
-    for name in ("label_idx.json", "splitfile_1.json", "train.json"):
+    for name in ("label_idx.json", "splitfile_1.json"):
         (tmp_path / "ILSVRC" / name).rename(lowshot / name)
     env = {**script_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # this interpreter's python
            "WORKDIR": str(tmp_path / "work"), "IMAGENET": str(tmp_path / "ILSVRC"), "LOWSHOT": str(lowshot),
@@ -728,18 +837,40 @@ def test_reproduce_script_uses_the_release_list_and_warns_at_the_start_without_i
            "EPOCHS1": "1", "BATCH1": "32", "EPOCHS2": "1", "EPISODES": "2", "VALEPISODES": "2", "GALLERY": "4",
            "TRIALS": "1", "LOWSHOTN": "1 2"}
     command = ["bash", str(REPO / "scripts/reproduce_imagenet_lowshot.sh")]
+    path = tmp_path / "work/runs/imagenet_lowshot/lowshot_imagenet.json"
     first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "warning" not in first.stderr
+    assert first.stderr.splitlines()[0].startswith(f"warning: no {lowshot}/train.json and no TRAINLIST")
+    assert "shots differ from the benchmark's" in first.stderr.splitlines()[0]
     assert len(list(val.glob("*/*.JPEG"))) == len(labels) and not list(val.glob("*.JPEG"))
-    report = json.loads((tmp_path / "work/runs/imagenet_lowshot/lowshot_imagenet.json").read_text())
-    assert report["trials"] == [1] and report["lowshotn"] == [1, 2]
-    assert not report["train_list_reconstructed"] and report["train_list"] == f"release list {lowshot / 'train.json'}"
-    (lowshot / "train.json").unlink()
+    report = json.loads(path.read_text())
+    assert report["trials"] == [1] and report["lowshotn"] == [1, 2] and report["train_list_reconstructed"]
+    (tmp_path / "ILSVRC/train.json").rename(lowshot / "train.json")
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stderr.splitlines()[0].startswith(f"warning: no {lowshot}/train.json and no TRAINLIST")
-    assert "shots differ from the benchmark's" in second.stderr.splitlines()[0]
-    assert "imagenet_stage1: runs/imagenet_stage1/summary.json exists, skipped" in second.stdout
-    assert "imagenet_metaNet: runs/imagenet_metaNet/evaluate_1shot_seed0.json exists, skipped" in second.stdout
-    assert "folding" not in second.stdout
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "warning" not in second.stderr and "folding" not in second.stdout
+    skipped = [line for line in second.stdout.splitlines() if line.endswith("skipped")]
+    assert skipped == [
+        "== imagenet_stage1: runs/imagenet_stage1/summary.json exists with these inputs and settings, skipped",
+        "== imagenet_metaNet: runs/imagenet_metaNet/evaluate_1shot_seed0.json exists with these inputs and settings, "
+        "skipped"]
+    assert "== imagenet_lowshot" in second.stdout.splitlines()
+    report = json.loads(path.read_text())
+    assert not report["train_list_reconstructed"] and report["train_list"] == f"release list {lowshot / 'train.json'}"
+    written = path.stat().st_mtime_ns
+    third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert [line for line in third.stdout.splitlines() if line.startswith("== ")] == [*skipped, (
+        "== imagenet_lowshot: runs/imagenet_lowshot/lowshot_imagenet.json exists with these inputs and settings, "
+        "skipped")]
+    assert path.stat().st_mtime_ns == written
+    stage1 = tmp_path / "work/models/imagenet_stage1.t7"
+    weights = torch.load(stage1)
+    weights["convnet.fc.weight"] += 1.0
+    torch.save(weights, stage1)
+    fourth = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert [line for line in fourth.stdout.splitlines() if line.startswith("== ")] == [
+        skipped[0], "== imagenet_metaNet", "== imagenet_lowshot"]
+    assert "resuming" not in fourth.stdout
+    assert path.stat().st_mtime_ns > written

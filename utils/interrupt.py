@@ -2,6 +2,7 @@
 resumable state; a second one stops at once."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -29,11 +30,20 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_EXIT)
 
 
+def _ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM for the rest of the interpreter's exit: after the exit functions
+    Python puts back the default action of the signals it handles (death by the signal, status
+    143 for SIGTERM), but leaves an ignored one ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class GracefulInterrupt:
     """Context manager; ``requested`` becomes true on the first SIGINT or SIGTERM, and the second one
     raises :class:`StopNow`. Once a stop was requested, leaving the context does not restore the
     default handlers: a signal during what follows (writing the state, closing the process group
-    and the loaders, the interpreter's exit) ends the process at once with one line and status 130."""
+    and the loaders, the exit functions) ends the process at once with one line and status 130, and
+    one during the rest of the interpreter's exit is ignored, so the status stays 130."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -54,6 +64,9 @@ class GracefulInterrupt:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, _exit_at_once if self.requested else handler)
+        if self.requested:
+            atexit.unregister(_ignore_stop_signals)  # once, however many runs this process stopped
+            atexit.register(_ignore_stop_signals)
 
 
 def check_stop(stop, phase: str) -> None:

@@ -32,7 +32,7 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
         return math.nan
     target = scores.gather(1, targets.unsqueeze(1))
     rivals = (scores >= target).sum(1) - 1
-    return 100.0 * (rivals < k).float().mean().item()
+    return 100.0 * int((rivals < k).sum()) / len(targets)
 
 
 def _log_weight(weight: float) -> float:
@@ -64,9 +64,9 @@ def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int, 
 
 def prior_curve(scores: torch.Tensor, targets: torch.Tensor, num_base: int,
                 temperatures: tuple[float, ...] = TEMPERATURE_GRID,
-                grid: tuple[float, ...] = PRIOR_GRID) -> list[list[dict[int, float]]]:
-    """``all_prior`` top-1 and top-5 accuracy ``{k: %}`` (as :func:`topk_accuracy` counts them) for each
-    temperature (outer list) and ``mu`` (inner list). The prior adds one constant to each part, so
+                grid: tuple[float, ...] = PRIOR_GRID) -> list[list[dict[int, int]]]:
+    """``all_prior`` top-1 and top-5 hits ``{k: test images}`` (as :func:`topk_accuracy` counts them, exact
+    integers) for each temperature (outer list) and ``mu`` (inner list). The prior adds one constant to each part, so
     whether fewer than k rivals reach the target is decided by each part's own k highest: those
     ``[M, 2k]`` candidates are compared once per ``mu``."""
     k = max(TOPK)
@@ -83,16 +83,17 @@ def prior_curve(scores: torch.Tensor, targets: torch.Tensor, num_base: int,
             shift = torch.where(is_novel, _log_weight(mu), _log_weight(1 - mu))
             candidates = torch.cat([top_base.values + _log_weight(1 - mu), top_novel.values + _log_weight(mu)], 1)
             rivals = ((candidates >= target + shift) & ~own).sum(1)
-            curve.append({top: 100.0 * (rivals < top).float().mean().item() for top in TOPK})
+            curve.append({top: int((rivals < top).sum()) for top in TOPK})
         curves.append(curve)
     return curves
 
 
-def best_prior(curves: list[list[list[dict[int, float]]]], temperatures: tuple[float, ...] = TEMPERATURE_GRID,
+def best_prior(curves: list[list[list[dict[int, int]]]], temperatures: tuple[float, ...] = TEMPERATURE_GRID,
                grid: tuple[float, ...] = PRIOR_GRID) -> tuple[float, float]:
-    """The ``(temperature, mu)`` of the grids with the highest mean top-5 over ``curves`` (one
-    :func:`prior_curve` per trial); on ties the smallest temperature, then the smallest ``mu``."""
+    """The ``(temperature, mu)`` of the grids with the most top-5 hits summed over ``curves`` (one
+    :func:`prior_curve` per trial, all on the same test images: the best mean top-5 accuracy), compared
+    as exact counts; on ties the smallest temperature, then the smallest ``mu``."""
     candidates = [(t, m) for t in range(len(temperatures)) for m in range(len(grid))]
-    means = {(t, m): sum(curve[t][m][5] for curve in curves) / len(curves) for t, m in candidates}
-    t, m = max(candidates, key=lambda c: (means[c], -c[0], -c[1]))
+    hits = {(t, m): sum(curve[t][m][5] for curve in curves) for t, m in candidates}
+    t, m = max(candidates, key=lambda c: (hits[c], -c[0], -c[1]))
     return temperatures[t], grid[m]
