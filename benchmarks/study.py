@@ -195,23 +195,26 @@ def table(summary: dict, variants: list[Variant], seeds: list[int]) -> str:
             ("weight mean", "weight_mean", 3), ("weight spread (std)", "weight_std", 3), ("scale", "scale", 4),
             ("prototype loss", "proto_loss", 3), ("same-class gallery picks", "gallery_same_class", 3)]
     names = [v.name for v in variants]
-    lines = [f"{len(seeds)} seeds ({' '.join(map(str, seeds))}); mean +- 95 % t half-interval over the seeds; "
-             "accuracies and gains in points",
+    lines = [f"{len(seeds)} seed(s) ({' '.join(map(str, seeds))}); mean +- 95 % t half-interval over the seeds "
+             "(none for one seed); accuracies and gains in points",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key, digits in rows:
         cells = []
         for n in names:
             s = summary["variants"][n][key]
-            mark = " *" if key.endswith("gain") and s["excludes_zero"] else ""
-            cells.append(f"{s['mean']:+.{digits}f} +- {s['half_width_95']:.{digits}f}{mark}" if key.endswith("gain")
-                         else f"{s['mean']:.{digits}g} +- {s['half_width_95']:.{digits}g}" if key == "scale"
-                         else f"{s['mean']:.{digits}f} +- {s['half_width_95']:.{digits}f}")
+            form = ("+." if key.endswith("gain") else ".") + f"{digits}{'g' if key == 'scale' else 'f'}"
+            text = format(s["mean"], form)
+            if len(seeds) > 1:
+                text += f" +- {format(s['half_width_95'], form.lstrip('+'))}" + (" *" if key.endswith("gain")
+                                                                                  and s["excludes_zero"] else "")
+            cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for n in names[1:]:
         d = summary["differences"][n]["test_last_gain"]
-        mark = " (exceeds noise)" if d["excludes_zero"] else " (within noise)"
+        text = f"{d['mean']:+.2f}" + ("" if len(seeds) < 2 else f" +- {d['half_width_95']:.2f}" + (
+            " (exceeds noise)" if d["excludes_zero"] else " (within noise)"))
         lines.append(f"| test gain (last weights), {n} - {names[0]} | " + " | ".join(
-            f"{d['mean']:+.2f} +- {d['half_width_95']:.2f}{mark}" if m == n else "" for m in names) + " |")
+            text if m == n else "" for m in names) + " |")
     lines.append("(* the gain's interval leaves out 0)")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,23 @@ RUNS_DIR = Path("runs")  # runs/<tensorname>/: args.json, metrics.csv, resume.pt
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically (a temporary file renamed over ``path``)."""
+    """Write ``data`` as indented JSON, atomically (a temporary file renamed over ``path``); a
+    non-finite float (an interval over one trial or seed) becomes null, since JSON has no NaN."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def csv_cell(value: Any) -> str:
