@@ -16,23 +16,32 @@ from pathlib import Path
 
 import torch
 
+from engine.options import add_image_size_flag
 from engine.timing import Timer
+from utils.options import (
+    HelpFormatter,
+    add_amp_flag,
+    add_dataroot_flag,
+    add_device_flag,
+    add_seed_flag,
+    add_threads_flag,
+)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The flags both benchmarks have."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataroot", default=None, help="dataset root; default: a generated toy dataset")
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_dataroot_flag(p, None, "dataset root (default: a generated toy dataset)")
     p.add_argument("--toyDir", default=None, help="generate the toy dataset here, reuse it on later runs")
     p.add_argument("--toySize", type=int, default=None, help="toy image side (default: ceil(imageSize*256/224))")
-    p.add_argument("--imageSize", type=int, default=224)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    add_image_size_flag(p, use="")
+    add_device_flag(p)
+    add_amp_flag(p)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed block")
-    p.add_argument("--nthreads", type=int, default=4, help="DataLoader workers (and gallery decode threads)")
+    add_threads_flag(p, 4, use="DataLoader workers (and gallery decode threads)")
     p.add_argument("--torchThreads", type=int, default=None, help="torch.set_num_threads in this process")
     p.add_argument("--pssInterval", type=float, default=2.0, help="seconds between worker memory samples (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_flag(p, "the model and the data draws")
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     return p
 

@@ -1,7 +1,7 @@
 """Benchmark of stage-2 episodes (docs/original.md §4.5): the engine's training and test loops vs their compute floor.
 
     python benchmarks/episode.py --imageSize 84 --shots 1
-    python benchmarks/episode.py --device cuda --amp --episodes 50
+    python benchmarks/episode.py --device cuda --amp 1 --episodes 50
 
 Per round: ``engine.stage2.train_one_epoch`` (train loop), ``train_one_epoch`` over one episode already on
 the device (train floor), ``evaluate`` (test loop), ``run_episode`` on one test episode (test floor),
@@ -28,7 +28,7 @@ from datasets import Gallery
 from datasets.loaders import episode_loader
 from engine import stage2
 from engine.episode import GalleryBank, run_episode
-from engine.options import resolve_stage2_args, stage2_parser
+from engine.options import add_batch_flag, add_deform_net_flag, add_gallery_flags, resolve_stage2_args, stage2_parser
 from models import IDeMeNet
 from utils.forward import grad_scaler, layout_model
 from utils.interrupt import Interrupted
@@ -44,12 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--ways", type=int, default=5, help="classes per training and test episode")
     p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
-    p.add_argument("--augnum", type=int, default=None, help="7 for 1-shot, 5 otherwise")
-    p.add_argument("--chooseNum", type=int, default=None, help="15 for 1-shot, 30 otherwise")
-    p.add_argument("--galleryNum", type=int, default=30)
+    add_gallery_flags(p)
     p.add_argument("--fixCls", type=int, default=1, choices=(0, 1), help="1: frozen embedding (round 1); 0: trained")
-    p.add_argument("--deformNet", default="small", choices=("small", "twobranch"))
-    p.add_argument("--batchSize", type=int, default=None, help="forward chunk (default: 128 on CUDA, 16 on the CPU)")
+    add_deform_net_flag(p)
+    add_batch_flag(p)
     p.add_argument("--episodes", type=int, default=5, help="timed training episodes")
     p.add_argument("--testEpisodes", type=int, default=None, help="timed test episodes (default: --episodes)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the (loop, floor) blocks this many times")
@@ -64,7 +62,7 @@ def engine_args(a: argparse.Namespace, root: Path) -> tuple[argparse.Namespace, 
     """The namespace and device onlyBasetwoLoss.py resolves for the same flags (round 1 of the recipes)."""
     flags = {"dataroot": root, "tensorname": "benchmark", "network": "random-init", "imageSize": a.imageSize,
              "shots": a.shots, "ways": a.ways, "trainways": a.ways, "test_num": a.queries, "galleryNum": a.galleryNum,
-             "fixCls": a.fixCls, "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed, "amp": int(a.amp),
+             "fixCls": a.fixCls, "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed, "amp": a.amp,
              "progress": 0, "augnum": a.augnum, "chooseNum": a.chooseNum, "device": a.device, "batchSize": a.batchSize}
     args = stage2_parser().parse_args([f for k, v in flags.items() if v is not None for f in (f"--{k}", str(v))])
     device = resolve_device(args)

@@ -48,13 +48,14 @@ import torch  # noqa: E402
 from datasets import emoji, toy  # noqa: E402
 from datasets.splits import read_split  # noqa: E402
 from engine.fewshot import evaluate_embedding  # noqa: E402
+from engine.options import add_image_size_flag  # noqa: E402
 from engine.precise_bn import clean_files, reestimate  # noqa: E402
 from models import load_embedding  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
 from utils.files import read_csv, write_csv, write_json  # noqa: E402
 from utils.forward import layout_model  # noqa: E402
 from utils.metrics import mean_t_ci95  # noqa: E402
-from utils.options import run_cli  # noqa: E402
+from utils.options import HelpFormatter, add_device_flag, add_threads_flag, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATORS = {"toy": (toy.generate, 30), "emoji": (emoji.generate, 60)}  # --data -> (generator, images per class)
@@ -93,7 +94,7 @@ def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
     p.add_argument("--data", default="toy", help="toy, emoji (generated in --workdir) or a dataset root")
     p.add_argument("--perClass", type=int, default=None, help="generated images per class (toy 30, emoji 60)")
     p.add_argument("--dataSize", type=int, default=None, help="generated image side (default: ceil(imageSize*256/224))")
-    p.add_argument("--imageSize", type=int, default=32)
+    add_image_size_flag(p, 32, "of both stages' runs")
     p.add_argument("--s1Epochs", type=int, default=4, help="stage-1 epochs")
     p.add_argument("--s1Files", type=int, default=20, help="stage 1's --filesPerClass")
     p.add_argument("--s1Batch", type=int, default=64, help="stage 1's --batchSize (also the re-estimation's batch)")
@@ -102,8 +103,8 @@ def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
     p.add_argument("--s2Val", type=int, default=50, help="stage-2 val episodes per epoch (selection)")
     p.add_argument("--s2Test", type=int, default=300, help="stage-2 test episodes")
     p.add_argument("--galleryNum", type=int, default=10, help="stage 2's --galleryNum")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--nthreads", type=int, default=2, help="loader workers of the scripts and the evaluation")
+    add_device_flag(p)
+    add_threads_flag(p, 2, use="loader workers of the scripts and the evaluation")
 
 
 def check_run_args(a: argparse.Namespace) -> list[Variant]:
@@ -122,8 +123,7 @@ def check_run_args(a: argparse.Namespace) -> list[Variant]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_run_args(p, "NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: one variant 'default:')")
     p.add_argument("--evalEpisodes", type=int, default=300, help="episodes of each stage-1 evaluation")
     p.add_argument("--preciseImages", type=int, default=1024, help="clean training images of the re-estimation")

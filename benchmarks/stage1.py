@@ -1,7 +1,7 @@
 """Benchmark of stage 1 (docs/original.md §3): images/s of the engine's training epoch with data loading vs preloaded.
 
     python benchmarks/stage1.py --imageSize 84 --batchSize 64 --steps 10
-    python benchmarks/stage1.py --device cuda --amp --steps 30
+    python benchmarks/stage1.py --device cuda --amp 1 --steps 30
 
 ``engine.stage1.train_one_epoch`` over --warmup + --steps batches of ``load_data``'s DataLoader
 (loader), then over the same batches from memory (preloaded), reporting its sections to a
@@ -26,7 +26,7 @@ from torch import nn
 from benchmarks import common
 from engine import stage1
 from engine.fewshot import evaluate_embedding
-from engine.options import stage1_parser
+from engine.options import add_batch_flag, stage1_parser
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
@@ -39,7 +39,7 @@ ROWS = ["data_wait", "prepare", "forward", "backward", "optimizer", "bookkeeping
 def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("Stage-1 benchmark: images/s with vs without data loading")
     p.add_argument("--toyPerClass", type=int, default=30, help="toy images per class")
-    p.add_argument("--batchSize", type=int, default=128)
+    add_batch_flag(p, 128, "images per training step, as stage 1's --batchSize")
     p.add_argument("--filesPerClass", type=int, default=500)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--monitorEpisodes", type=int, default=30,
@@ -71,7 +71,7 @@ class Keeping:
 def main(a: argparse.Namespace) -> None:
     env, root, toy_s, holder = common.setup(a, a.toyPerClass)
     flags = {"dataroot": root, "tensorname": "benchmark", "imageSize": a.imageSize, "batchSize": a.batchSize,
-             "filesPerClass": a.filesPerClass, "nthreads": a.nthreads, "seed": a.seed, "amp": int(a.amp),
+             "filesPerClass": a.filesPerClass, "nthreads": a.nthreads, "seed": a.seed, "amp": a.amp,
              "progress": 0, "valEpisodes": 0, "device": a.device}
     args = stage1_parser().parse_args([f for k, v in flags.items() if v is not None for f in (f"--{k}", str(v))])
     device, info, need = resolve_device(args), DistInfo(), a.warmup + a.steps

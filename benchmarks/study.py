@@ -56,7 +56,7 @@ from benchmarks.outcome import (  # noqa: E402
 )
 from utils.files import read_csv, write_csv, write_json  # noqa: E402
 from utils.metrics import mean_t_ci95  # noqa: E402
-from utils.options import run_cli  # noqa: E402
+from utils.options import HelpFormatter, run_cli  # noqa: E402
 
 # Per-epoch columns of a stage-2 metrics.csv the curves keep, by the study's name.
 CURVE_COLUMNS = {"val_acc": "select_acc", "val_plain": "select_plain_acc", "weight_mean": "weight_mean",
@@ -71,8 +71,7 @@ END_METRICS = ["val_gain", "val_acc", "val_plain", "weight_mean", "weight_std", 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_run_args(p, "NAME[@REVISION]:FLAGS, stage-2 flags, repeated; the first is the baseline of the paired "
                  "differences (default: one variant 'default:')")
     p.add_argument("--s1Flags", default="", help="extra flags of every stage-1 run (one network per seed)")

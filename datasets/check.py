@@ -15,6 +15,7 @@ import sys
 from datasets.images import bad_images
 from datasets.splits import SPLITS, class_list, detect_layout, read_split
 from utils.errors import DataError
+from utils.options import add_dataroot_flag, add_threads_flag
 
 EXPECTED = {"train": 64, "val": 16, "test": 20}
 IMAGES_PER_CLASS = 600
@@ -49,12 +50,16 @@ def check(dataroot: str, full: bool, workers: int) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Check a miniImageNet folder (any accepted layout)")
-    parser.add_argument("--dataroot", required=True, help="dataset root")
+    add_dataroot_flag(parser, None, required=True)
     parser.add_argument("--full", action="store_true", help="also open every image (finds truncated files)")
-    parser.add_argument("--nthreads", type=int, default=8, help="threads for --full")
-    args = parser.parse_args(argv)
+    add_threads_flag(parser, 8, use="image-decoding threads of --full")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     try:
         return check(args.dataroot, args.full, args.nthreads)
     except DataError as exc:

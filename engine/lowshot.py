@@ -25,6 +25,7 @@ from datasets.loaders import image_loader
 from datasets.seeding import item_rng
 from datasets.transforms import prepare_images
 from engine.episode import EpisodeConfig, GalleryBank, deform_support, select_gallery
+from engine.options import shot_defaults
 from models.idemenet import IDeMeNet
 from models.protonet import prototypes
 from utils.checkpoint import atomic_save, safe_load
@@ -350,9 +351,10 @@ def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict
 
 def lowshot_config(args: argparse.Namespace, shots: int, ways: int) -> EpisodeConfig:
     """The deformation settings for n = ``shots``: ``--augnum``/``--chooseNum``, or stage 2's
-    defaults for that number of shots (7 and 15 for one, 5 and 30 otherwise)."""
-    augnum = args.augnum if args.augnum is not None else (7 if shots == 1 else 5)
-    choose = args.chooseNum if args.chooseNum is not None else (15 if shots == 1 else 30)
+    defaults for that number of shots (:func:`engine.options.shot_defaults`)."""
+    augnum, choose = shot_defaults(shots)
+    augnum = augnum if args.augnum is None else args.augnum
+    choose = choose if args.chooseNum is None else args.chooseNum
     return EpisodeConfig(ways, augnum, choose, args.deform, args.gallerySelect, "none", args.batchSize, bool(args.amp))
 
 

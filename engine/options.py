@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import torch
 
@@ -13,45 +12,126 @@ from engine.episode import DEFORM_MODES, GALLERY_BN, GALLERY_EXCLUDE, GALLERY_MO
 from models import BACKBONES, DEFAULT_BACKBONE, DEFORM_NETS
 from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
-from utils.options import HelpFormatter, check_positive
+from utils.options import (
+    HelpFormatter,
+    add_amp_flag,
+    add_dataroot_flag,
+    add_device_flag,
+    add_progress_flag,
+    add_seed_flag,
+    add_threads_flag,
+    check_positive,
+)
 
 CUDA_CHUNK, CPU_CHUNK = 128, 16  # stage 2's default --batchSize per device
 CHUNK_HELP = (f"images per forward chunk; smaller chunks need less memory and run faster on the CPU "
               f"(default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
-DEFAULT_THREADS = min(4, os.cpu_count() or 1)
-THREADS_HELP = "DataLoader workers and image-decoding threads (default: 4, or the CPU count when smaller)"
-DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
-PROGRESS_HELP = "show progress bars (default: 1 when stderr is a terminal, else 0)"
-AMP_HELP = ("mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
-            "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
+# The shot-dependent defaults of --augnum and --chooseNum: (1 shot, more shots).
+AUGNUM_DEFAULTS, CHOOSE_DEFAULTS = (7, 5), (15, 30)
 
 
-def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str) -> None:
-    """Flags both training scripts share (``--batchSize`` and ``--LR`` with each script's default and meaning)."""
-    parser.add_argument("--dataroot", default="data/miniImageNet",
-                        help="dataset root: images/ plus train/val/test.csv, "
-                        "images/ alone (classes from datasplit/), or <split>/<wnid>/ folders")
-    parser.add_argument("--lowshotmeta", default=None,
-                        help="label_idx.json of the ImageNet-1K low-shot benchmark: --dataroot then holds ILSVRC-2012 "
-                        "train/ and val/ class folders; training uses the 389 base classes, val the validation "
-                        "setup's novel classes and test the test setup's (ILSVRC val images)")
-    parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels (84 and 224 are usual)")
+def shot_defaults(shots: int) -> tuple[int, int]:
+    """``(augnum, chooseNum)`` by default for ``shots`` support images per class (stage 2, low-shot n)."""
+    more = int(shots != 1)
+    return AUGNUM_DEFAULTS[more], CHOOSE_DEFAULTS[more]
+
+
+# --- flags declared once (with utils.options' device, threads, amp, seed, dataroot, progress) -----
+
+def add_image_size_flag(parser: argparse.ArgumentParser, default: int | None = 224,
+                        use: str = "(84 and 224 are usual)") -> None:
+    """``--imageSize`` (required when ``default`` is None); ``use`` says what it sets in the script."""
+    parser.add_argument("--imageSize", type=int, default=default, required=default is None,
+                        help=f"image side S in pixels {use}".rstrip())
+
+
+def add_batch_flag(parser: argparse.ArgumentParser, default: int | None = None, use: str = CHUNK_HELP) -> None:
+    """``--batchSize``: by default the forward chunk, resolved by the device (:func:`resolve_chunk`)."""
+    parser.add_argument("--batchSize", type=int, default=default, help=use)
+
+
+def resolve_chunk(args: argparse.Namespace, device: torch.device) -> None:
+    """The device-dependent default of the forward chunk (:func:`add_batch_flag`)."""
+    if args.batchSize is None:
+        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+
+
+def add_lowshotmeta_flag(parser: argparse.ArgumentParser, required: bool = False,
+                         use: str = "--dataroot then holds ILSVRC-2012 train/ and val/ class folders") -> None:
+    """``--lowshotmeta``, the ImageNet-1K low-shot benchmark's class split."""
+    parser.add_argument("--lowshotmeta", default=None, required=required,
+                        help=f"label_idx.json of the ImageNet-1K low-shot benchmark: {use}")
+
+
+def add_network_flag(parser: argparse.ArgumentParser, use: str) -> None:
+    """``--network``, a stage-1 checkpoint; ``use`` says what for."""
+    parser.add_argument("--network", default="None", help=f"stage-1 checkpoint (models/<name>.t7) {use}")
+
+
+def add_gnet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--GNet", default="None",
+                        help="stage-2 checkpoint (models/<name>.t7; ours or the authors' metaNet_*shot.t7)")
+
+
+def add_fang_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
-    parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
-    parser.add_argument("--network", default="None",
-                        help="stage-1 checkpoint to start from (models/<name>.t7), or None")
-    parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
-    parser.add_argument("--batchSize", type=int, default=batch_default, help=batch_help)
-    parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
-    parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
+    """Workers, device, seed, precision and CUDA kernels: what both stages and the low-shot evaluation share."""
+    add_threads_flag(parser, at_most=4)
+    add_device_flag(parser)
+    add_seed_flag(parser, seed_of)
+    add_amp_flag(parser)
     parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
                         help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
                         "cuBLAS workspace)")
     parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
                         help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
                         "matrix products stay in full float32)")
+
+
+def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image", one: str = "1-shot") -> None:
+    """``--augnum``, ``--chooseNum`` (defaults by the shots, :func:`shot_defaults`, stated with ``one``
+    for one shot) and ``--galleryNum``."""
+    parser.add_argument("--augnum", type=int, default=None,
+                        help=f"deformed copies per {per} (default: {AUGNUM_DEFAULTS[0]} for {one}, "
+                        f"{AUGNUM_DEFAULTS[1]} otherwise)")
+    parser.add_argument("--chooseNum", type=int, default=None,
+                        help=f"nearest gallery images per class (default: {CHOOSE_DEFAULTS[0]} for {one}, "
+                        f"{CHOOSE_DEFAULTS[1]} otherwise)")
+    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
+
+
+def add_deform_net_flag(parser: argparse.ArgumentParser, use: str = "") -> None:
+    parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
+                        help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
+                        f"twobranch, the paper's two ResNet branches (of the embedding's backbone){use}")
+
+
+def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
+    """``--deform`` and ``--gallerySelect``."""
+    parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
+                        help="ablation: learned weights (the stage-2 network), random U(0,1) weights per cell, or "
+                        "none, no deformed images (prototypes only)")
+    parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
+                        help="ablation: gallery images from each class's chooseNum nearest, or uniform over the "
+                        "gallery")
+
+
+def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str) -> None:
+    """Flags both training scripts share (``--batchSize`` and ``--LR`` with each script's default and meaning)."""
+    add_dataroot_flag(parser)
+    add_lowshotmeta_flag(parser, use="--dataroot then holds ILSVRC-2012 train/ and val/ class folders; training "
+                         "uses the 389 base classes, val the validation setup's novel classes and test the test "
+                         "setup's (ILSVRC val images)")
+    add_image_size_flag(parser)
+    add_fang_flag(parser)
+    parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
+    add_network_flag(parser, "to start from, or None")
+    parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
+    add_batch_flag(parser, batch_default, batch_help)
+    add_runtime_flags(parser, "every random draw of the run")
     parser.add_argument("--memoryFormat", default=DEFAULT_MEMORY_FORMAT, choices=tuple(MEMORY_FORMATS),
                         help="memory layout of images and convolution weights (float rounding only; see "
                         "docs/outcome.md)")
@@ -59,7 +139,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, 
     parser.add_argument("--overwrite", action="store_true", help="start anew even if runs/<tensorname>/ holds a run")
     parser.add_argument("--skipBadImages", action="store_true",
                         help="leave unreadable or truncated images out (reported) instead of stopping")
-    parser.add_argument("--progress", type=int, default=None, choices=(0, 1), help=PROGRESS_HELP)
+    add_progress_flag(parser)
 
 
 def stage1_parser() -> argparse.ArgumentParser:
@@ -107,16 +187,12 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
                                      formatter_class=HelpFormatter)
     add_common_args(parser, None, CHUNK_HELP, "learning rate of the deformation sub-network and of the scale")
-    parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (ours or the authors' metaNet_*shot.t7)")
+    add_gnet_flag(parser)
     parser.add_argument("--shots", type=int, default=1, help="support images per class")
     parser.add_argument("--ways", type=int, default=5, help="classes per val/test episode")
     parser.add_argument("--trainways", type=int, default=5, help="classes per training episode")
     parser.add_argument("--test_num", type=int, default=15, help="query images per class")
-    parser.add_argument("--augnum", type=int, default=None,
-                        help="deformed copies per support image (default: 7 for 1-shot, 5 otherwise)")
-    parser.add_argument("--chooseNum", type=int, default=None,
-                        help="nearest gallery images per class (default: 15 for 1-shot, 30 otherwise)")
-    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
+    add_gallery_flags(parser)
     parser.add_argument("--epoch", type=int, default=600, help="training episodes per epoch")
     parser.add_argument("--numEpochs", type=int, default=120, help="training epochs")
     parser.add_argument("--clsLR", type=float, default=1e-3,
@@ -130,13 +206,8 @@ def stage2_parser() -> argparse.ArgumentParser:
                         "first training episode's queries of the standard deviation of their squared distances to the "
                         "plain prototypes, so that each query's logits start with unit spread; a resume key (default: "
                         "the checkpoint's, 1 from a stage-1 --network as in the original)")
-    parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
-                        help="deformation sub-network (models.deformation.DEFORM_NETS): small, the released encoder; "
-                        "twobranch, the paper's two ResNet branches (of the embedding's backbone)")
-    parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
-                        help="ablation: learned weights, U(0,1) weights per cell, or no deformed images")
-    parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
-                        help="ablation: chooseNum nearest gallery images per class, or uniform over the gallery")
+    add_deform_net_flag(parser)
+    add_ablation_flags(parser)
     parser.add_argument("--galleryExclude", default="none", choices=GALLERY_EXCLUDE,
                         help="ablation: episode leaves the training episode's own classes out of the gallery "
                         "shortlists, so training sees what testing sees (none: the original)")
@@ -165,12 +236,10 @@ def stage2_parser() -> argparse.ArgumentParser:
 
 def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
     """Fill the shot- and device-dependent defaults and check the flags that need no data."""
-    if args.batchSize is None:
-        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
-    if args.augnum is None:
-        args.augnum = 7 if args.shots == 1 else 5
-    if args.chooseNum is None:
-        args.chooseNum = 15 if args.shots == 1 else 30
+    resolve_chunk(args, device)
+    augnum, choose_num = shot_defaults(args.shots)
+    args.augnum = augnum if args.augnum is None else args.augnum
+    args.chooseNum = choose_num if args.chooseNum is None else args.chooseNum
     check_positive(args, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
                    "chooseNum", "galleryNum", "epoch", "numEpochs", "valEpisodes", "testEpisodes")
     smallest = DEFORM_NETS[args.deformNet].min_image_size
@@ -199,51 +268,35 @@ def lowshot_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--imagenet", required=True, help="ILSVRC-2012 root holding train/<wnid>/ and val/<wnid>/ "
                         "(scripts/fold_imagenet_val.py makes val/ class folders)")
-    parser.add_argument("--lowshotmeta", required=True, help="the benchmark's class split, label_idx.json")
+    add_lowshotmeta_flag(parser, required=True, use="the benchmark's class split")
     parser.add_argument("--experimentpath", required=True,
                         help="the trials' split files, with {:d} for the trial: 'splitfile_{:d}.json'")
     parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels), which "
                         "the split files index; without it the list is rebuilt as each class's files sorted by name, "
                         "so the shots differ from the benchmark's (a warning says so)")
     parser.add_argument("--tensorname", required=True, help="name of the evaluation: runs/<name>/")
-    parser.add_argument("--GNet", default="None", help="stage-2 checkpoint (models/<name>.t7)")
-    parser.add_argument("--network", default="None", help="stage-1 checkpoint, for the baselines without a "
-                        "learned deformation (--deform none or random)")
+    add_gnet_flag(parser)
+    add_network_flag(parser, "for the baselines without a learned deformation (--deform none or random)")
     parser.add_argument("--testsetup", type=int, default=1, choices=(0, 1),
                         help="1: the test setup (novel_classes_2), after the validation setup that chooses the "
                         "prior; 0: the validation setup only")
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="trials (split files) to run")
     parser.add_argument("--lowshotn", type=int, nargs="+", default=[1, 2, 5, 10, 20],
                         help="novel examples per class, n")
-    parser.add_argument("--augnum", type=int, default=None,
-                        help="deformed copies per example (default: 7 for n = 1, 5 otherwise)")
-    parser.add_argument("--chooseNum", type=int, default=None,
-                        help="nearest gallery images per class (default: 15 for n = 1, 30 otherwise)")
-    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
-    parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
-                        help="learned (the stage-2 network), random U(0,1) weights, or none (prototypes only)")
-    parser.add_argument("--gallerySelect", default="nearest", choices=GALLERY_MODES,
-                        help="gallery images from each class's nearest chooseNum, or uniform over the gallery")
-    parser.add_argument("--deformNet", default="small", choices=tuple(DEFORM_NETS),
-                        help="deformation sub-network of the --GNet checkpoint")
-    parser.add_argument("--imageSize", type=int, default=224, help="image side S in pixels")
-    parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
-    parser.add_argument("--batchSize", type=int, default=None, help=CHUNK_HELP)
-    parser.add_argument("--nthreads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
-    parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the deformation draws")
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
-    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1), help="deterministic CUDA kernels")
-    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
-                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1)")
-    parser.add_argument("--progress", type=int, default=None, choices=(0, 1), help=PROGRESS_HELP)
+    add_gallery_flags(parser, per="example", one="n = 1")
+    add_ablation_flags(parser)
+    add_deform_net_flag(parser, "; the --GNet checkpoint's")
+    add_image_size_flag(parser)
+    add_fang_flag(parser)
+    add_batch_flag(parser)
+    add_runtime_flags(parser, "the deformation draws")
+    add_progress_flag(parser)
     return parser
 
 
 def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> None:
     """Fill the device-dependent default and check the flags that need no data."""
-    if args.batchSize is None:
-        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+    resolve_chunk(args, device)
     check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum")
     for flag in ("augnum", "chooseNum"):
         if getattr(args, flag) is not None:

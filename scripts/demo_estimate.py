@@ -30,21 +30,21 @@ from datasets.loaders import episode_loader  # noqa: E402
 from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
 from engine.features import FeatureCache  # noqa: E402
-from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
+from engine.options import add_image_size_flag, resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
 from models import IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.forward import compute_layout, layout_model  # noqa: E402
 from utils.interrupt import Interrupted  # noqa: E402
-from utils.options import run_cli  # noqa: E402
+from utils.options import add_dataroot_flag, add_threads_flag, run_cli  # noqa: E402
 
 SCRIPT_START_S = 4.0  # one script's start: importing torch, scanning the splits (measured on two cores)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataroot", required=True)
-    p.add_argument("--imageSize", type=int, required=True)
-    p.add_argument("--nthreads", type=int, default=2)
+    add_dataroot_flag(p, None, required=True)
+    add_image_size_flag(p, None, "of every run")
+    add_threads_flag(p, 2)
     p.add_argument("--stage1Epochs", type=int, required=True)
     p.add_argument("--stage1Batch", type=int, required=True)
     p.add_argument("--filesPerClass", type=int, required=True, help="stage 1's first files of each class")

@@ -57,13 +57,26 @@ from datasets.transforms import prepare_images  # noqa: E402
 from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
 from engine.features import FeatureCache  # noqa: E402
-from engine.options import resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
+from engine.options import (  # noqa: E402
+    add_batch_flag,
+    add_image_size_flag,
+    resolve_stage2_args,
+    stage1_parser,
+    stage2_parser,
+)
 from models import EmbeddingNet, IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo, run_distributed  # noqa: E402
 from utils.errors import InputError, OptionError, TrainingDiverged  # noqa: E402
 from utils.files import read_csv, write_json  # noqa: E402
 from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
-from utils.options import configure_backend, resolve_device, run_cli  # noqa: E402
+from utils.options import (  # noqa: E402
+    HelpFormatter,
+    add_device_flag,
+    add_threads_flag,
+    configure_backend,
+    resolve_device,
+    run_cli,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
@@ -74,16 +87,16 @@ PHASE_SHARES = {"stage1": 0.08, "stage2": 0.12, "rounds": 0.1, "torchrun": 0.15,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--imageSize", type=int, default=224, help="image side of every phase")
-    p.add_argument("--batchSize", type=int, default=None, help="stage 1's batch (default: 128; 16 with --quick)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add_device_flag(p)
+    add_image_size_flag(p, use="of every phase")
+    add_batch_flag(p, use="stage 1's batch (default: 128; 16 with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps and episodes, no outcome check (the dry run)")
     p.add_argument("--dataroot", default=None, help="toy dataset folder (generated there when it holds none; "
                    "default: <workdir>/toy)")
     p.add_argument("--workdir", default="runs/gpu_check", help="folder of the check's files")
     p.add_argument("--json", default="gpu_check.json", help="the report")
-    p.add_argument("--nthreads", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
+    add_threads_flag(p, at_most=8, use="loader workers")
     p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds the whole check may take (default: {BUDGET_S}; {QUICK_BUDGET_S} with --quick)")

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.errors import DataError, InputError  # noqa: E402  (the repository root is on the path only from here)
+from utils.options import add_threads_flag  # noqa: E402
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXPECTED_CLASSES: dict[str, int] = {"train": 64, "val": 16, "test": 20}
@@ -288,8 +289,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse the command line."""
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Build OUT_DIR/images/<wnid><8 digits>.jpg and the split CSVs "
         "of miniImageNet from an ILSVRC-2012 training folder."
@@ -303,9 +303,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=positive_int, default=None, metavar="N",
                         help="resize every image to N x N (LANCZOS); default keeps "
                         "the original size")
-    parser.add_argument("--nthreads", type=positive_int, default=os.cpu_count() or 1,
-                        metavar="K", help="parallel worker threads (default: CPU count)")
-    return parser.parse_args(argv)
+    add_threads_flag(parser, use="parallel worker threads", type=positive_int, metavar="K")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    return get_args_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,36 +19,44 @@ from utils.runtime import set_process_env  # noqa: E402
 set_process_env()  # before torch loads, as in the scripts
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 
 import torch  # noqa: E402
 
 from datasets.lowshot import read_stage_split  # noqa: E402
+from engine.options import add_batch_flag, add_image_size_flag, add_lowshotmeta_flag  # noqa: E402
 from engine.precise_bn import clean_files, reestimate  # noqa: E402
 from models import load_embedding  # noqa: E402
 from models.loading import with_embedding_statistics  # noqa: E402
 from utils.checkpoint import atomic_save, load_state_dict, resolve_checkpoint  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
 from utils.forward import layout_model  # noqa: E402
-from utils.options import check_positive, resolve_device, run_cli  # noqa: E402
+from utils.options import (  # noqa: E402
+    HelpFormatter,
+    add_dataroot_flag,
+    add_device_flag,
+    add_progress_flag,
+    add_seed_flag,
+    add_threads_flag,
+    check_positive,
+    resolve_device,
+    run_cli,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="models/<name>.t7 by name, or a path")
-    parser.add_argument("--dataroot", default="data/miniImageNet", help="dataset root (its train split is used)")
-    parser.add_argument("--lowshotmeta", default=None,
-                        help="label_idx.json: --dataroot is an ILSVRC tree (as in stage 1)")
-    parser.add_argument("--imageSize", type=int, default=224, help="image side S the checkpoint was trained at")
+    add_dataroot_flag(parser, use="dataset root (its train split is used)")
+    add_lowshotmeta_flag(parser, use="--dataroot is an ILSVRC tree (as in stage 1)")
+    add_image_size_flag(parser, use="the checkpoint was trained at")
     parser.add_argument("--images", type=int, default=1024, help="clean training images N (at least 2)")
     parser.add_argument("--filesPerClass", type=int, default=500, help="draw from each class's first files (0: all)")
-    parser.add_argument("--batchSize", type=int, default=128, help="images per batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image draw")
+    add_batch_flag(parser, 128, "images per batch")
+    add_seed_flag(parser, "the image draw")
     parser.add_argument("--out", default=None, help="file to write (default: <checkpoint>_preciseBN.t7 beside it)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--nthreads", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding workers")
-    parser.add_argument("--progress", type=int, default=1, choices=(0, 1), help="show a progress bar")
+    add_device_flag(parser)
+    add_threads_flag(parser, at_most=4, use="image-decoding workers")
+    add_progress_flag(parser, default=1)
     parser.set_defaults(amp=0)
     return parser
 

@@ -45,6 +45,62 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (required)" if shown == "required" else f"{text} (default: {shown})"
 
 
+# --- flags declared once ---------------------------------------------------------------------
+# Every script builds the flags it shares with others from these functions (engine.options adds the
+# engine's): one declaration and one help per flag, each script giving only its default and what the
+# flag does there.
+
+DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
+AMP_HELP = ("mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
+            "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
+PROGRESS_HELP = "show progress bars"
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (read by :func:`resolve_device`)."""
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_amp_flag(parser: argparse.ArgumentParser) -> None:
+    """``--amp`` 0/1 (checked by :func:`resolve_device`)."""
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None, at_most: int | None = None,
+                     use: str = "DataLoader workers and image-decoding threads", type: Callable[[str], int] = int,
+                     metavar: str | None = None) -> None:
+    """``--nthreads``: ``default``, or without one the CPU count (at most ``at_most``), stated in the help
+    as such; ``use`` says what the threads do in the script."""
+    if default is None:
+        count = os.cpu_count() or 1
+        default = count if at_most is None else min(at_most, count)
+        use += (" (default: the CPU count)" if at_most is None else
+                f" (default: {at_most}, or the CPU count when smaller)")
+    parser.add_argument("--nthreads", type=type, default=default, metavar=metavar, help=use)
+
+
+def add_seed_flag(parser: argparse.ArgumentParser, of: str = "every random draw of the run") -> None:
+    """``--seed``, the seed of ``of`` (read by :func:`configure_backend`)."""
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {of}")
+
+
+DATAROOT_HELP = ("dataset root: images/ plus train/val/test.csv, images/ alone (classes from datasplit/), or "
+                 "<split>/<wnid>/ folders")
+
+
+def add_dataroot_flag(parser: argparse.ArgumentParser, default: str | None = "data/miniImageNet",
+                      use: str = DATAROOT_HELP, required: bool = False) -> None:
+    """``--dataroot``: ``use`` says what the script reads there."""
+    parser.add_argument("--dataroot", default=default, required=required, help=use)
+
+
+def add_progress_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--progress`` 0/1; by default (None, resolved by :func:`run_cli`) bars only when stderr is a terminal."""
+    parser.add_argument("--progress", type=int, default=default, choices=(0, 1),
+                        help=PROGRESS_HELP + (" (default: 1 when stderr is a terminal, else 0)" if default is None
+                                              else ""))
+
+
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
