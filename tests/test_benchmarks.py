@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts_helpers import load_script
+from utils.options import run_cli
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32
 # one torch thread and one worker: quick and steady even on a busy two-core machine
@@ -70,6 +73,15 @@ def summary_of(results, script: str) -> dict:
 def timed_sections(column: dict[str, float], names: set[str]) -> None:
     """Every section in ``names`` ran (a positive median)."""
     assert all(column.get(name, 0) > 0 for name in names), (names, column)
+
+
+@pytest.mark.parametrize("script", ["episode.py", "stage1.py"])
+def test_amp_takes_0_or_1_as_in_the_scripts_and_1_needs_cuda(script: str, tmp_path: Path, capsys) -> None:
+    module = load_script(f"benchmarks/{script}")
+    parser = module.get_args_parser()
+    assert (parser.parse_args([]).amp, parser.parse_args(["--amp", "1"]).amp) == (0, 1)
+    assert run_cli(module.main, parser, ["--dataroot", str(tmp_path), "--amp", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: --amp 1 needs a CUDA device; --device is cpu\n"
 
 
 @pytest.mark.slow

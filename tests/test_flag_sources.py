@@ -1,0 +1,378 @@
+"""Every script keeps its flags (the contract: the snapshot below, recorded from each parser before the
+flags were declared once), and the flags every script shares are declared in one source line each."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets.check
+from engine.lowshot import lowshot_config
+from engine.options import lowshot_parser, resolve_stage2_args, stage2_parser
+from tests.scripts_helpers import load_script
+
+REPO = Path(__file__).resolve().parent.parent
+CPUS = 64  # the machine-dependent defaults (the CPU count, capped) as on a 64-CPU machine
+ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
+           argparse._AppendAction: "append"}
+
+# {script: {flag: (default, choices, required, type name, nargs, action)}}, recorded with os.cpu_count() = 64
+# from the parsers of commit 74368f7, before the flags were declared once.
+SNAPSHOT = {
+    "classification.py": {
+        "--dataroot": ("data/miniImageNet", None, False, None, None, "store"),
+        "--lowshotmeta": (None, None, False, None, None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--Fang": (3, None, False, "int", None, "store"),
+        "--tensorname": (None, None, True, None, None, "store"),
+        "--network": ("None", None, False, None, None, "store"),
+        "--LR": (0.001, None, False, "float", None, "store"),
+        "--batchSize": (128, None, False, "int", None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--amp": (0, (0, 1), False, "int", None, "store"),
+        "--deterministic": (0, (0, 1), False, "int", None, "store"),
+        "--tf32": (1, (0, 1), False, "int", None, "store"),
+        "--memoryFormat": ("channels_last", ("channels_last", "contiguous"), False, None, None, "store"),
+        "--resume": (False, None, False, None, 0, "store_true"),
+        "--overwrite": (False, None, False, None, 0, "store_true"),
+        "--skipBadImages": (False, None, False, None, 0, "store_true"),
+        "--progress": (None, (0, 1), False, "int", None, "store"),
+        "--numEpochs": (35, None, False, "int", None, "store"),
+        "--backbone": (None, ("resnet10", "resnet18", "resnet50"), False, None, None, "store"),
+        "--filesPerClass": (500, None, False, "int", None, "store"),
+        "--crop": ("tv02", ("tv02", "current"), False, None, None, "store"),
+        "--valEvery": (5, None, False, "int", None, "store"),
+        "--valEpisodes": (600, None, False, "int", None, "store"),
+        "--valQueries": (15, None, False, "int", None, "store"),
+        "--preciseBN": (0, None, False, "int", None, "store"),
+    },
+    "onlyBasetwoLoss.py": {
+        "--dataroot": ("data/miniImageNet", None, False, None, None, "store"),
+        "--lowshotmeta": (None, None, False, None, None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--Fang": (3, None, False, "int", None, "store"),
+        "--tensorname": (None, None, True, None, None, "store"),
+        "--network": ("None", None, False, None, None, "store"),
+        "--LR": (0.001, None, False, "float", None, "store"),
+        "--batchSize": (None, None, False, "int", None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--amp": (0, (0, 1), False, "int", None, "store"),
+        "--deterministic": (0, (0, 1), False, "int", None, "store"),
+        "--tf32": (1, (0, 1), False, "int", None, "store"),
+        "--memoryFormat": ("channels_last", ("channels_last", "contiguous"), False, None, None, "store"),
+        "--resume": (False, None, False, None, 0, "store_true"),
+        "--overwrite": (False, None, False, None, 0, "store_true"),
+        "--skipBadImages": (False, None, False, None, 0, "store_true"),
+        "--progress": (None, (0, 1), False, "int", None, "store"),
+        "--GNet": ("None", None, False, None, None, "store"),
+        "--shots": (1, None, False, "int", None, "store"),
+        "--ways": (5, None, False, "int", None, "store"),
+        "--trainways": (5, None, False, "int", None, "store"),
+        "--test_num": (15, None, False, "int", None, "store"),
+        "--augnum": (None, None, False, "int", None, "store"),
+        "--chooseNum": (None, None, False, "int", None, "store"),
+        "--galleryNum": (30, None, False, "int", None, "store"),
+        "--epoch": (600, None, False, "int", None, "store"),
+        "--numEpochs": (120, None, False, "int", None, "store"),
+        "--clsLR": (0.001, None, False, "float", None, "store"),
+        "--fixCls": (0, (0, 1), False, "int", None, "store"),
+        "--fixAttention": (0, (0, 1), False, "int", None, "store"),
+        "--fixScale": (0, (0, 1), False, "int", None, "store"),
+        "--scaleInit": (None, None, False, "scale_init", None, "store"),
+        "--deformNet": ("small", ("small", "twobranch"), False, None, None, "store"),
+        "--deform": ("learned", ("learned", "random", "none"), False, None, None, "store"),
+        "--gallerySelect": ("nearest", ("nearest", "random"), False, None, None, "store"),
+        "--galleryExclude": ("none", ("none", "episode"), False, None, None, "store"),
+        "--galleryBN": ("train", ("train", "eval"), False, None, None, "store"),
+        "--selectOn": ("val", ("val", "test"), False, None, None, "store"),
+        "--testWeights": ("kept", ("kept", "last"), False, None, None, "store"),
+        "--overlap": (0, (0, 1), False, "int", None, "store"),
+        "--valEpisodes": (600, None, False, "int", None, "store"),
+        "--dataParallel": (0, (0, 1), False, "int", None, "store"),
+        "--evaluate": (False, None, False, None, 0, "store_true"),
+        "--testEpisodes": (600, None, False, "int", None, "store"),
+    },
+    "lowshot_imagenet.py": {
+        "--imagenet": (None, None, True, None, None, "store"),
+        "--lowshotmeta": (None, None, True, None, None, "store"),
+        "--experimentpath": (None, None, True, None, None, "store"),
+        "--trainlist": (None, None, False, None, None, "store"),
+        "--tensorname": (None, None, True, None, None, "store"),
+        "--GNet": ("None", None, False, None, None, "store"),
+        "--network": ("None", None, False, None, None, "store"),
+        "--testsetup": (1, (0, 1), False, "int", None, "store"),
+        "--trials": ([1, 2, 3, 4, 5], None, False, "int", "+", "store"),
+        "--lowshotn": ([1, 2, 5, 10, 20], None, False, "int", "+", "store"),
+        "--augnum": (None, None, False, "int", None, "store"),
+        "--chooseNum": (None, None, False, "int", None, "store"),
+        "--galleryNum": (30, None, False, "int", None, "store"),
+        "--deform": ("learned", ("learned", "random", "none"), False, None, None, "store"),
+        "--gallerySelect": ("nearest", ("nearest", "random"), False, None, None, "store"),
+        "--deformNet": ("small", ("small", "twobranch"), False, None, None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--Fang": (3, None, False, "int", None, "store"),
+        "--batchSize": (None, None, False, "int", None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--amp": (0, (0, 1), False, "int", None, "store"),
+        "--deterministic": (0, (0, 1), False, "int", None, "store"),
+        "--tf32": (1, (0, 1), False, "int", None, "store"),
+        "--progress": (None, (0, 1), False, "int", None, "store"),
+    },
+    "benchmarks/episode.py": {
+        "--dataroot": (None, None, False, None, None, "store"),
+        "--toyDir": (None, None, False, None, None, "store"),
+        "--toySize": (None, None, False, "int", None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--amp": (False, None, False, None, 0, "store_true"),
+        "--warmup": (2, None, False, "int", None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--torchThreads": (None, None, False, "int", None, "store"),
+        "--pssInterval": (2.0, None, False, "float", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--json": (None, None, False, None, None, "store"),
+        "--shots": (1, None, False, "int", None, "store"),
+        "--ways": (5, None, False, "int", None, "store"),
+        "--queries": (15, None, False, "int", None, "store"),
+        "--augnum": (None, None, False, "int", None, "store"),
+        "--chooseNum": (None, None, False, "int", None, "store"),
+        "--galleryNum": (30, None, False, "int", None, "store"),
+        "--fixCls": (1, (0, 1), False, "int", None, "store"),
+        "--deformNet": ("small", ("small", "twobranch"), False, None, None, "store"),
+        "--batchSize": (None, None, False, "int", None, "store"),
+        "--episodes": (5, None, False, "int", None, "store"),
+        "--testEpisodes": (None, None, False, "int", None, "store"),
+        "--rounds": (1, None, False, "int", None, "store"),
+        "--skipTest": (False, None, False, None, 0, "store_true"),
+        "--passEpisodes": (30, None, False, "int", None, "store"),
+    },
+    "benchmarks/stage1.py": {
+        "--dataroot": (None, None, False, None, None, "store"),
+        "--toyDir": (None, None, False, None, None, "store"),
+        "--toySize": (None, None, False, "int", None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--amp": (False, None, False, None, 0, "store_true"),
+        "--warmup": (2, None, False, "int", None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--torchThreads": (None, None, False, "int", None, "store"),
+        "--pssInterval": (2.0, None, False, "float", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--json": (None, None, False, None, None, "store"),
+        "--toyPerClass": (30, None, False, "int", None, "store"),
+        "--batchSize": (128, None, False, "int", None, "store"),
+        "--filesPerClass": (500, None, False, "int", None, "store"),
+        "--steps": (5, None, False, "int", None, "store"),
+        "--monitorEpisodes": (30, None, False, "int", None, "store"),
+        "--monitorQueries": (15, None, False, "int", None, "store"),
+    },
+    "benchmarks/outcome.py": {
+        "--variant": ([], None, False, None, None, "append"),
+        "--seeds": ([0, 1, 2], None, False, "int", "+", "store"),
+        "--data": ("toy", None, False, None, None, "store"),
+        "--perClass": (None, None, False, "int", None, "store"),
+        "--dataSize": (None, None, False, "int", None, "store"),
+        "--imageSize": (32, None, False, "int", None, "store"),
+        "--s1Epochs": (4, None, False, "int", None, "store"),
+        "--s1Files": (20, None, False, "int", None, "store"),
+        "--s1Batch": (64, None, False, "int", None, "store"),
+        "--s2Epochs": (2, None, False, "int", None, "store"),
+        "--s2Episodes": (60, None, False, "int", None, "store"),
+        "--s2Val": (50, None, False, "int", None, "store"),
+        "--s2Test": (300, None, False, "int", None, "store"),
+        "--galleryNum": (10, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--nthreads": (2, None, False, "int", None, "store"),
+        "--evalEpisodes": (300, None, False, "int", None, "store"),
+        "--preciseImages": (1024, None, False, "int", None, "store"),
+        "--workdir": ("runs/outcome", None, False, None, None, "store"),
+        "--json": (None, None, False, None, None, "store"),
+    },
+    "benchmarks/study.py": {
+        "--variant": ([], None, False, None, None, "append"),
+        "--seeds": ([0, 1, 2], None, False, "int", "+", "store"),
+        "--data": ("toy", None, False, None, None, "store"),
+        "--perClass": (None, None, False, "int", None, "store"),
+        "--dataSize": (None, None, False, "int", None, "store"),
+        "--imageSize": (32, None, False, "int", None, "store"),
+        "--s1Epochs": (8, None, False, "int", None, "store"),
+        "--s1Files": (60, None, False, "int", None, "store"),
+        "--s1Batch": (64, None, False, "int", None, "store"),
+        "--s2Epochs": (10, None, False, "int", None, "store"),
+        "--s2Episodes": (200, None, False, "int", None, "store"),
+        "--s2Val": (100, None, False, "int", None, "store"),
+        "--s2Test": (300, None, False, "int", None, "store"),
+        "--galleryNum": (10, None, False, "int", None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--nthreads": (2, None, False, "int", None, "store"),
+        "--s1Flags": ("", None, False, None, None, "store"),
+        "--workdir": ("runs/study", None, False, None, None, "store"),
+        "--figure": (None, None, False, None, None, "store"),
+    },
+    "benchmarks/ops.py": {
+        "--dataroot": (None, None, False, None, None, "store"),
+        "--toyDir": (None, None, False, None, None, "store"),
+        "--toySize": (None, None, False, "int", None, "store"),
+        "--imageSize": (32, None, False, "int", None, "store"),
+        "--device": ("cpu", None, False, None, None, "store"),
+        "--amp": (False, None, False, None, 0, "store_true"),
+        "--warmup": (2, None, False, "int", None, "store"),
+        "--nthreads": (0, None, False, "int", None, "store"),
+        "--torchThreads": (None, None, False, "int", None, "store"),
+        "--pssInterval": (2.0, None, False, "float", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--json": (None, None, False, None, None, "store"),
+        "--shots": (1, None, False, "int", None, "store"),
+        "--ways": (5, None, False, "int", None, "store"),
+        "--queries": (15, None, False, "int", None, "store"),
+        "--augnum": (7, None, False, "int", None, "store"),
+        "--chooseNum": (15, None, False, "int", None, "store"),
+        "--galleryNum": (15, None, False, "int", None, "store"),
+        "--deformNet": ("small", ("small", "twobranch"), False, None, None, "store"),
+        "--batchSize": (None, None, False, "int", None, "store"),
+        "--short": (8, None, False, "int", None, "store"),
+        "--long": (24, None, False, "int", None, "store"),
+        "--top": (12, None, False, "int", None, "store"),
+    },
+    "scripts/gpu_check.py": {
+        "--device": (None, None, False, None, None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--batchSize": (None, None, False, "int", None, "store"),
+        "--quick": (False, None, False, None, 0, "store_true"),
+        "--dataroot": (None, None, False, None, None, "store"),
+        "--workdir": ("runs/gpu_check", None, False, None, None, "store"),
+        "--json": ("gpu_check.json", None, False, None, None, "store"),
+        "--nthreads": (8, None, False, "int", None, "store"),
+        "--outcomeSeeds": (2, None, False, "int", None, "store"),
+        "--budget": (None, None, False, "float", None, "store"),
+        "--distributedChecks": (None, (0, 1), False, "int", None, "store"),
+        "--worker": (None, ("stage1", "steps", "nan"), False, None, None, "store"),
+        "stage1Flags": (None, None, True, None, "*", "store"),
+    },
+    "scripts/precise_bn.py": {
+        "--checkpoint": (None, None, True, None, None, "store"),
+        "--dataroot": ("data/miniImageNet", None, False, None, None, "store"),
+        "--lowshotmeta": (None, None, False, None, None, "store"),
+        "--imageSize": (224, None, False, "int", None, "store"),
+        "--images": (1024, None, False, "int", None, "store"),
+        "--filesPerClass": (500, None, False, "int", None, "store"),
+        "--batchSize": (128, None, False, "int", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--out": (None, None, False, None, None, "store"),
+        "--device": (None, None, False, None, None, "store"),
+        "--nthreads": (4, None, False, "int", None, "store"),
+        "--progress": (1, (0, 1), False, "int", None, "store"),
+    },
+    "scripts/sweep.py": {
+        "--grid": ([], None, False, None, None, "append"),
+        "--jobs": (None, None, False, "int", None, "store"),
+        "--perGPU": (None, None, False, "int", None, "store"),
+        "--slurm": (False, None, False, None, 0, "store_true"),
+        "--dryRun": (False, None, False, None, 0, "store_true"),
+        "--partition": (None, None, False, None, None, "store"),
+        "--gpusPerTask": (None, None, False, "int", None, "store"),
+        "--gres": (None, None, False, None, None, "store"),
+        "--cpusPerTask": (None, None, False, "int", None, "store"),
+        "--mem": (None, None, False, None, None, "store"),
+        "--time": (None, None, False, None, None, "store"),
+        "--maxParallel": (None, None, False, "int", None, "store"),
+        "--runIndex": (None, None, False, "int", None, "store"),
+        "--summarize": (False, None, False, None, 0, "store_true"),
+    },
+    "scripts/demo_estimate.py": {
+        "--dataroot": (None, None, True, None, None, "store"),
+        "--imageSize": (None, None, True, "int", None, "store"),
+        "--nthreads": (2, None, False, "int", None, "store"),
+        "--stage1Epochs": (None, None, True, "int", None, "store"),
+        "--stage1Batch": (None, None, True, "int", None, "store"),
+        "--filesPerClass": (None, None, True, "int", None, "store"),
+        "--monitorEpisodes": (None, None, True, "int", None, "store"),
+        "--stage2Epochs": (None, None, True, "int", None, "store"),
+        "--episodes": (None, None, True, "int", None, "store"),
+        "--galleryNum": (None, None, True, "int", None, "store"),
+        "--valEpisodes": (None, None, True, "int", None, "store"),
+        "--testEpisodes": (None, None, True, "int", None, "store"),
+        "--evalEpisodes": (None, None, True, "int", None, "store"),
+    },
+    "datasets/check.py": {
+        "--dataroot": (None, None, True, None, None, "store"),
+        "--full": (False, None, False, None, 0, "store_true"),
+        "--nthreads": (8, None, False, "int", None, "store"),
+    },
+    "scripts/make_miniimagenet.py": {
+        "--imagenet": (None, None, True, "Path", None, "store"),
+        "--splits": (None, None, True, "Path", None, "store"),
+        "--out": (None, None, True, "Path", None, "store"),
+        "--size": (None, None, False, "positive_int", None, "store"),
+        "--nthreads": (64, None, False, "positive_int", None, "store"),
+    },
+}
+
+
+# What changed on purpose: the benchmarks' --amp was a switch; it takes 0/1 as everywhere else.
+AMP_01 = (0, (0, 1), False, "int", None, "store")
+CHANGED = {("benchmarks/episode.py", "--amp"): AMP_01, ("benchmarks/stage1.py", "--amp"): AMP_01,
+           ("benchmarks/ops.py", "--amp"): AMP_01}
+GETTERS = {"scripts/sweep.py": "get_parser"}
+
+
+def parser_of(script: str) -> argparse.ArgumentParser:
+    if script == "datasets/check.py":
+        return datasets.check.get_args_parser()
+    return getattr(load_script(script), GETTERS.get(script, "get_args_parser"))()
+
+
+def listing(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """``{flag: (default, choices, required, type name, nargs, action)}``; a positional by its name."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        key = action.option_strings[0] if action.option_strings else action.dest
+        assert action.option_strings in ([key], []) and action.dest == key.lstrip("-"), key
+        out[key] = (action.default, None if action.choices is None else tuple(action.choices), action.required,
+                    None if action.type is None else action.type.__name__, action.nargs,
+                    ACTIONS.get(type(action), type(action).__name__))
+    return out
+
+
+@pytest.mark.parametrize("script", list(SNAPSHOT))
+def test_every_flag_keeps_its_name_default_choices_and_type(script: str, monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: CPUS)
+    expected = {flag: CHANGED.get((script, flag), row) for flag, row in SNAPSHOT[script].items()}
+    assert listing(parser_of(script)) == expected
+
+
+def source_files() -> list[Path]:
+    """The repository's Python outside tests/."""
+    folders = ("utils", "datasets", "models", "engine", "scripts", "benchmarks")
+    return sorted(REPO.glob("*.py")) + sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("flag", ["--nthreads", "--imageSize", "--device"])
+def test_a_shared_flag_is_declared_in_one_source_line(flag: str) -> None:
+    declaration = re.compile(r"add_argument\(\s*[\"']" + re.escape(flag) + r"[\"']")
+    lines = [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, found.start()) + 1}"
+             for path in source_files() for text in [path.read_text()] for found in declaration.finditer(text)]
+    assert len(lines) == 1, lines
+
+
+@pytest.mark.parametrize("shots", [1, 2, 5])
+def test_stage_2_and_the_lowshot_evaluation_take_the_same_shot_defaults(shots: int) -> None:
+    stage2 = stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--shots", str(shots)])
+    resolve_stage2_args(stage2, torch.device("cpu"))
+    lowshot = lowshot_parser().parse_args(["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e",
+                                           "--tensorname", "t", "--GNet", "g", "--batchSize", "4"])
+    config = lowshot_config(lowshot, shots, 5)
+    assert (config.augnum, config.choose_num) == (stage2.augnum, stage2.chooseNum)
+    assert (stage2.augnum, stage2.chooseNum) == ((7, 15) if shots == 1 else (5, 30))  # the original's
