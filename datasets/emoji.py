@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from datasets.splits import SPLITS
-from datasets.toy import TEXTURES, jpeg_bytes, photometric_jitter, render_background, write_dataset
+from datasets.toy import TEXTURES, generator_parser, jpeg_bytes, photometric_jitter, render_background, write_dataset
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 GLYPH_SIZE = 109  # the font's bitmap strike: the only size it renders at
@@ -135,14 +135,14 @@ def generate(out: Path, per_class: int = 60, size: int = 96, seed: int = 0, font
     return write_dataset(Path(out), [(split, label(cp)) for split, cp in classes], render, FILENAME_RE, progress)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datasets.emoji", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--perClass", type=int, default=60, help="images per class")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the images")
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = generator_parser("python -m datasets.emoji", __doc__.splitlines()[0], per_class=60)
     parser.add_argument("--font", type=Path, default=FONT, help="Noto Color Emoji (CBDT) font file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         print(f"error: --out {args.out} exists and is not a directory", file=sys.stderr)
         return 2

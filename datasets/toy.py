@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datasets.splits import SPLITS, class_list
+from utils.options import HelpFormatter, add_seed_flag
 
 SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
 # Object hues in degrees (red, orange, yellow, green, cyan, blue, violet, magenta).
@@ -444,14 +445,23 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
     return {"classes": count, "images": count * (train_per_class + val_per_class)}
 
 
+def generator_parser(prog: str, description: str, per_class: int) -> argparse.ArgumentParser:
+    """The flags of the generated datasets' command lines (this one's and ``datasets.emoji``'s)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--perClass", type=int, default=per_class, help="images per class")
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
+    add_seed_flag(parser, "the images")
+    return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return generator_parser("python -m datasets.toy", __doc__.splitlines()[0], per_class=30)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: parse flags, validate them and generate the dataset."""
-    parser = argparse.ArgumentParser(prog="python -m datasets.toy", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--perClass", type=int, default=30, help="images per class (default 30)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     problem = validate(args.out, args.perClass, args.size, args.seed)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

@@ -268,7 +268,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--imagenet", required=True, help="ILSVRC-2012 root holding train/<wnid>/ and val/<wnid>/ "
                         "(scripts/fold_imagenet_val.py makes val/ class folders)")
-    add_lowshotmeta_flag(parser, required=True, use="the benchmark's class split")
+    add_lowshotmeta_flag(parser, required=True, use="its class split into base and novel classes")
     parser.add_argument("--experimentpath", required=True,
                         help="the trials' split files, with {:d} for the trial: 'splitfile_{:d}.json'")
     parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels), which "
@@ -285,7 +285,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
                         help="novel examples per class, n")
     add_gallery_flags(parser, per="example", one="n = 1")
     add_ablation_flags(parser)
-    add_deform_net_flag(parser, "; the --GNet checkpoint's")
+    add_deform_net_flag(parser, "; it must be the --GNet checkpoint's")
     add_image_size_flag(parser)
     add_fang_flag(parser)
     add_batch_flag(parser)

@@ -71,6 +71,7 @@ from utils.files import read_csv, write_json  # noqa: E402
 from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
 from utils.options import (  # noqa: E402
     HelpFormatter,
+    add_dataroot_flag,
     add_device_flag,
     add_threads_flag,
     configure_backend,
@@ -92,8 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_size_flag(p, use="of every phase")
     add_batch_flag(p, use="stage 1's batch (default: 128; 16 with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps and episodes, no outcome check (the dry run)")
-    p.add_argument("--dataroot", default=None, help="toy dataset folder (generated there when it holds none; "
-                   "default: <workdir>/toy)")
+    add_dataroot_flag(p, None, "toy dataset folder (generated there when it holds none; default: <workdir>/toy)")
     p.add_argument("--workdir", default="runs/gpu_check", help="folder of the check's files")
     p.add_argument("--json", default="gpu_check.json", help="the report")
     add_threads_flag(p, at_most=8, use="loader workers")

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import datasets.check
+import datasets.emoji
+import datasets.toy
 from engine.lowshot import lowshot_config
 from engine.options import lowshot_parser, resolve_stage2_args, stage2_parser
 from tests.scripts_helpers import load_script
@@ -316,6 +318,19 @@ SNAPSHOT = {
         "--size": (None, None, False, "positive_int", None, "store"),
         "--nthreads": (64, None, False, "positive_int", None, "store"),
     },
+    "datasets/toy.py": {
+        "--out": (None, None, True, "Path", None, "store"),
+        "--perClass": (30, None, False, "int", None, "store"),
+        "--size": (96, None, False, "int", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+    },
+    "datasets/emoji.py": {
+        "--out": (None, None, True, "Path", None, "store"),
+        "--perClass": (60, None, False, "int", None, "store"),
+        "--size": (96, None, False, "int", None, "store"),
+        "--seed": (0, None, False, "int", None, "store"),
+        "--font": (Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"), None, False, "Path", None, "store"),
+    },
 }
 
 
@@ -326,9 +341,13 @@ CHANGED = {("benchmarks/episode.py", "--amp"): AMP_01, ("benchmarks/stage1.py", 
 GETTERS = {"scripts/sweep.py": "get_parser"}
 
 
+MODULES = {"datasets/check.py": datasets.check, "datasets/toy.py": datasets.toy, "datasets/emoji.py": datasets.emoji}
+
+
 def parser_of(script: str) -> argparse.ArgumentParser:
-    if script == "datasets/check.py":
-        return datasets.check.get_args_parser()
+    """The script's parser (a module's run with ``python -m``)."""
+    if script in MODULES:
+        return MODULES[script].get_args_parser()
     return getattr(load_script(script), GETTERS.get(script, "get_args_parser"))()
 
 
