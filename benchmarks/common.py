@@ -41,7 +41,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     add_threads_flag(p, 4, use="DataLoader workers (and gallery decode threads)")
     p.add_argument("--torchThreads", type=int, default=None, help="torch.set_num_threads in this process")
     p.add_argument("--pssInterval", type=float, default=2.0, help="seconds between worker memory samples (0: none)")
-    add_seed_flag(p, "the model and the data draws")
+    add_seed_flag(p)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     return p
 

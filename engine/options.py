@@ -39,10 +39,13 @@ def shot_defaults(shots: int) -> tuple[int, int]:
 # --- flags declared once (with utils.options' device, threads, amp, seed, dataroot, progress) -----
 
 def add_image_size_flag(parser: argparse.ArgumentParser, default: int | None = 224,
-                        use: str = "(84 and 224 are usual)") -> None:
-    """``--imageSize`` (required when ``default`` is None); ``use`` says what it sets in the script."""
+                        use: str = "(84 and 224 are usual)", grid: bool = False) -> None:
+    """``--imageSize`` (required when ``default`` is None; ``use`` says what it sets in the script), and
+    with ``grid`` the patch grid's ``--Fang``."""
     parser.add_argument("--imageSize", type=int, default=default, required=default is None,
                         help=f"image side S in pixels {use}".rstrip())
+    if grid:
+        parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
 
 
 def add_batch_flag(parser: argparse.ArgumentParser, default: int | None = None, use: str = CHUNK_HELP) -> None:
@@ -71,10 +74,6 @@ def add_network_flag(parser: argparse.ArgumentParser, use: str) -> None:
 def add_gnet_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--GNet", default="None",
                         help="stage-2 checkpoint (models/<name>.t7; ours or the authors' metaNet_*shot.t7)")
-
-
-def add_fang_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--Fang", type=int, default=3, help="the patch grid is Fang x Fang")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
@@ -125,8 +124,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, 
     add_lowshotmeta_flag(parser, use="--dataroot then holds ILSVRC-2012 train/ and val/ class folders; training "
                          "uses the 389 base classes, val the validation setup's novel classes and test the test "
                          "setup's (ILSVRC val images)")
-    add_image_size_flag(parser)
-    add_fang_flag(parser)
+    add_image_size_flag(parser, grid=True)
     parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
     add_network_flag(parser, "to start from, or None")
     parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
@@ -286,8 +284,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
     add_gallery_flags(parser, per="example", one="n = 1")
     add_ablation_flags(parser)
     add_deform_net_flag(parser, "; it must be the --GNet checkpoint's")
-    add_image_size_flag(parser)
-    add_fang_flag(parser)
+    add_image_size_flag(parser, grid=True)
     add_batch_flag(parser)
     add_runtime_flags(parser, "the deformation draws")
     add_progress_flag(parser)
