@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from datasets import emoji, toy  # noqa: E402
 from datasets.splits import read_split  # noqa: E402
 from engine.fewshot import evaluate_embedding  # noqa: E402
-from engine.options import add_image_size_flag  # noqa: E402
+from engine.options import add_gallery_num_flag, add_image_size_flag  # noqa: E402
 from engine.precise_bn import clean_files, reestimate  # noqa: E402
 from models import load_embedding  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
@@ -102,7 +102,7 @@ def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
     p.add_argument("--s2Episodes", type=int, default=60, help="stage-2 training episodes per epoch")
     p.add_argument("--s2Val", type=int, default=50, help="stage-2 val episodes per epoch (selection)")
     p.add_argument("--s2Test", type=int, default=300, help="stage-2 test episodes")
-    p.add_argument("--galleryNum", type=int, default=10, help="stage 2's --galleryNum")
+    add_gallery_num_flag(p, 10, " of the stage-2 runs")
     add_device_flag(p)
     add_threads_flag(p, 2, use="loader workers of the scripts and the evaluation")
 

@@ -26,7 +26,7 @@ from torch import nn
 from benchmarks import common
 from engine import stage1
 from engine.fewshot import evaluate_embedding
-from engine.options import add_batch_flag, stage1_parser
+from engine.options import add_batch_flag, add_files_per_class_flag, stage1_parser
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("Stage-1 benchmark: images/s with vs without data loading")
     p.add_argument("--toyPerClass", type=int, default=30, help="toy images per class")
     add_batch_flag(p, 128, "images per training step, as stage 1's --batchSize")
-    p.add_argument("--filesPerClass", type=int, default=500)
+    add_files_per_class_flag(p, use=" by stage 1's loader")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--monitorEpisodes", type=int, default=30,
                    help="episodes of each val monitor pass (1- and 5-shot), cached against uncached (0: none); 30 on "

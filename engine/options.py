@@ -66,6 +66,10 @@ def add_lowshotmeta_flag(parser: argparse.ArgumentParser, required: bool = False
                         help=f"label_idx.json of the ImageNet-1K low-shot benchmark: {use}")
 
 
+def add_tensorname_flag(parser: argparse.ArgumentParser, of: str) -> None:
+    parser.add_argument("--tensorname", required=True, help=f"name of {of}")
+
+
 def add_network_flag(parser: argparse.ArgumentParser, use: str) -> None:
     """``--network``, a stage-1 checkpoint; ``use`` says what for."""
     parser.add_argument("--network", default="None", help=f"stage-1 checkpoint (models/<name>.t7) {use}")
@@ -99,7 +103,19 @@ def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image
     parser.add_argument("--chooseNum", type=int, default=None,
                         help=f"nearest gallery images per class (default: {CHOOSE_DEFAULTS[0]} for {one}, "
                         f"{CHOOSE_DEFAULTS[1]} otherwise)")
-    parser.add_argument("--galleryNum", type=int, default=30, help="gallery images per base class")
+    add_gallery_num_flag(parser)
+
+
+def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = 30, use: str = "") -> None:
+    """``--galleryNum`` (required when ``default`` is None)."""
+    parser.add_argument("--galleryNum", type=int, default=default, required=default is None,
+                        help=f"gallery images per base class{use}")
+
+
+def add_files_per_class_flag(parser: argparse.ArgumentParser, default: int | None = 500, use: str = "") -> None:
+    """``--filesPerClass``, stage 1's training files (required when ``default`` is None)."""
+    parser.add_argument("--filesPerClass", type=int, default=default, required=default is None,
+                        help=f"first files of each base class used{use} (0: every file)")
 
 
 def add_deform_net_flag(parser: argparse.ArgumentParser, use: str = "") -> None:
@@ -118,16 +134,20 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
                         "gallery")
 
 
-def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str) -> None:
-    """Flags both training scripts share (``--batchSize`` and ``--LR`` with each script's default and meaning)."""
+def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str,
+                    epochs: int, val_help: str) -> None:
+    """Flags both training scripts share (``--batchSize``, ``--LR``, ``--numEpochs`` and ``--valEpisodes``
+    with each script's default and meaning)."""
     add_dataroot_flag(parser)
     add_lowshotmeta_flag(parser, use="--dataroot then holds ILSVRC-2012 train/ and val/ class folders; training "
                          "uses the 389 base classes, val the validation setup's novel classes and test the test "
                          "setup's (ILSVRC val images)")
     add_image_size_flag(parser, grid=True)
-    parser.add_argument("--tensorname", required=True, help="name of the run: models/<name>.t7 and runs/<name>/")
+    add_tensorname_flag(parser, "the run: models/<name>.t7 and runs/<name>/")
     add_network_flag(parser, "to start from, or None")
     parser.add_argument("--LR", type=float, default=1e-3, help=lr_help)
+    parser.add_argument("--numEpochs", type=int, default=epochs, help="training epochs")
+    parser.add_argument("--valEpisodes", type=int, default=600, help=val_help)
     add_batch_flag(parser, batch_default, batch_help)
     add_runtime_flags(parser, "every random draw of the run")
     parser.add_argument("--memoryFormat", default=DEFAULT_MEMORY_FORMAT, choices=tuple(MEMORY_FORMATS),
@@ -144,13 +164,12 @@ def stage1_parser() -> argparse.ArgumentParser:
     """The flags of ``classification.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 1: soft-random embedding pre-training",
                                      formatter_class=HelpFormatter)
-    add_common_args(parser, 128, "global batch (split over the processes under torchrun)", "learning rate")
-    parser.add_argument("--numEpochs", type=int, default=35, help="training epochs")
+    add_common_args(parser, 128, "global batch (split over the processes under torchrun)", "learning rate", 35,
+                    "val episodes per few-shot evaluation")
     parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
                         help=f"embedding ResNet (models.embedding.BACKBONES) (default: {DEFAULT_BACKBONE} for a new "
                         "network, the checkpoint's own with --network)")
-    parser.add_argument("--filesPerClass", type=int, default=500,
-                        help="first files of each base class used (0: every file)")
+    add_files_per_class_flag(parser)
     parser.add_argument("--crop", default="tv02", choices=CROPS,
                         help="random crop of the training images: tv02, torchvision 0.2's RandomResizedCrop (the "
                         "original's: aspect ratio uniform on [3/4, 4/3], w and h swapped half the time, a centre "
@@ -158,7 +177,6 @@ def stage1_parser() -> argparse.ArgumentParser:
                         "the whole image clamped to the ratio range when they fail)")
     parser.add_argument("--valEvery", type=int, default=5,
                         help="val few-shot evaluation every N epochs (0: only at the end)")
-    parser.add_argument("--valEpisodes", type=int, default=600, help="val episodes per few-shot evaluation")
     parser.add_argument("--valQueries", type=int, default=15, help="query images per class in val episodes")
     parser.add_argument("--preciseBN", type=int, default=0,
                         help="re-estimate the BatchNorm running statistics of every saved file as a plain average over "
@@ -184,7 +202,8 @@ def stage2_parser() -> argparse.ArgumentParser:
     """The flags of ``onlyBasetwoLoss.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
                                      formatter_class=HelpFormatter)
-    add_common_args(parser, None, CHUNK_HELP, "learning rate of the deformation sub-network and of the scale")
+    add_common_args(parser, None, CHUNK_HELP, "learning rate of the deformation sub-network and of the scale", 120,
+                    "episodes of each per-epoch evaluation")
     add_gnet_flag(parser)
     parser.add_argument("--shots", type=int, default=1, help="support images per class")
     parser.add_argument("--ways", type=int, default=5, help="classes per val/test episode")
@@ -192,7 +211,6 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_num", type=int, default=15, help="query images per class")
     add_gallery_flags(parser)
     parser.add_argument("--epoch", type=int, default=600, help="training episodes per epoch")
-    parser.add_argument("--numEpochs", type=int, default=120, help="training epochs")
     parser.add_argument("--clsLR", type=float, default=1e-3,
                         help="learning rate of the fc (the embedding's is clsLR * 0.1)")
     parser.add_argument("--fixCls", type=int, default=0, choices=(0, 1), help="1: freeze the embedding and fc")
@@ -223,7 +241,6 @@ def stage2_parser() -> argparse.ArgumentParser:
                         "evaluate_<K>shot_seed<S>_last.json); with --resume after the last epoch it only evaluates")
     parser.add_argument("--overlap", type=int, default=0, choices=(0, 1),
                         help="1: draw support and query independently, so they may overlap (the original's protocol)")
-    parser.add_argument("--valEpisodes", type=int, default=600, help="episodes of each per-epoch evaluation")
     parser.add_argument("--dataParallel", type=int, default=0, choices=(0, 1),
                         help="1: split each embedding chunk over all visible GPUs with DataParallel (0: --device "
                         "alone; chunks of 5 to 75 images usually run faster on one GPU)")
@@ -272,7 +289,7 @@ def lowshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trainlist", default=None, help="the release's train.json (image_names, image_labels), which "
                         "the split files index; without it the list is rebuilt as each class's files sorted by name, "
                         "so the shots differ from the benchmark's (a warning says so)")
-    parser.add_argument("--tensorname", required=True, help="name of the evaluation: runs/<name>/")
+    add_tensorname_flag(parser, "the evaluation: runs/<name>/")
     add_gnet_flag(parser)
     add_network_flag(parser, "for the baselines without a learned deformation (--deform none or random)")
     parser.add_argument("--testsetup", type=int, default=1, choices=(0, 1),

@@ -30,7 +30,14 @@ from datasets.loaders import episode_loader  # noqa: E402
 from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
 from engine.features import FeatureCache  # noqa: E402
-from engine.options import add_image_size_flag, resolve_stage2_args, stage1_parser, stage2_parser  # noqa: E402
+from engine.options import (  # noqa: E402
+    add_files_per_class_flag,
+    add_gallery_num_flag,
+    add_image_size_flag,
+    resolve_stage2_args,
+    stage1_parser,
+    stage2_parser,
+)
 from models import IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.forward import compute_layout, layout_model  # noqa: E402
@@ -47,11 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_threads_flag(p, 2)
     p.add_argument("--stage1Epochs", type=int, required=True)
     p.add_argument("--stage1Batch", type=int, required=True)
-    p.add_argument("--filesPerClass", type=int, required=True, help="stage 1's first files of each class")
+    add_files_per_class_flag(p, None, " by stage 1")
     p.add_argument("--monitorEpisodes", type=int, required=True, help="stage 1's val episodes per shot setting")
     p.add_argument("--stage2Epochs", type=int, required=True)
     p.add_argument("--episodes", type=int, required=True, help="stage-2 training episodes per epoch")
-    p.add_argument("--galleryNum", type=int, required=True)
+    add_gallery_num_flag(p, None)
     p.add_argument("--valEpisodes", type=int, required=True)
     p.add_argument("--testEpisodes", type=int, required=True, help="test episodes after training")
     p.add_argument("--evalEpisodes", type=int, required=True, help="test episodes of the closing --evaluate")

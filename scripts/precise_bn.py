@@ -23,7 +23,12 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.lowshot import read_stage_split  # noqa: E402
-from engine.options import add_batch_flag, add_image_size_flag, add_lowshotmeta_flag  # noqa: E402
+from engine.options import (  # noqa: E402
+    add_batch_flag,
+    add_files_per_class_flag,
+    add_image_size_flag,
+    add_lowshotmeta_flag,
+)
 from engine.precise_bn import clean_files, reestimate  # noqa: E402
 from models import load_embedding  # noqa: E402
 from models.loading import with_embedding_statistics  # noqa: E402
@@ -50,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_lowshotmeta_flag(parser, use="--dataroot is an ILSVRC tree (as in stage 1)")
     add_image_size_flag(parser, use="the checkpoint was trained at")
     parser.add_argument("--images", type=int, default=1024, help="clean training images N (at least 2)")
-    parser.add_argument("--filesPerClass", type=int, default=500, help="draw from each class's first files (0: all)")
+    add_files_per_class_flag(parser, use=" in the draw")
     add_batch_flag(parser, 128, "images per batch")
     add_seed_flag(parser, "the image draw")
     parser.add_argument("--out", default=None, help="file to write (default: <checkpoint>_preciseBN.t7 beside it)")
