@@ -339,8 +339,6 @@ AMP_01 = (0, (0, 1), False, "int", None, "store")
 CHANGED = {("benchmarks/episode.py", "--amp"): AMP_01, ("benchmarks/stage1.py", "--amp"): AMP_01,
            ("benchmarks/ops.py", "--amp"): AMP_01}
 GETTERS = {"scripts/sweep.py": "get_parser"}
-
-
 MODULES = {"datasets/check.py": datasets.check, "datasets/toy.py": datasets.toy, "datasets/emoji.py": datasets.emoji}
 
 
@@ -369,7 +367,10 @@ def listing(parser: argparse.ArgumentParser) -> dict[str, tuple]:
 def test_every_flag_keeps_its_name_default_choices_and_type(script: str, monkeypatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: CPUS)
     expected = {flag: CHANGED.get((script, flag), row) for flag, row in SNAPSHOT[script].items()}
-    assert listing(parser_of(script)) == expected
+    parser = parser_of(script)
+    assert listing(parser) == expected
+    shown = parser.format_help()  # --help prints every flag
+    assert all(flag in shown for flag in expected if flag.startswith("--")), shown
 
 
 def source_files() -> list[Path]:
@@ -378,7 +379,9 @@ def source_files() -> list[Path]:
     return sorted(REPO.glob("*.py")) + sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("flag", ["--nthreads", "--imageSize", "--device"])
+@pytest.mark.parametrize("flag", ["--nthreads", "--imageSize", "--device", "--amp", "--seed", "--dataroot",
+                                  "--progress", "--lowshotmeta", "--network", "--GNet", "--Fang", "--filesPerClass",
+                                  "--tensorname"])
 def test_a_shared_flag_is_declared_in_one_source_line(flag: str) -> None:
     declaration = re.compile(r"add_argument\(\s*[\"']" + re.escape(flag) + r"[\"']")
     lines = [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, found.start()) + 1}"
