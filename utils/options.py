@@ -53,7 +53,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
 AMP_HELP = ("mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
             "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
-PROGRESS_HELP = "show progress bars"
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +95,8 @@ def add_dataroot_flag(parser: argparse.ArgumentParser, default: str | None = "da
 
 def add_progress_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
     """``--progress`` 0/1; by default (None, resolved by :func:`run_cli`) bars only when stderr is a terminal."""
-    parser.add_argument("--progress", type=int, default=default, choices=(0, 1),
-                        help=PROGRESS_HELP + (" (default: 1 when stderr is a terminal, else 0)" if default is None
-                                              else ""))
+    stated = " (default: 1 when stderr is a terminal, else 0)" if default is None else ""
+    parser.add_argument("--progress", type=int, default=default, choices=(0, 1), help=f"show progress bars{stated}")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
