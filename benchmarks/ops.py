@@ -9,9 +9,17 @@ decoded (the loader's work happens in its worker processes) on a fresh model and
 ATen operation dispatched in this process with a ``TorchDispatchMode``, and reports the difference divided
 by the difference in length: set-up and the first step's lazy state cancel. Rounds: round 1 (``--fixCls
 1``) with the feature cache warm (a pass over the same episodes filled it) and cold (a fresh cache: the
-first epoch), round 2 (``--fixCls 0``, epoch 1: both losses train). With the defaults (8 and 24) the
-difference holds exactly one read of the device-side sums (every ``stage2.SYNC_EVERY`` = 16 episodes).
-The last line is one JSON object.
+first epoch), round 2 (``--fixCls 0``, epoch 1: both losses train, the deformation network too) and
+the released recipe's round 2 (``round2_recipe``: ``--fixCls 0 --fixAttention 1``, epoch 1). With the
+defaults (8 and 24) the difference holds exactly one read of the device-side sums (every
+``stage2.SYNC_EVERY`` = 16 episodes).
+
+Each count is also split (``kernels_per_episode``) into the operations that launch a kernel on a GPU and
+the host-only ones (:data:`HOST_ONLY`: views, ``detach``, allocations without a fill, the profiler's
+markers, reads of a host tensor's value such as Adam's step counts), which cost host time but no launch.
+The forward chunk is ``--batchSize`` (default 16 on the CPU, 128 on CUDA): on the CPU, with the default,
+the 75 queries and the 35 deformed images of an episode are embedded in several calls where a GPU makes
+one; ``--batchSize 128`` counts what the GPU's chunk dispatches. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -39,7 +47,17 @@ from models import IDeMeNet
 from utils.forward import layout_model
 from utils.options import configure_backend, run_cli
 
-ROUNDS = {"round1_warm": (1, True), "round1_cold": (1, False), "round2": (0, False)}  # name -> (fixCls, warm)
+# name -> (fixCls, fixAttention, warm)
+ROUNDS = {"round1_warm": (1, 0, True), "round1_cold": (1, 0, False), "round2": (0, 0, False),
+          "round2_recipe": (0, 1, False)}
+# Operations that launch no kernel on a GPU (metadata, allocation, host reads of host tensors, markers).
+HOST_ONLY = frozenset({
+    "aten.view.default", "aten._unsafe_view.default", "aten._reshape_alias.default", "aten.alias.default",
+    "aten.detach.default", "aten.expand.default", "aten.t.default", "aten.transpose.int", "aten.permute.default",
+    "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.default", "aten.slice.Tensor", "aten.select.int",
+    "aten.as_strided.default", "aten.split.Tensor", "aten.unbind.int", "aten.empty.memory_format",
+    "aten.empty_strided.default", "aten.lift_fresh.default", "aten._local_scalar_dense.default",
+    "profiler._record_function_enter_new.default", "profiler._record_function_exit._RecordFunction"})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,9 +115,11 @@ def count(args: argparse.Namespace, device: torch.device, splits: dict, gallery:
 def main(a: argparse.Namespace) -> None:
     env, root, _, holder = common.setup(a, max(a.galleryNum, a.shots + a.queries))
     summary = {"environment": env, "imageSize": a.imageSize, "shots": a.shots, "augnum": a.augnum,
-               "chooseNum": a.chooseNum, "short": a.short, "long": a.long, "ops_per_episode": {}, "top": {}}
-    for name, (fix_cls, warm) in ROUNDS.items():
+               "chooseNum": a.chooseNum, "batchSize": a.batchSize, "short": a.short, "long": a.long,
+               "ops_per_episode": {}, "kernels_per_episode": {}, "top": {}}
+    for name, (fix_cls, fix_attention, warm) in ROUNDS.items():
         args, device = engine_args(argparse.Namespace(**{**vars(a), "fixCls": fix_cls}), root)
+        args.fixAttention = fix_attention
         configure_backend(device, False, args.seed)
         splits = stage2.load_splits(args, need_train=True)
         gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, 0, progress=False)
@@ -109,9 +129,11 @@ def main(a: argparse.Namespace) -> None:
         short, long = (count(args, device, splits, gallery, episodes, n, warm) for n in (a.short, a.long))
         per_episode = {op: (long[op] - short[op]) / (a.long - a.short) for op in long | short}
         summary["ops_per_episode"][name] = round(sum(per_episode.values()), 1)
+        summary["kernels_per_episode"][name] = round(sum(n for op, n in per_episode.items() if op not in HOST_ONLY), 1)
         summary["top"][name] = {op: round(n, 2) for op, n in
                                 sorted(per_episode.items(), key=lambda kv: -kv[1])[:a.top]}
-        print(f"{name}: {summary['ops_per_episode'][name]:.1f} ATen operations per training episode "
+        print(f"{name}: {summary['ops_per_episode'][name]:.1f} ATen operations per training episode, "
+              f"{summary['kernels_per_episode'][name]:.1f} of them launching a kernel on a GPU "
               f"({a.long} - {a.short} episodes)", flush=True)
     common.finish(summary, env, a.json, holder)
 

@@ -226,9 +226,12 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
         support = prepare_images(episode["support"], device) if "support" in episode else None
         query = prepare_images(episode["query"], device) if cache is None else None
         labels, query_labels = episode["support_labels"], episode["query_labels"]
+    if train_cls:  # one pass, with a graph for the classification loss; its numbers are the plain pass's
+        with timer.section("embed_support_grad"), torch.enable_grad(), autocast(device, config.amp):
+            support_grad = embed_in_chunks(embed, support, config.chunk)
     with timer.section("embed_plain"), torch.no_grad(), autocast(device, config.amp):
         if cache is None:
-            support_features = embed_in_chunks(embed, support, config.chunk)
+            support_features = support_grad.detach() if train_cls else embed_in_chunks(embed, support, config.chunk)
             query_features = embed_in_chunks(embed, query, config.chunk)
         else:
             support_features = cache.lookup(episode["support_ids"], episode.get("support"))
@@ -241,16 +244,14 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
     weights = deformed = probes = others = gallery_index = owner = None
     own_distance = other_distance = None
     with torch.set_grad_enabled(track_grad or train_cls):
-        if train_cls:
-            with timer.section("embed_support_grad"), autocast(device, config.amp):
-                support_features = embed_in_chunks(embed, support, config.chunk)
-        features, feature_labels = [support_features], [labels]
+        features, feature_labels = [support_grad if train_cls else support_features], [labels]
         if config.deform != "none":
             owner = labels.repeat_interleave(config.augnum)
             with timer.section("select"):
                 gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
             deformed, weights, probes, others, deformed_features = deform_support(
-                model, support, gallery_index, episode, bank, config, device, embed, timer)
+                model, support, gallery_index, episode, bank, config, device, embed, timer,
+                embed_whole=track_grad and not train_cls)
             features.append(deformed_features)
             feature_labels.append(owner)
         with timer.section("losses"):
@@ -272,13 +273,20 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
 
 def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.Tensor, draws: dict[str, torch.Tensor],
                    bank: GalleryBank, config: EpisodeConfig, device: torch.device,
-                   embed: Callable[[torch.Tensor], torch.Tensor], timer: Timer = NO_TIMER
+                   embed: Callable[[torch.Tensor], torch.Tensor], timer: Timer = NO_TIMER, embed_whole: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``config.augnum`` deformed copies of each normalised support image ``[n, 3, S, S]`` and their features.
 
     Copy j of image i (row ``i * augnum + j``) blends the image, mirrored where ``draws["probe_flip"]``,
     with gallery image ``gallery_index[row]``, mirrored where ``draws["gallery_flip"]``; the weights come
     from the deformation network (``learned``) or ``draws["random_weights"]`` (``random``).
+
+    ``embed_whole``: embed the deformed images in one call rather than in chunks of ``config.chunk``.
+    For a graph in which no gradient of the embedding's weights is summed over the images (the
+    prototype loss alone): the graph keeps every chunk's activations anyway, and each image's gradient
+    is its own, so one call gives the chunks' numbers in a third of the operations (three chunks).
+    Where the classification loss trains the embedding the chunks stay: its weight gradient summed per
+    chunk and then over chunks rounds differently from one sum over all the images.
 
     Returns:
         (deformed ``[n*augnum, 3, S, S]``, weights ``[n*augnum, F*F]``, probes and gallery images
@@ -296,7 +304,7 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
                 weights = draws["random_weights"].to(device)
                 deformed = blend_patches(probes, others, weights)
         with timer.section("embed_deformed"):
-            features = embed_in_chunks(embed, compute_layout(deformed), config.chunk)
+            features = embed_in_chunks(embed, compute_layout(deformed), len(deformed) if embed_whole else config.chunk)
     return deformed, weights, probes, others, features
 
 

@@ -129,15 +129,34 @@ def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, di
     Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
     so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)
     for the deformation network's and the classifier's. Frozen groups keep their optimiser, never
-    stepped.
+    stepped. Each Adam steps a parameter group in a few multi-tensor (``foreach``) operations rather
+    than some nine per parameter (:func:`foreach_adam`).
     """
-    meta_opt = torch.optim.Adam(model.deformation_parameters(), lr=args.LR)
-    scale_opt = torch.optim.Adam([model.scale], lr=args.LR)
-    cls_opt = torch.optim.Adam([{"params": model.embedding_parameters(), "lr": args.clsLR * 0.1},
-                                {"params": list(model.fc.parameters()), "lr": args.clsLR}])
+    meta_opt = foreach_adam(model.deformation_parameters(), lr=args.LR)
+    scale_opt = foreach_adam([model.scale], lr=args.LR)
+    cls_opt = foreach_adam([{"params": model.embedding_parameters(), "lr": args.clsLR * 0.1},
+                            {"params": list(model.fc.parameters()), "lr": args.clsLR}])
     schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
                   "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}
     return {"meta_opt": meta_opt, "scale_opt": scale_opt, "cls_opt": cls_opt}, schedulers
+
+
+def foreach_adam(params, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, foreach=True, **kwargs)``: the multi-tensor implementation, which
+    CUDA parameters get by default and CPU ones do not. On the CPU it runs the per-parameter kernels
+    in the same order with the same scalars, so parameters and moments are the per-parameter loop's
+    bit for bit (tests/test_stage2_ops.py); per group it dispatches about ten operations plus two
+    reads of each (host-side) step count, against some nine operations per parameter. A resumed
+    state saved by an optimiser without ``foreach`` would bring its ``foreach=None`` back with its
+    groups: a hook sets it again after every ``load_state_dict``."""
+    optimizer = torch.optim.Adam(params, foreach=True, **kwargs)
+    optimizer.register_load_state_dict_post_hook(_keep_foreach)
+    return optimizer
+
+
+def _keep_foreach(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        group["foreach"] = True
 
 
 def step_schedulers(*schedulers) -> None:
@@ -451,7 +470,7 @@ class DeviceSums:
         # built on the host and copied without waiting (a tensor made on the GPU from Python numbers waits)
         self.totals = torch.tensor([float(sums[key]) for key in self.keys], dtype=torch.float64).to(
             device, non_blocking=True)
-        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.zero = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
         self.unread = 0
 
@@ -459,9 +478,13 @@ class DeviceSums:
         """Add one episode (``relation``: its gallery class relation, training episodes only) and note
         whether its losses were finite."""
         values = episode_values(result, relation)
-        self.totals += torch.stack([values[key].double() if key in values else self.zero for key in self.keys])
-        losses = [result.proto_loss.detach()] + ([] if result.cls_loss is None else [result.cls_loss.detach()])
-        finite = torch.isfinite(torch.stack(losses)).all()
+        losses = [values[key] for key in ("proto_loss", "cls_loss") if key in values]
+        # One stack of every value and loss (float32, and counts below 2**24 promoted to float32 exactly),
+        # one conversion to float64: the numbers converting each value would give, in fewer operations.
+        stacked = torch.stack([values.get(key, self.zero) for key in self.keys] + losses)
+        stacked = stacked.double()
+        self.totals += stacked[:len(self.keys)]
+        finite = torch.isfinite(stacked[len(self.keys):]).all()
         self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, float(self.unread))
         self.unread += 1
         if result.weights is not None:

@@ -14,20 +14,25 @@ from torch.nn import init
 
 class _FrozenBatchNorm(torch.autograd.Function):
     """Eval-mode batch norm whose backward keeps only the per-channel ``weight`` and
-    ``1 / sqrt(running_var + eps)``: ``dx = dy * invstd * weight``, computed as PyTorch's CPU kernel
-    does (invstd in double, then two products), so CPU gradients match the stock layer's bit for bit."""
+    ``1 / sqrt(running_var + eps)``, both as ``[1, C, 1, 1]``: ``dx = dy * invstd * weight``, computed as
+    PyTorch's CPU kernel does (invstd in double, then two products), so CPU gradients match the stock
+    layer's bit for bit. ``invstd`` and ``weight`` come from :meth:`LeanBatchNorm2d.frozen_factors`."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        invstd = (1 / torch.sqrt(running_var.double() + eps)).to(running_var.dtype)
-        ctx.save_for_backward(invstd, weight)
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, invstd, weight_4d):
+        ctx.save_for_backward(invstd, weight_4d)
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad):
         invstd, weight = ctx.saved_tensors
-        grad_x = grad * invstd.view(1, -1, 1, 1) * weight.view(1, -1, 1, 1)
-        return grad_x.to(grad.dtype), None, None, None, None, None
+        grad_x = grad * invstd * weight
+        return grad_x.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def frozen_invstd(running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(running_var + eps)`` computed in double, in ``running_var``'s dtype, ``[1, C, 1, 1]``."""
+    return (1 / torch.sqrt(running_var.double() + eps)).to(running_var.dtype).view(1, -1, 1, 1)
 
 
 class LeanBatchNorm2d(nn.BatchNorm2d):
@@ -36,14 +41,48 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
     gradients, input with one. That is the embedding under ``--fixCls 1`` while the prototype loss
     reaches the deformation sub-network through it, where the stock layer would keep each
     ``[N, C, H, W]`` input (330 MB for 35 images at 224 px) only for the weight gradients nobody
-    asks for. In every other case it is the stock layer."""
+    asks for. In every other case it is the stock layer.
+
+    The frozen backward's per-channel factors (:meth:`frozen_factors`) are computed once per change of
+    the running variance, not on every forward (five operations per layer and call): they are kept
+    with the tensors they came from and that tensor's version counter, and dropped by every forward
+    that updates the running statistics (training mode with ``track_running_stats``, which does not
+    advance the version counter). A write through ``running_var.data`` (no version counter) is not
+    seen: call :meth:`forget_frozen_factors` after one.
+    """
+
+    _frozen_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not self.training and self.track_running_stats and self.weight is not None
         if frozen and torch.is_grad_enabled() and x.requires_grad and not (self.weight.requires_grad
                                                                           or self.bias.requires_grad):
-            return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            invstd, weight = self.frozen_factors()
+            return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                          invstd, weight)
+        if self.training and self.track_running_stats:
+            self.forget_frozen_factors()  # this forward updates the running statistics
         return super().forward(x)
+
+    def frozen_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``1 / sqrt(running_var + eps)`` computed in double, ``weight``), each ``[1, C, 1, 1]`` in
+        its own dtype: from the cache while ``running_var``, ``num_batches_tracked``, ``weight`` and
+        ``eps`` are the same tensors (same storage, same version counter) and value, else afresh."""
+        var, tracked, weight = self.running_var, self.num_batches_tracked, self.weight
+        key = (var._version, var.data_ptr(), None if tracked is None else tracked._version, weight.data_ptr(),
+               self.eps)
+        cached = self._frozen_cache
+        if cached is not None and cached[0] is var and cached[1] is tracked and cached[2] is weight \
+                and cached[3] == key:
+            return cached[4], cached[5]
+        with torch.no_grad():
+            factors = frozen_invstd(var, self.eps), weight.detach().view(1, -1, 1, 1)
+        self._frozen_cache = (var, tracked, weight, key, *factors)
+        return factors
+
+    def forget_frozen_factors(self) -> None:
+        """Drop the cached :meth:`frozen_factors` (the next frozen forward computes them afresh)."""
+        self._frozen_cache = None
 
 
 class Torch04BatchNorm2d(nn.BatchNorm2d):

@@ -104,7 +104,13 @@ def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch
     A chunk of one image is embedded as a pair (the image twice): the CPU kernels take another
     path for a batch of one and round differently, and an image's features must not depend on the
     company it is embedded in (cached and per-episode features are then the same numbers).
+    Images that fit one chunk go through one call, without slicing and concatenating (the same
+    numbers in fewer operations, forward and backward).
     """
+    if len(images) == 1:
+        return embed(images.expand(2, *images.shape[1:]))[:1].float()
+    if len(images) <= chunk:
+        return embed(images).float()
     parts = []
     for i in range(0, len(images), chunk):
         part = images[i:i + chunk]
