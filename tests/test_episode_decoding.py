@@ -3,12 +3,15 @@ the run's cache does not hold yet (``EpisodeDataset(decode="new")``), and trains
 decodes all its images."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import datasets.episodes as episodes_module
 import engine.stage2 as stage2
 from datasets import Gallery
+from datasets.images import load_rgb
 from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
@@ -51,7 +54,7 @@ def train_round_one(workdir, splits, monkeypatch, new: bool, workers: int = 0) -
     """Round 1 (--fixCls 1) over EPOCHS epochs of EPISODES episodes with the run's feature cache: the
     weights, each epoch's progress (time left out) and the images decoded per episode."""
     args = stage2_test_args(workdir, "--fixCls", "1")
-    loads = CountingLoads(episodes_module.load_rgb)
+    loads = CountingLoads(load_rgb)
     monkeypatch.setattr(episodes_module, "load_rgb", loads)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
@@ -119,3 +122,60 @@ def test_lookup_takes_the_pixels_of_all_images_or_of_the_missing_ones_and_refuse
         cache.lookup(torch.tensor([0, 4]), images[:3])
     with pytest.raises(RuntimeError, match="no pixels"):
         cache.lookup(torch.tensor([5]))
+
+
+def test_the_script_decodes_fewer_images_and_writes_the_same_run(tmp_path, monkeypatch) -> None:
+    """onlyBasetwoLoss.py --fixCls 1 (--scaleInit auto: its first episode is looked up before the loop)
+    against the same run whose training episodes decode every image: the same weights, resumable
+    state and metrics (timing left out), fewer decoded images."""
+    from tests.scripts_helpers import load_script, make_workdir, run_main
+    from utils.files import read_csv
+
+    workdir = make_workdir(tmp_path / "work")
+    script = load_script("onlyBasetwoLoss.py")
+    flags = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "2", "--chooseNum", "3",
+             "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu",
+             "--epoch", "4", "--numEpochs", "2", "--valEpisodes", "2", "--testEpisodes", "2", "--fixCls", "1",
+             "--scaleInit", "auto"]
+    decoded = {}
+    for name, keep_cache in (("all", False), ("new", True)):
+        if not keep_cache:
+            every_image = lambda *args, cache=None, **kwargs: stage2.episodes(*args, **kwargs)  # noqa: E731
+            monkeypatch.setattr(script, "episodes", every_image)
+        else:
+            monkeypatch.setattr(script, "episodes", stage2.episodes)
+        loads = CountingLoads(load_rgb)
+        monkeypatch.setattr(episodes_module, "load_rgb", loads)
+        result = run_main(workdir, "onlyBasetwoLoss.py", *flags, "--tensorname", name)
+        assert result.returncode == 0, result.stderr
+        decoded[name] = loads.calls
+    assert decoded["new"] < decoded["all"]
+    for suffix in ("", "_last"):
+        want, got = (torch.load(workdir / f"models/{name}{suffix}.t7") for name in ("all", "new"))
+        assert all(torch.equal(want[key], got[key]) for key in want)
+    want, got = (torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False) for name in ("all", "new"))
+    del want["args"], got["args"]
+    assert_same(want, got)
+    rows = [[{key: value for key, value in row.items() if key != "episodes_per_s"}
+             for row in read_csv(workdir / f"runs/{name}/metrics.csv")] for name in ("all", "new")]
+    assert rows[0] == rows[1]
+    reports = [json.loads((workdir / f"runs/{name}/evaluate_1shot_seed0.json").read_text()) for name in ("all", "new")]
+    assert [report.pop("checkpoint") for report in reports] == ["all", "new"]
+    assert reports[0] == reports[1]
+
+
+def assert_same(want, got, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal, tensors bit for bit (the run's time left out)."""
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(want, got), where
+    elif isinstance(want, dict):
+        assert want.keys() == got.keys(), where
+        for key in want:
+            if key != "time":
+                assert_same(want[key], got[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(want) == len(got), where
+        for i, (a, b) in enumerate(zip(want, got)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert want == got, where
