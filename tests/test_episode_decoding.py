@@ -4,6 +4,8 @@ decodes all its images."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -124,43 +126,85 @@ def test_lookup_takes_the_pixels_of_all_images_or_of_the_missing_ones_and_refuse
         cache.lookup(torch.tensor([5]))
 
 
-def test_the_script_decodes_fewer_images_and_writes_the_same_run(tmp_path, monkeypatch) -> None:
-    """onlyBasetwoLoss.py --fixCls 1 (--scaleInit auto: its first episode is looked up before the loop)
-    against the same run whose training episodes decode every image: the same weights, resumable
-    state and metrics (timing left out), fewer decoded images."""
+SCRIPT_FLAGS = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "2", "--chooseNum",
+                "3", "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu",
+                "--epoch", "4", "--numEpochs", "2", "--valEpisodes", "2", "--testEpisodes", "2", "--fixCls", "1",
+                "--scaleInit", "auto"]
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
+    """onlyBasetwoLoss.py --fixCls 1 (--scaleInit auto: its first episode is looked up before the loop) as
+    it is (``new``) and with training episodes that decode every image (``all``); the images each decoded."""
     from tests.scripts_helpers import load_script, make_workdir, run_main
+
+    workdir = make_workdir(tmp_path_factory.mktemp("decoding"))
+    script = load_script("onlyBasetwoLoss.py")
+    decoded = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("all", "new"):
+            if name == "all":
+                every_image = lambda *args, cache=None, **kwargs: stage2.episodes(*args, **kwargs)  # noqa: E731
+                patch.setattr(script, "episodes", every_image)
+            else:
+                patch.setattr(script, "episodes", stage2.episodes)
+            loads = CountingLoads(load_rgb)
+            patch.setattr(episodes_module, "load_rgb", loads)
+            result = run_main(workdir, "onlyBasetwoLoss.py", *SCRIPT_FLAGS, "--tensorname", name)
+            assert result.returncode == 0, result.stderr
+            decoded[name] = loads.calls
+    return workdir, decoded
+
+
+def test_the_script_decodes_fewer_images_and_writes_the_same_run(script_runs) -> None:
+    """The same weights, resumable state, metrics (timing left out) and test report, fewer decoded images."""
+    workdir, decoded = script_runs
+    assert decoded["new"] < decoded["all"]
+    assert_same_run(workdir, "all", "new")
+
+
+def test_round_one_resumed_mid_epoch_plans_from_the_fresh_cache(script_runs, monkeypatch) -> None:
+    """A stop after epoch 1's second training episode, then --resume: a fresh cache, the epoch planned
+    from its third episode on; the run ends as the uninterrupted one."""
+    from tests.scripts_helpers import run_main
+
+    workdir, _ = script_runs
+    original, training = stage2.run_episode, []
+
+    def stop_in_epoch_one(model, episode, *args, **kwargs):
+        if kwargs.get("track_grad"):
+            training.append(int(episode["index"]))
+            if len(training) == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, episode, *args, **kwargs)
+
+    monkeypatch.setattr(stage2, "run_episode", stop_in_epoch_one)
+    stopped = run_main(workdir, "onlyBasetwoLoss.py", *SCRIPT_FLAGS, "--tensorname", "resumed")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    state = torch.load(workdir / "runs/resumed/resume.pt", weights_only=False)
+    assert (state["epoch"], state["progress"]["step"]) == (1, 2)
+    monkeypatch.setattr(stage2, "run_episode", original)
+    resumed = run_main(workdir, "onlyBasetwoLoss.py", *SCRIPT_FLAGS, "--tensorname", "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(workdir, "new", "resumed")
+
+
+def assert_same_run(workdir, reference: str, name: str) -> None:
+    """Runs ``reference`` and ``name`` wrote the same weights, resumable state, metrics.csv (its timing
+    column left out) and test report (its checkpoint name left out)."""
     from utils.files import read_csv
 
-    workdir = make_workdir(tmp_path / "work")
-    script = load_script("onlyBasetwoLoss.py")
-    flags = ["--dataroot", "toy", "--imageSize", "32", "--network", "stage1", "--galleryNum", "2", "--chooseNum", "3",
-             "--augnum", "2", "--test_num", "3", "--nthreads", "0", "--progress", "0", "--device", "cpu",
-             "--epoch", "4", "--numEpochs", "2", "--valEpisodes", "2", "--testEpisodes", "2", "--fixCls", "1",
-             "--scaleInit", "auto"]
-    decoded = {}
-    for name, keep_cache in (("all", False), ("new", True)):
-        if not keep_cache:
-            every_image = lambda *args, cache=None, **kwargs: stage2.episodes(*args, **kwargs)  # noqa: E731
-            monkeypatch.setattr(script, "episodes", every_image)
-        else:
-            monkeypatch.setattr(script, "episodes", stage2.episodes)
-        loads = CountingLoads(load_rgb)
-        monkeypatch.setattr(episodes_module, "load_rgb", loads)
-        result = run_main(workdir, "onlyBasetwoLoss.py", *flags, "--tensorname", name)
-        assert result.returncode == 0, result.stderr
-        decoded[name] = loads.calls
-    assert decoded["new"] < decoded["all"]
     for suffix in ("", "_last"):
-        want, got = (torch.load(workdir / f"models/{name}{suffix}.t7") for name in ("all", "new"))
-        assert all(torch.equal(want[key], got[key]) for key in want)
-    want, got = (torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False) for name in ("all", "new"))
+        want, got = (torch.load(workdir / f"models/{run}{suffix}.t7") for run in (reference, name))
+        assert_same(want, got, f"{name}{suffix}.t7")
+    want, got = (torch.load(workdir / f"runs/{run}/resume.pt", weights_only=False) for run in (reference, name))
     del want["args"], got["args"]
     assert_same(want, got)
     rows = [[{key: value for key, value in row.items() if key != "episodes_per_s"}
-             for row in read_csv(workdir / f"runs/{name}/metrics.csv")] for name in ("all", "new")]
+             for row in read_csv(workdir / f"runs/{run}/metrics.csv")] for run in (reference, name)]
     assert rows[0] == rows[1]
-    reports = [json.loads((workdir / f"runs/{name}/evaluate_1shot_seed0.json").read_text()) for name in ("all", "new")]
-    assert [report.pop("checkpoint") for report in reports] == ["all", "new"]
+    reports = [json.loads((workdir / f"runs/{run}/evaluate_1shot_seed0.json").read_text()) for run in (reference, name)]
+    assert [report.pop("checkpoint") for report in reports] == [reference, name]
     assert reports[0] == reports[1]
 
 
