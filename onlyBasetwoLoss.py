@@ -99,14 +99,16 @@ def main(args: argparse.Namespace) -> int:
             print(gallery_pass_line(bank), flush=True)
         embed = make_embed(model, device, bool(args.dataParallel))
         gallery_size = len(bank or [])
-        train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size)
+        # With the embedding frozen for the run, each image is embedded once per run, not once per pass,
+        # and a training episode decodes only the images the cache does not hold yet, and its support.
+        caches = {name: FeatureCache(embed, len(split), device, args.batchSize, bool(args.amp))
+                  for name, split in splits.items()} if not groups[1] else {}
+        train_set = episodes(splits["train"], args, args.trainways, args.epoch, TRAIN_STREAM, gallery_size,
+                             cache=caches.get("train"))
         train_config = episode_config(args, args.trainways, train=True)
         select_split = args.selectOn
         select_set = episodes(splits[select_split], args, args.ways, args.valEpisodes,
                               VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size, evaluation=True)
-        # With the embedding frozen for the run, each image is embedded once per run, not once per pass.
-        caches = {name: FeatureCache(embed, len(split), device, args.batchSize, bool(args.amp))
-                  for name, split in splits.items()} if not groups[1] else {}
         if saved is None:
             def first_episode() -> dict:
                 train_set.set_epoch(0)

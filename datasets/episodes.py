@@ -50,12 +50,27 @@ class EpisodeDataset(Dataset):
         ``gallery_flip`` bool and ``random_weights`` float ``[ways*shots*augnum, F*F]``.
 
     ``decode`` chooses the images decoded: ``all``; ``support`` (no ``query`` pixels: their
-    features come from a cache); ``none`` (neither).
+    features come from a cache); ``none`` (neither); ``new``: the support images and only those
+    query images whose features ``known`` will not hold when the episode is run (``query`` then holds
+    those images alone, in query order, and is left out when there are none).
+
+    ``known`` (``new`` only) is a live boolean mask by split position, the features a cache holds
+    (``engine.features.FeatureCache.known``), filled as episodes run. The images to decode are
+    planned in the calling process when the epoch, the shard or the mask is set (loader workers
+    cannot see the cache): from the mask as it is then, each served episode adding its support and
+    then its query images, as a cache filled on first sight does when the episodes run in order. So
+    set the epoch right before iterating, and run every served episode through that cache in order;
+    a cache that learned more meanwhile gets more pixels than it needs
+    (:meth:`engine.features.FeatureCache.lookup` refuses them rather than guess).
     """
 
     def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
                  episodes: int, seed: int, stream: int = 0, overlap: bool = False,
-                 draws: AugmentDraws | None = None, decode: str = "all") -> None:
+                 draws: AugmentDraws | None = None, decode: str = "all", known: np.ndarray | None = None) -> None:
+        if decode not in ("all", "support", "none", "new"):
+            raise ValueError(f"decode {decode!r}: one of all, support, none, new")
+        if (decode == "new") != (known is not None):
+            raise ValueError("decode 'new' needs the mask of known features (known), and only it does")
         if ways > split.num_classes:
             raise DataError(f"--ways {ways} is larger than the {split.num_classes} classes of split {split.name}")
         need = shots if overlap else shots + queries
@@ -70,15 +85,32 @@ class EpisodeDataset(Dataset):
         self.offsets = np.cumsum([0] + [len(f) for f in split.files[:-1]])
         self.epoch, self.start = 0, 0
         self.rank, self.world_size = 0, 1
+        self.known, self.new_queries = known, {}
+        self.plan_decoding()
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's episodes, skipping the first ``start`` (to resume mid-epoch)."""
         self.epoch, self.start = epoch, start
+        self.plan_decoding()
 
     def set_shard(self, rank: int, world_size: int) -> None:
         """Serve only episodes ``rank``, ``rank + world_size``, ... (of those after ``start``): one
         process's share of a pass sharded over ``world_size`` processes."""
         self.rank, self.world_size = rank, world_size
+        self.plan_decoding()
+
+    def plan_decoding(self) -> None:
+        """With ``decode="new"``: which query images each served episode decodes (a bool mask over its
+        queries, by episode index), from ``known`` as it is now, the served episodes running in order."""
+        if self.decode != "new":
+            return
+        known, self.new_queries = set(np.flatnonzero(self.known).tolist()), {}
+        for index in self.indices():
+            classes, support, query, _ = self.plan(index)
+            known.update(self.positions(classes, support).tolist())  # a cache looks the support up first
+            query_ids = self.positions(classes, query).tolist()
+            self.new_queries[index] = np.array([p not in known for p in query_ids], dtype=bool)
+            known.update(query_ids)
 
     def indices(self) -> range:
         """The episode indices this dataset serves, in order."""
@@ -135,10 +167,13 @@ class EpisodeDataset(Dataset):
             "classes": torch.from_numpy(classes).long(),
             "index": torch.tensor(index),
         }
-        if self.decode in ("all", "support"):
+        if self.decode in ("all", "support", "new"):
             item["support"] = self._decode(classes, support)
         if self.decode == "all":
             item["query"] = self._decode(classes, query)
+        elif self.decode == "new" and self.new_queries[index].any():
+            new = iter(self.new_queries[index])
+            item["query"] = self._decode(classes, [[i for i in idx if next(new)] for idx in query])
         if self.draws is not None:
             n = self.ways * self.shots * self.draws.augnum
             item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)

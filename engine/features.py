@@ -61,13 +61,17 @@ class FeatureCache:
     @torch.no_grad()
     def lookup(self, positions: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """Features ``[n, D]`` of the images at ``positions`` ``[n]`` (CPU); those not cached yet are
-        embedded from ``images`` (uint8 ``[n, 3, S, S]``, the same images in the same order) and kept."""
+        embedded from ``images`` and kept: uint8 ``[n, 3, S, S]``, the same images in the same order, or
+        only the images not cached yet, in that order (an ``EpisodeDataset`` with ``decode="new"``)."""
         missing = ~self.known[positions.numpy()]
         if missing.any():
-            if images is None:
-                raise RuntimeError("FeatureCache.lookup: images not cached and no pixels given")
+            count = int(missing.sum())
+            if images is None or len(images) not in (len(positions), count):
+                given = "no pixels" if images is None else f"pixels of {len(images)}"
+                raise RuntimeError(f"FeatureCache.lookup: {count} of {len(positions)} images not cached and "
+                                   f"{given} given")
             missing = torch.from_numpy(missing)
-            new = prepare_images(images[missing], self.device)
+            new = prepare_images(images[missing] if len(images) == len(positions) else images, self.device)
             with autocast(self.device, self.amp):
                 self._store(positions[missing], embed_in_chunks(self.embed, new, self.chunk))
         return self.features[positions.to(self.device, non_blocking=True)]

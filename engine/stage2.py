@@ -175,13 +175,16 @@ def episode_config(args: argparse.Namespace, ways: int, train: bool = False) -> 
 
 
 def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int,
-             evaluation: bool = False) -> EpisodeDataset:
+             evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
     """The episodes of ``split`` (``stream``: TRAIN_STREAM, VAL_STREAM or TEST_STREAM). Evaluation
-    episodes decode only what cached features cannot replace: the support images, to deform them."""
+    episodes decode only what cached features cannot replace: the support images, to deform them.
+    Training episodes whose features come from the run's ``cache`` (``--fixCls 1``) decode the support
+    images and only the query images the cache will not hold yet when the episode runs (``decode="new"``:
+    call ``set_epoch`` right before iterating, and run the episodes in order through that cache)."""
     draws = None if args.deform == "none" else AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
-    decode = ("none" if args.deform == "none" else "support") if evaluation else "all"
+    decode = ("none" if args.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
     return EpisodeDataset(split, args.imageSize, ways, args.shots, args.test_num, count, args.seed, stream,
-                          bool(args.overlap), draws, decode)
+                          bool(args.overlap), draws, decode, None if decode != "new" else cache.known)
 
 
 def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.errors import OptionError  # noqa: E402  (the repository root is on the path only from here)
+from utils.cpus import usable_cpus  # noqa: E402  (the repository root is on the path only from here)
+from utils.errors import OptionError  # noqa: E402
 from utils.files import RUNS_DIR, csv_cell, read_csv, write_csv, write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
 
@@ -236,14 +237,6 @@ def gpu_slots(gpus: list[str], per_gpu: int) -> list[str]:
     """Worker slots, one GPU id each, ``per_gpu`` per GPU, spread over the GPUs first: the
     first ``len(gpus)`` runs get one GPU each, the next ones share."""
     return [gpu for _ in range(per_gpu) for gpu in gpus]
-
-
-def usable_cpus() -> int:
-    """The CPU cores this process may use: its affinity (what a scheduler's cgroup or ``taskset`` left
-    it, not the machine's count), at most SLURM's ``SLURM_CPUS_PER_TASK`` when set."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
 
 
 def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> dict[str, str]:

@@ -18,11 +18,12 @@ from engine.options import lowshot_parser, resolve_stage2_args, stage2_parser
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-CPUS = 64  # the machine-dependent defaults (the CPU count, capped) as on a 64-CPU machine
+CPUS = 64  # the machine-dependent defaults (the usable CPU cores, capped) as for a process that may use 64 cores
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
            argparse._AppendAction: "append"}
 
 # {script: {flag: (default, choices, required, type name, nargs, action)}}, recorded with os.cpu_count() = 64
+# (now pinned by :func:`as_on_cpus`: the cores a process may use, utils.cpus.usable_cpus, are 64)
 # from the parsers of commit 74368f7, before the flags were declared once.
 SNAPSHOT = {
     "classification.py": {
@@ -363,9 +364,17 @@ def listing(parser: argparse.ArgumentParser) -> dict[str, tuple]:
     return out
 
 
+def as_on_cpus(monkeypatch, cpus: int) -> None:
+    """The machine-dependent defaults as for a process that may use ``cpus`` cores: the machine's count,
+    the process's affinity (:func:`utils.cpus.usable_cpus` reads it) and no SLURM allocation."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+
+
 @pytest.mark.parametrize("script", list(SNAPSHOT))
 def test_every_flag_keeps_its_name_default_choices_and_type(script: str, monkeypatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: CPUS)
+    as_on_cpus(monkeypatch, CPUS)
     expected = {flag: CHANGED.get((script, flag), row) for flag, row in SNAPSHOT[script].items()}
     parser = parser_of(script)
     assert listing(parser) == expected

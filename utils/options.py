@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from utils.cpus import usable_cpus
 from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.forward import DEFAULT_MEMORY_FORMAT, set_memory_format
 from utils.interrupt import INTERRUPTED_EXIT, StopNow, stopped_at_once_line
@@ -68,13 +69,14 @@ def add_amp_flag(parser: argparse.ArgumentParser) -> None:
 def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None, at_most: int | None = None,
                      use: str = "DataLoader workers and image-decoding threads", type: Callable[[str], int] = int,
                      metavar: str | None = None) -> None:
-    """``--nthreads``: ``default``, or without one the CPU count (at most ``at_most``), stated in the help
-    as such; ``use`` says what the threads do in the script."""
+    """``--nthreads``: ``default``, or without one the CPU cores this process may use
+    (:func:`utils.cpus.usable_cpus`: its affinity, at most SLURM's allocation; at most ``at_most``),
+    stated in the help as such; ``use`` says what the threads do in the script."""
     if default is None:
-        count = os.cpu_count() or 1
+        count = usable_cpus()
         default = count if at_most is None else min(at_most, count)
-        use += (" (default: the CPU count)" if at_most is None else
-                f" (default: {at_most}, or the CPU count when smaller)")
+        use += (" (default: the CPU cores this process may use)" if at_most is None else
+                f" (default: {at_most}, or the CPU cores this process may use when fewer)")
     parser.add_argument("--nthreads", type=type, default=default, metavar=metavar, help=use)
 
 
