@@ -220,7 +220,7 @@ def table(summary: dict, variants: list[Variant], seeds: list[int]) -> str:
 
 def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
     """Paired val gain, weight mean, scale and same-class share against training episodes, one line per
-    variant (mean over seeds) with its 95 % t band."""
+    variant (mean over seeds) in a band from the lowest to the highest seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -233,11 +233,9 @@ def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
         for v in variants:
             curve = summary["curves"][v.name]
             x = [p["episodes"] for p in curve]
-            mean = [p[key]["mean"] for p in curve]
-            half = [0.0 if math.isnan(p[key]["half_width_95"]) else p[key]["half_width_95"] for p in curve]
-            line, = axis.plot(x, mean, marker="o", markersize=3, label=v.name)
-            low = [max(m - h, 1e-6) if yscale == "log" else m - h for m, h in zip(mean, half)]
-            axis.fill_between(x, low, [m + h for m, h in zip(mean, half)], color=line.get_color(), alpha=0.18)
+            line, = axis.plot(x, [p[key]["mean"] for p in curve], marker="o", markersize=3, label=v.name)
+            axis.fill_between(x, [min(p[key]["values"]) for p in curve], [max(p[key]["values"]) for p in curve],
+                              color=line.get_color(), alpha=0.18)
         if key == "val_gain":
             axis.axhline(0.0, color="black", linewidth=0.8)
         axis.set_yscale(yscale)
