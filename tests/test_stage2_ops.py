@@ -7,34 +7,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine.stage2 as stage2
+from conftest import make_episode, make_gallery, uint8_images
 from engine.episode import EpisodeConfig, EpisodeResult, GalleryBank, embed_gallery_train_mode, run_episode
 from models import IDeMeNet
 from models.batchnorm import LeanBatchNorm2d, batch_norms
-from tests.test_episode_step import make_episode, make_gallery, uint8_images
+from tests.scripts_helpers import load_script
 from utils.forward import embed_in_chunks
 
 CPU = torch.device("cpu")
 SIZE = 32
 
 
-class OpCounter(TorchDispatchMode):
-    """ATen operations dispatched while active, by name (``aten.sqrt.default``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+OpCounter = load_script("benchmarks/ops.py").OpCounter  # ATen operations dispatched while active, by name
 
 
 def images(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
