@@ -284,12 +284,17 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) ->
     for v in variants[1:]:
         summary["differences"][v.name] = {}
         for metric in METRICS:
-            diffs = [by[v.name, s][metric] - by[base, s][metric] for s in seeds]
-            mean, half = mean_t_ci95(diffs)
-            summary["differences"][v.name][metric] = {
-                "mean": mean, "half_width_95": half,
-                "exceeds_noise": bool(abs(mean) > half) if len(seeds) > 1 else None}
+            summary["differences"][v.name][metric] = t_interval([by[v.name, s][metric] - by[base, s][metric]
+                                                                 for s in seeds])
     return summary
+
+
+def t_interval(values: list[float]) -> dict:
+    """Mean and 95 % t half-interval over a few seeds' values (nan for one), the values, and whether
+    the interval leaves out 0 (``exceeds_noise``; None for one value)."""
+    mean, half = mean_t_ci95(values)
+    return {"mean": mean, "half_width_95": half, "values": values,
+            "exceeds_noise": bool(abs(mean) > half) if len(values) > 1 else None}
 
 
 def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> None:

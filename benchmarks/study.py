@@ -53,9 +53,9 @@ from benchmarks.outcome import (  # noqa: E402
     run_script,
     stage1_flags,
     stage2_flags,
+    t_interval,
 )
 from utils.files import read_csv, write_csv, write_json  # noqa: E402
-from utils.metrics import mean_t_ci95  # noqa: E402
 from utils.options import HelpFormatter, run_cli  # noqa: E402
 
 # Per-epoch columns of a stage-2 metrics.csv the curves keep, by the study's name.
@@ -161,28 +161,20 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) ->
     summary = {"variants": {}, "differences": {}, "curves": {}}
     for v in variants:
         runs = [by[v.name, s] for s in seeds]
-        summary["variants"][v.name] = {metric: interval([r["end"][metric] for r in runs]) for metric in END_METRICS}
+        summary["variants"][v.name] = {metric: t_interval([r["end"][metric] for r in runs]) for metric in END_METRICS}
         summary["variants"][v.name]["flags"] = " ".join(v.stage2_flags)
         epochs = min(len(r["curve"]) for r in runs)
         summary["curves"][v.name] = [
             {"episodes": runs[0]["curve"][i]["episodes"],
-             **{key: interval([r["curve"][i][key] for r in runs]) for key in ("val_gain", "weight_mean", "scale",
+             **{key: t_interval([r["curve"][i][key] for r in runs]) for key in ("val_gain", "weight_mean", "scale",
                                                                              "gallery_same_class")}}
             for i in range(epochs)]
     base = variants[0].name
     for v in variants[1:]:
         summary["differences"][v.name] = {
-            metric: interval([by[v.name, s]["end"][metric] - by[base, s]["end"][metric] for s in seeds])
+            metric: t_interval([by[v.name, s]["end"][metric] - by[base, s]["end"][metric] for s in seeds])
             for metric in ("val_gain", "test_last_gain", "test_gain", "test_last_acc")}
     return summary
-
-
-def interval(values: list[float]) -> dict:
-    """Mean, 95 % t half-interval over the values (nan for one), the values, and whether the interval
-    leaves out 0."""
-    mean, half = mean_t_ci95(values)
-    return {"mean": mean, "half_width_95": half, "values": values,
-            "excludes_zero": bool(abs(mean) > half) if len(values) > 1 else None}
 
 
 def table(summary: dict, variants: list[Variant], seeds: list[int]) -> str:
@@ -205,13 +197,13 @@ def table(summary: dict, variants: list[Variant], seeds: list[int]) -> str:
             text = format(s["mean"], form)
             if len(seeds) > 1:
                 text += f" +- {format(s['half_width_95'], form.lstrip('+'))}" + (" *" if key.endswith("gain")
-                                                                                  and s["excludes_zero"] else "")
+                                                                                  and s["exceeds_noise"] else "")
             cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for n in names[1:]:
         d = summary["differences"][n]["test_last_gain"]
         text = f"{d['mean']:+.2f}" + ("" if len(seeds) < 2 else f" +- {d['half_width_95']:.2f}" + (
-            " (exceeds noise)" if d["excludes_zero"] else " (within noise)"))
+            " (exceeds noise)" if d["exceeds_noise"] else " (within noise)"))
         lines.append(f"| test gain (last weights), {n} - {names[0]} | " + " | ".join(
             text if m == n else "" for m in names) + " |")
     lines.append("(* the gain's interval leaves out 0)")

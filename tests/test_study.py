@@ -41,7 +41,7 @@ def test_summary_is_the_t_interval_over_seeds_and_the_paired_difference() -> Non
     gain = summary["variants"]["b"]["test_gain"]
     mean, half = t_interval([1.0, 1.2, 1.4])
     assert gain["mean"] == pytest.approx(mean) and gain["half_width_95"] == pytest.approx(half)
-    assert gain["excludes_zero"] is True
+    assert gain["exceeds_noise"] is True
     assert summary["variants"]["a"]["val_gain"]["mean"] == pytest.approx(-1.0)
     difference = summary["differences"]["b"]["test_gain"]
     mean, half = t_interval([2.5, 3.7, 1.9])
