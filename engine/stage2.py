@@ -17,11 +17,10 @@ from datasets import AugmentDraws, EpisodeDataset, Gallery, scan_split
 from datasets.loaders import episode_loader
 from datasets.lowshot import read_stage_split
 from datasets.transforms import prepare_images
+from engine.diagnostics import DIAGNOSTICS, DeviceSums, columns, new_sums
 from engine.episode import (
-    EPISODE_CLASS,
     GALLERY_CALL,
     GALLERY_SHARES,
-    SAME_CLASS,
     EpisodeConfig,
     EpisodeResult,
     GalleryBank,
@@ -43,11 +42,9 @@ from utils.metrics import format_accuracy, mean_ci95
 from utils.options import configure_backend
 
 TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
-METRICS = ["epoch", "proto_loss", "cls_loss", "train_acc", "train_plain_acc", "select_split", "select_acc",
-           "select_acc_ci", "select_plain_acc", "select_loss", "weight_mean", "weight_std", "lr", "cls_lr", "scale_lr",
-           "scale", "episodes_per_s", "train_gallery_same_class", "train_gallery_episode_class", "train_own_distance",
-           "train_other_distance", "select_weight_mean", "select_weight_std", "select_own_distance",
-           "select_other_distance", "gallery_bn"]
+METRICS = ["epoch", *(d.train for d in DIAGNOSTICS if d.train), "lr", "cls_lr", "scale_lr", "scale", "episodes_per_s",
+           "select_split", "select_acc", "select_acc_ci", "select_plain_acc", "select_loss",
+           *(d.select for d in DIAGNOSTICS if d.select), "gallery_bn"]
 RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet", "shots", "ways", "trainways",
                "test_num", "augnum", "chooseNum", "galleryNum", "epoch", "fixCls", "fixAttention", "fixScale", "LR",
                "clsLR", "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn",
@@ -304,8 +301,6 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                 gallery_relation(result, bank.gallery.labels, episode["classes"])
             sums.add(result, relation)
             unread.append((episode["index"], episode["classes"]))
-            progress["step"] += 1
-            progress["cls_steps"] += int(result.cls_loss is not None)
             if stopping or len(unread) == SYNC_EVERY or done == len(loader):
                 first_bad = sums.read()
                 if first_bad is not None:
@@ -337,7 +332,7 @@ def class_names(loader, classes: torch.Tensor) -> str:
 def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
              device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
              stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None, cached: bool = True) -> dict:
-    """Accuracies with and without deformation, losses and deformation sums over the dataset's episodes.
+    """Accuracies with and without deformation, losses and diagnostics' sums over the dataset's episodes.
 
     The embedding is fixed during the pass, so each distinct image of the pass is decoded and
     embedded once, in advance, into ``cache`` (a new one unless the caller keeps one for a run whose
@@ -347,8 +342,8 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     episode and each batch of the advance pass).
 
     Returns:
-        ``acc``, ``plain`` and ``loss`` (one value per episode), ``deformation`` (sums for
-        :func:`deformation_columns`) and ``first`` (the first episode's result when ``keep_first``).
+        ``acc``, ``plain`` and ``loss`` (one value per episode), ``sums`` (the diagnostics' sums,
+        :mod:`engine.diagnostics`) and ``first`` (the first episode's result when ``keep_first``).
     """
     config = episode_config(args, dataset.ways)
     if cached:
@@ -356,7 +351,7 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
         cache.fill(dataset, args.nthreads, bool(args.progress), f"{desc} images", stop)
     else:
         cache = None
-    per_episode, first, sums = [], None, new_deformation_sums()
+    per_episode, first, sums = [], None, new_sums()
     device_sums = DeviceSums(sums, device)
     for episode in tqdm(timed_items(episode_loader(dataset, args.nthreads, device), timer), total=len(dataset),
                         desc=desc, disable=not args.progress, leave=False):
@@ -370,7 +365,7 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
         check_stop(stop, f"in the {desc} evaluation")
     acc, plain, losses = torch.stack(per_episode).T.tolist() if per_episode else ([], [], [])
     device_sums.read()
-    return {"acc": acc, "plain": plain, "loss": losses, "first": first, "deformation": sums}
+    return {"acc": acc, "plain": plain, "loss": losses, "first": first, "sums": sums}
 
 
 def gallery_pass_line(bank: GalleryBank) -> str:
@@ -389,12 +384,9 @@ def gallery_pass_line(bank: GalleryBank) -> str:
 def selection_columns(stats: dict, split: str) -> dict:
     """The ``select_*`` columns of metrics.csv from an :func:`evaluate` pass over ``split``."""
     acc, acc_ci = mean_ci95([100 * a for a in stats["acc"]])
-    deformation = deformation_columns(stats["deformation"])
     return {"select_split": split, "select_acc": acc, "select_acc_ci": acc_ci,
             "select_plain_acc": mean_ci95([100 * a for a in stats["plain"]])[0],
-            "select_loss": sum(stats["loss"]) / len(stats["loss"]),
-            **{f"select_{key}": deformation[key] for key in ("weight_mean", "weight_std", "own_distance",
-                                                                "other_distance")}}
+            "select_loss": sum(stats["loss"]) / len(stats["loss"]), **columns(stats["sums"], "select")}
 
 
 def report(stats: dict, args, split: str) -> dict:
@@ -428,115 +420,14 @@ def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str
     return path
 
 
-def new_deformation_sums() -> dict[str, float]:
-    """Running sums behind the deformation columns of metrics.csv (:func:`deformation_columns`)."""
-    return {"weight_sum": 0.0, "weight_sq": 0.0, "weight_n": 0, "own_distance": 0.0, "other_distance": 0.0,
-            "distance_n": 0, "same_class": 0, "episode_class": 0, "relation_n": 0}
-
-
-# The sums of per-episode values that are kept on the device, in this order (the counts beside
-# them, such as ``weight_n``, are known on the host).
-DEVICE_SUMS = ("proto_loss", "cls_loss", "acc", "plain_acc", "weight_sum", "weight_sq", "own_distance",
-               "other_distance", "same_class", "episode_class")
-
-
-def episode_values(result: EpisodeResult, relation: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """One episode's contributions (0-dim device tensors) to the :data:`DEVICE_SUMS`: its losses and
-    accuracies, the sum and sum of squares of its predicted weights, its deformed-feature distances
-    and, for a training episode, the class relation counts of its gallery images
-    (:func:`engine.episode.gallery_relation`)."""
-    values = {"proto_loss": result.proto_loss.detach(), "acc": result.accuracy, "plain_acc": result.plain_accuracy}
-    if result.cls_loss is not None:
-        values["cls_loss"] = result.cls_loss.detach()
-    if result.weights is not None:
-        values["weight_sum"], values["weight_sq"] = result.weights.sum(), result.weights.pow(2).sum()
-    if result.own_distance is not None:
-        values["own_distance"], values["other_distance"] = result.own_distance, result.other_distance
-    if relation is not None:
-        values["same_class"] = (relation == SAME_CLASS).sum()
-        values["episode_class"] = (relation == EPISODE_CLASS).sum()
-    return values
-
-
-class DeviceSums:
-    """The running sums of ``sums`` (:func:`new_progress` or :func:`new_deformation_sums`) named in
-    :data:`DEVICE_SUMS`, kept on ``device`` between reads; the host-side counts in ``sums`` are
-    advanced at once.
-
-    Each episode's values are added in float64 in episode order, so after :meth:`read` the sums are
-    the numbers adding each value on the host (``.item()``, which waits for the GPU) would give, bit
-    for bit. Between reads the device-side sums in ``sums`` are stale.
-    """
-
-    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
-        self.sums, self.keys = sums, [key for key in DEVICE_SUMS if key in sums]
-        # built on the host and copied without waiting (a tensor made on the GPU from Python numbers waits)
-        self.totals = torch.tensor([float(sums[key]) for key in self.keys], dtype=torch.float64).to(
-            device, non_blocking=True)
-        self.zero = torch.zeros((), device=device)
-        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
-        self.unread = 0
-
-    def add(self, result: EpisodeResult, relation: torch.Tensor | None = None) -> None:
-        """Add one episode (``relation``: its gallery class relation, training episodes only) and note
-        whether its losses were finite."""
-        values = episode_values(result, relation)
-        losses = [values[key] for key in ("proto_loss", "cls_loss") if key in values]
-        # One stack of every value and loss (float32, and counts below 2**24 promoted to float32 exactly),
-        # one conversion to float64: the numbers converting each value would give, in fewer operations.
-        stacked = torch.stack([values.get(key, self.zero) for key in self.keys] + losses)
-        stacked = stacked.double()
-        self.totals += stacked[:len(self.keys)]
-        finite = torch.isfinite(stacked[len(self.keys):]).all()
-        self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, float(self.unread))
-        self.unread += 1
-        if result.weights is not None:
-            self.sums["weight_n"] += result.weights.numel()
-        if result.own_distance is not None:
-            self.sums["distance_n"] += 1
-        if relation is not None:
-            self.sums["relation_n"] += relation.numel()
-
-    def read(self) -> int | None:
-        """Write the sums back to ``sums`` (one transfer, waiting for the GPU); returns the position,
-        among the episodes added since the last read, of the first with a non-finite loss, else None."""
-        *totals, first_bad = torch.cat([self.totals, self.first_bad.view(1)]).tolist()
-        self.sums.update(zip(self.keys, totals))
-        self.first_bad.fill_(-1.0)
-        self.unread = 0
-        return None if first_bad < 0 else int(first_bad)
-
-
-def deformation_columns(sums: dict[str, float]) -> dict[str, float | str]:
-    """Mean and spread of the predicted weights (0 without any); mean squared distance of the deformed
-    images' features to their own class's plain prototype and to the nearest other one; share of
-    deformed images whose gallery image is of the probe's class / of another class of the episode.
-    Empty where nothing was measured."""
-    n = max(sums["weight_n"], 1)
-    mean = sums["weight_sum"] / n
-    distances, relations = sums["distance_n"], sums["relation_n"]
-    return {"weight_mean": mean, "weight_std": math.sqrt(max(sums["weight_sq"] / n - mean * mean, 0.0)),
-            "own_distance": sums["own_distance"] / distances if distances else "",
-            "other_distance": sums["other_distance"] / distances if distances else "",
-            "gallery_same_class": sums["same_class"] / relations if relations else "",
-            "gallery_episode_class": sums["episode_class"] / relations if relations else ""}
-
-
 def new_progress() -> dict[str, float]:
     """The running sums of a training epoch (:class:`DeviceSums` keeps most of them on the device)."""
-    return {"step": 0, "proto_loss": 0.0, "cls_loss": 0.0, "cls_steps": 0, "acc": 0.0, "plain_acc": 0.0,
-            "time": 0.0, "select": None, **new_deformation_sums()}
+    return {"time": 0.0, "select": None, **new_sums()}
 
 
 def epoch_row(epoch: int, progress: dict[str, float], optimizers: dict, model: IDeMeNet) -> dict:
-    steps = max(progress["step"], 1)
-    deformation = deformation_columns(progress)
-    cls_loss = progress["cls_loss"] / progress["cls_steps"] if progress["cls_steps"] else ""  # empty: not trained
-    return {"epoch": epoch, "proto_loss": progress["proto_loss"] / steps, "cls_loss": cls_loss,
-            "train_acc": 100 * progress["acc"] / steps, "train_plain_acc": 100 * progress["plain_acc"] / steps,
-            "weight_mean": deformation["weight_mean"], "weight_std": deformation["weight_std"],
-            "lr": optimizers["meta_opt"].param_groups[0]["lr"], "cls_lr": optimizers["cls_opt"].param_groups[1]["lr"],
-            "scale_lr": optimizers["scale_opt"].param_groups[0]["lr"],
-            "scale": model.scale.item(), "episodes_per_s": progress["step"] / max(progress["time"], 1e-9),
-            **{f"train_{key}": deformation[key]
-               for key in ("gallery_same_class", "gallery_episode_class", "own_distance", "other_distance")}}
+    """A training epoch's row of metrics.csv, but the selection pass's columns and ``gallery_bn``."""
+    return {"epoch": epoch, **columns(progress, "train"), "lr": optimizers["meta_opt"].param_groups[0]["lr"],
+            "cls_lr": optimizers["cls_opt"].param_groups[1]["lr"],
+            "scale_lr": optimizers["scale_opt"].param_groups[0]["lr"], "scale": model.scale.item(),
+            "episodes_per_s": progress["step"] / max(progress["time"], 1e-9)}

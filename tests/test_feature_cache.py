@@ -8,6 +8,7 @@ import torch
 import engine.stage2 as stage2
 from datasets import EpisodeDataset, Gallery
 from datasets.loaders import episode_loader
+from engine.diagnostics import columns
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
@@ -69,8 +70,7 @@ def test_stage2_evaluation_cached_equals_per_episode(stage2_workdir, stage2_spli
                             args, CPU, "val", model.embed, cached=False)
     assert cached["acc"] == fresh["acc"] and cached["plain"] == fresh["plain"]
     assert cached["loss"] == pytest.approx(fresh["loss"], rel=1e-6)
-    assert_same_columns(stage2.deformation_columns(cached["deformation"]),
-                        stage2.deformation_columns(fresh["deformation"]))
+    assert_same_columns(columns(cached["sums"], "select"), columns(fresh["sums"], "select"))
 
 
 def assert_same_columns(got: dict[str, float | str], want: dict[str, float | str]) -> None:

@@ -9,6 +9,7 @@ from PIL import Image
 
 import engine.stage2 as stage2
 from conftest import make_episode, make_gallery, normalise, uint8_images
+from engine.diagnostics import DeviceSums, columns, new_sums
 from engine.episode import (
     EPISODE_CLASS,
     OTHER_CLASS,
@@ -49,17 +50,17 @@ def test_gallery_relation_and_shares_on_a_constructed_episode() -> None:
     relation = gallery_relation(result, gallery_labels, classes)
     assert relation.tolist() == [SAME_CLASS, OTHER_CLASS, EPISODE_CLASS, SAME_CLASS, OTHER_CLASS]
 
-    sums = stage2.new_deformation_sums()
-    device_sums = stage2.DeviceSums(sums, CPU)
+    sums = new_sums()
+    device_sums = DeviceSums(sums, CPU)
     device_sums.add(result, relation)
     device_sums.add(result_with([4, 4, 4], [1, 0, 1]),
                     gallery_relation(result_with([4, 4, 4], [1, 0, 1]), gallery_labels, classes))
     assert device_sums.read() is None  # finite losses
-    columns = stage2.deformation_columns(sums)
+    row = columns(sums, "train")
     # same: 2 of the first five and 2 of the next three; another episode class: 1 + 1
-    assert columns["gallery_same_class"] == pytest.approx(4 / 8)
-    assert columns["gallery_episode_class"] == pytest.approx(2 / 8)
-    assert columns["own_distance"] == ""  # nothing measured, nothing claimed
+    assert row["train_gallery_same_class"] == pytest.approx(4 / 8)
+    assert row["train_gallery_episode_class"] == pytest.approx(2 / 8)
+    assert row["train_own_distance"] == ""  # nothing measured, nothing claimed
 
 
 def test_deformed_feature_distances_to_own_and_nearest_other_prototype() -> None:

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 import engine.stage2 as stage2
 from conftest import make_episode, make_gallery, uint8_images
-from engine.episode import EpisodeConfig, EpisodeResult, GalleryBank, embed_gallery_train_mode, run_episode
+from engine.diagnostics import DIAGNOSTICS, DeviceSums
+from engine.episode import (
+    EPISODE_CLASS,
+    SAME_CLASS,
+    EpisodeConfig,
+    EpisodeResult,
+    GalleryBank,
+    embed_gallery_train_mode,
+    run_episode,
+)
 from models import IDeMeNet
 from models.batchnorm import LeanBatchNorm2d, batch_norms
 from tests.scripts_helpers import load_script
@@ -342,8 +351,8 @@ def test_round_one_embeds_the_deformed_images_in_one_call(resnet) -> None:
 def test_device_sums_add_the_per_value_float64_numbers_with_one_conversion() -> None:
     generator = torch.Generator().manual_seed(3)
     progress = stage2.new_progress()
-    sums = stage2.DeviceSums(progress, CPU)
-    expected = dict.fromkeys(stage2.DEVICE_SUMS, 0.0)
+    sums = DeviceSums(progress, CPU)
+    expected = {d.name: 0.0 for d in DIAGNOSTICS}
     for episode in range(5):
         weights = torch.randn(6, 9, generator=generator)
         relation = torch.randint(0, 3, (6,), generator=generator)
@@ -352,12 +361,18 @@ def test_device_sums_add_the_per_value_float64_numbers_with_one_conversion() -> 
                                torch.rand((), generator=generator), weights, None, None, None,
                                own_distance=torch.rand((), generator=generator) * 100,
                                other_distance=torch.rand((), generator=generator) * 100)
-        values = stage2.episode_values(result, relation)
+        values = {"proto_loss": result.proto_loss, "acc": result.accuracy, "plain_acc": result.plain_accuracy,
+                  "weight_sum": weights.sum(), "weight_sq": weights.pow(2).sum(), "own_distance": result.own_distance,
+                  "other_distance": result.other_distance, "same_class": (relation == SAME_CLASS).sum(),
+                  "episode_class": (relation == EPISODE_CLASS).sum()}
+        if result.cls_loss is not None:
+            values["cls_loss"] = result.cls_loss
         for key, value in values.items():  # the former per-value conversion
             expected[key] = (torch.tensor(expected[key], dtype=torch.float64) + value.double()).item()
         with OpCounter() as counter:
             sums.add(result, relation)
         assert counter.counts["aten._to_copy.default"] == 1 and counter.counts["aten.stack.default"] == 1
     assert sums.read() is None
-    assert {key: progress[key] for key in stage2.DEVICE_SUMS} == expected
+    assert {key: progress[key] for key in expected} == expected
     assert progress["same_class"] > 0 and progress["cls_loss"] > 0
+    assert (progress["step"], progress["cls_steps"], progress["weight_n"], progress["relation_n"]) == (5, 2, 270, 30)
