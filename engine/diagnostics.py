@@ -77,13 +77,11 @@ DIAGNOSTICS = (  # the losses first: the divergence check reads the leading entr
     Diagnostic("other_distance", "distance_n", lambda r, _: _one(r.other_distance), train="train_other_distance",
                select="select_other_distance"),
 )
-LOSSES = sum(d.loss for d in DIAGNOSTICS)
-COUNTS = tuple(dict.fromkeys(d.count for d in DIAGNOSTICS))
 
 
 def new_sums() -> dict[str, float]:
     """Every diagnostic's sum and every count at zero."""
-    return {**{d.name: 0.0 for d in DIAGNOSTICS}, **dict.fromkeys(COUNTS, 0)}
+    return {**{d.name: 0.0 for d in DIAGNOSTICS}, **{d.count: 0 for d in DIAGNOSTICS}}
 
 
 def columns(sums: dict[str, float], row: str) -> dict[str, float | str]:
@@ -113,7 +111,7 @@ class DeviceSums:
     """
 
     def __init__(self, sums: dict[str, float], device: torch.device) -> None:
-        self.sums = sums
+        self.sums, self.losses = sums, sum(d.loss for d in DIAGNOSTICS)
         # built on the host and copied without waiting (a tensor made on the GPU from Python numbers waits)
         self.totals = torch.tensor([float(sums[d.name]) for d in DIAGNOSTICS], dtype=torch.float64).to(
             device, non_blocking=True)
@@ -134,7 +132,7 @@ class DeviceSums:
         # conversion to float64: the numbers converting each value would give, in fewer operations.
         stacked = torch.stack(values).double()
         self.totals += stacked
-        finite = torch.isfinite(stacked[:LOSSES]).all()
+        finite = torch.isfinite(stacked[:self.losses]).all()
         self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, float(self.unread))
         self.unread += 1
         for key, count in counted.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.diagnostics as diagnostics
 import engine.stage2 as stage2
 from conftest import make_episode, make_gallery, normalise, uint8_images
 from engine.diagnostics import DeviceSums, columns, new_sums
@@ -200,3 +201,24 @@ def test_figure_frames_each_gallery_image_by_its_class_relation(tmp_path) -> Non
         torch.testing.assert_close(corner, torch.tensor(RELATION_COLOURS[relation]), atol=0.01, rtol=0)
         probe_corner = image[top, 2 + 0].float() / 255
         assert not torch.allclose(probe_corner, torch.tensor(RELATION_COLOURS[relation]), atol=0.05)
+
+
+def test_a_new_diagnostic_is_one_entry_and_its_sums_and_column_follow(monkeypatch) -> None:
+    """An entry added to the table (the largest predicted weight of each episode) is summed on the device, read by
+    the host with the others, counted, and given its column, with no other edit."""
+    largest = diagnostics.Diagnostic("largest_weight", "weight_episodes",
+                                     lambda r, _: None if r.weights is None else (r.weights.max(), 1),
+                                     train="train_largest_weight")
+    monkeypatch.setattr(diagnostics, "DIAGNOSTICS", (*diagnostics.DIAGNOSTICS, largest))
+    sums = new_sums()
+    device_sums = DeviceSums(sums, CPU)
+    maxima = []
+    for copies in (2, 3, 5):
+        result = result_with(list(range(copies)), [0] * copies)
+        result.weights = torch.rand(copies, 9)
+        maxima.append(result.weights.max().item())
+        device_sums.add(result)
+    device_sums.add(result_with([1], [0]))  # no weights: not counted
+    assert device_sums.read() is None
+    assert sums["weight_episodes"] == 3
+    assert columns(sums, "train")["train_largest_weight"] == pytest.approx(sum(maxima) / 3)
