@@ -12,8 +12,7 @@ INTERRUPTED_EXIT = 130
 
 
 class Interrupted(Exception):
-    """A long phase (training, an evaluation, the gallery build) stopped early because a stop was
-    requested; its message names the phase."""
+    """A long phase stopped early because a stop was requested; its message names the phase."""
 
 
 class StopNow(BaseException):
@@ -21,7 +20,7 @@ class StopNow(BaseException):
 
 
 def stopped_at_once_line(signal_name: str) -> str:
-    """What a second signal prints (one line, on stderr) before the process exits with status 130."""
+    """The line a second signal prints on stderr before the process exits with status 130."""
     return f"{signal_name} again: stopped at once; what was saved before is intact"
 
 
@@ -31,19 +30,16 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def _ignore_stop_signals() -> None:
-    """Ignore SIGINT and SIGTERM for the rest of the interpreter's exit: after the exit functions
-    Python puts back the default action of the signals it handles (death by the signal, status
-    143 for SIGTERM), but leaves an ignored one ignored."""
+    """Ignore SIGINT and SIGTERM for the rest of the exit (Python restores the default action, status 143 for
+    SIGTERM, of a handled signal after the exit functions, but leaves an ignored one ignored)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 
 
 class GracefulInterrupt:
-    """Context manager; ``requested`` becomes true on the first SIGINT or SIGTERM, and the second one
-    raises :class:`StopNow`. Once a stop was requested, leaving the context does not restore the
-    default handlers: a signal during what follows (writing the state, closing the process group
-    and the loaders, the exit functions) ends the process at once with one line and status 130, and
-    one during the rest of the interpreter's exit is ignored, so the status stays 130."""
+    """``requested`` becomes true on the first SIGINT or SIGTERM; the second raises :class:`StopNow`. After a
+    request, a signal after the context (saving, shutting down) exits at once with status 130, and one during the
+    interpreter's exit is ignored, so the status stays 130."""
 
     def __init__(self) -> None:
         self.requested = False

@@ -1,9 +1,5 @@
-"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run.
-
-Under DistributedDataParallel each process sees a slice of the global batch; with plain
-BatchNorm the statistics (and so the loss) would differ from one process on the whole batch.
-This layer sums the per-channel moments over all processes with a differentiable all-reduce.
-"""
+"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run: the per-channel
+moments are summed over processes by a differentiable all-reduce."""
 from __future__ import annotations
 
 import warnings
