@@ -18,8 +18,7 @@ GALLERY_SEED = 2019
 
 
 def gallery_files(split: Split, gallery_num: int, seed: int = GALLERY_SEED) -> list[tuple[int, object]]:
-    """``(class index, path)`` pairs, class by class: ``gallery_num`` files per class drawn without replacement
-    from ``RandomState(seed)``."""
+    """``(class index, path)``, ``gallery_num`` per class drawn without replacement from ``RandomState(seed)``."""
     too_small = [(c, len(f)) for c, f in zip(split.classes, split.files) if len(f) < gallery_num]
     if too_small:
         wnid, size = too_small[0]

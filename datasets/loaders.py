@@ -28,8 +28,7 @@ def ignore_stop_signals() -> None:
 
 
 class StopSafeLoader(DataLoader):
-    """A DataLoader whose workers start with SIGINT and SIGTERM blocked (an inherited mask) until
-    :func:`init_worker` ignores them; else PyTorch's SIGTERM handler could end a worker as it starts."""
+    """A DataLoader whose workers start with the stop signals blocked (PyTorch's handler would end them)."""
 
     def __iter__(self):
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

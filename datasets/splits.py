@@ -108,8 +108,7 @@ def detect_layout(root: Path | str) -> str:
 
 
 def read_split(root: Path | str, split: str) -> Split:
-    """One split of the dataset under ``root``, whatever its layout; :class:`DataError` for a missing or malformed
-    root, images folder, split file or class list."""
+    """One split of the dataset under ``root``, whatever its layout (:class:`DataError` when unusable)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(root)

@@ -68,8 +68,7 @@ class TV02RandomResizedCrop:
 
 
 def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
-    """Random crop to S (``crop``: ``tv02``, the original's, or ``current``, today's torchvision's), flip, ImageNet
-    normalisation -> float ``[3, S, S]``."""
+    """Random crop (``crop``: ``tv02``, the original's, or ``current``), flip, normalisation -> float ``[3, S, S]``."""
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r} (known: {', '.join(CROPS)})")
     return T.Compose([

@@ -1,5 +1,4 @@
-"""BatchNorm variants (PyTorch 0.4.0's initialisation, docs/original.md §4.2; lean when frozen), and the running
-statistics: kept during a pass, or re-estimated (``--preciseBN``)."""
+"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen) and their running statistics."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -12,8 +11,7 @@ from torch.nn import init
 
 
 class _FrozenBatchNorm(torch.autograd.Function):
-    """Eval-mode batch norm whose backward is ``dy * invstd * weight`` (each ``[1, C, 1, 1]``), as PyTorch's CPU
-    kernel computes it, so CPU gradients match the stock layer's bit for bit."""
+    """Eval-mode batch norm whose backward, ``dy * invstd * weight``, matches the stock CPU kernel bit for bit."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, eps, invstd, weight_4d):
@@ -36,9 +34,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same keys and numbers) that keeps no activation for the backward when frozen (eval
     mode, weight and bias without gradients, input with one): the embedding under ``--fixCls 1``, where the stock
     layer would keep each ``[N, C, H, W]`` input (330 MB for 35 images at 224 px) for gradients nobody asks for.
-
-    The frozen factors are cached until the running variance changes (its version counter, or a forward that
-    updates the statistics); after a write through ``running_var.data`` call :meth:`forget_frozen_factors`.
+    The frozen factors are cached; after a write through ``running_var.data`` call :meth:`forget_frozen_factors`.
     """
 
     _frozen_cache: tuple | None = None
@@ -55,8 +51,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
     def frozen_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(:func:`frozen_invstd`, ``weight``), each ``[1, C, 1, 1]``: cached while the tensors, their
-        storage and version counters, and ``eps`` are the same."""
+        """(:func:`frozen_invstd`, ``weight``) ``[1, C, 1, 1]``, cached while tensors, versions and ``eps`` hold."""
         var, tracked, weight = self.running_var, self.num_batches_tracked, self.weight
         key = (var._version, var.data_ptr(), None if tracked is None else tracked._version, weight.data_ptr(),
                self.eps)
@@ -74,8 +69,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
 
 
 class Torch04BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` initialised as PyTorch 0.4.0 did (docs/original.md §4.2): weight ~ U(0, 1) from the global
-    generator, bias 0 (today's PyTorch starts the weight at 1)."""
+    """``nn.BatchNorm2d`` initialised as PyTorch 0.4.0 did (docs/original.md §4.2): weight ~ U(0, 1), bias 0."""
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()

@@ -1,7 +1,5 @@
-"""The deformation sub-networks, their registry, and the patch blend (docs/original.md §4.1).
-
-Adding a network: a :class:`DeformNet` subclass and one entry in :data:`DEFORM_NETS`.
-"""
+"""The deformation sub-networks (a new one: a :class:`DeformNet` in :data:`DEFORM_NETS`) and the patch blend
+(docs/original.md §4.1)."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +13,7 @@ ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
 
 
 def blend_patches(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``W * probe + (1 - W) * gallery`` ``[N, C, S, S]``, one weight per cell: ``weights`` ``[N, F*F]``, cell (row i,
-    column j) at ``i * F + j``."""
+    """``W * probe + (1 - W) * gallery`` ``[N, C, S, S]``; ``weights`` ``[N, F*F]``, cell (i, j) at ``i * F + j``."""
     mask = weight_map(weights.to(probe.dtype), probe.shape[-1])
     return mask * probe + (1 - mask) * gallery
 
@@ -39,8 +36,7 @@ class DeformNet(nn.Module):
                              f"got {image_size}")
 
     def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The entries of this network's state dict that start from a stage-1 ResNet body (:func:`resnet_body`'s
-        keys) when stage 2 starts from a stage-1 checkpoint."""
+        """The entries of this network's state that start from a stage-1 ResNet body (:func:`resnet_body`'s keys)."""
         return {}
 
 
@@ -67,8 +63,7 @@ class SmallDeformNet(DeformNet):
 
 
 def resnet_body(backbone: str = DEFAULT_BACKBONE) -> nn.Module:
-    """The torchvision ResNet ``backbone`` giving pooled features ``[N, D]`` (``fc`` is Identity), with
-    :class:`LeanBatchNorm2d` layers."""
+    """The ResNet ``backbone`` giving pooled features ``[N, D]`` (no fc), with :class:`LeanBatchNorm2d` layers."""
     net = build_backbone(backbone, norm_layer=LeanBatchNorm2d)
     net.fc = nn.Identity()
     return net

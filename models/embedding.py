@@ -1,5 +1,4 @@
-"""The stage-1 embedding network: a torchvision ResNet (ResNet-18 by default) with a 64-way fc (docs/original.md §3.1),
-and the registry of the ResNets it can be."""
+"""The stage-1 embedding: a torchvision ResNet (ResNet-18 by default), 64-way fc (docs/original.md §3.1)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -98,8 +98,7 @@ def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
 
 
 def load_embedding(path: Path | str, num_classes: int | None = None) -> EmbeddingNet:
-    """An :class:`EmbeddingNet` of the file's backbone from a stage-1 file (``convnet.*``), the
-    authors' ``softRandom.t7`` included; the embedding and fc of a stage-2 file are accepted too."""
+    """An :class:`EmbeddingNet` from a stage-1 file (``softRandom.t7`` too) or a stage-2 file's embedding."""
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind in ("original", "stage2"):

@@ -1,5 +1,4 @@
-"""Checkpoints written atomically (a kill leaves the previous file intact) and read without executing code
-(``weights_only``), the original's Python 2 pickles included."""
+"""Checkpoints written atomically and read without executing code, the original's Python 2 pickles included."""
 from __future__ import annotations
 
 import os

@@ -79,8 +79,7 @@ def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
 
 def gather_round_robin(values: Sequence[float], total: int, stopped: bool, device: torch.device,
                        info: DistInfo) -> tuple[list[float], bool]:
-    """The ``total`` values of a pass sharded round robin (rank r computed items r, r + W, ...) in item order on
-    every rank, and whether any rank stopped early (then the values are incomplete)."""
+    """The ``total`` values rank r computed as items r, r + W, ..., in order on every rank; whether any stopped."""
     if not info.enabled:
         return list(values), stopped
     buffer = torch.zeros(total + 1, dtype=torch.float64, device=device)
@@ -93,8 +92,7 @@ def gather_round_robin(values: Sequence[float], total: int, stopped: bool, devic
 
 
 def raise_together(error: Exception | None, info: DistInfo) -> None:
-    """Raise on every process the lowest rank's error (``error``: this process's, or None), if any had one. Every
-    process calls it, so that one failing alone does not leave the others waiting."""
+    """Raise on every process the lowest rank's ``error`` (this process's, or None), so that none waits alone."""
     if info.enabled:
         errors: list[Exception | None] = [None] * info.world_size
         dist.all_gather_object(errors, error)

@@ -33,8 +33,7 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict | None) -> None:
 
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
-    """Step each optimiser once; through ``scaler`` when it scales (skipping those without gradients), then one
-    ``update``."""
+    """Step each optimiser once; through ``scaler`` when it scales (those with gradients), then one ``update``."""
     if scaler is None or not scaler.is_enabled():
         for optimizer in optimizers:
             optimizer.step()
@@ -99,8 +98,7 @@ def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch
 
 def deform_in_chunks(deform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                      probes: torch.Tensor, gallery: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``IDeMeNet.deform`` over ``[N, 3, S, S]`` pairs -> (deformed, weights ``[N, F*F]``): in chunks of ``chunk``
-    without autograd, in one call with it (the graph keeps every activation anyway)."""
+    """``IDeMeNet.deform`` over ``[N, 3, S, S]`` pairs -> (deformed, ``[N, F*F]``), chunked only without autograd."""
     if torch.is_grad_enabled() or len(probes) <= chunk:
         return deform(probes, gallery)
     parts = [deform(probes[i:i + chunk], gallery[i:i + chunk]) for i in range(0, len(probes), chunk)]

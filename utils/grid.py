@@ -7,8 +7,7 @@ import torch
 
 
 def grid_boundaries(size: int, fang: int) -> list[int]:
-    """The ``fang + 1`` cell boundaries on ``size`` pixels: cells of ``size // fang``, the last taking the remainder
-    (224 px, F = 3: 0, 74, 148, 224)."""
+    """The ``fang + 1`` cell boundaries on ``size`` px, the last cell taking the remainder (224, 3: 0, 74, 148, 224)."""
     if fang < 1:
         raise ValueError(f"grid size must be at least 1, got {fang}")
     if size < fang:

@@ -1,5 +1,4 @@
-"""Ctrl-C and SIGTERM: the first one asks the run to stop at the next episode or batch and save its
-resumable state; a second one stops at once."""
+"""Ctrl-C and SIGTERM: the first stops the run at the next step, saving its state; a second stops at once."""
 from __future__ import annotations
 
 import atexit
@@ -30,8 +29,7 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def _ignore_stop_signals() -> None:
-    """Ignore SIGINT and SIGTERM for the rest of the exit (Python restores the default action, status 143 for
-    SIGTERM, of a handled signal after the exit functions, but leaves an ignored one ignored)."""
+    """Ignore SIGINT and SIGTERM for the rest of the exit (a handled one would get its default action back)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -1,5 +1,4 @@
-"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run: the per-channel
-moments are summed over processes by a differentiable all-reduce."""
+"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run."""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +9,7 @@ from torch import nn
 
 
 class GlooSyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batch of every process."""
+    """BatchNorm2d whose training moments are summed over processes by a differentiable all-reduce."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
