@@ -13,15 +13,13 @@ from torch.utils.data import DataLoader
 
 from datasets.episodes import CroppedImages, EpisodeDataset, collate_episode
 
-# Niceness of the workers when the model runs on the CPU: a decode at normal priority would preempt a compute
-# thread and stall its parallel region; a niced one runs in the gaps, and the prefetch queue absorbs the delay.
+# Workers' niceness on the CPU: they decode in the compute threads' gaps instead of stalling a parallel region.
 CPU_WORKER_NICENESS = 19
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def ignore_stop_signals() -> None:
-    """Leave SIGINT and SIGTERM to the main process, so that a signal to the process group (Ctrl-C, ``scancel``)
-    reaches only its graceful stop and the workers end with the loader; one held back at start is dropped."""
+    """Leave SIGINT and SIGTERM (Ctrl-C, ``scancel`` to the group) to the main process's graceful stop."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -39,8 +37,7 @@ class StopSafeLoader(DataLoader):
 
 
 def end_lingering_workers() -> None:
-    """At exit, SIGKILL the daemonic children still alive (loader workers ignore the SIGTERM multiprocessing's own
-    exit handler sends before waiting for them forever)."""
+    """At exit, SIGKILL live daemonic children (workers ignore multiprocessing's SIGTERM, which would hang)."""
     for process in multiprocessing.active_children():
         if process.daemon:
             process.kill()

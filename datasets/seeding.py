@@ -13,8 +13,7 @@ def item_rng(*key: int) -> np.random.Generator:
 
 
 class SeededSampler(Sampler):
-    """``(index, item_seed)`` for a shuffled epoch of ``size`` items; rank r of W takes positions r, r + W, ... of
-    the epoch padded with its first positions, as ``DistributedSampler`` does, to a multiple of W."""
+    """``(index, item_seed)`` for a shuffled epoch, padded as ``DistributedSampler`` does; rank r takes r, r + W..."""
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size

@@ -11,9 +11,8 @@ from utils.grid import weight_map
 
 
 class SoftRandomDataset(Dataset):
-    """The first ``files_per_class`` files of each class (0: all), ``repeats`` times: ``(index, item_seed)`` ->
-    ``(image float [3, S, S], label)``, every draw from ``item_seed``. With probability ``blend_prob`` each cell k
-    of the F x F grid becomes ``w_k * x + (1 - w_k) * other``, ``w_k ~ U(0, 1)``, ``other`` of the same class."""
+    """``files_per_class`` files per class (0: all), ``repeats`` times: ``(index, item_seed)`` -> (float ``[3, S, S]``,
+    label); with probability ``blend_prob``, cell k becomes ``w_k * x + (1 - w_k) * other``, ``w_k ~ U(0, 1)``."""
 
     def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
                  repeats: int = 2, blend_prob: float = 2 / 3, crop: str = "tv02") -> None:

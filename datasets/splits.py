@@ -1,6 +1,5 @@
-"""A miniImageNet split from any of three layouts: ``flat+csv`` (``<root>/images/*.jpg`` and
-``<root>/<split>.csv``, ``filename,label``), ``flat`` (the classes from ``datasplit/<split>.txt``, a class's files
-the images named after its wnid) and ``folders`` (``<root>/<split>/<wnid>/*.jpg``)."""
+"""A miniImageNet split from ``flat+csv`` (``images/*.jpg``, ``<split>.csv``: ``filename,label``), ``flat`` (the
+classes of ``datasplit/<split>.txt``, files named after their wnid) or ``folders`` (``<split>/<wnid>/*.jpg``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

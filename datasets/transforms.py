@@ -33,10 +33,8 @@ def torch_uniform(low: float, high: float) -> float:
 
 def tv02_crop_box(width: int, height: int, uniform: Callable[[float, float], float] = torch_uniform
                   ) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of torchvision 0.2's ``RandomResizedCrop`` in a ``width`` x ``height`` image:
-    up to 10 tries of area U(0.08, 1) and ratio U(3/4, 4/3) (today: log-uniform), sides rounded half away from
-    zero and swapped with probability 1/2, at a uniform position; else a centre square (today: the whole image).
-    Every draw comes from ``uniform(low, high)``."""
+    """``(top, left, height, width)`` of torchvision 0.2's ``RandomResizedCrop``: 10 tries of uniform area and ratio
+    (today: log-uniform), sides rounded half away from zero, swapped with probability 1/2; else a centre square."""
     area = width * height
     for _ in range(CROP_ATTEMPTS):
         target = uniform(*CROP_SCALE) * area

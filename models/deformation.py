@@ -1,5 +1,4 @@
-"""The deformation sub-networks (a new one: a :class:`DeformNet` in :data:`DEFORM_NETS`) and the patch blend
-(docs/original.md §4.1)."""
+"""The deformation sub-networks (registry: :data:`DEFORM_NETS`), the blend (docs/original.md §4.1)."""
 from __future__ import annotations
 
 import torch
@@ -24,8 +23,7 @@ def encoder_output_size(image_size: int) -> int:
 
 
 class DeformNet(nn.Module):
-    """``forward(probe, gallery)``, ``[N, 3, S, S]`` each -> weights ``[N, F*F]``; ``backbone`` is the embedding's
-    (a key of :data:`models.embedding.BACKBONES`), which a network may use or ignore."""
+    """``forward(probe, gallery)``, ``[N, 3, S, S]`` each -> weights ``[N, F*F]``; ``backbone``: the embedding's."""
 
     min_image_size = 1  # smallest image side S the network accepts
 
@@ -41,9 +39,8 @@ class DeformNet(nn.Module):
 
 
 class SmallDeformNet(DeformNet):
-    """The released encoder: ``cat(probe, gallery)`` [N,6,S,S] -> five Conv-BN-ReLU-MaxPool blocks
-    (6-32-64-64-32-16) -> flatten (16 * (S//32)^2) -> ``Linear`` -> unconstrained weights [N, F*F] (no sigmoid).
-    Initialised as PyTorch 0.4.0 did (BatchNorm weights U(0, 1)); the embedding's backbone plays no part."""
+    """The released encoder, initialised as PyTorch 0.4.0 did: ``cat(probe, gallery)`` [N,6,S,S] -> five
+    Conv-BN-ReLU-MaxPool blocks -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F] (no sigmoid)."""
 
     min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)
 
@@ -70,8 +67,7 @@ def resnet_body(backbone: str = DEFAULT_BACKBONE) -> nn.Module:
 
 
 class TwoBranchDeformNet(DeformNet):
-    """The paper's figure: a ResNet of the embedding's backbone for the probe and one for the gallery image; their
-    concatenated ``[N, 2D]`` features -> ``Linear`` -> weights [N, F*F]. Both start from a stage-1 embedding."""
+    """The paper's figure: a ResNet for the probe, one for the gallery image, ``[N, 2D]`` -> ``Linear`` -> [N, F*F]."""
 
     def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__(image_size, fang, backbone)

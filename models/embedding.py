@@ -43,8 +43,7 @@ def build_backbone(backbone: str, **resnet_args) -> ResNet:
 
 
 def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str | None = None) -> str:
-    """The backbone whose keys ``<prefix><torchvision key>`` ``state`` holds, from its blocks per stage and kind;
-    :class:`CheckpointError` (starting with ``path`` when given) when none has that layout."""
+    """The backbone whose layout ``state`` holds under ``<prefix>`` (else :class:`CheckpointError` naming ``path``)."""
     stages = tuple(len({key[len(prefix):].split(".")[1] for key in state
                         if key.startswith(f"{prefix}layer{stage}.")}) for stage in range(1, 5))
     bottleneck = any(key.startswith(prefix) and ".conv3." in key for key in state)
@@ -58,8 +57,7 @@ def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str
 
 
 class EmbeddingNet(nn.Module):
-    """A ResNet classifier, keys ``convnet.<torchvision key>``: images ``[N,3,S,S]`` -> logits ``[N, num_classes]``
-    (64 base classes); ``backbone``: a key of :data:`BACKBONES`."""
+    """A ResNet (keys ``convnet.<torchvision key>``): images ``[N,3,S,S]`` -> logits ``[N, num_classes]``."""
 
     def __init__(self, num_classes: int = 64, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()

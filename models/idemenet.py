@@ -9,9 +9,8 @@ from models.embedding import DEFAULT_BACKBONE, feature_size
 
 
 class IDeMeNet(nn.Module):
-    """Embedding sub-network (``backbone``, a key of :data:`models.embedding.BACKBONES`) plus deformation
-    sub-network (``deform_net``, a key of :data:`models.deformation.DEFORM_NETS`) on an F x F grid
-    (``fang``) of S-px images. Keys: ``backbone.*`` (ResNet without fc), ``fc.*``, ``deformer.*``, ``scale``."""
+    """Embedding (``backbone``: a key of ``BACKBONES``) plus deformation sub-network (``deform_net``: a key of
+    ``DEFORM_NETS``) on an F x F grid; keys ``backbone.*`` (ResNet, no fc), ``fc.*``, ``deformer.*``, ``scale``."""
 
     def __init__(self, num_classes: int = 64, image_size: int = 224, fang: int = 3, deform_net: str = "small",
                  backbone: str = DEFAULT_BACKBONE) -> None:

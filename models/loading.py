@@ -24,8 +24,7 @@ def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
 
 
 def convert_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' GNet keys renamed to ours: ``attentionNet.*``, ``toWeight.*`` -> ``deformer.*``;
-    ``CNet.resnet.convnet.*`` but its fc -> ``backbone.*`` (the duplicate ``CNet.*`` names only when it is absent)."""
+    """The authors' keys renamed: ``attentionNet.*``, ``toWeight.*`` -> ``deformer.*``; ``CNet.*`` -> ``backbone.*``."""
     nested = "CNet.resnet.convnet."
     has_nested = any(k.startswith(nested) for k in state)
     out: dict[str, torch.Tensor] = {}
@@ -74,9 +73,8 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
 
 
 def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
-    """An :class:`IDeMeNet` (``model_args``: its arguments; ``num_classes`` and ``backbone`` default to the file's)
-    from a stage-1 file (fresh deformation sub-network, scale 1), one of ours or the authors' ``metaNet_*shot.t7``.
-    :class:`CheckpointError` when the file is missing, unsafe, corrupt or does not fit (it lists the keys)."""
+    """An :class:`IDeMeNet` (``model_args``; ``num_classes`` and ``backbone`` default to the file's) from a stage-1
+    file (fresh deformation, scale 1), ours or the authors' ``metaNet_*shot.t7``; else :class:`CheckpointError`."""
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind == "unknown":
@@ -116,8 +114,7 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
 
 def with_embedding_statistics(state: dict[str, torch.Tensor],
                               embedding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (stage-1, stage-2 or the authors', layout kept) with its embedding's BatchNorm running means and
-    variances taken from ``embedding`` (``convnet.*``), under every name the file gives them."""
+    """``state`` (layout kept) with its embedding's BatchNorm running statistics taken from ``embedding``."""
     prefixes = {"stage1": ("convnet.",), "stage2": ("backbone.",),
                 "original": ("CNet.resnet.convnet.", "CNet.")}.get(checkpoint_kind(state))
     if prefixes is None:

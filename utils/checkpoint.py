@@ -77,8 +77,7 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
 
 
 def resolve_checkpoint(name: str, flag: str, models_dir: Path = MODELS_DIR) -> Path:
-    """``name`` when it is a file, else ``models/<name>.t7``; :class:`CheckpointError` naming ``flag`` and listing
-    the checkpoints in ``models_dir``."""
+    """``name`` when it is a file, else ``models/<name>.t7``, else :class:`CheckpointError` naming ``flag``."""
     candidates = [Path(name), models_dir / f"{name}.t7"]
     for path in candidates:
         if path.is_file():

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# How long a collective waits before failing instead of hanging; the longest wait is the main process writing
-# checkpoints or re-estimating BatchNorm statistics.
+# How long a collective waits before failing instead of hanging (longest: the main process saving or --preciseBN).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
@@ -64,9 +63,8 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
 
 def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
                  local: torch.Tensor | None = None) -> tuple[list[int], bool, list[float]]:
-    """One collective per step, before its backward: the ranks whose loss was not finite (``finite``: this rank's
-    0-dim bool) and whether any asked to stop, the same on every rank; ``local`` (float32 ``[k]``, not reduced)
-    comes back as floats in the same host read, the step's only one."""
+    """One collective per step: the ranks whose loss was not finite (``finite``: 0-dim bool), whether any asked to
+    stop, and ``local`` (float32 ``[k]``, not reduced) as floats, in the step's only host read."""
     flags = torch.zeros(info.world_size + 1, dtype=torch.float32, device=finite.device)
     flags[info.rank] = (~finite).float()
     flags[-1] = float(stop)

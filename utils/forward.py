@@ -48,8 +48,7 @@ def step_optimizers(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.G
 
 
 class AutocastReplica(torch.nn.Module):
-    """``module`` for :class:`torch.nn.DataParallel` whose replica threads autocast in :func:`amp_dtype`
-    (DataParallel's own enter float16, whatever the caller's)."""
+    """``module`` for DataParallel, its threads autocasting in :func:`amp_dtype` (DataParallel's use float16)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -85,9 +84,8 @@ def layout_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def embed_in_chunks(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks of ``chunk`` -> float32 ``[N, D]``. A lone image is
-    embedded as a pair: the CPU kernels round a batch of one differently, and features must not depend on the
-    company (cached and per-episode features agree)."""
+    """``embed`` over ``images`` ``[N, 3, S, S]`` in chunks -> float32 ``[N, D]``; a lone image goes as a pair (the
+    CPU kernels round a batch of one differently: cached and per-episode features must agree)."""
     def one_call(part: torch.Tensor) -> torch.Tensor:
         return embed(part.expand(2, *part.shape[1:]))[:1].float() if len(part) == 1 else embed(part).float()
 

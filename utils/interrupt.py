@@ -36,8 +36,7 @@ def _ignore_stop_signals() -> None:
 
 class GracefulInterrupt:
     """``requested`` becomes true on the first SIGINT or SIGTERM; the second raises :class:`StopNow`. After a
-    request, a signal after the context (saving, shutting down) exits at once with status 130, and one during the
-    interpreter's exit is ignored, so the status stays 130."""
+    request, a later signal exits at once with status 130 (ignored during the interpreter's exit)."""
 
     def __init__(self) -> None:
         self.requested = False
