@@ -12,17 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.episodes import CroppedImages, EpisodeDataset, collate_episode
+from utils.interrupt import STOP_SIGNALS, ignore_stop_signals
 
 # Workers' niceness on the CPU: they decode in the compute threads' gaps instead of stalling a parallel region.
 CPU_WORKER_NICENESS = 19
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def ignore_stop_signals() -> None:
-    """Leave SIGINT and SIGTERM (Ctrl-C, ``scancel`` to the group) to the main process's graceful stop."""
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class StopSafeLoader(DataLoader):
@@ -48,8 +41,10 @@ atexit.register(end_lingering_workers)
 
 
 def init_worker(worker_id: int, niced: bool) -> None:
-    """DataLoader ``worker_init_fn``: stop signals ignored, niced when ``niced``."""
+    """DataLoader ``worker_init_fn``: stop signals (Ctrl-C, ``scancel`` to the group) left to the main process's
+    graceful stop, one held back at start dropped; niced when ``niced``."""
     ignore_stop_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if niced:
         os.nice(CPU_WORKER_NICENESS)
 

@@ -25,7 +25,6 @@ DEFAULT_BACKBONE = "resnet18"
 
 
 def check_backbone(backbone: str) -> None:
-    """Raise ``ValueError`` unless ``backbone`` is a key of :data:`BACKBONES`."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
 

@@ -8,6 +8,7 @@ import sys
 from types import FrameType
 
 INTERRUPTED_EXIT = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
@@ -28,9 +29,9 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_EXIT)
 
 
-def _ignore_stop_signals() -> None:
-    """Ignore SIGINT and SIGTERM for the rest of the exit (a handled one would get its default action back)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM (at exit: a handled one would get its default action back, status 143)."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -50,7 +51,7 @@ class GracefulInterrupt:
               "(send it again to stop at once)", flush=True)
 
     def __enter__(self) -> "GracefulInterrupt":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -58,8 +59,8 @@ class GracefulInterrupt:
         for sig, handler in self._previous.items():
             signal.signal(sig, _exit_at_once if self.requested else handler)
         if self.requested:
-            atexit.unregister(_ignore_stop_signals)  # once, however many runs this process stopped
-            atexit.register(_ignore_stop_signals)
+            atexit.unregister(ignore_stop_signals)  # once, however many runs this process stopped
+            atexit.register(ignore_stop_signals)
 
 
 def check_stop(stop, phase: str) -> None:
