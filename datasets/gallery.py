@@ -1,8 +1,4 @@
-"""The gallery of base-class images that deformed examples are blended from (docs/original.md §4.3).
-
-The images are decoded once, centre-cropped at the evaluation size and kept in memory as
-uint8; nothing is read from disk after construction.
-"""
+"""The gallery of base-class images deformed examples are blended from (docs/original.md §4.3), decoded once."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,11 +18,7 @@ GALLERY_SEED = 2019
 
 
 def gallery_files(split: Split, gallery_num: int, seed: int = GALLERY_SEED) -> list[tuple[int, object]]:
-    """``gallery_num`` files per class drawn without replacement from ``RandomState(seed)``.
-
-    Returns:
-        ``(class index, path)`` pairs, class by class.
-    """
+    """``(class index, path)``, ``gallery_num`` per class drawn without replacement from ``RandomState(seed)``."""
     too_small = [(c, len(f)) for c, f in zip(split.classes, split.files) if len(f) < gallery_num]
     if too_small:
         wnid, size = too_small[0]
@@ -40,10 +32,7 @@ def gallery_files(split: Split, gallery_num: int, seed: int = GALLERY_SEED) -> l
 
 
 class Gallery:
-    """Decoded gallery: ``images`` uint8 ``[G, 3, S, S]``, ``labels`` long ``[G]`` (base classes).
-
-    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while decoding.
-    """
+    """``images`` uint8 ``[G, 3, S, S]`` (centre crops), ``labels`` long ``[G]``; :class:`Interrupted` on ``stop()``."""
 
     def __init__(self, split: Split, gallery_num: int, image_size: int, workers: int = 4,
                  seed: int = GALLERY_SEED, progress: bool = True, stop: Callable[[], bool] | None = None) -> None:
@@ -72,8 +61,7 @@ class Gallery:
         return self
 
     def batch(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised float ``[len(index), 3, S, S]``; rows where ``flip`` (bool ``[len(index)]``) is
-        true are mirrored."""
+        """Normalised float ``[len(index), 3, S, S]``, mirrored where ``flip`` (bool ``[len(index)]``)."""
         images = normalize_uint8(self.images[index])
         if flip is None:
             return images

@@ -1,8 +1,4 @@
-"""Per-item seeds: every random draw of a sample is a function of (seed, epoch, position).
-
-This makes the data stream independent of the number of DataLoader workers, of the number
-of distributed processes and of interruptions: a resumed run sees the same samples.
-"""
+"""Per-item seeds from (seed, epoch, position): the data do not depend on workers, processes or resumption."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -17,18 +13,7 @@ def item_rng(*key: int) -> np.random.Generator:
 
 
 class SeededSampler(Sampler):
-    """Yields ``(index, item_seed)`` for a shuffled epoch, optionally one rank's share of it.
-
-    Under distribution the epoch is padded, as ``DistributedSampler`` does, to the next multiple
-    of ``world_size`` with its own first positions (the same items with the same seeds), so every
-    rank yields ``ceil(size / world_size)`` items and runs the same number of steps; rank r takes
-    padded positions r, r + W, ... One process is never padded.
-
-    Args:
-        size: number of items in the dataset.
-        seed: run seed.
-        rank, world_size: for distributed training.
-    """
+    """``(index, item_seed)`` for a shuffled epoch, padded as ``DistributedSampler`` does; rank r takes r, r + W..."""
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size

@@ -1,5 +1,4 @@
-"""Stage-1 data: images blended patch by patch with another image of the same class (docs/original.md
-§3.2 and §3.3)."""
+"""Stage-1 data: images blended patch by patch with another of their class (docs/original.md §3.2, §3.3)."""
 from __future__ import annotations
 
 import torch
@@ -12,17 +11,8 @@ from utils.grid import weight_map
 
 
 class SoftRandomDataset(Dataset):
-    """The first ``files_per_class`` files of each class (0: every file), listed ``repeats`` times.
-
-    Items are requested as ``(index, item_seed)`` (see :class:`datasets.seeding.SeededSampler`);
-    every random draw of the item comes from ``item_seed``, the random crop's (``crop``, see
-    :func:`datasets.transforms.train_transform`) included. With probability ``blend_prob``
-    another file of the same class is transformed too and each cell k of the F x F grid becomes
-    ``w_k * x + (1 - w_k) * other`` with ``w_k ~ U(0, 1)``.
-
-    Returns:
-        ``(image float [3, S, S], label int)``.
-    """
+    """``files_per_class`` files per class (0: all), ``repeats`` times: ``(index, item_seed)`` -> (float ``[3, S, S]``,
+    label); with probability ``blend_prob``, cell k becomes ``w_k * x + (1 - w_k) * other``, ``w_k ~ U(0, 1)``."""
 
     def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
                  repeats: int = 2, blend_prob: float = 2 / 3, crop: str = "tv02") -> None:

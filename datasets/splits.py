@@ -1,10 +1,5 @@
-"""Reading a miniImageNet split from any of the three layouts researchers have.
-
-1. flat: ``<root>/images/*.jpg`` plus ``<root>/{train,val,test}.csv`` (``filename,label``);
-2. flat without CSVs: the class list comes from ``datasplit/<split>.txt`` and a class's files
-   are the images whose names start with its wnid;
-3. one folder per class: ``<root>/<split>/<wnid>/*.jpg``.
-"""
+"""A miniImageNet split from ``flat+csv`` (``images/*.jpg``, ``<split>.csv``: ``filename,label``), ``flat`` (the
+classes of ``datasplit/<split>.txt``, files named after their wnid) or ``folders`` (``<split>/<wnid>/*.jpg``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,17 +69,19 @@ def _read_csv(root: Path, split: str) -> Split:
     return Split(split, classes, tuple(tuple(by_class[c]) for c in classes), "flat+csv")
 
 
+def _nonempty(files: tuple[Path, ...], problem: str) -> tuple[Path, ...]:
+    if not files:
+        raise DataError(problem)
+    return files
+
+
 def _read_flat(root: Path, split: str) -> Split:
     images = root / "images"
     names = sorted(p.name for p in images.iterdir() if _is_image(p))
     classes = tuple(sorted(class_list(split)))
-    files = []
-    for wnid in classes:
-        own = tuple(images / n for n in names if n.startswith(wnid))
-        if not own:
-            raise DataError(f"{images}: no images of class {wnid} (split {split})")
-        files.append(own)
-    return Split(split, classes, tuple(files), "flat")
+    files = tuple(_nonempty(tuple(images / n for n in names if n.startswith(wnid)),
+                            f"{images}: no images of class {wnid} (split {split})") for wnid in classes)
+    return Split(split, classes, files, "flat")
 
 
 def _read_folders(root: Path, split: str) -> Split:
@@ -92,13 +89,9 @@ def _read_folders(root: Path, split: str) -> Split:
     classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise DataError(f"{folder}: no class folders")
-    files = []
-    for wnid in classes:
-        own = tuple(sorted(p for p in (folder / wnid).iterdir() if _is_image(p)))
-        if not own:
-            raise DataError(f"{folder / wnid}: no images")
-        files.append(own)
-    return Split(split, classes, tuple(files), "folders")
+    files = tuple(_nonempty(tuple(sorted(p for p in (folder / wnid).iterdir() if _is_image(p))),
+                            f"{folder / wnid}: no images") for wnid in classes)
+    return Split(split, classes, files, "folders")
 
 
 def detect_layout(root: Path | str) -> str:
@@ -114,11 +107,7 @@ def detect_layout(root: Path | str) -> str:
 
 
 def read_split(root: Path | str, split: str) -> Split:
-    """Read one split of the dataset under ``root``, whatever its layout.
-
-    Raises:
-        DataError: the root, images folder, split file or class list is missing or malformed.
-    """
+    """One split of the dataset under ``root``, whatever its layout (:class:`DataError` when unusable)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(root)

@@ -33,15 +33,8 @@ def torch_uniform(low: float, high: float) -> float:
 
 def tv02_crop_box(width: int, height: int, uniform: Callable[[float, float], float] = torch_uniform
                   ) -> tuple[int, int, int, int]:
-    """The crop torchvision 0.2's ``RandomResizedCrop`` chose in an image of ``width`` x ``height``:
-    ``(top, left, crop height, crop width)``.
-
-    Up to 10 attempts: area fraction U(0.08, 1) and aspect ratio U(3/4, 4/3), uniform (today's
-    torchvision: log-uniform); w and h rounded as Python 2 rounded (half away from zero), then swapped
-    with probability 1/2; accepted if it fits, at a uniform position. Otherwise a centre square of the
-    shorter side (today's torchvision: the whole image, its ratio clamped). ``uniform(low, high)``
-    gives every draw; integer positions are its floor over ``[0, room + 1)``.
-    """
+    """``(top, left, height, width)`` of torchvision 0.2's ``RandomResizedCrop``: 10 tries of uniform area and ratio
+    (today: log-uniform), sides rounded half away from zero, swapped with probability 1/2; else a centre square."""
     area = width * height
     for _ in range(CROP_ATTEMPTS):
         target = uniform(*CROP_SCALE) * area
@@ -59,8 +52,7 @@ def tv02_crop_box(width: int, height: int, uniform: Callable[[float, float], flo
 
 
 class TV02RandomResizedCrop:
-    """torchvision 0.2's ``RandomResizedCrop(size)`` (:func:`tv02_crop_box`, then a bilinear resize to
-    ``size`` x ``size``) on a PIL image, its draws from torch's global generator."""
+    """torchvision 0.2's ``RandomResizedCrop(size)`` on a PIL image (:func:`tv02_crop_box`, bilinear resize)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -74,8 +66,7 @@ class TV02RandomResizedCrop:
 
 
 def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
-    """Random crop (``crop``: ``tv02``, the original's :class:`TV02RandomResizedCrop`, or ``current``,
-    today's ``T.RandomResizedCrop``) to S, horizontal flip, ImageNet normalisation -> float ``[3, S, S]``."""
+    """Random crop (``crop``: ``tv02``, the original's, or ``current``), flip, normalisation -> float ``[3, S, S]``."""
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r} (known: {', '.join(CROPS)})")
     return T.Compose([
@@ -99,9 +90,7 @@ def eval_transform(image_size: int) -> T.Compose:
 
 @functools.lru_cache(maxsize=None)
 def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std ``[3, 1, 1]`` (float32) on ``device``, made once per device: a tensor built
-    from Python numbers is a blocking host-to-device copy, which would stall the GPU at every call.
-    Read only (shared by every caller)."""
+    """ImageNet mean and std ``[3, 1, 1]`` on ``device``, cached (a copy to the GPU blocks); read only."""
     return (torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1),
             torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1))
 

@@ -1,6 +1,4 @@
-"""BatchNorm variants (one initialised as PyTorch 0.4.0 did, one lean when frozen; docs/original.md §4.2), passes in
-training mode that leave the running statistics alone, and the re-estimation of running statistics
-(``--preciseBN``)."""
+"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen) and their running statistics."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -13,10 +11,7 @@ from torch.nn import init
 
 
 class _FrozenBatchNorm(torch.autograd.Function):
-    """Eval-mode batch norm whose backward keeps only the per-channel ``weight`` and
-    ``1 / sqrt(running_var + eps)``, both as ``[1, C, 1, 1]``: ``dx = dy * invstd * weight``, computed as
-    PyTorch's CPU kernel does (invstd in double, then two products), so CPU gradients match the stock
-    layer's bit for bit. ``invstd`` and ``weight`` come from :meth:`LeanBatchNorm2d.frozen_factors`."""
+    """Eval-mode batch norm whose backward, ``dy * invstd * weight``, matches the stock CPU kernel bit for bit."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, eps, invstd, weight_4d):
@@ -36,20 +31,9 @@ def frozen_invstd(running_var: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LeanBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys, same forward numbers) that
-    keeps no activation for the backward pass when it is frozen: eval mode, weight and bias without
-    gradients, input with one. That is the embedding under ``--fixCls 1`` while the prototype loss
-    reaches the deformation sub-network through it, where the stock layer would keep each
-    ``[N, C, H, W]`` input (330 MB for 35 images at 224 px) only for the weight gradients nobody
-    asks for. In every other case it is the stock layer.
-
-    The frozen backward's per-channel factors (:meth:`frozen_factors`) are computed once per change of
-    the running variance, not on every forward (five operations per layer and call): they are kept
-    with the tensors they came from and that tensor's version counter, and dropped by every forward
-    that updates the running statistics (training mode with ``track_running_stats``, which does not
-    advance the version counter). A write through ``running_var.data`` (no version counter) is not
-    seen: call :meth:`forget_frozen_factors` after one.
-    """
+    """``nn.BatchNorm2d`` (same keys and numbers) that keeps no ``[N, C, H, W]`` input for the backward when frozen
+    (eval mode, no weight gradients, input with one: the embedding under ``--fixCls 1``, 330 MB saved for 35 images
+    at 224 px). After a write through ``running_var.data`` call :meth:`forget_frozen_factors`."""
 
     _frozen_cache: tuple | None = None
 
@@ -65,9 +49,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
     def frozen_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``1 / sqrt(running_var + eps)`` computed in double, ``weight``), each ``[1, C, 1, 1]`` in
-        its own dtype: from the cache while ``running_var``, ``num_batches_tracked``, ``weight`` and
-        ``eps`` are the same tensors (same storage, same version counter) and value, else afresh."""
+        """(:func:`frozen_invstd`, ``weight``) ``[1, C, 1, 1]``, cached while tensors, versions and ``eps`` hold."""
         var, tracked, weight = self.running_var, self.num_batches_tracked, self.weight
         key = (var._version, var.data_ptr(), None if tracked is None else tracked._version, weight.data_ptr(),
                self.eps)
@@ -81,14 +63,11 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
         return factors
 
     def forget_frozen_factors(self) -> None:
-        """Drop the cached :meth:`frozen_factors` (the next frozen forward computes them afresh)."""
         self._frozen_cache = None
 
 
 class Torch04BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` initialised as in PyTorch 0.4.0, the authors' version (docs/original.md §4.2):
-    weight ~ U(0, 1) from the global generator, bias 0 (today's PyTorch starts the weight at 1).
-    Same parameters, buffers, state-dict keys and forward."""
+    """``nn.BatchNorm2d`` initialised as PyTorch 0.4.0 did (docs/original.md §4.2): weight ~ U(0, 1), bias 0."""
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -104,9 +83,7 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @contextmanager
 def running_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Within the block, ``module``'s BatchNorm layers in training mode normalise with their batch's
-    statistics and leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched
-    (PyTorch's BatchNorm with ``track_running_stats`` off); in evaluation mode nothing changes."""
+    """Within the block, ``module``'s BatchNorm layers in training mode leave their running statistics untouched."""
     norms = batch_norms(module)
     for norm in norms:
         norm.track_running_stats = False
@@ -124,15 +101,8 @@ def running_variances(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Replace the running statistics of every BatchNorm layer of ``module`` by their plain average
-    over ``batches`` (each ``[B, 3, S, S]``, already on the module's device and layout): per layer and
-    channel, the batch-size-weighted mean over batches of each batch's mean and unbiased variance of
-    the layer's input, the input computed as in training (every BatchNorm normalising with its own
-    batch statistics). ``num_batches_tracked``, the weights and the mode of every layer are kept.
-
-    Returns:
-        The number of images seen. Raises ``ValueError`` for a batch of fewer than two images.
-    """
+    """Set every BatchNorm's running statistics to the size-weighted mean over ``batches`` (``[B, 3, S, S]``, B >= 2)
+    of each batch's mean and unbiased variance, computed as in training; returns the number of images seen."""
     layers = batch_norms(module)
     sums = {layer: [0.0, 0.0, 0] for layer in layers}  # sums of n * mean, of n * unbiased variance, of n
 

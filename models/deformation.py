@@ -1,10 +1,4 @@
-"""The deformation sub-networks, their registry, and the patch blend (docs/original.md §4.1).
-
-A deformation network maps a probe and a gallery batch ``[N, 3, S, S]`` to weights ``[N, F*F]``.
-Adding one is a class with the constructor ``(image_size, fang, backbone)`` (``backbone``: the
-embedding's, a key of :data:`models.embedding.BACKBONES`, which the network may use or ignore), a
-``min_image_size`` and a ``state_from_embedding`` method, plus one entry in :data:`DEFORM_NETS`.
-"""
+"""The deformation sub-networks (registry: :data:`DEFORM_NETS`), the blend (docs/original.md §4.1)."""
 from __future__ import annotations
 
 import torch
@@ -18,15 +12,7 @@ ENCODER_CHANNELS = (6, 32, 64, 64, 32, 16)
 
 
 def blend_patches(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Deformed images ``W * probe + (1 - W) * gallery`` with one weight per grid cell.
-
-    Args:
-        probe, gallery: ``[N, C, S, S]``.
-        weights: ``[N, F*F]``, cell (i, j) at ``i * F + j`` (i counts rows of cells).
-
-    Returns:
-        ``[N, C, S, S]``. The per-pixel map is ``[N, 1, S, S]``; no per-cell masks are built.
-    """
+    """``W * probe + (1 - W) * gallery`` ``[N, C, S, S]``; ``weights`` ``[N, F*F]``, cell (i, j) at ``i * F + j``."""
     mask = weight_map(weights.to(probe.dtype), probe.shape[-1])
     return mask * probe + (1 - mask) * gallery
 
@@ -37,8 +23,7 @@ def encoder_output_size(image_size: int) -> int:
 
 
 class DeformNet(nn.Module):
-    """Base of the deformation networks: ``forward(probe, gallery)`` ``[N, 3, S, S]`` each -> weights
-    ``[N, F*F]``."""
+    """``forward(probe, gallery)``, ``[N, 3, S, S]`` each -> weights ``[N, F*F]``; ``backbone``: the embedding's."""
 
     min_image_size = 1  # smallest image side S the network accepts
 
@@ -49,21 +34,13 @@ class DeformNet(nn.Module):
                              f"got {image_size}")
 
     def state_from_embedding(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The entries of this network's state dict that start from a stage-1 ResNet body (keys of
-        :func:`resnet_body`) when stage 2 starts from a stage-1 checkpoint; the rest keeps its
-        initialisation. None by default."""
+        """The entries of this network's state that start from a stage-1 ResNet body (:func:`resnet_body`'s keys)."""
         return {}
 
 
 class SmallDeformNet(DeformNet):
-    """The released encoder: ``cat(probe, gallery)`` [N,6,S,S] -> five Conv-BN-ReLU-MaxPool
-    blocks (6-32-64-64-32-16) -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F].
-    No sigmoid: the weights are unconstrained.
-
-    Initialised as PyTorch 0.4.0 did, from the global generator in construction order:
-    convolutions and ``toWeight`` U(+-1/sqrt(fan_in)) for weights and biases (today's defaults
-    give the same distribution), BatchNorm weights U(0, 1) and biases 0. The embedding's backbone
-    plays no part."""
+    """The released encoder, initialised as PyTorch 0.4.0 did: ``cat(probe, gallery)`` [N,6,S,S] -> five
+    Conv-BN-ReLU-MaxPool blocks -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F] (no sigmoid)."""
 
     min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)
 
@@ -83,19 +60,14 @@ class SmallDeformNet(DeformNet):
 
 
 def resnet_body(backbone: str = DEFAULT_BACKBONE) -> nn.Module:
-    """The torchvision ResNet ``backbone`` (a key of :data:`models.embedding.BACKBONES`) whose forward
-    gives pooled features ``[N, D]`` (``fc`` is Identity), with :class:`LeanBatchNorm2d` layers (stock
-    keys and numbers; less memory when frozen)."""
+    """The ResNet ``backbone`` giving pooled features ``[N, D]`` (no fc), with :class:`LeanBatchNorm2d` layers."""
     net = build_backbone(backbone, norm_layer=LeanBatchNorm2d)
     net.fc = nn.Identity()
     return net
 
 
 class TwoBranchDeformNet(DeformNet):
-    """The paper's figure: a branch for the probe and one for the gallery image, each a ResNet of the
-    embedding's backbone (D-d features); their concatenated 2D-d features -> ``Linear`` -> weights
-    [N, F*F]. The branches are initialised from the embedding when the model is built from a stage-1
-    checkpoint."""
+    """The paper's figure: a ResNet for the probe, one for the gallery image, ``[N, 2D]`` -> ``Linear`` -> [N, F*F]."""
 
     def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__(image_size, fang, backbone)

@@ -1,5 +1,4 @@
-"""The stage-1 embedding network: a torchvision ResNet (ResNet-18 by default) with a 64-way fc (docs/original.md §3.1),
-and the registry of the ResNets it can be."""
+"""The stage-1 embedding: a torchvision ResNet (ResNet-18 by default), 64-way fc (docs/original.md §3.1)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,8 +17,7 @@ LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, in
     "resnet18": (BasicBlock, (2, 2, 2, 2)),  # the paper's
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
-# Backbone name -> constructor of its torchvision ResNet, built as ``torchvision.models.<name>(weights=None)``
-# builds it; keyword arguments are ``ResNet``'s (``num_classes``, ``norm_layer``).
+# Backbone name -> ``torchvision.models.<name>(weights=None)``'s constructor (``ResNet``'s keyword arguments).
 BACKBONES: dict[str, Callable[..., ResNet]] = {
     name: partial(ResNet, block, list(stages)) for name, (block, stages) in LAYOUTS.items()
 }
@@ -27,7 +25,6 @@ DEFAULT_BACKBONE = "resnet18"
 
 
 def check_backbone(backbone: str) -> None:
-    """Raise ``ValueError`` unless ``backbone`` is a key of :data:`BACKBONES`."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
 
@@ -45,12 +42,7 @@ def build_backbone(backbone: str, **resnet_args) -> ResNet:
 
 
 def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str | None = None) -> str:
-    """The name of the backbone whose keys ``<prefix><torchvision key>`` ``state`` holds, from the
-    blocks of each stage (``layer<s>.<i>.``) and whether the blocks have a ``conv3``.
-
-    Raises:
-        CheckpointError: no known backbone has that layout (the message starts with ``path`` when given).
-    """
+    """The backbone whose layout ``state`` holds under ``<prefix>`` (else :class:`CheckpointError` naming ``path``)."""
     stages = tuple(len({key[len(prefix):].split(".")[1] for key in state
                         if key.startswith(f"{prefix}layer{stage}.")}) for stage in range(1, 5))
     bottleneck = any(key.startswith(prefix) and ".conv3." in key for key in state)
@@ -64,15 +56,7 @@ def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str
 
 
 class EmbeddingNet(nn.Module):
-    """A ResNet classifier whose state-dict keys are ``convnet.<torchvision key>``.
-
-    ``forward(images [N,3,S,S]) -> logits [N, num_classes]``; ``features`` gives ``[N, D]`` with
-    D = ``feature_size`` (512 for resnet10 and resnet18, 2048 for resnet50).
-
-    Args:
-        num_classes: classes of the fc (64 base classes).
-        backbone: a key of :data:`BACKBONES`, kept as ``backbone_name``.
-    """
+    """A ResNet (keys ``convnet.<torchvision key>``): images ``[N,3,S,S]`` -> logits ``[N, num_classes]``."""
 
     def __init__(self, num_classes: int = 64, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__()

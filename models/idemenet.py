@@ -9,20 +9,8 @@ from models.embedding import DEFAULT_BACKBONE, feature_size
 
 
 class IDeMeNet(nn.Module):
-    """Embedding sub-network plus deformation sub-network.
-
-    Args:
-        num_classes: base classes of the ``fc`` (64).
-        image_size: S, needed by the small encoder's flatten size.
-        fang: F, the grid is F x F.
-        deform_net: a key of :data:`models.deformation.DEFORM_NETS` (``small``: the released encoder,
-            ``twobranch``: the paper's figure).
-        backbone: the embedding, a key of :data:`models.embedding.BACKBONES` (``resnet18``: the
-            paper's), kept as ``backbone_name``; its feature width D is ``feature_size``.
-
-    State-dict keys: ``backbone.*`` (the torchvision ResNet without fc), ``fc.*``,
-    ``deformer.*`` and ``scale``.
-    """
+    """Embedding (``backbone``: a key of ``BACKBONES``) plus deformation sub-network (``deform_net``: a key of
+    ``DEFORM_NETS``) on an F x F grid; keys ``backbone.*`` (ResNet, no fc), ``fc.*``, ``deformer.*``, ``scale``."""
 
     def __init__(self, num_classes: int = 64, image_size: int = 224, fang: int = 3, deform_net: str = "small",
                  backbone: str = DEFAULT_BACKBONE) -> None:

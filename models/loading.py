@@ -24,13 +24,7 @@ def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
 
 
 def convert_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the authors' GNet keys to ours.
-
-    ``attentionNet.*`` and a top-level ``toWeight.*`` -> ``deformer.*``; ``CNet.resnet.convnet.*``
-    (fc excluded: it is the stage-1 fc) -> ``backbone.*``; the duplicate ``CNet.{conv1,...}``
-    names of the same tensors are used only when the first copy is absent; ``fc.*`` and
-    ``scale`` stay.
-    """
+    """The authors' keys renamed: ``attentionNet.*``, ``toWeight.*`` -> ``deformer.*``; ``CNet.*`` -> ``backbone.*``."""
     nested = "CNet.resnet.convnet."
     has_nested = any(k.startswith(nested) for k in state)
     out: dict[str, torch.Tensor] = {}
@@ -65,8 +59,7 @@ def _from_stage1(model: IDeMeNet, state: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str) -> None:
-    # PyTorch 0.4.0 (the authors' version) wrote BatchNorm layers without ``num_batches_tracked``;
-    # it only counts training batches, so a missing one is taken from the model (0).
+    # PyTorch 0.4.0 (the authors') wrote no ``num_batches_tracked``: a missing one is the model's (0).
     own = model.state_dict()
     state = dict(state)
     for key, value in own.items():
@@ -80,19 +73,8 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
 
 
 def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
-    """An :class:`IDeMeNet` from a stage-1 file (embedding and fc; fresh deformation
-    sub-network and scale 1.0), one of ours, or one of the authors' (``metaNet_*shot.t7``).
-
-    Args:
-        path: the checkpoint file.
-        model_args: :class:`IDeMeNet` arguments (``num_classes``, ``image_size``, ``fang``,
-            ``deform_net``, ``backbone``); ``num_classes`` defaults to the checkpoint's fc and
-            ``backbone`` to the checkpoint's ResNet (the authors' files hold a resnet18).
-
-    Raises:
-        CheckpointError: the file is missing, unsafe, corrupt, holds no known backbone, or is of
-            another architecture (the message lists the differing keys or shapes).
-    """
+    """An :class:`IDeMeNet` (``model_args``; ``num_classes`` and ``backbone`` default to the file's) from a stage-1
+    file (fresh deformation, scale 1), ours or the authors' ``metaNet_*shot.t7``; else :class:`CheckpointError`."""
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind == "unknown":
@@ -114,8 +96,7 @@ def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
 
 
 def load_embedding(path: Path | str, num_classes: int | None = None) -> EmbeddingNet:
-    """An :class:`EmbeddingNet` of the file's backbone from a stage-1 file (``convnet.*``), the
-    authors' ``softRandom.t7`` included; the embedding and fc of a stage-2 file are accepted too."""
+    """An :class:`EmbeddingNet` from a stage-1 file (``softRandom.t7`` too) or a stage-2 file's embedding."""
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind in ("original", "stage2"):
@@ -133,14 +114,7 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
 
 def with_embedding_statistics(state: dict[str, torch.Tensor],
                               embedding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (a stage-1, stage-2 or authors' file, its key layout kept) with the BatchNorm running
-    means and variances of its embedding replaced by those of ``embedding`` (an :class:`EmbeddingNet`
-    state dict, ``convnet.*``), under every name the file gives them (the authors' GNet holds the
-    ResNet twice).
-
-    Raises:
-        CheckpointError: a running statistic of ``embedding`` has no place in ``state``.
-    """
+    """``state`` (layout kept) with its embedding's BatchNorm running statistics taken from ``embedding``."""
     prefixes = {"stage1": ("convnet.",), "stage2": ("backbone.",),
                 "original": ("CNet.resnet.convnet.", "CNet.")}.get(checkpoint_kind(state))
     if prefixes is None:

@@ -1,9 +1,4 @@
-"""Reading and writing checkpoints safely.
-
-Writing is atomic (temporary file in the same folder, fsync, rename), so a kill at any
-moment leaves the previous file intact. Reading never executes code from a file
-(``weights_only``), accepts the original's Python 2 pickles and strips ``module.`` prefixes.
-"""
+"""Checkpoints written atomically and read without executing code, the original's Python 2 pickles included."""
 from __future__ import annotations
 
 import os
@@ -42,11 +37,7 @@ def atomic_save(obj: Any, path: Path | str) -> None:
 
 
 def safe_load(path: Path | str) -> Any:
-    """Load a checkpoint with ``weights_only=True`` (tensors, numbers, strings, containers only).
-
-    Raises:
-        CheckpointError: missing, truncated, corrupt, or holding objects other than plain data.
-    """
+    """A checkpoint loaded with ``weights_only=True``; :class:`CheckpointError` when missing, corrupt or unsafe."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -86,11 +77,7 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
 
 
 def resolve_checkpoint(name: str, flag: str, models_dir: Path = MODELS_DIR) -> Path:
-    """``models/<name>.t7`` (or ``name`` itself when it is a path to a file).
-
-    Raises:
-        CheckpointError: naming the flag and listing the checkpoints in ``models_dir``.
-    """
+    """``name`` when it is a file, else ``models/<name>.t7``, else :class:`CheckpointError` naming ``flag``."""
     candidates = [Path(name), models_dir / f"{name}.t7"]
     for path in candidates:
         if path.is_file():

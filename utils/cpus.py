@@ -5,8 +5,7 @@ import os
 
 
 def usable_cpus() -> int:
-    """The CPU cores this process may use: its affinity (what a scheduler's cgroup or ``taskset`` left
-    it, not the machine's count), at most SLURM's ``SLURM_CPUS_PER_TASK`` when set."""
+    """The cores in this process's affinity (cgroup, ``taskset``), at most ``SLURM_CPUS_PER_TASK`` when set."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus

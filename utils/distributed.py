@@ -10,9 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# How long a process waits in a collective for the others before it fails with an error instead of
-# hanging. Every wait is short by design (same steps per rank, sharded val monitor); the longest is
-# the main process writing checkpoints or re-estimating BatchNorm statistics while the others wait.
+# How long a collective waits before failing instead of hanging (longest: the main process saving or --preciseBN).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
@@ -44,8 +42,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def run_distributed(work: Callable[[Any, torch.device, DistInfo], int], args: Any, device: torch.device) -> int:
-    """``work(args, device, info)`` inside the process group ``torchrun`` describes (if any), on this
-    process's own GPU; the group is left afterwards, also on errors."""
+    """``work(args, device, info)`` inside ``torchrun``'s process group (if any), on this process's GPU."""
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -66,11 +63,8 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
 
 def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
                  local: torch.Tensor | None = None) -> tuple[list[int], bool, list[float]]:
-    """One collective per training step, before its backward pass: the ranks whose loss was not
-    finite (``finite``: this rank's 0-dim bool, on its device) and whether any rank asked to stop.
-    Every rank gets the same answer, so all of them raise, or stop, together. ``local`` (this
-    rank's step statistics, float32 ``[k]``, not reduced) comes back as floats in the same host
-    read, the step's only one."""
+    """One collective per step: the ranks whose loss was not finite (``finite``: 0-dim bool), whether any asked to
+    stop, and ``local`` (float32 ``[k]``, not reduced) as floats, in the step's only host read."""
     flags = torch.zeros(info.world_size + 1, dtype=torch.float32, device=finite.device)
     flags[info.rank] = (~finite).float()
     flags[-1] = float(stop)
@@ -83,9 +77,7 @@ def step_verdict(finite: torch.Tensor, stop: bool, info: DistInfo,
 
 def gather_round_robin(values: Sequence[float], total: int, stopped: bool, device: torch.device,
                        info: DistInfo) -> tuple[list[float], bool]:
-    """The ``total`` values of a pass sharded round robin (rank r computed items r, r + W, ... as
-    ``values``), in item order on every rank, and whether any rank stopped early (its values are
-    then incomplete and the result is not to be used)."""
+    """The ``total`` values rank r computed as items r, r + W, ..., in order on every rank; whether any stopped."""
     if not info.enabled:
         return list(values), stopped
     buffer = torch.zeros(total + 1, dtype=torch.float64, device=device)
@@ -98,9 +90,7 @@ def gather_round_robin(values: Sequence[float], total: int, stopped: bool, devic
 
 
 def raise_together(error: Exception | None, info: DistInfo) -> None:
-    """Raise on every process the error of the lowest rank that had one (``error``: this process's,
-    or None); return when none had. Every process must call it: one collective, so that a process
-    that fails alone does not leave the others waiting in the next collective."""
+    """Raise on every process the lowest rank's ``error`` (this process's, or None), so that none waits alone."""
     if info.enabled:
         errors: list[Exception | None] = [None] * info.world_size
         dist.all_gather_object(errors, error)

@@ -1,8 +1,4 @@
-"""Exception types for bad input.
-
-Library code raises a specific subclass of :class:`InputError`; the two training scripts
-catch :class:`InputError`, print its message as one line and exit with status 2.
-"""
+"""Bad input raises an :class:`InputError`; the scripts print its message as one line and exit with status 2."""
 
 
 class InputError(Exception):

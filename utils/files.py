@@ -1,8 +1,8 @@
-"""Where runs live and how their JSON and CSV files are read and written (no torch: the sweep launcher reads
-this too)."""
+"""Where runs live, and their JSON and CSV files (no torch: the sweep launcher reads this too)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -12,13 +12,17 @@ from typing import Any
 RUNS_DIR = Path("runs")  # runs/<tensorname>/: args.json, metrics.csv, resume.pt, evaluation JSON
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically (a temporary file renamed over ``path``); a
-    non-finite float (an interval over one trial or seed) becomes null, since JSON has no NaN."""
+def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+    tmp.write_text(text, newline="")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically; a non-finite float becomes null (JSON has no NaN)."""
+    _write_atomically(path, json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str,
+                                       allow_nan=False) + "\n")
 
 
 def finite_or_null(value: Any) -> Any:
@@ -47,10 +51,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
     """Write ``rows`` (the ``fields`` columns) as CSV, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({key: csv_cell(row[key]) for key in fields} for row in rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: csv_cell(row[key]) for key in fields} for row in rows)
+    _write_atomically(path, text.getvalue())

@@ -1,5 +1,4 @@
-"""Ctrl-C and SIGTERM: the first one asks the run to stop at the next episode or batch and save its
-resumable state; a second one stops at once."""
+"""Ctrl-C and SIGTERM: the first stops the run at the next step, saving its state; a second stops at once."""
 from __future__ import annotations
 
 import atexit
@@ -9,11 +8,11 @@ import sys
 from types import FrameType
 
 INTERRUPTED_EXIT = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """A long phase (training, an evaluation, the gallery build) stopped early because a stop was
-    requested; its message names the phase."""
+    """A long phase stopped early because a stop was requested; its message names the phase."""
 
 
 class StopNow(BaseException):
@@ -21,7 +20,7 @@ class StopNow(BaseException):
 
 
 def stopped_at_once_line(signal_name: str) -> str:
-    """What a second signal prints (one line, on stderr) before the process exits with status 130."""
+    """The line a second signal prints on stderr before the process exits with status 130."""
     return f"{signal_name} again: stopped at once; what was saved before is intact"
 
 
@@ -30,20 +29,15 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_EXIT)
 
 
-def _ignore_stop_signals() -> None:
-    """Ignore SIGINT and SIGTERM for the rest of the interpreter's exit: after the exit functions
-    Python puts back the default action of the signals it handles (death by the signal, status
-    143 for SIGTERM), but leaves an ignored one ignored."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM (at exit: a handled one would get its default action back, status 143)."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
 class GracefulInterrupt:
-    """Context manager; ``requested`` becomes true on the first SIGINT or SIGTERM, and the second one
-    raises :class:`StopNow`. Once a stop was requested, leaving the context does not restore the
-    default handlers: a signal during what follows (writing the state, closing the process group
-    and the loaders, the exit functions) ends the process at once with one line and status 130, and
-    one during the rest of the interpreter's exit is ignored, so the status stays 130."""
+    """``requested`` becomes true on the first SIGINT or SIGTERM; the second raises :class:`StopNow`. After a
+    request, a later signal exits at once with status 130 (ignored during the interpreter's exit)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -57,7 +51,7 @@ class GracefulInterrupt:
               "(send it again to stop at once)", flush=True)
 
     def __enter__(self) -> "GracefulInterrupt":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -65,8 +59,8 @@ class GracefulInterrupt:
         for sig, handler in self._previous.items():
             signal.signal(sig, _exit_at_once if self.requested else handler)
         if self.requested:
-            atexit.unregister(_ignore_stop_signals)  # once, however many runs this process stopped
-            atexit.register(_ignore_stop_signals)
+            atexit.unregister(ignore_stop_signals)  # once, however many runs this process stopped
+            atexit.register(ignore_stop_signals)
 
 
 def check_stop(stop, phase: str) -> None:

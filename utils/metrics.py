@@ -1,28 +1,25 @@
-"""Accuracy summaries with 95% confidence intervals: the normal interval over many episodes, the
-Student t-interval over a few trials."""
+"""95% confidence intervals: normal over many episodes, Student t over a few trials."""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% half-interval ``1.96 * std / sqrt(n)`` (population std, as numpy's default).
-
-    Returns:
-        ``(mean, half_width)``; the half-width is 0 for a single value.
-    """
-    n = len(values)
-    if n == 0:
+def _size_and_mean(values: Sequence[float]) -> tuple[int, float]:
+    if len(values) == 0:
         raise ValueError("no values to summarise")
-    mean = sum(values) / n
+    return len(values), sum(values) / len(values)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, ``1.96 * std / sqrt(n)``), the population std as numpy's default (0 for a single value)."""
+    n, mean = _size_and_mean(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
     return mean, 1.96 * std / math.sqrt(n)
 
 
 def t_central_probability(t: float, df: int) -> float:
-    """``P(|T| < t)`` for Student's t with ``df`` (integer) degrees of freedom: the closed form of its
-    CDF for integer df, a finite series in ``cos(theta)**2`` with ``theta = atan(t / sqrt(df))``."""
+    """``P(|T| < t)`` for Student's t with integer ``df``: the closed-form series in ``cos(atan(t / sqrt(df)))**2``."""
     theta = math.atan(t / math.sqrt(df))
     cos2 = math.cos(theta) ** 2
     odd = df % 2 == 1
@@ -38,8 +35,7 @@ def t_central_probability(t: float, df: int) -> float:
 
 
 def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df >= 1`` degrees of freedom (the half-width factor of a
-    95% t-interval): :func:`t_central_probability` = 0.95 solved by bisection."""
+    """The 97.5% quantile of Student's t with ``df >= 1``, by bisection on :func:`t_central_probability`."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be at least 1, got {df}")
     low, high = 0.0, 2.0
@@ -52,16 +48,8 @@ def t_quantile_975(df: int) -> float:
 
 
 def mean_t_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% Student t half-interval ``t(0.975, n - 1) * s / sqrt(n)`` (``s``: sample std,
-    ddof 1), for a few values such as trials.
-
-    Returns:
-        ``(mean, half_width)``; the half-width is nan for a single value (no spread to estimate).
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("no values to summarise")
-    mean = sum(values) / n
+    """(mean, ``t(0.975, n - 1) * s / sqrt(n)``), ``s`` the sample std (nan for a single value)."""
+    n, mean = _size_and_mean(values)
     if n == 1:
         return mean, math.nan
     sample_std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))

@@ -1,7 +1,4 @@
-"""Process settings that torch reads when it loads: call :func:`set_process_env` before ``import torch``.
-
-This module imports nothing heavy, so the scripts and benchmarks can call it first.
-"""
+"""Process settings torch reads when it loads: call :func:`set_process_env` before ``import torch``."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -11,18 +8,11 @@ import sys
 
 # Values already in the environment win, so a user can still override each one.
 PROCESS_ENV = {
-    # Idle OpenMP threads sleep instead of spinning, so DataLoader workers and the compute threads
-    # can share a small CPU (3-8x faster on a loaded two-core machine).
-    "OMP_WAIT_POLICY": "PASSIVE",
-    # Large CPU tensors on transparent huge pages: a 224-px episode allocates gigabytes of fresh
-    # activations, and 2 MB pages fault 512x less often than 4 kB ones (about 10-25% faster
-    # training episodes on a two-core CPU). No effect where the kernel has THP disabled.
-    "THP_MEM_ALLOC_ENABLE": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep: loaders and compute share a small CPU (3-8x faster)
+    "THP_MEM_ALLOC_ENABLE": "1",  # huge pages for large CPU tensors: 10-25% faster 224-px episodes on two cores
 }
 
-# The oldest releases the code runs on, as requirements.txt states them: torch.amp.GradScaler("cuda")
-# (every run, utils/forward.py) needs torch 2.3 and torch.is_autocast_enabled("cuda") 2.4;
-# torchvision 0.19 is the release built for torch 2.4.
+# The oldest releases (requirements.txt): torch.is_autocast_enabled("cuda") needs torch 2.4, and torchvision 0.19.
 MIN_VERSIONS = {"torch": (2, 4), "torchvision": (0, 19)}
 
 
@@ -37,8 +27,7 @@ def version_problem(name: str, version: str) -> str | None:
 
 
 def check_versions() -> None:
-    """Exit with one line on stderr and status 2 when an installed torch or torchvision is older than
-    :data:`MIN_VERSIONS` (read from the package metadata, without importing either)."""
+    """Exit with one line on stderr and status 2 when torch or torchvision (package metadata) is too old."""
     for name in MIN_VERSIONS:
         try:
             problem = version_problem(name, importlib.metadata.version(name))
@@ -50,8 +39,7 @@ def check_versions() -> None:
 
 
 def set_process_env() -> None:
-    """Refuse too old a torch or torchvision (:func:`check_versions`), then put :data:`PROCESS_ENV` into
-    ``os.environ`` where not already set."""
+    """:func:`check_versions`, then :data:`PROCESS_ENV` into ``os.environ`` where not already set."""
     check_versions()
     for name, value in PROCESS_ENV.items():
         os.environ.setdefault(name, value)

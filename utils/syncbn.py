@@ -1,9 +1,4 @@
-"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run.
-
-Under DistributedDataParallel each process sees a slice of the global batch; with plain
-BatchNorm the statistics (and so the loss) would differ from one process on the whole batch.
-This layer sums the per-channel moments over all processes with a differentiable all-reduce.
-"""
+"""Synchronised BatchNorm for CPU processes (gloo), where ``nn.SyncBatchNorm`` does not run."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +9,7 @@ from torch import nn
 
 
 class GlooSyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batch of every process."""
+    """BatchNorm2d whose training moments are summed over processes by a differentiable all-reduce."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
