@@ -89,7 +89,7 @@ def evaluate_checked(bench: lowshot.Benchmark, model: IDeMeNet, run_dir: Path, c
             if not info.is_main:
                 return 0
             start = time.perf_counter()
-            trials = lowshot.TrialStore(run_dir / "trials", lowshot.trial_settings(model, stores, config))
+            trials = lowshot.TrialStore(run_dir / "trials", model, stores, config)
             features = {name: store.load() for name, store in stores.items()}
             bank = None
             if bench.gallery_split is not None:

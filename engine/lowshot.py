@@ -152,10 +152,13 @@ class TrialStore:
     """The finished steps (setup, trial, n) of an evaluation, one file each in ``folder``
     (``<setup>_trial<t>_n<n>.pt``, written atomically) with the settings they were computed with: a stopped
     evaluation continues after its last finished step, and a step saved with other settings is computed
-    again. ``computed`` lists the steps this process computed."""
+    again. The settings: the network's weights, the feature files (named by their image lists),
+    :data:`TRIAL_FLAGS` and the step's n-shot images. ``computed`` lists the steps this process computed."""
 
-    def __init__(self, folder: Path, settings: dict) -> None:
-        self.folder, self.settings, self.computed = Path(folder), settings, []
+    def __init__(self, folder: Path, model: IDeMeNet, stores: dict[str, FeatureStore], config: LowShotConfig) -> None:
+        self.folder, self.computed = Path(folder), []
+        self.settings = {"network": state_digest(model), "features": sorted(s.folder.name for s in stores.values()),
+                         **{flag: getattr(config, flag) for flag in TRIAL_FLAGS}}
 
     def path(self, setup: str, trial: int, n: int) -> Path:
         return self.folder / f"{setup}_trial{trial}_n{n}.pt"
@@ -170,13 +173,6 @@ class TrialStore:
     def save(self, setup: str, trial: int, n: int, shots: str, metrics: dict) -> None:
         atomic_save({"settings": {**self.settings, "shots": shots}, "metrics": metrics}, self.path(setup, trial, n))
         self.computed.append((setup, trial, n))
-
-
-def trial_settings(model: IDeMeNet, stores: dict[str, FeatureStore], config: LowShotConfig) -> dict:
-    """What every step's numbers depend on besides its n-shot images: the network's weights, the feature
-    files (named by their image lists) and :data:`TRIAL_FLAGS`."""
-    return {"network": state_digest(model), "features": sorted(store.folder.name for store in stores.values()),
-            **{flag: getattr(config, flag) for flag in TRIAL_FLAGS}}
 
 
 @dataclass(frozen=True)
@@ -352,7 +348,8 @@ def read_benchmark(config: LowShotConfig) -> Benchmark:
     images = train_list(imagenet / "train", meta, config.trainlist)
     trials = {t: read_trial(config.experimentpath.format(t), meta, images, max(config.lowshotn))
               for t in config.trials}
-    setups = {name: setup_data(imagenet / "val", meta, name) for name in ("val", "test")[:1 + config.testsetup]}
+    setups = {name: setup_data(imagenet / "val", meta, name)
+              for name in (("val", "test") if config.testsetup else ("val",))}
     novel = sorted(meta.lists["novel_classes_1"] + meta.lists["novel_classes_2"])
     novel_rows = np.unique(np.concatenate([trial[novel].ravel() for trial in trials.values()]))
     gallery_split = None

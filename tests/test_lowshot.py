@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,10 +44,12 @@ from engine.lowshot import (
     deformation_draws,
     deformed_prototypes,
     difference,
+    lowshot_config,
     shortlisted_gallery,
     summarise,
     trial_metrics,
 )
+from engine.options import lowshot_parser, resolve_lowshot_args
 from engine.run import lock_run, release_run
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from models.protonet import prototypes, squared_distances
@@ -313,6 +316,16 @@ def test_stage_splits_are_the_base_classes_and_each_setups_novel_classes(workdir
     test = benchmark_split(workdir / "bench", meta, "test")
     assert set(test.classes) == set(meta.wnids("novel_classes_2"))
     assert all(f.parent.parent.name == "val" for files in test.files for f in files)
+
+
+def test_the_evaluations_settings_are_its_flags_with_the_device_and_shot_defaults_resolved():
+    argv = ["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e_{:d}", "--tensorname", "t", "--GNet", "g",
+            "--chooseNum", "9", "--trials", "2", "4"]
+    config = resolve_lowshot_args(lowshot_parser().parse_args(argv), torch.device("cpu"))
+    assert asdict(config) == {**vars(lowshot_parser().parse_args(argv)), "batchSize": 16}  # the CPU's chunk
+    one, two = lowshot_config(config, 1, 5), lowshot_config(config, 2, 5)
+    assert (one.augnum, one.choose_num, two.augnum, two.choose_num) == (7, 9, 5, 9)  # --chooseNum for every n
+    assert (one.ways, one.chunk, one.deform, one.gallery_select) == (5, 16, "learned", "nearest")
 
 
 # --- the scripts in-process: refusals, the warning, the run lock ------------------------------------------------------
