@@ -466,32 +466,33 @@ def table_rows(result: dict) -> list[dict]:
 def format_table(result: dict) -> str:
     """The paper's table (top-5 on the novel classes, test setup when run) and every metric below it."""
     setup = "test" if "test" in result["setups"] else "val"
-    data, ns, width = result["setups"][setup], [str(n) for n in result["lowshotn"]], 16
-    header = f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)
-    train_list = "reconstructed" if result["train_list_reconstructed"] else "from the release"
-    lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base "
-             f"classes, {data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% t-interval, "
-             f"train list {train_list}", "", "top-5 accuracy on the novel classes (%)", header]
+    data, ns = result["setups"][setup], [str(n) for n in result["lowshotn"]]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"{label:34}" + "".join(cell.rjust(16) for cell in cells)
 
     def cell(values: dict) -> str:
         interval = f" +- {values['t_ci95']:4.2f}" if values["t_ci95"] is not None else ""
         return f"{values['mean']:6.2f}{interval}"
 
-    lines += [f"{label:34}" + "".join(f"{cell(data[method][n]['novel']['top5']):>{width}}" for n in ns)
+    header = row("", [f"n={n}" for n in ns])
+    train_list = "reconstructed" if result["train_list_reconstructed"] else "from the release"
+    lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base "
+             f"classes, {data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% t-interval, "
+             f"train list {train_list}", "", "top-5 accuracy on the novel classes (%)", header]
+    lines += [row(label, [cell(data[method][n]["novel"]["top5"]) for n in ns])
               for method, label in METHOD_NAMES.items() if method in data]
-    paper = "".join(f"{PAPER_NOVEL_TOP5[int(n)]:.1f}".rjust(width) if int(n) in PAPER_NOVEL_TOP5 else
-                    "-".rjust(width) for n in ns)
-    lines += [f"{'IDeMe-Net, paper (Table 2)':34}" + paper,
+    lines += [row("IDeMe-Net, paper (Table 2)", [f"{PAPER_NOVEL_TOP5[int(n)]:.1f}" if int(n) in PAPER_NOVEL_TOP5
+                                                 else "-" for n in ns]),
               "(our reading of the paper's number: novel test images ranked over the novel classes; over base + "
               "novel classes it is novel_joint below)", ""]
     for method in (m for m in VARIANTS if m in data):
         lines += [f"{METHOD_NAMES[method]}: top-1 / top-5 (%)", header]
-        lines += [f"{metric:34}" + "".join(f"{data[method][n][metric]['top1']['mean']:6.2f} / "
-                                           f"{data[method][n][metric]['top5']['mean']:5.2f}".rjust(width) for n in ns)
-                  for metric in METRIC_NAMES]
+        for metric in METRIC_NAMES:
+            values = [data[method][n][metric] for n in ns]
+            lines.append(row(metric, [f"{v['top1']['mean']:6.2f} / {v['top5']['mean']:5.2f}" for v in values]))
         temperature, mu = result["prior_temperature"][method], result["prior_mu"][method]
-        lines += [f"{'all_prior: temperature, mu':34}" + "".join(f"{temperature[n]:g}, {mu[n]:.2f}".rjust(width)
-                                                                 for n in ns), ""]
+        lines += [row("all_prior: temperature, mu", [f"{temperature[n]:g}, {mu[n]:.2f}" for n in ns]), ""]
     lines.append(f"intervals: {result['interval']}; all_prior's temperature and mu chosen on the "
                  f"{result['prior_chosen_on']}")
     if result["train_list_warning"]:
