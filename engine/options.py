@@ -312,10 +312,8 @@ def lowshot_parser() -> argparse.ArgumentParser:
 def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> LowShotConfig:
     """Fill the device-dependent default, check the flags that need no data and return them typed."""
     resolve_chunk(args, device)
-    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum")
-    for flag in ("augnum", "chooseNum"):
-        if getattr(args, flag) is not None:
-            check_positive(args, flag)
+    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum",
+                   *(flag for flag in ("augnum", "chooseNum") if getattr(args, flag) is not None))
     for flag in ("trials", "lowshotn"):
         values = getattr(args, flag)
         if min(values) < 1 or len(set(values)) != len(values):
