@@ -1,21 +1,15 @@
-"""The ImageNet-1K low-shot benchmark of Hariharan & Girshick (ICCV 2017) over an ILSVRC-2012 tree.
+"""The ImageNet-1K low-shot benchmark of Hariharan & Girshick (ICCV 2017) over an ILSVRC-2012 tree
+(``<imagenet>/train/<wnid>/*``, ``<imagenet>/val/<wnid>/*``: ``scripts/fold_imagenet_val.py`` makes the
+val class folders). Its files (downloaded by the user; see docs/lowshot.md):
 
-Its files (downloaded by the user; see docs/lowshot.md):
-
-- ``label_idx.json``: ``label_names`` (the wnids; index k is class k, not sorted by wnid),
-  ``base_classes`` (= ``base_classes_1`` U ``base_classes_2``), and two setups: validation
-  (``base_classes_1``, ``novel_classes_1``) for choosing hyper-parameters, test
-  (``base_classes_2``, ``novel_classes_2``) for reporting.
-- ``splitfile_{1..5}.json``: five trials; for each class (index order) a list of indices into
-  the benchmark's list of training images; the n-shot set of a novel class is its first n.
-- the list of training images (``train.json`` of the release: ``image_names`` and
-  ``image_labels``, at the root of the benchmark's repository), grouped by class in ``label_names``
-  order. Without it the list is rebuilt as each class's files sorted by name: ILSVRC file numbers
-  are not zero-padded, so that order is not the release's and the split files' indices pick other
-  images (the shots differ from the benchmark's).
-
-The ILSVRC tree is ``<imagenet>/train/<wnid>/*`` and ``<imagenet>/val/<wnid>/*`` (50 test
-images per class; ``scripts/fold_imagenet_val.py`` makes the class folders).
+- ``label_idx.json``: ``label_names`` (the wnids; index k is class k, not sorted by wnid), ``base_classes``
+  (= ``base_classes_1`` U ``base_classes_2``), and two setups: validation (``base_classes_1``,
+  ``novel_classes_1``) for choosing hyper-parameters, test (``base_classes_2``, ``novel_classes_2``).
+- ``splitfile_{1..5}.json``: five trials; per class (index order) indices into the list of training images;
+  the n-shot set of a novel class is its first n.
+- ``train.json``, the release's list of training images (``image_names``, ``image_labels``) grouped by class
+  in ``label_names`` order. Without it the list is rebuilt as each class's files sorted by name: ILSVRC file
+  numbers are not zero-padded, so the split files' indices then pick other images.
 """
 from __future__ import annotations
 
@@ -37,7 +31,7 @@ STAGE_SPLITS = {"train": ("train", "base_classes"), "val": ("val", "novel_classe
                 "test": ("val", "novel_classes_2")}
 
 
-def _read_json(path: Path, what: str):
+def _read_json(path: Path, what: str) -> object:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -48,8 +42,7 @@ def _read_json(path: Path, what: str):
 
 @dataclass(frozen=True)
 class LowShotMeta:
-    """The class split of ``label_idx.json``: ``label_names`` and index tuples by key
-    (:data:`META_LISTS`)."""
+    """The class split of ``label_idx.json``: ``label_names`` and index tuples by key (:data:`META_LISTS`)."""
 
     path: Path
     label_names: tuple[str, ...]
@@ -69,10 +62,9 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
     """Read and check ``label_idx.json`` (``--lowshotmeta``).
 
     Raises:
-        DataError: the file is missing, not JSON, lacks a list, holds an index outside
-            ``label_names``, repeats a class, shares a class between the two setups' base
-            classes or between novel and base classes, or its ``base_classes`` is not
-            ``base_classes_1`` U ``base_classes_2``.
+        DataError: the file is missing, not JSON, lacks a list, holds an index outside ``label_names``,
+            repeats a class, shares a class between the two setups' base classes or between novel and
+            base classes, or its ``base_classes`` is not ``base_classes_1`` U ``base_classes_2``.
     """
     path = Path(path)
     data = _read_json(path, "low-shot class split (--lowshotmeta)")
@@ -89,7 +81,7 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
     lists = {}
     for key in META_LISTS:
         values = data[key]
-        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not _integers(values):
             raise DataError(f"{path}: {key} must be a list of class indices")
         outside = [v for v in values if not 0 <= v < len(names)]
         if outside:
@@ -111,6 +103,11 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
     return LowShotMeta(path, tuple(names), lists)
 
 
+def _integers(values: object) -> bool:
+    """Whether ``values`` is a list of integers (not booleans)."""
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 def _class_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
@@ -127,14 +124,9 @@ def _class_folder(root: Path, wnid: str, meta: LowShotMeta) -> Path:
 
 @dataclass(frozen=True)
 class TrainList:
-    """The benchmark's training images, class by class in ``label_names`` order.
-
-    Attributes:
-        files: every image, ``starts[k]:starts[k+1]`` being class k's.
-        starts: ``[C + 1]`` offsets.
-        source: the release's list it was read from, or how it was rebuilt.
-        reconstructed: True when rebuilt from the folder (within-class order unconfirmed).
-    """
+    """The benchmark's training images ``files``, class by class in ``label_names`` order (class k's:
+    ``files[starts[k]:starts[k+1]]``); ``source``: the release's list it was read from, or how it was
+    rebuilt (``reconstructed``: from the folder, the within-class order unconfirmed)."""
 
     files: tuple[Path, ...]
     starts: tuple[int, ...]
@@ -172,7 +164,7 @@ def read_train_list(path: Path | str, train_dir: Path | str, meta: LowShotMeta) 
     names, labels = data["image_names"], data["image_labels"]
     if len(names) != len(labels):
         raise DataError(f"{path}: {len(names)} image_names but {len(labels)} image_labels")
-    if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+    if not _integers(labels):
         raise DataError(f"{path}: image_labels must be integer class indices")
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(meta.label_names)):
@@ -200,14 +192,12 @@ def train_list(train_dir: Path | str, meta: LowShotMeta, release: Path | str | N
 
 
 def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples: int) -> np.ndarray:
-    """One trial's split file -> ``[C, examples]`` int64 indices into ``images`` (row k: class k).
-
-    Every index of a row is checked, also those past ``examples``.
+    """One trial's split file -> ``[C, examples]`` int64 indices into ``images`` (row k: class k). Every
+    index of a row is checked, also those past ``examples``.
 
     Raises:
-        DataError: not JSON, a length other than ``len(label_names)``, a row with fewer than
-            ``examples`` indices, a row that is not all integers, repeats an index or holds one
-            outside its class's images in the list.
+        DataError: not JSON, a length other than ``len(label_names)``, a row with fewer than ``examples``
+            indices, one that is not all integers, repeats an index or holds one outside its class's images.
     """
     path = Path(path)
     data = _read_json(path, "trial split file (--experimentpath)")
@@ -219,7 +209,7 @@ def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples:
     rows = np.zeros((classes, examples), dtype=np.int64)
     for k, row in enumerate(data):
         name = f"{path}: class {k} ({meta.label_names[k]})"
-        if not isinstance(row, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
+        if not _integers(row):
             raise DataError(f"{name}: expected a list of integer image indices")
         if len(row) < examples:
             raise DataError(f"{name}: {len(row)} image indices, fewer than the {examples} the largest --lowshotn needs")

@@ -1,10 +1,9 @@
 """The ImageNet-1K low-shot evaluation (``lowshot_imagenet.py``): the benchmark's images embedded once
-into float16 feature files on disk, then per setup, trial and n (each such step's metrics saved on
-disk): n-shot prototypes of the novel classes with and without deformed examples, base-class
-prototypes from every training image, and the benchmark's metrics (:mod:`utils.lowshot_metrics`)."""
+into float16 feature files, then per setup, trial and n (each such step's metrics saved on disk):
+n-shot prototypes of the novel classes with and without deformed examples, base-class prototypes from
+every training image, and the benchmark's metrics (:mod:`utils.lowshot_metrics`)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -18,14 +17,24 @@ from tqdm import tqdm
 
 from datasets.episodes import CroppedImages
 from datasets.gallery import gallery_files
-from datasets.lowshot import (RECONSTRUCTION_WARNING, SETUPS as SETUP_NAMES, LowShotMeta, TrainList, benchmark_split,
-                              class_images, read_lowshot_meta, read_trial, shot_indices, train_list)
-from datasets.splits import Split
 from datasets.loaders import image_loader
+from datasets.lowshot import (
+    RECONSTRUCTION_WARNING,
+    SETUPS,
+    LowShotMeta,
+    TrainList,
+    benchmark_split,
+    class_images,
+    read_lowshot_meta,
+    read_trial,
+    shot_indices,
+    train_list,
+)
 from datasets.seeding import item_rng
+from datasets.splits import Split
 from datasets.transforms import prepare_images
 from engine.episode import EpisodeConfig, GalleryBank, deform_support, select_gallery
-from engine.options import shot_defaults
+from engine.options import LowShotConfig, shot_defaults
 from models.idemenet import IDeMeNet
 from models.protonet import prototypes
 from utils.checkpoint import atomic_save, safe_load
@@ -34,8 +43,7 @@ from utils.errors import DataError, OptionError
 from utils.files import write_json
 from utils.forward import autocast, embed_in_chunks
 from utils.interrupt import Interrupted, check_stop
-from utils.lowshot_metrics import (METRIC_NAMES, PRIOR_GRID, TEMPERATURE_GRID, TOPK, best_prior, lowshot_metrics,
-                                   prior_curve)
+from utils.lowshot_metrics import METRIC_NAMES, TOPK, best_prior, curve_accuracy, lowshot_metrics, prior_curve
 from utils.metrics import mean_t_ci95
 
 FEATURE_BLOCK = 2048  # images per feature file
@@ -53,27 +61,17 @@ def state_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def embedding_key(model: IDeMeNet) -> str:
-    """A digest of the embedding's weights: features computed with other weights never mix."""
-    return state_digest(model.backbone)
-
-
 def list_digest(files: list[Path]) -> str:
     """A digest of an image list by ``<wnid>/<file>`` names (the tree may move)."""
     return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for p in files).encode()).hexdigest()
 
 
 class FeatureStore:
-    """Embedding features ``[N, D]`` of ``files`` (evaluation crops), kept in ``folder`` as float16
-    files of :data:`FEATURE_BLOCK` images (``block_00000.pt``, ...), each written atomically.
-
-    A finished block is never recomputed, so an interrupted extraction resumes where it stopped;
-    under torchrun rank r extracts the r-th, (r + W)-th, ... of the blocks still missing, so a resumed
-    extraction is split evenly too. A ``manifest.json`` names the image
-    list (``<wnid>/<file>`` names, so the tree may move) and size; a folder made for another list is
-    refused (by every process that opens it, so all of them refuse it together). Only one process
-    writes the manifest (``create``).
-    """
+    """Embedding features ``[N, D]`` of ``files`` (evaluation crops), kept in ``folder`` as float16 files of
+    ``block`` images (``block_00000.pt``, ...), each written atomically: a finished block is never computed
+    again, so an interrupted extraction resumes where it stopped. A ``manifest.json`` names the image list
+    and size; a folder made for another one is refused by every process that opens it (so all of them
+    refuse it together); only one process writes the manifest (``create``)."""
 
     def __init__(self, folder: Path, files: list[Path], image_size: int, block: int = FEATURE_BLOCK,
                  create: bool = True) -> None:
@@ -88,14 +86,11 @@ class FeatureStore:
         elif create:
             write_json(path, manifest)
 
-    def __len__(self) -> int:
-        return len(self.files)
-
     def block_path(self, index: int) -> Path:
         return self.folder / f"block_{index:05d}.pt"
 
     def block_files(self, index: int) -> list[Path]:
-        """The images of block ``index`` (:attr:`block` of them, fewer in the last block)."""
+        """The images of block ``index`` (``block`` of them, fewer in the last one)."""
         return self.files[index * self.block:(index + 1) * self.block]
 
     def missing(self) -> list[int]:
@@ -106,18 +101,15 @@ class FeatureStore:
     def extract(self, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int, workers: int,
                 amp: bool, info: DistInfo, stop: Callable[[], bool] | None, progress: bool, desc: str,
                 missing: list[int] | None = None) -> None:
-        """Embed this process's share of the missing blocks (each image decoded once by ``workers``
-        processes), ``chunk`` images a step. Under distribution every rank must pass the same ``missing``
-        (:meth:`missing` read by all of them before any writes; one process may leave it out) and
-        call this: every rank runs as many steps as the largest share has batches (a smaller share
-        ends with empty steps) and after each step they agree whether a stop was asked (one small
-        all-reduce), so they stop together.
+        """Embed this process's share of the ``missing`` blocks (rank r: the r-th, (r + W)-th, ... of them; each
+        image decoded once by ``workers`` processes), ``chunk`` images a step. Under distribution every rank
+        calls this with the same ``missing`` (read by all of them before any writes) and runs as many steps as
+        the largest share has batches; after each step they agree whether a stop was asked (one all-reduce).
 
         Raises:
             Interrupted: ``stop()`` became true in some process; the blocks finished by then are kept.
         """
-        if missing is None:
-            missing = self.missing()
+        missing = self.missing() if missing is None else missing
         shares = [missing[rank::info.world_size] for rank in range(info.world_size)]
         steps = max(-(-sum(len(self.block_files(b)) for b in share) // chunk) for share in shares)
         mine = shares[info.rank]
@@ -136,20 +128,18 @@ class FeatureStore:
             while mine and pending >= sizes[0]:
                 done = torch.cat(parts)
                 atomic_save(done[:sizes[0]].clone(), self.block_path(mine[0]))
-                parts, pending = [done[sizes[0]:]], pending - sizes[0]
-                mine, sizes = mine[1:], sizes[1:]
+                parts, pending, mine, sizes = [done[sizes[0]:]], pending - sizes[0], mine[1:], sizes[1:]
             stopped_here = stop is not None and stop()
             if all_reduce_sum([float(stopped_here)], device, info)[0] > 0:
                 bar.close()
-                raise Interrupted(f"while extracting the {desc} features "
-                                  f"({'' if stopped_here else 'another process was stopped; '}finished blocks are kept)")
+                other = "" if stopped_here else "another process was stopped; "
+                raise Interrupted(f"while extracting the {desc} features ({other}finished blocks are kept)")
         bar.close()
 
     def load(self) -> torch.Tensor:
         """Every block, concatenated: float16 ``[N, D]``."""
-        missing = self.missing()
-        if missing:
-            raise DataError(f"{self.block_path(missing[0])}: feature block missing")
+        if self.missing():
+            raise DataError(f"{self.block_path(self.missing()[0])}: feature block missing")
         return torch.cat([safe_load(self.block_path(b)) for b in range(-(-len(self.files) // self.block))])
 
 
@@ -160,46 +150,35 @@ TRIAL_FLAGS = ("imageSize", "Fang", "amp", "seed", "deform", "gallerySelect", "g
 
 class TrialStore:
     """The finished steps (setup, trial, n) of an evaluation, one file each in ``folder``
-    (``<setup>_trial<t>_n<n>.pt``, written atomically) with the settings they were computed with: a
-    stopped evaluation continues after its last finished step, and a step saved with other settings
-    is computed again. ``computed`` lists the steps this process computed."""
+    (``<setup>_trial<t>_n<n>.pt``, written atomically) with the settings they were computed with: a stopped
+    evaluation continues after its last finished step, and a step saved with other settings is computed
+    again. The settings: the network's weights, the feature files (named by their image lists),
+    :data:`TRIAL_FLAGS` and the step's n-shot images. ``computed`` lists the steps this process computed."""
 
-    def __init__(self, folder: Path, settings: dict) -> None:
-        self.folder, self.settings, self.computed = Path(folder), settings, []
+    def __init__(self, folder: Path, model: IDeMeNet, stores: dict[str, FeatureStore], config: LowShotConfig) -> None:
+        self.folder, self.computed = Path(folder), []
+        self.settings = {"network": state_digest(model), "features": sorted(s.folder.name for s in stores.values()),
+                         **{flag: getattr(config, flag) for flag in TRIAL_FLAGS}}
 
     def path(self, setup: str, trial: int, n: int) -> Path:
         return self.folder / f"{setup}_trial{trial}_n{n}.pt"
 
     def load(self, setup: str, trial: int, n: int, shots: str) -> dict | None:
-        """The step's metrics per variant when it was saved with these settings and n-shot images
-        (``shots``, their digest), else None."""
+        """The step's metrics per variant when saved with these settings and n-shot images (``shots``, their
+        digest), else None."""
         path = self.path(setup, trial, n)
-        if not path.is_file():
-            return None
-        saved = safe_load(path)
-        return saved["metrics"] if saved["settings"] == {**self.settings, "shots": shots} else None
+        saved = safe_load(path) if path.is_file() else None
+        return saved["metrics"] if saved and saved["settings"] == {**self.settings, "shots": shots} else None
 
     def save(self, setup: str, trial: int, n: int, shots: str, metrics: dict) -> None:
         atomic_save({"settings": {**self.settings, "shots": shots}, "metrics": metrics}, self.path(setup, trial, n))
         self.computed.append((setup, trial, n))
 
 
-def trial_settings(model: IDeMeNet, stores: dict[str, FeatureStore], args: argparse.Namespace) -> dict:
-    """What every step's numbers depend on besides its n-shot images: the network's weights, the
-    feature files (named by their image lists) and :data:`TRIAL_FLAGS`."""
-    return {"network": state_digest(model), "features": sorted(store.folder.name for store in stores.values()),
-            **{flag: getattr(args, flag) for flag in TRIAL_FLAGS}}
-
-
 @dataclass(frozen=True)
 class SetupData:
-    """One setup's classes and test images.
-
-    Attributes:
-        base, novel: class indices (``label_names``) of the setup; score columns are base then novel.
-        test_files: the ILSVRC val images of these classes, class by class in column order.
-        targets: long ``[M]``, each test image's column.
-    """
+    """One setup's classes (``label_names`` indices; score columns are base then novel), its test images (the
+    ILSVRC val images of these classes, class by class in column order) and their columns, long ``[M]``."""
 
     name: str
     base: tuple[int, ...]
@@ -215,18 +194,13 @@ def setup_data(val_dir: Path, meta: LowShotMeta, name: str) -> SetupData:
     return SetupData(name, base, novel, tuple(f for files in per_class for f in files), targets)
 
 
-def base_image_files(images: TrainList, classes: tuple[int, ...]) -> tuple[list[Path], list[int]]:
+def base_image_files(images: TrainList, classes: list[int]) -> tuple[list[Path], list[int]]:
     """The training images of ``classes`` (in that order) and their ``[len(classes) + 1]`` offsets."""
     files, starts = [], [0]
     for k in classes:
         files.extend(images.class_files(k))
         starts.append(len(files))
     return files, starts
-
-
-def class_means(features: torch.Tensor, starts: list[int], rows: list[int], device: torch.device) -> torch.Tensor:
-    """Mean float32 feature of each class ``rows[i]`` (rows ``starts[c]:starts[c+1]`` of ``features``) -> ``[R, D]``."""
-    return torch.stack([features[starts[c]:starts[c + 1]].to(device).float().mean(0) for c in rows])
 
 
 def test_scores(test_features: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, device: torch.device,
@@ -249,6 +223,10 @@ def deformation_draws(total: int, cells: int, choose_num: int, gallery_size: int
             "random_weights": torch.from_numpy(rng.random((total, cells), dtype=np.float32))}
 
 
+def _rows(draws: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {key: value[rows] for key, value in draws.items()}
+
+
 def shortlisted_gallery(plain: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
                         shots: int, draws: dict[str, torch.Tensor], budget: int = DISTANCE_BUDGET) -> torch.Tensor:
     """Gallery index ``[N*shots*augnum]`` of every deformed copy (:func:`engine.episode.select_gallery`,
@@ -259,10 +237,9 @@ def shortlisted_gallery(plain: torch.Tensor, bank: GalleryBank, scale: torch.Ten
     parts = []
     for first in range(0, len(plain), step):
         count = min(step, len(plain) - first)
-        rows = slice(first * per_class, (first + count) * per_class)
         owner = torch.arange(count, device=plain.device).repeat_interleave(per_class)
         parts.append(select_gallery(plain[first:first + count], bank, scale, config, owner,
-                                    {key: value[rows] for key, value in draws.items()}))
+                                    _rows(draws, slice(first * per_class, (first + count) * per_class))))
     return torch.cat(parts)
 
 
@@ -276,18 +253,15 @@ def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[
     are decoded by ``workers`` processes and deformed ``config.chunk`` images or so at a time."""
     classes = len(support) // shots
     labels = torch.arange(classes, device=device).repeat_interleave(shots)
-    plain = prototypes(support, labels, classes)
-    gallery_index = shortlisted_gallery(plain, bank, model.scale, config, shots, draws)
-    images_per_step = max(1, config.chunk // shots) * shots
+    gallery_index = shortlisted_gallery(prototypes(support, labels, classes), bank, model.scale, config, shots, draws)
     features, done = [support], 0
-    for images in image_loader(CroppedImages(support_files, image_size), images_per_step, workers, device):
+    for images in image_loader(CroppedImages(support_files, image_size), max(1, config.chunk // shots) * shots,
+                               workers, device):
         rows = slice(done * config.augnum, (done + len(images)) * config.augnum)
         features.append(deform_support(model, prepare_images(images, device), gallery_index[rows],
-                                       {key: value[rows] for key, value in draws.items()}, bank, config, device,
-                                       model.embed)[-1])
+                                       _rows(draws, rows), bank, config, device, model.embed)[-1])
         done += len(images)
-    owners = labels.repeat_interleave(config.augnum)
-    return prototypes(torch.cat(features), torch.cat([labels, owners]), classes)
+    return prototypes(torch.cat(features), torch.cat([labels, labels.repeat_interleave(config.augnum)]), classes)
 
 
 def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict:
@@ -300,47 +274,34 @@ def trial_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) ->
 Prior = tuple[float, float]  # (temperature, mu) of the all_prior metric
 
 
-def prior_point(trial: dict, prior: Prior) -> dict[int, float]:
-    """A trial's ``all_prior`` accuracy ``{k: %}`` at ``prior`` (a point of its curve)."""
-    temperature, mu = prior
-    hits = trial["prior_curve"][TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
-    return {k: 100.0 * count / trial["test_images"] for k, count in hits.items()}
+def metric_value(trial: dict, metric: str, k: int, prior: Prior) -> float:
+    """A trial's top-``k`` ``metric`` in %, ``all_prior`` read off its curve at ``prior``."""
+    if metric != "all_prior":
+        return trial[metric][k]
+    return curve_accuracy(trial["prior_curve"], *prior, trial["test_images"])[k]
 
 
 def summarise(per_trial: list[dict], prior: Prior) -> dict:
     """Mean and 95% t-interval over trials of every metric (``all_prior`` at ``prior``), with the trials' values."""
-    out = {}
-    for metric in METRIC_NAMES:
-        values = {k: [prior_point(t, prior)[k] if metric == "all_prior" else t[metric][k] for t in per_trial]
-                  for k in TOPK}
-        out[metric] = {f"top{k}": _summary(values[k]) for k in TOPK}
-    return out
+    return {metric: {f"top{k}": _summary([metric_value(t, metric, k, prior) for t in per_trial]) for k in TOPK}
+            for metric in METRIC_NAMES}
+
+
+def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
+    """The paired per-trial difference deformed - plain of every metric, summarised like :func:`summarise`."""
+    return {metric: {f"top{k}": _summary([metric_value(d, metric, k, prior_deformed)
+                                          - metric_value(p, metric, k, prior_plain) for d, p in zip(deformed, plain)])
+                     for k in TOPK} for metric in METRIC_NAMES}
 
 
 def _summary(values: list[float]) -> dict:
     """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`),
     and the trials' values; None where a number is undefined (the interval of one trial), so the report is JSON."""
+    def number(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
     mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (math.nan, math.nan)
-    return {"mean": _number(mean), "t_ci95": _number(ci), "trials": [_number(v) for v in values]}
-
-
-def _number(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
-    """The paired per-trial difference deformed - plain of every metric, summarised like :func:`summarise`."""
-    out = {}
-    for metric in METRIC_NAMES:
-        out[metric] = {}
-        for k in TOPK:
-            if metric == "all_prior":
-                values = [prior_point(d, prior_deformed)[k] - prior_point(p, prior_plain)[k]
-                          for d, p in zip(deformed, plain)]
-            else:
-                values = [d[metric][k] - p[metric][k] for d, p in zip(deformed, plain)]
-            out[metric][f"top{k}"] = _summary(values)
-    return out
+    return {"mean": number(mean), "t_ci95": number(ci), "trials": [number(v) for v in values]}
 
 
 def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, Prior]]:
@@ -349,18 +310,14 @@ def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict
             for variant, by_n in per_trial.items()}
 
 
-def lowshot_config(args: argparse.Namespace, shots: int, ways: int) -> EpisodeConfig:
+def lowshot_config(config: LowShotConfig, shots: int, ways: int) -> EpisodeConfig:
     """The deformation settings for n = ``shots``: ``--augnum``/``--chooseNum``, or stage 2's
     defaults for that number of shots (:func:`engine.options.shot_defaults`)."""
-    augnum, choose = shot_defaults(shots)
-    augnum = augnum if args.augnum is None else args.augnum
-    choose = choose if args.chooseNum is None else args.chooseNum
-    return EpisodeConfig(ways, augnum, choose, args.deform, args.gallerySelect, "none", args.batchSize, bool(args.amp))
-
-
-PAPER_NOVEL_TOP5 = {1: 60.1, 2: 69.6, 5: 77.4, 10: 80.2}  # IDeMe-Net, CVPR 2019, Table 2 (test setup)
-METHOD_NAMES = {"plain": "prototypes (no deformation)", "deformed": "IDeMe-Net (deformed examples)",
-                "difference": "difference (paired)"}
+    augnum, choose_num = shot_defaults(shots)
+    return EpisodeConfig(ways, augnum if config.augnum is None else config.augnum,
+                         choose_num if config.chooseNum is None else config.chooseNum, deform=config.deform,
+                         gallery_select=config.gallerySelect, gallery_exclude="none", chunk=config.batchSize,
+                         amp=bool(config.amp))
 
 
 @dataclass
@@ -376,34 +333,37 @@ class Benchmark:
     gallery_split: Split | None  # the base classes' training images the gallery is drawn from (None: --deform none)
 
 
-def read_benchmark(args: argparse.Namespace) -> Benchmark:
-    """The class split, training list, trials and setups of ``args`` (``lowshot_imagenet.py``'s flags),
-    each checked whole, and the gallery's size against ``--galleryNum`` and ``--chooseNum``.
+def read_benchmark(config: LowShotConfig) -> Benchmark:
+    """The class split, training list, trials and setups, each checked whole, and the gallery's size against
+    ``--galleryNum`` and ``--chooseNum``.
 
     Raises:
         DataError, OptionError: the first bad input, before anything is computed or written.
     """
-    meta = read_lowshot_meta(args.lowshotmeta)
-    imagenet = Path(args.imagenet)
+    meta, imagenet = read_lowshot_meta(config.lowshotmeta), Path(config.imagenet)
     for folder in ("train", "val"):
         if not (imagenet / folder).is_dir():
-            raise DataError(f"{imagenet / folder}: folder not found (--imagenet must hold train/ and val/ class folders)")
-    images = train_list(imagenet / "train", meta, args.trainlist)
-    trials = {t: read_trial(args.experimentpath.format(t), meta, images, max(args.lowshotn)) for t in args.trials}
-    setups = {name: setup_data(imagenet / "val", meta, name) for name in (("val", "test") if args.testsetup else ("val",))}
+            raise DataError(f"{imagenet / folder}: folder not found (--imagenet must hold train/ and val/ class "
+                            "folders)")
+    images = train_list(imagenet / "train", meta, config.trainlist)
+    trials = {t: read_trial(config.experimentpath.format(t), meta, images, max(config.lowshotn))
+              for t in config.trials}
+    setups = {name: setup_data(imagenet / "val", meta, name)
+              for name in (("val", "test") if config.testsetup else ("val",))}
     novel = sorted(meta.lists["novel_classes_1"] + meta.lists["novel_classes_2"])
     novel_rows = np.unique(np.concatenate([trial[novel].ravel() for trial in trials.values()]))
     gallery_split = None
-    if args.deform != "none":
+    if config.deform != "none":
         gallery_split = benchmark_split(imagenet, meta, "train")
-        gallery_size = len(gallery_files(gallery_split, args.galleryNum))
-        largest = max(lowshot_config(args, n, 0).choose_num for n in args.lowshotn)
-        if args.gallerySelect == "nearest" and largest > gallery_size:
-            if args.chooseNum is not None:
+        gallery_size = len(gallery_files(gallery_split, config.galleryNum))
+        choose = {n: lowshot_config(config, n, 0).choose_num for n in config.lowshotn}
+        largest = max(choose.values())
+        if config.gallerySelect == "nearest" and largest > gallery_size:
+            if config.chooseNum is not None:
                 raise OptionError(f"--chooseNum {largest} is larger than the {gallery_size}-image gallery")
-            n = min(n for n in args.lowshotn if lowshot_config(args, n, 0).choose_num == largest)
-            raise OptionError(f"--galleryNum {args.galleryNum} makes a {gallery_size}-image gallery, fewer than the "
-                              f"{largest} nearest images the default --chooseNum takes for n = {n}; give a larger "
+            raise OptionError(f"--galleryNum {config.galleryNum} makes a {gallery_size}-image gallery, fewer than "
+                              f"the {largest} nearest images the default --chooseNum takes for n = "
+                              f"{min(n for n in config.lowshotn if choose[n] == largest)}; give a larger "
                               "--galleryNum or a smaller --chooseNum")
     return Benchmark(meta, images, trials, setups, sorted(meta.lists["base_classes"]), novel_rows, gallery_split)
 
@@ -411,28 +371,27 @@ def read_benchmark(args: argparse.Namespace) -> Benchmark:
 def feature_stores(bench: Benchmark, folder: Path, image_size: int, create: bool) -> dict[str, FeatureStore]:
     """The stores of every base class's training images, the trials' n-shot images of every novel class and
     each setup's test images, each in a folder named by its list (another list gets another folder)."""
-    base_files, _ = base_image_files(bench.images, tuple(bench.base_classes))
-    lists = {"base_train": base_files, "novel_train": [bench.images.files[i] for i in bench.novel_rows],
+    lists = {"base_train": base_image_files(bench.images, bench.base_classes)[0],
+             "novel_train": [bench.images.files[i] for i in bench.novel_rows],
              **{f"test_{name}": list(setup.test_files) for name, setup in bench.setups.items()}}
     return {name: FeatureStore(folder / f"{name}_{list_digest(files)[:12]}", files, image_size, create=create)
             for name, files in lists.items()}
 
 
 def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: GalleryBank | None,
-                   features: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device,
+                   features: dict[str, torch.Tensor], config: LowShotConfig, device: torch.device,
                    stop: Callable[[], bool] | None, trials: TrialStore) -> dict[str, dict[int, list[dict]]]:
     """Per variant (``plain``, and ``deformed`` unless ``--deform none``) and n, each trial's
     :func:`trial_metrics`; the variants of a trial share its n-shot sets. A step (trial, n) that
     ``trials`` holds is read from it, every other one computed and saved there."""
-    _, base_starts = base_image_files(bench.images, tuple(bench.base_classes))
-    base_protos = class_means(features["base_train"], base_starts,
-                              [bench.base_classes.index(k) for k in setup.base], device)
-    test, targets = features[f"test_{setup.name}"], setup.targets.to(device)
-    variants = VARIANTS if bank is not None else ("plain",)
-    out = {variant: {n: [] for n in args.lowshotn} for variant in variants}
-    ways = len(setup.novel)
-    steps = [(t, n) for t in args.trials for n in args.lowshotn]
-    for t, n in tqdm(steps, desc=f"{setup.name} setup", disable=not args.progress, leave=False):
+    _, starts = base_image_files(bench.images, bench.base_classes)
+    base = features["base_train"]
+    base_protos = torch.stack([base[starts[c]:starts[c + 1]].to(device).float().mean(0)
+                               for c in (bench.base_classes.index(k) for k in setup.base)])
+    test, targets, ways = features[f"test_{setup.name}"], setup.targets.to(device), len(setup.novel)
+    out = {variant: {n: [] for n in config.lowshotn} for variant in (VARIANTS if bank is not None else ("plain",))}
+    steps = [(t, n) for t in config.trials for n in config.lowshotn]
+    for t, n in tqdm(steps, desc=f"{setup.name} setup", disable=not config.progress, leave=False):
         index = shot_indices(bench.trials[t], setup.novel, n).reshape(-1)
         files = [bench.images.files[i] for i in index]
         shots = list_digest(files)
@@ -441,15 +400,13 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
             support = features["novel_train"][np.searchsorted(bench.novel_rows, index)].to(device).float()
             protos = {"plain": prototypes(support, torch.arange(ways, device=device).repeat_interleave(n), ways)}
             if bank is not None:
-                config = lowshot_config(args, n, ways)
-                draws = deformation_draws(len(index) * config.augnum, args.Fang ** 2, config.choose_num, len(bank),
-                                          args.seed, LOWSHOT_STREAM, list(SETUP_NAMES).index(setup.name), t, n)
-                protos["deformed"] = deformed_prototypes(model, bank, files, support, n, config, draws, device,
-                                                         args.nthreads, args.imageSize)
-            metrics = {}
-            for variant, novel_protos in protos.items():
-                scores = test_scores(test, torch.cat([base_protos, novel_protos]), model.scale, device)
-                metrics[variant] = trial_metrics(scores, targets, len(setup.base))
+                episode = lowshot_config(config, n, ways)
+                draws = deformation_draws(len(index) * episode.augnum, config.Fang ** 2, episode.choose_num, len(bank),
+                                          config.seed, LOWSHOT_STREAM, list(SETUPS).index(setup.name), t, n)
+                protos["deformed"] = deformed_prototypes(model, bank, files, support, n, episode, draws, device,
+                                                         config.nthreads, config.imageSize)
+            metrics = {variant: trial_metrics(test_scores(test, torch.cat([base_protos, novel]), model.scale, device),
+                                              targets, len(setup.base)) for variant, novel in protos.items()}
             trials.save(setup.name, t, n, shots, metrics)
         for variant, values in metrics.items():
             out[variant][n].append(values)
@@ -459,90 +416,83 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
 
 INTERVAL = ("mean +- 95% Student t-interval over the trials: t(0.975, trials - 1) * sample std / sqrt(trials) "
             "(none for one trial)")
+PAPER_NOVEL_TOP5 = {1: 60.1, 2: 69.6, 5: 77.4, 10: 80.2}  # IDeMe-Net, CVPR 2019, Table 2 (test setup)
+METHOD_NAMES = {"plain": "prototypes (no deformation)", "deformed": "IDeMe-Net (deformed examples)",
+                "difference": "difference (paired)"}
 
 
-def report(bench: Benchmark, results: dict[str, dict], args: argparse.Namespace, timing: dict) -> dict:
+def report(bench: Benchmark, results: dict[str, dict], config: LowShotConfig, timing: dict) -> dict:
     """The JSON report: every metric per setup, variant and n (mean, 95% t-interval, trials), the paired
     differences, and the prior's temperature and ``mu`` chosen on the validation setup."""
     priors = choose_priors(results["val"])
     setups = {}
     for name, per_variant in results.items():
-        setup = {variant: {str(n): summarise(trials, priors[variant][n]) for n, trials in by_n.items()}
-                 for variant, by_n in per_variant.items()}
-        if "deformed" in per_variant:
-            setup["difference"] = {str(n): difference(per_variant["deformed"][n], per_variant["plain"][n],
-                                                      priors["deformed"][n], priors["plain"][n]) for n in args.lowshotn}
         s = bench.setups[name]
         setups[name] = {"base_classes": len(s.base), "novel_classes": len(s.novel), "test_images": len(s.test_files),
-                        **setup}
+                        **{variant: {str(n): summarise(trials, priors[variant][n]) for n, trials in by_n.items()}
+                           for variant, by_n in per_variant.items()}}
+        if "deformed" in per_variant:
+            setups[name]["difference"] = {str(n): difference(per_variant["deformed"][n], per_variant["plain"][n],
+                                                             priors["deformed"][n], priors["plain"][n])
+                                          for n in config.lowshotn}
+    episodes = {n: lowshot_config(config, n, 0) for n in config.lowshotn}
+    chosen = "val setup" + ("" if config.testsetup else " (the setup reported: run --testsetup 1 for a prior chosen "
+                                                       "apart from the test)")
     return {"benchmark": "ImageNet-1K low-shot (Hariharan & Girshick, ICCV 2017)",
             "lowshotmeta": str(bench.meta.path), "train_list": bench.images.source,
             "train_list_reconstructed": bench.images.reconstructed,
             "train_list_warning": RECONSTRUCTION_WARNING if bench.images.reconstructed else None,
-            "checkpoint": args.GNet if args.GNet != "None" else args.network, "deform": args.deform,
-            "trials": args.trials, "lowshotn": args.lowshotn, "interval": INTERVAL,
-            "augnum": {str(n): lowshot_config(args, n, 0).augnum for n in args.lowshotn},
-            "chooseNum": {str(n): lowshot_config(args, n, 0).choose_num for n in args.lowshotn},
-            "prior_mu": {variant: {str(n): prior[1] for n, prior in by_n.items()} for variant, by_n in priors.items()},
-            "prior_temperature": {variant: {str(n): prior[0] for n, prior in by_n.items()}
-                                  for variant, by_n in priors.items()},
-            "prior_chosen_on": "val setup" + ("" if args.testsetup else " (the setup reported: run --testsetup 1 "
-                                                                      "for a prior chosen apart from the test)"),
-            "setups": setups, "timing": timing}
+            "checkpoint": config.GNet if config.GNet != "None" else config.network, "deform": config.deform,
+            "trials": config.trials, "lowshotn": config.lowshotn, "interval": INTERVAL,
+            "augnum": {str(n): episode.augnum for n, episode in episodes.items()},
+            "chooseNum": {str(n): episode.choose_num for n, episode in episodes.items()},
+            **{f"prior_{field}": {variant: {str(n): prior[i] for n, prior in by_n.items()}
+                                  for variant, by_n in priors.items()} for i, field in ((1, "mu"), (0, "temperature"))},
+            "prior_chosen_on": chosen, "setups": setups, "timing": timing}
 
 
 def table_rows(result: dict) -> list[dict]:
     """The report flattened to CSV rows (setup, method, metric, n, top-1/top-5 mean and interval)."""
-    rows = []
-    for setup, data in result["setups"].items():
-        for method in ("plain", "deformed", "difference"):
-            for n, metrics in data.get(method, {}).items():
-                for metric, values in metrics.items():
-                    rows.append({"setup": setup, "method": method, "metric": metric, "n": int(n),
-                                 **{f"{k}{suffix}": values[k][field] for k in ("top1", "top5")
-                                    for suffix, field in (("", "mean"), ("_t_ci95", "t_ci95"))},
-                                 **{f"prior_{field}": result[f"prior_{field}"].get(method, {}).get(n)
-                                    if metric == "all_prior" else None for field in ("mu", "temperature")},
-                                 "train_list_reconstructed": result["train_list_reconstructed"]})
-    return rows
+    return [{"setup": setup, "method": method, "metric": metric, "n": int(n),
+             **{f"{k}{suffix}": values[k][field] for k in ("top1", "top5")
+                for suffix, field in (("", "mean"), ("_t_ci95", "t_ci95"))},
+             **{f"prior_{field}": result[f"prior_{field}"].get(method, {}).get(n) if metric == "all_prior" else None
+                for field in ("mu", "temperature")},
+             "train_list_reconstructed": result["train_list_reconstructed"]}
+            for setup, data in result["setups"].items() for method in METHOD_NAMES
+            for n, metrics in data.get(method, {}).items() for metric, values in metrics.items()]
 
 
 def format_table(result: dict) -> str:
     """The paper's table (top-5 on the novel classes, test setup when run) and every metric below it."""
     setup = "test" if "test" in result["setups"] else "val"
-    data = result["setups"][setup]
-    ns = [str(n) for n in result["lowshotn"]]
-    width = 16
-    lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base classes, "
-             f"{data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% t-interval, "
-             f"train list {'reconstructed' if result['train_list_reconstructed'] else 'from the release'}",
-             "", "top-5 accuracy on the novel classes (%)", f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns)]
+    data, ns = result["setups"][setup], [str(n) for n in result["lowshotn"]]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"{label:34}" + "".join(cell.rjust(16) for cell in cells)
 
     def cell(values: dict) -> str:
         interval = f" +- {values['t_ci95']:4.2f}" if values["t_ci95"] is not None else ""
         return f"{values['mean']:6.2f}{interval}"
 
-    for method in ("plain", "deformed", "difference"):
-        if method in data:
-            lines.append(f"{METHOD_NAMES[method]:34}" + "".join(f"{cell(data[method][n]['novel']['top5']):>{width}}"
-                                                             for n in ns))
-    paper = "".join(f"{(f'{PAPER_NOVEL_TOP5[int(n)]:.1f}' if int(n) in PAPER_NOVEL_TOP5 else '-'):>{width}}" for n in ns)
-    lines += [f"{'IDeMe-Net, paper (Table 2)':34}" + paper,
+    header = row("", [f"n={n}" for n in ns])
+    train_list = "reconstructed" if result["train_list_reconstructed"] else "from the release"
+    lines = [f"ImageNet-1K low-shot, {setup} setup ({data['novel_classes']} novel, {data['base_classes']} base "
+             f"classes, {data['test_images']} test images), {len(result['trials'])} trial(s), mean +- 95% t-interval, "
+             f"train list {train_list}", "", "top-5 accuracy on the novel classes (%)", header]
+    lines += [row(label, [cell(data[method][n]["novel"]["top5"]) for n in ns])
+              for method, label in METHOD_NAMES.items() if method in data]
+    lines += [row("IDeMe-Net, paper (Table 2)", [f"{PAPER_NOVEL_TOP5[int(n)]:.1f}" if int(n) in PAPER_NOVEL_TOP5
+                                                 else "-" for n in ns]),
               "(our reading of the paper's number: novel test images ranked over the novel classes; over base + "
               "novel classes it is novel_joint below)", ""]
-    for method in ("plain", "deformed"):
-        if method not in data:
-            continue
-        lines.append(f"{METHOD_NAMES[method]}: top-1 / top-5 (%)")
-        lines.append(f"{'':34}" + "".join(f"{'n=' + n:>{width}}" for n in ns))
+    for method in (m for m in VARIANTS if m in data):
+        lines += [f"{METHOD_NAMES[method]}: top-1 / top-5 (%)", header]
         for metric in METRIC_NAMES:
-            lines.append(f"{metric:34}" + "".join(
-                f"{data[method][n][metric]['top1']['mean']:6.2f} / {data[method][n][metric]['top5']['mean']:5.2f}"
-                .rjust(width) for n in ns))
-        priors = (result["prior_temperature"][method], result["prior_mu"][method])
-        lines.append(f"{'all_prior: temperature, mu':34}" + "".join(
-            f"{priors[0][n]:g}, {priors[1][n]:.2f}".rjust(width) for n in ns))
-        lines.append("")
+            values = [data[method][n][metric] for n in ns]
+            lines.append(row(metric, [f"{v['top1']['mean']:6.2f} / {v['top5']['mean']:5.2f}" for v in values]))
+        temperature, mu = result["prior_temperature"][method], result["prior_mu"][method]
+        lines += [row("all_prior: temperature, mu", [f"{temperature[n]:g}, {mu[n]:.2f}" for n in ns]), ""]
     lines.append(f"intervals: {result['interval']}; all_prior's temperature and mu chosen on the "
                  f"{result['prior_chosen_on']}")
     if result["train_list_warning"]:

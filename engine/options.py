@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -308,13 +309,11 @@ def lowshot_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> None:
-    """Fill the device-dependent default and check the flags that need no data."""
+def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> LowShotConfig:
+    """Fill the device-dependent default, check the flags that need no data and return them typed."""
     resolve_chunk(args, device)
-    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum")
-    for flag in ("augnum", "chooseNum"):
-        if getattr(args, flag) is not None:
-            check_positive(args, flag)
+    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum",
+                   *(flag for flag in ("augnum", "chooseNum") if getattr(args, flag) is not None))
     for flag in ("trials", "lowshotn"):
         values = getattr(args, flag)
         if min(values) < 1 or len(set(values)) != len(values):
@@ -329,3 +328,38 @@ def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> None
                           "--deform none or random")
     if args.imageSize < DEFORM_NETS[args.deformNet].min_image_size and args.deform == "learned":
         raise OptionError(f"--imageSize {args.imageSize} is too small for --deformNet {args.deformNet}")
+    return LowShotConfig(**vars(args))
+
+
+@dataclass(frozen=True)
+class LowShotConfig:
+    """The flags of ``lowshot_imagenet.py`` (:func:`lowshot_parser`, whose defaults they take), by flag
+    name, resolved (:func:`resolve_lowshot_args`): ``batchSize`` set; ``augnum`` and ``chooseNum`` None
+    for the shot-dependent defaults (:func:`shot_defaults`)."""
+
+    imagenet: str
+    lowshotmeta: str
+    experimentpath: str
+    trainlist: str | None
+    tensorname: str
+    GNet: str
+    network: str
+    testsetup: int
+    trials: list[int]
+    lowshotn: list[int]
+    augnum: int | None
+    chooseNum: int | None
+    galleryNum: int
+    deform: str
+    gallerySelect: str
+    deformNet: str
+    imageSize: int
+    Fang: int
+    batchSize: int
+    nthreads: int
+    device: str | None
+    seed: int
+    amp: int
+    deterministic: int
+    tf32: int
+    progress: int

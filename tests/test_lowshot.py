@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,29 +23,43 @@ import torch
 import torch.multiprocessing as mp
 
 from datasets.episodes import CroppedImages
-from datasets.lowshot import (RECONSTRUCTION_WARNING, benchmark_split, read_lowshot_meta, read_train_list, read_trial,
-                              rebuild_train_list, shot_indices)
+from datasets.gallery import Gallery
+from datasets.lowshot import (
+    RECONSTRUCTION_WARNING,
+    benchmark_split,
+    read_lowshot_meta,
+    read_train_list,
+    read_trial,
+    rebuild_train_list,
+    shot_indices,
+)
 from datasets.seeding import item_rng
 from datasets.toy import generate_lowshot
 from datasets.transforms import normalize_uint8
-from datasets.gallery import Gallery
 from engine.episode import EpisodeConfig, GalleryBank
 from engine.features import FeatureCache
-import engine.lowshot
-from engine.lowshot import (FeatureStore, choose_priors, deformation_draws, deformed_prototypes, difference,
-                            shortlisted_gallery, summarise)
+from engine.lowshot import (
+    FeatureStore,
+    choose_priors,
+    deformation_draws,
+    deformed_prototypes,
+    difference,
+    lowshot_config,
+    shortlisted_gallery,
+    summarise,
+    trial_metrics,
+)
+from engine.options import lowshot_parser, resolve_lowshot_args
 from engine.run import lock_run, release_run
 from models import EmbeddingNet, IDeMeNet, load_idemenet
-from models.protonet import prototypes
-from models.protonet import squared_distances
+from models.protonet import prototypes, squared_distances
 from tests.scripts_helpers import REPO, free_port, load_script, run_script, script_env
 from utils import distributed
 from utils.distributed import DistInfo
 from utils.errors import DataError
 from utils.forward import layout_model
 from utils.interrupt import Interrupted
-from utils.lowshot_metrics import (PRIOR_GRID, TEMPERATURE_GRID, best_prior, lowshot_metrics, prior_curve,
-                                   prior_scores)
+from utils.lowshot_metrics import PRIOR_GRID, TEMPERATURE_GRID, best_prior, lowshot_metrics, prior_curve, prior_scores
 from utils.options import run_cli
 
 SIZE = "32"
@@ -63,8 +78,8 @@ lowshot_imagenet, onlyBasetwoLoss = load_script("lowshot_imagenet.py"), load_scr
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lowshot")
-    generate_lowshot(root / "bench", classes_per_list=PER_LIST, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
-                     size=int(SIZE))
+    generate_lowshot(root / "bench", classes_per_list=PER_LIST, train_per_class=TRAIN_PER_CLASS,
+                     val_per_class=VAL_PER_CLASS, size=int(SIZE))
     return root
 
 
@@ -303,6 +318,16 @@ def test_stage_splits_are_the_base_classes_and_each_setups_novel_classes(workdir
     assert all(f.parent.parent.name == "val" for files in test.files for f in files)
 
 
+def test_the_evaluations_settings_are_its_flags_with_the_device_and_shot_defaults_resolved():
+    argv = ["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e_{:d}", "--tensorname", "t", "--GNet", "g",
+            "--chooseNum", "9", "--trials", "2", "4"]
+    config = resolve_lowshot_args(lowshot_parser().parse_args(argv), torch.device("cpu"))
+    assert asdict(config) == {**vars(lowshot_parser().parse_args(argv)), "batchSize": 16}  # the CPU's chunk
+    one, two = lowshot_config(config, 1, 5), lowshot_config(config, 2, 5)
+    assert (one.augnum, one.choose_num, two.augnum, two.choose_num) == (7, 9, 5, 9)  # --chooseNum for every n
+    assert (one.ways, one.chunk, one.deform, one.gallery_select) == (5, 16, "learned", "nearest")
+
+
 # --- the scripts in-process: refusals, the warning, the run lock ------------------------------------------------------
 
 def _copy_bench(workdir, tmp_path, model: str):
@@ -448,7 +473,7 @@ def test_a_stop_during_the_trials_keeps_the_finished_ones_for_the_rerun(workdir,
     argv = [*LOWSHOT, "--GNet", random_gnet]  # 2 setups x 2 trials x n = 1, 2: 8 steps
     status, _, err = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "nonstop"])
     assert status == 0, err
-    trial_metrics, calls, signal_at = engine.lowshot.trial_metrics, [], [5]
+    calls, signal_at = [], [5]
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -456,7 +481,7 @@ def test_a_stop_during_the_trials_keeps_the_finished_ones_for_the_rerun(workdir,
             os.kill(os.getpid(), signal.SIGTERM)
         return trial_metrics(*args, **kwargs)
 
-    monkeypatch.setattr(engine.lowshot, "trial_metrics", counted)
+    monkeypatch.setattr("engine.lowshot.trial_metrics", counted)
     status, out, _ = _run_in(workdir, monkeypatch, capsys, lowshot_imagenet, [*argv, "--tensorname", "stopped"])
     assert status == 130 and len(calls) == 6
     assert out.splitlines()[-1] == ("stopped in the val setup, after trial 2, n = 1; the finished feature files and "
@@ -658,7 +683,8 @@ def test_lowshot_report_holds_every_metric_and_the_paired_difference(evaluated):
     assert set(report["setups"]) == {"val", "test"} and not report["train_list_reconstructed"]
     assert "warning" not in result.stderr and report["train_list_warning"] is None
     test = report["setups"]["test"]
-    assert (test["novel_classes"], test["base_classes"], test["test_images"]) == (PER_LIST, PER_LIST, 2 * PER_LIST * VAL_PER_CLASS)
+    sizes = (test["novel_classes"], test["base_classes"], test["test_images"])
+    assert sizes == (PER_LIST, PER_LIST, 2 * PER_LIST * VAL_PER_CLASS)
     for n in ("1", "2"):
         for metric in ("novel", "novel_joint", "base", "all", "all_prior"):
             for k in ("top1", "top5"):

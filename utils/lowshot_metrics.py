@@ -97,3 +97,11 @@ def best_prior(curves: list[list[list[dict[int, int]]]], temperatures: tuple[flo
     hits = {(t, m): sum(curve[t][m][5] for curve in curves) for t, m in candidates}
     t, m = max(candidates, key=lambda c: (hits[c], -c[0], -c[1]))
     return temperatures[t], grid[m]
+
+
+def curve_accuracy(curve: list[list[dict[int, int]]], temperature: float, mu: float,
+                   test_images: int) -> dict[int, float]:
+    """The ``all_prior`` accuracy ``{k: %}`` at ``(temperature, mu)``, read off a :func:`prior_curve` of
+    ``test_images``."""
+    hits = curve[TEMPERATURE_GRID.index(temperature)][PRIOR_GRID.index(mu)]
+    return {k: 100.0 * count / test_images for k, count in hits.items()}
