@@ -1,18 +1,13 @@
-"""What a run learns, over seeds: the outcome benchmark.
+"""What a run learns, over seeds: the outcome benchmark (docs/outcome.md, "Outcome and noise").
 
-For each seed and each variant (a set of flags, or a git revision of the code), in that order so
-that every variant sees the same drift in machine load, it
-
-1. runs stage 1 (``classification.py``, the script itself) for a fixed budget;
-2. evaluates the saved file ``models/<run>.t7`` (the one stage 2 starts from) on val and test,
-   5-way 1- and 5-shot, on the same episodes for every variant and seed, once as saved and once
-   with its BatchNorm statistics re-estimated as ``--preciseBN`` would (``engine/precise_bn.py``);
-3. runs a short stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls 1``) from that file and
-   reads its test accuracy with and without deformation and their paired difference;
-
-and reports, per variant, each number's mean +- standard deviation over the seeds, the time, and
-for every other variant its paired difference from the first with a t-interval over the seeds:
-"exceeds noise" when that interval leaves out 0. One run proves nothing either way.
+For each seed and each variant (a set of flags, or a git revision of the code), in that order so that
+every variant sees the same drift in machine load: stage 1 (``classification.py``, the script itself)
+for a fixed budget; its saved file ``models/<run>.t7`` evaluated on val and test, 5-way 1- and 5-shot,
+on the same episodes for every variant and seed, as saved and with its BatchNorm statistics re-estimated
+as ``--preciseBN`` would; a short stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls 1``) from it,
+its test accuracy with and without deformation. Per variant each number's mean +- standard deviation
+over the seeds and the time; for every other variant its paired difference from the first with a
+t-interval over the seeds: "exceeds noise" when that interval leaves out 0. One run proves nothing.
 
     python benchmarks/outcome.py --data toy --imageSize 32 --seeds 0 1 2 \\
         --variant 'channels_last:--memoryFormat channels_last' --variant 'contiguous:--memoryFormat contiguous'

@@ -1,24 +1,20 @@
 """Does the deformation help, and when? Stage 2's learning over seeds, measured along a long schedule.
 
-Per seed, one stage-1 network (``classification.py``) is trained and shared by every variant; each
-variant (a set of stage-2 flags) then trains stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls
-1``) for ``--s2Epochs`` x ``--s2Episodes`` training episodes. After every epoch the script itself
-evaluates the same ``--s2Val`` val episodes with and without deformation; the study reads each run's
-``metrics.csv`` for the curves (paired val gain, weight mean and spread, scale, prototype loss,
-same-class share of the gallery picks); at the end of the schedule the script evaluates the last
-epoch's weights on the test episodes (``--resume --testWeights last``: the run's own gallery features
-and statistics) beside its report of the weights it kept (best val accuracy). The study summarises
-every number over the seeds (mean and 95 % t-interval), with each variant's paired difference from
-the first.
+Per seed one stage-1 network (``classification.py``) is trained and shared by every variant (a set of
+stage-2 flags); each trains stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls 1``) for ``--s2Epochs``
+x ``--s2Episodes`` episodes. The curves come from each run's ``metrics.csv`` (paired val gain on the same
+``--s2Val`` episodes, weight mean and spread, scale, prototype loss, same-class gallery picks), the end
+from the script's test reports of the last epoch's weights (``--resume --testWeights last``) and of the
+weights it kept (best val); every number over the seeds (mean, 95 % t-interval) with each variant's
+paired difference from the first (docs/outcome.md, "Does the deformation help?").
 
     python benchmarks/study.py --data emoji --imageSize 32 --seeds 0 1 2 --s1Epochs 8 --s1Files 60 \\
         --s2Epochs 10 --s2Episodes 200 --s2Val 100 --s2Test 300 --device cpu \\
         --variant 'faithful:' --variant 'galleryEval:--galleryBN eval' \\
         --variant 'exclude:--galleryExclude episode' --variant 'scaleAuto:--scaleInit auto'
 
-It runs the scripts as the outcome benchmark does (``engine/experiments.py``, ``benchmarks/common.py``). Finished
-runs are reused; a run asked for more epochs than it has is continued (``--resume``), so a study is
-extended by the same command with a larger ``--s2Epochs``, and an interrupted one goes on where it
+Finished runs are reused; a run asked for more epochs than it has is continued (``--resume``), so the
+same command with a larger ``--s2Epochs`` extends a study, and an interrupted one goes on where it
 stopped. Runs of the working tree are reused across commits (delete ``--workdir``'s ``results/`` after
 changing what the scripts compute); a ``NAME@REVISION`` variant runs that commit's scripts. Output in
 ``--workdir``: ``study.json`` (summary), ``study.csv`` (every curve point), ``study.png`` (the figure).
@@ -42,17 +38,7 @@ import shlex
 import time
 
 from benchmarks.common import add_run_args, check_run_args, prepare_data, run_setup, stage1_flags, stage2_flags
-from engine.experiments import (
-    REPO,
-    Variant,
-    code_tree,
-    compare,
-    evaluate_path,
-    over_seeds,
-    read_json,
-    recorded,
-    run_checked,
-)
+from engine.experiments import REPO, Variant, code_tree, compare, evaluate_path, over_seeds, recorded, run_checked
 from utils.files import read_csv, write_csv, write_json
 from utils.options import HelpFormatter, run_cli
 
@@ -131,7 +117,7 @@ def run_stage2(variant: Variant, seed: int, a: argparse.Namespace, root: Path, w
         curve.append({**point, "val_gain": point["val_acc"] - point["val_plain"]})
     end = {key: curve[-1][key] for key in END_METRICS if key in curve[-1]}
     for kind, suffix in (("test", ""), ("test_last", "_last")):
-        report = read_json(evaluate_path(run_dir, 1, seed, suffix))
+        report = json.loads(evaluate_path(run_dir, 1, seed, suffix).read_text())
         end.update({f"{kind}_gain": report["difference"], f"{kind}_acc": report["accuracy"],
                     f"{kind}_plain": report["plain_accuracy"]})
     result = {"variant": variant.name, "seed": seed, "settings": settings, "epochs": a.s2Epochs, "done": True,
@@ -143,12 +129,12 @@ def run_stage2(variant: Variant, seed: int, a: argparse.Namespace, root: Path, w
 def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) -> dict:
     """Per variant: each end-of-schedule number over the seeds (mean, std, 95 % t half-interval, values),
     and the curves' per epoch; per other variant: the paired difference from the first."""
-    names = [v.name for v in variants]
-    summary = compare({(r["variant"], r["seed"]): r["end"] for r in results}, names, seeds, END_METRICS,
+    by = {(r["variant"], r["seed"]): r for r in results}
+    summary = compare({key: r["end"] for key, r in by.items()}, [v.name for v in variants], seeds, END_METRICS,
                       ["val_gain", "test_last_gain", "test_gain", "test_last_acc"])
     summary["curves"] = {}
     for v in variants:
-        runs = [r for s in seeds for r in results if (r["variant"], r["seed"]) == (v.name, s)]
+        runs = [by[v.name, s] for s in seeds]
         summary["variants"][v.name]["flags"] = " ".join(v.stage2_flags)
         summary["curves"][v.name] = [
             {"episodes": runs[0]["curve"][i]["episodes"],

@@ -46,7 +46,10 @@ class Launch:
     def close(self) -> float:
         """Once the run has ended: the footer written, the log closed; the run's ``seconds``."""
         self.seconds = time.perf_counter() - self.start
-        self.handle.write(f"# exit status {self.process.returncode} after {self.seconds:.1f} s\n")
+        with open(self.log, "rb") as output:  # the footer on a line of its own
+            output.seek(-1, os.SEEK_END)
+            newline = "" if output.read() == b"\n" else "\n"
+        self.handle.write(f"{newline}# exit status {self.process.returncode} after {self.seconds:.1f} s\n")
         self.handle.close()
         return self.seconds
 
@@ -62,12 +65,8 @@ class Launch:
 
 def run(command: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, echo: str | None = None) -> tuple[int | None, float]:
-    """``command`` run to its end (:class:`Launch`), each line of its output also printed after the prefix
-    ``echo`` when given; past ``timeout`` seconds stopped (:meth:`Launch.stop`, its own process group).
-
-    Returns:
-        (its exit status, None when it timed out; its seconds).
-    """
+    """``(exit status, None when it timed out; seconds)`` of ``command`` run to its end (:class:`Launch`), each
+    line of its output also printed after the prefix ``echo`` when given, stopped past ``timeout`` seconds."""
     launch = Launch(command, log, cwd, env, group=timeout is not None)
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     pending = ""
@@ -89,8 +88,7 @@ def run(command: list[str], log: Path, cwd: Path | None = None, env: dict[str, s
 
 
 def run_checked(command: list[str], log: Path, cwd: Path | None = None) -> float:
-    """``command`` run to its end (:func:`run`); its seconds. Raises RuntimeError with the log's last lines
-    when it fails."""
+    """The seconds of ``command`` run to its end (:func:`run`); RuntimeError with the log's end if it fails."""
     status, seconds = run(command, log, cwd)
     if status:
         raise RuntimeError(f"{Path(command[1]).name} exited with {status} (log {log}):\n" + tail(log, 5))
@@ -145,14 +143,11 @@ def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> 
 
 def pack(items: Iterable[Any], slots: Sequence[str | None], start: Callable[[Any, str | None], Launch | None],
          done: Callable[[Any, Launch], None], forward: bool) -> tuple[bool, float, float]:
-    """Run the items over the worker ``slots``, one at a time on each: ``start(item, slot)`` launches an
-    item's run (None: nothing to run), ``done(item, launch)`` follows its end (log closed, ``seconds`` set).
-    SIGINT or SIGTERM: no item starts any more; with ``forward`` the running ones get one SIGTERM per
-    signal (they save and exit 130), else they get the signal themselves (same process group).
-
-    Returns:
-        (interrupted, wall seconds, sum of the runs' seconds).
-    """
+    """``(interrupted, wall seconds, sum of the runs' seconds)`` of the items run over the worker ``slots``,
+    one at a time on each: ``start(item, slot)`` launches an item's run (None: nothing to run), ``done(item,
+    launch)`` follows its end (log closed, ``seconds`` set). SIGINT or SIGTERM: no item starts any more; with
+    ``forward`` the running ones get one SIGTERM per signal (they save and exit 130), else they get the
+    signal themselves (same process group)."""
     pending, free, running, stops = deque(items), deque(slots), {}, []
 
     def stop(signum: int, frame: object) -> None:

@@ -22,23 +22,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.experiments import (  # noqa: E402  (the repository root is on the path only from here)
-    Launch,
-    child_env,
-    evaluate_path,
-    gpu_slots,
-    mean_std,
-    pack,
-    read_json,
-    read_rows,
-    run_state,
-    visible_gpus,
-)
+from engine import experiments  # noqa: E402  (the repository root is on the path only from here)
 from utils.cpus import usable_cpus  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
 from utils.files import RUNS_DIR, csv_cell, write_csv, write_json  # noqa: E402
@@ -64,21 +53,21 @@ class Run:
     name: str
     values: dict[str, str]
     script: str
-    args: list[str] = field(default_factory=list)
-    sweep: Path = Path()
+    args: list[str]
+    sweep: Path
 
     def run_dir(self) -> Path:
         return RUNS_DIR / self.name
 
     def evaluate_file(self) -> Path:
         """Stage 2's test result, written once training (or ``--evaluate``) has finished."""
-        return evaluate_path(self.run_dir(), flag_value(self.args, "--shots") or "1",
+        return experiments.evaluate_path(self.run_dir(), flag_value(self.args, "--shots") or "1",
                              flag_value(self.args, "--seed") or "0")
 
     def state(self) -> str:
         """Of its folder (:func:`engine.experiments.run_state`); finished: stage 1's summary.json or stage 2's
         evaluate JSON is there."""
-        return run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
+        return experiments.run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
 
     def log(self) -> Path:
         return self.sweep / "logs" / f"{self.name}.log"
@@ -190,35 +179,32 @@ def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
 # --- running -----------------------------------------------------------------------------------
 
 def execute(runs: list[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
-    """Run ``runs`` over the worker ``slots`` (:func:`engine.experiments.pack`), skipping finished ones; each
-    attempt is appended to the run's log and counted in its status record.
-
-    Returns:
-        (interrupted, wall seconds, sum of the runs' seconds).
-    """
+    """``(interrupted, wall seconds, sum of the runs' seconds)`` of ``runs`` over the worker ``slots``
+    (:func:`engine.experiments.pack`), finished ones skipped; each attempt appended to the run's log and
+    counted in its status record."""
     cpus = usable_cpus()
 
-    def start(run: Run, slot: str | None) -> Launch | None:
+    def start(run: Run, slot: str | None) -> experiments.Launch | None:
         state = run.state()
         if state == "finished":
             print(f"skip {run.name} (finished)", flush=True)
             return None
         how = {"new": "new", "interrupted": "--resume", "leftover": "--overwrite"}[state]
-        launch = Launch([sys.executable, run.script, *run.args, *([] if how == "new" else [how])], run.log(),
-                        env=child_env(dict(os.environ), slot, len(slots), cpus), group=forward)
+        extra, env = [] if how == "new" else [how], experiments.child_env(dict(os.environ), slot, len(slots), cpus)
+        launch = experiments.Launch([sys.executable, run.script, *run.args, *extra], run.log(), env=env, group=forward)
         where = "" if slot is None else f", GPU {slot}"
         print(f"start {run.name} ({how}, pid {launch.process.pid}{where}; log {run.log()})", flush=True)
         return launch
 
-    def done(run: Run, launch: Launch) -> None:
-        status, old = launch.process.returncode, read_json(run.record()) or {}
+    def done(run: Run, launch: experiments.Launch) -> None:
+        status, old = launch.process.returncode, experiments.read_json(run.record()) or {}
         write_json(run.record(), {"exit_status": status, "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
                                   "attempts": old.get("attempts", 0) + 1, "log": str(run.log()),
                                   "command": shlex.join(launch.process.args)})
         print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after {launch.seconds:.1f} s",
               flush=True)
 
-    return pack(runs, slots, start, done, forward)
+    return experiments.pack(runs, slots, start, done, forward)
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -267,9 +253,9 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
     """One summary row per run: grid values, status, best val accuracy and epoch, test accuracy."""
     rows = []
     for run in runs:
-        record = read_json(run.record()) or {}
-        metric, val, epoch = best_val(read_rows(run.run_dir() / "metrics.csv"))
-        test = to_float(str((read_json(run.evaluate_file()) or {}).get("accuracy")))
+        record = experiments.read_json(run.record()) or {}
+        metric, val, epoch = best_val(experiments.read_rows(run.run_dir() / "metrics.csv"))
+        test = to_float(str((experiments.read_json(run.evaluate_file()) or {}).get("accuracy")))
         rows.append({**run.values, "tensorname": run.name, "status": describe(run.state(), record or None),
                      "val_metric": metric, "val_acc": val, "val_epoch": epoch, "test_acc": test,
                      "exit_status": record.get("exit_status"), "wall_s": record.get("wall_s"),
@@ -292,9 +278,9 @@ def settings(rows: list[dict[str, Any]], flags: list[str]) -> list[dict[str, Any
     out = []
     for key, members in groups.items():
         done = [row for row in members if row["status"] == "ok"]
-        val_mean, val_std = mean_std([row["val_acc"] for row in done if row["val_acc"] is not None])
+        val_mean, val_std = experiments.mean_std([row["val_acc"] for row in done if row["val_acc"] is not None])
         tests = [row["test_acc"] for row in done if row["test_acc"] is not None]
-        test_mean, test_std = mean_std(tests)
+        test_mean, test_std = experiments.mean_std(tests)
         out.append({**dict(zip(keys, key)), "runs": len(members), "ok": len(done), "val_mean": val_mean,
                     "val_std": val_std, "test_mean": test_mean, "test_std": test_std, "test_n": len(tests)})
     return out
@@ -492,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = expand(command, grid)
         slots: Sequence[str | None] = [None] * (opts.jobs or 1)
         if opts.perGPU:
-            slots = gpu_slots(visible_gpus(), opts.perGPU)
+            slots = experiments.gpu_slots(experiments.visible_gpus(), opts.perGPU)
             if not slots:
                 raise OptionError("--perGPU: no GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
     except OptionError as exc:
