@@ -43,7 +43,7 @@ from models import load_embedding
 from utils.errors import OptionError
 from utils.files import read_csv, write_csv, write_json
 from utils.forward import layout_model
-from utils.options import HelpFormatter, run_cli
+from utils.options import HelpFormatter, check_positive, run_cli
 
 EVAL_SEED = 0  # every variant and seed is evaluated on the same val and test episodes
 STAGE1_METRICS = [f"{split}_{shots}shot_{state}" for state in ("saved", "precise") for split in ("val", "test")
@@ -122,9 +122,9 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) ->
 
 
 def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> None:
-    base = variants[0].name
     names = [v.name for v in variants]
-    header = ["metric"] + [f"{n} (mean +- std)" for n in names] + [f"{n} - {base} [95% t-interval]" for n in names[1:]]
+    header = ["metric"] + [f"{n} (mean +- std)" for n in names] + [f"{n} - {names[0]} [95% t-interval]"
+                                                                   for n in names[1:]]
     print(f"\n{len(seeds)} seeds ({' '.join(map(str, seeds))}); accuracies in %, times in s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -141,15 +141,13 @@ def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> N
         print("| " + " | ".join(cells) + " |")
     if len(names) > 1 and len(seeds) > 1:
         tests = len(STAGE1_METRICS + STAGE2_METRICS)
-        print(f"(each variant: {tests} accuracy comparisons at 95 %; when nothing differs, about "
-              f"{tests / 20:.1f} of them "
-              "exceed the noise by chance alone)")
+        print(f"(each variant: {tests} accuracy comparisons at 95 %; when nothing differs, about {tests / 20:.1f} "
+              "of them exceed the noise by chance alone)")
 
 
 def main(a: argparse.Namespace) -> int:
     variants = check_run_args(a)
-    if a.evalEpisodes < 1:
-        raise OptionError(f"--evalEpisodes must be at least 1, got {a.evalEpisodes}")
+    check_positive(a, "evalEpisodes")
     if a.preciseImages < 2:
         raise OptionError(f"--preciseImages must be at least 2, got {a.preciseImages}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
