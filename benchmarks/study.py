@@ -1,24 +1,20 @@
 """Does the deformation help, and when? Stage 2's learning over seeds, measured along a long schedule.
 
-Per seed, one stage-1 network (``classification.py``) is trained and shared by every variant; each
-variant (a set of stage-2 flags) then trains stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls
-1``) for ``--s2Epochs`` x ``--s2Episodes`` training episodes. After every epoch the script itself
-evaluates the same ``--s2Val`` val episodes with and without deformation; the study reads each run's
-``metrics.csv`` for the curves (paired val gain, weight mean and spread, scale, prototype loss,
-same-class share of the gallery picks); at the end of the schedule the script evaluates the last
-epoch's weights on the test episodes (``--resume --testWeights last``: the run's own gallery features
-and statistics) beside its report of the weights it kept (best val accuracy). The study summarises
-every number over the seeds (mean and 95 % t-interval), with each variant's paired difference from
-the first.
+Per seed one stage-1 network (``classification.py``) is trained and shared by every variant (a set of
+stage-2 flags); each trains stage 2 round 1, 1-shot (``onlyBasetwoLoss.py --fixCls 1``) for ``--s2Epochs``
+x ``--s2Episodes`` episodes. The curves come from each run's ``metrics.csv`` (paired val gain on the same
+``--s2Val`` episodes, weight mean and spread, scale, prototype loss, same-class gallery picks), the end
+from the script's test reports of the last epoch's weights (``--resume --testWeights last``) and of the
+weights it kept (best val); every number over the seeds (mean, 95 % t-interval) with each variant's
+paired difference from the first (docs/outcome.md, "Does the deformation help?").
 
     python benchmarks/study.py --data emoji --imageSize 32 --seeds 0 1 2 --s1Epochs 8 --s1Files 60 \\
         --s2Epochs 10 --s2Episodes 200 --s2Val 100 --s2Test 300 --device cpu \\
         --variant 'faithful:' --variant 'galleryEval:--galleryBN eval' \\
         --variant 'exclude:--galleryExclude episode' --variant 'scaleAuto:--scaleInit auto'
 
-It runs the scripts through the outcome benchmark's machinery (``benchmarks/outcome.py``). Finished
-runs are reused; a run asked for more epochs than it has is continued (``--resume``), so a study is
-extended by the same command with a larger ``--s2Epochs``, and an interrupted one goes on where it
+Finished runs are reused; a run asked for more epochs than it has is continued (``--resume``), so the
+same command with a larger ``--s2Epochs`` extends a study, and an interrupted one goes on where it
 stopped. Runs of the working tree are reused across commits (delete ``--workdir``'s ``results/`` after
 changing what the scripts compute); a ``NAME@REVISION`` variant runs that commit's scripts. Output in
 ``--workdir``: ``study.json`` (summary), ``study.csv`` (every curve point), ``study.png`` (the figure).
@@ -30,33 +26,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.runtime import set_process_env  # noqa: E402
+from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import math
+import os
+import shlex
+import time
 
-from benchmarks.outcome import (  # noqa: E402
-    REPO,
-    Variant,
-    add_run_args,
-    check_run_args,
-    code_tree,
-    prepare_data,
-    reusable,
-    run_script,
-    stage1_flags,
-    stage2_flags,
-    t_interval,
-)
-from utils.files import read_csv, write_csv, write_json  # noqa: E402
-from utils.options import HelpFormatter, run_cli  # noqa: E402
+from benchmarks.common import add_run_args, check_run_args, prepare_data, run_setup, stage1_flags, stage2_flags
+from engine.experiments import REPO, Variant, code_tree, compare, evaluate_path, over_seeds, recorded, run_checked
+from utils.files import read_csv, write_csv, write_json
+from utils.options import HelpFormatter, run_cli
 
 # Per-epoch columns of a stage-2 metrics.csv the curves keep, by the study's name.
 CURVE_COLUMNS = {"val_acc": "select_acc", "val_plain": "select_plain_acc", "weight_mean": "weight_mean",
@@ -86,14 +70,14 @@ def run_stage1(a: argparse.Namespace, root: Path, seed: int, workdir: Path) -> d
     made it; returns its record (settings, time)."""
     name = f"s1_seed{seed}"
     flags = stage1_flags(a, root, seed, name, tuple(shlex.split(a.s1Flags)))
-    settings = {"stage1": flags}
     path = workdir / "results" / f"{name}.json"
-    saved = reusable(path, settings)
+    saved = recorded(path, {"stage1": flags})
     if saved is not None and (workdir / "models" / f"{name}.t7").is_file():
+        print(f"{name}: reused {path}", flush=True)
         return saved
     print(f"{name}: stage 1", flush=True)
-    record = {"settings": settings, "stage1_s": run_script(REPO, "classification.py", flags, workdir,
-                                                          workdir / "logs" / f"{name}.log")}
+    record = {"settings": {"stage1": flags}, "stage1_s": run_checked(
+        [sys.executable, str(REPO / "classification.py"), *flags], workdir / "logs" / f"{name}.log", workdir)}
     write_json(path, record)
     return record
 
@@ -104,76 +88,59 @@ def run_stage2(variant: Variant, seed: int, a: argparse.Namespace, root: Path, w
     code, commit = code_tree(variant.revision, workdir)
     name = f"{variant.name}_seed{seed}"
     flags = stage2_flags(a, root, seed, f"s1_seed{seed}", f"s2_{name}", variant.stage2_flags)
-    at = flags.index("--numEpochs")
+    at, start_at = flags.index("--numEpochs"), flags.index("--overwrite")
     settings = {"commit": commit if variant.revision else "working tree", "stage1": stage1["settings"]["stage1"],
                 "stage2": flags[:at] + flags[at + 2:]}
-    path = workdir / "results" / f"{name}.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    same = saved is not None and saved["settings"] == settings
-    trained = same and saved.get("done") and saved["epochs"] == a.s2Epochs
+    path, run_dir = workdir / "results" / f"{name}.json", workdir / "runs" / f"s2_{name}"
+    saved = recorded(path, settings)
+    trained = saved is not None and saved.get("done") and saved["epochs"] == a.s2Epochs
     if trained and "test_last_gain" in saved["end"]:
         print(f"{name}: reused {path}", flush=True)
         return saved
-    log = workdir / "logs" / f"s2_{name}.log"
-    spent = (saved or {}).get("stage2_s", 0.0) if same else 0.0
-    start_at = flags.index("--overwrite")
+    command, log = [sys.executable, str(code / "onlyBasetwoLoss.py")], workdir / "logs" / f"s2_{name}.log"
+    spent = saved.get("stage2_s", 0.0) if saved else 0.0
     if not trained:
-        state = workdir / "runs" / f"s2_{name}" / "resume.pt"
-        start = "--resume" if same and state.is_file() and saved["epochs"] <= a.s2Epochs else "--overwrite"
-        print(f"{name}: stage 2" + (f", continued to {a.s2Epochs} epochs" if start == "--resume" else ""), flush=True)
+        resume = saved is not None and (run_dir / "resume.pt").is_file() and saved["epochs"] <= a.s2Epochs
+        print(f"{name}: stage 2" + (f", continued to {a.s2Epochs} epochs" if resume else ""), flush=True)
         write_json(path, {"settings": settings, "epochs": a.s2Epochs, "done": False})
-        flags[start_at] = start
-        spent += run_script(code, "onlyBasetwoLoss.py", flags, workdir, log)
+        flags[start_at] = "--resume" if resume else "--overwrite"
+        spent += run_checked([*command, *flags], log, workdir)
     # The last epoch's weights on the same test episodes, with the run's own gallery features and
     # statistics (a resumed finished run only evaluates).
     flags[start_at] = "--resume"
-    spent += run_script(code, "onlyBasetwoLoss.py", [*flags, "--testWeights", "last"], workdir,
-                        log.with_name(f"s2_{name}_last.log"))
+    spent += run_checked([*command, *flags, "--testWeights", "last"], log.with_name(f"s2_{name}_last.log"), workdir)
+    curve = []
+    for row in read_csv(run_dir / "metrics.csv"):
+        point = {"epoch": int(row["epoch"]), "episodes": (int(row["epoch"]) + 1) * a.s2Episodes}
+        point.update({key: float(row[column]) if row[column] != "" else math.nan
+                      for key, column in CURVE_COLUMNS.items()})
+        curve.append({**point, "val_gain": point["val_acc"] - point["val_plain"]})
+    end = {key: curve[-1][key] for key in END_METRICS if key in curve[-1]}
+    for kind, suffix in (("test", ""), ("test_last", "_last")):
+        report = json.loads(evaluate_path(run_dir, 1, seed, suffix).read_text())
+        end.update({f"{kind}_gain": report["difference"], f"{kind}_acc": report["accuracy"],
+                    f"{kind}_plain": report["plain_accuracy"]})
     result = {"variant": variant.name, "seed": seed, "settings": settings, "epochs": a.s2Epochs, "done": True,
-              "commit": commit, "stage2_s": spent, **read_run(workdir, name, seed, a.s2Episodes)}
+              "commit": commit, "stage2_s": spent, "curve": curve, "end": end}
     write_json(path, result)
     return result
 
 
-def read_run(workdir: Path, name: str, seed: int, episodes_per_epoch: int) -> dict:
-    """A finished stage-2 run's ``curve`` (one point per epoch, from its metrics.csv) and end-of-
-    schedule numbers (the last point's, and the test reports' of the last weights, ``test_last_*``,
-    and of the kept ones, ``test_*``)."""
-    curve = []
-    for row in read_csv(workdir / "runs" / f"s2_{name}" / "metrics.csv"):
-        point = {"epoch": int(row["epoch"]), "episodes": (int(row["epoch"]) + 1) * episodes_per_epoch}
-        point.update({key: float(row[column]) if row[column] != "" else math.nan
-                      for key, column in CURVE_COLUMNS.items()})
-        point["val_gain"] = point["val_acc"] - point["val_plain"]
-        curve.append(point)
-    end = {key: curve[-1][key] for key in END_METRICS if key in curve[-1]}
-    for kind, suffix in (("test", ""), ("test_last", "_last")):
-        report = json.loads((workdir / "runs" / f"s2_{name}" / f"evaluate_1shot_seed{seed}{suffix}.json").read_text())
-        end.update({f"{kind}_gain": report["difference"], f"{kind}_acc": report["accuracy"],
-                    f"{kind}_plain": report["plain_accuracy"]})
-    return {"curve": curve, "end": end}
-
-
 def summarize(results: list[dict], variants: list[Variant], seeds: list[int]) -> dict:
-    """Per variant: each end-of-schedule number's mean, 95 % t half-interval and values over the
-    seeds, and the curves' mean per epoch; per other variant: the paired difference from the first."""
+    """Per variant: each end-of-schedule number over the seeds (mean, std, 95 % t half-interval, values),
+    and the curves' per epoch; per other variant: the paired difference from the first."""
     by = {(r["variant"], r["seed"]): r for r in results}
-    summary = {"variants": {}, "differences": {}, "curves": {}}
+    summary = compare({key: r["end"] for key, r in by.items()}, [v.name for v in variants], seeds, END_METRICS,
+                      ["val_gain", "test_last_gain", "test_gain", "test_last_acc"])
+    summary["curves"] = {}
     for v in variants:
         runs = [by[v.name, s] for s in seeds]
-        summary["variants"][v.name] = {metric: t_interval([r["end"][metric] for r in runs]) for metric in END_METRICS}
         summary["variants"][v.name]["flags"] = " ".join(v.stage2_flags)
-        epochs = min(len(r["curve"]) for r in runs)
         summary["curves"][v.name] = [
             {"episodes": runs[0]["curve"][i]["episodes"],
-             **{key: t_interval([r["curve"][i][key] for r in runs]) for key in ("val_gain", "weight_mean", "scale",
-                                                                             "gallery_same_class")}}
-            for i in range(epochs)]
-    base = variants[0].name
-    for v in variants[1:]:
-        summary["differences"][v.name] = {
-            metric: t_interval([by[v.name, s]["end"][metric] - by[base, s]["end"][metric] for s in seeds])
-            for metric in ("val_gain", "test_last_gain", "test_gain", "test_last_acc")}
+             **{key: over_seeds([r["curve"][i][key] for r in runs]) for key in ("val_gain", "weight_mean", "scale",
+                                                                                "gallery_same_class")}}
+            for i in range(min(len(r["curve"]) for r in runs))]
     return summary
 
 
@@ -243,19 +210,15 @@ def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
 
 def main(a: argparse.Namespace) -> int:
     variants = check_run_args(a)
-    workdir = Path(a.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    root = prepare_data(a, workdir)
+    workdir, root = prepare_data(a)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     results = []
     for seed in a.seeds:
         stage1 = run_stage1(a, root, seed, workdir)
         results += [run_stage2(v, seed, a, root, workdir, stage1) for v in variants]
     summary = summarize(results, variants, a.seeds)
-    summary["setup"] = {"argv": sys.argv[1:], "data": str(root), "machine": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
-                        "wall_s": time.perf_counter() - start,
-                        "stage2_s": {r["variant"] + f"_seed{r['seed']}": r["stage2_s"] for r in results}}
+    summary["setup"] = run_setup(root, start, load_start, stage2_s={f"{r['variant']}_seed{r['seed']}": r["stage2_s"]
+                                                                    for r in results})
     write_csv(workdir / "study.csv", [{"variant": r["variant"], "seed": r["seed"], **p} for r in results
                                       for p in r["curve"]], CURVE_FIELDS)
     write_json(workdir / "study.json", summary)

@@ -13,27 +13,24 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import re
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.cpus import usable_cpus  # noqa: E402  (the repository root is on the path only from here)
+from engine import experiments  # noqa: E402  (the repository root is on the path only from here)
+from utils.cpus import usable_cpus  # noqa: E402
 from utils.errors import OptionError  # noqa: E402
-from utils.files import RUNS_DIR, csv_cell, read_csv, write_csv, write_json  # noqa: E402
+from utils.files import RUNS_DIR, csv_cell, write_csv, write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
 
 SEED_FLAG = "seed"
@@ -50,25 +47,33 @@ class Parser(argparse.ArgumentParser):
 
 @dataclass
 class Run:
-    """One grid point: its name, its grid values and the script's command line for it."""
+    """One grid point: its name, its grid values and the script's command line for it; its sweep's folder."""
 
     index: int
     name: str
     values: dict[str, str]
     script: str
-    args: list[str] = field(default_factory=list)
+    args: list[str]
+    sweep: Path
 
     def run_dir(self) -> Path:
         return RUNS_DIR / self.name
 
     def evaluate_file(self) -> Path:
         """Stage 2's test result, written once training (or ``--evaluate``) has finished."""
-        shots, seed = flag_value(self.args, "--shots") or "1", flag_value(self.args, "--seed") or "0"
-        return self.run_dir() / f"evaluate_{shots}shot_seed{seed}.json"
+        return experiments.evaluate_path(self.run_dir(), flag_value(self.args, "--shots") or "1",
+                             flag_value(self.args, "--seed") or "0")
 
-    def result_files(self) -> list[Path]:
-        """Files a finished run leaves: stage 1's summary.json, stage 2's evaluate JSON."""
-        return [self.run_dir() / "summary.json", self.evaluate_file()]
+    def state(self) -> str:
+        """Of its folder (:func:`engine.experiments.run_state`); finished: stage 1's summary.json or stage 2's
+        evaluate JSON is there."""
+        return experiments.run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
+
+    def log(self) -> Path:
+        return self.sweep / "logs" / f"{self.name}.log"
+
+    def record(self) -> Path:
+        return self.sweep / "status" / f"{self.name}.json"
 
 
 def get_parser() -> Parser:
@@ -143,6 +148,10 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+def sweep_dir(base: str) -> Path:
+    return RUNS_DIR / f"{base}_sweep"
+
+
 def name_part(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "-", value)
 
@@ -160,181 +169,45 @@ def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
         values = dict(zip(flags, combo))
         name = base + "".join(f"_{flag}{name_part(value)}" for flag, value in values.items())
         run_args = args + [item for flag, value in values.items() for item in (f"--{flag}", value)]
-        runs.append(Run(index, name, values, script, run_args + ["--tensorname", name]))
+        runs.append(Run(index, name, values, script, run_args + ["--tensorname", name], sweep_dir(base)))
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         raise OptionError("--grid: two values give the same run name (only letters, digits and . + - are kept)")
     return runs
 
 
-# --- state of one run -------------------------------------------------------------------------
+# --- running -----------------------------------------------------------------------------------
 
-def run_state(run: Run) -> str:
-    """``finished`` (result file newer than any resume.pt), ``interrupted`` (resume.pt),
-    ``leftover`` (a folder with neither) or ``new``."""
-    run_dir, resume = run.run_dir(), run.run_dir() / "resume.pt"
-    done = [path.stat().st_mtime_ns for path in run.result_files() if path.is_file()]
-    if done and (not resume.is_file() or max(done) >= resume.stat().st_mtime_ns):
-        return "finished"
-    if resume.is_file():
-        return "interrupted"
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return "leftover"
-    return "new"
+def execute(runs: list[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
+    """``(interrupted, wall seconds, sum of the runs' seconds)`` of ``runs`` over the worker ``slots``
+    (:func:`engine.experiments.pack`), finished ones skipped; each attempt appended to the run's log and
+    counted in its status record."""
+    cpus = usable_cpus()
 
+    def start(run: Run, slot: str | None) -> experiments.Launch | None:
+        state = run.state()
+        if state == "finished":
+            print(f"skip {run.name} (finished)", flush=True)
+            return None
+        how = {"new": "new", "interrupted": "--resume", "leftover": "--overwrite"}[state]
+        extra, env = [] if how == "new" else [how], experiments.child_env(dict(os.environ), slot, len(slots), cpus)
+        launch = experiments.Launch([sys.executable, run.script, *run.args, *extra], run.log(), env=env, group=forward)
+        where = "" if slot is None else f", GPU {slot}"
+        print(f"start {run.name} ({how}, pid {launch.process.pid}{where}; log {run.log()})", flush=True)
+        return launch
 
-def command_for(run: Run, state: str) -> list[str]:
-    extra = {"interrupted": ["--resume"], "leftover": ["--overwrite"]}.get(state, [])
-    return [sys.executable, run.script, *run.args, *extra]
+    def done(run: Run, launch: experiments.Launch) -> None:
+        status, old = launch.process.returncode, experiments.read_json(run.record()) or {}
+        write_json(run.record(), {"exit_status": status, "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
+                                  "attempts": old.get("attempts", 0) + 1, "log": str(run.log()),
+                                  "command": shlex.join(launch.process.args)})
+        print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after {launch.seconds:.1f} s",
+              flush=True)
 
-
-def sweep_dir(base: str) -> Path:
-    return RUNS_DIR / f"{base}_sweep"
-
-
-def log_path(base: str, run: Run) -> Path:
-    return sweep_dir(base) / "logs" / f"{run.name}.log"
-
-
-def record_path(base: str, run: Run) -> Path:
-    return sweep_dir(base) / "status" / f"{run.name}.json"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# --- devices ------------------------------------------------------------------------------------
-
-def parse_gpus(cuda_visible: str | None, smi_listing: str | None) -> list[str]:
-    """Visible GPU ids: from CUDA_VISIBLE_DEVICES when set (up to an invalid ``-1``), else one
-    per ``GPU N:`` line of ``nvidia-smi -L``."""
-    if cuda_visible is not None:
-        ids = []
-        for item in (part.strip() for part in cuda_visible.split(",")):
-            if not item or item.startswith("-"):
-                break
-            ids.append(item)
-        return ids
-    return [str(i) for i, line in enumerate(line for line in (smi_listing or "").splitlines()
-                                            if line.startswith("GPU "))]
-
-
-def visible_gpus() -> list[str]:
-    listing = None
-    if "CUDA_VISIBLE_DEVICES" not in os.environ and shutil.which("nvidia-smi"):
-        try:
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            listing = None
-    return parse_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), listing)
-
-
-def gpu_slots(gpus: list[str], per_gpu: int) -> list[str]:
-    """Worker slots, one GPU id each, ``per_gpu`` per GPU, spread over the GPUs first: the
-    first ``len(gpus)`` runs get one GPU each, the next ones share."""
-    return [gpu for _ in range(per_gpu) for gpu in gpus]
-
-
-def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> dict[str, str]:
-    """The environment of a run: pinned to GPU ``slot`` (none: unchanged), unbuffered output,
-    and the CPU cores shared among the slots unless OMP_NUM_THREADS is already set."""
-    env = dict(base)
-    if slot is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // slots)))
-    return env
-
-
-# --- running ----------------------------------------------------------------------------------
-
-class Stopper:
-    """SIGINT/SIGTERM: no new run starts; with ``forward`` the running ones get one SIGTERM per
-    signal (they save and exit 130), else they get the signal themselves (same process group)."""
-
-    def __init__(self, forward: bool) -> None:
-        self.forward, self.requested, self.children = forward, False, []
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        print(f"{signal.Signals(signum).name}: starting no more runs"
-              + ("; asking the running ones to save and stop" if self.forward else ""), flush=True)
-        if self.forward:
-            for child in self.children:
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def execute(base: str, runs: list[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
-    """Run ``runs`` over the worker ``slots``, skipping finished ones.
-
-    Returns:
-        (interrupted, wall seconds, sum of the runs' seconds).
-    """
-    pending, free = deque(runs), deque(slots)
-    running: dict[subprocess.Popen, tuple[Run, str | None, float, Any]] = {}
-    stopper = Stopper(forward)
-    start, busy, cpus = time.perf_counter(), 0.0, usable_cpus()
-    try:
-        while running or (pending and not stopper.requested):
-            while pending and free and not stopper.requested:
-                run = pending.popleft()
-                state = run_state(run)
-                if state == "finished":
-                    print(f"skip {run.name} (finished)", flush=True)
-                    continue
-                slot, command = free.popleft(), command_for(run, state)
-                log = log_path(base, run)
-                log.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(log, "a")
-                handle.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {state} run: {shlex.join(command)}\n")
-                handle.flush()
-                child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=child_env(dict(os.environ), slot, len(slots), cpus),
-                                         start_new_session=forward)
-                stopper.children.append(child)
-                running[child] = (run, slot, time.perf_counter(), handle)
-                how = {"new": "new", "interrupted": "--resume", "leftover": "--overwrite"}[state]
-                where = "" if slot is None else f", GPU {slot}"
-                print(f"start {run.name} ({how}, pid {child.pid}{where}; log {log})", flush=True)
-            for child in [c for c in running if c.poll() is not None]:
-                run, slot, began, handle = running.pop(child)
-                seconds = time.perf_counter() - began
-                busy += seconds
-                handle.write(f"# exit status {child.returncode} after {seconds:.1f} s\n")
-                handle.close()
-                free.append(slot)
-                old = read_json(record_path(base, run)) or {}
-                write_json(record_path(base, run), {
-                    "exit_status": child.returncode, "wall_s": round(old.get("wall_s", 0.0) + seconds, 2),
-                    "attempts": old.get("attempts", 0) + 1, "log": str(log_path(base, run)),
-                    "command": shlex.join(child.args)})
-                print(f"{'done' if child.returncode == 0 else 'FAILED'} {run.name}: exit status {child.returncode} "
-                      f"after {seconds:.1f} s", flush=True)
-            if running:
-                time.sleep(0.1)
-    finally:
-        stopper.restore()
-    return stopper.requested, time.perf_counter() - start, busy
+    return experiments.pack(runs, slots, start, done, forward)
 
 
 # --- summary ----------------------------------------------------------------------------------
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    try:
-        return read_csv(path)
-    except OSError:
-        return []
-
 
 def best_val(rows: list[dict[str, str]]) -> tuple[str, float | None, int | None]:
     """(metric, best val accuracy, its epoch) from a metrics CSV's rows, by column name:
@@ -346,16 +219,13 @@ def best_val(rows: list[dict[str, str]]) -> tuple[str, float | None, int | None]
         if not rows:
             return "none (--selectOn test)", None, None
     elif rows and "val_1shot" in rows[0]:
-        metric = "val_1shot_precise" if any(to_float(row.get("val_1shot_precise")) is not None for row in rows) \
-            else "val_1shot"
+        precise = any(to_float(row.get("val_1shot_precise")) is not None for row in rows)
+        metric = "val_1shot_precise" if precise else "val_1shot"
     else:
         return "", None, None
-    best, epoch = None, None
-    for row in rows:
-        value = to_float(row.get(metric))
-        if value is not None and (best is None or value > best):
-            best, epoch = value, int(row["epoch"])
-    return metric, best, epoch
+    scored = [(to_float(row.get(metric)), int(row["epoch"])) for row in rows]
+    best = max((pair for pair in scored if pair[0] is not None), key=lambda pair: pair[0], default=(None, None))
+    return metric, *best
 
 
 def to_float(text: str | None) -> float | None:
@@ -368,50 +238,35 @@ def to_float(text: str | None) -> float | None:
 
 def describe(state: str, record: dict[str, Any] | None) -> str:
     """``ok`` for a finished run, else why not."""
-    if state == "finished":
-        return "ok"
     code = None if record is None else record.get("exit_status")
     resumable = ", resumable" if state == "interrupted" else ""
+    if state == "finished":
+        return "ok"
     if code is None:
         return "interrupted (resumable)" if state == "interrupted" else "not run"
     if code < 0:
         return f"killed by {signal.Signals(-code).name} (exit {code}{resumable})"
-    if code == 0:
-        return "no result file (exit 0)"
-    return f"{EXIT_MEANING.get(code, 'failed')} (exit {code}{resumable})"
+    return "no result file (exit 0)" if code == 0 else f"{EXIT_MEANING.get(code, 'failed')} (exit {code}{resumable})"
 
 
-def collect(base: str, runs: list[Run]) -> list[dict[str, Any]]:
+def collect(runs: list[Run]) -> list[dict[str, Any]]:
     """One summary row per run: grid values, status, best val accuracy and epoch, test accuracy."""
     rows = []
     for run in runs:
-        state, record = run_state(run), read_json(record_path(base, run))
-        rows_csv = read_metrics(run.run_dir() / "metrics.csv")
-        metric, val, epoch = best_val(rows_csv)
-        evaluated = read_json(run.evaluate_file())
-        test = None if evaluated is None else to_float(str(evaluated.get("accuracy")))
-        rows.append({**run.values, "tensorname": run.name, "status": describe(state, record), "val_metric": metric,
-                     "val_acc": val, "val_epoch": epoch, "test_acc": test,
-                     "exit_status": None if record is None else record.get("exit_status"),
-                     "wall_s": None if record is None else record.get("wall_s"),
-                     "log": str(log_path(base, run)) if log_path(base, run).is_file() else None})
+        record = experiments.read_json(run.record()) or {}
+        metric, val, epoch = best_val(experiments.read_rows(run.run_dir() / "metrics.csv"))
+        test = to_float(str((experiments.read_json(run.evaluate_file()) or {}).get("accuracy")))
+        rows.append({**run.values, "tensorname": run.name, "status": describe(run.state(), record or None),
+                     "val_metric": metric, "val_acc": val, "val_epoch": epoch, "test_acc": test,
+                     "exit_status": record.get("exit_status"), "wall_s": record.get("wall_s"),
+                     "log": str(run.log()) if run.log().is_file() else None})
     return rows
 
 
 def pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The finished run with the best val accuracy (first in grid order on ties); never test."""
-    best = None
-    for row in rows:
-        if row["status"] == "ok" and row["val_acc"] is not None and (best is None or row["val_acc"] > best["val_acc"]):
-            best = row
-    return best
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+    return max((row for row in rows if row["status"] == "ok" and row["val_acc"] is not None),
+               key=lambda row: row["val_acc"], default=None)
 
 
 def settings(rows: list[dict[str, Any]], flags: list[str]) -> list[dict[str, Any]]:
@@ -423,11 +278,11 @@ def settings(rows: list[dict[str, Any]], flags: list[str]) -> list[dict[str, Any
     out = []
     for key, members in groups.items():
         done = [row for row in members if row["status"] == "ok"]
-        val_mean, val_std = mean_std([row["val_acc"] for row in done if row["val_acc"] is not None])
-        test_mean, test_std = mean_std([row["test_acc"] for row in done if row["test_acc"] is not None])
+        val_mean, val_std = experiments.mean_std([row["val_acc"] for row in done if row["val_acc"] is not None])
+        tests = [row["test_acc"] for row in done if row["test_acc"] is not None]
+        test_mean, test_std = experiments.mean_std(tests)
         out.append({**dict(zip(keys, key)), "runs": len(members), "ok": len(done), "val_mean": val_mean,
-                    "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
-                    "test_n": sum(row["test_acc"] is not None for row in done)})
+                    "val_std": val_std, "test_mean": test_mean, "test_std": test_std, "test_n": len(tests)})
     return out
 
 
@@ -439,8 +294,9 @@ def table(rows: list[dict[str, Any]], fields: list[str]) -> str:
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells)
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def pct(value: float | None, std: float | None = None) -> str:
+    """``value`` to two decimals (``-``: none), ``+- std`` when given."""
+    return ("-" if value is None else f"{value:.2f}") + ("" if std is None else f" +- {std:.2f}")
 
 
 def last_error(log: str | None) -> str:
@@ -457,10 +313,8 @@ def report(base: str, rows: list[dict[str, Any]], per_setting: list[dict[str, An
     lines = [f"sweep {base}: {len(rows)} run(s), {sum(row['status'] == 'ok' for row in rows)} finished "
              f"({sweep_dir(base) / 'summary.csv'})",
              table(rows, flags + ["tensorname", "status", "val_acc", "val_epoch", "test_acc"])]
-    for row in rows:
-        if row["status"] not in ("ok", "not run"):
-            lines.append(f"not finished: {row['tensorname']}: {row['status']}; log {row['log']}"
-                         + last_error(row["log"]))
+    lines += [f"not finished: {row['tensorname']}: {row['status']}; log {row['log']}" + last_error(row["log"])
+              for row in rows if row["status"] not in ("ok", "not run")]
     on_test = [row["tensorname"] for row in rows if row["val_metric"].startswith("none")]
     if on_test:
         lines.append(f"selected on test (--selectOn test), so no val accuracy and never picked: {', '.join(on_test)}")
@@ -473,16 +327,14 @@ def report(base: str, rows: list[dict[str, Any]], per_setting: list[dict[str, An
     lines.append("per setting: test accuracy mean +- sample std (ddof=1) over "
                  + ("seeds" if SEED_FLAG in flags else "runs (no seed flag in the grid: one run each)"))
     for group in per_setting:
-        label = " ".join(f"{key}={group[key]}" for key in keys) or "all"
-        spread = "" if group["test_std"] is None else f" +- {group['test_std']:.2f}"
-        lines.append(f"  {label}: test {pct(group['test_mean'])}{spread} % (n={group['test_n']}), "
+        lines.append(f"  {' '.join(f'{key}={group[key]}' for key in keys) or 'all'}: test "
+                     f"{pct(group['test_mean'], group['test_std'])} % (n={group['test_n']}), "
                      f"val mean {pct(group['val_mean'])} % ({group['ok']}/{group['runs']} finished)")
     scored = [group for group in per_setting if group["val_mean"] is not None]
     if len(scored) > 1 and keys:
         best = max(scored, key=lambda group: group["val_mean"])
-        spread = "" if best["test_std"] is None else f" +- {best['test_std']:.2f}"
         lines.append(f"setting picked on mean val: {' '.join(f'{key}={best[key]}' for key in keys)}: "
-                     f"test {pct(best['test_mean'])}{spread} % over {best['test_n']} run(s)")
+                     f"test {pct(best['test_mean'], best['test_std'])} % over {best['test_n']} run(s)")
     return "\n".join(lines)
 
 
@@ -494,15 +346,13 @@ def plot(path: Path, rows: list[dict[str, Any]], chosen: dict[str, Any] | None) 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = [row["tensorname"] for row in rows]
     positions = range(len(rows))
     figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 4))
     for offset, key in ((-0.2, "val_acc"), (0.2, "test_acc")):
         axis.bar([p + offset for p in positions], [row[key] or 0.0 for row in rows], width=0.4, label=key)
-    axis.set_xticks(list(positions), [name + (" *" if row is chosen else "") for name, row in zip(names, rows)],
+    axis.set_xticks(list(positions), [row["tensorname"] + (" *" if row is chosen else "") for row in rows],
                     rotation=60, ha="right", fontsize=7)
-    axis.set_ylabel("accuracy (%)")
-    axis.set_title("* picked on val")
+    axis.set(ylabel="accuracy (%)", title="* picked on val")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -512,7 +362,7 @@ def plot(path: Path, rows: list[dict[str, Any]], chosen: dict[str, Any] | None) 
 
 def summarize(base: str, runs: list[Run], flags: list[str]) -> list[dict[str, Any]]:
     """Write summary.csv, settings.csv (and summary.png), print the report; return the rows."""
-    rows = collect(base, runs)
+    rows = collect(runs)
     per_setting = settings(rows, flags)
     out = sweep_dir(base)
     write_csv(out / "summary.csv", rows, flags + SUMMARY_FIELDS)
@@ -526,26 +376,29 @@ def summarize(base: str, runs: list[Run], flags: list[str]) -> list[dict[str, An
 
 # --- SLURM ------------------------------------------------------------------------------------
 
+def summary_command(sweep_argv: list[str], command: list[str]) -> str:
+    """The command that summarises the sweep (the SLURM summary job's)."""
+    return shlex.join([sys.executable, str(Path(__file__).resolve()), *sweep_argv, "--summarize", "--", *command])
+
+
 def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_argv: list[str],
                  command: list[str]) -> str:
     """An sbatch array script: task K runs ``sweep.py --runIndex K`` (skip if finished, resume if
     interrupted), in the folder the sweep was started from."""
     logs = (Path.cwd() / sweep_dir(base) / "logs").resolve()
-    me = str(Path(__file__).resolve())
     array = f"0-{len(runs) - 1}" + (f"%{opts.maxParallel}" if opts.maxParallel else "")
     gres = opts.gres or (f"gpu:{opts.gpusPerTask}" if opts.gpusPerTask else None)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={base}_sweep", f"#SBATCH --array={array}",
              f"#SBATCH --output={logs}/slurm_%A_%a.out"]
-    for option, value in (("partition", opts.partition), ("gres", gres), ("cpus-per-task", opts.cpusPerTask),
-                          ("mem", opts.mem), ("time", opts.time)):
-        if value is not None:
-            lines.append(f"#SBATCH --{option}={value}")
+    lines += [f"#SBATCH --{option}={value}" for option, value in (
+        ("partition", opts.partition), ("gres", gres), ("cpus-per-task", opts.cpusPerTask), ("mem", opts.mem),
+        ("time", opts.time)) if value is not None]
     lines.append(f"# {len(runs)} grid points; task K runs point K (finished: skipped; interrupted: resumed):")
     lines += [f"#   {run.index}: {run.name}" for run in runs]
-    summary = shlex.join([sys.executable, me, *sweep_argv, "--summarize", "--", *command])
-    lines += [f"# after the array: {summary}", "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
-              f'exec {shlex.join([sys.executable, me, *sweep_argv])} --runIndex "$SLURM_ARRAY_TASK_ID" -- '
-              f"{shlex.join(command)}"]
+    lines += [f"# after the array: {summary_command(sweep_argv, command)}", "set -euo pipefail",
+              f"cd {shlex.quote(str(Path.cwd()))}",
+              f"exec {shlex.join([sys.executable, str(Path(__file__).resolve()), *sweep_argv])} "
+              f'--runIndex "$SLURM_ARRAY_TASK_ID" -- {shlex.join(command)}']
     return "\n".join(lines) + "\n"
 
 
@@ -560,27 +413,18 @@ def submit(base: str, script: str, opts: argparse.Namespace, sweep_argv: list[st
         raise RuntimeError(f"sbatch {path}: {array.stderr.strip() or array.stdout.strip()}")
     job = array.stdout.strip().split(";")[0]
     print(f"submitted array job {job} ({path})")
-    summary = shlex.join([sys.executable, str(Path(__file__).resolve()), *sweep_argv, "--summarize", "--", *command])
+    summary = summary_command(sweep_argv, command)
     extra = [f"--partition={opts.partition}"] if opts.partition else []
     follow = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", f"--job-name={base}_summary",
                              f"--output={(out / 'logs').resolve()}/summary_%j.out", *extra,
-                             f"--wrap=cd {shlex.quote(str(Path.cwd()))} && {summary}"],
-                            capture_output=True, text=True)
+                             f"--wrap=cd {shlex.quote(str(Path.cwd()))} && {summary}"], capture_output=True, text=True)
     if follow.returncode:
         print(f"summary job not submitted ({follow.stderr.strip()}); when the array is done: {summary}")
     else:
-        print(f"submitted summary job {follow.stdout.strip().split(';')[0]} (after the array): "
-              f"{out / 'summary.csv'}")
+        print(f"submitted summary job {follow.stdout.strip().split(';')[0]} (after the array): {out / 'summary.csv'}")
 
 
 # --- entry point ------------------------------------------------------------------------------
-
-def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    if "--" not in argv:
-        return argv, []
-    cut = argv.index("--")
-    return argv[:cut], argv[cut + 1:]
-
 
 def check(opts: argparse.Namespace, command: list[str], grid: list[tuple[str, list[str]]]) -> None:
     """Checks that need no run folder; raises OptionError naming the flag."""
@@ -626,23 +470,21 @@ def check(opts: argparse.Namespace, command: list[str], grid: list[tuple[str, li
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sweep_argv, command = split_command(argv)
+    sweep_argv, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     try:
         opts = get_parser().parse_args(sweep_argv)
         grid = parse_grid(opts.grid)
         check(opts, command, grid)
         runs = expand(command, grid)
-        base = flag_value(command[1:], "--tensorname")
         slots: Sequence[str | None] = [None] * (opts.jobs or 1)
         if opts.perGPU:
-            gpus = visible_gpus()
-            if not gpus:
+            slots = experiments.gpu_slots(experiments.visible_gpus(), opts.perGPU)
+            if not slots:
                 raise OptionError("--perGPU: no GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
-            slots = gpu_slots(gpus, opts.perGPU)
     except OptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    flags = [flag for flag, _ in grid]
+    base, flags = flag_value(command[1:], "--tensorname"), [flag for flag, _ in grid]
     grid_argv = [f"--grid={spec}" for spec in opts.grid]
     if opts.slurm:
         script = slurm_script(base, runs, opts, grid_argv, command)
@@ -658,16 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     if opts.summarize:
         return 0 if all(row["status"] == "ok" for row in summarize(base, runs, flags)) else 1
     if opts.runIndex is not None:  # one SLURM array task: the summary job summarises
-        interrupted, _, _ = execute(base, [runs[opts.runIndex]], slots, forward=False)
-        return INTERRUPTED if interrupted else 0 if run_state(runs[opts.runIndex]) == "finished" else 1
-    interrupted, wall, busy = execute(base, runs, slots, forward=True)
+        interrupted, _, _ = execute([runs[opts.runIndex]], slots, forward=False)
+        return INTERRUPTED if interrupted else 0 if runs[opts.runIndex].state() == "finished" else 1
+    interrupted, wall, busy = execute(runs, slots, forward=True)
     summarize(base, runs, flags)
     if busy:
         print(f"wall time {wall:.1f} s; the runs started here took {busy:.1f} s in all "
               f"({busy / wall:.2f} x the wall time, {len(slots)} slot(s))")
     if interrupted:
         return INTERRUPTED
-    return 0 if all(run_state(run) == "finished" for run in runs) else 1
+    return 0 if all(run.state() == "finished" for run in runs) else 1
 
 
 if __name__ == "__main__":

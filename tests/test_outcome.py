@@ -18,6 +18,7 @@ import torch
 from conftest import eval_crops
 from datasets.episodes import EpisodeDataset
 from datasets.splits import read_split
+from engine.experiments import Variant, code_tree, parse_variant
 from engine.precise_bn import clean_files
 from models import load_embedding
 from tests.scripts_helpers import load_script
@@ -29,15 +30,15 @@ outcome = load_script("benchmarks/outcome.py")
 
 
 def test_variants_parse_flags_for_both_stages_or_each() -> None:
-    both = outcome.parse_variant("cl:--memoryFormat channels_last")
-    assert both == outcome.Variant("cl", None, ("--memoryFormat", "channels_last"), ("--memoryFormat", "channels_last"))
-    each = outcome.parse_variant("old@56d06f0:--LR 0.002 // --LR 0.0005 --deform random")
+    both = parse_variant("cl:--memoryFormat channels_last")
+    assert both == Variant("cl", None, ("--memoryFormat", "channels_last"), ("--memoryFormat", "channels_last"))
+    each = parse_variant("old@56d06f0:--LR 0.002 // --LR 0.0005 --deform random")
     assert each.revision == "56d06f0"
     assert each.stage1_flags == ("--LR", "0.002") and each.stage2_flags == ("--LR", "0.0005", "--deform", "random")
-    assert outcome.parse_variant("base:").stage1_flags == ()
+    assert parse_variant("base:").stage1_flags == ()
     for bad in ("no-colon", ":--LR 1", "a b:--LR 1"):
         with pytest.raises(OptionError, match=r"--variant .*: expected NAME\[@REVISION\]:FLAGS"):
-            outcome.parse_variant(bad)
+            parse_variant(bad)
 
 
 def fake_results(values: dict[str, list[float]]) -> list[dict]:
@@ -46,7 +47,7 @@ def fake_results(values: dict[str, list[float]]) -> list[dict]:
 
 
 def test_noise_and_differences_come_from_the_seeds() -> None:
-    variants = [outcome.parse_variant("a:"), outcome.parse_variant("b:")]
+    variants = [parse_variant("a:"), parse_variant("b:")]
     results = fake_results({"a": [50.0, 54.0, 52.0], "b": [60.0, 61.0, 65.0]})
     summary = outcome.summarize(results, variants, [0, 1, 2])
     a = summary["variants"]["a"]["val_1shot_saved"]
@@ -63,10 +64,10 @@ def test_noise_and_differences_come_from_the_seeds() -> None:
 def test_a_revision_is_exported_as_its_own_code_tree(tmp_path: Path) -> None:
     if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout")
-    tree, commit = outcome.code_tree("HEAD", tmp_path)
+    tree, commit = code_tree("HEAD", tmp_path)
     assert tree == tmp_path / "code" / commit and (tree / "classification.py").is_file()
     with pytest.raises(OptionError, match="--variant ...@no-such-revision-xyz: not a commit of"):
-        outcome.code_tree("no-such-revision-xyz", tmp_path)
+        code_tree("no-such-revision-xyz", tmp_path)
 
 
 @torch.no_grad()

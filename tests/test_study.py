@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+from engine.experiments import parse_variant
 from tests.scripts_helpers import load_script, read_metrics, run_script
 
 study = load_script("benchmarks/study.py")
-outcome = load_script("benchmarks/outcome.py")
 
 
 def fake_run(variant: str, seed: int, gains: list[float], test_gain: float) -> dict:
@@ -33,7 +33,7 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 
 def test_summary_is_the_t_interval_over_seeds_and_the_paired_difference() -> None:
-    variants = [outcome.parse_variant("a:"), outcome.parse_variant("b:--scaleInit auto")]
+    variants = [parse_variant("a:"), parse_variant("b:--scaleInit auto")]
     results = [fake_run("a", 0, [-2.0, -1.0], -1.5), fake_run("a", 1, [-3.0, -2.0], -2.5),
                fake_run("a", 2, [-1.0, 0.0], -0.5), fake_run("b", 0, [0.5, 1.0], 1.0),
                fake_run("b", 1, [0.0, 2.0], 1.2), fake_run("b", 2, [1.0, 3.0], 1.4)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import experiments
 from tests.scripts_helpers import (
     REPO,
     load_script,
@@ -144,16 +145,17 @@ def test_grid_names_runs_and_replaces_flags_in_product_order():
 
 
 def test_gpu_detection_slots_and_child_environment():
-    assert sweep.parse_gpus("3,5", "GPU 0: x\nGPU 1: y\nGPU 2: z") == ["3", "5"]
-    assert sweep.parse_gpus("", "GPU 0: x") == []
-    assert sweep.parse_gpus("0,-1,1", None) == ["0"]
-    assert sweep.parse_gpus(None, "GPU 0: A (UUID: GPU-1)\nGPU 1: B (UUID: GPU-2)\n") == ["0", "1"]
-    assert sweep.parse_gpus(None, None) == []
+    assert experiments.parse_gpus("3,5", "GPU 0: x\nGPU 1: y\nGPU 2: z") == ["3", "5"]
+    assert experiments.parse_gpus("", "GPU 0: x") == []
+    assert experiments.parse_gpus("0,-1,1", None) == ["0"]
+    assert experiments.parse_gpus(None, "GPU 0: A (UUID: GPU-1)\nGPU 1: B (UUID: GPU-2)\n") == ["0", "1"]
+    assert experiments.parse_gpus(None, None) == []
     # two runs per GPU: the first runs spread over the GPUs, the next ones share
-    assert sweep.gpu_slots(["0", "1", "2"], 2) == ["0", "1", "2", "0", "1", "2"]
-    env = sweep.child_env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, "1", 4, 16)
+    assert experiments.gpu_slots(["0", "1", "2"], 2) == ["0", "1", "2", "0", "1", "2"]
+    env = experiments.child_env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, "1", 4, 16)
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "4" and env["PATH"] == "/bin"
-    assert sweep.child_env({"OMP_NUM_THREADS": "2"}, None, 8, 2) == {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    assert experiments.child_env({"OMP_NUM_THREADS": "2"}, None, 8, 2) == {"OMP_NUM_THREADS": "2",
+                                                                           "PYTHONUNBUFFERED": "1"}
 
 
 def test_the_cores_shared_among_runs_are_this_process_s_allocation(monkeypatch):
