@@ -1,21 +1,14 @@
-"""The first command to run on a GPU machine: speed, memory and correctness of the engine's own code
-on generated toy data, within a time budget (``--budget``: 8 minutes on one H100, 3 with ``--quick``).
+"""The first command to run on a GPU machine: speed, memory and correctness of the engine's own code on
+generated toy data, within a time budget (``--budget``; docs/gpus.md lists every figure and check).
 
     python scripts/gpu_check.py                      # cuda, 224 px, the outcome check included
     python scripts/gpu_check.py --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
 
-It reports the versions and the device (compute capability, native bfloat16); stage 1 images/s (decoded
-ahead and through the real loader), stage 2 1-shot and 5-shot seconds per training and test episode and
-round 1/round 2 episodes/s through the real loader, each in float32 and with ``--amp`` (CUDA), with peak
-memory; and checks: finite losses, CPU and GPU features of one batch close, cached and per-episode
-evaluation the same, the host's waits per stage-2 episode, float16 autocast with its GradScaler where
-``--amp`` is bfloat16, the autocast dtype in DataParallel replicas and torchrun on two ranks giving one
-process's loss (2+ GPUs); with 2+ GPUs or ``--distributedChecks 1`` (gloo on the CPU then) torchrun over
-data that does not split evenly (same steps per rank), SIGTERM to torchrun during training (every rank
-exits 130 with ``resume.pt``, then ``--resume`` finishes) and a NaN loss on one rank (every rank exits 3
-naming it). Without ``--quick``, ``benchmarks/outcome.py`` (short stage-1 runs per memory layout and with
-``--amp``, over ``--outcomeSeeds``). Each phase is timed; it prints a table, writes ``--json``
-(``gpu_check.json``) and exits with status 1 when a check failed.
+Stage 1 images/s and stage 2 seconds per episode, in float32 and with ``--amp``, peak memory; checks of finite
+losses, CPU against GPU features, cached against per-episode evaluation, host waits per episode, float16
+with its GradScaler, DataParallel's autocast dtype, torchrun (one process's loss on two ranks, an uneven
+split, SIGTERM then ``--resume``, a NaN on one rank) and ``benchmarks/outcome.py``. It prints a table,
+writes ``--json`` and exits with status 1 when a check failed.
 """
 from __future__ import annotations
 
@@ -41,7 +34,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from itertools import islice
 from unittest import mock
 
@@ -164,29 +157,25 @@ class Budget:
         """``work()``'s value, its seconds in ``phases[name]``; None when the budget was spent before it
         started (check ``phase_<name>`` skipped) or when it raised (that check failed, naming the error: a
         NaN loss, a crash, an out-of-memory), so that every failure reaches the table and the exit status."""
+        checks, start = report["checks"], time.perf_counter()
         if self.left() <= 0:
-            report["checks"][f"phase_{name}"] = {"ok": None, "detail": f"skipped: the {self.total:.0f} s budget "
-                                                                      "was spent (--budget)"}
+            checks[f"phase_{name}"] = {"ok": None, "detail": f"skipped: the {self.total:.0f} s budget was spent "
+                                                             "(--budget)"}
             return None
-        start = time.perf_counter()
         try:
             return work()
         except InputError:
             raise
-        except Exception as error:  # noqa: BLE001 - a check reports every failure instead of stopping
-            line = str(error).strip().splitlines()
-            report["checks"][f"phase_{name}"] = {"ok": False,
-                                                 "detail": f"{type(error).__name__}: {line[0] if line else ''}"}
-            return None
+        except Exception as error:  # a check reports every failure instead of stopping
+            first = (str(error).strip().splitlines() or [""])[0]
+            checks[f"phase_{name}"] = {"ok": False, "detail": f"{type(error).__name__}: {first}"}
         finally:
             self.phases[name] = round(time.perf_counter() - start, 2)
 
 
 class FirstItems:
-    """The first ``count`` items of ``loader`` for a training loop (sized, as its progress bar wants);
-    :meth:`per_second` is ``size(item)`` (images of a batch, 1 per episode) summed over items 2..count per
-    second, from when the loop asked for the second item (the device done with the first: the workers'
-    start is not counted, the loading of the items is) until the device is done."""
+    """The first ``count`` items of ``loader`` for a training loop; :meth:`per_second`: ``size(item)`` (1 per
+    episode, images of a batch) over items 2..count, from the loop asking for item 2 to the device done."""
 
     def __init__(self, loader: Iterable, count: int, device: torch.device,
                  size: Callable[[object], int] = lambda item: 1) -> None:
@@ -287,19 +276,9 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
         lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
         lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
         amp, f"{shots}-shot{' amp' if amp else ''}", args.ways * args.test_num)
-    return ({"train_episode_s": round(training.seconds / episodes, 4), "test_episode_s": round(testing.seconds / episodes, 4),
+    return ({"train_episode_s": round(training.seconds / episodes, 4),
+             "test_episode_s": round(testing.seconds / episodes, 4),
              "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
-
-
-@contextmanager
-def full_float32():
-    """cuDNN convolutions and matrix products in full float32 (no TensorFloat-32) inside the block."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # Cached against per-episode evaluation: the same images embedded in batches of other sizes, so cuDNN
@@ -315,8 +294,12 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
     """Run both evaluation passes (:func:`engine.stage2.evaluate`: ``acc`` and ``loss`` per episode) in full
     float32 (under ``--amp`` its autocast dtype) and compare them: per-episode accuracies equal (under amp
     within one of the episode's ``queries``), losses within :data:`CACHED_LOSS_RTOL`."""
-    with full_float32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # no TensorFloat-32
+    try:
         cached, fresh = cached_pass(), fresh_pass()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     gap = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(cached["loss"], fresh["loss"]))
     moved = max(abs(x - y) for x, y in zip(cached["acc"], fresh["acc"]))
     acc_ok = moved <= (1 / queries + 1e-9 if amp else 0.0)
@@ -326,9 +309,8 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
 
 
 class ScalarReads(TorchDispatchMode):
-    """Counts the host's reads of a tensor's value (``item()``, ``bool()``: the ATen op
-    ``_local_scalar_dense``; on a GPU each waits for it) outside an optimiser's own step: Adam reads its
-    step count, a CPU tensor wherever the parameters are (no wait on a GPU either)."""
+    """Counts reads of a tensor's value (``item()``, ``bool()``: ``aten._local_scalar_dense``, a wait on a GPU)
+    outside an optimiser's own step (Adam reads its step count, a CPU tensor: no wait on a GPU either)."""
 
     reads, in_step = 0, False
 
@@ -438,33 +420,30 @@ def run_process(command: list[str], cwd: Path, timeout: float, prefix: str | Non
     output after ``prefix`` as it comes when one is given; SIGTERM to its group once the output matches
     ``stop_at``, and past ``timeout`` seconds (SIGKILL a minute later). Returns the exit status (None when
     it timed out) and the output."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S),
-                                                            **os.environ, "PYTHONPATH": str(REPO)})
-    output, shown, deadline = b"", 0, time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([process.stdout], [], [], min(left, 1.0))[0]:
-            continue
-        chunk = os.read(process.stdout.fileno(), 65536)
-        output += chunk
-        end = output.rfind(b"\n") + 1 if chunk else len(output)
-        for line in output[shown:end].decode(errors="replace").splitlines() if prefix is not None else ():
-            print(prefix + line, flush=True)
-        shown = max(shown, end)
-        if stop_at is not None and stop_at.search(output) and process.poll() is None:
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          start_new_session=True) as process:
+        output, shown, deadline = b"", 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([process.stdout], [], [], 1.0)[0]:
+                continue
+            chunk = os.read(process.stdout.fileno(), 65536)
+            output += chunk
+            end = output.rfind(b"\n") + 1 if chunk else len(output)
+            for line in output[shown:end].decode(errors="replace").splitlines() if prefix is not None else ():
+                print(prefix + line, flush=True)
+            shown = max(shown, end)
+            if stop_at is not None and stop_at.search(output) and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                stop_at = None
+            if not chunk:
+                return process.wait(), output.decode(errors="replace")
+        with suppress(ProcessLookupError):  # the group is gone
             os.killpg(process.pid, signal.SIGTERM)
-            stop_at = None
-        if not chunk:
-            process.stdout.close()
-            return process.wait(), output.decode(errors="replace")
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-    process.stdout.close()
-    process.wait()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
     return None, output.decode(errors="replace") + f"\n(timed out after {timeout:.0f} s)"
 
 
@@ -496,53 +475,41 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
     single, double = (float(read_csv(workdir / f"runs/{name}/metrics.csv")[0]["loss"]) for name in ("one", "two"))
-    return {"ok": math.isclose(single, double, rel_tol=1e-3), "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
+    return {"ok": math.isclose(single, double, rel_tol=1e-3),
+            "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
 
 
 # --------------------------------------------------------------- torchrun on two ranks (2+ GPUs, or gloo on the CPU)
 
-def distributed_stage1(args: argparse.Namespace, device: torch.device, info: DistInfo):
-    """Stage 1's padded sampler, loader, distributed model and optimiser for ``args``, as classification.py
-    builds them."""
+def rank_epoch(kind: str, args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
+    """Stage 1 on this rank as classification.py builds it (padded sampler, loader, distributed model):
+    ``steps``, one epoch (``outcome`` gets the items, this rank's share and its steps); ``nan``, three
+    batches, the loss of the second NaN on rank 1 alone (the loss, not the images: synchronised BatchNorm
+    would carry NaN images into every rank's statistics and loss; ``outcome`` gets the error raised)."""
     configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
     train, _, sampler, loader = stage1.load_data(args, device, info)
     net, optimizer = stage1.build_model(args, train.num_classes)
-    return sampler, loader, stage1.distribute(net, device, info), optimizer
-
-
-def uneven_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
-    """One epoch of stage 1's ``train_one_epoch``; ``outcome`` gets the items, this rank's share and its steps."""
-    sampler, loader, model, optimizer = distributed_stage1(args, device, info)
-    progress = stage1.new_progress()
-    stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, device, 0, args, info, progress,
-                           lambda: False)
-    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
-    return 0
-
-
-def poisoned_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
-    """Stage 1's ``train_one_epoch`` on three batches, the loss of the second one NaN on rank 1 alone
-    (the loss, not the images: synchronised BatchNorm would carry NaN images into every rank's
-    statistics, and so into every rank's loss); ``outcome`` gets the error it raised."""
-    _, loader, model, optimizer = distributed_stage1(args, device, info)
-    criterion, calls = nn.CrossEntropyLoss(), iter(range(3))
+    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
+    progress, calls = stage1.new_progress(), iter(range(3))
 
     def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = criterion(logits, labels)
         return loss * float("nan") if next(calls) == 1 and info.rank == 1 else loss
 
     try:
-        stage1.train_one_epoch(model, poisoned, optimizer, list(islice(iter(loader), 3)), device, 0, args, info,
-                               stage1.new_progress(), lambda: False)
+        stage1.train_one_epoch(model, poisoned if kind == "nan" else criterion, optimizer,
+                               list(islice(iter(loader), 3)) if kind == "nan" else loader, device, 0, args, info,
+                               progress, lambda: False)
     except TrainingDiverged as error:
         outcome["error"] = str(error)
         raise
+    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
     return 0
 
 
 def worker(a: argparse.Namespace) -> int:
     """One rank of a distributed check, started by torchrun (``--worker KIND -- STAGE-1 FLAGS``): ``stage1``
-    runs classification.py itself, ``steps`` and ``nan`` a function above, each with the scripts' exit
+    runs classification.py itself, ``steps`` and ``nan`` :func:`rank_epoch`, each with the scripts' exit
     statuses; writes ``<KIND>_rank<RANK>.json`` (the exit status and what the rank saw) here."""
     outcome = {"rank": int(os.environ.get("RANK", "0"))}
     try:
@@ -551,9 +518,8 @@ def worker(a: argparse.Namespace) -> int:
             runpy.run_path(sys.argv[0], run_name="__main__")
             status = 0
         else:
-            work = {"steps": uneven_epoch, "nan": poisoned_epoch}[a.worker]
-            status = run_cli(lambda args: run_distributed(lambda *call: work(*call, outcome), args, resolve_device(args)),
-                             stage1_parser(), a.stage1Flags)
+            status = run_cli(lambda args: run_distributed(lambda *call: rank_epoch(a.worker, *call, outcome), args,
+                                                          resolve_device(args)), stage1_parser(), a.stage1Flags)
     except SystemExit as exit_:  # the script's own exit, or a flag refused by argparse
         status = exit_.code or 0
     write_json(Path(f"{a.worker}_rank{outcome['rank']}.json"), {**outcome, "exit": status})
@@ -566,12 +532,12 @@ def uneven_split_check(flags: list[str], cwd: Path, ranks: int) -> dict:
     output, exits, reports = torchrun("steps", [*flags, "--tensorname", "steps"], cwd, ranks)
     if not reports:
         return {"ok": False, "detail": f"no rank reported: {output[-500:]}"}
-    items, shares, steps = reports[0]["items"], *({report.get(key) for report in reports} for key in ("share", "steps"))
-    share = -(-items // ranks)
+    items, share = reports[0]["items"], -(-reports[0]["items"] // ranks)
+    shares, steps = ({report.get(key) for report in reports} for key in ("share", "steps"))
     ok = exits == [0] * ranks and shares == {share} and steps == {-(-share // RANK_BATCH)}
+    seen = f"{sorted(shares, key=str)} items and {sorted(steps, key=str)} steps per rank"
     return {"ok": ok, "detail": f"{items} items on {ranks} ranks ({'padded' if items % ranks else 'an even split'}): "
-                                f"exit {exits}, {sorted(shares, key=str)} items and {sorted(steps, key=str)} steps per rank"
-                                + ("" if ok else f": {output[-500:]}")}
+                                f"exit {exits}, {seen}" + ("" if ok else f": {output[-500:]}")}
 
 
 def sigterm_check(flags: list[str], cwd: Path) -> dict:
@@ -626,8 +592,7 @@ def distributed_checks(a: argparse.Namespace, device: torch.device, workdir: Pat
 
 def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path,
             timeout: float) -> tuple[dict | None, dict]:
-    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds, stopped
-    after ``timeout`` seconds (:func:`outcome_run`)."""
+    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds (:func:`outcome_run`)."""
     variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
     variants += ["amp:--amp 1"] if device.type == "cuda" else []
     (workdir / "outcome.json").unlink(missing_ok=True)
