@@ -338,11 +338,13 @@ def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, s
         counter = ScalarReads()
         hooks = [register(lambda *_, value=value: setattr(counter, "in_step", value)) for register, value in
                  ((register_optimizer_step_pre_hook, True), (register_optimizer_step_post_hook, False))]
-        with counter:
-            train()
+        try:
+            with counter:
+                train()
+        finally:
+            for hook in hooks:
+                hook.remove()
         syncs = counter.reads
-        for hook in hooks:
-            hook.remove()
     scaler = f" and {scaled_steps} scaler step(s) per episode" if scaled_steps else ""
     return {"ok": syncs <= allowed, "detail": f"{syncs} host wait(s) in {episodes} training episodes (at most "
                                               f"{allowed}: the sums' reads{scaler})"}
