@@ -373,13 +373,6 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     return through.per_second()
 
 
-def float16_scaler(root: Path, a: argparse.Namespace, device: torch.device, episodes: int) -> tuple:
-    """:func:`stage2_speed`, 1-shot, under float16 autocast with its GradScaler: the path of ``--amp`` on
-    GPUs without native bfloat16, which a GPU whose ``--amp`` is bfloat16 would otherwise never take."""
-    with mock.patch("utils.forward.amp_dtype", lambda device: torch.float16):
-        return stage2_speed(root, a, device, True, 1, episodes)
-
-
 def cpu_gpu_features(root: Path, device: torch.device, amp: bool, image_size: int) -> dict:
     """The embedding of one batch of val images on the CPU (float32) and on ``device``."""
     if device.type != "cuda":
@@ -663,8 +656,9 @@ def main(a: argparse.Namespace) -> int:
                               lambda: stage2_round(root, a, device, amp, fix_cls, episodes + 1))
             if rate is not None:
                 report["stage2"].setdefault(f"rounds_{name}", {})[f"round{round_}_episodes_per_s"] = rate
-    if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:
-        stage2_phase("1shot_fp16", lambda: float16_scaler(root, a, device, episodes))
+    if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:  # --amp never takes the GradScaler's path:
+        with mock.patch("utils.forward.amp_dtype", lambda device: torch.float16):  # float16, as on a V100 or T4
+            stage2_phase("1shot_fp16", lambda: stage2_speed(root, a, device, True, 1, episodes))
     else:
         checks["phase_stage2_1shot_fp16"] = {"ok": None, "detail": "skipped: float16 autocast with its GradScaler: "
                                              + ("--amp is float16 here" if device.type == "cuda" else "CUDA only")}

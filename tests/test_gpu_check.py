@@ -157,8 +157,8 @@ def test_a_spent_budget_skips_a_phase_and_says_so(gpu_check):
 
 @pytest.mark.slow
 def test_ranks_killed_before_they_saved_fail_the_sigterm_check(gpu_check, tmp_path, monkeypatch):
-    """torchrun SIGKILLs the ranks still running after its shutdown grace (here none at all, as a rank slower
-    than the grace on a loaded machine meets it): the check fails and says so."""
+    """torchrun SIGKILLs the ranks still running after its shutdown grace (here 0 s: what ranks slower than the
+    grace meet on a loaded machine): the check fails and says why."""
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0")
     toy.generate(tmp_path / "toy", per_class=2, size=37, seed=0)
     flags = ["--dataroot", str(tmp_path / "toy"), "--imageSize", "32", "--batchSize", "16", "--filesPerClass", "0",
@@ -171,10 +171,12 @@ def test_ranks_killed_before_they_saved_fail_the_sigterm_check(gpu_check, tmp_pa
 
 def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown_grace(gpu_check, tmp_path,
                                                                                      monkeypatch):
-    """run_process sends SIGTERM to the process group once the output matches ``stop_at`` (after the line is
-    out, not before), and its environment gives torchrun's agent SHUTDOWN_GRACE_S seconds to let the ranks save."""
+    """run_process sends SIGTERM to the process group once the output shows the first step done (the progress
+    bar's first line does not), and its environment gives torchrun's agent SHUTDOWN_GRACE_S seconds to let
+    the ranks save."""
     child = ("import os, signal, sys, time\n"
-             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(print('stopping', flush=True) or 130))\n"
+             "def stop(*_):\n    print('stopping', flush=True)\n    sys.exit(130)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
              "print(os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'], flush=True)\n"
              "print('epoch 0:  50%|#####     | 1/2 [00:01<00:01]', end='\\r', flush=True)\n"
              "time.sleep(60)\n")
