@@ -1,5 +1,5 @@
-"""The first command to run on a GPU machine: speed, memory and correctness of the engine's own code on
-generated toy data, within a time budget (``--budget``; docs/gpus.md lists every figure and check).
+"""The first command to run on a GPU machine: speed, memory and correctness of the engine's own code
+on generated toy data, within a time budget (``--budget``; docs/gpus.md lists every figure and check).
 
     python scripts/gpu_check.py                      # cuda, 224 px, the outcome check included
     python scripts/gpu_check.py --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
