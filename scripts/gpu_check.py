@@ -1,21 +1,14 @@
 """The first command to run on a GPU machine: speed, memory and correctness of the engine's own code
-on generated toy data, in under 10 minutes on one GPU.
+on generated toy data, within a time budget (``--budget``; docs/gpus.md lists every figure and check).
 
     python scripts/gpu_check.py                      # cuda, 224 px, the outcome check included
     python scripts/gpu_check.py --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
 
-It reports the versions, the device, its compute capability and whether it has bfloat16 natively;
-stage 1 (batch ``--batchSize``) and stage 2 1-shot and 5-shot, each in float32 and with ``--amp``
-(CUDA only): images/s, training and test episode seconds, peak ``torch.cuda.max_memory_allocated``
-per phase; and checks: finite losses, CPU and GPU features of the same batch close, cached and
-per-episode evaluation the same, the autocast dtype inside DataParallel replicas (2+ GPUs), and
-with 2+ GPUs torchrun on two ranks giving one process's loss; with 2+ GPUs or ``--distributedChecks 1``
-(gloo on the CPU then) torchrun over data that does not split evenly (same steps per rank), SIGTERM to
-torchrun's process group during training (every rank exits 130 with ``resume.pt``, then ``--resume``
-finishes) and a NaN loss on one rank (every rank exits 3 naming it). Without ``--quick`` (and with
-``--outcomeSeeds``) it runs ``benchmarks/outcome.py``: short stage-1 runs per memory layout and with
-``--amp``, val accuracy as saved and with re-estimated BatchNorm statistics, over seeds. It prints a
-table and writes ``--json`` (``gpu_check.json``); the exit status is 1 when a check failed.
+Stage 1 images/s and stage 2 seconds per episode, in float32 and with ``--amp``, peak memory; checks of finite
+losses, CPU against GPU features, cached against per-episode evaluation, host waits per episode, float16
+with its GradScaler, DataParallel's autocast dtype, torchrun (one process's loss on two ranks, an uneven
+split, SIGTERM then ``--resume``, a NaN on one rank) and ``benchmarks/outcome.py``. It prints a table,
+writes ``--json`` and exits with status 1 when a check failed.
 """
 from __future__ import annotations
 
@@ -24,52 +17,48 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.runtime import set_process_env  # noqa: E402
+from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import runpy  # noqa: E402
-import select  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections import deque  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from itertools import islice  # noqa: E402
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import runpy
+import select
+import signal
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from itertools import islice
+from unittest import mock
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+import torchvision
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from datasets import read_split, toy  # noqa: E402
-from datasets.episodes import CroppedImages  # noqa: E402
-from datasets.loaders import episode_loader  # noqa: E402
-from datasets.transforms import prepare_images  # noqa: E402
-from engine import stage1, stage2  # noqa: E402
-from engine.episode import GalleryBank  # noqa: E402
-from engine.features import FeatureCache  # noqa: E402
-from engine.options import (  # noqa: E402
-    add_batch_flag,
-    add_image_size_flag,
-    resolve_stage2_args,
-    stage1_parser,
-    stage2_parser,
-)
-from models import EmbeddingNet, IDeMeNet  # noqa: E402
-from utils.distributed import DistInfo, run_distributed  # noqa: E402
-from utils.errors import InputError, OptionError, TrainingDiverged  # noqa: E402
-from utils.files import read_csv, write_json  # noqa: E402
-from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler  # noqa: E402
-from utils.options import (  # noqa: E402
+from benchmarks.common import environment, synchronize
+from datasets import read_split, toy
+from datasets.episodes import CroppedImages
+from datasets.loaders import episode_loader
+from datasets.transforms import prepare_images
+from engine import stage1, stage2
+from engine.episode import GalleryBank
+from engine.features import FeatureCache
+from engine.options import add_batch_flag, add_image_size_flag, resolve_stage2_args, stage1_parser, stage2_parser
+from models import EmbeddingNet, IDeMeNet
+from utils.distributed import DistInfo, run_distributed
+from utils.errors import InputError, OptionError, TrainingDiverged
+from utils.files import read_csv, write_json
+from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler
+from utils.options import (
     HelpFormatter,
     add_dataroot_flag,
     add_device_flag,
@@ -82,9 +71,16 @@ from utils.options import (  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
 BUDGET_S, QUICK_BUDGET_S = 480, 180  # the whole check's seconds on one H100, set-up included (--budget)
-# Each phase's cap, as a share of the budget; a subprocess phase is stopped at its cap, an in-process one
-# runs a fixed small number of steps, and a phase that would start after the budget is spent is skipped.
-PHASE_SHARES = {"stage1": 0.08, "stage2": 0.12, "rounds": 0.1, "torchrun": 0.15, "distributed": 0.3, "outcome": 0.45}
+# The caps of the phases run as processes (a share of the budget, at most what is left); an in-process
+# phase runs a fixed small number of steps, and one that would start after the budget is spent is skipped.
+PHASE_SHARES = {"torchrun": 0.15, "outcome": 0.45}
+RANKS, RANK_BATCH = 2, 8  # the distributed checks' ranks and stage 1's images per rank and step
+DISTRIBUTED_CHECKS = ("torchrun_uneven_split", "torchrun_sigterm_resume", "torchrun_nan_on_one_rank")
+# torchrun passes a SIGTERM on to the ranks and SIGKILLs those still running after its shutdown grace (30 s
+# unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise, where torch reads it): on a loaded CPU the ranks'
+# last step, the save and the exit can take longer, and a killed rank saves nothing.
+SHUTDOWN_GRACE_S = 300
+STEP_DONE = re.compile(rb"epoch 0:[^\r\n]*\| *[1-9]\d*/")  # rank 0's progress bar past its first step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -111,24 +107,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def environment(device: torch.device) -> dict:
-    """Versions, the device, its compute capability and whether it has bfloat16 natively."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+def describe(device: torch.device) -> dict:
+    """benchmarks.common's environment with the versions, the device, its compute capability and whether it
+    has bfloat16 natively."""
+    env = {**environment(), "python": platform.python_version(), "torchvision": torchvision.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
            "device": str(device), "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    if device.type == "cuda":
-        capability = tuple(torch.cuda.get_device_capability(device))
-        env.update(name=torch.cuda.get_device_name(device), capability=".".join(map(str, capability)),
-                   native_bf16=capability >= NATIVE_BF16_CAPABILITY, amp_dtype=str(amp_dtype(device)).split(".")[-1],
-                   memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1))
-    else:
-        env.update(name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
-    return env
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cuda":
+        return {**env, "name": platform.processor() or platform.machine()}
+    capability = tuple(torch.cuda.get_device_capability(device))
+    return {**env, "name": torch.cuda.get_device_name(device), "capability": ".".join(map(str, capability)),
+            "native_bf16": capability >= NATIVE_BF16_CAPABILITY, "amp_dtype": str(amp_dtype(device)).split(".")[-1],
+            "memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)}
 
 
 class Phase:
@@ -137,7 +127,7 @@ class Phase:
     def __init__(self, device: torch.device) -> None:
         self.device, self.seconds, self.peak_mb = device, 0.0, None
 
-    def __enter__(self) -> "Phase":
+    def __enter__(self) -> Phase:
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -152,8 +142,7 @@ class Phase:
 
 
 class Budget:
-    """The check's time budget: each phase's cap (its share of the total, at most what is left) and the
-    seconds each phase took (``phases``)."""
+    """The check's time budget: each phase's cap (:data:`PHASE_SHARES`) and its seconds (``phases``)."""
 
     def __init__(self, total: float) -> None:
         self.total, self.start, self.phases = total, time.perf_counter(), {}
@@ -166,36 +155,31 @@ class Budget:
 
     def run(self, report: dict, name: str, work: Callable[[], object]):
         """``work()``'s value, its seconds in ``phases[name]``; None when the budget was spent before it
-        started (check ``phase_<name>`` skipped) or when it raised (that check failed, naming the error:
-        a NaN loss, a crash, an out-of-memory), so that every failure reaches the table and the exit status."""
+        started (check ``phase_<name>`` skipped) or when it raised (that check failed, naming the error: a
+        NaN loss, a crash, an out-of-memory), so that every failure reaches the table and the exit status."""
+        checks, start = report["checks"], time.perf_counter()
         if self.left() <= 0:
-            report["checks"][f"phase_{name}"] = {"ok": None, "detail": f"skipped: the {self.total:.0f} s budget "
-                                                                      "was spent (--budget)"}
+            checks[f"phase_{name}"] = {"ok": None, "detail": f"skipped: the {self.total:.0f} s budget was spent "
+                                                             "(--budget)"}
             return None
-        start = time.perf_counter()
         try:
             return work()
         except InputError:
             raise
-        except Exception as error:  # noqa: BLE001 - a check reports every failure instead of stopping
-            line = str(error).strip().splitlines()
-            report["checks"][f"phase_{name}"] = {"ok": False,
-                                                 "detail": f"{type(error).__name__}: {line[0] if line else ''}"}
-            return None
+        except Exception as error:  # a check reports every failure instead of stopping
+            first = (str(error).strip().splitlines() or [""])[0]
+            checks[f"phase_{name}"] = {"ok": False, "detail": f"{type(error).__name__}: {first}"}
         finally:
             self.phases[name] = round(time.perf_counter() - start, 2)
 
 
 class FirstItems:
-    """The first ``count`` items of ``loader`` for a training loop (sized, as its progress bar wants).
-    ``since`` is when the loop asked for the second item, after the device finished the first: the loop's
-    time from then on covers items 2..count, their loading included (not the workers' start); ``units``
-    sums ``size(item)`` over those items (images of a batch, 1 per episode)."""
+    """The first ``count`` items of ``loader`` for a training loop; :meth:`per_second`: ``size(item)`` (1 per
+    episode, images of a batch) over items 2..count, from the loop asking for item 2 to the device done."""
 
     def __init__(self, loader: Iterable, count: int, device: torch.device,
                  size: Callable[[object], int] = lambda item: 1) -> None:
         self.loader, self.count, self.device, self.size = loader, count, device, size
-        self.dataset = getattr(loader, "dataset", None)
         self.since, self.units = None, 0
 
     def __len__(self) -> int:
@@ -203,15 +187,13 @@ class FirstItems:
 
     def __iter__(self):
         for index, item in enumerate(islice(self.loader, self.count)):
-            if index:
-                self.units += self.size(item)
+            self.units += self.size(item) if index else 0
             yield item
             if index == 0:
                 synchronize(self.device)
                 self.since = time.perf_counter()
 
     def per_second(self) -> float:
-        """``units`` per second from ``since`` to now (the device finished)."""
         synchronize(self.device)
         return round(self.units / (time.perf_counter() - self.since), 2)
 
@@ -294,19 +276,9 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
         lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
         lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
         amp, f"{shots}-shot{' amp' if amp else ''}", args.ways * args.test_num)
-    return ({"train_episode_s": round(training.seconds / episodes, 4), "test_episode_s": round(testing.seconds / episodes, 4),
+    return ({"train_episode_s": round(training.seconds / episodes, 4),
+             "test_episode_s": round(testing.seconds / episodes, 4),
              "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
-
-
-@contextmanager
-def full_float32():
-    """cuDNN convolutions and matrix products in full float32 (no TensorFloat-32) inside the block."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # Cached against per-episode evaluation: the same images embedded in batches of other sizes, so cuDNN
@@ -322,8 +294,12 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
     """Run both evaluation passes (:func:`engine.stage2.evaluate`: ``acc`` and ``loss`` per episode) in full
     float32 (under ``--amp`` its autocast dtype) and compare them: per-episode accuracies equal (under amp
     within one of the episode's ``queries``), losses within :data:`CACHED_LOSS_RTOL`."""
-    with full_float32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # no TensorFloat-32
+    try:
         cached, fresh = cached_pass(), fresh_pass()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     gap = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(cached["loss"], fresh["loss"]))
     moved = max(abs(x - y) for x, y in zip(cached["acc"], fresh["acc"]))
     acc_ok = moved <= (1 / queries + 1e-9 if amp else 0.0)
@@ -333,43 +309,22 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
 
 
 class ScalarReads(TorchDispatchMode):
-    """Counts the host's reads of a tensor's value (``item()``, ``bool()``, ``float()``: the ATen op
-    ``_local_scalar_dense``; on a GPU each waits for it), but not those inside an optimiser's own step:
-    Adam reads its step count, a CPU tensor wherever the parameters are (no wait on a GPU either)."""
+    """Counts reads of a tensor's value (``item()``, ``bool()``: ``aten._local_scalar_dense``, a wait on a GPU)
+    outside an optimiser's own step (Adam reads its step count, a CPU tensor: no wait on a GPU either)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads, self.in_step = 0, False
-
-    def __enter__(self) -> "ScalarReads":
-        def stepping(value: bool):
-            return lambda *_: setattr(self, "in_step", value)
-        self.hooks = [register_optimizer_step_pre_hook(stepping(True)),
-                      register_optimizer_step_post_hook(stepping(False))]
-        return super().__enter__()
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        super().__exit__(*exc)
+    reads, in_step = 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.reads += func is torch.ops.aten._local_scalar_dense.default and not self.in_step
         return func(*args, **(kwargs or {}))
 
 
-def sync_allowance(episodes: int, scaled_steps: int) -> int:
-    """Host waits ``episodes`` training episodes may make: one read of the sums every
-    ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser stepped through a float16
-    GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads its inf check)."""
-    return -(-episodes // stage2.SYNC_EVERY) + episodes * scaled_steps
-
-
 def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, scaled_steps: int) -> dict:
-    """How often ``train()`` (``episodes`` training episodes) made the host wait: on CUDA counted by its sync
-    debug mode, on the CPU as reads of a value (:class:`ScalarReads`); more than :func:`sync_allowance`
-    is a regression."""
-    allowed = sync_allowance(episodes, scaled_steps)
+    """How often ``train()`` (``episodes`` training episodes) made the host wait: on CUDA counted by its
+    sync debug mode, on the CPU as reads of a value (:class:`ScalarReads`). Allowed: one read of the sums
+    every ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser stepped through a float16
+    GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads its inf check)."""
+    allowed = -(-episodes // stage2.SYNC_EVERY) + episodes * scaled_steps
     if device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -380,8 +335,15 @@ def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, s
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchronizing" in str(warning.message) for warning in caught)
     else:
-        with ScalarReads() as counter:
-            train()
+        counter = ScalarReads()
+        hooks = [register(lambda *_, value=value: setattr(counter, "in_step", value)) for register, value in
+                 ((register_optimizer_step_pre_hook, True), (register_optimizer_step_post_hook, False))]
+        try:
+            with counter:
+                train()
+        finally:
+            for hook in hooks:
+                hook.remove()
         syncs = counter.reads
     scaler = f" and {scaled_steps} scaler step(s) per episode" if scaled_steps else ""
     return {"ok": syncs <= allowed, "detail": f"{syncs} host wait(s) in {episodes} training episodes (at most "
@@ -447,6 +409,53 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
+def run_process(command: list[str], cwd: Path, timeout: float, prefix: str | None = None,
+                stop_at: re.Pattern | None = None) -> tuple[int | None, str]:
+    """Run ``command`` in ``cwd`` (a process group of its own, output merged), printing each line of its
+    output after ``prefix`` as it comes when one is given; SIGTERM to its group once the output matches
+    ``stop_at``, and past ``timeout`` seconds (SIGKILL a minute later). Returns the exit status (None when
+    it timed out) and the output."""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          start_new_session=True) as process:
+        output, shown, deadline = b"", 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([process.stdout], [], [], 1.0)[0]:
+                continue
+            chunk = os.read(process.stdout.fileno(), 65536)
+            output += chunk
+            end = output.rfind(b"\n") + 1 if chunk else len(output)
+            for line in output[shown:end].decode(errors="replace").splitlines() if prefix is not None else ():
+                print(prefix + line, flush=True)
+            shown = max(shown, end)
+            if stop_at is not None and stop_at.search(output) and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                stop_at = None
+            if not chunk:
+                return process.wait(), output.decode(errors="replace")
+        with suppress(ProcessLookupError):  # the group is gone
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    return None, output.decode(errors="replace") + f"\n(timed out after {timeout:.0f} s)"
+
+
+def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout: float = 600,
+             stop_at: re.Pattern | None = None) -> tuple[str, list[int | None], list[dict]]:
+    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (:func:`run_process`): its output,
+    each rank's exit status (None: the rank wrote no report: it was killed) and the ranks' reports."""
+    for old in cwd.glob(f"{kind}_rank*.json"):
+        old.unlink()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(REPO / "scripts/gpu_check.py"), "--worker", kind, "--", *flags]
+    output = run_process(command, cwd, timeout, stop_at=stop_at)[1]
+    reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
+    exits = {report["rank"]: report["exit"] for report in reports}
+    return output, [exits.get(rank) for rank in range(ranks)], reports
+
+
 def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path, timeout: float) -> dict:
     """Two ranks (NCCL, synchronised BatchNorm) give one process's first-epoch loss (each run stopped
     after ``timeout`` seconds)."""
@@ -455,71 +464,47 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
     flags = ["--dataroot", str(root), "--imageSize", str(min(a.imageSize, 64)), "--numEpochs", "1", "--batchSize",
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    one = subprocess.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                          "--device", str(device)], cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "classification.py"), *flags, "--tensorname", "two"], cwd=workdir,
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    if one.returncode or two.returncode:
-        return {"ok": False, "detail": f"exit {one.returncode} / {two.returncode}: {(one.stderr + two.stderr)[-500:]}"}
-
-    def loss(name):
-        return float(read_csv(workdir / f"runs/{name}/metrics.csv")[0]["loss"])
-
-    single, double = loss("one"), loss("two")
-    return {"ok": math.isclose(single, double, rel_tol=1e-3), "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
+    one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
+                               "--device", str(device)], workdir, timeout)
+    more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
+    if one != 0 or two != [0] * RANKS:
+        return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
+    single, double = (float(read_csv(workdir / f"runs/{name}/metrics.csv")[0]["loss"]) for name in ("one", "two"))
+    return {"ok": math.isclose(single, double, rel_tol=1e-3),
+            "detail": f"loss {single:.6f} (1 GPU) vs {double:.6f} (2)"}
 
 
 # --------------------------------------------------------------- torchrun on two ranks (2+ GPUs, or gloo on the CPU)
 
-RANKS = 2
-RANK_BATCH = 8  # stage 1's images per rank and step in the distributed checks
-DISTRIBUTED_CHECKS = ("torchrun_uneven_split", "torchrun_sigterm_resume", "torchrun_nan_on_one_rank")
-
-
-def distributed_stage1(args: argparse.Namespace, device: torch.device, info: DistInfo):
-    """Stage 1's padded sampler, loader, distributed model and optimiser for ``args``, as classification.py
-    builds them."""
+def rank_epoch(kind: str, args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
+    """Stage 1 on this rank as classification.py builds it (padded sampler, loader, distributed model):
+    ``steps``, one epoch (``outcome`` gets the items, this rank's share and its steps); ``nan``, three
+    batches, the loss of the second NaN on rank 1 alone (the loss, not the images: synchronised BatchNorm
+    would carry NaN images into every rank's statistics and loss; ``outcome`` gets the error raised)."""
     configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
     train, _, sampler, loader = stage1.load_data(args, device, info)
     net, optimizer = stage1.build_model(args, train.num_classes)
-    return sampler, loader, stage1.distribute(net, device, info), optimizer
-
-
-def uneven_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
-    """One epoch of stage 1's ``train_one_epoch``; ``outcome`` gets the items, this rank's share and its steps."""
-    sampler, loader, model, optimizer = distributed_stage1(args, device, info)
-    progress = stage1.new_progress()
-    stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, device, 0, args, info, progress,
-                           lambda: False)
-    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
-    return 0
-
-
-def poisoned_epoch(args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
-    """Stage 1's ``train_one_epoch`` on three batches, the loss of the second one NaN on rank 1 alone
-    (the loss, not the images: synchronised BatchNorm would carry NaN images into every rank's
-    statistics, and so into every rank's loss); ``outcome`` gets the error it raised."""
-    _, loader, model, optimizer = distributed_stage1(args, device, info)
-    criterion, calls = nn.CrossEntropyLoss(), iter(range(3))
+    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
+    progress, calls = stage1.new_progress(), iter(range(3))
 
     def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = criterion(logits, labels)
         return loss * float("nan") if next(calls) == 1 and info.rank == 1 else loss
 
     try:
-        stage1.train_one_epoch(model, poisoned, optimizer, list(islice(iter(loader), 3)), device, 0, args, info,
-                               stage1.new_progress(), lambda: False)
+        stage1.train_one_epoch(model, poisoned if kind == "nan" else criterion, optimizer,
+                               list(islice(iter(loader), 3)) if kind == "nan" else loader, device, 0, args, info,
+                               progress, lambda: False)
     except TrainingDiverged as error:
         outcome["error"] = str(error)
         raise
+    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
     return 0
 
 
 def worker(a: argparse.Namespace) -> int:
     """One rank of a distributed check, started by torchrun (``--worker KIND -- STAGE-1 FLAGS``): ``stage1``
-    runs classification.py itself, ``steps`` and ``nan`` a function above, each with the scripts' exit
+    runs classification.py itself, ``steps`` and ``nan`` :func:`rank_epoch`, each with the scripts' exit
     statuses; writes ``<KIND>_rank<RANK>.json`` (the exit status and what the rank saw) here."""
     outcome = {"rank": int(os.environ.get("RANK", "0"))}
     try:
@@ -528,95 +513,55 @@ def worker(a: argparse.Namespace) -> int:
             runpy.run_path(sys.argv[0], run_name="__main__")
             status = 0
         else:
-            work = {"steps": uneven_epoch, "nan": poisoned_epoch}[a.worker]
-            status = run_cli(lambda args: run_distributed(lambda *call: work(*call, outcome), args, resolve_device(args)),
-                             stage1_parser(), a.stage1Flags)
+            status = run_cli(lambda args: run_distributed(lambda *call: rank_epoch(a.worker, *call, outcome), args,
+                                                          resolve_device(args)), stage1_parser(), a.stage1Flags)
     except SystemExit as exit_:  # the script's own exit, or a flag refused by argparse
         status = exit_.code or 0
     write_json(Path(f"{a.worker}_rank{outcome['rank']}.json"), {**outcome, "exit": status})
     return status
 
 
-def launch(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS) -> subprocess.Popen:
-    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (in a process group of its own),
-    output merged on stdout; the reports of an earlier launch are removed."""
-    for old in cwd.glob(f"{kind}_rank*.json"):
-        old.unlink()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(REPO / "scripts/gpu_check.py"), "--worker", kind, "--", *flags]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
-
-
-def finish(run: subprocess.Popen, kind: str, cwd: Path, timeout: float) -> tuple[str, list[dict]]:
-    """The output of a launch once it ended (past ``timeout``, after SIGTERM to its process group, which
-    torchrun passes on to the ranks) and the ranks' reports."""
-    try:
-        output, _ = run.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(run.pid, signal.SIGTERM)
-        output, _ = run.communicate(timeout=60)
-        output += f"\n(timed out after {timeout:.0f} s)".encode()
-    reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
-    return output.decode(errors="replace"), reports
-
-
-def exits(reports: list[dict], ranks: int = RANKS) -> list[int | None]:
-    """Each rank's exit status, by rank (None: the rank wrote no report)."""
-    by_rank = {report["rank"]: report["exit"] for report in reports}
-    return [by_rank.get(rank) for rank in range(ranks)]
-
-
 def uneven_split_check(flags: list[str], cwd: Path, ranks: int) -> dict:
     """An epoch of stage 1 on ``ranks`` processes: every rank finishes, with the same steps (the sampler
     pads the epoch to a multiple of ``ranks``)."""
-    output, reports = finish(launch("steps", [*flags, "--tensorname", "steps"], cwd, ranks), "steps", cwd, 600)
+    output, exits, reports = torchrun("steps", [*flags, "--tensorname", "steps"], cwd, ranks)
     if not reports:
         return {"ok": False, "detail": f"no rank reported: {output[-500:]}"}
-    items = reports[0]["items"]
-    shares = sorted({report.get("share") for report in reports}, key=str)
-    steps = sorted({report.get("steps") for report in reports}, key=str)
-    ok = (exits(reports, ranks) == [0] * ranks and shares == [-(-items // ranks)]
-          and steps == [-(-shares[0] // RANK_BATCH)])
+    items, share = reports[0]["items"], -(-reports[0]["items"] // ranks)
+    shares, steps = ({report.get(key) for report in reports} for key in ("share", "steps"))
+    ok = exits == [0] * ranks and shares == {share} and steps == {-(-share // RANK_BATCH)}
+    seen = f"{sorted(shares, key=str)} items and {sorted(steps, key=str)} steps per rank"
     return {"ok": ok, "detail": f"{items} items on {ranks} ranks ({'padded' if items % ranks else 'an even split'}): "
-                                f"exit {exits(reports, ranks)}, {shares} items and {steps} steps per rank"
-                                + ("" if ok else f": {output[-500:]}")}
+                                f"exit {exits}, {seen}" + ("" if ok else f": {output[-500:]}")}
 
 
 def sigterm_check(flags: list[str], cwd: Path) -> dict:
-    """classification.py on two ranks, SIGTERM to torchrun's process group as the first epoch starts:
-    every rank exits 130 with ``resume.pt`` written, and ``--resume`` finishes the run."""
-    epochs = 2
+    """classification.py on two ranks, SIGTERM to torchrun's process group once the first training step is
+    done (every rank is in the loop): every rank exits 130 with ``resume.pt`` written, and ``--resume``
+    finishes the run."""
+    epochs, state_path = 2, cwd / "runs/stopped/resume.pt"
     common = [*flags, "--tensorname", "stopped", "--numEpochs", str(epochs)]
-    run = launch("stage1", [*common, "--overwrite", "--progress", "1"], cwd)
-    output, deadline = b"", time.monotonic() + 600
-    while b"epoch 0:" not in output and run.poll() is None and time.monotonic() < deadline:
-        if select.select([run.stdout], [], [], 1.0)[0]:
-            output += os.read(run.stdout.fileno(), 4096)
-    if run.poll() is None:
-        os.killpg(run.pid, signal.SIGTERM)
-    rest, reports = finish(run, "stage1", cwd, 300)
-    output = output.decode(errors="replace") + rest
-    stopped = [line for line in output.splitlines() if line.startswith("stopped ")]
-    state_path = cwd / "runs/stopped/resume.pt"
-    if exits(reports) != [130] * RANKS or not state_path.is_file():
-        return {"ok": False, "detail": f"after SIGTERM: exit {exits(reports)}, resume.pt "
+    output, exits, _ = torchrun("stage1", [*common, "--overwrite", "--progress", "1"], cwd, stop_at=STEP_DONE)
+    stopped = next((line for line in output.splitlines() if line.startswith("stopped ")), "no stop line")
+    if exits != [130] * RANKS or not state_path.is_file():
+        killed = ", killed by torchrun after its shutdown grace" if "forcefully exiting" in output else ""
+        return {"ok": False, "detail": f"after SIGTERM: exit {exits}{killed}, resume.pt "
                                        f"{'written' if state_path.is_file() else 'missing'}: {output[-500:]}"}
     state = torch.load(state_path, map_location="cpu", weights_only=False)
-    output, reports = finish(launch("stage1", [*common, "--resume", "--progress", "0"], cwd), "stage1", cwd, 600)
-    rows = len(read_csv(cwd / "runs/stopped/metrics.csv")) if exits(reports) == [0] * RANKS else 0
-    return {"ok": exits(reports) == [0] * RANKS and rows == epochs,
-            "detail": f"SIGTERM: exit {[130] * RANKS}, {stopped[0] if stopped else 'no stop line'}, resume.pt at "
-                      f"epoch {state['epoch']} step {state['progress']['step']}; --resume: exit {exits(reports)}, "
-                      f"{rows} of {epochs} epochs logged" + ("" if rows == epochs else f": {output[-500:]}")}
+    output, exits, _ = torchrun("stage1", [*common, "--resume", "--progress", "0"], cwd)
+    rows = len(read_csv(cwd / "runs/stopped/metrics.csv")) if exits == [0] * RANKS else 0
+    return {"ok": exits == [0] * RANKS and rows == epochs,
+            "detail": f"SIGTERM: exit {[130] * RANKS}, {stopped}, resume.pt at epoch {state['epoch']} step "
+                      f"{state['progress']['step']}; --resume: exit {exits}, {rows} of {epochs} epochs logged"
+                      + ("" if rows == epochs else f": {output[-500:]}")}
 
 
 def nan_check(flags: list[str], cwd: Path) -> dict:
     """A NaN loss on rank 1 alone: every rank exits 3 naming rank 1."""
-    output, reports = finish(launch("nan", [*flags, "--tensorname", "nan"], cwd), "nan", cwd, 600)
+    output, exits, reports = torchrun("nan", [*flags, "--tensorname", "nan"], cwd)
     errors = sorted({report.get("error") for report in reports}, key=str)
-    ok = exits(reports) == [3] * RANKS and errors == ["non-finite loss on rank 1 at epoch 0, step 1"]
-    return {"ok": ok, "detail": f"exit {exits(reports)}: {errors}" + ("" if ok else f": {output[-500:]}")}
+    ok = exits == [3] * RANKS and errors == ["non-finite loss on rank 1 at epoch 0, step 1"]
+    return {"ok": ok, "detail": f"exit {exits}: {errors}" + ("" if ok else f": {output[-500:]}")}
 
 
 def distributed_checks(a: argparse.Namespace, device: torch.device, workdir: Path) -> dict[str, dict]:
@@ -642,63 +587,27 @@ def distributed_checks(a: argparse.Namespace, device: torch.device, workdir: Pat
 
 def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Path,
             timeout: float) -> tuple[dict | None, dict]:
-    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds, stopped
-    after ``timeout`` seconds (:func:`outcome_run`)."""
+    """benchmarks/outcome.py: short stage-1 runs per memory layout and with --amp, over seeds (:func:`outcome_run`)."""
     variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
-    if device.type == "cuda":
-        variants.append("amp:--amp 1")
+    variants += ["amp:--amp 1"] if device.type == "cuda" else []
     (workdir / "outcome.json").unlink(missing_ok=True)
     command = [sys.executable, str(REPO / "benchmarks/outcome.py"), "--data", "toy", "--imageSize",
                str(min(a.imageSize, 84)), "--seeds", *map(str, range(a.outcomeSeeds)), "--device", str(device),
                "--workdir", str(workdir / "outcome"), "--json", str(workdir / "outcome.json"), "--nthreads",
-               str(a.nthreads),
-               *[arg for v in variants for arg in ("--variant", v)]]
+               str(a.nthreads), *[arg for v in variants for arg in ("--variant", v)]]
     return outcome_run(command, workdir / "outcome.json", timeout)
-
-
-def stream(command: list[str], timeout: float, prefix: str) -> tuple[int | None, str]:
-    """Run ``command`` in the repository (a process group of its own), printing each line of its output as
-    it comes, after ``prefix``; past ``timeout`` seconds SIGTERM to its group. Returns the exit status (None
-    when it timed out) and its last lines."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
-    deadline, tail, pending = time.monotonic() + timeout, deque(maxlen=20), b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            process.stdout.close()
-            return None, "\n".join(tail)
-        if select.select([process.stdout], [], [], min(left, 1.0))[0]:
-            chunk = os.read(process.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                text = line.decode(errors="replace")
-                tail.append(text)
-                print(f"{prefix}{text}", flush=True)
-    process.stdout.close()
-    if pending:
-        tail.append(pending.decode(errors="replace"))
-    return process.wait(), "\n".join(tail)
 
 
 def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[dict | None, dict]:
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
     start = time.monotonic()
-    status, tail = stream(command, timeout, "outcome| ")
-    seconds = time.monotonic() - start
+    status, output = run_process(command, REPO, timeout, prefix="outcome| ")
+    seconds, tail = time.monotonic() - start, output.rstrip()[-300:]
     if status is None:
-        return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail[-300:]}"}
+        return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail}"}
     if status or not json_path.is_file():
-        return None, {"ok": False, "detail": f"exit {status} after {seconds:.0f} s: {tail[-300:]}"}
+        return None, {"ok": False, "detail": f"exit {status} after {seconds:.0f} s: {tail}"}
     return json.loads(json_path.read_text()), {"ok": True, "detail": f"finished in {seconds:.0f} s"}
 
 
@@ -712,62 +621,65 @@ def main(a: argparse.Namespace) -> int:
     a.batchSize = a.batchSize or (16 if a.quick else 128)
     budget = Budget(a.budget or (QUICK_BUDGET_S if a.quick else BUDGET_S))  # set-up included
     device = resolve_device(argparse.Namespace(device=a.device, amp=0))
-    workdir = Path(a.workdir).resolve()
+    workdir, json_path = Path(a.workdir).resolve(), Path(a.json).resolve()
     root = Path(a.dataroot).resolve() if a.dataroot else workdir / "toy"
     if not (root / "train.csv").is_file():
         print(f"generating toy data in {root}", flush=True)
         toy.generate(root, per_class=PER_CLASS, size=math.ceil(a.imageSize * 256 / 224), seed=0)
-    json_path = Path(a.json).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "models").mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the engine reads and writes models/ and runs/ relative to here
-    (workdir / "models").mkdir(exist_ok=True)
     torch.manual_seed(0)
-    torch.save(EmbeddingNet(read_split(root, "train").num_classes).state_dict(), workdir / "models/gpu_check_stage1.t7")
+    torch.save(EmbeddingNet(read_split(root, "train").num_classes).state_dict(), "models/gpu_check_stage1.t7")
     steps, episodes = (2, 2) if a.quick else (20, 10)
-    precisions = [False, True] if device.type == "cuda" else [False]
-    report = {"device": environment(device).get("name"), "environment": environment(device), "quick": a.quick,
-              "imageSize": a.imageSize, "stage1": {}, "stage2": {}, "checks": {}}
-    for amp in precisions:
+    env = describe(device)
+    report = {"device": env["name"], "environment": env, "quick": a.quick, "imageSize": a.imageSize, "stage1": {},
+              "stage2": {}, "checks": {}}
+    checks = report["checks"]
+
+    def stage2_phase(name: str, work: Callable[[], tuple]) -> None:
+        measured = budget.run(report, f"stage2_{name}", work)
+        if measured is not None:
+            report["stage2"][name], checks[f"cached_features_{name}"], checks[f"stage2_host_syncs_{name}"] = measured
+
+    for amp in [False, True] if device.type == "cuda" else [False]:
         name = "amp" if amp else "fp32"
         speed = budget.run(report, f"stage1_{name}", lambda: stage1_speed(root, a, device, amp, steps))
         if speed is not None:
             report["stage1"][name] = speed
-            report["checks"][f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(speed["loss"]),
-                                                              "detail": f"loss {speed['loss']:.4f}"}
-        report["checks"][f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
+            checks[f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(speed["loss"]),
+                                                    "detail": f"loss {speed['loss']:.4f}"}
+        checks[f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
         for shots in (1, 5):
-            measured = budget.run(report, f"stage2_{shots}shot_{name}",
-                                  lambda: stage2_speed(root, a, device, amp, shots, episodes))
-            if measured is not None:
-                numbers, check, syncs = measured
-                report["stage2"][f"{shots}shot_{name}"] = numbers
-                report["checks"][f"cached_features_{shots}shot_{name}"] = check
-                report["checks"][f"stage2_host_syncs_{shots}shot_{name}"] = syncs
+            stage2_phase(f"{shots}shot_{name}", lambda: stage2_speed(root, a, device, amp, shots, episodes))
         for round_, fix_cls in ((1, 1), (2, 0)):
             rate = budget.run(report, f"stage2_round{round_}_{name}",
                               lambda: stage2_round(root, a, device, amp, fix_cls, episodes + 1))
             if rate is not None:
                 report["stage2"].setdefault(f"rounds_{name}", {})[f"round{round_}_episodes_per_s"] = rate
+    if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:  # --amp never takes the GradScaler's path:
+        with mock.patch("utils.forward.amp_dtype", lambda device: torch.float16):  # float16, as on a V100 or T4
+            stage2_phase("1shot_fp16", lambda: stage2_speed(root, a, device, True, 1, episodes))
+    else:
+        checks["phase_stage2_1shot_fp16"] = {"ok": None, "detail": "skipped: float16 autocast with its GradScaler: "
+                                             + ("--amp is float16 here" if device.type == "cuda" else "CUDA only")}
     # the headline numbers: float32
-    report["stage1"].update({k: v for k, v in report["stage1"].get("fp32", {}).items()})
-    report["stage2"].update(report["stage2"].get("1shot_fp32", {}))
-    report["stage2"].update(report["stage2"].get("rounds_fp32", {}))
-    report["checks"]["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)
+    report["stage1"].update(report["stage1"].get("fp32", {}))
+    report["stage2"].update({**report["stage2"].get("1shot_fp32", {}), **report["stage2"].get("rounds_fp32", {})})
+    checks["dataparallel_replica_dtype"] = replica_dtypes(device, a.imageSize)
     loss = budget.run(report, "torchrun_loss", lambda: torchrun_loss(root, a, device, workdir, budget.cap("torchrun")))
     if loss is not None:
-        report["checks"]["torchrun_two_ranks_loss"] = loss
+        checks["torchrun_two_ranks_loss"] = loss
     if a.distributedChecks if a.distributedChecks is not None else (
             device.type == "cuda" and torch.cuda.device_count() >= RANKS):
-        report["checks"].update(budget.run(report, "distributed", lambda: distributed_checks(a, device, workdir)) or {})
+        checks.update(budget.run(report, "distributed", lambda: distributed_checks(a, device, workdir)) or {})
     else:
-        report["checks"].update({name: {"ok": None, "detail": "skipped: --distributedChecks 0 (on by default with "
-                                                             "2+ GPUs)"} for name in DISTRIBUTED_CHECKS})
+        checks.update({name: {"ok": None, "detail": "skipped: --distributedChecks 0 (on by default with 2+ GPUs)"}
+                       for name in DISTRIBUTED_CHECKS})
     if not a.quick and a.outcomeSeeds:
         done = budget.run(report, "outcome", lambda: outcome(root, a, device, workdir, budget.cap("outcome")))
         if done is not None:
-            report["outcome"], report["checks"]["outcome_benchmark"] = done
-    report["phases_s"] = budget.phases
-    report["total_s"] = round(time.perf_counter() - budget.start, 1)
+            report["outcome"], checks["outcome_benchmark"] = done
+    report["phases_s"], report["total_s"] = budget.phases, round(time.perf_counter() - budget.start, 1)
     write_json(json_path, report)
     print_table(report)
     print(f"wrote {json_path}")
@@ -786,7 +698,7 @@ def print_table(report: dict) -> None:
     print(f"{'phase':<16}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
     for name, numbers in report["stage1"].items():
         if isinstance(numbers, dict):
-            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>12}{'':>11}{str(numbers['peak_memory_mb']):>10}"
+            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
                   f"  (through the loader: {numbers['loader_images_per_s']} images/s)")
     for name, numbers in report["stage2"].items():
         if isinstance(numbers, dict) and name.startswith("rounds_"):
@@ -799,8 +711,7 @@ def print_table(report: dict) -> None:
     print("phase seconds: " + ", ".join(f"{name} {seconds}" for name, seconds in report["phases_s"].items())
           + f"; total {report['total_s']}")
     for name, check in report["checks"].items():
-        state = {True: "ok", False: "FAILED", None: "-"}[check["ok"]]
-        print(f"{state:<7}{name}: {check['detail']}")
+        print(f"{ {True: 'ok', False: 'FAILED', None: '-'}[check['ok']]:<7}{name}: {check['detail']}")
 
 
 if __name__ == "__main__":

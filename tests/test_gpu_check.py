@@ -34,6 +34,9 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert checks["cached_features_1shot_fp32"]["ok"] is True and checks["cached_features_5shot_fp32"]["ok"] is True
     # what needs a GPU, or two, says so instead of passing
     assert checks["cpu_gpu_features_fp32"] == {"ok": None, "detail": "skipped: the device is the CPU"}
+    assert checks["phase_stage2_1shot_fp16"] == {"ok": None,
+                                                 "detail": "skipped: float16 autocast with its GradScaler: CUDA only"}
+    assert "1shot_fp16" not in report["stage2"]
     assert checks["stage2_host_syncs_1shot_fp32"]["ok"] is True  # on the CPU: reads of a value, counted
     assert report["stage1"]["loader_images_per_s"] > 0 and report["total_s"] > 0
     assert report["stage2"]["round1_episodes_per_s"] > 0 and report["stage2"]["round2_episodes_per_s"] > 0
@@ -150,6 +153,40 @@ def test_a_spent_budget_skips_a_phase_and_says_so(gpu_check):
     report, budget = {"checks": {}}, gpu_check.Budget(0)
     assert budget.run(report, "outcome", lambda: 1 / 0) is None
     assert report["checks"]["phase_outcome"]["ok"] is None and "--budget" in report["checks"]["phase_outcome"]["detail"]
+
+
+@pytest.mark.slow
+def test_ranks_killed_before_they_saved_fail_the_sigterm_check(gpu_check, tmp_path, monkeypatch):
+    """torchrun SIGKILLs the ranks still running after its shutdown grace (here 0 s: what ranks slower than the
+    grace meet on a loaded machine): the check fails and says why."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0")
+    toy.generate(tmp_path / "toy", per_class=2, size=37, seed=0)
+    flags = ["--dataroot", str(tmp_path / "toy"), "--imageSize", "32", "--batchSize", "16", "--filesPerClass", "0",
+             "--valEpisodes", "0", "--nthreads", "0", "--device", "cpu"]
+    check = gpu_check.sigterm_check(flags, tmp_path)
+    assert check["ok"] is False, check
+    assert check["detail"].startswith("after SIGTERM: exit [None, None], killed by torchrun after its shutdown "
+                                      "grace, resume.pt missing"), check
+
+
+def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown_grace(gpu_check, tmp_path,
+                                                                                     monkeypatch):
+    """run_process sends SIGTERM to the process group once the output shows the first step done (the progress
+    bar's first line does not), and its environment gives torchrun's agent SHUTDOWN_GRACE_S seconds to let
+    the ranks save."""
+    child = ("import os, signal, sys, time\n"
+             "def stop(*_):\n    print('stopping', flush=True)\n    sys.exit(130)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "print(os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'], flush=True)\n"
+             "print('epoch 0:  50%|#####     | 1/2 [00:01<00:01]', end='\\r', flush=True)\n"
+             "time.sleep(60)\n")
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    status, output = gpu_check.run_process([sys.executable, "-c", child], tmp_path, 30, stop_at=gpu_check.STEP_DONE)
+    assert status == 130 and output.split("\n")[0] == str(gpu_check.SHUTDOWN_GRACE_S), output
+    assert output.rstrip().endswith("stopping"), output
+    status, output = gpu_check.run_process([sys.executable, "-c", "print('epoch 0:   0%|          | 0/2')"],
+                                           tmp_path, 30, stop_at=gpu_check.STEP_DONE)
+    assert status == 0, output  # the bar before its first step does not match
 
 
 def test_the_outcome_benchmark_streams_its_output_and_its_failure_fails_the_check(gpu_check, tmp_path, capsys):
