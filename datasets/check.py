@@ -22,14 +22,12 @@ IMAGES_PER_CLASS = 600
 
 def check(dataroot: str, full: bool, workers: int) -> int:
     """Print one line per split and any deviation; returns the exit status."""
-    layout = detect_layout(dataroot)
-    print(f"{dataroot}: layout {layout}")
+    print(f"{dataroot}: layout {detect_layout(dataroot)}")
     status = 0
     for name in SPLITS:
         split = read_split(dataroot, name)
         sizes = [len(files) for files in split.files]
-        print(f"  {name}: {split.num_classes} classes, {len(split)} images "
-              f"({min(sizes)}-{max(sizes)} per class)")
+        print(f"  {name}: {split.num_classes} classes, {len(split)} images ({min(sizes)}-{max(sizes)} per class)")
         official = set(class_list(name))
         if split.num_classes != EXPECTED[name] or set(split.classes) != official:
             foreign = sorted(set(split.classes) - official)

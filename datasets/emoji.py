@@ -5,14 +5,13 @@
     DIR/images/e<codepoint><8 digits>.jpg    size x size RGB JPEG, digits 1-based
     DIR/train.csv, DIR/val.csv, DIR/test.csv    header ``filename,label`` (64 / 16 / 20 classes)
 
-Each class is one emoji (animals, plants and food: drawn artwork with real shading and texture) of
-Google's Noto Color Emoji font, from Debian's ``fonts-noto-color-emoji`` (SIL Open Font License 1.1,
-which allows rendering it into images; the images are not redistributed by this repository). Every
-image renders its class's emoji at a random size (45-95 % of the side), rotation (+-25 degrees),
-mirror, hue, saturation and brightness, in a random place over one of the toy set's backgrounds;
-zero to two distractor emoji of no class, painted before or after it, may occlude it; then contrast,
-colour cast, blur and pixel noise. The classes and their splits do not depend on ``--seed``; the
-images are a pure function of it.
+Each class is one emoji (animals, plants, food: drawn artwork with real shading and texture) of Google's
+Noto Color Emoji, from Debian's ``fonts-noto-color-emoji`` (SIL Open Font License 1.1, which allows
+rendering it into images; the images are not redistributed here). Every image renders its class's
+emoji at a random size (45-95 % of the side), rotation (+-25 degrees), mirror, hue, saturation,
+brightness and place over one of the toy set's backgrounds, with zero to two distractor emoji of no
+class before or after it (occluding it), then contrast, colour cast, blur and pixel noise. The
+classes and their splits do not depend on ``--seed``; the images are a pure function of it.
 """
 from __future__ import annotations
 
@@ -91,14 +90,6 @@ def jittered(sprite: Image.Image, side: float, rng: np.random.Generator) -> Imag
     return rgb.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
 
 
-def paste(canvas: Image.Image, sprite: Image.Image, centre: np.ndarray) -> None:
-    """Alpha-composite ``sprite`` onto ``canvas`` centred at ``centre`` (pixels; may hang over the edge)."""
-    left, top = (np.rint(centre - np.array(sprite.size) / 2)).astype(int)
-    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    layer.paste(sprite, (int(left), int(top)), sprite)
-    canvas.alpha_composite(layer)
-
-
 def render_image(codepoint: int, distractors: list[int], size: int, rng: np.random.Generator,
                  font: Path = FONT) -> Image.Image:
     """One augmented RGB ``size`` x ``size`` image of the class ``codepoint``."""
@@ -110,7 +101,11 @@ def render_image(codepoint: int, distractors: list[int], size: int, rng: np.rand
         layers.append((glyph(other, font), rng.uniform(0.25, 0.5), rng.uniform(0.0, 1.0, 2)))
     for index in rng.permutation(len(layers)):
         sprite, fraction, centre = layers[index]
-        paste(canvas, jittered(sprite, fraction * size, rng), centre * size)
+        sprite = jittered(sprite, fraction * size, rng)
+        left, top = np.rint(centre * size - np.array(sprite.size) / 2).astype(int)
+        layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        layer.paste(sprite, (int(left), int(top)), sprite)  # centred at centre * size, may hang over the edge
+        canvas.alpha_composite(layer)
     image = canvas.convert("RGB")
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * size / 96))

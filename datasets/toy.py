@@ -184,13 +184,6 @@ def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return tuple((np.mgrid[0:size, 0:size] + 0.5) / size)
 
 
-def bounding_box(centre: np.ndarray, radius: float, size: int) -> tuple[slice, slice]:
-    """The (rows, columns) slices of the pixels an object of ``radius`` at ``centre`` may cover."""
-    low = np.clip(np.floor((centre - OBJECT_EXTENT * radius) * size), 0, size).astype(int)
-    high = np.clip(np.ceil((centre + OBJECT_EXTENT * radius) * size) + 1, 0, size).astype(int)
-    return slice(low[1], high[1]), slice(low[0], high[0])
-
-
 def place_objects(radii: list[float], rng: np.random.Generator) -> list[np.ndarray]:
     """A centre in [0, 1]^2 per radius, trying (20 draws) to keep objects from covering each other."""
     centres: list[np.ndarray] = []
@@ -223,7 +216,9 @@ def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Ima
         centre = centres[index]
         angle = rng.uniform(-np.pi, np.pi)
         colour = hsv_colour(hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
-        box = bounding_box(centre, radius, size)
+        low = np.clip(np.floor((centre - OBJECT_EXTENT * radius) * size), 0, size).astype(int)
+        high = np.clip(np.ceil((centre + OBJECT_EXTENT * radius) * size) + 1, 0, size).astype(int)
+        box = slice(low[1], high[1]), slice(low[0], high[0])  # the rows and columns the object may cover
         mask = shape_mask(shape, centre, radius, angle, size, 0.6 if fill == "outline" else 0.0)[box][..., None]
         dark = fill_pattern(fill, xs[box], ys[box], centre, radius, angle, rng)[..., None]
         paint = colour * (1 - dark) + (colour * 0.3) * dark

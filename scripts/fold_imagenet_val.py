@@ -4,21 +4,18 @@
     python scripts/fold_imagenet_val.py --val VAL_DIR (--devkit PATH | --labels FILE) \
         [--out OUT_DIR [--link]] [--dryRun]
 
-``VAL_DIR`` holds the official flat ``ILSVRC2012_val_<8 digits>.JPEG``. The labels come from
-``--devkit``, the ``ILSVRC2012_devkit_t12/`` folder or its ``.tar.gz`` (line k of
+Labels: ``--devkit``, the ``ILSVRC2012_devkit_t12/`` folder or ``.tar.gz`` (line k of
 ``data/ILSVRC2012_validation_ground_truth.txt``: the ILSVRC2012_ID of image k; ``data/meta.mat``:
-ILSVRC2012_ID -> WNID of the leaf synsets, ``num_children`` 0; needs scipy), or from ``--labels``:
-Kaggle's ``LOC_val_solution.csv`` (header ``ImageId,PredictionString``, ImageId without extension,
-the wnid first in PredictionString) or a text file of ``filename wnid`` lines.
+ILSVRC2012_ID -> WNID of the leaf synsets, ``num_children`` 0; needs scipy), or ``--labels``: Kaggle's
+``LOC_val_solution.csv`` (``ImageId,PredictionString``: the name without extension, the wnid first) or
+``filename wnid`` lines.
 
-The images move to ``<wnid>/<file>`` under ``OUT_DIR``, by default ``VAL_DIR`` itself; ``--link``
-hard-links them into ``OUT_DIR`` instead (symbolic links where hard links fail) and leaves
-``VAL_DIR`` as it was. No image is opened. Everything is checked before anything moves: every
-labelled file present, every image (``.JPEG``/``.jpg``/``.png``) of the flat folder labelled, every
-wnid ``n`` + 8 digits, no file in another class's folder; counts other than 1000 classes x 50
-images only print a note. Files already in their class folder count as done, so a run resumes
-when run again and a finished one is a no-op. Moves are renames: ``--out`` without ``--link``
-must be on the filesystem of ``VAL_DIR``.
+``VAL_DIR/ILSVRC2012_val_<8 digits>.JPEG`` move to ``<wnid>/`` under ``OUT_DIR`` (default ``VAL_DIR``;
+renames, so on its filesystem), or with ``--link`` are hard-linked there (symbolic links where that
+fails). No image is opened. Everything is checked before anything moves (every labelled file present,
+every ``.JPEG``/``.jpg``/``.png`` of the flat folder labelled, wnids ``n`` + 8 digits, no file in another
+class's folder; counts other than 1000 x 50 only print a note); files already in their class folder
+count as done, so a run resumes and a finished one is a no-op.
 
 Exit status: 0 done or nothing to do; 1 a move or link failed part-way (run again to finish);
 2 bad input or flags (one line naming the file, nothing moved); 130 interrupted.
@@ -165,17 +162,6 @@ def check_folders(val: Path, out: Path | None, link: bool) -> Path:
     return out
 
 
-def placed_files(dest: Path) -> dict[str, list[str]]:
-    """File name -> the class folders under ``dest`` that hold it."""
-    placed: dict[str, list[str]] = defaultdict(list)
-    if dest.is_dir():
-        for folder in sorted(dest.iterdir()):
-            if folder.is_dir() and WNID.fullmatch(folder.name):
-                for entry in os.scandir(folder):
-                    placed[entry.name].append(folder.name)
-    return placed
-
-
 def first_problem(problems: list[str], what: str) -> None:
     """Raise ``DataError`` with the first problem and how many ``what`` share it."""
     if problems:
@@ -186,7 +172,11 @@ def first_problem(problems: list[str], what: str) -> None:
 def plan(val: Path, dest: Path, labels: dict[str, str], source: Path, link: bool) -> list[tuple[Path, Path]]:
     """The ``(flat file, class-folder file)`` pairs still to do; raise ``DataError`` before any."""
     flat = {entry.name for entry in os.scandir(val) if entry.is_file()}
-    placed = placed_files(dest)
+    placed: dict[str, list[str]] = defaultdict(list)  # file name -> the class folders under dest holding it
+    for folder in sorted(dest.iterdir()) if dest.is_dir() else []:
+        if folder.is_dir() and WNID.fullmatch(folder.name):
+            for entry in os.scandir(folder):
+                placed[entry.name].append(folder.name)
     first_problem([f"{val / name}: no label in {source}" for name in sorted(flat)
                    if name.lower().endswith(IMAGE_SUFFIXES) and name not in labels], "images without a label")
     todo, missing, misplaced, twice = [], [], [], []
@@ -205,16 +195,6 @@ def plan(val: Path, dest: Path, labels: dict[str, str], source: Path, link: bool
     first_problem(misplaced, "files in the wrong class folder")
     first_problem(twice, "files in both places")
     return todo
-
-
-def link(source: Path, target: Path) -> bool:
-    """Hard-link ``target`` to ``source``, or symlink it where that fails; True for a symlink."""
-    try:
-        os.link(source, target)
-        return False
-    except OSError:
-        os.symlink(source.resolve(), target)
-        return True
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -260,7 +240,11 @@ def fold(args: argparse.Namespace) -> int:
         for flat_file, target in tqdm(todo, desc=verb, unit="img"):
             target.parent.mkdir(parents=True, exist_ok=True)
             if args.link:
-                symlinks += link(flat_file, target)
+                try:
+                    os.link(flat_file, target)
+                except OSError:  # a symbolic link where a hard one fails
+                    os.symlink(flat_file.resolve(), target)
+                    symlinks += 1
             else:
                 os.rename(flat_file, target)
             done += 1

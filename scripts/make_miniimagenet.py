@@ -36,12 +36,11 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.errors import DataError  # noqa: E402  (the repository root is on the path only from here)
+from datasets.check import EXPECTED, IMAGES_PER_CLASS  # noqa: E402  (the repository root is on the path only from here)
+from datasets.splits import SPLITS  # noqa: E402
+from utils.errors import DataError  # noqa: E402
 from utils.options import add_threads_flag, run_cli  # noqa: E402
 
-SPLITS = ("train", "val", "test")
-EXPECTED_CLASSES = {"train": 64, "val": 16, "test": 20}
-EXPECTED_ROWS_PER_CLASS = 600
 JPEG_QUALITY = 95
 MAX_EXAMPLES = 3
 TARGET = re.compile(r"^(n\d{8})(\d{8})\.jpg$")
@@ -146,21 +145,6 @@ def produce(target: Path, source: Path, size: int | None) -> str | None:
     return None
 
 
-def count_warnings(rows_by_split: dict[str, list[Row]]) -> list[str]:
-    """Warnings for class and row counts other than 64/16/20 x 600."""
-    warnings = []
-    for split, rows in rows_by_split.items():
-        per_class = Counter(label for _, _, label in rows)
-        if len(per_class) != EXPECTED_CLASSES[split]:
-            warnings.append(f"{split}.csv has {len(per_class)} classes "
-                            f"(standard miniImageNet: {EXPECTED_CLASSES[split]})")
-        odd = [f"{label} ({n})" for label, n in sorted(per_class.items()) if n != EXPECTED_ROWS_PER_CLASS]
-        if odd:
-            warnings.append(f"{split}.csv: {len(odd)} of {len(per_class)} classes do not have "
-                            f"{EXPECTED_ROWS_PER_CLASS} rows, e.g. {', '.join(odd[:MAX_EXAMPLES])}")
-    return warnings
-
-
 def positive_int(text: str) -> int:
     """argparse type for a strictly positive integer."""
     value = int(text)
@@ -210,8 +194,15 @@ def build(args: argparse.Namespace) -> int:
     for split, path in csv_paths.items():
         write_atomic(args.out / f"{split}.csv", path.read_bytes())
 
-    for warning in count_warnings(rows_by_split):
-        print(f"warning: {warning}", file=sys.stderr)
+    for split, rows in rows_by_split.items():  # counts other than miniImageNet's only warn
+        per_class = Counter(label for _, _, label in rows)
+        if len(per_class) != EXPECTED[split]:
+            print(f"warning: {split}.csv has {len(per_class)} classes (standard miniImageNet: {EXPECTED[split]})",
+                  file=sys.stderr)
+        odd = [f"{label} ({n})" for label, n in sorted(per_class.items()) if n != IMAGES_PER_CLASS]
+        if odd:
+            print(f"warning: {split}.csv: {len(odd)} of {len(per_class)} classes do not have {IMAGES_PER_CLASS} "
+                  f"rows, e.g. {', '.join(odd[:MAX_EXAMPLES])}", file=sys.stderr)
     for kind, examples in problems.items():
         more = ", ..." if len(examples) > MAX_EXAMPLES else ""
         print(f"missing: {kind}: {len(examples)} row(s), e.g. {'; '.join(examples[:MAX_EXAMPLES])}{more}",

@@ -27,8 +27,7 @@ def draw(table: pd.DataFrame, title: str):
             if column in table and table[column].notna().any():
                 axis.plot(table["epoch"], table[column], marker="o", label=column)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(label)
+        axis.set(xlabel="epoch", ylabel=label)
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
