@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +118,9 @@ def generate(out: Path, per_class: int = 60, size: int = 96, seed: int = 0, font
     number of images per split."""
     toy.check_arguments(Path(out), per_class, size, seed)
     classes, distractors = class_plan(font)
-
-    def render(index: int) -> list[bytes]:
-        rng = np.random.default_rng([seed, 1, index])
-        return [toy.jpeg_bytes(render_image(classes[index][1], distractors, size, rng, font)) for _ in range(per_class)]
-
-    return toy.write_dataset(Path(out), [(split, f"e{cp:05x}") for split, cp in classes], render, FILENAME_RE, progress)
+    draw = [partial(render_image, cp, distractors, size, font=font) for _, cp in classes]
+    return toy.write_dataset(Path(out), [(split, f"e{cp:05x}") for split, cp in classes],
+                             lambda i: toy.render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

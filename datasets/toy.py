@@ -25,6 +25,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -247,10 +248,11 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def render_class(design: np.ndarray, class_index: int, per_class: int, size: int, seed: int) -> list[bytes]:
-    """The JPEG bytes of the ``per_class`` images of one class (pure in its arguments)."""
-    rng = np.random.default_rng([seed, 1, class_index])
-    return [jpeg_bytes(render_image(design, size, rng)) for _ in range(per_class)]
+def render_class(draw: Callable[[np.random.Generator], Image.Image], index: int, per_class: int,
+                 seed: int) -> list[bytes]:
+    """The JPEG bytes of class ``index``'s ``per_class`` images, ``draw(rng)`` on the stream ``(seed, 1, index)``."""
+    rng = np.random.default_rng([seed, 1, index])
+    return [jpeg_bytes(draw(rng)) for _ in range(per_class)]
 
 
 def check_arguments(out: Path, per_class: int, size: int, seed: int) -> None:
@@ -270,8 +272,8 @@ def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
     splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
     classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
-    return write_dataset(out, classes, lambda index: render_class(design[index], index, per_class, size, seed),
-                         FILENAME_RE, progress)
+    draw = [partial(render_image, design[i], size) for i in range(len(classes))]
+    return write_dataset(out, classes, lambda i: render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
 
 
 def write_dataset(out: Path, classes: list[tuple[str, str]], render: Callable[[int], list[bytes]],
@@ -321,7 +323,7 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
         order = rng.permutation(count)
     names = [f"n{90000000 + int(i):08d}" for i in order]
     for k, wnid in enumerate(names):
-        images = render_class(design[k], k, train_per_class + val_per_class, size, seed)
+        images = render_class(partial(render_image, design[k], size), k, train_per_class + val_per_class, seed)
         for folder in ("train", "val"):
             (out / folder / wnid).mkdir(parents=True, exist_ok=True)
         for number, data in enumerate(images[:train_per_class]):

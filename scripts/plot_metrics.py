@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-CURVES = {
-    "loss": ["loss", "proto_loss", "cls_loss"],
-    "accuracy (%)": ["val_1shot", "val_5shot", "train_acc", "select_acc", "select_plain_acc"],
-}
+CURVES = {"loss": ["loss", "proto_loss", "cls_loss"],
+          "accuracy (%)": ["val_1shot", "val_5shot", "train_acc", "select_acc", "select_plain_acc"]}
 
 
 def draw(table: pd.DataFrame, title: str):
