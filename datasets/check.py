@@ -14,8 +14,7 @@ import sys
 
 from datasets.images import bad_images
 from datasets.splits import SPLITS, class_list, detect_layout, read_split
-from utils.errors import DataError
-from utils.options import add_dataroot_flag, add_threads_flag
+from utils.options import add_dataroot_flag, add_threads_flag, run_cli
 
 EXPECTED = {"train": 64, "val": 16, "test": 20}
 IMAGES_PER_CLASS = 600
@@ -23,14 +22,12 @@ IMAGES_PER_CLASS = 600
 
 def check(dataroot: str, full: bool, workers: int) -> int:
     """Print one line per split and any deviation; returns the exit status."""
-    layout = detect_layout(dataroot)
-    print(f"{dataroot}: layout {layout}")
+    print(f"{dataroot}: layout {detect_layout(dataroot)}")
     status = 0
     for name in SPLITS:
         split = read_split(dataroot, name)
         sizes = [len(files) for files in split.files]
-        print(f"  {name}: {split.num_classes} classes, {len(split)} images "
-              f"({min(sizes)}-{max(sizes)} per class)")
+        print(f"  {name}: {split.num_classes} classes, {len(split)} images ({min(sizes)}-{max(sizes)} per class)")
         official = set(class_list(name))
         if split.num_classes != EXPECTED[name] or set(split.classes) != official:
             foreign = sorted(set(split.classes) - official)
@@ -45,8 +42,7 @@ def check(dataroot: str, full: bool, workers: int) -> int:
             print(f"  {name}: {f'{len(bad)} unreadable or truncated image(s)' if bad else 'all images readable'}")
             for path, problem in bad:
                 print(f"    {path}: {problem}")
-            if bad:
-                status = 2
+            status = 2 if bad else status
     return status
 
 
@@ -59,12 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return check(args.dataroot, args.full, args.nthreads)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Check the folder; one that cannot be read is one line on stderr and status 2."""
+    return run_cli(lambda args: check(args.dataroot, args.full, args.nthreads), get_args_parser(), argv)
 
 
 if __name__ == "__main__":

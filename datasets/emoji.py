@@ -5,29 +5,29 @@
     DIR/images/e<codepoint><8 digits>.jpg    size x size RGB JPEG, digits 1-based
     DIR/train.csv, DIR/val.csv, DIR/test.csv    header ``filename,label`` (64 / 16 / 20 classes)
 
-Each class is one emoji of Google's Noto Color Emoji font (animals, plants and food: drawn artwork
-with real shading and texture, unlike the procedural toy set), from Debian's ``fonts-noto-color-emoji``
-(``apt-get install fonts-noto-color-emoji``; the font is under the SIL Open Font License 1.1, which
-allows rendering it into images; the images are not redistributed by this repository). Every image
-renders its class's emoji at a random size (45-95 % of the side), rotation (+-25 degrees), mirror,
-hue, saturation and brightness, in a random place over one of the toy set's textured backgrounds;
-zero to two distractor emoji that belong to no class are painted before or after it, so they may
-occlude it; then contrast, colour cast, blur and pixel noise. The classes, and which of them are
-train, val and test, do not depend on ``--seed``; the images are a pure function of it.
+Each class is one emoji (animals, plants, food: drawn artwork with real shading and texture) of Google's
+Noto Color Emoji, from Debian's ``fonts-noto-color-emoji`` (SIL Open Font License 1.1, which allows
+rendering it into images; the images are not redistributed here). Every image renders its class's
+emoji at a random size (45-95 % of the side), rotation (+-25 degrees), mirror, hue, saturation,
+brightness and place over one of the toy set's backgrounds, with zero to two distractor emoji of no
+class before or after it (occluding it), then contrast, colour cast, blur and pixel noise. The
+classes and their splits do not depend on ``--seed``; the images are a pure function of it.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from datasets import toy
 from datasets.splits import SPLITS
-from datasets.toy import TEXTURES, generator_parser, jpeg_bytes, photometric_jitter, render_background, write_dataset
+from utils.errors import DataError
+from utils.options import run_cli
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 GLYPH_SIZE = 109  # the font's bitmap strike: the only size it renders at
@@ -39,10 +39,6 @@ SPLIT_CLASSES = {"train": 64, "val": 16, "test": 20}
 CLASS_DRAW_SEED = 2019  # which candidates are classes, and their split: fixed, whatever --seed
 FILENAME_RE = re.compile(r"^e[0-9a-f]{5}\d{8}\.jpg$")
 MAX_DISTRACTORS = 2
-
-
-def label(codepoint: int) -> str:
-    return f"e{codepoint:05x}"
 
 
 @cache
@@ -57,7 +53,7 @@ def glyph(codepoint: int, font: Path = FONT) -> Image.Image | None:
 @cache
 def _font(path: Path) -> ImageFont.FreeTypeFont:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: emoji font not found (apt-get install fonts-noto-color-emoji, or --font)")
+        raise DataError(f"{path}: emoji font not found (apt-get install fonts-noto-color-emoji, or --font)")
     return ImageFont.truetype(str(path), GLYPH_SIZE)
 
 
@@ -67,7 +63,7 @@ def class_plan(font: Path = FONT) -> tuple[list[tuple[str, int]], list[int]]:
     present = [cp for cp in CANDIDATES if glyph(cp, font) is not None]
     needed = sum(SPLIT_CLASSES.values())
     if len(present) < needed + 20:
-        raise ValueError(f"{font}: only {len(present)} of the emoji this dataset draws on (needs {needed + 20})")
+        raise DataError(f"{font}: only {len(present)} of the emoji this dataset draws on (needs {needed + 20})")
     order = np.random.default_rng(CLASS_DRAW_SEED).permutation(len(present))
     chosen = [present[i] for i in order[:needed]]
     classes, start = [], 0
@@ -94,18 +90,10 @@ def jittered(sprite: Image.Image, side: float, rng: np.random.Generator) -> Imag
     return rgb.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
 
 
-def paste(canvas: Image.Image, sprite: Image.Image, centre: np.ndarray) -> None:
-    """Alpha-composite ``sprite`` onto ``canvas`` centred at ``centre`` (pixels; may hang over the edge)."""
-    left, top = (np.rint(centre - np.array(sprite.size) / 2)).astype(int)
-    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    layer.paste(sprite, (int(left), int(top)), sprite)
-    canvas.alpha_composite(layer)
-
-
 def render_image(codepoint: int, distractors: list[int], size: int, rng: np.random.Generator,
                  font: Path = FONT) -> Image.Image:
     """One augmented RGB ``size`` x ``size`` image of the class ``codepoint``."""
-    background = render_background(TEXTURES[rng.integers(len(TEXTURES))], size, rng)
+    background = toy.render_background(toy.TEXTURES[rng.integers(len(toy.TEXTURES))], size, rng)
     canvas = Image.fromarray(np.clip(np.rint(background), 0, 255).astype(np.uint8), "RGB").convert("RGBA")
     layers = [(glyph(codepoint, font), rng.uniform(0.45, 0.95), rng.uniform(0.3, 0.7, 2))]
     for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
@@ -113,47 +101,38 @@ def render_image(codepoint: int, distractors: list[int], size: int, rng: np.rand
         layers.append((glyph(other, font), rng.uniform(0.25, 0.5), rng.uniform(0.0, 1.0, 2)))
     for index in rng.permutation(len(layers)):
         sprite, fraction, centre = layers[index]
-        paste(canvas, jittered(sprite, fraction * size, rng), centre * size)
+        sprite = jittered(sprite, fraction * size, rng)
+        left, top = np.rint(centre * size - np.array(sprite.size) / 2).astype(int)
+        layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        layer.paste(sprite, (int(left), int(top)), sprite)  # centred at centre * size, may hang over the edge
+        canvas.alpha_composite(layer)
     image = canvas.convert("RGB")
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * size / 96))
-    return photometric_jitter(np.asarray(image, dtype=np.float64), rng)
+    return toy.photometric_jitter(np.asarray(image, dtype=np.float64), rng)
 
 
 def generate(out: Path, per_class: int = 60, size: int = 96, seed: int = 0, font: Path = FONT, *,
              progress: bool = False) -> dict[str, int]:
     """Write the dataset under ``out`` (regenerated in place, stale images removed) and return the
     number of images per split."""
-    if per_class < 1 or size < 16 or seed < 0:
-        raise ValueError(f"need --perClass >= 1, --size >= 16, --seed >= 0 (got {per_class}, {size}, {seed})")
+    toy.check_arguments(Path(out), per_class, size, seed)
     classes, distractors = class_plan(font)
-
-    def render(index: int) -> list[bytes]:
-        rng = np.random.default_rng([seed, 1, index])
-        return [jpeg_bytes(render_image(classes[index][1], distractors, size, rng, font)) for _ in range(per_class)]
-
-    return write_dataset(Path(out), [(split, label(cp)) for split, cp in classes], render, FILENAME_RE, progress)
+    draw = [partial(render_image, cp, distractors, size, font=font) for _, cp in classes]
+    return toy.write_dataset(Path(out), [(split, f"e{cp:05x}") for split, cp in classes],
+                             lambda i: toy.render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = generator_parser("python -m datasets.emoji", __doc__.splitlines()[0], per_class=60)
+    parser = toy.generator_parser("python -m datasets.emoji", __doc__.splitlines()[0], per_class=60)
     parser.add_argument("--font", type=Path, default=FONT, help="Noto Color Emoji (CBDT) font file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} exists and is not a directory", file=sys.stderr)
-        return 2
-    try:
-        counts = generate(args.out, args.perClass, args.size, args.seed, args.font, progress=True)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{split} {count}" for split, count in counts.items())
-    print(f"wrote {sum(counts.values())} images ({summary}) to {args.out}")
-    return 0
+    """Generate the dataset; a bad flag or font is one line on stderr and status 2."""
+    return run_cli(lambda a: toy.report(generate(a.out, a.perClass, a.size, a.seed, a.font, progress=True), a.out),
+                   get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Decoding images, and a quick scan that finds unreadable or truncated files before a run."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -26,15 +27,12 @@ def image_problem(path: Path) -> str | None:
     """Why ``path`` is not a usable image, or None. Reads the header and, for JPEG, the end marker."""
     try:
         with Image.open(path) as image:
-            fmt = image.format
-            image.size  # noqa: B018 - the header must parse
-        if fmt == "JPEG":
+            jpeg = image.format == "JPEG"
+        if jpeg:
             with open(path, "rb") as handle:
-                handle.seek(0, 2)
-                handle.seek(max(0, handle.tell() - 64))
-                tail = handle.read().rstrip(b"\x00")
-            if not tail.endswith(b"\xff\xd9"):
-                return "truncated JPEG (no end-of-image marker)"
+                handle.seek(max(0, os.path.getsize(path) - 64))
+                if not handle.read().rstrip(b"\x00").endswith(b"\xff\xd9"):
+                    return "truncated JPEG (no end-of-image marker)"
         return None
     except FileNotFoundError:
         return "file not found"
@@ -51,11 +49,7 @@ def bad_images(split: Split, workers: int = 8) -> list[tuple[Path, str]]:
 
 
 def scan_split(split: Split, skip_bad: bool = False, workers: int = 8) -> tuple[Split, int]:
-    """Check every file of a split; raise on the first bad one, or drop bad ones when ``skip_bad``.
-
-    Returns:
-        The split (without the bad files when skipping) and the number of files dropped.
-    """
+    """``(split, files dropped)``: raise DataError on the first bad file, or with ``skip_bad`` drop them."""
     bad = bad_images(split, workers)
     if not bad:
         return split, 0

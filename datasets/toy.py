@@ -5,28 +5,14 @@
     DIR/images/<wnid><8 digits>.jpg    size x size RGB JPEG, digits 1-based
     DIR/train.csv, DIR/val.csv, DIR/test.csv    header ``filename,label``
 
-The classes are the real wnids listed in ``datasplit/{train,val,test}.txt``.
-Every class is a distinct combination of five attributes drawn from one
-shared vocabulary: the shape, hue, fill pattern and number of its objects,
-and a background texture.  Each attribute value is shared by many classes and
-two classes may differ in only two attributes, so no single cue names a class.
-The dataset is meant to be hard enough that few-shot methods have room to
-improve on a plain prototype classifier:
-
-* the background's colours are random in every image, and its texture is the
-  class texture only half of the time;
-* the class objects' hue, saturation, brightness, size, position and rotation
-  are jittered, and their stripes or spots are drawn in object coordinates;
-* up to two distractor objects of random shape, hue and fill, i.e. the
-  vocabulary of other classes, are mixed in, painted in random order so that
-  they may occlude the class objects;
-* a random rectangle sometimes occludes the scene, and every image gets its
-  own brightness, contrast and colour cast, and pixel noise.
-
-Everything is a pure function of ``seed``: the class design comes from the
-stream ``(seed, 0)`` and class ``i``'s images from ``(seed, 1, i)``, so the
-classes could be rendered in parallel and the output files are byte-identical
-across runs.
+The classes are the real wnids of ``datasplit/{train,val,test}.txt``, each a distinct combination of
+five attributes of one shared vocabulary (its objects' shape, hue, fill and number, and a background
+texture); two classes may differ in only two, so no single cue names a class. Hard enough to leave
+few-shot methods room above a plain prototype classifier: random background colours (the class
+texture half of the time), jittered objects, up to two occluding distractors from the vocabulary,
+sometimes an occluding rectangle, and per-image brightness, contrast, colour cast and pixel noise.
+A pure function of ``seed``: the design comes from the stream ``(seed, 0)``, class ``i``'s images
+from ``(seed, 1, i)``, so the files are byte-identical across runs.
 """
 
 from __future__ import annotations
@@ -39,6 +25,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +33,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datasets.splits import SPLITS, class_list
-from utils.options import HelpFormatter, add_seed_flag
+from utils.errors import OptionError
+from utils.options import HelpFormatter, add_seed_flag, run_cli
 
 SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
-# Object hues in degrees (red, orange, yellow, green, cyan, blue, violet, magenta).
-HUES = (0, 28, 55, 115, 175, 220, 270, 315)
+HUES = (0, 28, 55, 115, 175, 220, 270, 315)  # degrees: red, orange, yellow, green, cyan, blue, violet, magenta
 FILLS = ("solid", "striped", "spotted", "outline")
 COUNTS = (1, 2, 3)
 TEXTURES = ("plain", "gradient", "checker", "stripes", "dots", "noise")
@@ -62,9 +49,7 @@ HUE_JITTER = 10.0  # degrees either side of the class hue
 CLASS_TEXTURE_PROB = 0.5  # chance that the background shows the class texture, else a random one
 MAX_DISTRACTORS = 2  # distractors per image: 0..MAX objects of random shape, hue and fill
 OCCLUDER_PROB = 0.3  # chance of one random rectangle painted over the scene
-
-# Every shape lies within this many radii of its centre (the square's corners reach 0.8 * sqrt(2)).
-OBJECT_EXTENT = 1.15
+OBJECT_EXTENT = 1.15  # every shape lies within this many radii of its centre (the square's corners: 0.8 * sqrt(2))
 
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2
@@ -72,15 +57,11 @@ FILENAME_RE = re.compile(r"^n\d{8}\d{8}\.jpg$")
 
 
 def class_design(split_sizes: list[int], seed: int) -> np.ndarray:
-    """Pick one attribute combination per class, as indices into ``VOCABULARY``.
+    """One attribute combination per class: int (classes, attributes) indices into ``VOCABULARY``.
 
-    Classes are chosen greedily from the seeded shuffle of the full attribute
-    grid.  A candidate must differ from every earlier class in at least
-    ``MIN_ATTRIBUTE_DISTANCE`` attributes and should differ in
-    ``PREFERRED_ATTRIBUTE_DISTANCE``; among the best candidates the one whose
-    values are least used so far in its own split wins, which keeps each split
-    balanced over the vocabulary.  Returns an int array (classes, attributes).
-    """
+    Greedy over the seeded shuffle of the grid: each class differs from every earlier one in at least
+    ``MIN_ATTRIBUTE_DISTANCE`` attributes, ``PREFERRED_ATTRIBUTE_DISTANCE`` where it can, then takes the
+    values its split has used least."""
     rng = np.random.default_rng([seed, 0])
     axes = [np.arange(len(values)) for values in VOCABULARY]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
@@ -105,126 +86,79 @@ def class_design(split_sizes: list[int], seed: int) -> np.ndarray:
 
 
 def _unit_shapes() -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
-    """Return shape -> (filled, holes), unit-radius polygons (n, 2) centred on the origin."""
+    """Shape -> (filled, holes): unit-radius polygons (n, 2) centred on the origin."""
     turn = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     circle = np.stack([np.cos(turn), np.sin(turn)], axis=1)
-    triangle_angles = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
-    star_angles = np.pi / 2 + np.arange(10) * np.pi / 5
+    triangle = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+    star = np.pi / 2 + np.arange(10) * np.pi / 5
     star_radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
     a, b = 0.3, 0.95
-    cross = [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a],
-             [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
-    # Crescent: unit disc minus a disc of radius 0.8 centred at (0.45, 0); the
-    # two circles meet at (0.625, +-0.78).
-    outer_start = np.arctan2(0.78, 0.625)
-    inner_start = np.arctan2(0.78, 0.625 - 0.45)
+    cross = [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+    # Crescent: the unit disc minus a disc of radius 0.8 centred at (0.45, 0); the circles meet at (0.625, +-0.78).
+    outer_start, inner_start = np.arctan2(0.78, 0.625), np.arctan2(0.78, 0.625 - 0.45)
     outer = np.linspace(outer_start, 2 * np.pi - outer_start, 32)
     inner = np.linspace(2 * np.pi - inner_start, inner_start, 32)
-    crescent = np.concatenate([
-        np.stack([np.cos(outer), np.sin(outer)], axis=1),
-        np.stack([0.45 + 0.8 * np.cos(inner), 0.8 * np.sin(inner)], axis=1),
-    ])
-    shapes = {
+    crescent = np.concatenate([np.stack([np.cos(outer), np.sin(outer)], axis=1),
+                               np.stack([0.45 + 0.8 * np.cos(inner), 0.8 * np.sin(inner)], axis=1)])
+    return {
         "circle": ([circle], []),
         "ring": ([circle], [0.55 * circle]),
         "square": ([0.8 * np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])], []),
-        "triangle": ([np.stack([np.cos(triangle_angles), -np.sin(triangle_angles)], axis=1)], []),
-        "star": ([np.stack([star_radii * np.cos(star_angles), -star_radii * np.sin(star_angles)], axis=1)], []),
+        "triangle": ([np.stack([np.cos(triangle), -np.sin(triangle)], axis=1)], []),
+        "star": ([np.stack([star_radii * np.cos(star), -star_radii * np.sin(star)], axis=1)], []),
         "cross": ([np.array(cross)], []),
         "bar": ([np.array([[-1.0, -0.3], [1.0, -0.3], [1.0, 0.3], [-1.0, 0.3]])], []),
         "crescent": ([crescent], []),
     }
-    return {shape: shapes[shape] for shape in SHAPES}
 
 
 SHAPE_POLYGONS = _unit_shapes()
 
 
-def _plain(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Uniform background colour."""
-    return np.zeros_like(xs)
-
-
-def _gradient(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Linear ramp from one colour to the other in a random direction."""
-    theta = rng.uniform(0, 2 * np.pi)
-    ramp = np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)
-    return np.clip(ramp / np.sqrt(0.5) + 0.5, 0, 1)
-
-
-def _checker(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Axis-aligned checkerboard of 4-8 cells per side with a random phase."""
-    cells = rng.uniform(4, 8)
-    shift = rng.uniform(0, 1, 2)
-    return (np.floor(xs * cells + shift[0]) + np.floor(ys * cells + shift[1])) % 2
-
-
-def _stripes(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stripes at a random angle, 5-10 periods per side, with a random phase."""
-    angle = rng.uniform(0, np.pi)
-    period = rng.uniform(5, 10)
-    phase = np.cos(angle) * xs + np.sin(angle) * ys
-    return ((phase * period + rng.uniform(0, 1)) % 1 < 0.5).astype(float)
-
-
-def _dots(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Square lattice of dots, 4-8 per side, with a random phase."""
-    cells = rng.uniform(4, 8)
-    fx, fy = ((axis * cells + rng.uniform(0, 1)) % 1 - 0.5 for axis in (xs, ys))
-    return (fx**2 + fy**2 < 0.09).astype(float)
-
-
-def _noise(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blocky value noise on a grid of 6-12 blocks per side."""
-    size = len(xs)
-    blocks = min(size, int(rng.integers(6, 13)))
-    index = np.arange(size) * blocks // size
-    return rng.uniform(0, 1, (blocks, blocks))[np.ix_(index, index)]
-
-
-TEXTURE_MIX = {"plain": _plain, "gradient": _gradient, "checker": _checker,
-               "stripes": _stripes, "dots": _dots, "noise": _noise}
+def texture_mix(texture: str, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The (size, size) share in [0, 1] of the second background colour at the points ``xs, ys``."""
+    if texture == "gradient":  # a ramp in a random direction
+        theta = rng.uniform(0, 2 * np.pi)
+        return np.clip((np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)) / np.sqrt(0.5) + 0.5, 0, 1)
+    if texture == "checker":  # 4-8 cells per side, random phase
+        cells, shift = rng.uniform(4, 8), rng.uniform(0, 1, 2)
+        return (np.floor(xs * cells + shift[0]) + np.floor(ys * cells + shift[1])) % 2
+    if texture == "stripes":  # random angle, 5-10 periods per side, random phase
+        angle, period = rng.uniform(0, np.pi), rng.uniform(5, 10)
+        return (((np.cos(angle) * xs + np.sin(angle) * ys) * period + rng.uniform(0, 1)) % 1 < 0.5).astype(float)
+    if texture == "dots":  # a square lattice of 4-8 dots per side, random phase
+        cells = rng.uniform(4, 8)
+        fx, fy = ((axis * cells + rng.uniform(0, 1)) % 1 - 0.5 for axis in (xs, ys))
+        return (fx**2 + fy**2 < 0.09).astype(float)
+    if texture == "noise":  # blocky value noise, 6-12 blocks per side
+        blocks = min(len(xs), int(rng.integers(6, 13)))
+        index = np.arange(len(xs)) * blocks // len(xs)
+        return rng.uniform(0, 1, (blocks, blocks))[np.ix_(index, index)]
+    return np.zeros_like(xs)  # plain
 
 
 def hsv_colour(hue: float, saturation: float, value: float) -> np.ndarray:
-    """Return the float RGB triple in [0, 255] of ``hue`` (degrees), ``saturation`` and ``value`` in [0, 1]."""
+    """The float RGB triple in [0, 255] of ``hue`` (degrees), ``saturation`` and ``value`` in [0, 1]."""
     return 255.0 * np.array(colorsys.hsv_to_rgb((hue / 360.0) % 1.0, saturation, value))
 
 
-def random_background_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Return two random colours of any hue, muted to vivid and dark to light, for a background."""
-    first = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.75), rng.uniform(0.15, 0.85))
-    second = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.75), rng.uniform(0.15, 0.85))
-    return first, second
-
-
 def render_background(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Return a float (size, size, 3) background: ``texture`` mixing two random colours."""
-    first, second = random_background_colours(rng)
+    """A float (size, size, 3) background: ``texture`` mixing two random colours (any hue, muted to vivid)."""
+    first, second = (hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.75), rng.uniform(0.15, 0.85)) for _ in range(2))
     ys, xs = pixel_grid(size)
-    mix = TEXTURE_MIX[texture](xs, ys, rng)
-    return first + mix[..., None] * (second - first)
-
-
-def object_colour(hue: float, rng: np.random.Generator) -> np.ndarray:
-    """Return a jittered RGB colour of an object of class ``hue`` (degrees)."""
-    return hsv_colour(hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
+    return first + texture_mix(texture, xs, ys, rng)[..., None] * (second - first)
 
 
 def shape_mask(shape: str, centre: np.ndarray, radius: float, angle: float, size: int,
                hole: float = 0.0) -> np.ndarray:
-    """Return the float (size, size) coverage in [0, 1] of one ``shape``.
-
-    ``hole`` > 0 also cuts out the same shape scaled by ``hole`` (an outline).
-    """
+    """The float (size, size) coverage in [0, 1] of one ``shape``; ``hole`` > 0 cuts out the shape
+    scaled by ``hole`` (an outline)."""
     big = size * SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     filled, holes = SHAPE_POLYGONS[shape]
-    layers = [(filled, 1.0, 255), (holes, 1.0, 0)]
-    if hole > 0:
-        layers.append((filled, hole, 0))
+    layers = [(filled, 1.0, 255), (holes, 1.0, 0)] + ([(filled, hole, 0)] if hole > 0 else [])
     for polygons, scale, value in layers:
         for polygon in polygons:
             points = (polygon @ rotation.T * radius * scale + centre) * big
@@ -234,10 +168,7 @@ def shape_mask(shape: str, centre: np.ndarray, radius: float, angle: float, size
 
 def fill_pattern(fill: str, xs: np.ndarray, ys: np.ndarray, centre: np.ndarray, radius: float, angle: float,
                  rng: np.random.Generator) -> np.ndarray:
-    """Return the share in [0, 1] of the second (dark) colour of a ``fill`` at the points ``xs, ys``.
-
-    Stripes and spots are laid out in the object's own rotated coordinates.
-    """
+    """The share in [0, 1] of the dark colour of ``fill`` at ``xs, ys``, laid out in object coordinates."""
     if fill not in ("striped", "spotted"):
         return np.zeros_like(xs)
     dx, dy = xs - centre[0], ys - centre[1]
@@ -250,19 +181,12 @@ def fill_pattern(fill: str, xs: np.ndarray, ys: np.ndarray, centre: np.ndarray, 
 
 
 def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the (size, size) y and x coordinates in [0, 1] of the pixel centres."""
+    """The (size, size) y and x coordinates in [0, 1] of the pixel centres."""
     return tuple((np.mgrid[0:size, 0:size] + 0.5) / size)
 
 
-def bounding_box(centre: np.ndarray, radius: float, size: int) -> tuple[slice, slice]:
-    """Return the (rows, columns) slices of the pixels an object of ``radius`` at ``centre`` may cover."""
-    low = np.clip(np.floor((centre - OBJECT_EXTENT * radius) * size), 0, size).astype(int)
-    high = np.clip(np.ceil((centre + OBJECT_EXTENT * radius) * size) + 1, 0, size).astype(int)
-    return slice(low[1], high[1]), slice(low[0], high[0])
-
-
 def place_objects(radii: list[float], rng: np.random.Generator) -> list[np.ndarray]:
-    """Return a centre in [0, 1]^2 per radius, trying to keep objects from covering each other."""
+    """A centre in [0, 1]^2 per radius, trying (20 draws) to keep objects from covering each other."""
     centres: list[np.ndarray] = []
     for index, radius in enumerate(radii):
         for _attempt in range(20):
@@ -274,17 +198,15 @@ def place_objects(radii: list[float], rng: np.random.Generator) -> list[np.ndarr
 
 
 def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
-    """Render one jittered RGB image of the class described by ``design``."""
+    """One jittered RGB image of the class described by ``design``."""
     shape_i, hue_i, fill_i, count_i, texture_i = (int(v) for v in design)
     if rng.random() >= CLASS_TEXTURE_PROB:
         texture_i = int(rng.integers(len(TEXTURES)))
     image = render_background(TEXTURES[texture_i], size, rng)
-
     count = COUNTS[count_i]
     base_radius = {1: 0.27, 2: 0.21, 3: 0.17}[count]
-    objects = []  # (shape, hue, fill, radius)
-    for _ in range(count):
-        objects.append((SHAPES[shape_i], HUES[hue_i], FILLS[fill_i], base_radius * rng.uniform(0.75, 1.2)))
+    objects = [(SHAPES[shape_i], HUES[hue_i], FILLS[fill_i], base_radius * rng.uniform(0.75, 1.2))
+               for _ in range(count)]  # (shape, hue, fill, radius)
     for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
         objects.append((SHAPES[rng.integers(len(SHAPES))], HUES[rng.integers(len(HUES))],
                         FILLS[rng.integers(len(FILLS))], base_radius * rng.uniform(0.55, 0.95)))
@@ -294,25 +216,24 @@ def render_image(design: np.ndarray, size: int, rng: np.random.Generator) -> Ima
         shape, hue, fill, radius = objects[index]
         centre = centres[index]
         angle = rng.uniform(-np.pi, np.pi)
-        colour = object_colour(hue, rng)
-        box = bounding_box(centre, radius, size)
+        colour = hsv_colour(hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
+        low = np.clip(np.floor((centre - OBJECT_EXTENT * radius) * size), 0, size).astype(int)
+        high = np.clip(np.ceil((centre + OBJECT_EXTENT * radius) * size) + 1, 0, size).astype(int)
+        box = slice(low[1], high[1]), slice(low[0], high[0])  # the rows and columns the object may cover
         mask = shape_mask(shape, centre, radius, angle, size, 0.6 if fill == "outline" else 0.0)[box][..., None]
         dark = fill_pattern(fill, xs[box], ys[box], centre, radius, angle, rng)[..., None]
         paint = colour * (1 - dark) + (colour * 0.3) * dark
         image[box] = image[box] * (1 - mask) + paint * mask
-
     if rng.random() < OCCLUDER_PROB:
         width, height = rng.uniform(0.15, 0.4, 2)
         left, top = rng.uniform(0, 1 - width), rng.uniform(0, 1 - height)
         inside = (xs >= left) & (xs < left + width) & (ys >= top) & (ys < top + height)
         image[inside] = hsv_colour(rng.uniform(0, 360), rng.uniform(0, 0.6), rng.uniform(0.1, 0.9))
-
     return photometric_jitter(image, rng)
 
 
 def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """The float ``(size, size, 3)`` scene with its own contrast, brightness, colour cast and pixel noise,
-    as an RGB image."""
+    """The float (size, size, 3) scene with its own contrast, brightness, colour cast and pixel noise, as RGB."""
     mean = image.mean()
     image = (image - mean) * rng.uniform(0.7, 1.2) + mean + rng.uniform(-25, 25)
     image *= rng.uniform(0.88, 1.12, 3)
@@ -327,72 +248,54 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def render_class(design: np.ndarray, class_index: int, per_class: int, size: int, seed: int) -> list[bytes]:
-    """Return the JPEG bytes of the ``per_class`` images of one class (pure in its arguments)."""
-    rng = np.random.default_rng([seed, 1, class_index])
-    return [jpeg_bytes(render_image(design, size, rng)) for _ in range(per_class)]
+def render_class(draw: Callable[[np.random.Generator], Image.Image], index: int, per_class: int,
+                 seed: int) -> list[bytes]:
+    """The JPEG bytes of class ``index``'s ``per_class`` images, ``draw(rng)`` on the stream ``(seed, 1, index)``."""
+    rng = np.random.default_rng([seed, 1, index])
+    return [jpeg_bytes(draw(rng)) for _ in range(per_class)]
 
 
-def image_name(label: str, number: int) -> str:
-    """Return the flat-layout file name of image ``number`` (1-based) of class ``label`` (a wnid)."""
-    return f"{label}{number:08d}.jpg"
-
-
-def validate(out: Path, per_class: int, size: int, seed: int) -> str | None:
-    """Return a message naming the offending flag, or None when the arguments are usable."""
-    if per_class < 1:
-        return f"--perClass must be >= 1, got {per_class}"
-    if size < 16:
-        return f"--size must be >= 16, got {size}"
-    if seed < 0:
-        return f"--seed must be >= 0, got {seed}"
+def check_arguments(out: Path, per_class: int, size: int, seed: int) -> None:
+    """Raise ``OptionError`` naming the first unusable flag."""
+    for flag, value, least in (("--perClass", per_class, 1), ("--size", size, 16), ("--seed", seed, 0)):
+        if value < least:
+            raise OptionError(f"{flag} must be >= {least}, got {value}")
     if out.exists() and not out.is_dir():
-        return f"--out {out} exists and is not a directory"
-    return None
+        raise OptionError(f"--out {out} exists and is not a directory")
 
 
 def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
              progress: bool = False) -> dict[str, int]:
-    """Write the toy dataset under ``out`` and return the number of images per split.
-
-    An existing dataset in ``out`` is regenerated: the CSVs and images are
-    rewritten, and flat-layout images left over from an earlier, larger run
-    are removed, so the directory is a function of the arguments only.
-    """
+    """Write the toy dataset under ``out`` (regenerated in place) and return the number of images per split."""
     out = Path(out)
-    problem = validate(out, per_class, size, seed)
-    if problem is not None:
-        raise ValueError(problem)
+    check_arguments(out, per_class, size, seed)
     splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
     classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
-    return write_dataset(out, classes, lambda index: render_class(design[index], index, per_class, size, seed),
-                         FILENAME_RE, progress)
+    draw = [partial(render_image, design[i], size) for i in range(len(classes))]
+    return write_dataset(out, classes, lambda i: render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
 
 
 def write_dataset(out: Path, classes: list[tuple[str, str]], render: Callable[[int], list[bytes]],
                   stale_names: re.Pattern, progress: bool = False) -> dict[str, int]:
-    """Write ``out/images/<label><8 digits>.jpg`` and ``out/<split>.csv`` for ``classes`` (``(split, label)``
-    pairs, class i's JPEG bytes from ``render(i)``), remove images matching ``stale_names`` that this
-    call did not write, and return the number of images per split."""
+    """Write ``out/images/<label><8 digits>.jpg`` (1-based) and ``out/<split>.csv`` for ``classes``
+    (``(split, label)`` pairs, class i's JPEG bytes from ``render(i)``), remove the images matching
+    ``stale_names`` this call did not write (so the folder is a function of the arguments), and
+    return the number of images per split."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    written = set()
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
     for class_index, (split, label) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
         for number, data in enumerate(render(class_index), 1):
-            name = image_name(label, number)
-            (images_dir / name).write_bytes(data)
-            written.add(name)
-            rows[split].append((name, label))
+            (images_dir / f"{label}{number:08d}.jpg").write_bytes(data)
+            rows[split].append((f"{label}{number:08d}.jpg", label))
+    written = {name for split_rows in rows.values() for name, _ in split_rows}
     for stale in images_dir.iterdir():
         if stale_names.match(stale.name) and stale.name not in written:
             stale.unlink()
     for split, split_rows in rows.items():
         with open(out / f"{split}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(("filename", "label"))
-            writer.writerows(split_rows)
+            csv.writer(handle, lineterminator="\n").writerows([("filename", "label"), *split_rows])
     return {split: len(split_rows) for split, split_rows in rows.items()}
 
 
@@ -419,16 +322,14 @@ def generate_lowshot(out: Path, classes_per_list: int = 6, train_per_class: int 
     while np.all(order[:-1] < order[1:]):
         order = rng.permutation(count)
     names = [f"n{90000000 + int(i):08d}" for i in order]
-    val_number = 0
     for k, wnid in enumerate(names):
-        images = render_class(design[k], k, train_per_class + val_per_class, size, seed)
-        (out / "train" / wnid).mkdir(parents=True, exist_ok=True)
-        (out / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        images = render_class(partial(render_image, design[k], size), k, train_per_class + val_per_class, seed)
+        for folder in ("train", "val"):
+            (out / folder / wnid).mkdir(parents=True, exist_ok=True)
         for number, data in enumerate(images[:train_per_class]):
             (out / "train" / wnid / f"{wnid}_{number}.JPEG").write_bytes(data)
-        for data in images[train_per_class:]:
-            val_number += 1
-            (out / "val" / wnid / f"ILSVRC2012_val_{val_number:08d}.JPEG").write_bytes(data)
+        for number, data in enumerate(images[train_per_class:], k * val_per_class + 1):
+            (out / "val" / wnid / f"ILSVRC2012_val_{number:08d}.JPEG").write_bytes(data)
     groups = [[int(i) for i in part] for part in np.split(rng.permutation(count), 4)]
     meta = {"label_names": names, "base_classes_1": groups[0], "base_classes_2": groups[1],
             "novel_classes_1": groups[2], "novel_classes_2": groups[3], "base_classes": groups[0] + groups[1]}
@@ -455,21 +356,21 @@ def generator_parser(prog: str, description: str, per_class: int) -> argparse.Ar
     return parser
 
 
+def report(counts: dict[str, int], out: Path) -> None:
+    """Print what a generator wrote."""
+    summary = ", ".join(f"{split} {count}" for split, count in counts.items())
+    print(f"wrote {sum(counts.values())} images ({summary}) to {out}")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     return generator_parser("python -m datasets.toy", __doc__.splitlines()[0], per_class=30)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: parse flags, validate them and generate the dataset."""
-    args = get_args_parser().parse_args(argv)
-    problem = validate(args.out, args.perClass, args.size, args.seed)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    counts = generate(args.out, args.perClass, args.size, args.seed, progress=True)
-    summary = ", ".join(f"{split} {count}" for split, count in counts.items())
-    print(f"wrote {sum(counts.values())} images ({summary}) to {args.out}")
+def main(argv: list[str] | None = None) -> int:
+    """Generate the dataset; a bad flag is one line on stderr and status 2."""
+    return run_cli(lambda a: report(generate(a.out, a.perClass, a.size, a.seed, progress=True), a.out),
+                   get_args_parser(), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

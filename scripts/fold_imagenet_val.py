@@ -1,42 +1,24 @@
 #!/usr/bin/env python3
 """Fold the flat ILSVRC-2012 validation folder into class folders ``<wnid>/``.
 
-Usage::
-
     python scripts/fold_imagenet_val.py --val VAL_DIR (--devkit PATH | --labels FILE) \
         [--out OUT_DIR [--link]] [--dryRun]
 
-Inputs
-    ``VAL_DIR/ILSVRC2012_val_<8 digits>.JPEG``  the flat official download.
-    Labels, in one of three forms:
+Labels: ``--devkit``, the ``ILSVRC2012_devkit_t12/`` folder or ``.tar.gz`` (line k of
+``data/ILSVRC2012_validation_ground_truth.txt``: the ILSVRC2012_ID of image k; ``data/meta.mat``:
+ILSVRC2012_ID -> WNID of the leaf synsets, ``num_children`` 0; needs scipy), or ``--labels``: Kaggle's
+``LOC_val_solution.csv`` (``ImageId,PredictionString``: the name without extension, the wnid first) or
+``filename wnid`` lines.
 
-    * ``--devkit``: the ``ILSVRC2012_devkit_t12/`` folder or its ``.tar.gz``;
-      ``data/ILSVRC2012_validation_ground_truth.txt`` (line k: the ILSVRC2012_ID
-      of image k) and ``data/meta.mat`` (ILSVRC2012_ID -> WNID of the leaf
-      synsets, those with ``num_children`` 0). Reading ``meta.mat`` needs scipy.
-    * ``--labels`` a CSV with header ``ImageId,PredictionString`` (Kaggle's
-      ``LOC_val_solution.csv``): ImageId without extension, the wnid is the
-      first token of PredictionString.
-    * ``--labels`` a text file of ``filename wnid`` lines.
+``VAL_DIR/ILSVRC2012_val_<8 digits>.JPEG`` move to ``<wnid>/`` under ``OUT_DIR`` (default ``VAL_DIR``;
+renames, so on its filesystem), or with ``--link`` are hard-linked there (symbolic links where that
+fails). No image is opened. Everything is checked before anything moves (every labelled file present,
+every ``.JPEG``/``.jpg``/``.png`` of the flat folder labelled, wnids ``n`` + 8 digits, no file in another
+class's folder; counts other than 1000 x 50 only print a note); files already in their class folder
+count as done, so a run resumes and a finished one is a no-op.
 
-Output
-    ``<wnid>/<file>`` under ``OUT_DIR``, or under ``VAL_DIR`` itself by default
-    (the images are moved). ``--link`` hard-links them into ``OUT_DIR`` instead
-    (symbolic links where hard links fail) and leaves ``VAL_DIR`` as it was.
-    The script never opens an image.
-
-Safety
-    Everything is checked before anything moves: every labelled file present,
-    every image (``.JPEG``/``.jpg``/``.png``) of the flat folder labelled, every
-    wnid ``n`` + 8 digits, no file in another class's folder. Counts other than
-    1000 classes x 50 images only print a note. Files already in their class
-    folder count as done, so an interrupted run resumes when run again and a
-    finished one is a no-op. Moves are renames, so ``--out`` without ``--link``
-    must be on the filesystem of ``VAL_DIR``.
-
-Exit status
-    0  done, or nothing to do; 1  a move or link failed part-way (run again to
-    finish); 2  bad input or flags: one line naming the file, nothing moved.
+Exit status: 0 done or nothing to do; 1 a move or link failed part-way (run again to finish);
+2 bad input or flags (one line naming the file, nothing moved); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -82,28 +64,25 @@ def read_labels(path: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"--labels {path}: cannot read ({error})") from None
     labels: dict[str, str] = {}
-    if lines and lines[0].startswith("ImageId"):
+    kaggle = bool(lines) and lines[0].startswith("ImageId")
+    if kaggle:
         header = [column.strip() for column in next(csv.reader(lines[:1]))]
         if "PredictionString" not in header:
             raise DataError(f"{path}: line 1: header has no PredictionString column")
-        image_col, labels_col = header.index("ImageId"), header.index("PredictionString")
-        for number, line in enumerate(lines[1:], start=2):
-            if not line.strip():
-                continue
+    for number, line in enumerate(lines[kaggle:], start=1 + kaggle):
+        where = f"{path}: line {number}"
+        if not line.strip():
+            continue
+        if kaggle:
             row = next(csv.reader([line]))
-            tokens = row[labels_col].split() if len(row) == len(header) else []
+            tokens = row[header.index("PredictionString")].split() if len(row) == len(header) else []
             if not tokens:
-                raise DataError(f"{path}: line {number}: expected {len(header)} columns "
-                                f"with a non-empty PredictionString")
-            add_label(labels, f"{path}: line {number}", row[image_col].strip() + ".JPEG", tokens[0])
-    else:
-        for number, line in enumerate(lines, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise DataError(f"{path}: line {number}: expected 'filename wnid', got {line.strip()!r}")
-            add_label(labels, f"{path}: line {number}", *fields)
+                raise DataError(f"{where}: expected {len(header)} columns with a non-empty PredictionString")
+            add_label(labels, where, row[header.index("ImageId")].strip() + ".JPEG", tokens[0])
+        elif len(line.split()) != 2:
+            raise DataError(f"{where}: expected 'filename wnid', got {line.strip()!r}")
+        else:
+            add_label(labels, where, *line.split())
     if not labels:
         raise DataError(f"--labels {path}: no labels in the file")
     return labels
@@ -183,17 +162,6 @@ def check_folders(val: Path, out: Path | None, link: bool) -> Path:
     return out
 
 
-def placed_files(dest: Path) -> dict[str, list[str]]:
-    """File name -> the class folders under ``dest`` that hold it."""
-    placed: dict[str, list[str]] = defaultdict(list)
-    if dest.is_dir():
-        for folder in sorted(dest.iterdir()):
-            if folder.is_dir() and WNID.fullmatch(folder.name):
-                for entry in os.scandir(folder):
-                    placed[entry.name].append(folder.name)
-    return placed
-
-
 def first_problem(problems: list[str], what: str) -> None:
     """Raise ``DataError`` with the first problem and how many ``what`` share it."""
     if problems:
@@ -204,7 +172,11 @@ def first_problem(problems: list[str], what: str) -> None:
 def plan(val: Path, dest: Path, labels: dict[str, str], source: Path, link: bool) -> list[tuple[Path, Path]]:
     """The ``(flat file, class-folder file)`` pairs still to do; raise ``DataError`` before any."""
     flat = {entry.name for entry in os.scandir(val) if entry.is_file()}
-    placed = placed_files(dest)
+    placed: dict[str, list[str]] = defaultdict(list)  # file name -> the class folders under dest holding it
+    for folder in sorted(dest.iterdir()) if dest.is_dir() else []:
+        if folder.is_dir() and WNID.fullmatch(folder.name):
+            for entry in os.scandir(folder):
+                placed[entry.name].append(folder.name)
     first_problem([f"{val / name}: no label in {source}" for name in sorted(flat)
                    if name.lower().endswith(IMAGE_SUFFIXES) and name not in labels], "images without a label")
     todo, missing, misplaced, twice = [], [], [], []
@@ -225,16 +197,6 @@ def plan(val: Path, dest: Path, labels: dict[str, str], source: Path, link: bool
     return todo
 
 
-def link(source: Path, target: Path) -> bool:
-    """Hard-link ``target`` to ``source``, or symlink it where that fails; True for a symlink."""
-    try:
-        os.link(source, target)
-        return False
-    except OSError:
-        os.symlink(source.resolve(), target)
-        return True
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--val", type=Path, required=True, metavar="DIR",
@@ -252,18 +214,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line tool and return its exit status."""
-    args = get_args_parser().parse_args(argv)
-    source = args.devkit or args.labels
-    try:
-        dest = check_folders(args.val, args.out, args.link)
-        labels = read_devkit(args.devkit) if args.devkit else read_labels(args.labels)
-        todo = plan(args.val, dest, labels, source, args.link)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
+def fold(args: argparse.Namespace) -> int:
+    """Check everything (bad input raises an InputError), then move or link; the exit status."""
+    dest = check_folders(args.val, args.out, args.link)
+    labels = read_devkit(args.devkit) if args.devkit else read_labels(args.labels)
+    todo = plan(args.val, dest, labels, args.devkit or args.labels, args.link)
     per_class = Counter(labels.values()).values()
     counts = (f"{len(per_class)} classes, {len(labels)} images, "
               f"{min(per_class)}-{max(per_class)} images per class (min-max)")
@@ -280,13 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dry run: would {verb} {len(todo)} images, {len(labels) - len(todo)} are already in place; "
               f"{counts}; nothing changed")
         return 0
-
     done = symlinks = 0
     try:
         for flat_file, target in tqdm(todo, desc=verb, unit="img"):
             target.parent.mkdir(parents=True, exist_ok=True)
             if args.link:
-                symlinks += link(flat_file, target)
+                try:
+                    os.link(flat_file, target)
+                except OSError:  # a symbolic link where a hard one fails
+                    os.symlink(flat_file.resolve(), target)
+                    symlinks += 1
             else:
                 os.rename(flat_file, target)
             done += 1
@@ -298,9 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted: {done} of {len(todo)} done; run the same command again to finish", file=sys.stderr)
         return 130
     kind = f" ({symlinks} as symbolic links)" if symlinks else ""
-    print(f"done: {past} {done} images{kind}, {len(labels) - done} were already in place; "
-          f"{counts}, under {dest}")
+    print(f"done: {past} {done} images{kind}, {len(labels) - done} were already in place; {counts}, under {dest}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line tool and return its exit status."""
+    try:
+        return fold(get_args_parser().parse_args(argv))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-CURVES = {
-    "loss": ["loss", "proto_loss", "cls_loss"],
-    "accuracy (%)": ["val_1shot", "val_5shot", "train_acc", "select_acc", "select_plain_acc"],
-}
+CURVES = {"loss": ["loss", "proto_loss", "cls_loss"],
+          "accuracy (%)": ["val_1shot", "val_5shot", "train_acc", "select_acc", "select_plain_acc"]}
 
 
 def draw(table: pd.DataFrame, title: str):
@@ -27,8 +25,7 @@ def draw(table: pd.DataFrame, title: str):
             if column in table and table[column].notna().any():
                 axis.plot(table["epoch"], table[column], marker="o", label=column)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(label)
+        axis.set(xlabel="epoch", ylabel=label)
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()

@@ -56,3 +56,9 @@ def test_missing_font_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fonts-noto-color-emoji" in err[0] and "none.ttf" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_flag_is_named_in_one_line_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert emoji.main(["--out", str(tmp_path / "x"), "--perClass", "0"]) == 2
+    assert capsys.readouterr().err == "error: --perClass must be >= 1, got 0\n"
+    assert not (tmp_path / "x").exists()

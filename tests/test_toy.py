@@ -14,6 +14,7 @@ from PIL import Image
 
 from datasets import toy
 from datasets.splits import class_list
+from utils.errors import OptionError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PER_CLASS = 6
@@ -197,7 +198,7 @@ def test_colour_histograms_do_not_separate_classes(test_images: tuple[list[np.nd
     [({"per_class": 0}, "--perClass"), ({"size": 8}, "--size"), ({"seed": -2}, "--seed")],
 )
 def test_generate_rejects_bad_arguments(kwargs: dict[str, int], flag: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=flag):
+    with pytest.raises(OptionError, match=flag):
         toy.generate(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
@@ -207,9 +208,7 @@ def test_generate_rejects_bad_arguments(kwargs: dict[str, int], flag: str, tmp_p
     [("--perClass", "0"), ("--size", "15"), ("--seed", "-1")],
 )
 def test_main_rejects_bad_values(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        toy.main(["--out", str(tmp_path / "out"), flag, value])
-    assert exit_info.value.code == 2
+    assert toy.main(["--out", str(tmp_path / "out"), flag, value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err
     assert not (tmp_path / "out").exists()
@@ -217,7 +216,7 @@ def test_main_rejects_bad_values(flag: str, value: str, tmp_path: Path, capsys: 
 
 def test_main_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "nested" / "toy"
-    toy.main(["--out", str(out), "--perClass", "1", "--size", "32", "--seed", "3"])
+    assert toy.main(["--out", str(out), "--perClass", "1", "--size", "32", "--seed", "3"]) == 0
     assert "wrote 100 images" in capsys.readouterr().out
     direct = tmp_path / "direct"
     toy.generate(direct, per_class=1, size=32, seed=3)
@@ -227,9 +226,7 @@ def test_main_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_main_rejects_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "file.txt"
     target.write_text("not a directory")
-    with pytest.raises(SystemExit) as exit_info:
-        toy.main(["--out", str(target)])
-    assert exit_info.value.code == 2
+    assert toy.main(["--out", str(target)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "--out" in err
     assert target.read_text() == "not a directory"
