@@ -350,10 +350,11 @@ def stage1_config(**flags: Any) -> Stage1Config:
     return config
 
 
-def stage2_config(device: torch.device | None = None, **flags: Any) -> Stage2Config:
+def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2Config:
     """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags`` (by flag name), with
-    the defaults that depend on the shots (:func:`shot_defaults`) and on ``device`` (the forward chunk;
-    default: ``--device`` resolved, :func:`utils.options.resolve_device`) filled, and checked.
+    the defaults that depend on the shots (:func:`shot_defaults`) and on ``device``, the compute device
+    (the forward chunk; default: ``--device`` resolved, :func:`utils.options.resolve_device`), filled,
+    and checked.
 
     Raises:
         OptionError: a flag out of its range, or flags that contradict each other.

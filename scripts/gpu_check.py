@@ -58,11 +58,13 @@ from engine import stage1, stage2  # noqa: E402
 from engine.episode import GalleryBank  # noqa: E402
 from engine.features import FeatureCache  # noqa: E402
 from engine.options import (  # noqa: E402
+    Stage1Config,
+    Stage2Config,
     add_batch_flag,
     add_image_size_flag,
-    resolve_stage2_args,
+    stage1_config,
     stage1_parser,
-    stage2_parser,
+    stage2_config,
 )
 from models import EmbeddingNet, IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo, run_distributed  # noqa: E402
@@ -216,11 +218,9 @@ class FirstItems:
         return round(self.units / (time.perf_counter() - self.since), 2)
 
 
-def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, *extra: str) -> argparse.Namespace:
-    return stage1_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--batchSize",
-                                       str(a.batchSize), "--tensorname", "gpu_check", "--device", str(device),
-                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--filesPerClass", "0",
-                                       "--progress", "0", *extra])
+def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, **flags) -> Stage1Config:
+    return stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0, **flags)
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
@@ -251,13 +251,10 @@ def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
 
 
 def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                *extra: str) -> argparse.Namespace:
-    args = stage2_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--network",
-                                       "gpu_check_stage1", "--shots", str(shots), "--device", str(device),
-                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--galleryNum", "5",
-                                       "--chooseNum", "5", "--progress", "0", "--tensorname", "gpu_check", *extra])
-    resolve_stage2_args(args, device)
-    return args
+                **flags) -> Stage2Config:
+    return stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
+                         tensorname="gpu_check", **flags)
 
 
 def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
@@ -393,7 +390,7 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
-    args = stage2_args(root, a, device, amp, 1, "--fixCls", str(fix_cls))
+    args = stage2_args(root, a, device, amp, 1, fixCls=fix_cls)
     splits, model, gallery = stage2.prepare(args, device, need_train=True)
     groups = stage2.param_groups(model, args)
     optimizers, _ = stage2.make_optimizers(model, args)

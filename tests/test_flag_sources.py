@@ -14,7 +14,7 @@ import datasets.check
 import datasets.emoji
 import datasets.toy
 from engine.lowshot import lowshot_config
-from engine.options import lowshot_parser, resolve_stage2_args, stage2_parser
+from engine.options import lowshot_parser, stage2_config
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,8 +400,7 @@ def test_a_shared_flag_is_declared_in_one_source_line(flag: str) -> None:
 
 @pytest.mark.parametrize("shots", [1, 2, 5])
 def test_stage_2_and_the_lowshot_evaluation_take_the_same_shot_defaults(shots: int) -> None:
-    stage2 = stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--shots", str(shots)])
-    resolve_stage2_args(stage2, torch.device("cpu"))
+    stage2 = stage2_config(torch.device("cpu"), tensorname="t", network="n", shots=shots)
     lowshot = lowshot_parser().parse_args(["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e",
                                            "--tensorname", "t", "--GNet", "g", "--batchSize", "4"])
     config = lowshot_config(lowshot, shots, 5)
