@@ -27,28 +27,23 @@ from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
 LOCK_FILE = ".lock"  # in the run folder: "<pid> <host>" of the process training the run
 
-def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
-    """``runs/<name>``; refuses a folder that holds a run unless resuming or overwriting. Writes nothing."""
-    run_dir = runs_dir / name
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (resume or overwrite):
-        raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
-    if resume and not (run_dir / "resume.pt").is_file():
-        raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
-    return run_dir
-
-
 def open_run(config: TrainConfig, resume_keys: tuple[str, ...],
              runs_dir: Path = RUNS_DIR) -> tuple[Path, dict[str, Any] | None]:
-    """The run folder of ``config.tensorname`` and, with ``--resume``, its saved state.
+    """The run folder ``runs/<tensorname>`` and, with ``--resume``, its saved state. Writes nothing.
 
     Raises:
-        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was
-            given, or the saved run used other values for any of ``resume_keys``.
+        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was given,
+            ``--resume`` finds no saved state, or the saved run used other values for any of ``resume_keys``.
     """
-    run_dir = check_run_dir(config.tensorname, config.resume, config.overwrite, runs_dir)
+    run_dir, state_path = runs_dir / config.tensorname, runs_dir / config.tensorname / "resume.pt"
+    held = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if held and not (config.resume or config.overwrite):
+        raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
     if not config.resume:
         return run_dir, None
-    state = safe_load(run_dir / "resume.pt")
+    if not state_path.is_file():
+        raise OptionError(f"--resume: no resumable state {state_path}")
+    state = safe_load(state_path)
     saved = state["args"]
     conflicts = [f"--{k} {saved[k] if k in saved else 'unrecorded (an earlier version wrote it)'} (saved) vs "
                  f"{getattr(config, k, None)} (now)" for k in resume_keys if saved.get(k) != getattr(config, k, None)]
@@ -182,7 +177,8 @@ def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
 
 
 class Run:
-    """One run of a training script, from its folder to its last epoch line.
+    """One run of a training script, from its folder to its last epoch line; what both scripts' loops
+    share: :meth:`restore` the resumed state, :meth:`keep_best` weights, :meth:`save_state`, :meth:`stop`.
 
     ``Run(config, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
     state (``resumed``; a larger ``--numEpochs`` extends the run, a smaller one than already
