@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import datasets.check
 import datasets.emoji
 import datasets.toy
 from engine.lowshot import lowshot_config
-from engine.options import lowshot_parser, stage2_config
+from engine.options import lowshot_parser, stage1_config, stage1_parser, stage2_config, stage2_parser
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -406,3 +407,13 @@ def test_stage_2_and_the_lowshot_evaluation_take_the_same_shot_defaults(shots: i
     config = lowshot_config(lowshot, shots, 5)
     assert (config.augnum, config.choose_num) == (stage2.augnum, stage2.chooseNum)
     assert (stage2.augnum, stage2.chooseNum) == ((7, 15) if shots == 1 else (5, 30))  # the original's
+
+
+def test_the_configurations_record_every_flag_under_its_name() -> None:
+    """args.json and resume.pt hold ``asdict(config)``: the parsed flags, names and values, where
+    nothing is left to resolve (a resumed run compares them key by key)."""
+    flags = vars(stage1_parser().parse_args(["--tensorname", "t"]))
+    assert asdict(stage1_config(**flags)) == flags
+    flags = vars(stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--batchSize", "8", "--augnum",
+                                             "3", "--chooseNum", "4"]))
+    assert asdict(stage2_config(torch.device("cpu"), **flags)) == flags
