@@ -28,7 +28,7 @@ from datasets import Gallery
 from datasets.loaders import episode_loader
 from engine import stage2
 from engine.episode import GalleryBank, run_episode
-from engine.options import add_batch_flag, add_deform_net_flag, add_gallery_flags, resolve_stage2_args, stage2_parser
+from engine.options import Stage2Config, add_batch_flag, add_deform_net_flag, add_gallery_flags, stage2_config
 from models import IDeMeNet
 from utils.forward import grad_scaler, layout_model
 from utils.interrupt import Interrupted
@@ -58,16 +58,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def engine_args(a: argparse.Namespace, root: Path) -> tuple[argparse.Namespace, torch.device]:
-    """The namespace and device onlyBasetwoLoss.py resolves for the same flags (round 1 of the recipes)."""
-    flags = {"dataroot": root, "tensorname": "benchmark", "network": "random-init", "imageSize": a.imageSize,
+def engine_config(a: argparse.Namespace, root: Path, **flags) -> tuple[Stage2Config, torch.device]:
+    """The configuration and device onlyBasetwoLoss.py resolves for the same flags (round 1 of the recipes),
+    with ``flags`` (by flag name) on top."""
+    device = resolve_device(a)
+    flags = {"dataroot": str(root), "tensorname": "benchmark", "network": "random-init", "imageSize": a.imageSize,
              "shots": a.shots, "ways": a.ways, "trainways": a.ways, "test_num": a.queries, "galleryNum": a.galleryNum,
-             "fixCls": a.fixCls, "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed, "amp": a.amp,
-             "progress": 0, "augnum": a.augnum, "chooseNum": a.chooseNum, "device": a.device, "batchSize": a.batchSize}
-    args = stage2_parser().parse_args([f for k, v in flags.items() if v is not None for f in (f"--{k}", str(v))])
-    device = resolve_device(args)
-    resolve_stage2_args(args, device)
-    return args, device
+             "fixCls": a.fixCls, "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed,
+             "amp": int(a.amp), "progress": 0, "augnum": a.augnum, "chooseNum": a.chooseNum, "device": a.device,
+             "batchSize": a.batchSize, **flags}
+    return stage2_config(device, **flags), device
 
 
 def decode(dataset, device: torch.device) -> tuple[float, dict]:
@@ -90,37 +90,37 @@ def floor(step, device: torch.device, warmup: int, steps: int, probe: common.Mem
 def main(a: argparse.Namespace) -> None:
     test_steps = a.episodes if a.testEpisodes is None else a.testEpisodes
     env, root, toy_s, holder = common.setup(a, max(a.galleryNum, a.shots + a.queries))
-    args, device = engine_args(a, root)
-    configure_backend(device, False, args.seed)
+    config, device = engine_config(a, root)
+    configure_backend(device, False, config.seed)
     probes = {phase: common.MemoryProbe(device, a.pssInterval)
               for phase in ("gallery", "train", "train_floor", "test", "test_floor")}
 
-    scan_s, splits = common.timed(device, stage2.load_splits, args, need_train=True)
-    model = IDeMeNet(num_classes=splits["train"].num_classes, image_size=args.imageSize, fang=args.Fang,
-                     deform_net=args.deformNet).to(device).eval()
+    scan_s, splits = common.timed(device, stage2.load_splits, config, need_train=True)
+    model = IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize, fang=config.Fang,
+                     deform_net=config.deformNet).to(device).eval()
     layout_model(model)
     with probes["gallery"]:
-        decode_s, gallery = common.timed(device, Gallery, splits["train"], args.galleryNum, args.imageSize,
-                                         args.nthreads, progress=False)
-        features_s, bank = common.timed(device, GalleryBank, gallery, model, device, args.batchSize, bool(args.amp))
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
+        decode_s, gallery = common.timed(device, Gallery, splits["train"], config.galleryNum, config.imageSize,
+                                         config.nthreads, progress=False)
+        features_s, bank = common.timed(device, GalleryBank, gallery, model, device, config.batchSize, bool(config.amp))
+    groups = stage2.param_groups(model, config)
+    optimizers, _ = stage2.make_optimizers(model, config)
     embed = stage2.make_embed(model, device)
     first_epoch = 1 if groups[1] else 0  # the classification loss trains from epoch 1 on
 
     # Each dataset holds 4 * nthreads episodes more than the loops consume (the timer stops them
     # after the timed ones), so the workers keep decoding one new episode per consumed one, as mid-epoch.
-    spare = 4 * args.nthreads
-    train_set = stage2.episodes(splits["train"], args, args.trainways, a.warmup + a.episodes + spare,
+    spare = 4 * config.nthreads
+    train_set = stage2.episodes(splits["train"], config, config.trainways, a.warmup + a.episodes + spare,
                                 stage2.TRAIN_STREAM, len(bank))
-    test_set = stage2.episodes(splits["test"], args, args.ways, a.warmup + test_steps + spare, stage2.TEST_STREAM,
+    test_set = stage2.episodes(splits["test"], config, config.ways, a.warmup + test_steps + spare, stage2.TEST_STREAM,
                                len(bank))
     train_set.set_epoch(first_epoch)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
-    train_config = stage2.episode_config(args, args.trainways, train=True)
-    test_config = stage2.episode_config(args, args.ways)
-    scaler = grad_scaler(device, bool(args.amp))  # as the script: float16 --amp scales its losses
+    train_config = stage2.episode_config(config, config.trainways, train=True)
+    test_config = stage2.episode_config(config, config.ways)
+    scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its losses
 
     def train_floor() -> list[dict]:
         """The engine's training loop over one episode already on the device, repeated: no data loading."""
@@ -142,9 +142,9 @@ def main(a: argparse.Namespace) -> None:
         cpu0 = common.children_cpu_s()
         with probes["train"], suppress(Interrupted):
             train_set.set_epoch(first_epoch + r)
-            stage2.train_one_epoch(model, episode_loader(train_set, args.nthreads, device), bank, train_config, device,
-                                   first_epoch + r, groups, optimizers, embed, progress, stop=timer.done, timer=timer,
-                                   show=False, scaler=scaler)
+            stage2.train_one_epoch(model, episode_loader(train_set, config.nthreads, device), bank, train_config,
+                                   device, first_epoch + r, groups, optimizers, embed, progress, stop=timer.done,
+                                   timer=timer, show=False, scaler=scaler)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]
@@ -154,33 +154,34 @@ def main(a: argparse.Namespace) -> None:
         test_set.set_epoch(r)
         timer = common.StepTimer(device, a.warmup, test_steps, probes["test"])
         with probes["test"], suppress(Interrupted):
-            stage2.evaluate(model, test_set, bank, args, device, "test", embed, timer=timer, stop=timer.done)
+            stage2.evaluate(model, test_set, bank, config, device, "test", embed, timer=timer, stop=timer.done)
         rows["test loop"] += timer.rows
         rows["test floor"] += floor(test_floor_step, device, a.warmup, test_steps, probes["test_floor"])
 
     passes = {}
     if a.passEpisodes and not a.skipTest:
         for cached in (False, True):  # whole passes as the scripts run them, the cache's advance fill included
-            dataset = stage2.episodes(splits["test"], args, args.ways, a.passEpisodes, stage2.TEST_STREAM, len(bank),
-                                      evaluation=cached)
-            passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, args, device, "pass", embed,
+            dataset = stage2.episodes(splits["test"], config, config.ways, a.passEpisodes, stage2.TEST_STREAM,
+                                      len(bank), evaluation=cached)
+            passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, config, device, "pass", embed,
                                           cached=cached)[0] / a.passEpisodes
 
     columns = {name: common.medians(r) for name, r in rows.items() if r}
-    common.print_table(f"median ms per episode, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, "
-                       f"{args.ways}-way {args.shots}-shot, augnum {args.augnum}, chooseNum {args.chooseNum}, "
-                       f"queries {args.test_num}, galleryNum {args.galleryNum}, fixCls {args.fixCls}, nthreads "
-                       f"{args.nthreads}, chunk {args.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) "
+    common.print_table(f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "
+                       f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, "
+                       f"queries {config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads "
+                       f"{config.nthreads}, chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) "
                        "episodes", columns, ROWS, "TOTAL per episode")
 
     def ms(column: str, key: str = "total") -> float | None:
         return 1000 * columns[column][key] if column in columns else None
 
     summary = {
-        "benchmark": "episode", "device": str(device), "amp": bool(args.amp), "imageSize": args.imageSize,
-        "ways": args.ways, "shots": args.shots, "augnum": args.augnum, "chooseNum": args.chooseNum,
-        "queries": args.test_num, "galleryNum": args.galleryNum, "fixCls": args.fixCls, "nthreads": args.nthreads,
-        "batchSize": args.batchSize, "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps,
+        "benchmark": "episode", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
+        "ways": config.ways, "shots": config.shots, "augnum": config.augnum, "chooseNum": config.chooseNum,
+        "queries": config.test_num, "galleryNum": config.galleryNum, "fixCls": config.fixCls,
+        "nthreads": config.nthreads,
+        "batchSize": config.batchSize, "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps,
         "warmup": a.warmup, "rounds": a.rounds,
         "train_ratio": common.ratio(rows["train loop"], rows["train floor"]),
         "test_ratio": common.ratio(rows["test loop"], rows["test floor"]),

@@ -38,11 +38,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
-from benchmarks.episode import engine_args
+from benchmarks.episode import engine_config
 from datasets import Gallery
 from engine import stage2
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
+from engine.options import Stage2Config
 from models import IDeMeNet
 from utils.forward import layout_model
 from utils.options import configure_backend, run_cli
@@ -89,25 +90,26 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(args: argparse.Namespace, device: torch.device, splits: dict, gallery: Gallery, episodes,
+def count(config: Stage2Config, device: torch.device, splits: dict, gallery: Gallery, episodes,
           length: int, warm: bool) -> Counter:
     """Operations of one training pass over the first ``length`` of ``episodes`` (an EpisodeDataset of
-    ``args``' round), decoded ahead, on a fresh model, optimisers and (round 1) feature cache, filled
+    ``config``' round), decoded ahead, on a fresh model, optimisers and (round 1) feature cache, filled
     first when ``warm``."""
-    torch.manual_seed(args.seed)
-    model = layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=args.imageSize,
-                                  fang=args.Fang, deform_net=args.deformNet).to(device).eval())
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp))
+    torch.manual_seed(config.seed)
+    model = layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize,
+                                  fang=config.Fang, deform_net=config.deformNet).to(device).eval())
+    groups = stage2.param_groups(model, config)
+    optimizers, _ = stage2.make_optimizers(model, config)
+    bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp))
     embed = stage2.make_embed(model, device)
-    cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if args.fixCls else None
+    cache = FeatureCache(embed, len(splits["train"]), device, config.batchSize, bool(config.amp)) \
+        if config.fixCls else None
     if warm:
         cache.fill(episodes, 0, progress=False)
     items = [episodes[i] for i in range(length)]
-    config = stage2.episode_config(args, args.trainways, train=True)
+    train_config = stage2.episode_config(config, config.trainways, train=True)
     with OpCounter() as counter:
-        stage2.train_one_epoch(model, items, bank, config, device, 0 if args.fixCls else 1, groups, optimizers,
+        stage2.train_one_epoch(model, items, bank, train_config, device, 0 if config.fixCls else 1, groups, optimizers,
                                embed, stage2.new_progress(), show=False, cache=cache)
     return counter.counts
 
@@ -118,15 +120,14 @@ def main(a: argparse.Namespace) -> None:
                "chooseNum": a.chooseNum, "batchSize": a.batchSize, "short": a.short, "long": a.long,
                "ops_per_episode": {}, "kernels_per_episode": {}, "top": {}}
     for name, (fix_cls, fix_attention, warm) in ROUNDS.items():
-        args, device = engine_args(argparse.Namespace(**{**vars(a), "fixCls": fix_cls}), root)
-        args.fixAttention = fix_attention
-        configure_backend(device, False, args.seed)
-        splits = stage2.load_splits(args, need_train=True)
-        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, 0, progress=False)
-        episodes = stage2.episodes(splits["train"], args, args.trainways, a.long, stage2.TRAIN_STREAM,
+        config, device = engine_config(a, root, fixCls=fix_cls, fixAttention=fix_attention)
+        configure_backend(device, False, config.seed)
+        splits = stage2.load_splits(config, need_train=True)
+        gallery = Gallery(splits["train"], config.galleryNum, config.imageSize, 0, progress=False)
+        episodes = stage2.episodes(splits["train"], config, config.trainways, a.long, stage2.TRAIN_STREAM,
                                    len(gallery))
         episodes.set_epoch(0 if fix_cls else 1)
-        short, long = (count(args, device, splits, gallery, episodes, n, warm) for n in (a.short, a.long))
+        short, long = (count(config, device, splits, gallery, episodes, n, warm) for n in (a.short, a.long))
         per_episode = {op: (long[op] - short[op]) / (a.long - a.short) for op in long | short}
         summary["ops_per_episode"][name] = round(sum(per_episode.values()), 1)
         summary["kernels_per_episode"][name] = round(sum(n for op, n in per_episode.items() if op not in HOST_ONLY), 1)

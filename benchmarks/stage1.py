@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from benchmarks import common
 from engine import stage1
 from engine.fewshot import evaluate_embedding
-from engine.options import add_batch_flag, add_files_per_class_flag, stage1_parser
+from engine.options import add_batch_flag, add_files_per_class_flag, stage1_config
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
@@ -70,18 +71,17 @@ class Keeping:
 
 def main(a: argparse.Namespace) -> None:
     env, root, toy_s, holder = common.setup(a, a.toyPerClass)
-    flags = {"dataroot": root, "tensorname": "benchmark", "imageSize": a.imageSize, "batchSize": a.batchSize,
-             "filesPerClass": a.filesPerClass, "nthreads": a.nthreads, "seed": a.seed, "amp": a.amp,
-             "progress": 0, "valEpisodes": 0, "device": a.device}
-    args = stage1_parser().parse_args([f for k, v in flags.items() if v is not None for f in (f"--{k}", str(v))])
-    device, info, need = resolve_device(args), DistInfo(), a.warmup + a.steps
-    configure_backend(device, False, args.seed)
-    scan_s, (train, val, sampler, loader) = common.timed(device, stage1.load_data, args, device, info)
+    config = stage1_config(dataroot=str(root), tensorname="benchmark", imageSize=a.imageSize, batchSize=a.batchSize,
+                           filesPerClass=a.filesPerClass, nthreads=a.nthreads, seed=a.seed, amp=int(a.amp),
+                           progress=0, valEpisodes=0, device=a.device)
+    device, info, need = resolve_device(config), DistInfo(), a.warmup + a.steps
+    configure_backend(device, False, config.seed)
+    scan_s, (train, val, sampler, loader) = common.timed(device, stage1.load_data, config, device, info)
     dataset = loader.dataset
-    if len(dataset) < need * args.batchSize:
+    if len(dataset) < need * config.batchSize:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
                           "(raise --toyPerClass or lower --batchSize)")
-    net, optimizer = stage1.build_model(args, train.num_classes)
+    net, optimizer = stage1.build_model(config, train.num_classes)
     model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
     sampler.set_epoch(0)
     keys = list(sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
@@ -89,12 +89,12 @@ def main(a: argparse.Namespace) -> None:
 
     probes = {phase: common.MemoryProbe(device, a.pssInterval) for phase in ("loader", "preloaded")}
 
-    scaler = grad_scaler(device, bool(args.amp))  # as the script: float16 --amp scales its loss
+    scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its loss
 
     def epoch(batches, phase: str) -> list[dict]:
         timer = common.StepTimer(device, a.warmup, a.steps, probes[phase])
         with probes[phase]:
-            stage1.train_one_epoch(model, criterion, optimizer, batches, device, 0, args, info, stage1.new_progress(),
+            stage1.train_one_epoch(model, criterion, optimizer, batches, device, 0, config, info, stage1.new_progress(),
                                    stop=lambda: False, timer=timer, scaler=scaler)
         return timer.rows
 
@@ -107,30 +107,31 @@ def main(a: argparse.Namespace) -> None:
 
     monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
-        args.valEpisodes, args.valQueries = a.monitorEpisodes, a.monitorQueries
-        monitor[True], cached = common.timed(device, stage1.evaluate, model, val, args, device)
+        monitor[True], cached = common.timed(device, stage1.evaluate, model, val,
+                                             replace(config, valEpisodes=a.monitorEpisodes, valQueries=a.monitorQueries),
+                                             device)
         monitor[False], uncached = common.timed(device, lambda: [evaluate_embedding(
-            net.features, val, args.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, args.seed, device, 1, args.batchSize,
-            args.nthreads, args.amp, progress=False, cached=False) for shots in (1, 5)])
+            net.features, val, config.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, config.seed, device, 1,
+            config.batchSize, config.nthreads, config.amp, progress=False, cached=False) for shots in (1, 5)])
         for shots, accuracies in zip((1, 5), uncached):  # the same numbers either way: only the time differs
             monitor_accuracy[f"monitor_val_{shots}shot_cached"] = cached[f"val_{shots}shot"]
             monitor_accuracy[f"monitor_val_{shots}shot_uncached"] = mean_ci95([100 * acc for acc in accuracies])[0]
 
     columns = {phase: common.medians(r) for phase, r in rows.items()}
-    common.print_table(f"median ms per step, {device.type}{' amp' if args.amp else ''}, {args.imageSize} px, batch "
-                       f"{args.batchSize}, nthreads {args.nthreads}, {a.steps}+{a.warmup} warmup steps",
+    common.print_table(f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, batch "
+                       f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps",
                        columns, ROWS, "TOTAL per step")
-    ips = {phase: args.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
+    ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
     images = kept.batches[0][0]
     summary = {
-        "benchmark": "stage1", "device": str(device), "amp": bool(args.amp), "imageSize": args.imageSize,
-        "batchSize": args.batchSize, "nthreads": args.nthreads, "steps": a.steps, "warmup": a.warmup,
+        "benchmark": "stage1", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
+        "batchSize": config.batchSize, "nthreads": config.nthreads, "steps": a.steps, "warmup": a.warmup,
         "images_per_s_loader": ips["loader"], "images_per_s_preloaded": ips["preloaded"],
         "loading_ratio": columns["loader"]["total"] / columns["preloaded"]["total"],
         "throughput_ratio": ips["preloaded"] / ips["loader"],
         "step_ms_loader": 1000 * columns["loader"]["total"], "step_ms_preloaded": 1000 * columns["preloaded"]["total"],
         "data_wait_ms": 1000 * columns["loader"]["data_wait"],
-        "decode_ms_per_image": 1000 * item_s, "decode_s_per_batch_one_core": item_s * args.batchSize,
+        "decode_ms_per_image": 1000 * item_s, "decode_s_per_batch_one_core": item_s * config.batchSize,
         "workers_cpu_s_loader_phase": workers_cpu_s, "batch_mb": images.element_size() * images.nelement() / 2**20,
         "batch_dtype": str(images.dtype).replace("torch.", ""), **common.memory_fields(probes),
         "scan_s": scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,

@@ -3,6 +3,7 @@ the deformation step needs, all determined by (seed, epoch, episode index)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,17 +18,17 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class AugmentDraws:
-    """How many draws the deformation step takes per support image.
+    """The draws the deformation step takes for an episode.
 
     Attributes:
-        augnum: deformed copies per support image.
-        choose_num: size of each class's nearest-gallery shortlist.
+        episode: the episode's own configuration (``engine.episode.EpisodeConfig``), the one place
+            that holds ``augnum``, the deformed copies per support image, and ``choose_num``, the
+            size of each class's nearest-gallery shortlist.
         gallery_size: number of gallery images (for uniform selection over the whole gallery).
         cells: F*F, weights per image for random deformation.
     """
 
-    augnum: int
-    choose_num: int
+    episode: Any
     gallery_size: int
     cells: int
 
@@ -175,9 +176,9 @@ class EpisodeDataset(Dataset):
             new = iter(self.new_queries[index])
             item["query"] = self._decode(classes, [[i for i in idx if next(new)] for idx in query])
         if self.draws is not None:
-            n = self.ways * self.shots * self.draws.augnum
+            n = self.ways * self.shots * self.draws.episode.augnum
             item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)
-            item["shortlist_pick"] = torch.from_numpy(rng.integers(self.draws.choose_num, size=n))
+            item["shortlist_pick"] = torch.from_numpy(rng.integers(self.draws.episode.choose_num, size=n))
             item["gallery_pick"] = torch.from_numpy(rng.integers(self.draws.gallery_size, size=n))
             item["gallery_flip"] = torch.from_numpy(rng.random(n) < 0.5)
             item["random_weights"] = torch.from_numpy(rng.random((n, self.draws.cells), dtype=np.float32))

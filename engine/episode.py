@@ -31,7 +31,8 @@ OTHER_CLASS, EPISODE_CLASS, SAME_CLASS = 0, 1, 2
 
 @dataclass(frozen=True)
 class EpisodeConfig:
-    """How episodes are augmented and which losses train what.
+    """How episodes are augmented and which losses train what; the episodes' draws
+    (:class:`datasets.AugmentDraws`) read ``augnum`` and ``choose_num`` from it.
 
     Attributes:
         ways: classes per episode.

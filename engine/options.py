@@ -1,10 +1,11 @@
-"""The flags of both stages, and the checks of stage 2's that need no data. The scripts' parsers
-come from here, and so do the benchmarks'."""
+"""The flags of both stages and the typed configurations built from them, with the checks that need
+no data. The scripts' parsers come from here, and so do the benchmarks'."""
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from utils.options import (
     add_seed_flag,
     add_threads_flag,
     check_positive,
+    resolve_device,
 )
 
 CUDA_CHUNK, CPU_CHUNK = 128, 16  # stage 2's default --batchSize per device
@@ -250,31 +252,140 @@ def stage2_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_stage2_args(args: argparse.Namespace, device: torch.device) -> None:
-    """Fill the shot- and device-dependent defaults and check the flags that need no data."""
-    resolve_chunk(args, device)
-    augnum, choose_num = shot_defaults(args.shots)
-    args.augnum = augnum if args.augnum is None else args.augnum
-    args.chooseNum = choose_num if args.chooseNum is None else args.chooseNum
-    check_positive(args, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
+# --- the typed configurations ---------------------------------------------------------------
+# One field per flag, named as the flag, so that ``dataclasses.asdict(config)`` is the dict args.json
+# and resume.pt record; every default stays in the parsers above (:func:`parser_defaults`).
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The flags both training scripts share (:func:`add_common_args`)."""
+
+    dataroot: str
+    lowshotmeta: str | None
+    imageSize: int
+    Fang: int
+    tensorname: str
+    network: str
+    LR: float
+    numEpochs: int
+    valEpisodes: int
+    batchSize: int
+    nthreads: int
+    device: str | None
+    seed: int
+    amp: int
+    deterministic: int
+    tf32: int
+    memoryFormat: str
+    resume: bool
+    overwrite: bool
+    skipBadImages: bool
+    progress: int | None
+
+
+@dataclass(frozen=True)
+class Stage1Config(TrainConfig):
+    """The flags of ``classification.py`` (:func:`stage1_parser`), checked (:func:`stage1_config`)."""
+
+    backbone: str | None
+    filesPerClass: int
+    crop: str
+    valEvery: int
+    valQueries: int
+    preciseBN: int
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), with the shot- and device-dependent
+    defaults filled and checked (:func:`stage2_config`)."""
+
+    GNet: str
+    shots: int
+    ways: int
+    trainways: int
+    test_num: int
+    augnum: int
+    chooseNum: int
+    galleryNum: int
+    epoch: int
+    clsLR: float
+    fixCls: int
+    fixAttention: int
+    fixScale: int
+    scaleInit: float | str | None
+    deformNet: str
+    deform: str
+    gallerySelect: str
+    galleryExclude: str
+    galleryBN: str
+    selectOn: str
+    testWeights: str
+    overlap: int
+    dataParallel: int
+    evaluate: bool
+    testEpisodes: int
+
+
+def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Every flag's default, by flag name (None for a required flag)."""
+    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
+def stage1_config(**flags: Any) -> Stage1Config:
+    """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked.
+
+    Raises:
+        OptionError: a flag out of its range.
+    """
+    config = Stage1Config(**{**parser_defaults(stage1_parser()), **flags})
+    check_positive(config, "imageSize", "Fang", "batchSize", "numEpochs")
+    if config.preciseBN < 0 or config.preciseBN == 1:
+        raise OptionError(f"--preciseBN must be 0 (off) or at least 2 images, got {config.preciseBN}")
+    if config.filesPerClass < 0:
+        raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got "
+                          f"{config.filesPerClass}")
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
+    return config
+
+
+def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2Config:
+    """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags`` (by flag name), with
+    the defaults that depend on the shots (:func:`shot_defaults`) and on ``device``, the compute device
+    (the forward chunk; default: ``--device`` resolved, :func:`utils.options.resolve_device`), filled,
+    and checked.
+
+    Raises:
+        OptionError: a flag out of its range, or flags that contradict each other.
+    """
+    config = Stage2Config(**{**parser_defaults(stage2_parser()), **flags})
+    device = device or resolve_device(config)
+    augnum, choose_num = shot_defaults(config.shots)
+    config = replace(config, augnum=augnum if config.augnum is None else config.augnum,
+                     chooseNum=choose_num if config.chooseNum is None else config.chooseNum,
+                     batchSize=config.batchSize if config.batchSize is not None else
+                     CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
+    check_positive(config, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
                    "chooseNum", "galleryNum", "epoch", "numEpochs", "valEpisodes", "testEpisodes")
-    smallest = DEFORM_NETS[args.deformNet].min_image_size
-    if args.imageSize < smallest:
-        raise OptionError(f"--imageSize {args.imageSize} is too small for --deformNet {args.deformNet} "
+    smallest = DEFORM_NETS[config.deformNet].min_image_size
+    if config.imageSize < smallest:
+        raise OptionError(f"--imageSize {config.imageSize} is too small for --deformNet {config.deformNet} "
                           f"(at least {smallest} px)")
-    if args.imageSize < args.Fang:
-        raise OptionError(f"--imageSize {args.imageSize} cannot hold a {args.Fang} x {args.Fang} grid")
-    if args.GNet == "None" and args.network == "None":
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
+    if config.GNet == "None" and config.network == "None":
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
-    if args.evaluate and args.GNet == "None":
+    if config.evaluate and config.GNet == "None":
         raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
-    if args.selectOn == "test" and args.lowshotmeta:
+    if config.selectOn == "test" and config.lowshotmeta:
         raise OptionError("--selectOn test with --lowshotmeta would select stage 2's weights on the test setup's "
                           "novel classes of the ImageNet-1K low-shot benchmark; use --selectOn val (the validation "
                           "setup's)")
-    if args.galleryExclude == "episode" and (args.deform == "none" or args.gallerySelect != "nearest"):
+    if config.galleryExclude == "episode" and (config.deform == "none" or config.gallerySelect != "nearest"):
         raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
                           "--gallerySelect nearest and deformed images (--deform learned or random)")
+    return config
 
 
 def lowshot_parser() -> argparse.ArgumentParser:

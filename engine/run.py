@@ -8,43 +8,45 @@ import fcntl
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from engine.options import TrainConfig
 from utils.checkpoint import atomic_save, safe_load
 from utils.distributed import DistInfo, raise_together
 from utils.errors import OptionError, TrainingDiverged
 from utils.files import RUNS_DIR, read_csv, write_json
+from utils.forward import load_scaler_state
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt
 
 LOCK_FILE = ".lock"  # in the run folder: "<pid> <host>" of the process training the run
 
-def check_run_dir(name: str, resume: bool, overwrite: bool, runs_dir: Path = RUNS_DIR) -> Path:
-    """``runs/<name>``; refuses a folder that holds a run unless resuming or overwriting. Writes nothing."""
-    run_dir = runs_dir / name
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (resume or overwrite):
-        raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
-    if resume and not (run_dir / "resume.pt").is_file():
-        raise OptionError(f"--resume: no resumable state {run_dir / 'resume.pt'}")
-    return run_dir
-
-
-def open_run(args, resume_keys: tuple[str, ...], runs_dir: Path = RUNS_DIR) -> tuple[Path, dict[str, Any] | None]:
-    """The run folder of ``args.tensorname`` and, with ``--resume``, its saved state.
+def open_run(config: TrainConfig, resume_keys: tuple[str, ...],
+             runs_dir: Path = RUNS_DIR) -> tuple[Path, dict[str, Any] | None]:
+    """The run folder ``runs/<tensorname>`` and, with ``--resume``, its saved state. Writes nothing.
 
     Raises:
-        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was
-            given, or the saved run used other values for any of ``resume_keys``.
+        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was given,
+            ``--resume`` finds no saved state, or the saved run used other values for any of ``resume_keys``.
     """
-    run_dir = check_run_dir(args.tensorname, args.resume, args.overwrite, runs_dir)
-    if not args.resume:
+    run_dir, state_path = runs_dir / config.tensorname, runs_dir / config.tensorname / "resume.pt"
+    held = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if held and not (config.resume or config.overwrite):
+        raise OptionError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start anew")
+    if not config.resume:
         return run_dir, None
-    state = safe_load(run_dir / "resume.pt")
+    if not state_path.is_file():
+        raise OptionError(f"--resume: no resumable state {state_path}")
+    state = safe_load(state_path)
     saved = state["args"]
     conflicts = [f"--{k} {saved[k] if k in saved else 'unrecorded (an earlier version wrote it)'} (saved) vs "
-                 f"{getattr(args, k, None)} (now)" for k in resume_keys if saved.get(k) != getattr(args, k, None)]
+                 f"{getattr(config, k, None)} (now)" for k in resume_keys if saved.get(k) != getattr(config, k, None)]
     if conflicts:
         raise OptionError("--resume with incompatible arguments: " + "; ".join(conflicts))
     return run_dir, state
@@ -175,9 +177,10 @@ def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
 
 
 class Run:
-    """One run of a training script, from its folder to its last epoch line.
+    """One run of a training script, from its folder to its last epoch line; what both scripts' loops
+    share: :meth:`restore` the resumed state, :meth:`keep_best` weights, :meth:`save_state`, :meth:`stop`.
 
-    ``Run(args, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
+    ``Run(config, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
     state (``resumed``; a larger ``--numEpochs`` extends the run, a smaller one than already
     trained is refused), writing nothing; :meth:`start` then takes the run's lock (one process per
     run, before anything is written), empties the folder of a new run and writes ``args.json`` and
@@ -186,19 +189,19 @@ class Run:
     divergence error. In a distributed run only the main process writes.
 
     Args:
-        args: the parsed flags (``tensorname``, ``resume``, ``overwrite``; all are saved).
+        config: the run's configuration (``tensorname``, ``resume``, ``overwrite``; all of it is saved).
         resume_keys: flags a resumed run must share with the saved one.
         fields: the columns of ``metrics.csv``.
         checkpoint: the run's main weights file, named in messages.
     """
 
-    def __init__(self, args, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
+    def __init__(self, config: TrainConfig, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  info: DistInfo = DistInfo()) -> None:
-        self.dir, self.resumed = open_run(args, resume_keys)
-        if self.resumed is not None and self.resumed["epoch"] > args.numEpochs:
-            raise OptionError(f"--numEpochs {args.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
+        self.dir, self.resumed = open_run(config, resume_keys)
+        if self.resumed is not None and self.resumed["epoch"] > config.numEpochs:
+            raise OptionError(f"--numEpochs {config.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
                               f"{self.dir} has already trained")
-        self.args, self.fields, self.checkpoint, self.info = dict(vars(args)), fields, checkpoint, info
+        self.args, self.fields, self.checkpoint, self.info = asdict(config), fields, checkpoint, info
         self.log_file: MetricsLog | None = None
         self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
 
@@ -221,11 +224,45 @@ class Run:
             write_json(self.dir / "args.json", self.args)
             self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        """Write the resumable state (``state`` plus the arguments) atomically."""
+    def restore(self, model: nn.Module, objects: dict[str, Any], progress: dict, record: dict,
+                unit: str) -> tuple[int, dict, dict]:
+        """A resumed run's state loaded into ``model`` and ``objects`` (optimisers, schedulers and the
+        scaler, by their key in the state, as :meth:`save_state` takes them); returns its ``(epoch,
+        progress, record)``, for a new run ``(0, progress, record)`` as given. ``unit`` names a step
+        in the resuming line."""
+        if self.resumed is None:
+            return 0, progress, record
+        model.load_state_dict(self.resumed["model"])
+        for key, obj in objects.items():
+            if isinstance(obj, torch.amp.GradScaler):
+                load_scaler_state(obj, self.resumed.get(key))
+            else:
+                obj.load_state_dict(self.resumed[key])
+        epoch, progress = self.resumed["epoch"], self.resumed["progress"]
         if self.is_main:
-            atomic_save({**state, "args": self.args}, self.state_path)
+            print(f"resuming {self.args['tensorname']} at epoch {epoch}, {unit} {progress['step']}")
+        return epoch, progress, self.resumed["record"]
+
+    def save_state(self, epoch: int, progress: dict, record: dict, model_state: dict[str, torch.Tensor],
+                   objects: dict[str, Any], **extra: Any) -> None:
+        """Write the resumable state atomically: the model's, the ``state_dict()`` of each of ``objects``
+        (optimisers, schedulers, the scaler, by key), the epoch to continue at, its progress, the
+        record, ``extra`` and the arguments."""
+        if self.is_main:
+            atomic_save({"model": model_state, **{key: obj.state_dict() for key, obj in objects.items()},
+                         "epoch": epoch, "progress": progress, "record": record, **extra, "args": self.args},
+                        self.state_path)
         self._saved = True
+
+    def keep_best(self, record: dict, key: str, value: float, weights: Callable[[], dict], path: Path,
+                  lowest: bool = False) -> None:
+        """When ``value`` is the best so far (the highest, or with ``lowest`` the lowest; ``record[key]``
+        holds it, None before the first), note it and save ``weights()`` atomically to ``path``."""
+        best = record[key]
+        if best is None or (value < best if lowest else value > best):
+            record[key] = value
+            if self.is_main:
+                atomic_save(weights(), path)
 
     def log(self, row: dict[str, Any]) -> int:
         """Append ``row`` to metrics.csv; returns the rows written so far (for the resumable state)."""

@@ -2,7 +2,6 @@
 epoch and the val few-shot monitor."""
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from datasets.loaders import StopSafeLoader, worker_init_for
 from datasets.lowshot import read_stage_split
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
+from engine.options import Stage1Config
 from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
@@ -33,53 +33,53 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backb
                "filesPerClass", "crop", "memoryFormat", "preciseBN")
 
 
-def load_data(args: argparse.Namespace, device: torch.device, info: DistInfo):
+def load_data(config: Stage1Config, device: torch.device, info: DistInfo):
     """The soft-random training set, its seeded sampler and loader (this process's share of each
     batch), and the val split."""
-    train, dropped = scan_split(read_stage_split(args.dataroot, "train", args.lowshotmeta), args.skipBadImages,
-                                args.nthreads)
-    val, dropped_val = scan_split(read_stage_split(args.dataroot, "val", args.lowshotmeta), args.skipBadImages,
-                                  args.nthreads)
+    train, dropped = scan_split(read_stage_split(config.dataroot, "train", config.lowshotmeta), config.skipBadImages,
+                                config.nthreads)
+    val, dropped_val = scan_split(read_stage_split(config.dataroot, "val", config.lowshotmeta), config.skipBadImages,
+                                  config.nthreads)
     if dropped + dropped_val and info.is_main:
         print(f"left out {dropped + dropped_val} unreadable image(s) (--skipBadImages)")
-    if args.valEpisodes and val.min_class_size() < 5 + args.valQueries:
-        raise OptionError(f"--valQueries {args.valQueries}: val classes need 5 + {args.valQueries} images, "
+    if config.valEpisodes and val.min_class_size() < 5 + config.valQueries:
+        raise OptionError(f"--valQueries {config.valQueries}: val classes need 5 + {config.valQueries} images, "
                           f"the smallest has {val.min_class_size()}")
-    dataset = SoftRandomDataset(train, args.imageSize, args.Fang, args.filesPerClass, crop=args.crop)
-    sampler = SeededSampler(len(dataset), args.seed, info.rank, info.world_size)
-    if args.batchSize % info.world_size:
-        raise OptionError(f"--batchSize {args.batchSize} is not divisible by the {info.world_size} processes")
-    loader = StopSafeLoader(dataset, batch_size=args.batchSize // info.world_size, sampler=sampler,
-                        num_workers=args.nthreads, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=args.nthreads > 0, prefetch_factor=4 if args.nthreads > 0 else None,
+    dataset = SoftRandomDataset(train, config.imageSize, config.Fang, config.filesPerClass, crop=config.crop)
+    sampler = SeededSampler(len(dataset), config.seed, info.rank, info.world_size)
+    if config.batchSize % info.world_size:
+        raise OptionError(f"--batchSize {config.batchSize} is not divisible by the {info.world_size} processes")
+    loader = StopSafeLoader(dataset, batch_size=config.batchSize // info.world_size, sampler=sampler,
+                        num_workers=config.nthreads, pin_memory=device.type == "cuda", drop_last=False,
+                        persistent_workers=config.nthreads > 0, prefetch_factor=4 if config.nthreads > 0 else None,
                         worker_init_fn=worker_init_for(device))
     return train, val, sampler, loader
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build_model(config: Stage1Config, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The network (random of ``--backbone``, or ``--network``) and Adam with the original's learning-rate
     groups.
 
     Raises:
         OptionError: ``--backbone`` names another backbone than the ``--network`` checkpoint holds.
     """
-    if args.network == "None":
-        model = EmbeddingNet(num_classes, args.backbone or DEFAULT_BACKBONE)
-        groups = [{"params": model.parameters(), "lr": args.LR}]
+    if config.network == "None":
+        model = EmbeddingNet(num_classes, config.backbone or DEFAULT_BACKBONE)
+        groups = [{"params": model.parameters(), "lr": config.LR}]
     else:
-        path = resolve_checkpoint(args.network, "--network")
+        path = resolve_checkpoint(config.network, "--network")
         model = load_embedding(path, num_classes)
-        if args.backbone not in (None, model.backbone_name):
-            raise OptionError(f"--backbone {args.backbone} contradicts --network {args.network}: {path} holds a "
+        if config.backbone not in (None, model.backbone_name):
+            raise OptionError(f"--backbone {config.backbone} contradicts --network {config.network}: {path} holds a "
                               f"{model.backbone_name}")
         fc = list(model.convnet.fc.parameters())
         rest = [p for n, p in model.named_parameters() if not n.startswith("convnet.fc.")]
-        groups = [{"params": fc, "lr": args.LR * 0.1}, {"params": rest, "lr": args.LR}]
+        groups = [{"params": fc, "lr": config.LR * 0.1}, {"params": rest, "lr": config.LR}]
     return model, torch.optim.Adam(groups)
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                    device: torch.device, epoch: int, args: argparse.Namespace, info: DistInfo, progress: dict,
+                    device: torch.device, epoch: int, config: Stage1Config, info: DistInfo, progress: dict,
                     stop: Callable[[], bool], timer: Timer = NO_TIMER,
                     scaler: torch.amp.GradScaler | None = None) -> None:
     """Train the epoch's batches, adding each to ``progress``; ``scaler`` scales the loss under
@@ -97,13 +97,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             that batch).
     """
     model.train()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (args.progress and info.is_main), leave=False)
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (config.progress and info.is_main), leave=False)
     start = time.perf_counter()
     for batch in timed_items(loader, timer):
         with timer.section("prepare"):
             images = compute_layout(batch[0].to(device, non_blocking=True))
             labels = batch[1].to(device, non_blocking=True)
-        with timer.section("forward"), autocast(device, args.amp):
+        with timer.section("forward"), autocast(device, config.amp):
             logits = model(images)
             loss = criterion(logits.float(), labels)
         with timer.section("bookkeeping"):
@@ -175,8 +175,8 @@ def multi_gpu_hint(device: torch.device, info: DistInfo) -> str | None:
             "the same statistics)")
 
 
-def evaluate(model: nn.Module, val, args, device, info: DistInfo = DistInfo(), stop: Callable[[], bool] | None = None,
-             suffix: str = "") -> dict[str, float]:
+def evaluate(model: nn.Module, val, config: Stage1Config, device, info: DistInfo = DistInfo(),
+             stop: Callable[[], bool] | None = None, suffix: str = "") -> dict[str, float]:
     """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
     each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``.
     Under distribution the episodes are sharded over the ranks and every rank returns the numbers of
@@ -184,18 +184,18 @@ def evaluate(model: nn.Module, val, args, device, info: DistInfo = DistInfo(), s
     ``stop()`` becomes true (in any rank)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
-    cache = FeatureCache(net.features, len(val), device, args.batchSize, bool(args.amp))
+    cache = FeatureCache(net.features, len(val), device, config.batchSize, bool(config.amp))
     out = {}
     for shots in (1, 5):
-        accs = evaluate_embedding(net.features, val, args.imageSize, 5, shots, args.valQueries, args.valEpisodes,
-                                  args.seed, device, 1, args.batchSize, args.nthreads, args.amp,
-                                  desc=f"val {shots}-shot", progress=bool(args.progress) and info.is_main, stop=stop,
+        accs = evaluate_embedding(net.features, val, config.imageSize, 5, shots, config.valQueries, config.valEpisodes,
+                                  config.seed, device, 1, config.batchSize, config.nthreads, config.amp,
+                                  desc=f"val {shots}-shot", progress=bool(config.progress) and info.is_main, stop=stop,
                                   cache=cache, info=info)
         out[f"val_{shots}shot{suffix}"], out[f"val_{shots}shot{suffix}_ci"] = mean_ci95([100 * a for a in accs])
     return out
 
 
-def precise_copy(model: nn.Module, files: list, args: argparse.Namespace, device: torch.device,
+def precise_copy(model: nn.Module, files: list, config: Stage1Config, device: torch.device,
                  stop: Callable[[], bool] | None = None) -> EmbeddingNet:
     """A plain :class:`EmbeddingNet` on ``device`` holding ``model``'s weights (unwrapped from
     DataParallel, DistributedDataParallel and synchronised BatchNorm) with its BatchNorm running
@@ -204,7 +204,7 @@ def precise_copy(model: nn.Module, files: list, args: argparse.Namespace, device
     twin = EmbeddingNet(net.convnet.fc.out_features, net.backbone_name)
     twin.load_state_dict(plain_state(model))
     twin = layout_model(twin.to(device))
-    reestimate(twin, files, args.imageSize, args.batchSize, args.nthreads, device, bool(args.progress), stop)
+    reestimate(twin, files, config.imageSize, config.batchSize, config.nthreads, device, bool(config.progress), stop)
     return twin
 
 

@@ -2,7 +2,6 @@
 epoch, an evaluation pass, the per-epoch metrics and the test report."""
 from __future__ import annotations
 
-import argparse
 import math
 import time
 import warnings
@@ -31,6 +30,7 @@ from engine.episode import (
 )
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
+from engine.options import Stage2Config
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
 from models.protonet import prototypes, squared_distances
@@ -56,71 +56,71 @@ SYNC_EVERY = 16
 PICTURE_DIR = Path("picture")
 
 
-def load_splits(args: argparse.Namespace, need_train: bool):
+def load_splits(config: Stage2Config, need_train: bool):
     names = (["train"] if need_train else []) + ["val", "test"]
     out, dropped = {}, 0
     for name in names:
-        out[name], bad = scan_split(read_stage_split(args.dataroot, name, args.lowshotmeta), args.skipBadImages,
-                                    args.nthreads)
+        out[name], bad = scan_split(read_stage_split(config.dataroot, name, config.lowshotmeta), config.skipBadImages,
+                                    config.nthreads)
         dropped += bad
-    out.setdefault("train", read_stage_split(args.dataroot, "train", args.lowshotmeta))
+    out.setdefault("train", read_stage_split(config.dataroot, "train", config.lowshotmeta))
     if dropped:
         print(f"left out {dropped} unreadable image(s) (--skipBadImages)")
-    for name, ways in (("train", args.trainways), ("val", args.ways), ("test", args.ways)):
+    for name, ways in (("train", config.trainways), ("val", config.ways), ("test", config.ways)):
         split = out[name]
         if ways > split.num_classes:
             raise OptionError(f"--{'trainways' if name == 'train' else 'ways'} {ways} is larger than the "
                               f"{split.num_classes} classes of split {name}")
-        need = args.shots + args.test_num if not args.overlap else max(args.shots, args.test_num)
+        need = config.shots + config.test_num if not config.overlap else max(config.shots, config.test_num)
         if split.min_class_size() < need:
-            raise OptionError(f"--shots {args.shots} + --test_num {args.test_num}: split {name} has a class with "
+            raise OptionError(f"--shots {config.shots} + --test_num {config.test_num}: split {name} has a class with "
                               f"only {split.min_class_size()} images")
-    if args.galleryNum > out["train"].min_class_size():
-        raise OptionError(f"--galleryNum {args.galleryNum} is larger than the smallest base class "
+    if config.galleryNum > out["train"].min_class_size():
+        raise OptionError(f"--galleryNum {config.galleryNum} is larger than the smallest base class "
                           f"({out['train'].min_class_size()} images)")
-    shortlisted = out["train"].num_classes - (args.trainways if args.galleryExclude == "episode" else 0)
-    if args.gallerySelect == "nearest" and args.chooseNum > args.galleryNum * shortlisted:
-        raise OptionError(f"--chooseNum {args.chooseNum} is larger than the gallery a shortlist draws from "
-                          f"({args.galleryNum} x {shortlisted} classes)")
+    shortlisted = out["train"].num_classes - (config.trainways if config.galleryExclude == "episode" else 0)
+    if config.gallerySelect == "nearest" and config.chooseNum > config.galleryNum * shortlisted:
+        raise OptionError(f"--chooseNum {config.chooseNum} is larger than the gallery a shortlist draws from "
+                          f"({config.galleryNum} x {shortlisted} classes)")
     return out
 
 
-def prepare(args: argparse.Namespace, device: torch.device, need_train: bool,
+def prepare(config: Stage2Config, device: torch.device, need_train: bool,
             stop: Callable[[], bool] | None = None) -> tuple[dict, IDeMeNet, Gallery | None]:
     """The checked splits, the model on ``device`` (global generators seeded first, so a fresh
     deformation network comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
-    splits = load_splits(args, need_train)
-    configure_backend(device, args.deterministic, args.seed, args.memoryFormat, bool(args.tf32))
-    model = build_model(args, device)
+    splits = load_splits(config, need_train)
+    configure_backend(device, config.deterministic, config.seed, config.memoryFormat, bool(config.tf32))
+    model = build_model(config, device)
     if model.fc.out_features != splits["train"].num_classes:
         raise OptionError(f"the checkpoint's fc has {model.fc.out_features} classes, split train has "
                           f"{splits['train'].num_classes}")
     gallery = None
-    if args.deform != "none" or args.galleryBN == "train":  # the pass sets the statistics of every variant
-        gallery = Gallery(splits["train"], args.galleryNum, args.imageSize, args.nthreads,
-                          progress=bool(args.progress), stop=stop)
+    if config.deform != "none" or config.galleryBN == "train":  # the pass sets the statistics of every variant
+        gallery = Gallery(splits["train"], config.galleryNum, config.imageSize, config.nthreads,
+                          progress=bool(config.progress), stop=stop)
     return splits, model, gallery
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> IDeMeNet:
-    name, flag = (args.GNet, "--GNet") if args.GNet != "None" else (args.network, "--network")
-    model = load_idemenet(resolve_checkpoint(name, flag), image_size=args.imageSize, fang=args.Fang,
-                          deform_net=args.deformNet)
+def build_model(config: Stage2Config, device: torch.device) -> IDeMeNet:
+    name, flag = (config.GNet, "--GNet") if config.GNet != "None" else (config.network, "--network")
+    model = load_idemenet(resolve_checkpoint(name, flag), image_size=config.imageSize, fang=config.Fang,
+                          deform_net=config.deformNet)
     return layout_model(model.to(device).eval())
 
 
-def param_groups(model: IDeMeNet, args: argparse.Namespace) -> tuple[list, list]:
+def param_groups(model: IDeMeNet, config: Stage2Config) -> tuple[list, list]:
     """The parameters the prototype loss trains and those the classification loss trains."""
-    meta = [] if args.fixAttention or args.deform != "learned" else model.deformation_parameters()
-    meta = meta + ([] if args.fixScale else [model.scale])
-    cls = [] if args.fixCls else model.embedding_parameters() + list(model.fc.parameters())
+    meta = [] if config.fixAttention or config.deform != "learned" else model.deformation_parameters()
+    meta = meta + ([] if config.fixScale else [model.scale])
+    cls = [] if config.fixCls else model.embedding_parameters() + list(model.fc.parameters())
     trainable = {id(p) for p in meta + cls}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return meta, cls
 
 
-def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, dict]:
+def make_optimizers(model: IDeMeNet, config: Stage2Config) -> tuple[dict, dict]:
     """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key.
 
     Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
@@ -129,10 +129,10 @@ def make_optimizers(model: IDeMeNet, args: argparse.Namespace) -> tuple[dict, di
     stepped. Each Adam steps a parameter group in a few multi-tensor (``foreach``) operations rather
     than some nine per parameter (:func:`foreach_adam`).
     """
-    meta_opt = foreach_adam(model.deformation_parameters(), lr=args.LR)
-    scale_opt = foreach_adam([model.scale], lr=args.LR)
-    cls_opt = foreach_adam([{"params": model.embedding_parameters(), "lr": args.clsLR * 0.1},
-                            {"params": list(model.fc.parameters()), "lr": args.clsLR}])
+    meta_opt = foreach_adam(model.deformation_parameters(), lr=config.LR)
+    scale_opt = foreach_adam([model.scale], lr=config.LR)
+    cls_opt = foreach_adam([{"params": model.embedding_parameters(), "lr": config.clsLR * 0.1},
+                            {"params": list(model.fc.parameters()), "lr": config.clsLR}])
     schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
                   "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}
     return {"meta_opt": meta_opt, "scale_opt": scale_opt, "cls_opt": cls_opt}, schedulers
@@ -164,24 +164,25 @@ def step_schedulers(*schedulers) -> None:
             scheduler.step()
 
 
-def episode_config(args: argparse.Namespace, ways: int, train: bool = False) -> EpisodeConfig:
+def episode_config(config: Stage2Config, ways: int, train: bool = False) -> EpisodeConfig:
     """The episode settings; ``--galleryExclude`` applies to training episodes only (the others'
     classes are never in the gallery)."""
-    return EpisodeConfig(ways, args.augnum, args.chooseNum, args.deform, args.gallerySelect,
-                         args.galleryExclude if train else "none", args.batchSize, bool(args.amp))
+    return EpisodeConfig(ways, config.augnum, config.chooseNum, config.deform, config.gallerySelect,
+                         config.galleryExclude if train else "none", config.batchSize, bool(config.amp))
 
 
-def episodes(split, args, ways: int, count: int, stream: int, gallery_size: int,
+def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, gallery_size: int,
              evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
     """The episodes of ``split`` (``stream``: TRAIN_STREAM, VAL_STREAM or TEST_STREAM). Evaluation
     episodes decode only what cached features cannot replace: the support images, to deform them.
     Training episodes whose features come from the run's ``cache`` (``--fixCls 1``) decode the support
     images and only the query images the cache will not hold yet when the episode runs (``decode="new"``:
     call ``set_epoch`` right before iterating, and run the episodes in order through that cache)."""
-    draws = None if args.deform == "none" else AugmentDraws(args.augnum, args.chooseNum, gallery_size, args.Fang ** 2)
-    decode = ("none" if args.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
-    return EpisodeDataset(split, args.imageSize, ways, args.shots, args.test_num, count, args.seed, stream,
-                          bool(args.overlap), draws, decode, None if decode != "new" else cache.known)
+    draws = None if config.deform == "none" else AugmentDraws(episode_config(config, ways, stream == TRAIN_STREAM),
+                                                              gallery_size, config.Fang ** 2)
+    decode = ("none" if config.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
+    return EpisodeDataset(split, config.imageSize, ways, config.shots, config.test_num, count, config.seed, stream,
+                          bool(config.overlap), draws, decode, None if decode != "new" else cache.known)
 
 
 def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):
@@ -329,7 +330,7 @@ def class_names(loader, classes: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, args: argparse.Namespace,
+def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, options: Stage2Config,
              device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
              stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None, cached: bool = True) -> dict:
     """Accuracies with and without deformation, losses and diagnostics' sums over the dataset's episodes.
@@ -345,16 +346,16 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
         ``acc``, ``plain`` and ``loss`` (one value per episode), ``sums`` (the diagnostics' sums,
         :mod:`engine.diagnostics`) and ``first`` (the first episode's result when ``keep_first``).
     """
-    config = episode_config(args, dataset.ways)
+    config = episode_config(options, dataset.ways)
     if cached:
-        cache = cache or FeatureCache(embed, len(dataset.split), device, args.batchSize, bool(args.amp))
-        cache.fill(dataset, args.nthreads, bool(args.progress), f"{desc} images", stop)
+        cache = cache or FeatureCache(embed, len(dataset.split), device, options.batchSize, bool(options.amp))
+        cache.fill(dataset, options.nthreads, bool(options.progress), f"{desc} images", stop)
     else:
         cache = None
     per_episode, first, sums = [], None, new_sums()
     device_sums = DeviceSums(sums, device)
-    for episode in tqdm(timed_items(episode_loader(dataset, args.nthreads, device), timer), total=len(dataset),
-                        desc=desc, disable=not args.progress, leave=False):
+    for episode in tqdm(timed_items(episode_loader(dataset, options.nthreads, device), timer), total=len(dataset),
+                        desc=desc, disable=not options.progress, leave=False):
         result = run_episode(model, episode, bank, config, device, embed=embed, timer=timer, cache=cache)
         with timer.section("bookkeeping"):
             per_episode.append(torch.stack([result.accuracy, result.plain_accuracy, result.proto_loss.float()]))
@@ -389,33 +390,33 @@ def selection_columns(stats: dict, split: str) -> dict:
             "select_loss": sum(stats["loss"]) / len(stats["loss"]), **columns(stats["sums"], "select")}
 
 
-def report(stats: dict, args, split: str) -> dict:
+def report(stats: dict, config: Stage2Config, split: str) -> dict:
     """Print the accuracy lines and return the numbers for the JSON summary (percent)."""
-    ways = args.ways
+    ways = config.ways
     deformed, plain = stats["acc"], stats["plain"]
     diff = [a - b for a, b in zip(deformed, plain)]
     mean, ci = mean_ci95([100 * a for a in deformed])
     pmean, pci = mean_ci95([100 * a for a in plain])
     dmean, dci = mean_ci95([100 * d for d in diff])
-    print(format_accuracy(ways, args.shots, split, deformed, args.seed))
-    print(format_accuracy(ways, args.shots, split, plain, args.seed)
+    print(format_accuracy(ways, config.shots, split, deformed, config.seed))
+    print(format_accuracy(ways, config.shots, split, plain, config.seed)
           .replace(" accuracy:", " accuracy without deformation:"))
     print(f"difference (with - without deformation): {dmean:+.2f} +- {dci:.2f} % (paired, same episodes)")
-    return {"split": split, "ways": ways, "shots": args.shots, "episodes": len(deformed), "seed": args.seed,
+    return {"split": split, "ways": ways, "shots": config.shots, "episodes": len(deformed), "seed": config.seed,
             "accuracy": mean, "ci95": ci, "plain_accuracy": pmean, "plain_ci95": pci, "difference": dmean,
-            "difference_ci95": dci, "loss": sum(stats["loss"]) / len(stats["loss"]), "deform": args.deform,
-            "gallerySelect": args.gallerySelect, "galleryBN": args.galleryBN,
-            "checkpoint": args.GNet if args.evaluate else args.tensorname,
-            "weights": "checkpoint" if args.evaluate else args.testWeights}
+            "difference_ci95": dci, "loss": sum(stats["loss"]) / len(stats["loss"]), "deform": config.deform,
+            "gallerySelect": config.gallerySelect, "galleryBN": config.galleryBN,
+            "checkpoint": config.GNet if config.evaluate else config.tensorname,
+            "weights": "checkpoint" if config.evaluate else config.testWeights}
 
 
-def write_figure(result, args, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
+def write_figure(result, config: Stage2Config, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
     """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if it has any;
     ``relation`` (:func:`engine.episode.gallery_relation`) marks each gallery image's class (none: of
     no class of the episode, as at val and test)."""
     if result is None or result.deformed is None:
         return None
-    path = PICTURE_DIR / f"{args.tensorname}_deformed{suffix}.png"
+    path = PICTURE_DIR / f"{config.tensorname}_deformed{suffix}.png"
     save_deformation_figure(path, result.probes, result.gallery_images, result.weights, result.deformed, relation)
     return path
 

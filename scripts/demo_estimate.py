@@ -34,9 +34,8 @@ from engine.options import (  # noqa: E402
     add_files_per_class_flag,
     add_gallery_num_flag,
     add_image_size_flag,
-    resolve_stage2_args,
-    stage1_parser,
-    stage2_parser,
+    stage1_config,
+    stage2_config,
 )
 from models import IDeMeNet  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
@@ -83,40 +82,38 @@ def timed_steps(run, steps: int) -> float:
 def main(a: argparse.Namespace) -> int:
     device = torch.device("cpu")
     torch.manual_seed(0)
-    common = ["--dataroot", a.dataroot, "--imageSize", str(a.imageSize), "--nthreads", str(a.nthreads), "--device",
-              "cpu", "--progress", "0", "--tensorname", "estimate"]
-    args1 = stage1_parser().parse_args([*common, "--batchSize", str(a.stage1Batch), "--valEpisodes", "0",
-                                        "--filesPerClass", str(a.filesPerClass)])
-    train, val, _, loader = stage1.load_data(args1, device, DistInfo())
-    net, optimizer = stage1.build_model(args1, train.num_classes)
+    common = {"dataroot": a.dataroot, "imageSize": a.imageSize, "nthreads": a.nthreads, "device": "cpu", "progress": 0,
+              "tensorname": "estimate"}
+    config1 = stage1_config(**common, batchSize=a.stage1Batch, valEpisodes=0, filesPerClass=a.filesPerClass)
+    train, val, _, loader = stage1.load_data(config1, device, DistInfo())
+    net, optimizer = stage1.build_model(config1, train.num_classes)
     net = stage1.distribute(net, device, DistInfo())
     step1 = timed_steps(lambda stop: stage1.train_one_epoch(net, nn.CrossEntropyLoss(), optimizer, loader, device, 0,
-                                                            args1, DistInfo(), stage1.new_progress(), stop), 2)
+                                                            config1, DistInfo(), stage1.new_progress(), stop), 2)
     net.eval()
     tick = time.perf_counter()
     with torch.no_grad():
         net.features(compute_layout(torch.randn(64, 3, a.imageSize, a.imageSize)))
     per_image = (time.perf_counter() - tick) / 64
 
-    args2 = stage2_parser().parse_args([*common, "--network", "random-init", "--galleryNum", str(a.galleryNum),
-                                        "--fixCls", "1"])
-    resolve_stage2_args(args2, device)
-    splits = stage2.load_splits(args2, need_train=True)
-    model = layout_model(IDeMeNet(train.num_classes, a.imageSize, args2.Fang).eval())
+    config2 = stage2_config(device, **common, network="random-init", galleryNum=a.galleryNum, fixCls=1)
+    splits = stage2.load_splits(config2, need_train=True)
+    model = layout_model(IDeMeNet(train.num_classes, a.imageSize, config2.Fang).eval())
     tick = time.perf_counter()
     bank = GalleryBank(Gallery(splits["train"], a.galleryNum, a.imageSize, a.nthreads, progress=False), model,
-                       device, args2.batchSize)
+                       device, config2.batchSize)
     gallery_s = time.perf_counter() - tick
-    groups, (optimizers, _) = stage2.param_groups(model, args2), stage2.make_optimizers(model, args2)
-    train_set = stage2.episodes(splits["train"], args2, args2.trainways, 4, stage2.TRAIN_STREAM, len(bank))
-    cache = FeatureCache(model.embed, len(splits["train"]), device, args2.batchSize)
+    groups, (optimizers, _) = stage2.param_groups(model, config2), stage2.make_optimizers(model, config2)
+    train_set = stage2.episodes(splits["train"], config2, config2.trainways, 4, stage2.TRAIN_STREAM, len(bank))
+    cache = FeatureCache(model.embed, len(splits["train"]), device, config2.batchSize)
+    train_config = stage2.episode_config(config2, config2.trainways, True)
     episode2 = timed_steps(lambda stop: stage2.train_one_epoch(
-        model, episode_loader(train_set, a.nthreads, device), bank, stage2.episode_config(args2, args2.trainways, True),
+        model, episode_loader(train_set, a.nthreads, device), bank, train_config,
         device, 0, groups, optimizers, model.embed, stage2.new_progress(), stop, show=False, cache=cache), 2)
-    test_set = stage2.episodes(splits["test"], args2, args2.ways, 4, stage2.TEST_STREAM, len(bank), evaluation=True)
-    test_cache = FeatureCache(model.embed, len(splits["test"]), device, args2.batchSize)
+    test_set = stage2.episodes(splits["test"], config2, config2.ways, 4, stage2.TEST_STREAM, len(bank), evaluation=True)
+    test_cache = FeatureCache(model.embed, len(splits["test"]), device, config2.batchSize)
     test_cache.fill(test_set, a.nthreads, progress=False)
-    evaluation = timed_steps(lambda stop: stage2.evaluate(model, test_set, bank, args2, device, "estimate",
+    evaluation = timed_steps(lambda stop: stage2.evaluate(model, test_set, bank, config2, device, "estimate",
                                                           model.embed, stop=stop, cache=test_cache), 2)
 
     samples = len(loader.dataset)  # stage 1's list, used twice per epoch

@@ -52,7 +52,15 @@ from datasets.transforms import prepare_images
 from engine import stage1, stage2
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
-from engine.options import add_batch_flag, add_image_size_flag, resolve_stage2_args, stage1_parser, stage2_parser
+from engine.options import (
+    Stage1Config,
+    Stage2Config,
+    add_batch_flag,
+    add_image_size_flag,
+    stage1_config,
+    stage1_parser,
+    stage2_config,
+)
 from models import EmbeddingNet, IDeMeNet
 from utils.distributed import DistInfo, run_distributed
 from utils.errors import InputError, OptionError, TrainingDiverged
@@ -198,11 +206,9 @@ class FirstItems:
         return round(self.units / (time.perf_counter() - self.since), 2)
 
 
-def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, *extra: str) -> argparse.Namespace:
-    return stage1_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--batchSize",
-                                       str(a.batchSize), "--tensorname", "gpu_check", "--device", str(device),
-                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--filesPerClass", "0",
-                                       "--progress", "0", *extra])
+def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, **flags) -> Stage1Config:
+    return stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0, **flags)
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
@@ -233,13 +239,10 @@ def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
 
 
 def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                *extra: str) -> argparse.Namespace:
-    args = stage2_parser().parse_args(["--dataroot", str(root), "--imageSize", str(a.imageSize), "--network",
-                                       "gpu_check_stage1", "--shots", str(shots), "--device", str(device),
-                                       "--amp", str(int(amp)), "--nthreads", str(a.nthreads), "--galleryNum", "5",
-                                       "--chooseNum", "5", "--progress", "0", "--tensorname", "gpu_check", *extra])
-    resolve_stage2_args(args, device)
-    return args
+                **flags) -> Stage2Config:
+    return stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
+                         tensorname="gpu_check", **flags)
 
 
 def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
@@ -355,7 +358,7 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
-    args = stage2_args(root, a, device, amp, 1, "--fixCls", str(fix_cls))
+    args = stage2_args(root, a, device, amp, 1, fixCls=fix_cls)
     splits, model, gallery = stage2.prepare(args, device, need_train=True)
     groups = stage2.param_groups(model, args)
     optimizers, _ = stage2.make_optimizers(model, args)
@@ -476,7 +479,7 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
 
 # --------------------------------------------------------------- torchrun on two ranks (2+ GPUs, or gloo on the CPU)
 
-def rank_epoch(kind: str, args: argparse.Namespace, device: torch.device, info: DistInfo, outcome: dict) -> int:
+def rank_epoch(kind: str, args: Stage1Config, device: torch.device, info: DistInfo, outcome: dict) -> int:
     """Stage 1 on this rank as classification.py builds it (padded sampler, loader, distributed model):
     ``steps``, one epoch (``outcome`` gets the items, this rank's share and its steps); ``nan``, three
     batches, the loss of the second NaN on rank 1 alone (the loss, not the images: synchronised BatchNorm
@@ -513,8 +516,9 @@ def worker(a: argparse.Namespace) -> int:
             runpy.run_path(sys.argv[0], run_name="__main__")
             status = 0
         else:
-            status = run_cli(lambda args: run_distributed(lambda *call: rank_epoch(a.worker, *call, outcome), args,
-                                                          resolve_device(args)), stage1_parser(), a.stage1Flags)
+            status = run_cli(lambda args: run_distributed(lambda *call: rank_epoch(a.worker, *call, outcome),
+                                                          stage1_config(**vars(args)), resolve_device(args)),
+                             stage1_parser(), a.stage1Flags)
     except SystemExit as exit_:  # the script's own exit, or a flag refused by argparse
         status = exit_.code or 0
     write_json(Path(f"{a.worker}_rank{outcome['rank']}.json"), {**outcome, "exit": status})

@@ -116,14 +116,13 @@ def read_metrics(path: Path, timing: bool = True) -> list[dict[str, str]]:
     return [{key: value for key, value in row.items() if timing or key not in TIMING} for row in read_csv(path)]
 
 
-def stage2_test_args(workdir: Path, *flags: str):
-    """Stage 2's resolved flags for in-process tests on ``workdir`` (:func:`make_workdir`): 32 px,
-    1-shot, 3 queries, 2 deformed copies from a shortlist of 3, 2 gallery images per class, CPU."""
-    from engine.options import resolve_stage2_args, stage2_parser
+def stage2_test_config(workdir: Path, **flags):
+    """Stage 2's configuration for in-process tests on ``workdir`` (:func:`make_workdir`): 32 px,
+    1-shot, 3 queries, 2 deformed copies from a shortlist of 3, 2 gallery images per class, CPU;
+    ``flags`` (by flag name) on top."""
+    from engine.options import stage2_config
 
-    args = stage2_parser().parse_args(["--dataroot", str(workdir / "toy"), "--tensorname", "inprocess", "--network",
-                                       str(workdir / "models/stage1.t7"), "--imageSize", "32", "--shots", "1",
-                                       "--test_num", "3", "--augnum", "2", "--chooseNum", "3", "--galleryNum", "2",
-                                       "--nthreads", "0", "--progress", "0", "--device", "cpu", *flags])
-    resolve_stage2_args(args, torch.device("cpu"))
-    return args
+    return stage2_config(torch.device("cpu"), **{
+        "dataroot": str(workdir / "toy"), "tensorname": "inprocess", "network": str(workdir / "models/stage1.t7"),
+        "imageSize": 32, "shots": 1, "test_num": 3, "augnum": 2, "chooseNum": 3, "galleryNum": 2, "nthreads": 0,
+        "progress": 0, "device": "cpu", **flags})

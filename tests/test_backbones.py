@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from datasets import SoftRandomDataset
-from engine.options import stage1_parser
+from engine.options import stage1_config, stage1_parser
 from engine.run import open_run
 from engine.stage1 import RESUME_KEYS
 from models import BACKBONES, EmbeddingNet, IDeMeNet, feature_size, infer_backbone, load_embedding, load_idemenet
@@ -197,7 +197,7 @@ def test_stage1_trains_a_resnet10_on_every_file_and_resume_keeps_the_backbone(wo
     assert load_embedding(workdir / "models/r10_all.t7").backbone_name == "resnet10"
     saved = json.loads((workdir / "runs/r10_all/args.json").read_text())
     assert saved["backbone"] == "resnet10" and saved["filesPerClass"] == 0
-    resumed = stage1_parser().parse_args([*STAGE1, "--backbone", "resnet18", "--filesPerClass", "0",
-                                          "--tensorname", "r10_all", "--resume"])
+    resumed = stage1_config(**vars(stage1_parser().parse_args([*STAGE1, "--backbone", "resnet18", "--filesPerClass",
+                                                               "0", "--tensorname", "r10_all", "--resume"])))
     with pytest.raises(OptionError, match="--backbone resnet10 \\(saved\\) vs resnet18 \\(now\\)"):
         open_run(resumed, RESUME_KEYS, workdir / "runs")

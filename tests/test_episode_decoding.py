@@ -17,7 +17,7 @@ from datasets.images import load_rgb
 from datasets.loaders import episode_loader
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
-from tests.scripts_helpers import stage2_test_args
+from tests.scripts_helpers import stage2_test_config
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -55,7 +55,7 @@ class PerEpisode:
 def train_round_one(workdir, splits, monkeypatch, new: bool, workers: int = 0) -> tuple[dict, list, list[int]]:
     """Round 1 (--fixCls 1) over EPOCHS epochs of EPISODES episodes with the run's feature cache: the
     weights, each epoch's progress (time left out) and the images decoded per episode."""
-    args = stage2_test_args(workdir, "--fixCls", "1")
+    args = stage2_test_config(workdir, fixCls=1)
     loads = CountingLoads(load_rgb)
     monkeypatch.setattr(episodes_module, "load_rgb", loads)
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_a_worker_gets_the_plan_of_the_main_process(stage2_workdir, stage2_split
 
 
 def test_the_plan_follows_the_cache_and_the_resumed_start(stage2_workdir, stage2_splits) -> None:
-    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
+    args = stage2_test_config(stage2_workdir, fixCls=1)
     cache = FeatureCache(lambda images: torch.zeros(len(images), 4), len(stage2_splits["train"]), CPU, 16)
     dataset = stage2.episodes(stage2_splits["train"], args, WAYS, EPISODES, stage2.TRAIN_STREAM, 10, cache=cache)
     dataset.set_epoch(1, start=2)

@@ -10,7 +10,7 @@ from torch import nn
 import engine.stage2 as stage2
 from conftest import EPISODE_SIZE, make_episode, make_gallery, normalise, uint8_images
 from engine.episode import EpisodeConfig, GalleryBank, run_episode
-from engine.options import CPU_CHUNK, CUDA_CHUNK, resolve_stage2_args, stage2_parser
+from engine.options import CPU_CHUNK, CUDA_CHUNK, stage2_config, stage2_parser
 from models import EmbeddingNet, IDeMeNet
 
 CPU = torch.device("cpu")
@@ -241,13 +241,12 @@ def step_gallery():
 
 
 def make_args(stage1_file, *flags: str):
-    args = stage2_parser().parse_args([
+    """The stage-2 configuration the script builds from these flags and ``flags``."""
+    return stage2_config(CPU, **vars(stage2_parser().parse_args([
         "--tensorname", "steptest", "--network", str(stage1_file), "--imageSize", str(SIZE), "--Fang", "3",
         "--shots", "1", "--trainways", "3", "--ways", "3", "--test_num", "2", "--augnum", "2", "--chooseNum", "3",
         "--galleryNum", "2", "--batchSize", "16", "--LR", str(LR), "--clsLR", str(CLS_LR), "--device", "cpu",
-        "--nthreads", "0", *flags])
-    resolve_stage2_args(args, torch.device("cpu"))
-    return args
+        "--nthreads", "0", *flags])))
 
 
 def groups(model: IDeMeNet) -> dict[str, list[nn.Parameter]]:
@@ -381,9 +380,7 @@ def test_each_loss_trains_only_its_own_groups_at_the_right_rate(stage1_file, ste
 
 
 @pytest.mark.parametrize("device, given, expected", [
-    ("cpu", None, CPU_CHUNK), ("cuda", None, CUDA_CHUNK), ("cpu", "48", 48), ("cuda", "8", 8)])
+    ("cpu", None, CPU_CHUNK), ("cuda", None, CUDA_CHUNK), ("cpu", 48, 48), ("cuda", 8, 8)])
 def test_forward_chunk_defaults_to_the_device_and_keeps_a_given_value(device, given, expected) -> None:
-    argv = ["--tensorname", "chunk", "--network", "x"] + (["--batchSize", given] if given else [])
-    args = stage2_parser().parse_args(argv)
-    resolve_stage2_args(args, torch.device(device))
-    assert args.batchSize == expected
+    config = stage2_config(torch.device(device), tensorname="chunk", network="x", batchSize=given)
+    assert config.batchSize == expected

@@ -15,6 +15,7 @@ from datasets.images import load_rgb
 from datasets.loaders import CPU_WORKER_NICENESS, episode_loader
 from datasets.splits import Split
 from datasets.transforms import eval_crop
+from engine.episode import EpisodeConfig
 from utils.errors import DataError
 
 SIZE = 32
@@ -52,7 +53,7 @@ def test_same_seed_stream_epoch_index_gives_identical_episode(val_split) -> None
 
 
 def test_dataloader_workers_do_not_change_episodes(val_split) -> None:
-    draws = AugmentDraws(augnum=2, choose_num=4, gallery_size=30, cells=9)
+    draws = AugmentDraws(EpisodeConfig(WAYS, augnum=2, choose_num=4), gallery_size=30, cells=9)
     ds = make(val_split, episodes=5, draws=draws)
     ds.set_epoch(3)
     runs = []
@@ -212,16 +213,16 @@ def test_overlap_allows_classes_smaller_than_shots_plus_queries() -> None:
 
 def test_augment_draws_shapes_and_ranges(val_split) -> None:
     ways, shots = 3, 2
-    draws = AugmentDraws(augnum=4, choose_num=6, gallery_size=25, cells=9)
+    draws = AugmentDraws(EpisodeConfig(ways, augnum=4, choose_num=6), gallery_size=25, cells=9)
     ds = make(val_split, ways=ways, shots=shots, draws=draws)
-    n = ways * shots * draws.augnum
+    n = ways * shots * draws.episode.augnum
     seen_flips = set()
     for index in range(3):
         item = ds[index]
         for key in ("probe_flip", "gallery_flip"):
             assert item[key].dtype == torch.bool and item[key].shape == (n,)
             seen_flips.update(item[key].tolist())
-        for key, high in (("shortlist_pick", draws.choose_num), ("gallery_pick", draws.gallery_size)):
+        for key, high in (("shortlist_pick", draws.episode.choose_num), ("gallery_pick", draws.gallery_size)):
             assert item[key].dtype == torch.long and item[key].shape == (n,)
             assert int(item[key].min()) >= 0 and int(item[key].max()) < high
         weights = item["random_weights"]
@@ -233,7 +234,8 @@ def test_augment_draws_shapes_and_ranges(val_split) -> None:
 
 def test_draws_do_not_change_images(val_split) -> None:
     plain = make(val_split)[2]
-    with_draws = make(val_split, draws=AugmentDraws(augnum=3, choose_num=5, gallery_size=20, cells=9))[2]
+    draws = AugmentDraws(EpisodeConfig(WAYS, augnum=3, choose_num=5), gallery_size=20, cells=9)
+    with_draws = make(val_split, draws=draws)[2]
     for key in plain:
         assert torch.equal(plain[key], with_draws[key])
 

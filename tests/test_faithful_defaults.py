@@ -16,7 +16,7 @@ import engine.stage2 as stage2
 from conftest import make_gallery, normalise, uint8_images
 from datasets import read_split
 from engine.episode import GalleryBank
-from engine.options import resolve_stage2_args, stage1_parser, stage2_parser
+from engine.options import stage1_config, stage2_config, stage2_parser
 from models import DEFORM_NETS, IDeMeNet, SmallDeformNet
 from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
 from utils.checkpoint import safe_load
@@ -38,9 +38,7 @@ def workdir(tmp_path_factory):
 
 def tiny_args(*flags: str):
     """The stage-2 flags of TINY plus ``flags``, resolved as the script resolves them (run in ``workdir``)."""
-    args = stage2_parser().parse_args([*TINY, "--tensorname", "tiny", *flags])
-    resolve_stage2_args(args, CPU)
-    return args
+    return stage2_config(CPU, **vars(stage2_parser().parse_args([*TINY, "--tensorname", "tiny", *flags])))
 
 
 def test_schedules_over_41_epochs_as_the_training_loop_steps_them(workdir, monkeypatch) -> None:
@@ -207,7 +205,7 @@ def test_stage1_builds_torchvisions_resnet18_whose_batchnorm_starts_at_one() -> 
     """Only the deformation network gets PyTorch 0.4.0's BatchNorm: the network stage 1 trains from scratch
     (docs/original.md §3.1) is torchvision's ResNet-18 with a 64-way fc, drawn as torchvision draws it, whose
     ResNet sets every BatchNorm weight to 1 and bias to 0 (in torchvision 0.2 as today)."""
-    args = stage1_parser().parse_args(["--tensorname", "init", "--device", "cpu"])
+    args = stage1_config(tensorname="init", device="cpu")
     torch.manual_seed(3)
     model, _ = stage1.build_model(args, 64)
     torch.manual_seed(3)
@@ -242,8 +240,8 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
     assert [row["select_split"] for row in rows] == ["test", "test"]
 
     monkeypatch.chdir(workdir)
-    args = stage2_parser().parse_args([*common, "--tensorname", "check", "--numEpochs", "2"])
-    resolve_stage2_args(args, CPU)
+    args = stage2_config(CPU, **vars(stage2_parser().parse_args([*common, "--tensorname", "check",
+                                                                 "--numEpochs", "2"])))
     configure_backend(CPU, False, args.seed)
     model = stage2.build_model(args, CPU)
     after_epoch0 = safe_load(workdir / "models/seltest_one_last.t7")

@@ -13,7 +13,7 @@ from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
 from models import EmbeddingNet
-from tests.scripts_helpers import stage2_test_args
+from tests.scripts_helpers import stage2_test_config
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -58,7 +58,7 @@ def test_a_shared_cache_embeds_nothing_twice(stage2_splits) -> None:
 
 @pytest.mark.parametrize("deform", ["learned", "random", "none"])
 def test_stage2_evaluation_cached_equals_per_episode(stage2_workdir, stage2_splits, deform) -> None:
-    args = stage2_test_args(stage2_workdir, "--deform", deform)
+    args = stage2_test_config(stage2_workdir, deform=deform)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
     gallery = None if deform == "none" else Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False)
@@ -86,7 +86,7 @@ def assert_same_columns(got: dict[str, float | str], want: dict[str, float | str
 def test_frozen_embedding_training_with_a_run_cache_trains_the_same(stage2_workdir, stage2_splits) -> None:
     """--fixCls 1: features kept from an image's first episode on give the same training, bit for bit,
     and each support or query image is embedded once."""
-    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
+    args = stage2_test_config(stage2_workdir, fixCls=1)
     results = []
     for use_cache in (False, True):
         torch.manual_seed(0)

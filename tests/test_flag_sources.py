@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import datasets.check
 import datasets.emoji
 import datasets.toy
 from engine.lowshot import lowshot_config
-from engine.options import lowshot_parser, resolve_stage2_args, stage2_parser
+from engine.options import lowshot_parser, stage1_config, stage1_parser, stage2_config, stage2_parser
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,10 +401,19 @@ def test_a_shared_flag_is_declared_in_one_source_line(flag: str) -> None:
 
 @pytest.mark.parametrize("shots", [1, 2, 5])
 def test_stage_2_and_the_lowshot_evaluation_take_the_same_shot_defaults(shots: int) -> None:
-    stage2 = stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--shots", str(shots)])
-    resolve_stage2_args(stage2, torch.device("cpu"))
+    stage2 = stage2_config(torch.device("cpu"), tensorname="t", network="n", shots=shots)
     lowshot = lowshot_parser().parse_args(["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e",
                                            "--tensorname", "t", "--GNet", "g", "--batchSize", "4"])
     config = lowshot_config(lowshot, shots, 5)
     assert (config.augnum, config.choose_num) == (stage2.augnum, stage2.chooseNum)
     assert (stage2.augnum, stage2.chooseNum) == ((7, 15) if shots == 1 else (5, 30))  # the original's
+
+
+def test_the_configurations_record_every_flag_under_its_name() -> None:
+    """args.json and resume.pt hold ``asdict(config)``: the parsed flags, names and values, where
+    nothing is left to resolve (a resumed run compares them key by key)."""
+    flags = vars(stage1_parser().parse_args(["--tensorname", "t"]))
+    assert asdict(stage1_config(**flags)) == flags
+    flags = vars(stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--batchSize", "8", "--augnum",
+                                             "3", "--chooseNum", "4"]))
+    assert asdict(stage2_config(torch.device("cpu"), **flags)) == flags

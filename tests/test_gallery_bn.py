@@ -19,7 +19,7 @@ import engine.stage2 as stage2
 from conftest import make_gallery, normalise, uint8_images
 from datasets import Gallery, read_split
 from engine.episode import GalleryBank
-from engine.options import resolve_stage2_args, stage2_parser
+from engine.options import stage2_config, stage2_parser
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from tests.scripts_helpers import make_workdir, read_metrics, run_script
 from utils.checkpoint import safe_load
@@ -205,8 +205,7 @@ def prepared(workdir, monkeypatch, *flags: str):
     """What onlyBasetwoLoss does before its gallery pass: the flags resolved, the splits, the model and
     the decoded gallery (``engine.stage2.prepare``)."""
     monkeypatch.chdir(workdir)
-    args = stage2_parser().parse_args([*TINY, "--tensorname", "inprocess", *flags])
-    resolve_stage2_args(args, CPU)
+    args = stage2_config(CPU, **vars(stage2_parser().parse_args([*TINY, "--tensorname", "inprocess", *flags])))
     return (args, *stage2.prepare(args, CPU, need_train=True))
 
 

@@ -23,7 +23,7 @@ from engine.episode import (
     select_gallery,
 )
 from engine.figures import RELATION_COLOURS, save_deformation_figure
-from engine.options import resolve_stage2_args, stage2_parser
+from engine.options import stage2_config
 from models import IDeMeNet
 from models.protonet import prototypes
 from tests.scripts_helpers import make_workdir, read_metrics, run_main
@@ -179,11 +179,9 @@ def test_training_writes_the_diagnostic_columns(workdir, exclude, monkeypatch) -
 
 
 def test_exclude_episode_needs_the_nearest_shortlist() -> None:
-    for flags in (["--gallerySelect", "random"], ["--deform", "none"]):
-        args = stage2_parser().parse_args(["--tensorname", "x", "--network", "y", "--galleryExclude",
-                                                    "episode", *flags])
+    for flags in ({"gallerySelect": "random"}, {"deform": "none"}):
         with pytest.raises(OptionError, match="--galleryExclude episode"):
-            resolve_stage2_args(args, CPU)
+            stage2_config(CPU, tensorname="x", network="y", galleryExclude="episode", **flags)
 
 
 def test_figure_frames_each_gallery_image_by_its_class_relation(tmp_path) -> None:

@@ -16,7 +16,7 @@ from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
 from models import EmbeddingNet
-from tests.scripts_helpers import stage2_test_args
+from tests.scripts_helpers import stage2_test_config
 from utils.errors import TrainingDiverged
 
 CPU = torch.device("cpu")
@@ -75,12 +75,12 @@ class Loaded(list):
         self.dataset = loader.dataset
 
 
-def train(stage2_workdir, stage2_splits, flags: tuple[str, ...], epoch: int, monkeypatch,
+def train(stage2_workdir, stage2_splits, flags: dict, epoch: int, monkeypatch,
           mode: HostReads | None = None, poison: int | None = None):
     """One epoch of EPISODES training episodes. With ``mode``, all of it is watched but the optimiser
     steps (Adam reads its step count, a host tensor); with ``poison``, that episode's prototype loss is
     made NaN. Returns (progress, each episode's result, per DeviceSums read the episodes it covered)."""
-    args = stage2_test_args(stage2_workdir, *flags)
+    args = stage2_test_config(stage2_workdir, **flags)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
     groups = stage2.param_groups(model, args)
@@ -112,12 +112,13 @@ def train(stage2_workdir, stage2_splits, flags: tuple[str, ...], epoch: int, mon
     return progress, seen, reads
 
 
-CASES = [(("--fixCls", "1"), 0), (("--fixCls", "0"), 1), (("--fixCls", "1", "--deform", "random"), 0),
-         (("--fixCls", "1", "--deform", "none", "--galleryBN", "eval"), 0),
-         (("--fixCls", "1", "--galleryExclude", "episode", "--shots", "2"), 0)]
+CASES = [({"fixCls": 1}, 0), ({"fixCls": 0}, 1), ({"fixCls": 1, "deform": "random"}, 0),
+         ({"fixCls": 1, "deform": "none", "galleryBN": "eval"}, 0),
+         ({"fixCls": 1, "galleryExclude": "episode", "shots": 2}, 0)]
 
 
-@pytest.mark.parametrize("flags, epoch", CASES, ids=[" ".join(flags) for flags, _ in CASES])
+@pytest.mark.parametrize("flags, epoch", CASES,
+                         ids=[" ".join(f"--{k} {v}" for k, v in flags.items()) for flags, _ in CASES])
 def test_training_reads_the_device_every_sync_every_episodes_and_its_sums_equal_the_host_sums(
         stage2_workdir, stage2_splits, flags, epoch, monkeypatch, host_reads) -> None:
     """The host reads the sums (one ``tolist`` each) after SYNC_EVERY episodes and at the epoch's
@@ -142,7 +143,7 @@ def test_training_reads_the_device_every_sync_every_episodes_and_its_sums_equal_
             host["own_distance"] += result.own_distance.item()
             host["other_distance"] += result.other_distance.item()
     assert {key: progress[key] for key in host} == host
-    assert host["proto_loss"] > 0 and (host["weight_sq"] > 0) == ("none" not in flags)  # measured
+    assert host["proto_loss"] > 0 and (host["weight_sq"] > 0) == (flags.get("deform") != "none")  # measured
     assert progress["step"] == EPISODES and progress["cls_steps"] == (EPISODES if epoch else 0)
     assert progress["weight_n"] == sum(r.weights.numel() for r in seen if r.weights is not None)
 
@@ -151,19 +152,19 @@ def test_training_reads_the_device_every_sync_every_episodes_and_its_sums_equal_
 def test_a_non_finite_loss_is_named_at_the_next_read(stage2_workdir, stage2_splits, monkeypatch, poison) -> None:
     """The first episode with a non-finite loss is named (its index and classes) at the read that
     follows it: after SYNC_EVERY episodes, or at the epoch's end."""
-    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
+    args = stage2_test_config(stage2_workdir, fixCls=1)
     train_split = stage2_splits["train"]
     dataset = stage2.episodes(train_split, args, 5, EPISODES, stage2.TRAIN_STREAM, 2 * train_split.num_classes)
     dataset.set_epoch(0)
     classes = " ".join(stage2_splits["train"].classes[c] for c in dataset[poison]["classes"].tolist())
     with pytest.raises(TrainingDiverged) as raised:
-        train(stage2_workdir, stage2_splits, ("--fixCls", "1"), 0, monkeypatch, poison=poison)
+        train(stage2_workdir, stage2_splits, {"fixCls": 1}, 0, monkeypatch, poison=poison)
     assert str(raised.value) == f"non-finite loss at epoch 0, episode {poison} (classes {classes})"
 
 
 def test_a_stop_reads_the_sums_first_so_the_saved_progress_holds_every_finished_episode(
         stage2_workdir, stage2_splits, monkeypatch) -> None:
-    args = stage2_test_args(stage2_workdir, "--fixCls", "1")
+    args = stage2_test_config(stage2_workdir, fixCls=1)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
     bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
@@ -191,7 +192,7 @@ def test_evaluation_reads_nothing_per_episode(stage2_workdir, stage2_splits, mon
     loaded = watched(host_reads, lambda *args: Loaded(episode_loader(*args)), watching=False)
     monkeypatch.setattr(stage2, "episode_loader", loaded)
     monkeypatch.setattr(fewshot, "episode_loader", loaded)
-    args = stage2_test_args(stage2_workdir)
+    args = stage2_test_config(stage2_workdir)
     torch.manual_seed(0)
     model = stage2.build_model(args, CPU)
     bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)

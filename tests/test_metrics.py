@@ -2,13 +2,14 @@
 accuracy line (docs/original.md §6.4)."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import pytest
+import torch
 
 import engine.stage2 as stage2
+from engine.options import stage2_config
 from utils.metrics import format_accuracy, mean_ci95, mean_t_ci95, t_central_probability, t_quantile_975
 
 
@@ -64,8 +65,7 @@ def test_report_prints_deformed_plain_and_paired_difference(capsys) -> None:
     deformed = [0.8, 0.6, 0.7, 0.9]
     plain = [0.7, 0.6, 0.5, 0.8]
     stats = {"acc": deformed, "plain": plain, "loss": [1.0, 2.0, 3.0, 6.0]}
-    args = argparse.Namespace(ways=5, shots=1, seed=3, deform="learned", gallerySelect="nearest", galleryBN="train",
-                              evaluate=False, tensorname="run", GNet="None", testWeights="kept")
+    args = stage2_config(torch.device("cpu"), ways=5, shots=1, seed=3, tensorname="run", network="x")
     summary = stage2.report(stats, args, "test")
     lines = capsys.readouterr().out.splitlines()
     # deformed: mean 75, std sqrt(125) = 11.180; half 1.96 * 11.180 / 2 = 10.957

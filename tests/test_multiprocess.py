@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from datasets import read_split
 from datasets.toy import generate
 from engine.fewshot import evaluate_embedding
 from engine.lowshot import FeatureStore
+from engine.options import stage1_config
 from engine.run import lock_run, release_run, run_lock
 from engine.stage1 import new_progress, train_one_epoch
 from models import EmbeddingNet
@@ -48,10 +48,10 @@ def _monitor(split, stop=None, info: DistInfo = DistInfo()) -> list[float]:
 
 
 def _train(model: nn.Module, batches: list, info: DistInfo, stop=lambda: False) -> dict:
-    args = types.SimpleNamespace(amp=False, progress=0)
+    config = stage1_config(tensorname="multiprocess", progress=0)
     progress = new_progress()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, batches, CPU, 0, args, info, progress, stop=stop)
+    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, batches, CPU, 0, config, info, progress, stop=stop)
     return progress
 
 

@@ -13,7 +13,7 @@ import engine.stage1
 from datasets import read_split
 from datasets.toy import generate
 from engine.fewshot import evaluate_embedding
-from engine.options import stage1_parser
+from engine.options import stage1_config
 from models import EmbeddingNet
 from tests.scripts_helpers import make_workdir, read_metrics, run_main, run_script
 from utils.checkpoint import safe_load
@@ -101,7 +101,7 @@ def save_original_layout(stage1_file, path) -> dict[str, torch.Tensor]:
 def assert_stage1_network_holds(root, name: str, state: dict[str, torch.Tensor], monkeypatch) -> None:
     """``--network name`` builds the network classification.py trains from exactly ``state``."""
     monkeypatch.chdir(root)
-    args = stage1_parser().parse_args(["--dataroot", "toy", "--network", name, "--tensorname", "check"])
+    args = stage1_config(dataroot="toy", network=name, tensorname="check")
     model, _ = engine.stage1.build_model(args, 64)
     built = model.state_dict()
     assert all(torch.equal(built[key], value) for key, value in state.items())

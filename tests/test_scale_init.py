@@ -8,7 +8,7 @@ import torch
 
 import engine.stage2 as stage2
 from datasets.transforms import prepare_images
-from engine.options import resolve_stage2_args, stage2_parser
+from engine.options import stage2_config, stage2_parser
 from models import load_embedding
 from tests.scripts_helpers import make_workdir, run_main
 
@@ -54,8 +54,8 @@ def test_auto_gives_each_query_unit_logit_spread_on_the_first_episode(monkeypatc
                                  "--galleryBN", "eval")
     # The first training episode's images, embedded here by the stage-1 network (evaluation mode,
     # as --galleryBN eval leaves it), and the rule applied in numpy.
-    args = stage2_parser().parse_args([*TINY, "--dataroot", str(workdir / "toy"), "--tensorname", "x"])
-    resolve_stage2_args(args, CPU)
+    args = stage2_config(CPU, **vars(stage2_parser().parse_args([*TINY, "--dataroot", str(workdir / "toy"),
+                                                                 "--tensorname", "x"])))
     split = stage2.load_splits(args, need_train=True)["train"]
     episode = stage2.episodes(split, args, args.trainways, args.epoch, stage2.TRAIN_STREAM, 2 * 64)[0]
     net = load_embedding(workdir / "models/stage1.t7").eval()

@@ -5,7 +5,6 @@ loss alone, one call without slice and cat for images that fit a chunk, one stac
 Each test also checks that the saving happens (the operations or calls it removes are gone)."""
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
@@ -24,6 +23,7 @@ from engine.episode import (
     embed_gallery_train_mode,
     run_episode,
 )
+from engine.options import stage2_config
 from models import IDeMeNet
 from models.batchnorm import LeanBatchNorm2d, batch_norms
 from tests.scripts_helpers import load_script
@@ -214,7 +214,7 @@ def test_the_gallery_pass_in_training_mode_invalidates_the_embeddings_factors() 
 def test_foreach_adam_steps_the_per_parameter_numbers_and_keeps_foreach_after_a_resume() -> None:
     torch.manual_seed(0)
     model = IDeMeNet(num_classes=5, image_size=SIZE)
-    args = argparse.Namespace(LR=0.001, clsLR=0.01)
+    args = stage2_config(CPU, tensorname="adam", network="x", LR=0.001, clsLR=0.01)
     optimizers, _ = stage2.make_optimizers(model, args)
     reference = copy.deepcopy(model)
     reference_optimizers = {
