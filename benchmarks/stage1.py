@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -20,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts
+
+from dataclasses import replace
 
 import torch
 from torch import nn
