@@ -1,7 +1,7 @@
 """Benchmark of stage-2 episodes (docs/original.md §4.5): the engine's training and test loops vs their compute floor.
 
-    python benchmarks/episode.py --imageSize 84 --shots 1
-    python benchmarks/episode.py --device cuda --amp 1 --episodes 50
+    python -m benchmarks.episode --imageSize 84 --shots 1
+    python -m benchmarks.episode --device cuda --amp 1 --episodes 50
 
 Per round: ``engine.stage2.train_one_epoch`` (train loop), ``train_one_epoch`` over one episode already on
 the device (train floor), ``evaluate`` (test loop), ``run_episode`` on one test episode (test floor),
@@ -14,8 +14,6 @@ import statistics
 import sys
 from contextlib import suppress
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 

@@ -1,8 +1,8 @@
 """ATen operations dispatched per stage-2 training episode: the host's work per episode that a GPU
 turns into kernel launches (each some 5-15 us of host time there).
 
-    python benchmarks/ops.py                       # toy data, 32 px, CPU: the issue's counting set-up
-    python benchmarks/ops.py --imageSize 84 --json ops.json
+    python -m benchmarks.ops                       # toy data, 32 px, CPU: the issue's counting set-up
+    python -m benchmarks.ops --imageSize 84 --json ops.json
 
 Per round it runs ``engine.stage2.train_one_epoch`` over ``--short`` and ``--long`` episodes already
 decoded (the loader's work happens in its worker processes) on a fresh model and optimisers, counts every
@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 

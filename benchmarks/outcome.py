@@ -9,9 +9,9 @@ its test accuracy with and without deformation. Per variant each number's mean +
 over the seeds and the time; for every other variant its paired difference from the first with a
 t-interval over the seeds: "exceeds noise" when that interval leaves out 0. One run proves nothing.
 
-    python benchmarks/outcome.py --data toy --imageSize 32 --seeds 0 1 2 \\
+    python -m benchmarks.outcome --data toy --imageSize 32 --seeds 0 1 2 \\
         --variant 'channels_last:--memoryFormat channels_last' --variant 'contiguous:--memoryFormat contiguous'
-    python benchmarks/outcome.py --data emoji --imageSize 48 --variant 'main:' --variant 'old@56d06f0:'
+    python -m benchmarks.outcome --data emoji --imageSize 48 --variant 'main:' --variant 'old@56d06f0:'
 
 Finished runs are kept in ``--workdir`` (``results/<variant>_seed<S>.json``) and reused when their
 settings are the same, so an interrupted benchmark continues where it stopped.
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 

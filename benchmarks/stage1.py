@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from itertools import islice
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 
@@ -108,9 +105,8 @@ def main(a: argparse.Namespace) -> None:
 
     monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
-        monitor[True], cached = common.timed(device, stage1.evaluate, model, val,
-                                             replace(config, valEpisodes=a.monitorEpisodes, valQueries=a.monitorQueries),
-                                             device)
+        monitor_config = replace(config, valEpisodes=a.monitorEpisodes, valQueries=a.monitorQueries)
+        monitor[True], cached = common.timed(device, stage1.evaluate, model, val, monitor_config, device)
         monitor[False], uncached = common.timed(device, lambda: [evaluate_embedding(
             net.features, val, config.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, config.seed, device, 1,
             config.batchSize, config.nthreads, config.amp, progress=False, cached=False) for shots in (1, 5)])

@@ -8,7 +8,7 @@ from the script's test reports of the last epoch's weights (``--resume --testWei
 weights it kept (best val); every number over the seeds (mean, 95 % t-interval) with each variant's
 paired difference from the first (docs/outcome.md, "Does the deformation help?").
 
-    python benchmarks/study.py --data emoji --imageSize 32 --seeds 0 1 2 --s1Epochs 8 --s1Files 60 \\
+    python -m benchmarks.study --data emoji --imageSize 32 --seeds 0 1 2 --s1Epochs 8 --s1Files 60 \\
         --s2Epochs 10 --s2Episodes 200 --s2Val 100 --s2Test 300 --device cpu \\
         --variant 'faithful:' --variant 'galleryEval:--galleryBN eval' \\
         --variant 'exclude:--galleryExclude episode' --variant 'scaleAuto:--scaleInit auto'
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 

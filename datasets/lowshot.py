@@ -117,7 +117,7 @@ def _class_folder(root: Path, wnid: str, meta: LowShotMeta) -> Path:
     if not folder.is_dir():
         if root.name == "val" and _class_files(root):
             raise DataError(f"{root}: the ILSVRC val images lie flat, not in <wnid>/ class folders; fold them with "
-                            f"python scripts/fold_imagenet_val.py --val {root} --devkit DEVKIT (or --labels FILE)")
+                            f"python -m scripts.fold_imagenet_val --val {root} --devkit DEVKIT (or --labels FILE)")
         raise DataError(f"{folder}: class {wnid} of {meta.path} is missing from the image folder")
     return folder
 

@@ -38,7 +38,7 @@ if [ ! -f "$DATA/train.csv" ]; then
 fi
 python -m datasets.check --dataroot "$DATA" > /dev/null || [ $? -eq 1 ]
 
-python "$REPO/scripts/demo_estimate.py" --dataroot "$DATA" --imageSize "$SIZE" --nthreads "$THREADS" \
+python -m scripts.demo_estimate --dataroot "$DATA" --imageSize "$SIZE" --nthreads "$THREADS" \
   --stage1Epochs "$S1_EPOCHS" --stage1Batch 64 --filesPerClass "$S1_FILES" --monitorEpisodes "$MONITOR" \
   --stage2Epochs "$S2_EPOCHS" --episodes "$EPISODES" --galleryNum "$GALLERY" --valEpisodes "$VAL" \
   --testEpisodes "$TEST" --evalEpisodes "$EVAL"
@@ -62,9 +62,9 @@ python "$REPO/onlyBasetwoLoss.py" "${common[@]}" --GNet demo_1shot --tensorname 
   --chooseNum 15 --galleryNum "$GALLERY" --galleryBN "$GALLERY_BN" --evaluate --testEpisodes "$EVAL"
 evaluation=$(( SECONDS - start - setup - stage1 - stage2 ))
 
-python "$REPO/scripts/plot_metrics.py" runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png
+python -m scripts.plot_metrics runs/demo_1shot/metrics.csv --out picture/demo_1shot_curves.png
 echo
-python "$REPO/scripts/summarize.py" runs/demo_1shot/evaluate_1shot_seed"$SEED".json
+python -m scripts.summarize runs/demo_1shot/evaluate_1shot_seed"$SEED".json
 if [ -n "$FIGURES" ]; then
   cp picture/demo_1shot_deformed.png picture/demo_1shot_deformed_train.png picture/demo_1shot_curves.png "$FIGURES"/
 fi

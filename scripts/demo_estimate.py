@@ -1,6 +1,6 @@
 """Before the demo runs: time a few of its steps on this machine and print an estimate of its total time.
 
-    python scripts/demo_estimate.py --dataroot data/toy --imageSize 48 --stage1Epochs 4 --episodes 60 ...
+    python -m scripts.demo_estimate --dataroot data/toy --imageSize 48 --stage1Epochs 4 --episodes 60 ...
 
 It times, with the engine's own functions on the demo's data and sizes, a few stage-1 training
 steps, the embedding of images, the gallery, a few stage-2 training episodes and a few cached
@@ -11,37 +11,35 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.runtime import set_process_env  # noqa: E402
+from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
+import argparse
+import os
+import platform
+import time
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from datasets import Gallery  # noqa: E402
-from datasets.loaders import episode_loader  # noqa: E402
-from engine import stage1, stage2  # noqa: E402
-from engine.episode import GalleryBank  # noqa: E402
-from engine.features import FeatureCache  # noqa: E402
-from engine.options import (  # noqa: E402
+from datasets import Gallery
+from datasets.loaders import episode_loader
+from engine import stage1, stage2
+from engine.episode import GalleryBank
+from engine.features import FeatureCache
+from engine.options import (
     add_files_per_class_flag,
     add_gallery_num_flag,
     add_image_size_flag,
     stage1_config,
     stage2_config,
 )
-from models import IDeMeNet  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
-from utils.forward import compute_layout, layout_model  # noqa: E402
-from utils.interrupt import Interrupted  # noqa: E402
-from utils.options import add_dataroot_flag, add_threads_flag, run_cli  # noqa: E402
+from models import IDeMeNet
+from utils.distributed import DistInfo
+from utils.forward import compute_layout, layout_model
+from utils.interrupt import Interrupted
+from utils.options import add_dataroot_flag, add_threads_flag, run_cli
 
 SCRIPT_START_S = 4.0  # one script's start: importing torch, scanning the splits (measured on two cores)
 

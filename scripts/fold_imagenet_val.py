@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fold the flat ILSVRC-2012 validation folder into class folders ``<wnid>/``.
 
-    python scripts/fold_imagenet_val.py --val VAL_DIR (--devkit PATH | --labels FILE) \
+    python -m scripts.fold_imagenet_val --val VAL_DIR (--devkit PATH | --labels FILE) \
         [--out OUT_DIR [--link]] [--dryRun]
 
 Labels: ``--devkit``, the ``ILSVRC2012_devkit_t12/`` folder or ``.tar.gz`` (line k of
@@ -36,8 +36,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.errors import DataError, InputError, OptionError  # noqa: E402  (the repository root is on the path only from here)
+from utils.errors import DataError, InputError, OptionError
 
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 META = "data/meta.mat"

@@ -1,8 +1,8 @@
 """The first command to run on a GPU machine: speed, memory and correctness of the engine's own code
 on generated toy data, within a time budget (``--budget``; docs/gpus.md lists every figure and check).
 
-    python scripts/gpu_check.py                      # cuda, 224 px, the outcome check included
-    python scripts/gpu_check.py --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
+    python -m scripts.gpu_check                      # cuda, 224 px, the outcome check included
+    python -m scripts.gpu_check --device cpu --imageSize 32 --quick --dataroot DIR   # the CPU dry run
 
 Stage 1 images/s and stage 2 seconds per episode, in float32 and with ``--amp``, peak memory; checks of finite
 losses, CPU against GPU features, cached against per-episode evaluation, host waits per episode, float16
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.runtime import set_process_env
 
@@ -452,7 +450,7 @@ def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout
     for old in cwd.glob(f"{kind}_rank*.json"):
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(REPO / "scripts/gpu_check.py"), "--worker", kind, "--", *flags]
+               "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
     output = run_process(command, cwd, timeout, stop_at=stop_at)[1]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
@@ -595,7 +593,7 @@ def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Pa
     variants = ["channels_last:--memoryFormat channels_last", "contiguous:--memoryFormat contiguous"]
     variants += ["amp:--amp 1"] if device.type == "cuda" else []
     (workdir / "outcome.json").unlink(missing_ok=True)
-    command = [sys.executable, str(REPO / "benchmarks/outcome.py"), "--data", "toy", "--imageSize",
+    command = [sys.executable, "-m", "benchmarks.outcome", "--data", "toy", "--imageSize",
                str(min(a.imageSize, 84)), "--seeds", *map(str, range(a.outcomeSeeds)), "--device", str(device),
                "--workdir", str(workdir / "outcome"), "--json", str(workdir / "outcome.json"), "--nthreads",
                str(a.nthreads), *[arg for v in variants for arg in ("--variant", v)]]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the flat miniImageNet folder from ILSVRC-2012 training photos.
 
-    python scripts/make_miniimagenet.py --imagenet TRAIN_DIR --splits CSV_DIR --out OUT_DIR [--size N] [--nthreads K]
+    python -m scripts.make_miniimagenet --imagenet TRAIN_DIR --splits CSV_DIR --out OUT_DIR [--size N] [--nthreads K]
 
 Reads ``TRAIN_DIR/<wnid>/<wnid>_<n>.JPEG`` and the Ravi & Larochelle splits ``CSV_DIR/{train,val,test}.csv``
 (header ``filename,label``, rows like ``n0153282900000005.jpg,n01532829``); writes
@@ -35,11 +35,10 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from datasets.check import EXPECTED, IMAGES_PER_CLASS  # noqa: E402  (the repository root is on the path only from here)
-from datasets.splits import SPLITS  # noqa: E402
-from utils.errors import DataError  # noqa: E402
-from utils.options import add_threads_flag, run_cli  # noqa: E402
+from datasets.check import EXPECTED, IMAGES_PER_CLASS
+from datasets.splits import SPLITS
+from utils.errors import DataError
+from utils.options import add_threads_flag, run_cli
 
 JPEG_QUALITY = 95
 MAX_EXAMPLES = 3

@@ -1,6 +1,6 @@
 """Plot training curves from a run's metrics CSV (needs the optional matplotlib).
 
-    python scripts/plot_metrics.py runs/NAME/metrics.csv --out picture/NAME_curves.png
+    python -m scripts.plot_metrics runs/NAME/metrics.csv --out picture/NAME_curves.png
 """
 from __future__ import annotations
 

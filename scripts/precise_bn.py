@@ -1,7 +1,7 @@
 """Re-estimate the embedding's BatchNorm running statistics of a stage-1 or stage-2 checkpoint (ours or
 the authors') as a plain average over N clean training images, and write them to a new file.
 
-    python scripts/precise_bn.py --dataroot data/miniImageNet --checkpoint softRandom --imageSize 224 \
+    python -m scripts.precise_bn --dataroot data/miniImageNet --checkpoint softRandom --imageSize 224 \
         --images 1024 [--out models/softRandom_preciseBN.t7]
 
 Everything else in the file (weights, the deformation sub-network, the key layout) is kept as it is.
@@ -12,30 +12,28 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.runtime import set_process_env  # noqa: E402
+from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
+import torch
 
-from datasets.lowshot import read_stage_split  # noqa: E402
-from engine.options import (  # noqa: E402
+from datasets.lowshot import read_stage_split
+from engine.options import (
     add_batch_flag,
     add_files_per_class_flag,
     add_image_size_flag,
     add_lowshotmeta_flag,
 )
-from engine.precise_bn import clean_files, reestimate  # noqa: E402
-from models import load_embedding  # noqa: E402
-from models.loading import with_embedding_statistics  # noqa: E402
-from utils.checkpoint import atomic_save, load_state_dict, resolve_checkpoint  # noqa: E402
-from utils.errors import OptionError  # noqa: E402
-from utils.forward import layout_model  # noqa: E402
-from utils.options import (  # noqa: E402
+from engine.precise_bn import clean_files, reestimate
+from models import load_embedding
+from models.loading import with_embedding_statistics
+from utils.checkpoint import atomic_save, load_state_dict, resolve_checkpoint
+from utils.errors import OptionError
+from utils.forward import layout_model
+from utils.options import (
     HelpFormatter,
     add_dataroot_flag,
     add_device_flag,

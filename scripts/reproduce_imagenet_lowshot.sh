@@ -55,9 +55,9 @@ fi
 if compgen -G "$IMAGENET/val/*.JPEG" > /dev/null; then
   echo "== folding $IMAGENET/val into class folders"
   if [ -n "${VAL_LABELS:-}" ]; then
-    python "$REPO/scripts/fold_imagenet_val.py" --val "$IMAGENET/val" --labels "$VAL_LABELS"
+    python -m scripts.fold_imagenet_val --val "$IMAGENET/val" --labels "$VAL_LABELS"
   else
-    python "$REPO/scripts/fold_imagenet_val.py" --val "$IMAGENET/val" --devkit "${DEVKIT:?set VAL_LABELS or DEVKIT to fold val/}"
+    python -m scripts.fold_imagenet_val --val "$IMAGENET/val" --devkit "${DEVKIT:?set VAL_LABELS or DEVKIT to fold val/}"
   fi
 fi
 

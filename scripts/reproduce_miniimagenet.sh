@@ -48,4 +48,4 @@ for run in metaNet_1shot:1:7:15 metaNet_5shot:5:5:30 metaNet_1shot_round2:1:7:15
   python onlyBasetwoLoss.py "${common[@]}" --GNet "$name" --tensorname "$name" --shots "$shots" \
     --augnum "$augnum" --chooseNum "$choose" --evaluate --testEpisodes 600
 done
-python scripts/summarize.py runs/metaNet_*/evaluate_*shot_seed"$SEED".json
+python -m scripts.summarize runs/metaNet_*/evaluate_*shot_seed"$SEED".json

@@ -1,6 +1,6 @@
 """Print a table of evaluation results (the JSON files ``onlyBasetwoLoss.py`` writes).
 
-    python scripts/summarize.py runs/*/evaluate_*.json
+    python -m scripts.summarize runs/*/evaluate_*.json
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Several runs as one experiment: a grid of flag values over a training script, run on the CPU,
 on the visible GPUs or as a SLURM array; resumable; picked on val and reported over seeds.
 
-    python scripts/sweep.py --grid seed=0,1,2 --grid LR=0.001,0.0005 --perGPU 2 -- \\
+    python -m scripts.sweep --grid seed=0,1,2 --grid LR=0.001,0.0005 --perGPU 2 -- \\
         onlyBasetwoLoss.py --dataroot data/miniImageNet --network softRandom --tensorname metaNet
 
 Each grid point is the script's command line with ``--FLAG value`` for each grid flag and
@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import experiments  # noqa: E402  (the repository root is on the path only from here)
-from utils.cpus import usable_cpus  # noqa: E402
-from utils.errors import OptionError  # noqa: E402
-from utils.files import RUNS_DIR, csv_cell, write_csv, write_json  # noqa: E402
-from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED  # noqa: E402
+from engine import experiments
+from utils.cpus import usable_cpus
+from utils.errors import OptionError
+from utils.files import RUNS_DIR, csv_cell, write_csv, write_json
+from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED
 
 SEED_FLAG = "seed"
 RESERVED = ("tensorname", "resume", "overwrite")

@@ -54,8 +54,11 @@ def make_workdir(root: Path) -> Path:
 
 
 def run_script(cwd: Path, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python <repo>/<script> args...`` in ``cwd``; output captured as text."""
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+    """``python <repo>/<script> args...`` in ``cwd`` (a tool of scripts/ or benchmarks/ as its module, ``python -m
+    scripts.NAME``, as users run it); output captured as text."""
+    parts = Path(script).with_suffix("").parts
+    command = ["-m", ".".join(parts)] if parts[0] in ("scripts", "benchmarks") else [str(REPO / script)]
+    return subprocess.run([sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=script_env())
 
 

@@ -20,7 +20,6 @@ import pytest
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "fold_imagenet_val.py"
 
 fold = load_script("scripts/fold_imagenet_val.py")
 
@@ -286,7 +285,7 @@ def test_a_missing_val_folder_is_one_line_and_status_2(tmp_path: Path, capsys) -
 
 @pytest.mark.slow
 def test_command_line_exit_status(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--val", str(tmp_path / "absent"), "--labels", "x.txt"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "scripts.fold_imagenet_val", "--val", str(tmp_path / "absent"),
+                             "--labels", "x.txt"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: --val {tmp_path / 'absent'}: no such directory"]

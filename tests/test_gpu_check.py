@@ -13,12 +13,12 @@ import torch
 import engine.stage2 as stage2
 from datasets import toy
 from models import EmbeddingNet
-from tests.scripts_helpers import REPO, load_script, script_env
+from tests.scripts_helpers import load_script, script_env
 
 
 @pytest.mark.slow
 def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "scripts/gpu_check.py"), "--device", "cpu", "--imageSize", "32",
+    done = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--device", "cpu", "--imageSize", "32",
                            "--quick", "--dataroot", str(tmp_path / "toy"), "--workdir", str(tmp_path / "work"),
                            "--json", str(tmp_path / "gpu_check.json"), "--nthreads", "0", "--distributedChecks", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900, env=script_env())

@@ -404,7 +404,7 @@ def test_a_flat_val_folder_is_refused_pointing_to_the_folding_script(workdir, me
     line = _refused(work, monkeypatch, capsys, lowshot_imagenet, [*LOWSHOT, "--GNet", random_gnet,
                                                                   "--tensorname", "bad"])
     assert line == (f"error: {Path('bench/val')}: the ILSVRC val images lie flat, not in <wnid>/ class folders; fold "
-                    f"them with python scripts/fold_imagenet_val.py --val {Path('bench/val')} --devkit DEVKIT (or "
+                    f"them with python -m scripts.fold_imagenet_val --val {Path('bench/val')} --devkit DEVKIT (or "
                     "--labels FILE)")
 
 
