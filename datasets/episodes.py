@@ -43,8 +43,7 @@ class EpisodeDataset(Dataset):
     ``known`` (a cache's live mask by split position, ``FeatureCache.known``) will lack when the episode
     runs (``query`` then holds those alone, absent when none). Planned here when the epoch, shard or mask is
     set (workers cannot see the cache), as a cache filled on first sight in episode order: so set the epoch
-    right before iterating and run the episodes in order (``FeatureCache.lookup`` refuses surplus pixels).
-    """
+    right before iterating and run the episodes in order (``FeatureCache.lookup`` refuses surplus pixels)."""
 
     def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
                  episodes: int, seed: int, stream: int = 0, overlap: bool = False,

@@ -21,8 +21,7 @@ class Diagnostic:
     ``measure``: ``(result, relation) -> (value, count)`` or None (``relation``: a training episode's gallery
     class relation, else None); ``train``, ``select``: its metrics.csv columns ("": none), ``scale * sum /
     count``, ``empty`` when nothing was counted; ``spread_of``: for a sum of squares, the diagnostic whose
-    mean it spreads around (column ``sqrt(sum / count - mean ** 2)``); ``loss``: non-finite stops the run.
-    """
+    mean it spreads around (column ``sqrt(sum / count - mean ** 2)``); ``loss``: non-finite stops the run."""
 
     name: str
     count: str

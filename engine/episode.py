@@ -56,8 +56,7 @@ class EpisodeResult:
     ``[N*augnum, 3, S, S]`` (normalised), ``gallery_index`` and ``deformed_labels`` ``[N*augnum]``, and
     ``own_distance``/``other_distance`` (mean squared distance of the deformed features to their class's plain
     prototype / the nearest other). Accuracies (fractions; ``plain_accuracy`` from the support alone) and
-    distances are 0-dim float32 on the device: reading one waits for the GPU, so callers sum them there.
-    """
+    distances are 0-dim float32 on the device: reading one waits for the GPU, so callers sum them there."""
 
     proto_loss: torch.Tensor
     cls_loss: torch.Tensor | None
@@ -78,8 +77,7 @@ class GalleryBank:
     float32 ``features`` ``[G, D]``, each image embedded once unflipped, as the original (the flip applies
     where an image is blended). ``batch_norm``: ``train`` (:func:`embed_gallery_train_mode`, which changes
     the BatchNorm running statistics; ``running_var_change`` is then the mean ``|new - old| / old`` of
-    ``running_var``), ``eval`` or ``restored`` (``features`` given). Raises Interrupted on ``stop()``.
-    """
+    ``running_var``), ``eval`` or ``restored`` (``features`` given). Raises Interrupted on ``stop()``."""
 
     def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, amp: bool = False,
                  features: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
@@ -112,8 +110,7 @@ def embed_gallery_train_mode(model: IDeMeNet, gallery: Gallery, device: torch.de
     training mode. The original ran DataParallel over 4 GPUs: ``GALLERY_CALL`` images a call, scattered into
     ``GALLERY_SHARES`` shares (``torch.chunk`` sizes), each normalised with its own statistics, only the first
     share's update reaching the running statistics. So per call: the first share updates them, the others
-    keep them. Raises OptionError for a share of one image, Interrupted on ``stop()`` (before each call).
-    """
+    keep them. Raises OptionError for a share of one image, Interrupted on ``stop()`` (before each call)."""
     backbone, parts = model.backbone, []
     was_training = backbone.training
     backbone.train()
@@ -175,8 +172,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
     ``train_cls``: also the classification loss over the augmented support, with a graph through the
     embedding (``episode["classes"]`` base-class ids); ``track_grad``: graphs for the prototype loss;
     ``embed``: ``model.embed`` by default; ``cache``: features by image (no ``query`` pixels needed, the
-    ``support`` ones only to deform them).
-    """
+    ``support`` ones only to deform them)."""
     embed = embed or model.embed
     with timer.section("prepare"):
         episode = episode_on_device(episode, device)
@@ -241,8 +237,7 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
     as its weight gradient summed per chunk rounds differently.
 
     Returns (deformed, weights ``[n*augnum, F*F]``, probes, gallery images, features ``[n*augnum, D]``),
-    images ``[n*augnum, 3, S, S]``.
-    """
+    images ``[n*augnum, 3, S, S]``."""
     with timer.section("gallery_batch"):
         probes = support.repeat_interleave(config.augnum, dim=0)
         probes = torch.where(draws["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)

@@ -29,8 +29,7 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
 
     Under distribution rank r evaluates episodes r, r + W, ... and every rank returns all of them in order; a
     stop on any rank stops all. Each distinct image is embedded once into ``cache`` (new unless given);
-    ``cached=False`` embeds every episode afresh. Raises Interrupted when ``stop()`` becomes true.
-    """
+    ``cached=False`` embeds every episode afresh. Raises Interrupted when ``stop()`` becomes true."""
     dataset = EpisodeDataset(split, image_size, ways, shots, queries, episodes, seed, stream,
                              decode="none" if cached else "all")
     dataset.set_shard(info.rank, info.world_size)

@@ -171,8 +171,7 @@ class Run:
     As a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a second raises
     :class:`utils.interrupt.StopNow`) and names the last good ``checkpoint`` in a divergence error.
     ``resume_keys``: flags a resumed run must share; ``fields``: the metrics.csv columns. Only the main
-    process writes.
-    """
+    process writes."""
 
     def __init__(self, config: TrainConfig, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  info: DistInfo = DistInfo()) -> None:

@@ -82,8 +82,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     Under distribution every rank runs the same number of batches (the sampler pads the epoch) and they
     agree before each backward pass whether to go on, so they stop or fail together; that verdict brings
     the loss and correct count to the host, the step's one synchronisation. Raises Interrupted (after the
-    batch is stepped) and TrainingDiverged (that batch not stepped) when any process stops or diverges.
-    """
+    batch is stepped) and TrainingDiverged (that batch not stepped) when any process stops or diverges."""
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (config.progress and info.is_main), leave=False)
     start = time.perf_counter()

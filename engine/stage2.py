@@ -249,8 +249,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
 
     Returns the last episode's :class:`EpisodeResult` and gallery class relation (None, None: no episode).
     Raises Interrupted when ``stop()`` became true (``progress`` holds every finished episode), and
-    TrainingDiverged naming the first non-finite loss (weights stepped since: the caller must not save them).
-    """
+    TrainingDiverged naming the first non-finite loss (weights stepped since: the caller must not save them)."""
     meta_params, cls_params = groups
     train_cls = bool(cls_params) and epoch > 0
     result = relation = None
@@ -306,8 +305,7 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     dataset must decode everything). Raises Interrupted when ``stop()`` becomes true.
 
     Returns ``acc``, ``plain``, ``loss`` (per episode), ``sums`` (:mod:`engine.diagnostics`) and ``first``
-    (the first episode's result when ``keep_first``).
-    """
+    (the first episode's result when ``keep_first``)."""
     config = episode_config(options, dataset.ways)
     if cached:
         cache = cache or FeatureCache(embed, len(dataset.split), device, options.batchSize, bool(options.amp))

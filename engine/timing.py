@@ -11,8 +11,7 @@ class Timer:
 
     Sections: ``data_wait`` (the loader), ``prepare`` (uint8 to normalised floats), ``embed_plain`` (no
     autograd), ``embed_support_grad`` (for the classification loss), ``select``, ``gallery_batch``,
-    ``deform``, ``embed_deformed``, ``losses``, ``backward``, ``optimizer``, ``bookkeeping`` (checks, sums).
-    """
+    ``deform``, ``embed_deformed``, ``losses``, ``backward``, ``optimizer``, ``bookkeeping`` (checks, sums)."""
 
     def section(self, name: str) -> AbstractContextManager:
         return nullcontext()
