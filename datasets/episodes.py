@@ -2,6 +2,7 @@
 the deformation step needs, all determined by (seed, epoch, episode index)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,12 +84,16 @@ class EpisodeDataset(Dataset):
         if self.decode != "new":
             return
         known, self.new_queries = set(np.flatnonzero(self.known).tolist()), {}
-        for index in self.indices():
-            classes, support, query, _ = self.plan(index)
-            known.update(self.positions(classes, support).tolist())  # a cache looks the support up first
-            query_ids = self.positions(classes, query).tolist()
+        for index, support_ids, query_ids in self.planned_positions():
+            known.update(support_ids)  # a cache looks the support up first
             self.new_queries[index] = np.array([p not in known for p in query_ids], dtype=bool)
             known.update(query_ids)
+
+    def planned_positions(self) -> Iterator[tuple[int, list[int], list[int]]]:
+        """Per served episode in order: its index and its support and query images' split positions."""
+        for index in self.indices():
+            classes, support, query, _ = self.plan(index)
+            yield index, self.positions(classes, support).tolist(), self.positions(classes, query).tolist()
 
     def indices(self) -> range:
         """The episode indices this dataset serves, in order."""
@@ -127,11 +132,7 @@ class EpisodeDataset(Dataset):
 
     def pass_positions(self) -> torch.Tensor:
         """The distinct split positions of every image the current epoch's episodes use, sorted."""
-        used = set()
-        for index in self.indices():
-            classes, support, query, _ = self.plan(index)
-            used.update(self.positions(classes, support).tolist())
-            used.update(self.positions(classes, query).tolist())
+        used = {p for _, support_ids, query_ids in self.planned_positions() for p in support_ids + query_ids}
         return torch.tensor(sorted(used), dtype=torch.long)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:

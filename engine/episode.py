@@ -2,7 +2,7 @@
 the prototype loss, the classification loss and the gradients each optimiser uses."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +91,9 @@ class GalleryBank:
             features = embed_gallery_train_mode(model, self.gallery, device, amp, stop)
             self.running_var_change = ((running_variances(model.backbone) - before).abs() / before).mean().item()
         elif features is None:
-            parts = []
             with torch.no_grad(), autocast(device, amp):
-                for i in range(0, len(gallery), chunk):
-                    check_stop(stop, "while embedding the gallery")
-                    index = torch.arange(i, min(i + chunk, len(gallery)), device=device)
-                    parts.append(model.embed(compute_layout(self.gallery.batch(index))).float())
-            features = torch.cat(parts)
+                features = torch.cat([model.embed(images).float()
+                                      for images in gallery_calls(self.gallery, chunk, device, stop)])
         self.features = features.to(device)
 
     def __len__(self) -> int:
@@ -116,16 +112,22 @@ def embed_gallery_train_mode(model: IDeMeNet, gallery: Gallery, device: torch.de
     backbone.train()
     try:
         with torch.no_grad(), autocast(device, amp):
-            for start in range(0, len(gallery), GALLERY_CALL):
-                check_stop(stop, "while embedding the gallery")
-                index = torch.arange(start, min(start + GALLERY_CALL, len(gallery)), device=device)
-                shares = compute_layout(gallery.batch(index)).chunk(GALLERY_SHARES)
+            for images in gallery_calls(gallery, GALLERY_CALL, device, stop):
+                shares = images.chunk(GALLERY_SHARES)
                 parts.append(embed_share(model, shares[0]))
                 with running_statistics_kept(backbone):
                     parts.extend(embed_share(model, share) for share in shares[1:])
     finally:
         backbone.train(was_training)
     return torch.cat(parts)
+
+
+def gallery_calls(gallery: Gallery, size: int, device: torch.device,
+                  stop: Callable[[], bool] | None) -> Iterator[torch.Tensor]:
+    """The gallery's normalised images in order, ``size`` a call ``[size, 3, S, S]``; stop checked before each."""
+    for start in range(0, len(gallery), size):
+        check_stop(stop, "while embedding the gallery")
+        yield compute_layout(gallery.batch(torch.arange(start, min(start + size, len(gallery)), device=device)))
 
 
 def embed_share(model: IDeMeNet, share: torch.Tensor) -> torch.Tensor:

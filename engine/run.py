@@ -48,16 +48,6 @@ def open_run(config: TrainConfig, resume_keys: tuple[str, ...],
     return run_dir, state
 
 
-def clear_run_dir(run_dir: Path, resume: bool) -> None:
-    """Empty ``run_dir`` for a new run (``--overwrite``), all but its lock; a resumed run keeps it."""
-    if not resume and run_dir.exists():
-        for path in run_dir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.name != LOCK_FILE:
-                path.unlink()
-
-
 def format_row(row: dict[str, Any]) -> str:
     """``epoch E: name value, ...`` (floats to 4 significant digits, empty columns left out)."""
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
@@ -77,7 +67,11 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(rows)
         self.rows = len(rows)
-        self.board = _tensorboard_writer(run_dir)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            SummaryWriter = None
+        self.board = None if SummaryWriter is None else SummaryWriter(str(run_dir))
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -96,14 +90,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
-
-
-def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir))
 
 
 def lock_run(run_dir: Path):
@@ -197,7 +183,12 @@ class Run:
         (with a resumed run's first ``kept_rows`` rows)."""
         self._lock = lock_together(self.dir, self.info)
         if self.is_main:
-            clear_run_dir(self.dir, bool(self.resumed))
+            if not self.resumed and self.dir.exists():  # a new run (--overwrite): all but the lock goes
+                for path in self.dir.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.name != LOCK_FILE:
+                        path.unlink()
             write_json(self.dir / "args.json", self.args)
             self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
 
