@@ -34,17 +34,16 @@ class EpisodeDataset(Dataset):
     Support and query files are disjoint unless ``overlap`` (the original draws them independently).
     Item i of epoch e depends only on (seed, stream, e, i); streams 0, 1, 2: training, val, test.
 
-    Each item is a dict: ``support`` uint8 ``[ways*shots, 3, S, S]`` and ``query`` ``[ways*queries, 3, S, S]``
-    class by class; ``support_ids``/``query_ids`` their positions in the split (feature cache rows);
-    ``support_labels``/``query_labels`` 0..ways-1; ``classes`` ``[ways]`` split-level ids; ``index``; with
-    ``draws``: ``probe_flip``, ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[ways*shots*augnum]``
-    and float ``random_weights`` ``[ways*shots*augnum, F*F]``.
+    Items: ``support`` uint8 ``[ways*shots, 3, S, S]`` and ``query`` ``[ways*queries, 3, S, S]`` class by
+    class; ``support_ids``/``query_ids`` (split positions: feature cache rows); ``support_labels``/
+    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``: ``probe_flip``,
+    ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[ways*shots*augnum]``, ``random_weights``
+    ``[ways*shots*augnum, F*F]``.
 
-    ``decode``: ``all``, ``support``, ``none`` or ``new``: the support and only the queries whose features
-    ``known`` (a cache's live mask by split position, ``FeatureCache.known``) will lack when the episode
-    runs (``query`` then holds those alone, absent when none). Planned here when the epoch, shard or mask is
-    set (workers cannot see the cache), as a cache filled on first sight in episode order: so set the epoch
-    right before iterating and run the episodes in order (``FeatureCache.lookup`` refuses surplus pixels)."""
+    ``decode``: ``all``, ``support``, ``none`` or ``new``: the support and only the queries ``known`` (a
+    cache's live mask by split position) will lack when the episode runs (``query`` then holds those alone,
+    absent when none), planned when the epoch, shard or mask is set (workers cannot see the cache): so set
+    the epoch right before iterating and run the episodes in order (the cache refuses surplus pixels)."""
 
     def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
                  episodes: int, seed: int, stream: int = 0, overlap: bool = False,
@@ -64,8 +63,7 @@ class EpisodeDataset(Dataset):
         self.episodes, self.seed, self.stream, self.overlap, self.draws = episodes, seed, stream, overlap, draws
         self.image_size, self.crop, self.decode = image_size, eval_crop(image_size), decode
         self.offsets = np.cumsum([0] + [len(f) for f in split.files[:-1]])
-        self.epoch, self.start = 0, 0
-        self.rank, self.world_size = 0, 1
+        self.epoch, self.start, self.rank, self.world_size = 0, 0, 0, 1
         self.known, self.new_queries = known, {}
         self.plan_decoding()
 

@@ -196,8 +196,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
         plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
         plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean()
 
-    weights = deformed = probes = others = gallery_index = owner = None
-    own_distance = other_distance = None
+    weights = deformed = probes = others = gallery_index = owner = own_distance = other_distance = None
     with torch.set_grad_enabled(track_grad or train_cls):
         features, feature_labels = [support_grad if train_cls else support_features], [labels]
         if config.deform != "none":
@@ -230,16 +229,14 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
                    bank: GalleryBank, config: EpisodeConfig, device: torch.device,
                    embed: Callable[[torch.Tensor], torch.Tensor], timer: Timer = NO_TIMER, embed_whole: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``augnum`` deformed copies of each normalised support image ``[n, 3, S, S]``: row ``i * augnum + j``
-    blends image i (flipped where ``probe_flip``) with gallery image ``gallery_index[row]`` (flipped where
-    ``gallery_flip``), weights from the deformation network or ``random_weights``.
+    """``augnum`` deformed copies of each normalised support image ``[n, 3, S, S]`` and their features: row
+    ``i * augnum + j`` blends image i (flipped where ``probe_flip``) with gallery image ``gallery_index[row]``
+    (flipped where ``gallery_flip``) by the network's weights or ``random_weights``. Returns (deformed,
+    weights ``[n*augnum, F*F]``, probes, gallery images, features ``[n*augnum, D]``).
 
-    ``embed_whole``: one embedding call instead of chunks, for the prototype loss alone (no weight gradient
-    summed over images, so the same numbers in fewer operations); the classification loss keeps the chunks,
-    as its weight gradient summed per chunk rounds differently.
-
-    Returns (deformed, weights ``[n*augnum, F*F]``, probes, gallery images, features ``[n*augnum, D]``),
-    images ``[n*augnum, 3, S, S]``."""
+    ``embed_whole``: one embedding call instead of chunks, for the prototype loss alone (each image's gradient
+    is its own: the same numbers in fewer operations); the classification loss keeps the chunks, as its weight
+    gradient summed per chunk rounds differently."""
     with timer.section("gallery_batch"):
         probes = support.repeat_interleave(config.augnum, dim=0)
         probes = torch.where(draws["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
@@ -273,9 +270,8 @@ def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classe
     ``[G]`` number the same split's classes (training episodes only)."""
     picked = gallery_labels[result.gallery_index]
     classes = classes.to(picked.device)
-    same = picked == classes[result.deformed_labels]
-    in_episode = torch.isin(picked, classes)
-    return torch.where(same, SAME_CLASS, torch.where(in_episode, EPISODE_CLASS, OTHER_CLASS))
+    return torch.where(picked == classes[result.deformed_labels], SAME_CLASS,
+                       torch.where(torch.isin(picked, classes), EPISODE_CLASS, OTHER_CLASS))
 
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],

@@ -149,15 +149,12 @@ def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
 
 
 class Run:
-    """One run of a training script, what both scripts' loops share: :meth:`restore`, :meth:`keep_best`,
-    :meth:`save_state`, :meth:`stop`.
+    """One run of a training script, what both scripts' loops share.
 
     The constructor checks the folder and loads a ``--resume``d state (``resumed``; a larger ``--numEpochs``
-    extends the run, a smaller one is refused), writing nothing; :meth:`start` takes the lock, then writes.
-    As a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a second raises
-    :class:`utils.interrupt.StopNow`) and names the last good ``checkpoint`` in a divergence error.
-    ``resume_keys``: flags a resumed run must share; ``fields``: the metrics.csv columns. Only the main
-    process writes."""
+    extends the run, a smaller one is refused), writing nothing; :meth:`start` takes the lock, then writes
+    (the main process only). As a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
+    second raises StopNow) and names the last good ``checkpoint`` in a divergence error."""
 
     def __init__(self, config: TrainConfig, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  info: DistInfo = DistInfo()) -> None:

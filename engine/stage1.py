@@ -1,5 +1,4 @@
-"""Stage 1 (docs/original.md §3): the soft-random training data, the network and its optimiser, a training
-epoch and the val few-shot monitor."""
+"""Stage 1 (docs/original.md §3): soft-random data, network, optimiser, training epoch, val few-shot monitor."""
 from __future__ import annotations
 
 import time

@@ -1,5 +1,4 @@
-"""Stage 2 (docs/original.md §4): the model and its optimisers, the episodes, one training step, a training
-epoch, an evaluation pass, the per-epoch metrics and the test report."""
+"""Stage 2 (docs/original.md §4): model, optimisers, episodes, training step and epoch, evaluation, report."""
 from __future__ import annotations
 
 import math
@@ -50,16 +49,13 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet"
                "clsLR", "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn",
                "overlap", "memoryFormat", "scaleInit")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
-# Training episodes between two reads of the device-side sums by the host (a read waits for the GPU):
-# the divergence check and the progress bar's numbers come that often.
-SYNC_EVERY = 16
+SYNC_EVERY = 16  # training episodes between the host's reads of the device-side sums (a read waits for the GPU)
 PICTURE_DIR = Path("picture")
 
 
 def load_splits(config: Stage2Config, need_train: bool):
-    names = (["train"] if need_train else []) + ["val", "test"]
     out, dropped = {}, 0
-    for name in names:
+    for name in (["train"] if need_train else []) + ["val", "test"]:
         out[name], bad = scan_split(read_stage_split(config.dataroot, name, config.lowshotmeta), config.skipBadImages,
                                     config.nthreads)
         dropped += bad
@@ -242,14 +238,11 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                     progress: dict, stop: Callable[[], bool] | None = None, timer: Timer = NO_TIMER,
                     show: bool = True, cache: FeatureCache | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> tuple[EpisodeResult | None, torch.Tensor | None]:
-    """Train on ``loader``'s episodes, adding each to ``progress``; the classification loss trains from
-    epoch 1 on; ``cache`` keeps a frozen embedding's features (``--fixCls 1``). The diagnostics are summed on
-    the device (:class:`DeviceSums`) and read, with the finite-loss check, every :data:`SYNC_EVERY` episodes,
-    at the end and on a stop, so no episode waits for the GPU.
-
-    Returns the last episode's :class:`EpisodeResult` and gallery class relation (None, None: no episode).
-    Raises Interrupted when ``stop()`` became true (``progress`` holds every finished episode), and
-    TrainingDiverged naming the first non-finite loss (weights stepped since: the caller must not save them)."""
+    """Train on ``loader``'s episodes, adding each to ``progress``; returns the last one's :class:`EpisodeResult`
+    and gallery relation (None, None: no episode). The classification loss trains from epoch 1 on; ``cache``
+    keeps a frozen embedding's features (``--fixCls 1``). Sums stay on the device (:class:`DeviceSums`), read
+    with the finite-loss check every :data:`SYNC_EVERY` episodes, at the end and on a stop. Raises Interrupted,
+    and TrainingDiverged naming the first non-finite loss (weights stepped since: the caller must not save)."""
     meta_params, cls_params = groups
     train_cls = bool(cls_params) and epoch > 0
     result = relation = None
@@ -298,14 +291,10 @@ def class_names(loader, classes: torch.Tensor) -> str:
 def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, options: Stage2Config,
              device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
              stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None, cached: bool = True) -> dict:
-    """Accuracies with and without deformation, losses and diagnostics' sums over the dataset's episodes.
-
-    Each distinct image is embedded once, in advance, into ``cache`` (a new one unless given); per episode
-    only the deformed images go through the networks. ``cached=False`` embeds every episode afresh (the
-    dataset must decode everything). Raises Interrupted when ``stop()`` becomes true.
-
-    Returns ``acc``, ``plain``, ``loss`` (per episode), ``sums`` (:mod:`engine.diagnostics`) and ``first``
-    (the first episode's result when ``keep_first``)."""
+    """Per episode ``acc``, ``plain`` (without deformation) and ``loss``, the diagnostics' ``sums`` and, with
+    ``keep_first``, the ``first`` result. Each distinct image is embedded once in advance into ``cache`` (new
+    unless given), so only deformed images go through the networks per episode; ``cached=False`` embeds each
+    episode afresh (everything decoded). Raises Interrupted when ``stop()`` becomes true."""
     config = episode_config(options, dataset.ways)
     if cached:
         cache = cache or FeatureCache(embed, len(dataset.split), device, options.batchSize, bool(options.amp))
@@ -352,12 +341,9 @@ def selection_columns(stats: dict, split: str) -> dict:
 
 def report(stats: dict, config: Stage2Config, split: str) -> dict:
     """Print the accuracy lines and return the numbers for the JSON summary (percent)."""
-    ways = config.ways
-    deformed, plain = stats["acc"], stats["plain"]
-    diff = [a - b for a, b in zip(deformed, plain)]
-    mean, ci = mean_ci95([100 * a for a in deformed])
-    pmean, pci = mean_ci95([100 * a for a in plain])
-    dmean, dci = mean_ci95([100 * d for d in diff])
+    ways, deformed, plain = config.ways, stats["acc"], stats["plain"]
+    (mean, ci), (pmean, pci), (dmean, dci) = (mean_ci95([100 * a for a in accuracies]) for accuracies in
+                                               (deformed, plain, [a - b for a, b in zip(deformed, plain)]))
     print(format_accuracy(ways, config.shots, split, deformed, config.seed))
     print(format_accuracy(ways, config.shots, split, plain, config.seed)
           .replace(" accuracy:", " accuracy without deformation:"))
