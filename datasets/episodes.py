@@ -1,5 +1,4 @@
-"""Episodes for stage 2 (docs/original.md §4.5): classes, support and query images, and the random draws
-the deformation step needs, all determined by (seed, epoch, episode index)."""
+"""Stage 2's episodes (docs/original.md §4.5): classes, images, deformation draws, by (seed, stream, epoch, index)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,9 +18,8 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class AugmentDraws:
-    """The draws the deformation step takes for an episode: ``episode`` (``engine.episode.EpisodeConfig``, the
-    one holder of ``augnum`` and ``choose_num``), ``gallery_size`` (for picks over the whole gallery) and
-    ``cells`` (F*F weights per image for random deformation)."""
+    """An episode's deformation draws: ``episode`` (``engine.episode.EpisodeConfig``, the one holder of ``augnum``
+    and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random weights per image)."""
 
     episode: Any
     gallery_size: int

@@ -125,8 +125,7 @@ class DeviceSums:
             self.sums[key] += count
 
     def read(self) -> int | None:
-        """Write the sums back (one transfer, waiting for the GPU); returns the position among the episodes
-        added since the last read of the first with a non-finite loss, else None."""
+        """Write the sums back (waits for the GPU); the first non-finite loss's position since the last read."""
         *totals, first_bad = torch.cat([self.totals, self.first_bad.view(1)]).tolist()
         self.sums.update(zip((d.name for d in DIAGNOSTICS), totals))
         self.first_bad.fill_(-1.0)

@@ -1,5 +1,4 @@
-"""One stage-2 episode (docs/original.md §4.5 and §4.6): gallery selection, deformed support images,
-the prototype loss, the classification loss and the gradients each optimiser uses."""
+"""One stage-2 episode (docs/original.md §4.5, §4.6): gallery selection, deformed images, both losses."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -276,8 +275,7 @@ def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classe
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
                       cls_params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler | None = None) -> None:
-    """Fill ``.grad``: the prototype loss for ``meta_params``, the classification loss for ``cls_params``,
-    each scaled by ``scaler`` (float16 autocast) when given."""
+    """Fill ``.grad``: the prototype loss's for ``meta_params``, the classification loss's for ``cls_params``."""
     scale = (lambda loss: loss) if scaler is None else scaler.scale
     if meta_params:
         scale(result.proto_loss).backward(inputs=meta_params,

@@ -1,5 +1,4 @@
-"""Embedding features cached by image while the embedding is fixed: each distinct image of an
-evaluation pass (or of a run whose embedding is frozen) goes through the network once."""
+"""Embedding features cached by image while the embedding is fixed (each image embedded once)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,5 +1,4 @@
-"""Few-shot evaluation of an embedding with a prototype classifier (no deformation): stage 1's
-val monitor."""
+"""Few-shot evaluation of an embedding with a prototype classifier: stage 1's val monitor."""
 from __future__ import annotations
 
 from collections.abc import Callable

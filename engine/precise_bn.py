@@ -23,8 +23,7 @@ PRECISE_STREAM = 7  # the image draw's stream, apart from every training and epi
 
 
 def clean_files(split: Split, count: int, seed: int, files_per_class: int = 0) -> list[Path]:
-    """The first ``count`` of ``split``'s files shuffled by ``seed`` (each class's first ``files_per_class``,
-    as stage 1 uses them; 0: all)."""
+    """The first ``count`` of ``split``'s files (each class's first ``files_per_class``, 0: all), ``seed``-shuffled."""
     files = [f for class_files in split.files for f in (class_files[:files_per_class] if files_per_class
                                                          else class_files)]
     order = item_rng(seed, PRECISE_STREAM).permutation(len(files))

@@ -1,5 +1,4 @@
-"""A training run's lifecycle, shared by both stages: the run folder ``runs/<name>/`` (resolved
-arguments, metrics CSV, TensorBoard events), the resumable state, interruption, the epoch line."""
+"""A training run's folder ``runs/<name>/``, lock, resumable state, interruption and metrics log (both stages)."""
 from __future__ import annotations
 
 import atexit
@@ -125,8 +124,7 @@ def release_run(handle) -> None:
 
 
 def lock_together(run_dir: Path, info: DistInfo):
-    """The main process's :func:`lock_run` handle (None elsewhere); its refusal is raised by every process
-    together, so none is left waiting in the next collective."""
+    """The main process's :func:`lock_run` handle (None elsewhere); a refusal is raised by every process."""
     handle, refusal = None, None
     if info.is_main:
         try:
@@ -176,8 +174,7 @@ class Run:
         return self.dir / "resume.pt"
 
     def start(self, kept_rows: int) -> None:
-        """Take the lock (:func:`lock_together`), empty a new run's folder, write args.json and metrics.csv
-        (with a resumed run's first ``kept_rows`` rows)."""
+        """Take the lock, empty a new run's folder, write args.json and metrics.csv (``kept_rows`` kept)."""
         self._lock = lock_together(self.dir, self.info)
         if self.is_main:
             if not self.resumed and self.dir.exists():  # a new run (--overwrite): all but the lock goes
@@ -208,8 +205,7 @@ class Run:
 
     def save_state(self, epoch: int, progress: dict, record: dict, model_state: dict[str, torch.Tensor],
                    objects: dict[str, Any], **extra: Any) -> None:
-        """Write the resumable state atomically: the model's, each of ``objects``' ``state_dict()`` by key,
-        the epoch to continue at, progress, record, ``extra`` and the arguments."""
+        """Write the resumable state atomically (``objects``' ``state_dict()`` by key)."""
         if self.is_main:
             atomic_save({"model": model_state, **{key: obj.state_dict() for key, obj in objects.items()},
                          "epoch": epoch, "progress": progress, "record": record, **extra, "args": self.args},
@@ -218,8 +214,7 @@ class Run:
 
     def keep_best(self, record: dict, key: str, value: float, weights: Callable[[], dict], path: Path,
                   lowest: bool = False) -> None:
-        """When ``value`` beats ``record[key]`` (higher, or lower with ``lowest``; None at first), note it and
-        save ``weights()`` atomically to ``path``."""
+        """Note ``value`` and save ``weights()`` to ``path`` when it beats ``record[key]`` (lower with ``lowest``)."""
         best = record[key]
         if best is None or (value < best if lowest else value > best):
             record[key] = value

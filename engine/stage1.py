@@ -33,8 +33,7 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backb
 
 
 def load_data(config: Stage1Config, device: torch.device, info: DistInfo):
-    """The soft-random training set, its seeded sampler and loader (this process's share of each
-    batch), and the val split."""
+    """The soft-random training set, its sampler and loader (this process's share), and the val split."""
     (train, dropped), (val, dropped_val) = (
         scan_split(read_stage_split(config.dataroot, name, config.lowshotmeta), config.skipBadImages, config.nthreads)
         for name in ("train", "val"))
@@ -178,8 +177,7 @@ def evaluate(model: nn.Module, val, config: Stage1Config, device, info: DistInfo
 
 def precise_copy(model: nn.Module, files: list, config: Stage1Config, device: torch.device,
                  stop: Callable[[], bool] | None = None) -> EmbeddingNet:
-    """A plain :class:`EmbeddingNet` on ``device`` with ``model``'s weights and its BatchNorm statistics
-    re-estimated over ``files`` (``--preciseBN``); ``model`` is left as it is."""
+    """A plain copy of ``model`` with BatchNorm statistics re-estimated over ``files`` (``--preciseBN``)."""
     net = unwrap(model)
     twin = EmbeddingNet(net.convnet.fc.out_features, net.backbone_name)
     twin.load_state_dict(plain_state(model))

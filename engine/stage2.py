@@ -83,8 +83,7 @@ def load_splits(config: Stage2Config, need_train: bool):
 
 def prepare(config: Stage2Config, device: torch.device, need_train: bool,
             stop: Callable[[], bool] | None = None) -> tuple[dict, IDeMeNet, Gallery | None]:
-    """The checked splits, the model on ``device`` (generators seeded first: a fresh deformation network
-    comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
+    """The checked splits, the model (seeded: a fresh deformation network) and the gallery (or None)."""
     splits = load_splits(config, need_train)
     configure_backend(device, config.deterministic, config.seed, config.memoryFormat, bool(config.tf32))
     model = build_model(config, device)
@@ -200,8 +199,7 @@ def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device
 def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
                      device: torch.device, embed, config: EpisodeConfig,
                      cache: FeatureCache | None = None) -> str | None:
-    """Set ``model.scale`` for ``--scaleInit`` (a number, or ``auto`` from ``first_episode()``); returns the
-    log line, None when the checkpoint's scale stays."""
+    """Set ``model.scale`` for ``--scaleInit`` (a number or ``auto``); the log line, None when it stays."""
     if value is None:
         return None
     scale = auto_scale(first_episode(), ways, device, embed, config, cache) if value == "auto" else float(value)
@@ -227,8 +225,7 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
 
 
 def stepped_optimizers(optimizers: dict, train_meta: bool, train_cls: bool) -> list[torch.optim.Optimizer]:
-    """The optimisers an episode steps: ``meta_opt`` and ``scale_opt`` when the prototype loss trains,
-    ``cls_opt`` when the classification loss does (under float16 each step through the scaler is a host read)."""
+    """``meta_opt`` and ``scale_opt`` when the prototype loss trains, ``cls_opt`` when the classification loss does."""
     return ([optimizers["meta_opt"], optimizers["scale_opt"]] if train_meta else []) \
         + ([optimizers["cls_opt"]] if train_cls else [])
 

@@ -1,5 +1,4 @@
-"""The timing hook of the engine's loops, for benchmarks: the training code users run reports its
-sections to a timer, which does nothing unless a benchmark passes its own."""
+"""The loops' timing hook: sections reported to a timer that does nothing unless a benchmark passes its own."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
