@@ -264,9 +264,8 @@ def prototype_distances(features: torch.Tensor, labels: torch.Tensor,
 
 
 def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Per deformed image ``[N*augnum]``: ``SAME_CLASS`` (gallery image of the probe's class),
-    ``EPISODE_CLASS`` (another of the episode's) or ``OTHER_CLASS``; ``classes`` ``[W]`` and ``gallery_labels``
-    ``[G]`` number the same split's classes (training episodes only)."""
+    """Per deformed image ``[N*augnum]``: ``SAME_CLASS``, ``EPISODE_CLASS`` or ``OTHER_CLASS`` (its gallery image's
+    class to the probe's); ``classes`` ``[W]`` and ``gallery_labels`` ``[G]`` number one split (training only)."""
     picked = gallery_labels[result.gallery_index]
     classes = classes.to(picked.device)
     return torch.where(picked == classes[result.deformed_labels], SAME_CLASS,

@@ -92,9 +92,8 @@ class MetricsLog:
 
 
 def lock_run(run_dir: Path):
-    """Hold ``run_dir/.lock`` (an exclusive ``flock`` the kernel releases however the process ends, holding
-    ``<pid> <host>``) so no second process trains the run; a dead holder's lock is taken over with a notice.
-    Raises OptionError naming a live holder."""
+    """Hold ``run_dir/.lock`` (a ``flock`` the kernel releases however the process ends; ``<pid> <host>``) so no
+    second process trains the run; a dead holder's is taken over. Raises OptionError naming a live holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK_FILE, "a+")
     handle.seek(0)

@@ -137,9 +137,8 @@ def console_row(row: dict) -> dict:
 
 
 def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """The model on ``device`` (channels_last); under torchrun in DistributedDataParallel with synchronised
-    BatchNorm (whole-batch statistics, as the original's one GPU). Without torchrun one device: DataParallel
-    would normalise each GPU's share apart."""
+    """The model on ``device``; under torchrun in DistributedDataParallel with synchronised BatchNorm (whole-batch
+    statistics, as the original's one GPU). Otherwise one device: DataParallel would normalise shares apart."""
     model = layout_model(model.to(device))
     if info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)

@@ -158,9 +158,8 @@ def episode_config(config: Stage2Config, ways: int, train: bool = False) -> Epis
 
 def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, gallery_size: int,
              evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
-    """The episodes of ``split`` (``stream``: TRAIN_STREAM, VAL_STREAM or TEST_STREAM). Evaluation decodes
-    only the support images (to deform them); training with the run's ``cache`` (``--fixCls 1``) also the
-    queries the cache lacks (``decode="new"``: ``set_epoch`` right before iterating, episodes in order)."""
+    """The episodes of ``split``: evaluation decodes only the support (to deform it); training with the run's
+    ``cache`` (``--fixCls 1``) also the queries it lacks (``set_epoch`` right before iterating, in order)."""
     draws = None if config.deform == "none" else AugmentDraws(episode_config(config, ways, stream == TRAIN_STREAM),
                                                               gallery_size, config.Fang ** 2)
     decode = ("none" if config.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
@@ -211,9 +210,8 @@ def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: 
 
 def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,
                    timer: Timer = NO_TIMER, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Both losses' gradients from the episode's forward pass, then the optimiser steps. ``groups``: from
-    :func:`param_groups`; ``optimizers``: from :func:`make_optimizers`; ``train_cls``: the classification loss
-    trains (epoch 1 on); ``scaler``: float16 loss scaling (:func:`utils.forward.grad_scaler`)."""
+    """Both losses' gradients (``groups`` from :func:`param_groups`), then the :func:`stepped_optimizers`;
+    ``train_cls``: the classification loss trains (epoch 1 on); ``scaler``: float16 loss scaling."""
     meta_params, cls_params = groups
     with timer.section("optimizer"):
         for optimizer in optimizers.values():
