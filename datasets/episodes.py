@@ -1,7 +1,7 @@
-"""Episodes for stage 2 (docs/original.md §4.5): classes, support and query images, and the random draws
-the deformation step needs, all determined by (seed, epoch, episode index)."""
+"""Stage 2's episodes (docs/original.md §4.5): classes, images, deformation draws, by (seed, stream, epoch, index)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,15 +18,8 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class AugmentDraws:
-    """The draws the deformation step takes for an episode.
-
-    Attributes:
-        episode: the episode's own configuration (``engine.episode.EpisodeConfig``), the one place
-            that holds ``augnum``, the deformed copies per support image, and ``choose_num``, the
-            size of each class's nearest-gallery shortlist.
-        gallery_size: number of gallery images (for uniform selection over the whole gallery).
-        cells: F*F, weights per image for random deformation.
-    """
+    """An episode's deformation draws: ``episode`` (``engine.episode.EpisodeConfig``, the one holder of ``augnum``
+    and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random weights per image)."""
 
     episode: Any
     gallery_size: int
@@ -36,34 +29,19 @@ class AugmentDraws:
 class EpisodeDataset(Dataset):
     """``episodes`` episodes of ``ways`` classes with ``shots`` support and ``queries`` query images.
 
-    Support and query files are disjoint unless ``overlap`` (the original draws them
-    independently, so they may coincide). Item i of epoch e depends only on (seed, stream, e, i);
-    the scripts use stream 0 for training, 1 for val and 2 for test episodes.
+    Support and query files are disjoint unless ``overlap`` (the original draws them independently).
+    Item i of epoch e depends only on (seed, stream, e, i); streams 0, 1, 2: training, val, test.
 
-    Each item is a dict:
-        ``support`` uint8 ``[ways*shots, 3, S, S]`` class by class; ``query`` uint8
-        ``[ways*queries, 3, S, S]``; ``support_ids``/``query_ids`` long, the images' positions in
-        the split (class by class, each class's files in order: rows of a feature cache);
-        ``support_labels``/``query_labels`` long, episode labels 0..ways-1; ``classes`` long
-        ``[ways]``, split-level class ids; and with ``draws``:
-        ``probe_flip`` bool ``[ways*shots*augnum]``, ``shortlist_pick`` long (index into a
-        class's shortlist), ``gallery_pick`` long (index into the whole gallery),
-        ``gallery_flip`` bool and ``random_weights`` float ``[ways*shots*augnum, F*F]``.
+    Items: ``support`` uint8 ``[ways*shots, 3, S, S]`` and ``query`` ``[ways*queries, 3, S, S]`` class by
+    class; ``support_ids``/``query_ids`` (split positions: feature cache rows); ``support_labels``/
+    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``: ``probe_flip``,
+    ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[ways*shots*augnum]``, ``random_weights``
+    ``[ways*shots*augnum, F*F]``.
 
-    ``decode`` chooses the images decoded: ``all``; ``support`` (no ``query`` pixels: their
-    features come from a cache); ``none`` (neither); ``new``: the support images and only those
-    query images whose features ``known`` will not hold when the episode is run (``query`` then holds
-    those images alone, in query order, and is left out when there are none).
-
-    ``known`` (``new`` only) is a live boolean mask by split position, the features a cache holds
-    (``engine.features.FeatureCache.known``), filled as episodes run. The images to decode are
-    planned in the calling process when the epoch, the shard or the mask is set (loader workers
-    cannot see the cache): from the mask as it is then, each served episode adding its support and
-    then its query images, as a cache filled on first sight does when the episodes run in order. So
-    set the epoch right before iterating, and run every served episode through that cache in order;
-    a cache that learned more meanwhile gets more pixels than it needs
-    (:meth:`engine.features.FeatureCache.lookup` refuses them rather than guess).
-    """
+    ``decode``: ``all``, ``support``, ``none`` or ``new``: the support and only the queries ``known`` (a
+    cache's live mask by split position) will lack when the episode runs (``query`` then holds those alone,
+    absent when none), planned when the epoch, shard or mask is set (workers cannot see the cache): so set
+    the epoch right before iterating and run the episodes in order (the cache refuses surplus pixels)."""
 
     def __init__(self, split: Split, image_size: int, ways: int, shots: int, queries: int,
                  episodes: int, seed: int, stream: int = 0, overlap: bool = False,
@@ -74,8 +52,7 @@ class EpisodeDataset(Dataset):
             raise ValueError("decode 'new' needs the mask of known features (known), and only it does")
         if ways > split.num_classes:
             raise DataError(f"--ways {ways} is larger than the {split.num_classes} classes of split {split.name}")
-        need = shots if overlap else shots + queries
-        need = max(need, queries)
+        need = max(shots if overlap else shots + queries, queries)
         small = [(c, len(f)) for c, f in zip(split.classes, split.files) if len(f) < need]
         if small:
             raise DataError(f"class {small[0][0]} of split {split.name} has {small[0][1]} images; "
@@ -84,8 +61,7 @@ class EpisodeDataset(Dataset):
         self.episodes, self.seed, self.stream, self.overlap, self.draws = episodes, seed, stream, overlap, draws
         self.image_size, self.crop, self.decode = image_size, eval_crop(image_size), decode
         self.offsets = np.cumsum([0] + [len(f) for f in split.files[:-1]])
-        self.epoch, self.start = 0, 0
-        self.rank, self.world_size = 0, 1
+        self.epoch, self.start, self.rank, self.world_size = 0, 0, 0, 1
         self.known, self.new_queries = known, {}
         self.plan_decoding()
 
@@ -95,23 +71,25 @@ class EpisodeDataset(Dataset):
         self.plan_decoding()
 
     def set_shard(self, rank: int, world_size: int) -> None:
-        """Serve only episodes ``rank``, ``rank + world_size``, ... (of those after ``start``): one
-        process's share of a pass sharded over ``world_size`` processes."""
+        """Serve only episodes ``rank``, ``rank + world_size``, ... (of those after ``start``)."""
         self.rank, self.world_size = rank, world_size
         self.plan_decoding()
 
     def plan_decoding(self) -> None:
-        """With ``decode="new"``: which query images each served episode decodes (a bool mask over its
-        queries, by episode index), from ``known`` as it is now, the served episodes running in order."""
+        """With ``decode="new"``: each served episode's mask of queries to decode, from ``known`` as it is now."""
         if self.decode != "new":
             return
         known, self.new_queries = set(np.flatnonzero(self.known).tolist()), {}
-        for index in self.indices():
-            classes, support, query, _ = self.plan(index)
-            known.update(self.positions(classes, support).tolist())  # a cache looks the support up first
-            query_ids = self.positions(classes, query).tolist()
+        for index, support_ids, query_ids in self.planned_positions():
+            known.update(support_ids)  # a cache looks the support up first
             self.new_queries[index] = np.array([p not in known for p in query_ids], dtype=bool)
             known.update(query_ids)
+
+    def planned_positions(self) -> Iterator[tuple[int, list[int], list[int]]]:
+        """Per served episode in order: its index and its support and query images' split positions."""
+        for index in self.indices():
+            classes, support, query, _ = self.plan(index)
+            yield index, self.positions(classes, support).tolist(), self.positions(classes, query).tolist()
 
     def indices(self) -> range:
         """The episode indices this dataset serves, in order."""
@@ -150,11 +128,7 @@ class EpisodeDataset(Dataset):
 
     def pass_positions(self) -> torch.Tensor:
         """The distinct split positions of every image the current epoch's episodes use, sorted."""
-        used = set()
-        for index in self.indices():
-            classes, support, query, _ = self.plan(index)
-            used.update(self.positions(classes, support).tolist())
-            used.update(self.positions(classes, query).tolist())
+        used = {p for _, support_ids, query_ids in self.planned_positions() for p in support_ids + query_ids}
         return torch.tensor(sorted(used), dtype=torch.long)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:

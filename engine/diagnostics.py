@@ -1,6 +1,5 @@
-"""Stage 2's per-episode diagnostics as data. Each is one entry of :data:`DIAGNOSTICS`, which says how an
-episode measures it; the device-side sums, the host's reads, the divergence check and the metrics.csv
-columns all follow from that table, so a new diagnostic is one entry here."""
+"""Stage 2's per-episode diagnostics as one table, :data:`DIAGNOSTICS`: the device-side sums, the host's reads,
+the divergence check and the metrics.csv columns follow from it, so a new diagnostic is one entry."""
 from __future__ import annotations
 
 import math
@@ -16,21 +15,13 @@ Measured = tuple[torch.Tensor, int] | None  # an episode's value (0-dim, on the 
 
 @dataclass(frozen=True)
 class Diagnostic:
-    """A number each episode may contribute, summed over an epoch or an evaluation pass.
+    """A number episodes may contribute, summed over an epoch or an evaluation pass.
 
-    Attributes:
-        name: its sum's key in the sums dict (:func:`new_sums`; training's ``progress``).
-        count: the key of the host-side count its sum is divided by (shared by diagnostics counted alike).
-        measure: ``(result, relation) -> (value, count)`` for one episode, None where it has none;
-            ``relation`` is the gallery class relation of a training episode's deformed images, else None.
-        train, select: its metrics.csv column in a training epoch's row and in a selection pass's
-            (empty: none).
-        scale: the column is ``scale * sum / count``.
-        empty: the column's value when nothing was counted.
-        spread_of: for a sum of squares, the diagnostic whose mean it spreads around: the column is then
-            the standard deviation ``sqrt(sum / count - mean ** 2)``.
-        loss: a training loss: a non-finite value stops the run.
-    """
+    ``name``: its sum's key (:func:`new_sums`); ``count``: the host-side count it is divided by;
+    ``measure``: ``(result, relation) -> (value, count)`` or None (``relation``: a training episode's gallery
+    class relation, else None); ``train``, ``select``: its metrics.csv columns ("": none), ``scale * sum /
+    count``, ``empty`` when nothing was counted; ``spread_of``: for a sum of squares, the diagnostic whose
+    mean it spreads around (column ``sqrt(sum / count - mean ** 2)``); ``loss``: non-finite stops the run."""
 
     name: str
     count: str
@@ -102,13 +93,9 @@ def columns(sums: dict[str, float], row: str) -> dict[str, float | str]:
 
 
 class DeviceSums:
-    """The diagnostics' sums in ``sums`` (:func:`new_sums`), kept on ``device`` between reads; the
-    host-side counts in ``sums`` are advanced at once.
-
-    Each episode's values are added in float64 in episode order, so after :meth:`read` the sums are
-    the numbers adding each value on the host (``.item()``, which waits for the GPU) would give, bit
-    for bit. Between reads the device-side sums in ``sums`` are stale.
-    """
+    """The diagnostics' sums of ``sums`` (:func:`new_sums`) kept on ``device`` between reads (stale in ``sums``
+    meanwhile); the counts advance on the host at once. Added in float64 in episode order, so after
+    :meth:`read` they are bit for bit what adding each ``.item()`` on the host would give."""
 
     def __init__(self, sums: dict[str, float], device: torch.device) -> None:
         self.sums, self.losses = sums, sum(d.loss for d in DIAGNOSTICS)
@@ -120,8 +107,7 @@ class DeviceSums:
         self.unread = 0
 
     def add(self, result: EpisodeResult, relation: torch.Tensor | None = None) -> None:
-        """Add one episode (``relation``: its gallery class relation, training episodes only) and note
-        whether its losses were finite."""
+        """Add one episode (``relation``: training episodes only) and note whether its losses were finite."""
         values, counted = [], {}
         for d in DIAGNOSTICS:
             measured = d.measure(result, relation)
@@ -139,8 +125,7 @@ class DeviceSums:
             self.sums[key] += count
 
     def read(self) -> int | None:
-        """Write the sums back to ``sums`` (one transfer, waiting for the GPU); returns the position,
-        among the episodes added since the last read, of the first with a non-finite loss, else None."""
+        """Write the sums back (waits for the GPU); the first non-finite loss's position since the last read."""
         *totals, first_bad = torch.cat([self.totals, self.first_bad.view(1)]).tolist()
         self.sums.update(zip((d.name for d in DIAGNOSTICS), totals))
         self.first_bad.fill_(-1.0)

@@ -1,8 +1,7 @@
-"""One stage-2 episode (docs/original.md §4.5 and §4.6): gallery selection, deformed support images,
-the prototype loss, the classification loss and the gradients each optimiser uses."""
+"""One stage-2 episode (docs/original.md §4.5, §4.6): gallery selection, deformed images, both losses."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,21 +30,12 @@ OTHER_CLASS, EPISODE_CLASS, SAME_CLASS = 0, 1, 2
 
 @dataclass(frozen=True)
 class EpisodeConfig:
-    """How episodes are augmented and which losses train what; the episodes' draws
-    (:class:`datasets.AugmentDraws`) read ``augnum`` and ``choose_num`` from it.
-
-    Attributes:
-        ways: classes per episode.
-        augnum: deformed copies per support image.
-        choose_num: nearest gallery images kept per class.
-        deform: ``learned`` (the deformation sub-network), ``random`` (U(0,1) per cell) or
-            ``none`` (no deformed images: a plain prototypical network).
-        gallery_select: ``nearest`` (shortlist by prototype distance) or ``random`` (whole gallery).
-        gallery_exclude: ``none`` (the original) or ``episode``: the shortlists leave out the gallery
-            images of the episode's classes (training episodes, whose classes are the gallery's).
-        chunk: images per forward call.
-        amp: bfloat16 autocast on CUDA.
-    """
+    """How episodes are augmented (the draws, :class:`datasets.AugmentDraws`, read ``augnum`` and
+    ``choose_num`` here): ``augnum`` deformed copies per support image; ``choose_num`` nearest gallery images
+    kept per class; ``deform`` ``learned``, ``random`` (U(0,1) per cell) or ``none`` (a plain prototypical
+    network); ``gallery_select`` ``nearest`` or ``random`` (whole gallery); ``gallery_exclude`` ``episode``
+    leaves the episode's classes out of the shortlists (the original: ``none``); ``chunk`` images per forward
+    call; ``amp`` bfloat16 autocast on CUDA."""
 
     ways: int
     augnum: int
@@ -59,17 +49,13 @@ class EpisodeConfig:
 
 @dataclass
 class EpisodeResult:
-    """What one episode produced. Losses are float32 scalars (with graphs when training).
+    """What one episode produced; losses are float32 scalars (with graphs when training).
 
-    ``weights`` ``[N*augnum, F*F]``, ``deformed``, ``probes`` and ``gallery_images``
-    ``[N*augnum, 3, S, S]`` (normalised), ``gallery_index`` ``[N*augnum]`` (into the gallery) and
-    ``deformed_labels`` ``[N*augnum]`` (episode labels) are None without deformation; ``accuracy`` and
-    ``plain_accuracy`` (prototypes of the support images alone) are fractions in [0, 1];
-    ``own_distance`` and ``other_distance`` are the mean squared distances of the deformed images'
-    features to their own class's plain prototype and to the nearest other one (None without
-    deformation). Accuracies and distances are float32 0-dim tensors on the compute device: reading
-    them (``float()``) waits for the GPU, so callers sum them there and read once in a while.
-    """
+    Without deformation None: ``weights`` ``[N*augnum, F*F]``, ``deformed``, ``probes``, ``gallery_images``
+    ``[N*augnum, 3, S, S]`` (normalised), ``gallery_index`` and ``deformed_labels`` ``[N*augnum]``, and
+    ``own_distance``/``other_distance`` (mean squared distance of the deformed features to their class's plain
+    prototype / the nearest other). Accuracies (fractions; ``plain_accuracy`` from the support alone) and
+    distances are 0-dim float32 on the device: reading one waits for the GPU, so callers sum them there."""
 
     proto_loss: torch.Tensor
     cls_loss: torch.Tensor | None
@@ -86,20 +72,11 @@ class EpisodeResult:
 
 
 class GalleryBank:
-    """The gallery on the compute device with its embedding features, computed once.
-
-    Attributes:
-        gallery: :class:`datasets.Gallery` (uint8 images ``[G, 3, S, S]``, labels ``[G]``).
-        features: float32 ``[G, D]``, each image embedded once as it is (evaluation crop, no
-            flip), as the original does; the random flip applies only where an image is blended.
-        batch_norm: how the features were computed: ``train`` (:func:`embed_gallery_train_mode`, the
-            original's pass, which changes the embedding's BatchNorm running statistics), ``eval``
-            (evaluation mode, statistics untouched) or ``restored`` (``features`` given).
-        running_var_change: after a ``train`` pass, the mean relative change ``|new - old| / old`` of
-            the embedding's BatchNorm ``running_var`` over all its channels; else None.
-
-    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true while embedding.
-    """
+    """The gallery (:class:`datasets.Gallery`, uint8 ``[G, 3, S, S]``, labels ``[G]``) on the device with its
+    float32 ``features`` ``[G, D]``, each image embedded once unflipped, as the original (the flip applies
+    where an image is blended). ``batch_norm``: ``train`` (:func:`embed_gallery_train_mode`, which changes
+    the BatchNorm running statistics; ``running_var_change`` is then the mean ``|new - old| / old`` of
+    ``running_var``), ``eval`` or ``restored`` (``features`` given). Raises Interrupted on ``stop()``."""
 
     def __init__(self, gallery: Gallery, model: IDeMeNet, device: torch.device, chunk: int, amp: bool = False,
                  features: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
@@ -113,13 +90,9 @@ class GalleryBank:
             features = embed_gallery_train_mode(model, self.gallery, device, amp, stop)
             self.running_var_change = ((running_variances(model.backbone) - before).abs() / before).mean().item()
         elif features is None:
-            parts = []
             with torch.no_grad(), autocast(device, amp):
-                for i in range(0, len(gallery), chunk):
-                    check_stop(stop, "while embedding the gallery")
-                    index = torch.arange(i, min(i + chunk, len(gallery)), device=device)
-                    parts.append(model.embed(compute_layout(self.gallery.batch(index))).float())
-            features = torch.cat(parts)
+                features = torch.cat([model.embed(images).float()
+                                      for images in gallery_calls(self.gallery, chunk, device, stop)])
         self.features = features.to(device)
 
     def __len__(self) -> int:
@@ -128,36 +101,32 @@ class GalleryBank:
 
 def embed_gallery_train_mode(model: IDeMeNet, gallery: Gallery, device: torch.device, amp: bool = False,
                              stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """The original's gallery pass (docs/original.md §4.4) on one device: features ``[G, D]`` of the gallery
-    images embedded with the embedding in training mode.
-
-    The original embedded the gallery through ``DataParallel`` over 4 GPUs before it ever switched
-    to evaluation mode: ``GALLERY_CALL`` images a call in gallery order, each call scattered into
-    ``GALLERY_SHARES`` consecutive shares (``torch.chunk`` sizes), each share normalised with its own
-    batch statistics; only the first share's BatchNorm update (momentum 0.1, unbiased variance) reached
-    the model's running statistics. So here: per call, the first share through the embedding in
-    training mode (PyTorch's own BatchNorm update), the other shares in training mode with the running
-    statistics kept. The embedding is back in its former mode afterwards, its running statistics changed.
-
-    Raises:
-        OptionError: a share of one image that BatchNorm cannot normalise (one value per channel).
-        Interrupted: ``stop()`` became true (checked before each call).
-    """
+    """The original's gallery pass (docs/original.md §4.4) on one device: features ``[G, D]`` embedded in
+    training mode. The original ran DataParallel over 4 GPUs: ``GALLERY_CALL`` images a call, scattered into
+    ``GALLERY_SHARES`` shares (``torch.chunk`` sizes), each normalised with its own statistics, only the first
+    share's update reaching the running statistics. So per call: the first share updates them, the others
+    keep them. Raises OptionError for a share of one image, Interrupted on ``stop()`` (before each call)."""
     backbone, parts = model.backbone, []
     was_training = backbone.training
     backbone.train()
     try:
         with torch.no_grad(), autocast(device, amp):
-            for start in range(0, len(gallery), GALLERY_CALL):
-                check_stop(stop, "while embedding the gallery")
-                index = torch.arange(start, min(start + GALLERY_CALL, len(gallery)), device=device)
-                shares = compute_layout(gallery.batch(index)).chunk(GALLERY_SHARES)
+            for images in gallery_calls(gallery, GALLERY_CALL, device, stop):
+                shares = images.chunk(GALLERY_SHARES)
                 parts.append(embed_share(model, shares[0]))
                 with running_statistics_kept(backbone):
                     parts.extend(embed_share(model, share) for share in shares[1:])
     finally:
         backbone.train(was_training)
     return torch.cat(parts)
+
+
+def gallery_calls(gallery: Gallery, size: int, device: torch.device,
+                  stop: Callable[[], bool] | None) -> Iterator[torch.Tensor]:
+    """The gallery's normalised images in order, ``size`` a call ``[size, 3, S, S]``; stop checked before each."""
+    for start in range(0, len(gallery), size):
+        check_stop(stop, "while embedding the gallery")
+        yield compute_layout(gallery.batch(torch.arange(start, min(start + size, len(gallery)), device=device)))
 
 
 def embed_share(model: IDeMeNet, share: torch.Tensor) -> torch.Tensor:
@@ -171,14 +140,10 @@ def embed_share(model: IDeMeNet, share: torch.Tensor) -> torch.Tensor:
 
 def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
                    owner: torch.Tensor, episode: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Gallery index for every deformed image ``[N*augnum]``.
-
-    ``nearest``: per class the ``choose_num`` gallery images with the smallest
-    ``scale * ||g - c||^2`` to its prototype ``c`` (``protos`` ``[W, D]``), then the episode's
-    uniform pick among them; ``random``: the episode's uniform pick over the whole gallery.
-    ``owner`` ``[N*augnum]`` is the class of the support image each copy belongs to. With
-    ``gallery_exclude == "episode"`` the gallery images of ``episode["classes"]`` are never shortlisted.
-    """
+    """Gallery index ``[N*augnum]`` of each deformed image (``owner`` ``[N*augnum]``: its class).
+    ``nearest``: the episode's pick among the ``choose_num`` images of smallest ``scale * ||g - c||^2`` to the
+    class's prototype (``protos`` ``[W, D]``; ``gallery_exclude="episode"`` leaves the episode's classes out);
+    ``random``: the episode's pick over the whole gallery."""
     device = protos.device
     if config.gallery_select == "random":
         return episode["gallery_pick"].to(device)
@@ -190,14 +155,12 @@ def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor,
     return shortlist[owner, episode["shortlist_pick"].to(device)]
 
 
-# Keys of an episode that stay on the host: the images (prepare_images copies them), the image ids
-# (they index host-side caches) and the index (error messages).
+# Episode keys kept on the host: images (prepare_images copies them), ids (host-side caches), index (messages).
 HOST_KEYS = ("support", "query", "support_ids", "query_ids", "index")
 
 
 def episode_on_device(episode: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The episode with its labels, classes and draws copied to ``device`` without waiting (the loader
-    pins them on CUDA), once per episode; the :data:`HOST_KEYS` entries stay as they are."""
+    """The episode with all but :data:`HOST_KEYS` copied to ``device`` without waiting (pinned on CUDA)."""
     return {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in episode.items()}
 
 
@@ -205,22 +168,12 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
                 device: torch.device, train_cls: bool = False, track_grad: bool = False,
                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None, timer: Timer = NO_TIMER,
                 cache: FeatureCache | None = None) -> EpisodeResult:
-    """Forward one episode.
+    """Forward one episode (an :class:`datasets.EpisodeDataset` item with draws); nothing waits for the GPU.
 
-    Args:
-        episode: an item of :class:`datasets.EpisodeDataset` built with ``AugmentDraws``.
-        bank: the gallery (unused when ``config.deform == "none"``).
-        train_cls: also compute the classification loss over the augmented support, with a
-            graph through the embedding (``episode["classes"]`` must be base-class ids).
-        track_grad: build graphs so the prototype loss can train the deformation network and scale.
-        embed: the embedding call (``model.embed`` by default; DataParallel wraps it).
-        timer: receives the sections (:class:`engine.timing.Timer`).
-        cache: support and query features by image (the embedding is fixed while it is used); the
-            episode then needs no ``query`` pixels, and ``support`` pixels only to deform them.
-
-    Returns:
-        :class:`EpisodeResult`. Nothing in the episode waits for the GPU (no value is read back).
-    """
+    ``train_cls``: also the classification loss over the augmented support, with a graph through the
+    embedding (``episode["classes"]`` base-class ids); ``track_grad``: graphs for the prototype loss;
+    ``embed``: ``model.embed`` by default; ``cache``: features by image (no ``query`` pixels needed, the
+    ``support`` ones only to deform them)."""
     embed = embed or model.embed
     with timer.section("prepare"):
         episode = episode_on_device(episode, device)
@@ -242,8 +195,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
         plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
         plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean()
 
-    weights = deformed = probes = others = gallery_index = owner = None
-    own_distance = other_distance = None
+    weights = deformed = probes = others = gallery_index = owner = own_distance = other_distance = None
     with torch.set_grad_enabled(track_grad or train_cls):
         features, feature_labels = [support_grad if train_cls else support_features], [labels]
         if config.deform != "none":
@@ -276,23 +228,14 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
                    bank: GalleryBank, config: EpisodeConfig, device: torch.device,
                    embed: Callable[[torch.Tensor], torch.Tensor], timer: Timer = NO_TIMER, embed_whole: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``config.augnum`` deformed copies of each normalised support image ``[n, 3, S, S]`` and their features.
+    """``augnum`` deformed copies of each normalised support image ``[n, 3, S, S]`` and their features: row
+    ``i * augnum + j`` blends image i (flipped where ``probe_flip``) with gallery image ``gallery_index[row]``
+    (flipped where ``gallery_flip``) by the network's weights or ``random_weights``. Returns (deformed,
+    weights ``[n*augnum, F*F]``, probes, gallery images, features ``[n*augnum, D]``).
 
-    Copy j of image i (row ``i * augnum + j``) blends the image, mirrored where ``draws["probe_flip"]``,
-    with gallery image ``gallery_index[row]``, mirrored where ``draws["gallery_flip"]``; the weights come
-    from the deformation network (``learned``) or ``draws["random_weights"]`` (``random``).
-
-    ``embed_whole``: embed the deformed images in one call rather than in chunks of ``config.chunk``.
-    For a graph in which no gradient of the embedding's weights is summed over the images (the
-    prototype loss alone): the graph keeps every chunk's activations anyway, and each image's gradient
-    is its own, so one call gives the chunks' numbers in a third of the operations (three chunks).
-    Where the classification loss trains the embedding the chunks stay: its weight gradient summed per
-    chunk and then over chunks rounds differently from one sum over all the images.
-
-    Returns:
-        (deformed ``[n*augnum, 3, S, S]``, weights ``[n*augnum, F*F]``, probes and gallery images
-        ``[n*augnum, 3, S, S]``, features ``[n*augnum, D]``).
-    """
+    ``embed_whole``: one embedding call instead of chunks, for the prototype loss alone (each image's gradient
+    is its own: the same numbers in fewer operations); the classification loss keeps the chunks, as its weight
+    gradient summed per chunk rounds differently."""
     with timer.section("gallery_batch"):
         probes = support.repeat_interleave(config.augnum, dim=0)
         probes = torch.where(draws["probe_flip"].to(device).view(-1, 1, 1, 1), probes.flip(-1), probes)
@@ -311,9 +254,8 @@ def deform_support(model: IDeMeNet, support: torch.Tensor, gallery_index: torch.
 
 def prototype_distances(features: torch.Tensor, labels: torch.Tensor,
                         protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared distance of ``features`` ``[M, D]`` to their own class's prototype (``labels``
-    ``[M]`` index ``protos`` ``[W, D]``) and mean distance to the nearest other prototype (nan when
-    W = 1), as 0-dim tensors on the features' device."""
+    """Mean squared distance (0-dim) of ``features`` ``[M, D]`` to their class's prototype (``labels`` ``[M]``
+    into ``protos`` ``[W, D]``) and to the nearest other one (nan when W = 1)."""
     distances = squared_distances(features, protos)
     own = distances.gather(1, labels.unsqueeze(1)).squeeze(1)
     if protos.shape[0] == 1:
@@ -322,24 +264,17 @@ def prototype_distances(features: torch.Tensor, labels: torch.Tensor,
 
 
 def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Per deformed image ``[N*augnum]``: ``SAME_CLASS`` when its gallery image is of the probe's class,
-    ``EPISODE_CLASS`` of another class of the episode, else ``OTHER_CLASS``.
-
-    Only training episodes can hold gallery classes: ``classes`` ``[W]`` (the episode's split-level
-    ids) and ``gallery_labels`` ``[G]`` must number the same split's classes.
-    """
+    """Per deformed image ``[N*augnum]``: ``SAME_CLASS``, ``EPISODE_CLASS`` or ``OTHER_CLASS`` (its gallery image's
+    class to the probe's); ``classes`` ``[W]`` and ``gallery_labels`` ``[G]`` number one split (training only)."""
     picked = gallery_labels[result.gallery_index]
     classes = classes.to(picked.device)
-    same = picked == classes[result.deformed_labels]
-    in_episode = torch.isin(picked, classes)
-    return torch.where(same, SAME_CLASS, torch.where(in_episode, EPISODE_CLASS, OTHER_CLASS))
+    return torch.where(picked == classes[result.deformed_labels], SAME_CLASS,
+                       torch.where(torch.isin(picked, classes), EPISODE_CLASS, OTHER_CLASS))
 
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
                       cls_params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler | None = None) -> None:
-    """Fill ``.grad``: the prototype loss for ``meta_params`` (deformation network, scale), the
-    classification loss for ``cls_params`` (embedding, fc), both from the one forward pass; each loss
-    scaled by ``scaler`` (float16 autocast, :func:`utils.forward.grad_scaler`) when given."""
+    """Fill ``.grad``: the prototype loss's for ``meta_params``, the classification loss's for ``cls_params``."""
     scale = (lambda loss: loss) if scaler is None else scaler.scale
     if meta_params:
         scale(result.proto_loss).backward(inputs=meta_params,

@@ -1,5 +1,4 @@
-"""Embedding features cached by image while the embedding is fixed: each distinct image of an
-evaluation pass (or of a run whose embedding is frozen) goes through the network once."""
+"""Embedding features cached by image while the embedding is fixed (each image embedded once)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,23 +15,15 @@ from utils.interrupt import check_stop
 
 
 class FeatureCache:
-    """Features ``[N, D]`` of a split's N images by position (``EpisodeDataset`` ``*_ids``), filled
-    once per image: in advance for a pass (:meth:`fill`, decoding each distinct image once) or as
-    episodes bring new images (:meth:`lookup` with their pixels).
-
-    Args:
-        embed: the embedding call, ``[n, 3, S, S]`` -> ``[n, D]``; it must not change while the
-            cache is used.
-        size: images in the split.
-        chunk: images per forward call.
-    """
+    """Features ``[size, D]`` of a split's images by position (``EpisodeDataset`` ``*_ids``), each embedded
+    once: in advance for a pass (:meth:`fill`) or as episodes bring them (:meth:`lookup`). ``embed``
+    (``[n, 3, S, S]`` -> ``[n, D]``, ``chunk`` images a call) must not change while the cache is used."""
 
     def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, chunk: int,
                  amp: bool = False) -> None:
         self.embed, self.device, self.chunk, self.amp = embed, device, chunk, amp
         self.features: torch.Tensor | None = None  # allocated at the first embedding (its width D)
-        self.known = np.zeros(size, dtype=bool)  # on the host: which images need embedding is decided
-        # there, without waiting for the GPU
+        self.known = np.zeros(size, dtype=bool)  # on the host: deciding what to embed waits for no GPU
 
     def _store(self, positions: torch.Tensor, features: torch.Tensor) -> None:
         """``positions`` ``[n]`` (CPU) get ``features`` ``[n, D]``."""
@@ -44,8 +35,7 @@ class FeatureCache:
     @torch.no_grad()
     def fill(self, dataset: EpisodeDataset, workers: int, progress: bool = True, desc: str = "features",
              stop: Callable[[], bool] | None = None) -> None:
-        """Embed every image the dataset's current episodes use that is not cached yet, each decoded
-        once by ``workers`` background processes."""
+        """Embed every image of the dataset's current episodes not cached yet, decoded by ``workers``."""
         positions = dataset.pass_positions()
         positions = positions[~self.known[positions.numpy()]]
         images = CroppedImages(dataset.files_at(positions), dataset.image_size)
@@ -60,9 +50,8 @@ class FeatureCache:
 
     @torch.no_grad()
     def lookup(self, positions: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Features ``[n, D]`` of the images at ``positions`` ``[n]`` (CPU); those not cached yet are
-        embedded from ``images`` and kept: uint8 ``[n, 3, S, S]``, the same images in the same order, or
-        only the images not cached yet, in that order (an ``EpisodeDataset`` with ``decode="new"``)."""
+        """Features ``[n, D]`` of the images at ``positions`` ``[n]`` (CPU); those not cached are embedded from
+        ``images`` (uint8, all ``n`` or only the uncached ones, in order, as ``decode="new"`` gives) and kept."""
         missing = ~self.known[positions.numpy()]
         if missing.any():
             count = int(missing.sum())

@@ -1,5 +1,4 @@
-"""Few-shot evaluation of an embedding with a prototype classifier (no deformation): stage 1's
-val monitor."""
+"""Few-shot evaluation of an embedding with a prototype classifier: stage 1's val monitor."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,17 +24,11 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], split: Spl
                        progress: bool = True, stop: Callable[[], bool] | None = None,
                        cache: FeatureCache | None = None, cached: bool = True,
                        info: DistInfo = DistInfo()) -> list[float]:
-    """Accuracy of the nearest-prototype classifier per episode (in [0, 1]), episodes from ``seed``
-    and ``stream`` (1: val, 2: test).
+    """Nearest-prototype accuracy per episode (in [0, 1]) of episodes from ``seed`` and ``stream`` (1: val, 2: test).
 
-    Under distribution (``info``) rank r evaluates episodes r, r + W, ... and every rank returns all
-    of them, in order (the same numbers as one process); a stop on any rank stops every rank.
-
-    Each distinct image of the pass is decoded and embedded once, into ``cache`` (a new one unless
-    the caller shares one between passes with the same embedding); ``cached=False`` embeds every
-    episode's images afresh. Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes
-    true (checked after each episode and each batch of the advance pass).
-    """
+    Under distribution rank r evaluates episodes r, r + W, ... and every rank returns all of them in order; a
+    stop on any rank stops all. Each distinct image is embedded once into ``cache`` (new unless given);
+    ``cached=False`` embeds every episode afresh. Raises Interrupted when ``stop()`` becomes true."""
     dataset = EpisodeDataset(split, image_size, ways, shots, queries, episodes, seed, stream,
                              decode="none" if cached else "all")
     dataset.set_shard(info.rank, info.world_size)

@@ -23,8 +23,7 @@ PRECISE_STREAM = 7  # the image draw's stream, apart from every training and epi
 
 
 def clean_files(split: Split, count: int, seed: int, files_per_class: int = 0) -> list[Path]:
-    """The first ``count`` files of a ``seed``-shuffled list of ``split``'s training files (each
-    class's first ``files_per_class``, as stage 1 uses them; 0: all), fewer when the list is shorter."""
+    """The first ``count`` of ``split``'s files (each class's first ``files_per_class``, 0: all), ``seed``-shuffled."""
     files = [f for class_files in split.files for f in (class_files[:files_per_class] if files_per_class
                                                          else class_files)]
     order = item_rng(seed, PRECISE_STREAM).permutation(len(files))
@@ -33,10 +32,8 @@ def clean_files(split: Split, count: int, seed: int, files_per_class: int = 0) -
 
 def reestimate(net: nn.Module, files: list[Path], image_size: int, batch: int, workers: int, device: torch.device,
                progress: bool = False, stop: Callable[[], bool] | None = None) -> None:
-    """Re-estimate, in place, every BatchNorm's running statistics of ``net`` (on ``device``,
-    ``[B, 3, S, S]`` -> anything; plain layers, not synchronised ones) over ``files``: evaluation crops
-    in batches of ``batch``, a last batch of one image left out. Raises
-    :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true."""
+    """Re-estimate in place the running statistics of ``net``'s (plain) BatchNorms over ``files``' evaluation
+    crops in batches of ``batch`` (a last batch of one left out). Raises Interrupted on ``stop()``."""
 
     def batches():
         loader = image_loader(CroppedImages(files, image_size), batch, workers, device)

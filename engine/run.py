@@ -1,5 +1,4 @@
-"""A training run's lifecycle, shared by both stages: the run folder ``runs/<name>/`` (resolved
-arguments, metrics CSV, TensorBoard events), the resumable state, interruption, the epoch line."""
+"""A training run's folder ``runs/<name>/``, lock, resumable state, interruption and metrics log (both stages)."""
 from __future__ import annotations
 
 import atexit
@@ -29,12 +28,8 @@ LOCK_FILE = ".lock"  # in the run folder: "<pid> <host>" of the process training
 
 def open_run(config: TrainConfig, resume_keys: tuple[str, ...],
              runs_dir: Path = RUNS_DIR) -> tuple[Path, dict[str, Any] | None]:
-    """The run folder ``runs/<tensorname>`` and, with ``--resume``, its saved state. Writes nothing.
-
-    Raises:
-        OptionError: the folder holds a run and neither ``--resume`` nor ``--overwrite`` was given,
-            ``--resume`` finds no saved state, or the saved run used other values for any of ``resume_keys``.
-    """
+    """The run folder ``runs/<tensorname>`` and, with ``--resume``, its saved state; writes nothing. Raises
+    OptionError for a held folder without ``--resume``/``--overwrite``, a missing state, or other ``resume_keys``."""
     run_dir, state_path = runs_dir / config.tensorname, runs_dir / config.tensorname / "resume.pt"
     held = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
     if held and not (config.resume or config.overwrite):
@@ -52,40 +47,30 @@ def open_run(config: TrainConfig, resume_keys: tuple[str, ...],
     return run_dir, state
 
 
-def clear_run_dir(run_dir: Path, resume: bool) -> None:
-    """Empty ``run_dir`` for a new run (``--overwrite``), all but its lock; a resumed run keeps it."""
-    if not resume and run_dir.exists():
-        for path in run_dir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.name != LOCK_FILE:
-                path.unlink()
-
-
 def format_row(row: dict[str, Any]) -> str:
-    """``epoch E: name value, ...`` for the console; floats to four significant digits, columns
-    without a value (empty or None) left out."""
+    """``epoch E: name value, ...`` (floats to 4 significant digits, empty columns left out)."""
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                       if k != "epoch" and v is not None and v != "")
     return f"epoch {row['epoch']}: {shown}"
 
 
 class MetricsLog:
-    """Appends one CSV row per epoch to ``metrics.csv`` and mirrors numbers to TensorBoard
-    when the ``tensorboard`` package is installed (silently skipped otherwise)."""
+    """One ``metrics.csv`` row per epoch, mirrored to TensorBoard when the package is installed."""
 
     def __init__(self, run_dir: Path, fields: list[str], keep_rows: int = 0) -> None:
         self.path, self.fields = run_dir / "metrics.csv", fields
         run_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if keep_rows and self.path.is_file():
-            rows = read_csv(self.path)[:keep_rows]
+        rows = read_csv(self.path)[:keep_rows] if keep_rows and self.path.is_file() else []
         with open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         self.rows = len(rows)
-        self.board = _tensorboard_writer(run_dir)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            SummaryWriter = None
+        self.board = None if SummaryWriter is None else SummaryWriter(str(run_dir))
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -106,22 +91,9 @@ class MetricsLog:
             self.board.close()
 
 
-def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir))
-
-
 def lock_run(run_dir: Path):
-    """Hold ``run_dir/.lock`` (an exclusive ``flock``, released by the kernel however the process ends,
-    holding ``<pid> <host>``) so that no second process trains the same run. A lock left by a process
-    that is gone (crash, SIGKILL, reboot) is taken over with a one-line notice.
-
-    Raises:
-        OptionError: a live process holds it (named with its host).
-    """
+    """Hold ``run_dir/.lock`` (a ``flock`` the kernel releases however the process ends; ``<pid> <host>``) so no
+    second process trains the run; a dead holder's is taken over. Raises OptionError naming a live holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK_FILE, "a+")
     handle.seek(0)
@@ -144,16 +116,14 @@ def lock_run(run_dir: Path):
 
 
 def release_run(handle) -> None:
-    """Empty the lock file (a clean end leaves no holder to take over) and release it."""
+    """Empty the lock file (a clean end leaves no holder) and release it."""
     if not handle.closed:
         handle.truncate(0)
         handle.close()
 
 
 def lock_together(run_dir: Path, info: DistInfo):
-    """The main process takes ``run_dir``'s lock (:func:`lock_run`; its handle, None elsewhere); under
-    distribution its refusal is raised by every process together, so none is left waiting in the
-    next collective."""
+    """The main process's :func:`lock_run` handle (None elsewhere); a refusal is raised by every process."""
     handle, refusal = None, None
     if info.is_main:
         try:
@@ -166,8 +136,7 @@ def lock_together(run_dir: Path, info: DistInfo):
 
 @contextmanager
 def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
-    """Hold ``run_dir``'s lock (:func:`lock_run`) for a ``with`` block and release it after. Under
-    distribution the main process takes it, and its refusal is raised by every process together."""
+    """Hold ``run_dir``'s lock for a ``with`` block (:func:`lock_together`)."""
     handle = lock_together(run_dir, info)
     try:
         yield
@@ -177,23 +146,12 @@ def run_lock(run_dir: Path, info: DistInfo = DistInfo()) -> Iterator[None]:
 
 
 class Run:
-    """One run of a training script, from its folder to its last epoch line; what both scripts' loops
-    share: :meth:`restore` the resumed state, :meth:`keep_best` weights, :meth:`save_state`, :meth:`stop`.
+    """One run of a training script, what both scripts' loops share.
 
-    ``Run(config, resume_keys, fields)`` checks the folder and, with ``--resume``, loads the saved
-    state (``resumed``; a larger ``--numEpochs`` extends the run, a smaller one than already
-    trained is refused), writing nothing; :meth:`start` then takes the run's lock (one process per
-    run, before anything is written), empties the folder of a new run and writes ``args.json`` and
-    the metrics header. Used as a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
-    second one raises :class:`utils.interrupt.StopNow`) and adds the last good checkpoint to a
-    divergence error. In a distributed run only the main process writes.
-
-    Args:
-        config: the run's configuration (``tensorname``, ``resume``, ``overwrite``; all of it is saved).
-        resume_keys: flags a resumed run must share with the saved one.
-        fields: the columns of ``metrics.csv``.
-        checkpoint: the run's main weights file, named in messages.
-    """
+    The constructor checks the folder and loads a ``--resume``d state (``resumed``; a larger ``--numEpochs``
+    extends the run, a smaller one is refused), writing nothing; :meth:`start` takes the lock, then writes
+    (the main process only). As a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
+    second raises StopNow) and names the last good ``checkpoint`` in a divergence error."""
 
     def __init__(self, config: TrainConfig, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  info: DistInfo = DistInfo()) -> None:
@@ -215,21 +173,22 @@ class Run:
         return self.dir / "resume.pt"
 
     def start(self, kept_rows: int) -> None:
-        """Empty the folder of a new run; write args.json and metrics.csv with the first ``kept_rows``
-        rows of a resumed run. Under distribution the main process takes the lock, and its refusal is
-        raised by every process together (none is left waiting in the first step's collective)."""
+        """Take the lock, empty a new run's folder, write args.json and metrics.csv (``kept_rows`` kept)."""
         self._lock = lock_together(self.dir, self.info)
         if self.is_main:
-            clear_run_dir(self.dir, bool(self.resumed))
+            if not self.resumed and self.dir.exists():  # a new run (--overwrite): all but the lock goes
+                for path in self.dir.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.name != LOCK_FILE:
+                        path.unlink()
             write_json(self.dir / "args.json", self.args)
             self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
 
     def restore(self, model: nn.Module, objects: dict[str, Any], progress: dict, record: dict,
                 unit: str) -> tuple[int, dict, dict]:
-        """A resumed run's state loaded into ``model`` and ``objects`` (optimisers, schedulers and the
-        scaler, by their key in the state, as :meth:`save_state` takes them); returns its ``(epoch,
-        progress, record)``, for a new run ``(0, progress, record)`` as given. ``unit`` names a step
-        in the resuming line."""
+        """Load a resumed state into ``model`` and ``objects`` (by key, as :meth:`save_state` takes them);
+        returns its ``(epoch, progress, record)``, for a new run ``(0, progress, record)``. ``unit``: a step's name."""
         if self.resumed is None:
             return 0, progress, record
         model.load_state_dict(self.resumed["model"])
@@ -245,9 +204,7 @@ class Run:
 
     def save_state(self, epoch: int, progress: dict, record: dict, model_state: dict[str, torch.Tensor],
                    objects: dict[str, Any], **extra: Any) -> None:
-        """Write the resumable state atomically: the model's, the ``state_dict()`` of each of ``objects``
-        (optimisers, schedulers, the scaler, by key), the epoch to continue at, its progress, the
-        record, ``extra`` and the arguments."""
+        """Write the resumable state atomically (``objects``' ``state_dict()`` by key)."""
         if self.is_main:
             atomic_save({"model": model_state, **{key: obj.state_dict() for key, obj in objects.items()},
                          "epoch": epoch, "progress": progress, "record": record, **extra, "args": self.args},
@@ -256,8 +213,7 @@ class Run:
 
     def keep_best(self, record: dict, key: str, value: float, weights: Callable[[], dict], path: Path,
                   lowest: bool = False) -> None:
-        """When ``value`` is the best so far (the highest, or with ``lowest`` the lowest; ``record[key]``
-        holds it, None before the first), note it and save ``weights()`` atomically to ``path``."""
+        """Note ``value`` and save ``weights()`` to ``path`` when it beats ``record[key]`` (lower with ``lowest``)."""
         best = record[key]
         if best is None or (value < best if lowest else value > best):
             record[key] = value
@@ -265,7 +221,7 @@ class Run:
                 atomic_save(weights(), path)
 
     def log(self, row: dict[str, Any]) -> int:
-        """Append ``row`` to metrics.csv; returns the rows written so far (for the resumable state)."""
+        """Append ``row`` to metrics.csv; returns the rows written so far."""
         if not self.is_main:
             return 0
         self.log_file.log(row)

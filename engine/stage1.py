@@ -1,5 +1,4 @@
-"""Stage 1 (docs/original.md §3): the soft-random training data, the network and its optimiser, a training
-epoch and the val few-shot monitor."""
+"""Stage 1 (docs/original.md §3): soft-random data, network, optimiser, training epoch, val few-shot monitor."""
 from __future__ import annotations
 
 import time
@@ -34,12 +33,10 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "backb
 
 
 def load_data(config: Stage1Config, device: torch.device, info: DistInfo):
-    """The soft-random training set, its seeded sampler and loader (this process's share of each
-    batch), and the val split."""
-    train, dropped = scan_split(read_stage_split(config.dataroot, "train", config.lowshotmeta), config.skipBadImages,
-                                config.nthreads)
-    val, dropped_val = scan_split(read_stage_split(config.dataroot, "val", config.lowshotmeta), config.skipBadImages,
-                                  config.nthreads)
+    """The soft-random training set, its sampler and loader (this process's share), and the val split."""
+    (train, dropped), (val, dropped_val) = (
+        scan_split(read_stage_split(config.dataroot, name, config.lowshotmeta), config.skipBadImages, config.nthreads)
+        for name in ("train", "val"))
     if dropped + dropped_val and info.is_main:
         print(f"left out {dropped + dropped_val} unreadable image(s) (--skipBadImages)")
     if config.valEpisodes and val.min_class_size() < 5 + config.valQueries:
@@ -58,11 +55,7 @@ def load_data(config: Stage1Config, device: torch.device, info: DistInfo):
 
 def build_model(config: Stage1Config, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The network (random of ``--backbone``, or ``--network``) and Adam with the original's learning-rate
-    groups.
-
-    Raises:
-        OptionError: ``--backbone`` names another backbone than the ``--network`` checkpoint holds.
-    """
+    groups. Raises OptionError when ``--backbone`` contradicts the ``--network`` checkpoint."""
     if config.network == "None":
         model = EmbeddingNet(num_classes, config.backbone or DEFAULT_BACKBONE)
         groups = [{"params": model.parameters(), "lr": config.LR}]
@@ -82,20 +75,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     device: torch.device, epoch: int, config: Stage1Config, info: DistInfo, progress: dict,
                     stop: Callable[[], bool], timer: Timer = NO_TIMER,
                     scaler: torch.amp.GradScaler | None = None) -> None:
-    """Train the epoch's batches, adding each to ``progress``; ``scaler`` scales the loss under
-    float16 autocast (:func:`utils.forward.grad_scaler`; None: no scaling).
+    """Train the epoch's batches, adding each to ``progress``; ``scaler``: float16 loss scaling.
 
-    Under distribution every rank runs the same number of batches (the sampler pads the epoch)
-    and they agree before each backward pass whether to go on (one collective per step), so they
-    stop, or fail, together. The step's loss and correct count come to the host with that verdict,
-    the step's one synchronisation: the next batch is queued while the GPU runs this backward pass.
-
-    Raises:
-        Interrupted: ``stop()`` became true in some process (asked with each batch's verdict,
-            acted on once that batch is stepped).
-        TrainingDiverged: the loss was not finite in some process, named (nothing was stepped for
-            that batch).
-    """
+    Under distribution every rank runs the same number of batches (the sampler pads the epoch) and they
+    agree before each backward pass whether to go on, so they stop or fail together; that verdict brings
+    the loss and correct count to the host, the step's one synchronisation. Raises Interrupted (after the
+    batch is stepped) and TrainingDiverged (that batch not stepped) when any process stops or diverges."""
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (config.progress and info.is_main), leave=False)
     start = time.perf_counter()
@@ -139,8 +124,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 
 def new_progress() -> dict[str, float]:
-    """The running sums of a training epoch (this process's; :data:`SUMMED_PROGRESS` add up over the
-    processes)."""
+    """This process's running sums of an epoch (:data:`SUMMED_PROGRESS` add up over processes)."""
     return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
 
 
@@ -148,16 +132,13 @@ SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
 def console_row(row: dict) -> dict:
-    """An epoch's row as its console line shows it: the training accuracy in percent, as the val
-    accuracies beside it (metrics.csv keeps the fraction)."""
+    """An epoch's row for the console: training accuracy in percent like val's (metrics.csv keeps the fraction)."""
     return {**row, "accuracy": 100 * row["accuracy"]}
 
 
 def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """The model on ``device`` (channels_last); under torchrun wrapped in DistributedDataParallel with
-    synchronised BatchNorm, whose statistics are those of the whole batch, as on the original's one GPU.
-    Without torchrun one device, whatever the GPUs visible (DataParallel would normalise each GPU's
-    share of the batch apart)."""
+    """The model on ``device``; under torchrun in DistributedDataParallel with synchronised BatchNorm (whole-batch
+    statistics, as the original's one GPU). Otherwise one device: DataParallel would normalise shares apart."""
     model = layout_model(model.to(device))
     if info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_to_gloo_sync(model)
@@ -166,7 +147,7 @@ def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Mod
 
 
 def multi_gpu_hint(device: torch.device, info: DistInfo) -> str | None:
-    """The line that says how to use several visible GPUs when stage 1 runs on one of them, else None."""
+    """How to use several visible GPUs when stage 1 runs on one of them, else None."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if info.enabled or gpus < 2:
         return None
@@ -177,12 +158,10 @@ def multi_gpu_hint(device: torch.device, info: DistInfo) -> str | None:
 
 def evaluate(model: nn.Module, val, config: Stage1Config, device, info: DistInfo = DistInfo(),
              stop: Callable[[], bool] | None = None, suffix: str = "") -> dict[str, float]:
-    """5-way 1-shot and 5-shot accuracy (mean, 95% half-interval, in %) of a prototype classifier,
-    each val image embedded once for both, as ``val_<K>shot<suffix>`` and ``val_<K>shot<suffix>_ci``.
-    Under distribution the episodes are sharded over the ranks and every rank returns the numbers of
-    all of them (every rank must call it). Raises :class:`utils.interrupt.Interrupted` when
-    ``stop()`` becomes true (in any rank)."""
-    net = model.module if hasattr(model, "module") else model
+    """5-way 1- and 5-shot prototype accuracy (mean, 95% half-interval, %) as ``val_<K>shot<suffix>`` and
+    ``..._ci``, each val image embedded once. Under distribution every rank must call it and gets all the
+    episodes' numbers. Raises Interrupted when ``stop()`` becomes true in any rank."""
+    net = unwrap(model)
     net.eval()
     cache = FeatureCache(net.features, len(val), device, config.batchSize, bool(config.amp))
     out = {}
@@ -197,10 +176,8 @@ def evaluate(model: nn.Module, val, config: Stage1Config, device, info: DistInfo
 
 def precise_copy(model: nn.Module, files: list, config: Stage1Config, device: torch.device,
                  stop: Callable[[], bool] | None = None) -> EmbeddingNet:
-    """A plain :class:`EmbeddingNet` on ``device`` holding ``model``'s weights (unwrapped from
-    DataParallel, DistributedDataParallel and synchronised BatchNorm) with its BatchNorm running
-    statistics re-estimated over ``files`` (``--preciseBN``); ``model`` is left as it is."""
-    net = model.module if hasattr(model, "module") else model
+    """A plain copy of ``model`` with BatchNorm statistics re-estimated over ``files`` (``--preciseBN``)."""
+    net = unwrap(model)
     twin = EmbeddingNet(net.convnet.fc.out_features, net.backbone_name)
     twin.load_state_dict(plain_state(model))
     twin = layout_model(twin.to(device))
@@ -210,5 +187,9 @@ def precise_copy(model: nn.Module, files: list, config: Stage1Config, device: to
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the network (inside DistributedDataParallel under torchrun), on the CPU."""
-    net = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside (Distributed)DataParallel, else ``model``."""
+    return model.module if hasattr(model, "module") else model

@@ -1,5 +1,4 @@
-"""Stage 2 (docs/original.md §4): the model and its optimisers, the episodes, one training step, a training
-epoch, an evaluation pass, the per-epoch metrics and the test report."""
+"""Stage 2 (docs/original.md §4): model, optimisers, episodes, training step and epoch, evaluation, report."""
 from __future__ import annotations
 
 import math
@@ -50,16 +49,13 @@ RESUME_KEYS = ("dataroot", "lowshotmeta", "imageSize", "Fang", "network", "GNet"
                "clsLR", "seed", "deformNet", "deform", "gallerySelect", "galleryExclude", "galleryBN", "selectOn",
                "overlap", "memoryFormat", "scaleInit")
 RESUME_FORMAT = 2  # 2: the scale has its own Adam without schedule; gallery features of unflipped images
-# Training episodes between two reads of the device-side sums by the host (a read waits for the GPU):
-# the divergence check and the progress bar's numbers come that often.
-SYNC_EVERY = 16
+SYNC_EVERY = 16  # training episodes between the host's reads of the device-side sums (a read waits for the GPU)
 PICTURE_DIR = Path("picture")
 
 
 def load_splits(config: Stage2Config, need_train: bool):
-    names = (["train"] if need_train else []) + ["val", "test"]
     out, dropped = {}, 0
-    for name in names:
+    for name in (["train"] if need_train else []) + ["val", "test"]:
         out[name], bad = scan_split(read_stage_split(config.dataroot, name, config.lowshotmeta), config.skipBadImages,
                                     config.nthreads)
         dropped += bad
@@ -87,8 +83,7 @@ def load_splits(config: Stage2Config, need_train: bool):
 
 def prepare(config: Stage2Config, device: torch.device, need_train: bool,
             stop: Callable[[], bool] | None = None) -> tuple[dict, IDeMeNet, Gallery | None]:
-    """The checked splits, the model on ``device`` (global generators seeded first, so a fresh
-    deformation network comes from ``--seed``) and the decoded gallery (None with ``--deform none``)."""
+    """The checked splits, the model (seeded: a fresh deformation network) and the gallery (or None)."""
     splits = load_splits(config, need_train)
     configure_backend(device, config.deterministic, config.seed, config.memoryFormat, bool(config.tf32))
     model = build_model(config, device)
@@ -121,14 +116,9 @@ def param_groups(model: IDeMeNet, config: Stage2Config) -> tuple[list, list]:
 
 
 def make_optimizers(model: IDeMeNet, config: Stage2Config) -> tuple[dict, dict]:
-    """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key.
-
-    Adam for the deformation network (LR), for the scale (LR, its own Adam without a schedule,
-    so its rate never decays) and for the embedding (clsLR * 0.1) and fc (clsLR); StepLR(40, 0.5)
-    for the deformation network's and the classifier's. Frozen groups keep their optimiser, never
-    stepped. Each Adam steps a parameter group in a few multi-tensor (``foreach``) operations rather
-    than some nine per parameter (:func:`foreach_adam`).
-    """
+    """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key: Adam for the
+    deformation network (LR), the scale (LR, no schedule: its rate never decays), the embedding (clsLR * 0.1) and
+    fc (clsLR); StepLR(40, 0.5) for the deformation network's and the classifier's. Frozen groups keep theirs."""
     meta_opt = foreach_adam(model.deformation_parameters(), lr=config.LR)
     scale_opt = foreach_adam([model.scale], lr=config.LR)
     cls_opt = foreach_adam([{"params": model.embedding_parameters(), "lr": config.clsLR * 0.1},
@@ -139,13 +129,9 @@ def make_optimizers(model: IDeMeNet, config: Stage2Config) -> tuple[dict, dict]:
 
 
 def foreach_adam(params, **kwargs) -> torch.optim.Adam:
-    """``torch.optim.Adam(params, foreach=True, **kwargs)``: the multi-tensor implementation, which
-    CUDA parameters get by default and CPU ones do not. On the CPU it runs the per-parameter kernels
-    in the same order with the same scalars, so parameters and moments are the per-parameter loop's
-    bit for bit (tests/test_stage2_ops.py); per group it dispatches about ten operations plus two
-    reads of each (host-side) step count, against some nine operations per parameter. A resumed
-    state saved by an optimiser without ``foreach`` would bring its ``foreach=None`` back with its
-    groups: a hook sets it again after every ``load_state_dict``."""
+    """Adam with the multi-tensor implementation (about ten operations per group instead of nine per
+    parameter), bit-identical on the CPU to the per-parameter loop (tests/test_stage2_ops.py). A hook sets
+    ``foreach`` again after ``load_state_dict``, which would bring back an older state's ``foreach=None``."""
     optimizer = torch.optim.Adam(params, foreach=True, **kwargs)
     optimizer.register_load_state_dict_post_hook(_keep_foreach)
     return optimizer
@@ -165,19 +151,15 @@ def step_schedulers(*schedulers) -> None:
 
 
 def episode_config(config: Stage2Config, ways: int, train: bool = False) -> EpisodeConfig:
-    """The episode settings; ``--galleryExclude`` applies to training episodes only (the others'
-    classes are never in the gallery)."""
+    """The episode settings; ``--galleryExclude`` only in training (other classes are never in the gallery)."""
     return EpisodeConfig(ways, config.augnum, config.chooseNum, config.deform, config.gallerySelect,
                          config.galleryExclude if train else "none", config.batchSize, bool(config.amp))
 
 
 def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, gallery_size: int,
              evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
-    """The episodes of ``split`` (``stream``: TRAIN_STREAM, VAL_STREAM or TEST_STREAM). Evaluation
-    episodes decode only what cached features cannot replace: the support images, to deform them.
-    Training episodes whose features come from the run's ``cache`` (``--fixCls 1``) decode the support
-    images and only the query images the cache will not hold yet when the episode runs (``decode="new"``:
-    call ``set_epoch`` right before iterating, and run the episodes in order through that cache)."""
+    """The episodes of ``split``: evaluation decodes only the support (to deform it); training with the run's
+    ``cache`` (``--fixCls 1``) also the queries it lacks (``set_epoch`` right before iterating, in order)."""
     draws = None if config.deform == "none" else AugmentDraws(episode_config(config, ways, stream == TRAIN_STREAM),
                                                               gallery_size, config.Fang ** 2)
     decode = ("none" if config.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
@@ -186,9 +168,8 @@ def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, ga
 
 
 def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):
-    """``model.embed``; with ``data_parallel`` (``--dataParallel 1``) and several visible GPUs, split
-    over all of them with DataParallel, gathering on ``device`` (chunks of 5 to 75 images usually run
-    faster on one GPU), each replica in the run's autocast dtype."""
+    """``model.embed``; with ``--dataParallel 1`` and several GPUs, DataParallel over all of them gathering on
+    ``device``, each replica in the run's autocast dtype (chunks of 5 to 75 images usually run faster on one)."""
     if data_parallel and device.type == "cuda" and torch.cuda.device_count() > 1:
         others = [index for index in range(torch.cuda.device_count()) if index != device.index]
         return nn.DataParallel(AutocastReplica(model.backbone), device_ids=[device.index, *others],
@@ -199,9 +180,8 @@ def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = Fals
 @torch.no_grad()
 def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device, embed, config: EpisodeConfig,
                cache: FeatureCache | None = None) -> float:
-    """``--scaleInit auto``'s scale from one episode (an item of :class:`datasets.EpisodeDataset`):
-    1 / the mean over its queries of the standard deviation of their squared distances ``[Q, W]`` to
-    the plain prototypes, so that each query's logits ``-scale * d`` start with unit spread."""
+    """``--scaleInit auto``: 1 / the queries' mean standard deviation of their squared distances ``[Q, W]`` to
+    the episode's plain prototypes, so that the logits ``-scale * d`` start with unit spread."""
     episode = episode_on_device(episode, device)
     features = []
     for part in ("support", "query"):
@@ -218,8 +198,7 @@ def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device
 def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
                      device: torch.device, embed, config: EpisodeConfig,
                      cache: FeatureCache | None = None) -> str | None:
-    """Set ``model.scale`` for ``--scaleInit`` (a number, or ``auto`` from ``first_episode()``, the
-    first training episode); returns the log line, None when the checkpoint's scale stays."""
+    """Set ``model.scale`` for ``--scaleInit`` (a number or ``auto``); the log line, None when it stays."""
     if value is None:
         return None
     scale = auto_scale(first_episode(), ways, device, embed, config, cache) if value == "auto" else float(value)
@@ -231,17 +210,8 @@ def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: 
 
 def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,
                    timer: Timer = NO_TIMER, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Gradients of both losses from the episode's one forward pass, then the optimiser steps.
-
-    Args:
-        groups: (parameters of the prototype loss, parameters of the classification loss), as
-            :func:`param_groups` returns them.
-        optimizers: :func:`make_optimizers`' ``meta_opt`` (deformation network), ``scale_opt`` and
-            ``cls_opt`` (embedding and fc).
-        train_cls: whether the classification loss trains this episode (from epoch 1 on).
-        scaler: loss scaling under float16 autocast (:func:`utils.forward.grad_scaler`): each
-            loss's backward scaled, each optimiser stepped through it, one update.
-    """
+    """Both losses' gradients (``groups`` from :func:`param_groups`), then the :func:`stepped_optimizers`;
+    ``train_cls``: the classification loss trains (epoch 1 on); ``scaler``: float16 loss scaling."""
     meta_params, cls_params = groups
     with timer.section("optimizer"):
         for optimizer in optimizers.values():
@@ -253,9 +223,7 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
 
 
 def stepped_optimizers(optimizers: dict, train_meta: bool, train_cls: bool) -> list[torch.optim.Optimizer]:
-    """The optimisers a training episode steps: the deformation network's and the scale's when the
-    prototype loss trains, the embedding's and fc's when the classification loss does (up to three,
-    each through the GradScaler under float16 autocast, each such step one host read)."""
+    """``meta_opt`` and ``scale_opt`` when the prototype loss trains, ``cls_opt`` when the classification loss does."""
     return ([optimizers["meta_opt"], optimizers["scale_opt"]] if train_meta else []) \
         + ([optimizers["cls_opt"]] if train_cls else [])
 
@@ -265,26 +233,11 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                     progress: dict, stop: Callable[[], bool] | None = None, timer: Timer = NO_TIMER,
                     show: bool = True, cache: FeatureCache | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> tuple[EpisodeResult | None, torch.Tensor | None]:
-    """Train on the episodes of ``loader`` (items of :class:`datasets.EpisodeDataset`), adding each to
-    ``progress``: forward (:func:`engine.episode.run_episode`), both losses' gradients and the
-    optimiser steps. The classification loss trains from epoch 1 on. With a frozen embedding
-    (``--fixCls 1``) ``cache`` keeps each image's features from its first episode on.
-
-    The episodes' losses, accuracies and deformation statistics are summed on the device
-    (:class:`DeviceSums`); the host reads them, and checks that every loss was finite, every
-    :data:`SYNC_EVERY` episodes, at the epoch's end and on a stop, so the GPU is never waited for
-    within an episode and the next episodes are queued while it computes.
-
-    Returns:
-        The last episode's :class:`EpisodeResult` and gallery class relation (None, None when no
-        episode ran).
-
-    Raises:
-        Interrupted: ``stop()`` became true (checked after each episode; ``progress`` holds every
-            finished episode).
-        TrainingDiverged: a loss was not finite, naming the first such episode; the weights were
-            stepped since (up to :data:`SYNC_EVERY` episodes), so the caller must not save them.
-    """
+    """Train on ``loader``'s episodes, adding each to ``progress``; returns the last one's :class:`EpisodeResult`
+    and gallery relation (None, None: no episode). The classification loss trains from epoch 1 on; ``cache``
+    keeps a frozen embedding's features (``--fixCls 1``). Sums stay on the device (:class:`DeviceSums`), read
+    with the finite-loss check every :data:`SYNC_EVERY` episodes, at the end and on a stop. Raises Interrupted,
+    and TrainingDiverged naming the first non-finite loss (weights stepped since: the caller must not save)."""
     meta_params, cls_params = groups
     train_cls = bool(cls_params) and epoch > 0
     result = relation = None
@@ -324,7 +277,7 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
 
 
 def class_names(loader, classes: torch.Tensor) -> str:
-    """The wnids of an episode's ``classes`` when ``loader`` reads an EpisodeDataset, else their ids."""
+    """The wnids of an episode's ``classes`` (their ids when ``loader`` reads no EpisodeDataset)."""
     split = getattr(getattr(loader, "dataset", None), "split", None)
     return " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
 
@@ -333,19 +286,10 @@ def class_names(loader, classes: torch.Tensor) -> str:
 def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None, options: Stage2Config,
              device: torch.device, desc: str, embed, keep_first: bool = False, timer: Timer = NO_TIMER,
              stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None, cached: bool = True) -> dict:
-    """Accuracies with and without deformation, losses and diagnostics' sums over the dataset's episodes.
-
-    The embedding is fixed during the pass, so each distinct image of the pass is decoded and
-    embedded once, in advance, into ``cache`` (a new one unless the caller keeps one for a run whose
-    embedding is frozen); per episode only the deformed images go through the networks.
-    ``cached=False`` embeds every episode's images afresh instead (the dataset must decode them all).
-    Raises :class:`utils.interrupt.Interrupted` when ``stop()`` becomes true (checked after each
-    episode and each batch of the advance pass).
-
-    Returns:
-        ``acc``, ``plain`` and ``loss`` (one value per episode), ``sums`` (the diagnostics' sums,
-        :mod:`engine.diagnostics`) and ``first`` (the first episode's result when ``keep_first``).
-    """
+    """Per episode ``acc``, ``plain`` (without deformation) and ``loss``, the diagnostics' ``sums`` and, with
+    ``keep_first``, the ``first`` result. Each distinct image is embedded once in advance into ``cache`` (new
+    unless given), so only deformed images go through the networks per episode; ``cached=False`` embeds each
+    episode afresh (everything decoded). Raises Interrupted when ``stop()`` becomes true."""
     config = episode_config(options, dataset.ways)
     if cached:
         cache = cache or FeatureCache(embed, len(dataset.split), device, options.batchSize, bool(options.amp))
@@ -370,7 +314,7 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
 
 
 def gallery_pass_line(bank: GalleryBank) -> str:
-    """The log line that says how the gallery features (and the embedding's BatchNorm statistics) came about."""
+    """The log line saying how the gallery features (and BatchNorm statistics) came about."""
     if bank.batch_norm == "restored":
         return "gallery features and BatchNorm statistics restored from the resumable state (no new gallery pass)"
     if bank.batch_norm == "eval":
@@ -392,12 +336,9 @@ def selection_columns(stats: dict, split: str) -> dict:
 
 def report(stats: dict, config: Stage2Config, split: str) -> dict:
     """Print the accuracy lines and return the numbers for the JSON summary (percent)."""
-    ways = config.ways
-    deformed, plain = stats["acc"], stats["plain"]
-    diff = [a - b for a, b in zip(deformed, plain)]
-    mean, ci = mean_ci95([100 * a for a in deformed])
-    pmean, pci = mean_ci95([100 * a for a in plain])
-    dmean, dci = mean_ci95([100 * d for d in diff])
+    ways, deformed, plain = config.ways, stats["acc"], stats["plain"]
+    (mean, ci), (pmean, pci), (dmean, dci) = (mean_ci95([100 * a for a in accuracies]) for accuracies in
+                                               (deformed, plain, [a - b for a, b in zip(deformed, plain)]))
     print(format_accuracy(ways, config.shots, split, deformed, config.seed))
     print(format_accuracy(ways, config.shots, split, plain, config.seed)
           .replace(" accuracy:", " accuracy without deformation:"))
@@ -411,9 +352,8 @@ def report(stats: dict, config: Stage2Config, split: str) -> dict:
 
 
 def write_figure(result, config: Stage2Config, relation: torch.Tensor | None = None, suffix: str = "") -> Path | None:
-    """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if it has any;
-    ``relation`` (:func:`engine.episode.gallery_relation`) marks each gallery image's class (none: of
-    no class of the episode, as at val and test)."""
+    """``picture/<tensorname>_deformed<suffix>.png`` from an episode's deformed images, if any; ``relation``
+    (:func:`engine.episode.gallery_relation`; None at val and test) marks each gallery image's class."""
     if result is None or result.deformed is None:
         return None
     path = PICTURE_DIR / f"{config.tensorname}_deformed{suffix}.png"

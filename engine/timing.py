@@ -1,5 +1,4 @@
-"""The timing hook of the engine's loops, for benchmarks: the training code users run reports its
-sections to a timer, which does nothing unless a benchmark passes its own."""
+"""The loops' timing hook: sections reported to a timer that does nothing unless a benchmark passes its own."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -7,17 +6,11 @@ from contextlib import AbstractContextManager, nullcontext
 
 
 class Timer:
-    """Receives the sections of each step of a loop.
+    """Receives each loop step's ``with timer.section(name):`` parts and :meth:`end_step`; records nothing.
 
-    The loops wrap each part of a step in ``with timer.section(name):`` and call
-    :meth:`end_step` after each step (episode or batch). Section names: ``data_wait`` (blocked on
-    the loader), ``prepare`` (uint8 to normalised floats on the device), ``embed_plain`` (support
-    and query embedding without autograd), ``embed_support_grad`` (the support again, with autograd,
-    for the classification loss), ``select`` (gallery shortlists), ``gallery_batch`` (gathering the
-    gallery images), ``deform`` (the deformation network and the blend), ``embed_deformed``,
-    ``losses``, ``backward``, ``optimizer`` (zero_grad and step), ``bookkeeping`` (checks, sums).
-    This base class records nothing.
-    """
+    Sections: ``data_wait`` (the loader), ``prepare`` (uint8 to normalised floats), ``embed_plain`` (no
+    autograd), ``embed_support_grad`` (for the classification loss), ``select``, ``gallery_batch``,
+    ``deform``, ``embed_deformed``, ``losses``, ``backward``, ``optimizer``, ``bookkeeping`` (checks, sums)."""
 
     def section(self, name: str) -> AbstractContextManager:
         return nullcontext()
