@@ -375,9 +375,14 @@ def summarize(base: str, runs: list[Run], flags: list[str]) -> list[dict[str, An
 
 # --- SLURM ------------------------------------------------------------------------------------
 
+def sweep_command(*sweep_argv: str) -> list[str]:
+    """This sweep run again from any folder: ``python -m scripts.sweep`` with the repository on PYTHONPATH."""
+    return ["env", f"PYTHONPATH={experiments.REPO}", sys.executable, "-m", "scripts.sweep", *sweep_argv]
+
+
 def summary_command(sweep_argv: list[str], command: list[str]) -> str:
     """The command that summarises the sweep (the SLURM summary job's)."""
-    return shlex.join([sys.executable, str(Path(__file__).resolve()), *sweep_argv, "--summarize", "--", *command])
+    return shlex.join([*sweep_command(*sweep_argv), "--summarize", "--", *command])
 
 
 def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_argv: list[str],
@@ -396,7 +401,7 @@ def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_arg
     lines += [f"#   {run.index}: {run.name}" for run in runs]
     lines += [f"# after the array: {summary_command(sweep_argv, command)}", "set -euo pipefail",
               f"cd {shlex.quote(str(Path.cwd()))}",
-              f"exec {shlex.join([sys.executable, str(Path(__file__).resolve()), *sweep_argv])} "
+              f"exec {shlex.join(sweep_command(*sweep_argv))} "
               f'--runIndex "$SLURM_ARRAY_TASK_ID" -- {shlex.join(command)}']
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from tests.scripts_helpers import (
     script_env,
 )
 
-SWEEP = REPO / "scripts" / "sweep.py"
+SWEEP = ["-m", "scripts.sweep"]  # as users run it (script_env puts the repository on PYTHONPATH)
 STAGE2 = str(REPO / "onlyBasetwoLoss.py")
 TINY = ["--dataroot", "toy", "--network", "stage1", "--imageSize", "32", "--epoch", "2", "--numEpochs", "2",
         "--valEpisodes", "4", "--testEpisodes", "4", "--galleryNum", "2", "--chooseNum", "2", "--augnum", "1",
@@ -111,7 +111,7 @@ def sweep_here(monkeypatch, capsys, cwd: Path, *args: str, env: dict[str, str] |
 
 
 def run_sweep(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, *SWEEP, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=env or script_env())
 
 
@@ -291,7 +291,7 @@ def test_per_gpu_pool_pins_each_run_and_shares_gpus(tmp_path, fake, monkeypatch,
 
 
 def test_sigterm_to_the_sweep_stops_runs_resumably_and_the_next_sweep_resumes(tmp_path, fake):
-    process = subprocess.Popen([sys.executable, "-u", str(SWEEP), "--grid", "seed=1,2", "--", str(fake),
+    process = subprocess.Popen([sys.executable, "-u", *SWEEP, "--grid", "seed=1,2", "--", str(fake),
                                 "--sleep", "60", "--tensorname", "f"], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=script_env())
     log = tmp_path / "runs/f_sweep/logs/f_seed1.log"
