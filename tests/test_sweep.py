@@ -415,7 +415,7 @@ def test_two_by_two_grid_of_stage2_runs_then_a_second_sweep_skips_them(workdir):
 @pytest.mark.slow
 def test_killed_stage2_run_is_reported_then_resumed_and_the_other_finishes(workdir):
     args = ["--grid", "seed=1,2", "--jobs", "2", "--", STAGE2, *TINY, "--numEpochs", "4", "--tensorname", "k"]
-    process = subprocess.Popen([sys.executable, "-u", str(SWEEP), *args], cwd=workdir, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-u", *SWEEP, *args], cwd=workdir, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=script_env())
     pid = None
     for line in process.stdout:
