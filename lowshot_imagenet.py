@@ -32,7 +32,7 @@ from datasets import Gallery
 from datasets.lowshot import RECONSTRUCTION_WARNING
 from engine import lowshot
 from engine.episode import GalleryBank
-from engine.options import LowShotConfig, lowshot_parser, resolve_lowshot_args
+from engine.options import LowShotConfig, lowshot_eval_config, lowshot_parser
 from engine.run import run_lock
 from engine.stage2 import build_model
 from models.idemenet import IDeMeNet
@@ -41,15 +41,12 @@ from utils.files import RUNS_DIR, write_csv, write_json
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
 
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """The flags (``engine/options.py``)."""
-    return lowshot_parser()
+get_args_parser = lowshot_parser  # the flags live in engine/options.py
 
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args)
-    return run_distributed(evaluate, resolve_lowshot_args(args, device), device)
+    return run_distributed(evaluate, lowshot_eval_config(device, **vars(args)), device)
 
 
 def evaluate(config: LowShotConfig, device: torch.device, info: DistInfo) -> int:
