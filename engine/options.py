@@ -35,8 +35,7 @@ AUGNUM_DEFAULTS, CHOOSE_DEFAULTS = (7, 5), (15, 30)
 
 def shot_defaults(shots: int) -> tuple[int, int]:
     """``(augnum, chooseNum)`` by default for ``shots`` support images per class."""
-    more = int(shots != 1)
-    return AUGNUM_DEFAULTS[more], CHOOSE_DEFAULTS[more]
+    return AUGNUM_DEFAULTS[shots != 1], CHOOSE_DEFAULTS[shots != 1]
 
 
 # --- flags declared once (with utils.options' device, threads, amp, seed, dataroot, progress) -----
@@ -323,8 +322,7 @@ class Stage1Config(TrainConfig):
 
 @dataclass(frozen=True)
 class Stage2Config(TrainConfig):
-    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), defaults filled and checked
-    (:func:`stage2_config`)."""
+    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), filled and checked (:func:`stage2_config`)."""
 
     GNet: str
     shots: int
@@ -385,11 +383,8 @@ def check_grid(config: RunConfig) -> None:
 
 
 def stage1_config(**flags: Any) -> Stage1Config:
-    """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked.
-
-    Raises:
-        OptionError: a flag out of its range.
-    """
+    """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked
+    (:class:`OptionError` names a flag out of its range)."""
     config = Stage1Config(**{**parser_defaults(stage1_parser()), **flags})
     check_positive(config, "imageSize", "Fang", "batchSize", "numEpochs")
     if config.preciseBN < 0 or config.preciseBN == 1:
@@ -402,13 +397,8 @@ def stage1_config(**flags: Any) -> Stage1Config:
 
 
 def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2Config:
-    """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags`` (by flag name), with
-    the shot-dependent defaults (:func:`shot_defaults`) and the forward chunk of ``device`` (default:
-    ``--device``'s, :func:`utils.options.resolve_device`) filled, checked.
-
-    Raises:
-        OptionError: a flag out of its range, or flags that contradict each other.
-    """
+    """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags``, with the defaults of the
+    shots (:func:`shot_defaults`) and of ``device`` (default: ``--device``'s) filled, checked likewise."""
     config = Stage2Config(**{**parser_defaults(stage2_parser()), **flags})
     augnum, choose_num = shot_defaults(config.shots)
     config = replace(config, augnum=augnum if config.augnum is None else config.augnum,
@@ -436,12 +426,8 @@ def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2
 
 
 def lowshot_eval_config(device: torch.device | None = None, /, **flags: Any) -> LowShotConfig:
-    """The low-shot evaluation's configuration: :func:`lowshot_parser`'s defaults, then ``flags`` (by
-    flag name), with the forward chunk of ``device`` (default: ``--device``'s) filled, checked.
-
-    Raises:
-        OptionError: a flag out of its range, or flags that contradict each other.
-    """
+    """The low-shot evaluation's configuration: :func:`lowshot_parser`'s defaults, then ``flags``, with the
+    forward chunk of ``device`` (default: ``--device``'s) filled, checked likewise."""
     config = LowShotConfig(**{**parser_defaults(lowshot_parser()), **flags})
     config = replace(config, batchSize=forward_chunk(config.batchSize, device or resolve_device(config)))
     check_positive(config, "imageSize", "Fang", "batchSize", "galleryNum",
