@@ -16,12 +16,9 @@ from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
 from utils.options import (
     HelpFormatter,
-    add_amp_flag,
     add_dataroot_flag,
-    add_device_flag,
     add_progress_flag,
-    add_seed_flag,
-    add_threads_flag,
+    add_runtime_flags,
     check_positive,
     resolve_device,
 )
@@ -38,7 +35,7 @@ def shot_defaults(shots: int) -> tuple[int, int]:
     return AUGNUM_DEFAULTS[shots != 1], CHOOSE_DEFAULTS[shots != 1]
 
 
-# --- flags declared once (with utils.options' device, threads, amp, seed, dataroot, progress) -----
+# --- flags declared once (with utils.options' runtime, dataroot and progress flags) -------------
 
 def add_image_size_flag(parser: argparse.ArgumentParser, default: int | None = 224,
                         use: str = "(84 and 224 are usual)", grid: bool = False) -> None:
@@ -58,8 +55,7 @@ def forward_chunk(batch_size: int | None, device: torch.device) -> int:
     return batch_size if batch_size is not None else CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
 
 
-def add_lowshotmeta_flag(parser: argparse.ArgumentParser, required: bool = False,
-                         use: str = "--dataroot then holds ILSVRC-2012 train/ and val/ class folders") -> None:
+def add_lowshotmeta_flag(parser: argparse.ArgumentParser, use: str, required: bool = False) -> None:
     parser.add_argument("--lowshotmeta", default=None, required=required,
                         help=f"label_idx.json of the ImageNet-1K low-shot benchmark: {use}")
 
@@ -75,20 +71,6 @@ def add_network_flag(parser: argparse.ArgumentParser, use: str) -> None:
 def add_gnet_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--GNet", default="None",
                         help="stage-2 checkpoint (models/<name>.t7; ours or the authors' metaNet_*shot.t7)")
-
-
-def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
-    """Workers, device, seed, precision and CUDA kernels."""
-    add_threads_flag(parser, at_most=4)
-    add_device_flag(parser)
-    add_seed_flag(parser, seed_of)
-    add_amp_flag(parser)
-    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
-                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
-                        "cuBLAS workspace)")
-    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
-                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
-                        "matrix products stay in full float32)")
 
 
 def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image", one: str = "1-shot") -> None:

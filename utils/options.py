@@ -77,6 +77,20 @@ def add_seed_flag(parser: argparse.ArgumentParser, of: str = "every random draw 
     parser.add_argument("--seed", type=int, default=0, help=f"seed of {of}")
 
 
+def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
+    """Workers, device, seed, precision and CUDA kernels (read by :func:`resolve_device`, :func:`configure_backend`)."""
+    add_threads_flag(parser, at_most=4)
+    add_device_flag(parser)
+    add_seed_flag(parser, seed_of)
+    add_amp_flag(parser)
+    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
+                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
+                        "cuBLAS workspace)")
+    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
+                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
+                        "matrix products stay in full float32)")
+
+
 def add_dataroot_flag(parser: argparse.ArgumentParser, default: str | None = "data/miniImageNet",
                       use: str = "dataset root: images/ plus train/val/test.csv, images/ alone (classes from "
                       "datasplit/), or <split>/<wnid>/ folders", required: bool = False) -> None:
