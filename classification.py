@@ -52,8 +52,7 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
     net, optimizer = stage1.build_model(config, train_split.num_classes)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     model = stage1.distribute(net, device, info)
-    hint = stage1.multi_gpu_hint(device, info)
-    if hint:
+    if hint := stage1.multi_gpu_hint(device, info):
         print(hint, flush=True)
     criterion = nn.CrossEntropyLoss()
     scaler = grad_scaler(device, bool(config.amp))

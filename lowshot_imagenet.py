@@ -5,13 +5,11 @@
         --tensorname lowshot_imagenet
     torchrun --nproc_per_node=4 lowshot_imagenet.py ...   (feature extraction sharded over the GPUs)
 
-Checks every input first (a bad one is refused with one line, before anything is written), then, holding
-``runs/<tensorname>/.lock``, embeds the base classes' training images, the trials' n-shot images and the
-setups' test images once into float16 files under ``runs/<tensorname>/features/`` (resumable), then per
-setup, trial and n scores the test images against base and novel prototypes, with and without deformed
-examples on the same draws (each finished step kept in ``runs/<tensorname>/trials/``, reused by a rerun
-with the same settings: a stopped evaluation continues). Writes ``runs/<tensorname>/lowshot_imagenet.json``
-(every metric), ``lowshot_imagenet.csv`` and ``args.json``, and prints the table.
+Checks every input before anything is written; then, holding ``runs/<tensorname>/.lock``, embeds the images
+once into float16 files under ``runs/<tensorname>/features/`` and scores the test images of each setup, trial
+and n against base and novel prototypes, with and without deformed examples on the same draws. Finished
+feature files and steps (``trials/``) are reused by a rerun with the same settings. Writes
+``lowshot_imagenet.json`` (every metric), ``lowshot_imagenet.csv`` and ``args.json``, and prints the table.
 """
 from __future__ import annotations
 
@@ -69,8 +67,7 @@ def evaluate_checked(bench: lowshot.Benchmark, model: IDeMeNet, run_dir: Path, c
     with GracefulInterrupt() as interrupt:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
-            # Every rank checks the feature folders (a refusal is raised by all of them); the main one writes
-            # the manifests.
+            # Every rank checks the feature folders (all refuse alike); the main one writes the manifests.
             stores = lowshot.feature_stores(bench, folder, config.imageSize, create=info.is_main)
             if info.is_main:
                 write_json(run_dir / "args.json", asdict(config))

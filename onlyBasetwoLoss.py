@@ -16,20 +16,17 @@ set_process_env()  # before torch loads
 
 import argparse
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from datasets.loaders import episode_loader
-from datasets.splits import Split
 from engine import stage2
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import Stage2Config, stage2_config, stage2_parser
 from engine.run import Run, run_lock
-from models.idemenet import IDeMeNet
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
@@ -87,9 +84,8 @@ def main(args: argparse.Namespace) -> int:
             def first_episode() -> dict:
                 train_set.set_epoch(0)
                 return train_set[0]
-            scale_line = stage2.initialize_scale(model, config.scaleInit, first_episode, config.trainways, device,
-                                                 embed, train_config, caches.get("train"))
-            if scale_line:
+            if scale_line := stage2.initialize_scale(model, config.scaleInit, first_episode, config.trainways, device,
+                                                     embed, train_config, caches.get("train")):
                 print(scale_line, flush=True)
         run.start(record["rows"])
 
@@ -135,29 +131,22 @@ def main(args: argparse.Namespace) -> int:
                   f"and {last_path}")
             if config.testWeights == "kept":
                 model.load_state_dict(safe_load(main_path))
-            stats = test(model, splits["test"], bank, config, device, embed, stop, caches.get("test"))
+            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
+                                       gallery_size, evaluation=True)
+            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True,
+                                    stop=stop, cache=caches.get("test"))
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
-    suffix = "_last" if config.testWeights == "last" else ""
-    write_report(run.dir / f"evaluate_{config.shots}shot_seed{config.seed}{suffix}.json", stats, config)
+    write_report(run.dir, stats, config, "_last" if config.testWeights == "last" else "")
     return 0
 
 
-def test(model: IDeMeNet, split: Split, bank: GalleryBank | None, config: Stage2Config, device: torch.device,
-         embed: Callable, stop: Callable[[], bool], cache: FeatureCache | None = None) -> dict:
-    """The final evaluation: ``--testEpisodes`` test episodes, the first kept for the figure."""
-    dataset = stage2.episodes(split, config, config.ways, config.testEpisodes, stage2.TEST_STREAM, len(bank or []),
-                              evaluation=True)
-    return stage2.evaluate(model, dataset, bank, config, device, "test", embed, keep_first=True, stop=stop,
-                           cache=cache)
-
-
-def write_report(path: Path, stats: dict, config: Stage2Config) -> None:
-    """The test report and the figure of its first episode's deformed images."""
-    write_json(path, stage2.report(stats, config, "test"))
-    figure = stage2.write_figure(stats["first"], config)
-    if figure:
+def write_report(run_dir: Path, stats: dict, config: Stage2Config, suffix: str = "") -> None:
+    """The test report, ``evaluate_<K>shot_seed<S><suffix>.json``, and the figure of its first episode."""
+    write_json(run_dir / f"evaluate_{config.shots}shot_seed{config.seed}{suffix}.json",
+               stage2.report(stats, config, "test"))
+    if figure := stage2.write_figure(stats["first"], config):
         print(f"figure: {figure}")
 
 
@@ -173,13 +162,14 @@ def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
                                batch_norm=config.galleryBN) if gallery else None
             if bank is not None:
                 print(stage2.gallery_pass_line(bank), flush=True)
-            stats = test(model, splits["test"], bank, config, device,
-                         stage2.make_embed(model, device, bool(config.dataParallel)), stop)
+            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
+                                       len(bank or []), evaluation=True)
+            embed = stage2.make_embed(model, device, bool(config.dataParallel))
+            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True, stop=stop)
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT
-        write_report(RUNS_DIR / config.tensorname / f"evaluate_{config.shots}shot_seed{config.seed}.json", stats,
-                     config)
+        write_report(RUNS_DIR / config.tensorname, stats, config)
     return 0
 
 

@@ -160,13 +160,11 @@ def stage1_parser() -> argparse.ArgumentParser:
 
 def scale_init(text: str) -> float | str:
     """``--scaleInit``'s type: ``auto`` or a positive finite number."""
-    if text == "auto":
-        return text
     try:
-        value = float(text)
+        value = text if text == "auto" else float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
+    if value != "auto" and not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected auto or a positive number, got {text!r}")
     return value
 
@@ -359,11 +357,6 @@ def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return {action.dest: action.default for action in parser._actions if action.dest != "help"}
 
 
-def check_grid(config: RunConfig) -> None:
-    if config.imageSize < config.Fang:
-        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
-
-
 def stage1_config(**flags: Any) -> Stage1Config:
     """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked
     (:class:`OptionError` names a flag out of its range)."""
@@ -374,7 +367,8 @@ def stage1_config(**flags: Any) -> Stage1Config:
     if config.filesPerClass < 0:
         raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got "
                           f"{config.filesPerClass}")
-    check_grid(config)
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
     return config
 
 
@@ -392,7 +386,8 @@ def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2
     if config.imageSize < smallest:
         raise OptionError(f"--imageSize {config.imageSize} is too small for --deformNet {config.deformNet} "
                           f"(at least {smallest} px)")
-    check_grid(config)
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
     if config.GNet == "None" and config.network == "None":
         raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
     if config.evaluate and config.GNet == "None":

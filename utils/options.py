@@ -20,9 +20,8 @@ _STATED_DEFAULT = re.compile(r"\(default: ([^()]*)\)")
 
 
 def displayed_default(action: argparse.Action) -> str | None:
-    """The one default ``--help`` shows for a flag: ``required``; the default its help states as
-    ``(default: ...)`` (one that depends on other flags or on the machine); the parser's default;
-    None for a switch or a flag without a default."""
+    """The one default ``--help`` shows for a flag: ``required``, the ``(default: ...)`` its help states, the
+    parser's default, or None (a switch or a flag without a default)."""
     if action.required:
         return "required"
     stated = _STATED_DEFAULT.search(action.help or "")
@@ -36,8 +35,7 @@ def displayed_default(action: argparse.Action) -> str | None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with one default per flag (:func:`displayed_default`): ``(required)`` for a
-    required flag, nothing added where the help states its default or there is none."""
+    """``--help`` with one default per flag (:func:`displayed_default`), added unless the help states it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, shown = action.help or "", displayed_default(action)
@@ -63,8 +61,7 @@ def add_amp_flag(parser: argparse.ArgumentParser) -> None:
 def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None, at_most: int | None = None,
                      use: str = "DataLoader workers and image-decoding threads", type: Callable[[str], int] = int,
                      metavar: str | None = None) -> None:
-    """``--nthreads``: ``default``, or without one the CPU cores this process may use
-    (:func:`utils.cpus.usable_cpus`), at most ``at_most``."""
+    """``--nthreads``: ``default``, or the CPU cores this process may use (at most ``at_most``)."""
     if default is None:
         count = usable_cpus()
         default = count if at_most is None else min(at_most, count)
