@@ -80,10 +80,9 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
                 loss_sum, correct, seen = all_reduce_sum([progress[k] for k in stage1.SUMMED_PROGRESS], device, info)
                 row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                        "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
-                # Every rank keeps the same record and evaluates its share of the val episodes; the
-                # main one writes. With --preciseBN the files hold re-estimated statistics, computed
-                # once, when first needed, by every rank (no collective inside; the decision to need
-                # them is the same on every rank).
+                # Every rank keeps the same record and evaluates its share of the val episodes; the main one
+                # writes. With --preciseBN the files hold re-estimated statistics, computed once, when first
+                # needed, by every rank (no collective inside; the decision to need them is the same on every rank).
                 precise_stop = None if info.enabled else (lambda: run.interrupted)
                 saved = functools.cache(lambda: stage1.precise_copy(model, precise_files, config, device,
                                                                     stop=precise_stop) if precise_files else model)
