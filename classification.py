@@ -22,24 +22,10 @@ import sys
 import torch
 from torch import nn
 
+from engine import stage1
 from engine.options import Stage1Config, stage1_config, stage1_parser
 from engine.precise_bn import clean_files
 from engine.run import Run
-from engine.stage1 import (
-    METRICS,
-    RESUME_KEYS,
-    SUMMED_PROGRESS,
-    build_model,
-    console_row,
-    distribute,
-    evaluate,
-    load_data,
-    multi_gpu_hint,
-    new_progress,
-    plain_state,
-    precise_copy,
-    train_one_epoch,
-)
 from utils.checkpoint import MODELS_DIR
 from utils.distributed import DistInfo, all_reduce_sum, barrier, run_distributed
 from utils.files import write_json
@@ -47,10 +33,7 @@ from utils.forward import grad_scaler
 from utils.interrupt import Interrupted
 from utils.options import configure_backend, resolve_device, run_cli
 
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """The stage-1 flags (``engine/options.py``, where the benchmarks read them too)."""
-    return stage1_parser()
+get_args_parser = stage1_parser  # the flags live in engine/options.py, where the benchmarks read them too
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,64 +43,63 @@ def main(args: argparse.Namespace) -> int:
 
 def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
     main_path, best_path = MODELS_DIR / f"{config.tensorname}.t7", MODELS_DIR / f"{config.tensorname}_best.t7"
-    run = Run(config, RESUME_KEYS, METRICS, main_path, info)
+    run = Run(config, stage1.RESUME_KEYS, stage1.METRICS, main_path, info)
     configure_backend(device, config.deterministic, config.seed + info.rank, config.memoryFormat, bool(config.tf32))
-    train_split, val, sampler, loader = load_data(config, device, info)
+    train_split, val, sampler, loader = stage1.load_data(config, device, info)
     precise_files = clean_files(train_split, config.preciseBN, config.seed, config.filesPerClass) \
         if config.preciseBN else []
     selected_on = "val_1shot_precise" if precise_files else "val_1shot"
-    net, optimizer = build_model(config, train_split.num_classes)
+    net, optimizer = stage1.build_model(config, train_split.num_classes)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
-    model = distribute(net, device, info)
-    hint = multi_gpu_hint(device, info)
-    if hint:
+    model = stage1.distribute(net, device, info)
+    if hint := stage1.multi_gpu_hint(device, info):
         print(hint, flush=True)
     criterion = nn.CrossEntropyLoss()
     scaler = grad_scaler(device, bool(config.amp))
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    start_epoch, progress, record = run.restore(net, stateful, new_progress(),
+    start_epoch, progress, record = run.restore(net, stateful, stage1.new_progress(),
                                                 {"best_train_loss": math.inf, "best_val": -1.0, "rows": 0}, "step")
     if run.resumed is not None and not info.is_main:  # the saved sums cover every process; the main one goes on
-        progress.update({key: 0 for key in SUMMED_PROGRESS})
+        progress.update({key: 0 for key in stage1.SUMMED_PROGRESS})
     barrier(info)
     run.start(record["rows"])
 
     def save_state(epoch: int) -> None:
         """Write the resumable state (every process calls it: the epoch's sums are added up)."""
-        totals = dict(zip(SUMMED_PROGRESS, all_reduce_sum([progress[k] for k in SUMMED_PROGRESS], device, info)))
-        run.save_state(epoch, {**progress, **totals}, record, plain_state(model), stateful)
+        summed = all_reduce_sum([progress[k] for k in stage1.SUMMED_PROGRESS], device, info)
+        totals = dict(zip(stage1.SUMMED_PROGRESS, summed))
+        run.save_state(epoch, {**progress, **totals}, record, stage1.plain_state(model), stateful)
 
     with run:
         epoch = start_epoch
         try:
             for epoch in range(start_epoch, config.numEpochs):
                 sampler.set_epoch(epoch, start=progress["step"] * loader.batch_size)
-                train_one_epoch(model, criterion, optimizer, loader, device, epoch, config, info, progress,
-                                stop=lambda: run.interrupted, scaler=scaler)
-                loss_sum, correct, seen = all_reduce_sum([progress[k] for k in SUMMED_PROGRESS], device, info)
+                stage1.train_one_epoch(model, criterion, optimizer, loader, device, epoch, config, info, progress,
+                                       stop=lambda: run.interrupted, scaler=scaler)
+                loss_sum, correct, seen = all_reduce_sum([progress[k] for k in stage1.SUMMED_PROGRESS], device, info)
                 row = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                        "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen / max(progress["time"], 1e-9)}
-                # Every rank keeps the same record and evaluates its share of the val episodes; the
-                # main one writes. With --preciseBN the files hold re-estimated statistics, computed
-                # once, when first needed, by every rank (no collective inside; the decision to need
-                # them is the same on every rank).
+                # Every rank keeps the same record and evaluates its share of the val episodes; the main one
+                # writes. With --preciseBN the files hold re-estimated statistics, computed once, when first
+                # needed, by every rank (no collective inside; the decision to need them is the same on every rank).
                 precise_stop = None if info.enabled else (lambda: run.interrupted)
-                saved = functools.cache(lambda: precise_copy(model, precise_files, config, device, stop=precise_stop)
-                                        if precise_files else model)
-                weights = lambda: plain_state(saved())  # noqa: E731
+                saved = functools.cache(lambda: stage1.precise_copy(model, precise_files, config, device,
+                                                                    stop=precise_stop) if precise_files else model)
+                weights = lambda: stage1.plain_state(saved())  # noqa: E731
                 run.keep_best(record, "best_train_loss", row["loss"], weights, main_path, lowest=True)
                 if config.valEpisodes and ((config.valEvery and (epoch + 1) % config.valEvery == 0)
                                            or epoch + 1 == config.numEpochs):
-                    row.update(evaluate(model, val, config, device, info, stop=lambda: run.interrupted))
+                    row.update(stage1.evaluate(model, val, config, device, info, stop=lambda: run.interrupted))
                     if precise_files:
-                        row.update(evaluate(saved(), val, config, device, info, stop=lambda: run.interrupted,
-                                            suffix="_precise"))
+                        row.update(stage1.evaluate(saved(), val, config, device, info, stop=lambda: run.interrupted,
+                                                   suffix="_precise"))
                     run.keep_best(record, "best_val", row[selected_on], weights, best_path)
                 scheduler.step()
                 record["rows"] = run.log(row)
-                progress = new_progress()
+                progress = stage1.new_progress()
                 save_state(epoch + 1)
-                run.announce(console_row(row))
+                run.announce(stage1.console_row(row))
                 barrier(info)
                 if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
                     return run.stop(f"after epoch {epoch}")

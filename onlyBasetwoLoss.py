@@ -17,38 +17,16 @@ set_process_env()  # before torch loads
 import argparse
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 
 from datasets.loaders import episode_loader
+from engine import stage2
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import Stage2Config, stage2_config, stage2_parser
 from engine.run import Run, run_lock
-from engine.stage2 import (
-    METRICS,
-    RESUME_FORMAT,
-    RESUME_KEYS,
-    TEST_STREAM,
-    TRAIN_STREAM,
-    VAL_STREAM,
-    episode_config,
-    episodes,
-    epoch_row,
-    evaluate,
-    gallery_pass_line,
-    initialize_scale,
-    make_embed,
-    make_optimizers,
-    new_progress,
-    param_groups,
-    prepare,
-    report,
-    selection_columns,
-    step_schedulers,
-    train_one_epoch,
-    write_figure,
-)
 from utils.checkpoint import MODELS_DIR, atomic_save, safe_load
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, write_json
@@ -56,10 +34,7 @@ from utils.forward import grad_scaler
 from utils.interrupt import INTERRUPTED_EXIT, GracefulInterrupt, Interrupted
 from utils.options import resolve_device, run_cli
 
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """The stage-2 flags (``engine/options.py``, where the benchmarks read them too)."""
-    return stage2_parser()
+get_args_parser = stage2_parser  # the flags live in engine/options.py, where the benchmarks read them too
 
 
 def main(args: argparse.Namespace) -> int:
@@ -68,22 +43,22 @@ def main(args: argparse.Namespace) -> int:
     if config.evaluate:
         return evaluate_checkpoint(config, device)
     main_path, last_path = MODELS_DIR / f"{config.tensorname}.t7", MODELS_DIR / f"{config.tensorname}_last.t7"
-    run = Run(config, RESUME_KEYS, METRICS, main_path)
+    run = Run(config, stage2.RESUME_KEYS, stage2.METRICS, main_path)
     saved = run.resumed
-    if saved is not None and saved.get("format") != RESUME_FORMAT:
+    if saved is not None and saved.get("format") != stage2.RESUME_FORMAT:
         raise OptionError(f"--resume: {run.state_path} was written by an earlier version (the scale's rate "
                           "decayed, gallery features were embedded from flipped images) and cannot be continued "
                           "exactly; start anew with --overwrite")
     with run:
         stop = lambda: run.interrupted  # noqa: E731
         try:
-            splits, model, gallery = prepare(config, device, need_train=True, stop=stop)
-            groups = param_groups(model, config)
-            optimizers, schedulers = make_optimizers(model, config)
+            splits, model, gallery = stage2.prepare(config, device, need_train=True, stop=stop)
+            groups = stage2.param_groups(model, config)
+            optimizers, schedulers = stage2.make_optimizers(model, config)
             scaler = grad_scaler(device, bool(config.amp))
             stateful = {**optimizers, **schedulers, "scaler": scaler}
-            start_epoch, progress, record = run.restore(model, stateful, new_progress(), {"best": None, "rows": 0},
-                                                        "episode")
+            start_epoch, progress, record = run.restore(model, stateful, stage2.new_progress(),
+                                                        {"best": None, "rows": 0}, "episode")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
             features = saved["gallery_features"] if saved is not None else None
             bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop,
@@ -91,39 +66,39 @@ def main(args: argparse.Namespace) -> int:
         except Interrupted as stopped:
             return run.stop(str(stopped))
         if bank is not None:
-            print(gallery_pass_line(bank), flush=True)
-        embed = make_embed(model, device, bool(config.dataParallel))
+            print(stage2.gallery_pass_line(bank), flush=True)
+        embed = stage2.make_embed(model, device, bool(config.dataParallel))
         gallery_size = len(bank or [])
         # With the embedding frozen for the run, each image is embedded once per run, not once per pass,
         # and a training episode decodes only the images the cache does not hold yet, and its support.
         caches = {name: FeatureCache(embed, len(split), device, config.batchSize, bool(config.amp))
                   for name, split in splits.items()} if not groups[1] else {}
-        train_set = episodes(splits["train"], config, config.trainways, config.epoch, TRAIN_STREAM, gallery_size,
-                             cache=caches.get("train"))
-        train_config = episode_config(config, config.trainways, train=True)
+        train_set = stage2.episodes(splits["train"], config, config.trainways, config.epoch, stage2.TRAIN_STREAM,
+                                    gallery_size, cache=caches.get("train"))
+        train_config = stage2.episode_config(config, config.trainways, train=True)
         select_split = config.selectOn
-        select_set = episodes(splits[select_split], config, config.ways, config.valEpisodes,
-                              VAL_STREAM if select_split == "val" else TEST_STREAM, gallery_size, evaluation=True)
+        select_stream = stage2.VAL_STREAM if select_split == "val" else stage2.TEST_STREAM
+        select_set = stage2.episodes(splits[select_split], config, config.ways, config.valEpisodes, select_stream,
+                                     gallery_size, evaluation=True)
         if saved is None:
             def first_episode() -> dict:
                 train_set.set_epoch(0)
                 return train_set[0]
-            scale_line = initialize_scale(model, config.scaleInit, first_episode, config.trainways, device, embed,
-                                          train_config, caches.get("train"))
-            if scale_line:
+            if scale_line := stage2.initialize_scale(model, config.scaleInit, first_episode, config.trainways, device,
+                                                     embed, train_config, caches.get("train")):
                 print(scale_line, flush=True)
         run.start(record["rows"])
 
         def save_state(epoch: int) -> None:
-            run.save_state(epoch, progress, record, model.state_dict(), stateful, format=RESUME_FORMAT,
+            run.save_state(epoch, progress, record, model.state_dict(), stateful, format=stage2.RESUME_FORMAT,
                            gallery_features=None if bank is None else bank.features.cpu())
 
         def select(epoch: int) -> dict:
             """Evaluate the selection episodes; keep the weights when they are the best so far."""
             select_set.set_epoch(epoch if select_split == "test" else 0)
-            stats = evaluate(model, select_set, bank, config, device, f"{select_split} {epoch}", embed, stop=stop,
-                             cache=caches.get(select_split))
-            columns = selection_columns(stats, select_split)
+            stats = stage2.evaluate(model, select_set, bank, config, device, f"{select_split} {epoch}", embed,
+                                    stop=stop, cache=caches.get(select_split))
+            columns = stage2.selection_columns(stats, select_split)
             score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
             run.keep_best(record, "best", score, model.state_dict, main_path)
             return columns
@@ -136,17 +111,17 @@ def main(args: argparse.Namespace) -> int:
                     # candidates are the initial weights and those after epochs 0..N-2.
                     progress["select"] = select(epoch)
                 train_set.set_epoch(epoch, start=progress["step"])
-                last, relation = train_one_epoch(model, episode_loader(train_set, config.nthreads, device), bank,
-                                                 train_config, device, epoch, groups, optimizers, embed, progress,
-                                                 stop, show=bool(config.progress), cache=caches.get("train"),
-                                                 scaler=scaler)
-                row = {**epoch_row(epoch, progress, optimizers, model), "gallery_bn": config.galleryBN}
-                write_figure(last, config, relation, suffix="_train")
+                loader = episode_loader(train_set, config.nthreads, device)
+                last, relation = stage2.train_one_epoch(model, loader, bank, train_config, device, epoch, groups,
+                                                        optimizers, embed, progress, stop, show=bool(config.progress),
+                                                        cache=caches.get("train"), scaler=scaler)
+                row = {**stage2.epoch_row(epoch, progress, optimizers, model), "gallery_bn": config.galleryBN}
+                stage2.write_figure(last, config, relation, suffix="_train")
                 row.update(progress["select"] if select_split == "test" else select(epoch))
-                step_schedulers(*schedulers.values())
+                stage2.step_schedulers(*schedulers.values())
                 atomic_save(model.state_dict(), last_path)
                 record["rows"] = run.log(row)
-                progress = new_progress()
+                progress = stage2.new_progress()
                 save_state(epoch + 1)
                 run.announce(row)
                 if run.interrupted:
@@ -156,19 +131,23 @@ def main(args: argparse.Namespace) -> int:
                   f"and {last_path}")
             if config.testWeights == "kept":
                 model.load_state_dict(safe_load(main_path))
-            test_set = episodes(splits["test"], config, config.ways, config.testEpisodes, TEST_STREAM, gallery_size,
-                                evaluation=True)
-            stats = evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True, stop=stop,
-                             cache=caches.get("test"))
+            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
+                                       gallery_size, evaluation=True)
+            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True,
+                                    stop=stop, cache=caches.get("test"))
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
-    suffix = "_last" if config.testWeights == "last" else ""
-    write_json(run.dir / f"evaluate_{config.shots}shot_seed{config.seed}{suffix}.json", report(stats, config, "test"))
-    figure = write_figure(stats["first"], config)
-    if figure:
-        print(f"figure: {figure}")
+    write_report(run.dir, stats, config, "_last" if config.testWeights == "last" else "")
     return 0
+
+
+def write_report(run_dir: Path, stats: dict, config: Stage2Config, suffix: str = "") -> None:
+    """The test report, ``evaluate_<K>shot_seed<S><suffix>.json``, and the figure of its first episode."""
+    write_json(run_dir / f"evaluate_{config.shots}shot_seed{config.seed}{suffix}.json",
+               stage2.report(stats, config, "test"))
+    if figure := stage2.write_figure(stats["first"], config):
+        print(f"figure: {figure}")
 
 
 def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
@@ -177,25 +156,20 @@ def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
     with GracefulInterrupt() as interrupt, ExitStack() as held:
         stop = lambda: interrupt.requested  # noqa: E731
         try:
-            splits, model, gallery = prepare(config, device, need_train=False, stop=stop)
+            splits, model, gallery = stage2.prepare(config, device, need_train=False, stop=stop)
             held.enter_context(run_lock(RUNS_DIR / config.tensorname))
             bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), stop=stop,
                                batch_norm=config.galleryBN) if gallery else None
             if bank is not None:
-                print(gallery_pass_line(bank), flush=True)
-            dataset = episodes(splits["test"], config, config.ways, config.testEpisodes, TEST_STREAM, len(bank or []),
-                               evaluation=True)
-            embed = make_embed(model, device, bool(config.dataParallel))
-            stats = evaluate(model, dataset, bank, config, device, "test", embed, keep_first=True,
-                             stop=stop)
+                print(stage2.gallery_pass_line(bank), flush=True)
+            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
+                                       len(bank or []), evaluation=True)
+            embed = stage2.make_embed(model, device, bool(config.dataParallel))
+            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True, stop=stop)
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT
-        write_json(RUNS_DIR / config.tensorname / f"evaluate_{config.shots}shot_seed{config.seed}.json",
-                   report(stats, config, "test"))
-        figure = write_figure(stats["first"], config)
-    if figure:
-        print(f"figure: {figure}")
+        write_report(RUNS_DIR / config.tensorname, stats, config)
     return 0
 
 

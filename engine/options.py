@@ -1,5 +1,5 @@
-"""The flags of both stages and the typed configurations built from them, with the checks that need
-no data. The scripts' parsers come from here, and so do the benchmarks'."""
+"""The flags of both stages and of the low-shot evaluation, shared with the benchmarks and scripts, and
+the typed configurations built from them, checked as far as no data is needed."""
 from __future__ import annotations
 
 import argparse
@@ -16,12 +16,9 @@ from utils.errors import OptionError
 from utils.forward import DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS
 from utils.options import (
     HelpFormatter,
-    add_amp_flag,
     add_dataroot_flag,
-    add_device_flag,
     add_progress_flag,
-    add_seed_flag,
-    add_threads_flag,
+    add_runtime_flags,
     check_positive,
     resolve_device,
 )
@@ -34,17 +31,15 @@ AUGNUM_DEFAULTS, CHOOSE_DEFAULTS = (7, 5), (15, 30)
 
 
 def shot_defaults(shots: int) -> tuple[int, int]:
-    """``(augnum, chooseNum)`` by default for ``shots`` support images per class (stage 2, low-shot n)."""
-    more = int(shots != 1)
-    return AUGNUM_DEFAULTS[more], CHOOSE_DEFAULTS[more]
+    """``(augnum, chooseNum)`` by default for ``shots`` support images per class."""
+    return AUGNUM_DEFAULTS[shots != 1], CHOOSE_DEFAULTS[shots != 1]
 
 
-# --- flags declared once (with utils.options' device, threads, amp, seed, dataroot, progress) -----
+# --- flags declared once (with utils.options' runtime, dataroot and progress flags) -------------
 
 def add_image_size_flag(parser: argparse.ArgumentParser, default: int | None = 224,
                         use: str = "(84 and 224 are usual)", grid: bool = False) -> None:
-    """``--imageSize`` (required when ``default`` is None; ``use`` says what it sets in the script), and
-    with ``grid`` the patch grid's ``--Fang``."""
+    """``--imageSize`` (required when ``default`` is None), with ``grid`` the patch grid's ``--Fang`` too."""
     parser.add_argument("--imageSize", type=int, default=default, required=default is None,
                         help=f"image side S in pixels {use}".rstrip())
     if grid:
@@ -52,19 +47,15 @@ def add_image_size_flag(parser: argparse.ArgumentParser, default: int | None = 2
 
 
 def add_batch_flag(parser: argparse.ArgumentParser, default: int | None = None, use: str = CHUNK_HELP) -> None:
-    """``--batchSize``: by default the forward chunk, resolved by the device (:func:`resolve_chunk`)."""
+    """``--batchSize``: by default (None) the forward chunk of the device (:func:`forward_chunk`)."""
     parser.add_argument("--batchSize", type=int, default=default, help=use)
 
 
-def resolve_chunk(args: argparse.Namespace, device: torch.device) -> None:
-    """The device-dependent default of the forward chunk (:func:`add_batch_flag`)."""
-    if args.batchSize is None:
-        args.batchSize = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+def forward_chunk(batch_size: int | None, device: torch.device) -> int:
+    return batch_size if batch_size is not None else CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
 
 
-def add_lowshotmeta_flag(parser: argparse.ArgumentParser, required: bool = False,
-                         use: str = "--dataroot then holds ILSVRC-2012 train/ and val/ class folders") -> None:
-    """``--lowshotmeta``, the ImageNet-1K low-shot benchmark's class split."""
+def add_lowshotmeta_flag(parser: argparse.ArgumentParser, use: str, required: bool = False) -> None:
     parser.add_argument("--lowshotmeta", default=None, required=required,
                         help=f"label_idx.json of the ImageNet-1K low-shot benchmark: {use}")
 
@@ -74,7 +65,6 @@ def add_tensorname_flag(parser: argparse.ArgumentParser, of: str) -> None:
 
 
 def add_network_flag(parser: argparse.ArgumentParser, use: str) -> None:
-    """``--network``, a stage-1 checkpoint; ``use`` says what for."""
     parser.add_argument("--network", default="None", help=f"stage-1 checkpoint (models/<name>.t7) {use}")
 
 
@@ -83,23 +73,8 @@ def add_gnet_flag(parser: argparse.ArgumentParser) -> None:
                         help="stage-2 checkpoint (models/<name>.t7; ours or the authors' metaNet_*shot.t7)")
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
-    """Workers, device, seed, precision and CUDA kernels: what both stages and the low-shot evaluation share."""
-    add_threads_flag(parser, at_most=4)
-    add_device_flag(parser)
-    add_seed_flag(parser, seed_of)
-    add_amp_flag(parser)
-    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
-                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
-                        "cuBLAS workspace)")
-    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
-                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
-                        "matrix products stay in full float32)")
-
-
 def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image", one: str = "1-shot") -> None:
-    """``--augnum``, ``--chooseNum`` (defaults by the shots, :func:`shot_defaults`, stated with ``one``
-    for one shot) and ``--galleryNum``."""
+    """``--augnum`` and ``--chooseNum`` (:func:`shot_defaults`, ``one`` naming one shot), ``--galleryNum``."""
     parser.add_argument("--augnum", type=int, default=None,
                         help=f"deformed copies per {per} (default: {AUGNUM_DEFAULTS[0]} for {one}, "
                         f"{AUGNUM_DEFAULTS[1]} otherwise)")
@@ -110,13 +85,11 @@ def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image
 
 
 def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = 30, use: str = "") -> None:
-    """``--galleryNum`` (required when ``default`` is None)."""
     parser.add_argument("--galleryNum", type=int, default=default, required=default is None,
                         help=f"gallery images per base class{use}")
 
 
 def add_files_per_class_flag(parser: argparse.ArgumentParser, default: int | None = 500, use: str = "") -> None:
-    """``--filesPerClass``, stage 1's training files (required when ``default`` is None)."""
     parser.add_argument("--filesPerClass", type=int, default=default, required=default is None,
                         help=f"first files of each base class used{use} (0: every file)")
 
@@ -128,7 +101,6 @@ def add_deform_net_flag(parser: argparse.ArgumentParser, use: str = "") -> None:
 
 
 def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
-    """``--deform`` and ``--gallerySelect``."""
     parser.add_argument("--deform", default="learned", choices=DEFORM_MODES,
                         help="ablation: learned weights (the stage-2 network), random U(0,1) weights per cell, or "
                         "none, no deformed images (prototypes only)")
@@ -139,8 +111,7 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str, lr_help: str,
                     epochs: int, val_help: str) -> None:
-    """Flags both training scripts share (``--batchSize``, ``--LR``, ``--numEpochs`` and ``--valEpisodes``
-    with each script's default and meaning)."""
+    """The flags both training scripts share, with each script's defaults and helps."""
     add_dataroot_flag(parser)
     add_lowshotmeta_flag(parser, use="--dataroot then holds ILSVRC-2012 train/ and val/ class folders; training "
                          "uses the 389 base classes, val the validation setup's novel classes and test the test "
@@ -164,7 +135,6 @@ def add_common_args(parser: argparse.ArgumentParser, batch_default: int | None, 
 
 
 def stage1_parser() -> argparse.ArgumentParser:
-    """The flags of ``classification.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 1: soft-random embedding pre-training",
                                      formatter_class=HelpFormatter)
     add_common_args(parser, 128, "global batch (split over the processes under torchrun)", "learning rate", 35,
@@ -189,20 +159,17 @@ def stage1_parser() -> argparse.ArgumentParser:
 
 
 def scale_init(text: str) -> float | str:
-    """``--scaleInit``: ``auto`` or a positive finite number."""
-    if text == "auto":
-        return text
+    """``--scaleInit``'s type: ``auto`` or a positive finite number."""
     try:
-        value = float(text)
+        value = text if text == "auto" else float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
+    if value != "auto" and not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected auto or a positive number, got {text!r}")
     return value
 
 
 def stage2_parser() -> argparse.ArgumentParser:
-    """The flags of ``onlyBasetwoLoss.py``."""
     parser = argparse.ArgumentParser(description="IDeMe-Net stage 2: deformation meta-learning and evaluation",
                                      formatter_class=HelpFormatter)
     add_common_args(parser, None, CHUNK_HELP, "learning rate of the deformation sub-network and of the scale", 120,
@@ -252,142 +219,6 @@ def stage2_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- the typed configurations ---------------------------------------------------------------
-# One field per flag, named as the flag, so that ``dataclasses.asdict(config)`` is the dict args.json
-# and resume.pt record; every default stays in the parsers above (:func:`parser_defaults`).
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The flags both training scripts share (:func:`add_common_args`)."""
-
-    dataroot: str
-    lowshotmeta: str | None
-    imageSize: int
-    Fang: int
-    tensorname: str
-    network: str
-    LR: float
-    numEpochs: int
-    valEpisodes: int
-    batchSize: int
-    nthreads: int
-    device: str | None
-    seed: int
-    amp: int
-    deterministic: int
-    tf32: int
-    memoryFormat: str
-    resume: bool
-    overwrite: bool
-    skipBadImages: bool
-    progress: int | None
-
-
-@dataclass(frozen=True)
-class Stage1Config(TrainConfig):
-    """The flags of ``classification.py`` (:func:`stage1_parser`), checked (:func:`stage1_config`)."""
-
-    backbone: str | None
-    filesPerClass: int
-    crop: str
-    valEvery: int
-    valQueries: int
-    preciseBN: int
-
-
-@dataclass(frozen=True)
-class Stage2Config(TrainConfig):
-    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), with the shot- and device-dependent
-    defaults filled and checked (:func:`stage2_config`)."""
-
-    GNet: str
-    shots: int
-    ways: int
-    trainways: int
-    test_num: int
-    augnum: int
-    chooseNum: int
-    galleryNum: int
-    epoch: int
-    clsLR: float
-    fixCls: int
-    fixAttention: int
-    fixScale: int
-    scaleInit: float | str | None
-    deformNet: str
-    deform: str
-    gallerySelect: str
-    galleryExclude: str
-    galleryBN: str
-    selectOn: str
-    testWeights: str
-    overlap: int
-    dataParallel: int
-    evaluate: bool
-    testEpisodes: int
-
-
-def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Every flag's default, by flag name (None for a required flag)."""
-    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
-
-
-def stage1_config(**flags: Any) -> Stage1Config:
-    """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked.
-
-    Raises:
-        OptionError: a flag out of its range.
-    """
-    config = Stage1Config(**{**parser_defaults(stage1_parser()), **flags})
-    check_positive(config, "imageSize", "Fang", "batchSize", "numEpochs")
-    if config.preciseBN < 0 or config.preciseBN == 1:
-        raise OptionError(f"--preciseBN must be 0 (off) or at least 2 images, got {config.preciseBN}")
-    if config.filesPerClass < 0:
-        raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got "
-                          f"{config.filesPerClass}")
-    if config.imageSize < config.Fang:
-        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
-    return config
-
-
-def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2Config:
-    """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags`` (by flag name), with
-    the defaults that depend on the shots (:func:`shot_defaults`) and on ``device``, the compute device
-    (the forward chunk; default: ``--device`` resolved, :func:`utils.options.resolve_device`), filled,
-    and checked.
-
-    Raises:
-        OptionError: a flag out of its range, or flags that contradict each other.
-    """
-    config = Stage2Config(**{**parser_defaults(stage2_parser()), **flags})
-    device = device or resolve_device(config)
-    augnum, choose_num = shot_defaults(config.shots)
-    config = replace(config, augnum=augnum if config.augnum is None else config.augnum,
-                     chooseNum=choose_num if config.chooseNum is None else config.chooseNum,
-                     batchSize=config.batchSize if config.batchSize is not None else
-                     CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
-    check_positive(config, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
-                   "chooseNum", "galleryNum", "epoch", "numEpochs", "valEpisodes", "testEpisodes")
-    smallest = DEFORM_NETS[config.deformNet].min_image_size
-    if config.imageSize < smallest:
-        raise OptionError(f"--imageSize {config.imageSize} is too small for --deformNet {config.deformNet} "
-                          f"(at least {smallest} px)")
-    if config.imageSize < config.Fang:
-        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
-    if config.GNet == "None" and config.network == "None":
-        raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
-    if config.evaluate and config.GNet == "None":
-        raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
-    if config.selectOn == "test" and config.lowshotmeta:
-        raise OptionError("--selectOn test with --lowshotmeta would select stage 2's weights on the test setup's "
-                          "novel classes of the ImageNet-1K low-shot benchmark; use --selectOn val (the validation "
-                          "setup's)")
-    if config.galleryExclude == "episode" and (config.deform == "none" or config.gallerySelect != "nearest"):
-        raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
-                          "--gallerySelect nearest and deformed images (--deform learned or random)")
-    return config
-
-
 def lowshot_parser() -> argparse.ArgumentParser:
     """The flags of ``lowshot_imagenet.py`` (the benchmark's own names where it has them)."""
     parser = argparse.ArgumentParser(description="IDeMe-Net on the ImageNet-1K low-shot benchmark "
@@ -420,50 +251,17 @@ def lowshot_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_lowshot_args(args: argparse.Namespace, device: torch.device) -> LowShotConfig:
-    """Fill the device-dependent default, check the flags that need no data and return them typed."""
-    resolve_chunk(args, device)
-    check_positive(args, "imageSize", "Fang", "batchSize", "galleryNum",
-                   *(flag for flag in ("augnum", "chooseNum") if getattr(args, flag) is not None))
-    for flag in ("trials", "lowshotn"):
-        values = getattr(args, flag)
-        if min(values) < 1 or len(set(values)) != len(values):
-            raise OptionError(f"--{flag} {' '.join(map(str, values))}: expected distinct positive integers")
-    if len(args.trials) > 1 and "{" not in args.experimentpath:
-        raise OptionError(f"--experimentpath {args.experimentpath}: several --trials need a {{:d}} for the "
-                          "trial number")
-    if args.GNet == "None" and args.network == "None":
-        raise OptionError("--GNet (a stage-2 checkpoint) or --network (a stage-1 checkpoint) is required")
-    if args.deform == "learned" and args.GNet == "None":
-        raise OptionError("--deform learned needs --GNet (a stage-2 checkpoint); with a stage-1 --network use "
-                          "--deform none or random")
-    if args.imageSize < DEFORM_NETS[args.deformNet].min_image_size and args.deform == "learned":
-        raise OptionError(f"--imageSize {args.imageSize} is too small for --deformNet {args.deformNet}")
-    return LowShotConfig(**vars(args))
-
+# --- the typed configurations ---------------------------------------------------------------
+# One field per flag, named as the flag, so that ``dataclasses.asdict(config)`` is the dict args.json
+# and resume.pt record; every default stays in the parsers above (:func:`parser_defaults`).
 
 @dataclass(frozen=True)
-class LowShotConfig:
-    """The flags of ``lowshot_imagenet.py`` (:func:`lowshot_parser`, whose defaults they take), by flag
-    name, resolved (:func:`resolve_lowshot_args`): ``batchSize`` set; ``augnum`` and ``chooseNum`` None
-    for the shot-dependent defaults (:func:`shot_defaults`)."""
+class RunConfig:
+    """The flags all three configurations share (:func:`add_runtime_flags` and the run's files)."""
 
-    imagenet: str
-    lowshotmeta: str
-    experimentpath: str
-    trainlist: str | None
     tensorname: str
-    GNet: str
     network: str
-    testsetup: int
-    trials: list[int]
-    lowshotn: list[int]
-    augnum: int | None
-    chooseNum: int | None
-    galleryNum: int
-    deform: str
-    gallerySelect: str
-    deformNet: str
+    lowshotmeta: str | None
     imageSize: int
     Fang: int
     batchSize: int
@@ -473,4 +271,156 @@ class LowShotConfig:
     amp: int
     deterministic: int
     tf32: int
-    progress: int
+    progress: int | None
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """The flags both training scripts share (:func:`add_common_args`)."""
+
+    dataroot: str
+    LR: float
+    numEpochs: int
+    valEpisodes: int
+    memoryFormat: str
+    resume: bool
+    overwrite: bool
+    skipBadImages: bool
+
+
+@dataclass(frozen=True)
+class Stage1Config(TrainConfig):
+    """The flags of ``classification.py`` (:func:`stage1_parser`), checked (:func:`stage1_config`)."""
+
+    backbone: str | None
+    filesPerClass: int
+    crop: str
+    valEvery: int
+    valQueries: int
+    preciseBN: int
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), filled and checked (:func:`stage2_config`)."""
+
+    GNet: str
+    shots: int
+    ways: int
+    trainways: int
+    test_num: int
+    augnum: int
+    chooseNum: int
+    galleryNum: int
+    epoch: int
+    clsLR: float
+    fixCls: int
+    fixAttention: int
+    fixScale: int
+    scaleInit: float | str | None
+    deformNet: str
+    deform: str
+    gallerySelect: str
+    galleryExclude: str
+    galleryBN: str
+    selectOn: str
+    testWeights: str
+    overlap: int
+    dataParallel: int
+    evaluate: bool
+    testEpisodes: int
+
+
+@dataclass(frozen=True)
+class LowShotConfig(RunConfig):
+    """The flags of ``lowshot_imagenet.py`` (:func:`lowshot_parser`), checked (:func:`lowshot_eval_config`);
+    ``augnum`` and ``chooseNum`` None for the defaults of each n (:func:`shot_defaults`)."""
+
+    imagenet: str
+    lowshotmeta: str
+    experimentpath: str
+    trainlist: str | None
+    GNet: str
+    testsetup: int
+    trials: list[int]
+    lowshotn: list[int]
+    augnum: int | None
+    chooseNum: int | None
+    galleryNum: int
+    deform: str
+    gallerySelect: str
+    deformNet: str
+
+
+def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Every flag's default, by flag name (None for a required flag)."""
+    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
+def stage1_config(**flags: Any) -> Stage1Config:
+    """Stage 1's configuration: :func:`stage1_parser`'s defaults, then ``flags`` (by flag name), checked
+    (:class:`OptionError` names a flag out of its range)."""
+    config = Stage1Config(**{**parser_defaults(stage1_parser()), **flags})
+    check_positive(config, "imageSize", "Fang", "batchSize", "numEpochs")
+    if config.preciseBN < 0 or config.preciseBN == 1:
+        raise OptionError(f"--preciseBN must be 0 (off) or at least 2 images, got {config.preciseBN}")
+    if config.filesPerClass < 0:
+        raise OptionError(f"--filesPerClass must be at least 0 (0: every file of each class), got "
+                          f"{config.filesPerClass}")
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
+    return config
+
+
+def stage2_config(device: torch.device | None = None, /, **flags: Any) -> Stage2Config:
+    """Stage 2's configuration: :func:`stage2_parser`'s defaults, then ``flags``, with the defaults of the
+    shots (:func:`shot_defaults`) and of ``device`` (default: ``--device``'s) filled, checked likewise."""
+    config = Stage2Config(**{**parser_defaults(stage2_parser()), **flags})
+    augnum, choose_num = shot_defaults(config.shots)
+    config = replace(config, augnum=augnum if config.augnum is None else config.augnum,
+                     chooseNum=choose_num if config.chooseNum is None else config.chooseNum,
+                     batchSize=forward_chunk(config.batchSize, device or resolve_device(config)))
+    check_positive(config, "imageSize", "Fang", "batchSize", "shots", "ways", "trainways", "test_num", "augnum",
+                   "chooseNum", "galleryNum", "epoch", "numEpochs", "valEpisodes", "testEpisodes")
+    smallest = DEFORM_NETS[config.deformNet].min_image_size
+    if config.imageSize < smallest:
+        raise OptionError(f"--imageSize {config.imageSize} is too small for --deformNet {config.deformNet} "
+                          f"(at least {smallest} px)")
+    if config.imageSize < config.Fang:
+        raise OptionError(f"--imageSize {config.imageSize} cannot hold a {config.Fang} x {config.Fang} grid")
+    if config.GNet == "None" and config.network == "None":
+        raise OptionError("--network (a stage-1 checkpoint) or --GNet (a stage-2 checkpoint) is required")
+    if config.evaluate and config.GNet == "None":
+        raise OptionError("--evaluate needs --GNet (the stage-2 checkpoint to evaluate)")
+    if config.selectOn == "test" and config.lowshotmeta:
+        raise OptionError("--selectOn test with --lowshotmeta would select stage 2's weights on the test setup's "
+                          "novel classes of the ImageNet-1K low-shot benchmark; use --selectOn val (the validation "
+                          "setup's)")
+    if config.galleryExclude == "episode" and (config.deform == "none" or config.gallerySelect != "nearest"):
+        raise OptionError("--galleryExclude episode acts on the nearest-gallery shortlists: it needs "
+                          "--gallerySelect nearest and deformed images (--deform learned or random)")
+    return config
+
+
+def lowshot_eval_config(device: torch.device | None = None, /, **flags: Any) -> LowShotConfig:
+    """The low-shot evaluation's configuration: :func:`lowshot_parser`'s defaults, then ``flags``, with the
+    forward chunk of ``device`` (default: ``--device``'s) filled, checked likewise."""
+    config = LowShotConfig(**{**parser_defaults(lowshot_parser()), **flags})
+    config = replace(config, batchSize=forward_chunk(config.batchSize, device or resolve_device(config)))
+    check_positive(config, "imageSize", "Fang", "batchSize", "galleryNum",
+                   *(flag for flag in ("augnum", "chooseNum") if getattr(config, flag) is not None))
+    for flag in ("trials", "lowshotn"):
+        values = getattr(config, flag)
+        if min(values) < 1 or len(set(values)) != len(values):
+            raise OptionError(f"--{flag} {' '.join(map(str, values))}: expected distinct positive integers")
+    if len(config.trials) > 1 and "{" not in config.experimentpath:
+        raise OptionError(f"--experimentpath {config.experimentpath}: several --trials need a {{:d}} for the "
+                          "trial number")
+    if config.GNet == "None" and config.network == "None":
+        raise OptionError("--GNet (a stage-2 checkpoint) or --network (a stage-1 checkpoint) is required")
+    if config.deform == "learned" and config.GNet == "None":
+        raise OptionError("--deform learned needs --GNet (a stage-2 checkpoint); with a stage-1 --network use "
+                          "--deform none or random")
+    if config.imageSize < DEFORM_NETS[config.deformNet].min_image_size and config.deform == "learned":
+        raise OptionError(f"--imageSize {config.imageSize} is too small for --deformNet {config.deformNet}")
+    return config

@@ -141,13 +141,14 @@ def script_runs(tmp_path_factory):
     workdir = make_workdir(tmp_path_factory.mktemp("decoding"))
     script = load_script("onlyBasetwoLoss.py")
     decoded = {}
+    episodes = stage2.episodes
     with pytest.MonkeyPatch.context() as patch:
         for name in ("all", "new"):
             if name == "all":
-                every_image = lambda *args, cache=None, **kwargs: stage2.episodes(*args, **kwargs)  # noqa: E731
-                patch.setattr(script, "episodes", every_image)
+                every_image = lambda *args, cache=None, **kwargs: episodes(*args, **kwargs)  # noqa: E731
+                patch.setattr(script.stage2, "episodes", every_image)
             else:
-                patch.setattr(script, "episodes", stage2.episodes)
+                patch.setattr(script.stage2, "episodes", episodes)
             loads = CountingLoads(load_rgb)
             patch.setattr(episodes_module, "load_rgb", loads)
             result = run_main(workdir, "onlyBasetwoLoss.py", *SCRIPT_FLAGS, "--tensorname", name)

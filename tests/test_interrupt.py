@@ -116,7 +116,7 @@ def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(wor
     test evaluation first embeds the test images): the run stops at its first check, with status 130
     and one line naming the phase, and --resume ends as the uninterrupted run."""
     script = load_script("onlyBasetwoLoss.py")
-    evaluate, checks = script.evaluate, []
+    evaluate, checks = script.stage2.evaluate, []
 
     def evaluate_after_a_signal(model, dataset, bank, args, device, desc, *rest, **options):
         if desc == phase:
@@ -125,7 +125,7 @@ def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(wor
             options["stop"] = lambda: checks.append(stop()) or checks[-1]
         return evaluate(model, dataset, bank, args, device, desc, *rest, **options)
 
-    monkeypatch.setattr(script, "evaluate", evaluate_after_a_signal)
+    monkeypatch.setattr(script.stage2, "evaluate", evaluate_after_a_signal)
     name = f"here_{phase.replace(' ', '')}"
     result = run_main(workdir, "onlyBasetwoLoss.py", *IN_PROCESS, "--tensorname", name)
     assert result.returncode == 130, result.stdout + result.stderr
@@ -134,7 +134,7 @@ def test_a_signal_as_an_evaluation_starts_stops_it_saves_and_resumes_exactly(wor
     assert last == f"stopped {where}; continue with --resume", last
     state = torch.load(workdir / f"runs/{name}/resume.pt", weights_only=False)
     assert (state["epoch"], state["progress"]["step"]) == ((1, 3) if phase == "val 1" else (2, 0))
-    monkeypatch.setattr(script, "evaluate", evaluate)
+    monkeypatch.setattr(script.stage2, "evaluate", evaluate)
     resumed = run_main(workdir, "onlyBasetwoLoss.py", *IN_PROCESS, "--tensorname", name, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(workdir, reference_here, name)

@@ -49,7 +49,7 @@ from engine.lowshot import (
     summarise,
     trial_metrics,
 )
-from engine.options import lowshot_parser, resolve_lowshot_args
+from engine.options import lowshot_eval_config, lowshot_parser
 from engine.run import lock_run, release_run
 from models import EmbeddingNet, IDeMeNet, load_idemenet
 from models.protonet import prototypes, squared_distances
@@ -321,7 +321,7 @@ def test_stage_splits_are_the_base_classes_and_each_setups_novel_classes(workdir
 def test_the_evaluations_settings_are_its_flags_with_the_device_and_shot_defaults_resolved():
     argv = ["--imagenet", "i", "--lowshotmeta", "m", "--experimentpath", "e_{:d}", "--tensorname", "t", "--GNet", "g",
             "--chooseNum", "9", "--trials", "2", "4"]
-    config = resolve_lowshot_args(lowshot_parser().parse_args(argv), torch.device("cpu"))
+    config = lowshot_eval_config(torch.device("cpu"), **vars(lowshot_parser().parse_args(argv)))
     assert asdict(config) == {**vars(lowshot_parser().parse_args(argv)), "batchSize": 16}  # the CPU's chunk
     one, two = lowshot_config(config, 1, 5), lowshot_config(config, 2, 5)
     assert (one.augnum, one.choose_num, two.augnum, two.choose_num) == (7, 9, 5, 9)  # --chooseNum for every n

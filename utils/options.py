@@ -20,9 +20,8 @@ _STATED_DEFAULT = re.compile(r"\(default: ([^()]*)\)")
 
 
 def displayed_default(action: argparse.Action) -> str | None:
-    """The one default ``--help`` shows for a flag: ``required``; the default its help states as
-    ``(default: ...)`` (one that depends on other flags or on the machine); the parser's default;
-    None for a switch or a flag without a default."""
+    """The one default ``--help`` shows for a flag: ``required``, the ``(default: ...)`` its help states, the
+    parser's default, or None (a switch or a flag without a default)."""
     if action.required:
         return "required"
     stated = _STATED_DEFAULT.search(action.help or "")
@@ -36,8 +35,7 @@ def displayed_default(action: argparse.Action) -> str | None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with one default per flag (:func:`displayed_default`): ``(required)`` for a
-    required flag, nothing added where the help states its default or there is none."""
+    """``--help`` with one default per flag (:func:`displayed_default`), added unless the help states it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, shown = action.help or "", displayed_default(action)
@@ -46,32 +44,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (required)" if shown == "required" else f"{text} (default: {shown})"
 
 
-# --- flags declared once ---------------------------------------------------------------------
-# Every script builds the flags it shares with others from these functions (engine.options adds the
-# engine's): one declaration and one help per flag, each script giving only its default and what the
-# flag does there.
-
-DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
-AMP_HELP = ("mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, RTX 30xx, H100), "
-            "float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
-
+# --- flags declared once (engine.options adds the engine's): each script gives its default and use ---
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     """``--device`` (read by :func:`resolve_device`)."""
-    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
 
 
 def add_amp_flag(parser: argparse.ArgumentParser) -> None:
     """``--amp`` 0/1 (checked by :func:`resolve_device`)."""
-    parser.add_argument("--amp", type=int, default=0, choices=(0, 1), help=AMP_HELP)
+    parser.add_argument("--amp", type=int, default=0, choices=(0, 1),
+                        help="mixed precision on CUDA: bfloat16 autocast on GPUs of compute capability 8.0+ (A100, "
+                        "RTX 30xx, H100), float16 with loss scaling on older ones (V100, T4, RTX 20xx)")
 
 
 def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None, at_most: int | None = None,
                      use: str = "DataLoader workers and image-decoding threads", type: Callable[[str], int] = int,
                      metavar: str | None = None) -> None:
-    """``--nthreads``: ``default``, or without one the CPU cores this process may use
-    (:func:`utils.cpus.usable_cpus`: its affinity, at most SLURM's allocation; at most ``at_most``),
-    stated in the help as such; ``use`` says what the threads do in the script."""
+    """``--nthreads``: ``default``, or the CPU cores this process may use (at most ``at_most``)."""
     if default is None:
         count = usable_cpus()
         default = count if at_most is None else min(at_most, count)
@@ -81,17 +71,26 @@ def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None
 
 
 def add_seed_flag(parser: argparse.ArgumentParser, of: str = "every random draw of the run") -> None:
-    """``--seed``, the seed of ``of`` (read by :func:`configure_backend`)."""
     parser.add_argument("--seed", type=int, default=0, help=f"seed of {of}")
 
 
-DATAROOT_HELP = ("dataset root: images/ plus train/val/test.csv, images/ alone (classes from datasplit/), or "
-                 "<split>/<wnid>/ folders")
+def add_runtime_flags(parser: argparse.ArgumentParser, seed_of: str) -> None:
+    """Workers, device, seed, precision and CUDA kernels (read by :func:`resolve_device`, :func:`configure_backend`)."""
+    add_threads_flag(parser, at_most=4)
+    add_device_flag(parser)
+    add_seed_flag(parser, seed_of)
+    add_amp_flag(parser)
+    parser.add_argument("--deterministic", type=int, default=0, choices=(0, 1),
+                        help="deterministic CUDA kernels (cudnn.deterministic, no benchmark, no TF32, a fixed "
+                        "cuBLAS workspace)")
+    parser.add_argument("--tf32", type=int, default=1, choices=(0, 1),
+                        help="TensorFloat-32 cuDNN convolutions on Ampere and later GPUs (off with --deterministic 1; "
+                        "matrix products stay in full float32)")
 
 
 def add_dataroot_flag(parser: argparse.ArgumentParser, default: str | None = "data/miniImageNet",
-                      use: str = DATAROOT_HELP, required: bool = False) -> None:
-    """``--dataroot``: ``use`` says what the script reads there."""
+                      use: str = "dataset root: images/ plus train/val/test.csv, images/ alone (classes from "
+                      "datasplit/), or <split>/<wnid>/ folders", required: bool = False) -> None:
     parser.add_argument("--dataroot", default=default, required=required, help=use)
 
 
@@ -108,9 +107,8 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
-    """The device from ``--device`` (cuda when available by default), with its index (``cuda`` is
-    the current GPU) and made the current CUDA device, so that every allocation, kernel, stream and
-    timing event without an explicit device lands on it; checks ``--amp`` too."""
+    """``--device`` (cuda when available by default) with its index, made the current CUDA device so that
+    everything without an explicit device lands on it; checks ``--amp`` too."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -130,17 +128,10 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-# cuBLAS needs a fixed workspace to be deterministic (set before its first call, i.e. before any model).
-CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
-TF32_CAPABILITY = (8, 0)  # TensorFloat-32 exists from Ampere on
-
-
 def configure_backend(device: torch.device, deterministic: bool, seed: int,
                       memory_format: str = DEFAULT_MEMORY_FORMAT, tf32: bool = True) -> None:
-    """Seed the global generators, set the compute memory format (``--memoryFormat``) and the CUDA
-    flags for speed or determinism: cuDNN autotuning unless ``deterministic``; TF32 convolutions
-    (``tf32``, ``--tf32``) on Ampere and later unless ``deterministic``; matrix products (the
-    prototype distances) always in full float32."""
+    """Seed the global generators, set the memory format and the CUDA flags: cuDNN autotuning and (with
+    ``tf32``, on Ampere and later) TF32 convolutions unless ``deterministic``; matrix products in float32."""
     set_memory_format(memory_format)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -150,9 +141,9 @@ def configure_backend(device: torch.device, deterministic: bool, seed: int,
         torch.backends.cudnn.deterministic = bool(deterministic)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = bool(tf32 and not deterministic
-                                               and tuple(torch.cuda.get_device_capability(device)) >= TF32_CAPABILITY)
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+                                               and tuple(torch.cuda.get_device_capability(device)) >= (8, 0))
+        if deterministic:  # cuBLAS needs a fixed workspace, set before its first call
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -165,12 +156,9 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
         args.progress = int(sys.stderr.isatty())
     try:
         return main(args) or 0
-    except InputError as exc:
+    except (InputError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(exc, TrainingDiverged) else 2
     except StopNow as signal_name:
         print("\n" + stopped_at_once_line(str(signal_name)), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT
