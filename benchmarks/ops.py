@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
-from benchmarks.episode import engine_config
+from benchmarks.episode import add_episode_flags, engine_config
 from datasets import Gallery
 from engine import stage2
 from engine.episode import GalleryBank
@@ -60,15 +60,8 @@ HOST_ONLY = frozenset({
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("ATen operations per stage-2 training episode, rounds 1 (warm and cold cache) and 2")
-    p.set_defaults(imageSize=32, device="cpu", nthreads=0)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
-    p.add_argument("--augnum", type=int, default=7)
-    p.add_argument("--chooseNum", type=int, default=15)
-    p.add_argument("--galleryNum", type=int, default=15)
-    p.add_argument("--deformNet", default="small", choices=("small", "twobranch"))
-    p.add_argument("--batchSize", type=int, default=None, help="forward chunk (default: 128 on CUDA, 16 on the CPU)")
+    add_episode_flags(p)
+    p.set_defaults(imageSize=32, device="cpu", nthreads=0, augnum=7, chooseNum=15, galleryNum=15)
     p.add_argument("--short", type=int, default=8, help="episodes of the shorter run")
     p.add_argument("--long", type=int, default=24, help="episodes of the longer run")
     p.add_argument("--top", type=int, default=12, help="operations listed per round, most frequent first")

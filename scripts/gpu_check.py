@@ -26,13 +26,9 @@ import os
 import platform
 import re
 import runpy
-import select
-import signal
-import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import suppress
 from itertools import islice
 from unittest import mock
 
@@ -47,7 +43,7 @@ from datasets import read_split, toy
 from datasets.episodes import CroppedImages
 from datasets.loaders import episode_loader
 from datasets.transforms import prepare_images
-from engine import stage1, stage2
+from engine import experiments, stage1, stage2
 from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import (
@@ -86,7 +82,7 @@ DISTRIBUTED_CHECKS = ("torchrun_uneven_split", "torchrun_sigterm_resume", "torch
 # unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise, where torch reads it): on a loaded CPU the ranks'
 # last step, the save and the exit can take longer, and a killed rank saves nothing.
 SHUTDOWN_GRACE_S = 300
-STEP_DONE = re.compile(rb"epoch 0:[^\r\n]*\| *[1-9]\d*/")  # rank 0's progress bar past its first step
+STEP_DONE = re.compile(r"epoch 0:[^\r\n]*\| *[1-9]\d*/")  # rank 0's progress bar past its first step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -410,37 +406,13 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def run_process(command: list[str], cwd: Path, timeout: float, prefix: str | None = None,
+def run_process(command: list[str], cwd: Path, timeout: float, log: Path, echo: str | None = None,
                 stop_at: re.Pattern | None = None) -> tuple[int | None, str]:
-    """Run ``command`` in ``cwd`` (a process group of its own, output merged), printing each line of its
-    output after ``prefix`` as it comes when one is given; SIGTERM to its group once the output matches
-    ``stop_at``, and past ``timeout`` seconds (SIGKILL a minute later). Returns the exit status (None when
-    it timed out) and the output."""
+    """(exit status, None when it timed out; output) of ``command`` run in ``cwd`` by
+    :func:`engine.experiments.run`, with torchrun's shutdown grace and this checkout importable."""
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
-    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          start_new_session=True) as process:
-        output, shown, deadline = b"", 0, time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not select.select([process.stdout], [], [], 1.0)[0]:
-                continue
-            chunk = os.read(process.stdout.fileno(), 65536)
-            output += chunk
-            end = output.rfind(b"\n") + 1 if chunk else len(output)
-            for line in output[shown:end].decode(errors="replace").splitlines() if prefix is not None else ():
-                print(prefix + line, flush=True)
-            shown = max(shown, end)
-            if stop_at is not None and stop_at.search(output) and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                stop_at = None
-            if not chunk:
-                return process.wait(), output.decode(errors="replace")
-        with suppress(ProcessLookupError):  # the group is gone
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-    return None, output.decode(errors="replace") + f"\n(timed out after {timeout:.0f} s)"
+    status, _, output = experiments.run(command, log, cwd, env, timeout, echo, stop_at)
+    return status, output
 
 
 def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout: float = 600,
@@ -451,7 +423,7 @@ def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
-    output = run_process(command, cwd, timeout, stop_at=stop_at)[1]
+    output = run_process(command, cwd, timeout, cwd / "logs" / f"torchrun_{kind}.log", stop_at=stop_at)[1]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
     return output, [exits.get(rank) for rank in range(ranks)], reports
@@ -466,7 +438,8 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
     one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                               "--device", str(device)], workdir, timeout)
+                               "--device", str(device)], workdir, timeout,
+                              workdir / "logs" / "one.log")
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
@@ -604,7 +577,7 @@ def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[di
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
     start = time.monotonic()
-    status, output = run_process(command, REPO, timeout, prefix="outcome| ")
+    status, output = run_process(command, REPO, timeout, json_path.with_suffix(".log"), echo="outcome| ")
     seconds, tail = time.monotonic() - start, output.rstrip()[-300:]
     if status is None:
         return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail}"}
