@@ -239,36 +239,43 @@ def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bo
                          tensorname="gpu_check", **flags)
 
 
-def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                 episodes: int) -> tuple[dict, dict]:
-    """Seconds per training episode (epoch 1: both losses train) and per test episode, peak memory;
-    and the check that cached and per-episode test features give the same evaluation."""
-    args = stage2_args(root, a, device, amp, shots)
+def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int, episodes: int,
+                 **flags) -> tuple:
+    """Stage 2 as the script builds it and its ``episodes`` training episodes of epoch 1 (both losses
+    train): ``(args, splits, model, bank, embed, episodes, train(part, **more): one training pass, the
+    optimisers a float16 GradScaler steps per episode)``."""
+    args = stage2_args(root, a, device, amp, shots, **flags)
     splits, model, gallery = stage2.prepare(args, device, need_train=True)
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
+    groups, (optimizers, _) = stage2.param_groups(model, args), stage2.make_optimizers(model, args)
     bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
-    embed = stage2.make_embed(model, device)
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes + 1, stage2.TRAIN_STREAM, len(bank))
+    embed, scaler = stage2.make_embed(model, device), grad_scaler(device, amp)
+    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
     train_set.set_epoch(1)
-    items = [train_set[i] for i in range(len(train_set))]  # decoded ahead: the networks' speed
     config = stage2.episode_config(args, args.trainways, train=True)
-    scaler = grad_scaler(device, amp)
 
-    def train(part):
+    def train(part, **more) -> None:
         stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
-                               show=False, scaler=scaler)
+                               show=False, scaler=scaler, **more)
 
+    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))
+    return args, splits, model, bank, embed, train_set, train, len(stepped) if scaler.is_enabled() else 0
+
+
+def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
+                 episodes: int) -> tuple[dict, dict, dict]:
+    """Seconds per training episode (epoch 1: both losses train) and per test episode, peak memory;
+    the check that cached and per-episode test features give the same evaluation; the host waits."""
+    args, splits, model, bank, embed, train_set, train, scaled = stage2_setup(root, a, device, amp, shots,
+                                                                              episodes + 1)
+    items = [train_set[i] for i in range(len(train_set))]  # decoded ahead: the networks' speed
     train(items[:1])
     with Phase(device) as training:
         train(items[1:])
-    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))  # epoch 1: both losses
-    syncs = host_syncs(device, lambda: train(items[1:]), episodes, len(stepped) if scaler.is_enabled() else 0)
-    test_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
-                               evaluation=True)
+    syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaled)
+    test_set, fresh_set = (stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
+                                           evaluation=cached) for cached in (True, False))
     with Phase(device) as testing:
         stage2.evaluate(model, test_set, bank, args, device, "test", embed)
-    fresh_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank))
     check = cached_features_check(
         lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
         lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
@@ -352,21 +359,11 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
-    args = stage2_args(root, a, device, amp, 1, fixCls=fix_cls)
-    splits, model, gallery = stage2.prepare(args, device, need_train=True)
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
-    embed = stage2.make_embed(model, device)
+    args, splits, _, _, embed, train_set, train, _ = stage2_setup(root, a, device, amp, 1, episodes, fixCls=fix_cls)
     cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if fix_cls else None
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1)
-    config = stage2.episode_config(args, args.trainways, train=True)
-    scaler = grad_scaler(device, amp)
     for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
         through = FirstItems(episode_loader(train_set, args.nthreads, device), episodes, device)
-        stage2.train_one_epoch(model, through, bank, config, device, 1, groups, optimizers, embed,
-                               stage2.new_progress(), show=False, cache=cache, scaler=scaler)
+        train(through, cache=cache)
     return through.per_second()
 
 
