@@ -1,25 +1,8 @@
-"""ATen operations dispatched per stage-2 training episode: the host's work per episode that a GPU
-turns into kernel launches (each some 5-15 us of host time there).
+"""ATen operations dispatched per stage-2 training episode, per round: the host's work per episode that a
+GPU turns into kernel launches (benchmarks/README.md, "benchmarks/ops.py").
 
     python -m benchmarks.ops                       # toy data, 32 px, CPU: the issue's counting set-up
     python -m benchmarks.ops --imageSize 84 --json ops.json
-
-Per round it runs ``engine.stage2.train_one_epoch`` over ``--short`` and ``--long`` episodes already
-decoded (the loader's work happens in its worker processes) on a fresh model and optimisers, counts every
-ATen operation dispatched in this process with a ``TorchDispatchMode``, and reports the difference divided
-by the difference in length: set-up and the first step's lazy state cancel. Rounds: round 1 (``--fixCls
-1``) with the feature cache warm (a pass over the same episodes filled it) and cold (a fresh cache: the
-first epoch), round 2 (``--fixCls 0``, epoch 1: both losses train, the deformation network too) and
-the released recipe's round 2 (``round2_recipe``: ``--fixCls 0 --fixAttention 1``, epoch 1). With the
-defaults (8 and 24) the difference holds exactly one read of the device-side sums (every
-``stage2.SYNC_EVERY`` = 16 episodes).
-
-Each count is also split (``kernels_per_episode``) into the operations that launch a kernel on a GPU and
-the host-only ones (:data:`HOST_ONLY`: views, ``detach``, allocations without a fill, the profiler's
-markers, reads of a host tensor's value such as Adam's step counts), which cost host time but no launch.
-The forward chunk is ``--batchSize`` (default 16 on the CPU, 128 on CUDA): on the CPU, with the default,
-the 75 queries and the 35 deformed images of an episode are embedded in several calls where a GPU makes
-one; ``--batchSize 128`` counts what the GPU's chunk dispatches. The last line is one JSON object.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Benchmark of stage 1 (docs/original.md §3): images/s of the engine's training epoch with data loading vs preloaded.
 
-    python benchmarks/stage1.py --imageSize 84 --batchSize 64 --steps 10
-    python benchmarks/stage1.py --device cuda --amp 1 --steps 30
+    python -m benchmarks.stage1 --imageSize 84 --batchSize 64 --steps 10
+    python -m benchmarks.stage1 --device cuda --amp 1 --steps 30
 
 ``engine.stage1.train_one_epoch`` over --warmup + --steps batches of ``load_data``'s DataLoader
 (loader), then over the same batches from memory (preloaded), reporting its sections to a

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,9 @@ def run_checked(command: list[str], log: Path, cwd: Path | None = None) -> float
     """The seconds of ``command`` run to its end (:func:`run`); RuntimeError with the log's end if it fails."""
     status, seconds, _ = run(command, log, cwd)
     if status:
-        raise RuntimeError(f"{Path(command[1]).name} exited with {status} (log {log}):\n" + tail(log, 5))
+        last = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{Path(command[1]).name} exited with {status} (log {log}):\n" + "\n".join(last))
     return seconds
-
-
-def tail(log: Path, lines: int) -> str:
-    """The last ``lines`` lines of a log."""
-    return "\n".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
 
 
 # --- runs packed onto slots ---------------------------------------------------------------------
@@ -117,12 +114,8 @@ def parse_gpus(cuda_visible: str | None, smi_listing: str | None) -> list[str]:
     """Visible GPU ids: from CUDA_VISIBLE_DEVICES when set (up to an invalid ``-1``), else one per
     ``GPU N:`` line of ``nvidia-smi -L``."""
     if cuda_visible is not None:
-        ids = []
-        for item in (part.strip() for part in cuda_visible.split(",")):
-            if not item or item.startswith("-"):
-                break
-            ids.append(item)
-        return ids
+        return list(takewhile(lambda item: item and not item.startswith("-"),
+                              (part.strip() for part in cuda_visible.split(","))))
     return [str(i) for i, _ in enumerate(line for line in (smi_listing or "").splitlines() if line.startswith("GPU "))]
 
 

@@ -45,10 +45,10 @@ from datasets.loaders import episode_loader
 from datasets.transforms import prepare_images
 from engine import experiments, stage1, stage2
 from engine.episode import GalleryBank
+from engine.experiments import REPO
 from engine.features import FeatureCache
 from engine.options import (
     Stage1Config,
-    Stage2Config,
     add_batch_flag,
     add_image_size_flag,
     stage1_config,
@@ -70,7 +70,6 @@ from utils.options import (
     run_cli,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
 BUDGET_S, QUICK_BUDGET_S = 480, 180  # the whole check's seconds on one H100, set-up included (--budget)
 # The caps of the phases run as processes (a share of the budget, at most what is left); an in-process
@@ -200,43 +199,33 @@ class FirstItems:
         return round(self.units / (time.perf_counter() - self.since), 2)
 
 
-def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, **flags) -> Stage1Config:
-    return stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
-                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0, **flags)
-
-
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
     """Training images/s of stage 1 decoded ahead (the network's speed) and through the real loader
     (``loader_images_per_s``), peak memory, the mean loss."""
-    args = stage1_args(root, a, device, amp)
-    info = DistInfo()
+    args = stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
+    info, scaler = DistInfo(), grad_scaler(device, amp)
     configure_backend(device, False, 0, args.memoryFormat)
     train, _, _, loader = stage1.load_data(args, device, info)
     batches = list(islice(iter(loader), steps + 1))
     net, optimizer = stage1.build_model(args, train.num_classes)
     model = stage1.distribute(net, device, info)
-    common = (model, nn.CrossEntropyLoss(), optimizer)
-    scaler = grad_scaler(device, amp)
-    stage1.train_one_epoch(*common, batches[:1], device, 0, args, info, stage1.new_progress(), lambda: False,
-                           scaler=scaler)  # warm-up (cuDNN autotuning, allocator)
+
+    def epoch(items, progress: dict | None = None) -> None:
+        stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, items, device, 0, args, info,
+                               stage1.new_progress() if progress is None else progress, lambda: False, scaler=scaler)
+
+    epoch(batches[:1])  # warm-up (cuDNN autotuning, allocator)
     progress = stage1.new_progress()
     with Phase(device) as phase:
-        stage1.train_one_epoch(*common, batches[1:], device, 0, args, info, progress, lambda: False, scaler=scaler)
+        epoch(batches[1:], progress)
     images = sum(len(b[1]) for b in batches[1:])
     del batches
     through = FirstItems(loader, steps + 1, device, lambda batch: len(batch[1]))  # decoding, blending, the copy
-    stage1.train_one_epoch(*common, through, device, 0, args, info, stage1.new_progress(), lambda: False,
-                           scaler=scaler)
+    epoch(through)
     return {"images_per_s": round(images / phase.seconds, 1), "peak_memory_mb": phase.peak_mb,
             "loss": progress["loss_sum"] / progress["seen"],
             "loader_images_per_s": through.per_second()}
-
-
-def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                **flags) -> Stage2Config:
-    return stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
-                         device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
-                         tensorname="gpu_check", **flags)
 
 
 def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int, episodes: int,
@@ -244,7 +233,9 @@ def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Stage 2 as the script builds it and its ``episodes`` training episodes of epoch 1 (both losses
     train): ``(args, splits, model, bank, embed, episodes, train(part, **more): one training pass, the
     optimisers a float16 GradScaler steps per episode)``."""
-    args = stage2_args(root, a, device, amp, shots, **flags)
+    args = stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
+                         tensorname="gpu_check", **flags)
     splits, model, gallery = stage2.prepare(args, device, need_train=True)
     groups, (optimizers, _) = stage2.param_groups(model, args), stage2.make_optimizers(model, args)
     bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
