@@ -183,9 +183,8 @@ def main(a: argparse.Namespace) -> None:
         "benchmark": "episode", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
         "ways": config.ways, "shots": config.shots, "augnum": config.augnum, "chooseNum": config.chooseNum,
         "queries": config.test_num, "galleryNum": config.galleryNum, "fixCls": config.fixCls,
-        "nthreads": config.nthreads,
-        "batchSize": config.batchSize, "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps,
-        "warmup": a.warmup, "rounds": a.rounds,
+        "nthreads": config.nthreads, "batchSize": config.batchSize, "episodes": a.episodes,
+        "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup, "rounds": a.rounds,
         "train_ratio": common.ratio(rows["train loop"], rows["train floor"]),
         "test_ratio": common.ratio(rows["test loop"], rows["test floor"]),
         "train_ratio_mean": common.ratio(rows["train loop"], rows["train floor"], statistics.fmean),
@@ -206,8 +205,6 @@ def main(a: argparse.Namespace) -> None:
         "train_accuracy": train_acc / train_steps, "timed_steps": {name: len(r) for name, r in rows.items()},
         "breakdown_ms": common.breakdown_ms(columns),
     }
-    if device.type == "cuda":
-        summary["gpu"] = torch.cuda.get_device_name(device)
     test_ratio = f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else ""
     if passes:
         print(f"\nevaluation pass of {a.passEpisodes} episodes: {1000 * passes[False]:.1f} ms per episode uncached, "
@@ -216,7 +213,7 @@ def main(a: argparse.Namespace) -> None:
           f"{summary['train_episodes_per_s']:.2f} training episodes/s; gallery ready in "
           f"{summary['gallery_ready_over_features']:.2f} x the feature pass; peak memory of the train phase with "
           f"the workers {summary['train_peak_total_mb']:.0f} MB")
-    common.finish(summary, env, a.json, holder)
+    common.finish(summary, env, a.json, holder, device)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ set_process_env()  # before torch loads, as in the scripts
 
 from dataclasses import replace
 
-import torch
 from torch import nn
 
 from benchmarks import common
@@ -136,15 +135,13 @@ def main(a: argparse.Namespace) -> None:
         "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy,
         "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
     }
-    if device.type == "cuda":
-        summary["gpu"] = torch.cuda.get_device_name(device)
     print(f"\nimages/s: {ips['loader']:.1f} with the loader, {ips['preloaded']:.1f} preloaded (step time ratio "
           f"{summary['loading_ratio']:.3f}); one item in this process {1000 * item_s:.1f} ms; peak memory of the "
           f"loader phase with the workers {summary['loader_peak_total_mb']:.0f} MB")
     if monitor:
         print(f"val monitor, {a.monitorEpisodes} + {a.monitorEpisodes} episodes: {monitor[False]:.1f} s uncached, "
               f"{monitor[True]:.1f} s cached ({summary['monitor_cache_speedup']:.2f} x)")
-    common.finish(summary, env, a.json, holder)
+    common.finish(summary, env, a.json, holder, device)
 
 
 if __name__ == "__main__":
