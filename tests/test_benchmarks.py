@@ -47,7 +47,7 @@ def results(toy_root: Path, tmp_path_factory: pytest.TempPathFactory
     procs = {}
     for script, extra in runs.items():
         json_path = root / f"{script}.json"
-        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--dataroot", str(dataroot), *COMMON, *extra,
+        cmd = [sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--dataroot", str(dataroot), *COMMON, *extra,
                "--json", str(json_path)]
         procs[script] = (subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True), json_path)

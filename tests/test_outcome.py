@@ -95,7 +95,7 @@ def test_smallest_benchmark_run(tmp_path: Path) -> None:
              "--s2Episodes", "3", "--s2Val", "3", "--s2Test", "5", "--evalEpisodes", "5", "--preciseImages", "64",
              "--s1Batch", "32", "--galleryNum", "2", "--perClass", "20", "--device", "cpu", "--nthreads", "0",
              "--variant", "cl:--memoryFormat channels_last", "--variant", "plain:--memoryFormat contiguous"]
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "outcome.py"), *flags], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.outcome", *flags], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for metric in outcome.METRICS:
@@ -141,6 +141,6 @@ def test_smallest_benchmark_run(tmp_path: Path) -> None:
     assert results["plain", 1]["test_1shot_saved"] == pytest.approx(reference["saved"])
     assert results["plain", 1]["test_1shot_precise"] == pytest.approx(reference["precise"])
     # a second call reuses every finished run
-    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "outcome.py"), *flags], capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "benchmarks.outcome", *flags], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reused") == 4
