@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -85,6 +87,34 @@ def setup(a: argparse.Namespace, per_class: int) -> tuple[dict, Path, float, tem
     seconds = generate_once(toy.generate, out, ".benchmark_toy.json", per_class=per_class,
                             size=a.toySize or max(16, math.ceil(a.imageSize * 256 / 224)), seed=0)
     return env, out, seconds, holder
+
+
+class FirstItems:
+    """The first ``count`` items of ``loader`` for a training loop, each kept in ``items`` with ``keep``;
+    with a ``device``, :meth:`per_second`: ``size(item)`` (1 per episode, images of a batch) over items
+    2..count, from the loop asking for item 2 to the device done."""
+
+    def __init__(self, loader: Iterable, count: int, device: torch.device | None = None,
+                 size: Callable[[object], int] = lambda item: 1, keep: bool = False) -> None:
+        self.loader, self.count, self.device, self.size, self.keep = loader, count, device, size, keep
+        self.since, self.units, self.items = None, 0, []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for index, item in enumerate(islice(self.loader, self.count)):
+            self.units += self.size(item) if index else 0
+            if self.keep:
+                self.items.append(item)
+            yield item
+            if index == 0 and self.device is not None:
+                synchronize(self.device)
+                self.since = time.perf_counter()
+
+    def per_second(self) -> float:
+        synchronize(self.device)
+        return round(self.units / (time.perf_counter() - self.since), 2)
 
 
 def synchronize(device: torch.device) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import islice
 
 from utils.runtime import set_process_env
 
@@ -47,25 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Keeping:
-    """The first ``count`` batches of a loader, for ``train_one_epoch``; each one handed over is kept."""
-
-    def __init__(self, loader, count: int) -> None:
-        self.loader, self.count, self.batches = loader, count, []
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for batch in islice(self.loader, self.count):
-            self.batches.append(batch)
-            yield batch
-
-    def close(self) -> None:
-        """Drop the loader: with its last reference gone, its persistent workers stop."""
-        self.loader = None
-
-
 def main(a: argparse.Namespace) -> None:
     env, root, toy_s, holder = common.setup(a, a.toyPerClass)
     config = stage1_config(dataroot=str(root), tensorname="benchmark", imageSize=a.imageSize, batchSize=a.batchSize,
@@ -95,12 +75,12 @@ def main(a: argparse.Namespace) -> None:
                                    stop=lambda: False, timer=timer, scaler=scaler)
         return timer.rows
 
-    kept, cpu0 = Keeping(loader, need), common.children_cpu_s()
+    kept, cpu0 = common.FirstItems(loader, need, keep=True), common.children_cpu_s()
     del loader
     rows = {"loader": epoch(kept, "loader")}
-    kept.close()
+    kept.loader = None  # its last reference: the persistent workers stop
     workers_cpu_s = common.children_cpu_s() - cpu0
-    rows["preloaded"] = epoch(kept.batches, "preloaded")
+    rows["preloaded"] = epoch(kept.items, "preloaded")
 
     monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
@@ -118,7 +98,7 @@ def main(a: argparse.Namespace) -> None:
                        f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps",
                        columns, ROWS, "TOTAL per step")
     ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
-    images = kept.batches[0][0]
+    images = kept.items[0][0]
     summary = {
         "benchmark": "stage1", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
         "batchSize": config.batchSize, "nthreads": config.nthreads, "steps": a.steps, "warmup": a.warmup,

@@ -28,7 +28,7 @@ import re
 import runpy
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import islice
 from unittest import mock
 
@@ -38,7 +38,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import environment, synchronize
+from benchmarks.common import FirstItems, environment, synchronize
 from datasets import read_split, toy
 from datasets.episodes import CroppedImages
 from datasets.loaders import episode_loader
@@ -172,31 +172,6 @@ class Budget:
             checks[f"phase_{name}"] = {"ok": False, "detail": f"{type(error).__name__}: {first}"}
         finally:
             self.phases[name] = round(time.perf_counter() - start, 2)
-
-
-class FirstItems:
-    """The first ``count`` items of ``loader`` for a training loop; :meth:`per_second`: ``size(item)`` (1 per
-    episode, images of a batch) over items 2..count, from the loop asking for item 2 to the device done."""
-
-    def __init__(self, loader: Iterable, count: int, device: torch.device,
-                 size: Callable[[object], int] = lambda item: 1) -> None:
-        self.loader, self.count, self.device, self.size = loader, count, device, size
-        self.since, self.units = None, 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for index, item in enumerate(islice(self.loader, self.count)):
-            self.units += self.size(item) if index else 0
-            yield item
-            if index == 0:
-                synchronize(self.device)
-                self.since = time.perf_counter()
-
-    def per_second(self) -> float:
-        synchronize(self.device)
-        return round(self.units / (time.perf_counter() - self.since), 2)
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
