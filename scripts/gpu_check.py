@@ -401,8 +401,7 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
     one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                               "--device", str(device)], workdir, timeout,
-                              workdir / "logs" / "one.log")
+                               "--device", str(device)], workdir, timeout, workdir / "logs" / "one.log")
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
