@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -85,6 +87,34 @@ def setup(a: argparse.Namespace, per_class: int) -> tuple[dict, Path, float, tem
     seconds = generate_once(toy.generate, out, ".benchmark_toy.json", per_class=per_class,
                             size=a.toySize or max(16, math.ceil(a.imageSize * 256 / 224)), seed=0)
     return env, out, seconds, holder
+
+
+class FirstItems:
+    """The first ``count`` items of ``loader`` for a training loop, each kept in ``items`` with ``keep``;
+    with a ``device``, :meth:`per_second`: ``size(item)`` (1 per episode, images of a batch) over items
+    2..count, from the loop asking for item 2 to the device done."""
+
+    def __init__(self, loader: Iterable, count: int, device: torch.device | None = None,
+                 size: Callable[[object], int] = lambda item: 1, keep: bool = False) -> None:
+        self.loader, self.count, self.device, self.size, self.keep = loader, count, device, size, keep
+        self.since, self.units, self.items = None, 0, []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for index, item in enumerate(islice(self.loader, self.count)):
+            self.units += self.size(item) if index else 0
+            if self.keep:
+                self.items.append(item)
+            yield item
+            if index == 0 and self.device is not None:
+                synchronize(self.device)
+                self.since = time.perf_counter()
+
+    def per_second(self) -> float:
+        synchronize(self.device)
+        return round(self.units / (time.perf_counter() - self.since), 2)
 
 
 def synchronize(device: torch.device) -> None:
@@ -275,9 +305,11 @@ def rounded(obj):
     return round(obj, 4) if isinstance(obj, float) else obj
 
 
-def finish(summary: dict, env_start: dict, path: str | None, holder) -> None:
-    """Add the machine's load, print the JSON line (the output's last, also written to ``path``) and
-    remove the temporary toy dataset."""
+def finish(summary: dict, env_start: dict, path: str | None, holder, device: torch.device | None = None) -> None:
+    """Add the GPU's name, the machine's load, print the JSON line (the output's last, also written to
+    ``path``) and remove the temporary toy dataset."""
+    if device is not None and device.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(device)
     env_end = environment()
     print(f"load average {env_start['load_avg']} at start, {env_end['load_avg']} at end "
           f"({env_start['cpu_count']} CPUs, {env_start['torch_threads']} torch threads)")
@@ -294,8 +326,9 @@ def finish(summary: dict, env_start: dict, path: str | None, holder) -> None:
 
 # --- the runs of the outcome benchmark and the study -----------------------------------------------
 
-def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
+def run_parser(description: str, variant_help: str, workdir: str) -> argparse.ArgumentParser:
     """The flags of the runs both the outcome benchmark and the study launch."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--variant", action="append", default=[], help=variant_help)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")
     p.add_argument("--data", default="toy", help="toy, emoji (generated in --workdir) or a dataset root")
@@ -312,10 +345,14 @@ def add_run_args(p: argparse.ArgumentParser, variant_help: str) -> None:
     add_gallery_num_flag(p, 10, " of the stage-2 runs")
     add_device_flag(p)
     add_threads_flag(p, 2, use="loader workers of the scripts and the evaluation")
+    p.add_argument("--workdir", default=workdir, help="folder of the runs, data, code trees and results")
+    return p
 
 
-def check_run_args(a: argparse.Namespace) -> list[Variant]:
-    """The ``--variant`` list (``default:`` when none) after checking the flags of :func:`add_run_args`."""
+def start_runs(a: argparse.Namespace) -> tuple[list[Variant], Path, Path, tuple[float, float]]:
+    """The ``--variant`` list (``default:`` when none) once the flags of :func:`run_parser` are checked,
+    ``--workdir`` (made), the dataset root (``--data`` as a folder, or the toy or emoji set generated in
+    ``--workdir``, reused when its settings are the same), and the clock and load average then."""
     variants = [parse_variant(text) for text in (a.variant or ["default:"])]
     if len({v.name for v in variants}) != len(variants):
         raise OptionError("--variant: two variants share a name")
@@ -323,23 +360,19 @@ def check_run_args(a: argparse.Namespace) -> list[Variant]:
         raise OptionError(f"--seeds {' '.join(map(str, a.seeds))}: repeated seed")
     check_positive(a, "imageSize", "s1Epochs", "s1Files", "s1Batch", "s2Epochs", "s2Episodes", "s2Val", "s2Test",
                    "galleryNum")
-    return variants
-
-
-def prepare_data(a: argparse.Namespace) -> tuple[Path, Path]:
-    """``(--workdir, made; the dataset root)``: ``--data`` as a folder, or the toy or emoji set generated in
-    ``--workdir`` (reused when its settings are the same)."""
     workdir = Path(a.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if a.data not in GENERATORS:
-        if not Path(a.data).is_dir():
-            raise OptionError(f"--data {a.data}: neither toy, emoji nor a dataset folder")
-        return workdir, Path(a.data).resolve()
-    generate, per_class = GENERATORS[a.data]
-    params = {"per_class": a.perClass or per_class, "size": a.dataSize or math.ceil(a.imageSize * 256 / 224), "seed": 0}
-    root = workdir / f"data_{a.data}_{params['size']}px_{params['per_class']}"
-    generate_once(generate, root, ".outcome_data.json", a.data, **params)
-    return workdir, root
+    if a.data in GENERATORS:
+        generate, per_class = GENERATORS[a.data]
+        params = {"per_class": a.perClass or per_class, "size": a.dataSize or math.ceil(a.imageSize * 256 / 224),
+                  "seed": 0}
+        root = workdir / f"data_{a.data}_{params['size']}px_{params['per_class']}"
+        generate_once(generate, root, ".outcome_data.json", a.data, **params)
+    elif Path(a.data).is_dir():
+        root = Path(a.data).resolve()
+    else:
+        raise OptionError(f"--data {a.data}: neither toy, emoji nor a dataset folder")
+    return variants, workdir, root, (time.perf_counter(), os.getloadavg()[0])
 
 
 def stage1_flags(a: argparse.Namespace, root: Path, seed: int, name: str, extra: tuple[str, ...]) -> list[str]:
@@ -362,8 +395,10 @@ def script_flags(a: argparse.Namespace, root: Path, seed: int) -> list[str]:
             str(a.nthreads), "--progress", "0", "--overwrite"] + (["--device", a.device] if a.device else [])
 
 
-def run_setup(root: Path, start: float, load_start: float, **more) -> dict:
-    """The ``setup`` of a summary: the command line, the data, the machine, its load and the wall time."""
+def run_setup(root: Path, started: tuple[float, float], **more) -> dict:
+    """The ``setup`` of a summary: the command line, the data, the machine, its load and the wall time since
+    ``started`` (:func:`start_runs`)."""
+    start, load_start = started
     return {"argv": sys.argv[1:], "data": str(root), "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
             "wall_s": time.perf_counter() - start, **more}

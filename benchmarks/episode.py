@@ -39,13 +39,8 @@ ROWS = ["data_wait", "prepare", "embed_plain", "embed_support_grad", "select", "
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("Stage-2 episode benchmark: the engine's loops vs their compute floor")
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--ways", type=int, default=5, help="classes per training and test episode")
-    p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
-    add_gallery_flags(p)
+    add_episode_flags(p)
     p.add_argument("--fixCls", type=int, default=1, choices=(0, 1), help="1: frozen embedding (round 1); 0: trained")
-    add_deform_net_flag(p)
-    add_batch_flag(p)
     p.add_argument("--episodes", type=int, default=5, help="timed training episodes")
     p.add_argument("--testEpisodes", type=int, default=None, help="timed test episodes (default: --episodes)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the (loop, floor) blocks this many times")
@@ -56,13 +51,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_episode_flags(p: argparse.ArgumentParser) -> None:
+    """The episode's shape, gallery, deformation network and forward chunk (this benchmark's and ops.py's)."""
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--ways", type=int, default=5, help="classes per training and test episode")
+    p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
+    add_gallery_flags(p)
+    add_deform_net_flag(p)
+    add_batch_flag(p)
+
+
 def engine_config(a: argparse.Namespace, root: Path, **flags) -> tuple[Stage2Config, torch.device]:
     """The configuration and device onlyBasetwoLoss.py resolves for the same flags (round 1 of the recipes),
     with ``flags`` (by flag name) on top."""
     device = resolve_device(a)
     flags = {"dataroot": str(root), "tensorname": "benchmark", "network": "random-init", "imageSize": a.imageSize,
              "shots": a.shots, "ways": a.ways, "trainways": a.ways, "test_num": a.queries, "galleryNum": a.galleryNum,
-             "fixCls": a.fixCls, "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed,
+             "deformNet": a.deformNet, "nthreads": a.nthreads, "seed": a.seed,
              "amp": int(a.amp), "progress": 0, "augnum": a.augnum, "chooseNum": a.chooseNum, "device": a.device,
              "batchSize": a.batchSize, **flags}
     return stage2_config(device, **flags), device
@@ -88,7 +93,7 @@ def floor(step, device: torch.device, warmup: int, steps: int, probe: common.Mem
 def main(a: argparse.Namespace) -> None:
     test_steps = a.episodes if a.testEpisodes is None else a.testEpisodes
     env, root, toy_s, holder = common.setup(a, max(a.galleryNum, a.shots + a.queries))
-    config, device = engine_config(a, root)
+    config, device = engine_config(a, root, fixCls=a.fixCls)
     configure_backend(device, False, config.seed)
     probes = {phase: common.MemoryProbe(device, a.pssInterval)
               for phase in ("gallery", "train", "train_floor", "test", "test_floor")}
@@ -178,9 +183,8 @@ def main(a: argparse.Namespace) -> None:
         "benchmark": "episode", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
         "ways": config.ways, "shots": config.shots, "augnum": config.augnum, "chooseNum": config.chooseNum,
         "queries": config.test_num, "galleryNum": config.galleryNum, "fixCls": config.fixCls,
-        "nthreads": config.nthreads,
-        "batchSize": config.batchSize, "episodes": a.episodes, "test_episodes": 0 if a.skipTest else test_steps,
-        "warmup": a.warmup, "rounds": a.rounds,
+        "nthreads": config.nthreads, "batchSize": config.batchSize, "episodes": a.episodes,
+        "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup, "rounds": a.rounds,
         "train_ratio": common.ratio(rows["train loop"], rows["train floor"]),
         "test_ratio": common.ratio(rows["test loop"], rows["test floor"]),
         "train_ratio_mean": common.ratio(rows["train loop"], rows["train floor"], statistics.fmean),
@@ -201,8 +205,6 @@ def main(a: argparse.Namespace) -> None:
         "train_accuracy": train_acc / train_steps, "timed_steps": {name: len(r) for name, r in rows.items()},
         "breakdown_ms": common.breakdown_ms(columns),
     }
-    if device.type == "cuda":
-        summary["gpu"] = torch.cuda.get_device_name(device)
     test_ratio = f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else ""
     if passes:
         print(f"\nevaluation pass of {a.passEpisodes} episodes: {1000 * passes[False]:.1f} ms per episode uncached, "
@@ -211,7 +213,7 @@ def main(a: argparse.Namespace) -> None:
           f"{summary['train_episodes_per_s']:.2f} training episodes/s; gallery ready in "
           f"{summary['gallery_ready_over_features']:.2f} x the feature pass; peak memory of the train phase with "
           f"the workers {summary['train_peak_total_mb']:.0f} MB")
-    common.finish(summary, env, a.json, holder)
+    common.finish(summary, env, a.json, holder, device)
 
 
 if __name__ == "__main__":

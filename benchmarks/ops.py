@@ -1,25 +1,8 @@
-"""ATen operations dispatched per stage-2 training episode: the host's work per episode that a GPU
-turns into kernel launches (each some 5-15 us of host time there).
+"""ATen operations dispatched per stage-2 training episode, per round: the host's work per episode that a
+GPU turns into kernel launches (benchmarks/README.md, "benchmarks/ops.py").
 
     python -m benchmarks.ops                       # toy data, 32 px, CPU: the issue's counting set-up
     python -m benchmarks.ops --imageSize 84 --json ops.json
-
-Per round it runs ``engine.stage2.train_one_epoch`` over ``--short`` and ``--long`` episodes already
-decoded (the loader's work happens in its worker processes) on a fresh model and optimisers, counts every
-ATen operation dispatched in this process with a ``TorchDispatchMode``, and reports the difference divided
-by the difference in length: set-up and the first step's lazy state cancel. Rounds: round 1 (``--fixCls
-1``) with the feature cache warm (a pass over the same episodes filled it) and cold (a fresh cache: the
-first epoch), round 2 (``--fixCls 0``, epoch 1: both losses train, the deformation network too) and
-the released recipe's round 2 (``round2_recipe``: ``--fixCls 0 --fixAttention 1``, epoch 1). With the
-defaults (8 and 24) the difference holds exactly one read of the device-side sums (every
-``stage2.SYNC_EVERY`` = 16 episodes).
-
-Each count is also split (``kernels_per_episode``) into the operations that launch a kernel on a GPU and
-the host-only ones (:data:`HOST_ONLY`: views, ``detach``, allocations without a fill, the profiler's
-markers, reads of a host tensor's value such as Adam's step counts), which cost host time but no launch.
-The forward chunk is ``--batchSize`` (default 16 on the CPU, 128 on CUDA): on the CPU, with the default,
-the 75 queries and the 35 deformed images of an episode are embedded in several calls where a GPU makes
-one; ``--batchSize 128`` counts what the GPU's chunk dispatches. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -35,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
-from benchmarks.episode import engine_config
+from benchmarks.episode import add_episode_flags, engine_config
 from datasets import Gallery
 from engine import stage2
 from engine.episode import GalleryBank
@@ -60,15 +43,8 @@ HOST_ONLY = frozenset({
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("ATen operations per stage-2 training episode, rounds 1 (warm and cold cache) and 2")
-    p.set_defaults(imageSize=32, device="cpu", nthreads=0)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--queries", type=int, default=15, help="query images per class (the scripts' --test_num)")
-    p.add_argument("--augnum", type=int, default=7)
-    p.add_argument("--chooseNum", type=int, default=15)
-    p.add_argument("--galleryNum", type=int, default=15)
-    p.add_argument("--deformNet", default="small", choices=("small", "twobranch"))
-    p.add_argument("--batchSize", type=int, default=None, help="forward chunk (default: 128 on CUDA, 16 on the CPU)")
+    add_episode_flags(p)
+    p.set_defaults(imageSize=32, device="cpu", nthreads=0, augnum=7, chooseNum=15, galleryNum=15)
     p.add_argument("--short", type=int, default=8, help="episodes of the shorter run")
     p.add_argument("--long", type=int, default=24, help="episodes of the longer run")
     p.add_argument("--top", type=int, default=12, help="operations listed per round, most frequent first")

@@ -27,12 +27,10 @@ set_process_env()  # before torch loads, as in the scripts
 
 import argparse
 import json
-import os
-import time
 
 import torch
 
-from benchmarks.common import add_run_args, check_run_args, prepare_data, run_setup, stage1_flags, stage2_flags
+from benchmarks.common import run_parser, run_setup, stage1_flags, stage2_flags, start_runs
 from datasets.splits import read_split
 from engine.experiments import Variant, code_tree, compare, evaluate_path, recorded, run_checked
 from engine.fewshot import evaluate_embedding
@@ -41,7 +39,7 @@ from models import load_embedding
 from utils.errors import OptionError
 from utils.files import read_csv, write_csv, write_json
 from utils.forward import layout_model
-from utils.options import HelpFormatter, check_positive, run_cli
+from utils.options import check_positive, run_cli
 
 EVAL_SEED = 0  # every variant and seed is evaluated on the same val and test episodes
 STAGE1_METRICS = [f"{split}_{shots}shot_{state}" for state in ("saved", "precise") for split in ("val", "test")
@@ -52,11 +50,10 @@ METRICS = STAGE1_METRICS + STAGE2_METRICS + COST_METRICS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    add_run_args(p, "NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: one variant 'default:')")
+    p = run_parser(__doc__.splitlines()[0], "NAME[@REVISION]:FLAGS, repeated; the first is the baseline (default: "
+                   "one variant 'default:')", "runs/outcome")
     p.add_argument("--evalEpisodes", type=int, default=300, help="episodes of each stage-1 evaluation")
     p.add_argument("--preciseImages", type=int, default=1024, help="clean training images of the re-estimation")
-    p.add_argument("--workdir", default="runs/outcome", help="folder of the runs, data, code trees and results")
     p.add_argument("--json", default=None, help="also write the summary to this file")
     return p
 
@@ -144,16 +141,14 @@ def print_summary(summary: dict, variants: list[Variant], seeds: list[int]) -> N
 
 
 def main(a: argparse.Namespace) -> int:
-    variants = check_run_args(a)
     check_positive(a, "evalEpisodes")
     if a.preciseImages < 2:
         raise OptionError(f"--preciseImages must be at least 2, got {a.preciseImages}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workdir, root = prepare_data(a)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    variants, workdir, root, started = start_runs(a)
     results = [run_one(v, seed, root, a, workdir, device) for seed in a.seeds for v in variants]
     summary = summarize(results, variants, a.seeds)
-    summary["setup"] = run_setup(root, start, load_start, device=str(device), torch=torch.__version__)
+    summary["setup"] = run_setup(root, started, device=str(device), torch=torch.__version__)
     write_csv(workdir / "outcome.csv", results, ["variant", "seed", *METRICS])
     write_json(workdir / "outcome.json", summary)
     if a.json:

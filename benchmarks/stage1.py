@@ -1,7 +1,7 @@
 """Benchmark of stage 1 (docs/original.md §3): images/s of the engine's training epoch with data loading vs preloaded.
 
-    python benchmarks/stage1.py --imageSize 84 --batchSize 64 --steps 10
-    python benchmarks/stage1.py --device cuda --amp 1 --steps 30
+    python -m benchmarks.stage1 --imageSize 84 --batchSize 64 --steps 10
+    python -m benchmarks.stage1 --device cuda --amp 1 --steps 30
 
 ``engine.stage1.train_one_epoch`` over --warmup + --steps batches of ``load_data``'s DataLoader
 (loader), then over the same batches from memory (preloaded), reporting its sections to a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import islice
 
 from utils.runtime import set_process_env
 
@@ -19,7 +18,6 @@ set_process_env()  # before torch loads, as in the scripts
 
 from dataclasses import replace
 
-import torch
 from torch import nn
 
 from benchmarks import common
@@ -46,25 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "the toy val split (16 x 30 images) has the ratio of 600 episodes to miniImageNet's 9,600 images")
     p.add_argument("--monitorQueries", type=int, default=15, help="query images per class in the monitor's episodes")
     return p
-
-
-class Keeping:
-    """The first ``count`` batches of a loader, for ``train_one_epoch``; each one handed over is kept."""
-
-    def __init__(self, loader, count: int) -> None:
-        self.loader, self.count, self.batches = loader, count, []
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for batch in islice(self.loader, self.count):
-            self.batches.append(batch)
-            yield batch
-
-    def close(self) -> None:
-        """Drop the loader: with its last reference gone, its persistent workers stop."""
-        self.loader = None
 
 
 def main(a: argparse.Namespace) -> None:
@@ -96,12 +75,12 @@ def main(a: argparse.Namespace) -> None:
                                    stop=lambda: False, timer=timer, scaler=scaler)
         return timer.rows
 
-    kept, cpu0 = Keeping(loader, need), common.children_cpu_s()
+    kept, cpu0 = common.FirstItems(loader, need, keep=True), common.children_cpu_s()
     del loader
     rows = {"loader": epoch(kept, "loader")}
-    kept.close()
+    kept.loader = None  # its last reference: the persistent workers stop
     workers_cpu_s = common.children_cpu_s() - cpu0
-    rows["preloaded"] = epoch(kept.batches, "preloaded")
+    rows["preloaded"] = epoch(kept.items, "preloaded")
 
     monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
@@ -119,7 +98,7 @@ def main(a: argparse.Namespace) -> None:
                        f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps",
                        columns, ROWS, "TOTAL per step")
     ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
-    images = kept.batches[0][0]
+    images = kept.items[0][0]
     summary = {
         "benchmark": "stage1", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
         "batchSize": config.batchSize, "nthreads": config.nthreads, "steps": a.steps, "warmup": a.warmup,
@@ -136,15 +115,13 @@ def main(a: argparse.Namespace) -> None:
         "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy,
         "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
     }
-    if device.type == "cuda":
-        summary["gpu"] = torch.cuda.get_device_name(device)
     print(f"\nimages/s: {ips['loader']:.1f} with the loader, {ips['preloaded']:.1f} preloaded (step time ratio "
           f"{summary['loading_ratio']:.3f}); one item in this process {1000 * item_s:.1f} ms; peak memory of the "
           f"loader phase with the workers {summary['loader_peak_total_mb']:.0f} MB")
     if monitor:
         print(f"val monitor, {a.monitorEpisodes} + {a.monitorEpisodes} episodes: {monitor[False]:.1f} s uncached, "
               f"{monitor[True]:.1f} s cached ({summary['monitor_cache_speedup']:.2f} x)")
-    common.finish(summary, env, a.json, holder)
+    common.finish(summary, env, a.json, holder, device)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,12 @@ set_process_env()  # before torch loads, as in the scripts
 import argparse
 import json
 import math
-import os
 import shlex
-import time
 
-from benchmarks.common import add_run_args, check_run_args, prepare_data, run_setup, stage1_flags, stage2_flags
+from benchmarks.common import run_parser, run_setup, stage1_flags, stage2_flags, start_runs
 from engine.experiments import REPO, Variant, code_tree, compare, evaluate_path, over_seeds, recorded, run_checked
 from utils.files import read_csv, write_csv, write_json
-from utils.options import HelpFormatter, run_cli
+from utils.options import run_cli
 
 # Per-epoch columns of a stage-2 metrics.csv the curves keep, by the study's name.
 CURVE_COLUMNS = {"val_acc": "select_acc", "val_plain": "select_plain_acc", "weight_mean": "weight_mean",
@@ -53,11 +51,9 @@ END_METRICS = ["val_gain", "val_acc", "val_plain", "weight_mean", "weight_std", 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    add_run_args(p, "NAME[@REVISION]:FLAGS, stage-2 flags, repeated; the first is the baseline of the paired "
-                 "differences (default: one variant 'default:')")
+    p = run_parser(__doc__.splitlines()[0], "NAME[@REVISION]:FLAGS, stage-2 flags, repeated; the first is the "
+                   "baseline of the paired differences (default: one variant 'default:')", "runs/study")
     p.add_argument("--s1Flags", default="", help="extra flags of every stage-1 run (one network per seed)")
-    p.add_argument("--workdir", default="runs/study", help="folder of the runs, data, code trees and results")
     p.add_argument("--figure", default=None, help="the figure's path (default: study.png in --workdir)")
     p.set_defaults(s1Epochs=8, s1Files=60, s2Epochs=10, s2Episodes=200, s2Val=100)
     return p
@@ -207,15 +203,13 @@ def write_figure(summary: dict, variants: list[Variant], path: Path) -> Path:
 
 
 def main(a: argparse.Namespace) -> int:
-    variants = check_run_args(a)
-    workdir, root = prepare_data(a)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    variants, workdir, root, started = start_runs(a)
     results = []
     for seed in a.seeds:
         stage1 = run_stage1(a, root, seed, workdir)
         results += [run_stage2(v, seed, a, root, workdir, stage1) for v in variants]
     summary = summarize(results, variants, a.seeds)
-    summary["setup"] = run_setup(root, start, load_start, stage2_s={f"{r['variant']}_seed{r['seed']}": r["stage2_s"]
+    summary["setup"] = run_setup(root, started, stage2_s={f"{r['variant']}_seed{r['seed']}": r["stage2_s"]
                                                                     for r in results})
     write_csv(workdir / "study.csv", [{"variant": r["variant"], "seed": r["seed"], **p} for r in results
                                       for p in r["curve"]], CURVE_FIELDS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -15,7 +16,9 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -53,51 +56,56 @@ class Launch:
         self.handle.close()
         return self.seconds
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float = 60.0) -> None:
         """SIGTERM to the run's process group, SIGKILL after ``grace`` seconds."""
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        with suppress(ProcessLookupError):  # the group is gone
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def run(command: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None,
-        timeout: float | None = None, echo: str | None = None) -> tuple[int | None, float]:
-    """``(exit status, None when it timed out; seconds)`` of ``command`` run to its end (:class:`Launch`), each
-    line of its output also printed after the prefix ``echo`` when given, stopped past ``timeout`` seconds."""
-    launch = Launch(command, log, cwd, env, group=timeout is not None)
+        timeout: float | None = None, echo: str | None = None,
+        stop_at: re.Pattern | None = None) -> tuple[int | None, float, str]:
+    """``(exit status, None when it timed out; seconds; output)`` of ``command`` run to its end
+    (:class:`Launch`), each line of its output also printed after the prefix ``echo`` when given; SIGTERM to
+    its process group once the output matches ``stop_at``, and past ``timeout`` seconds."""
+    launch = Launch(command, log, cwd, env, group=timeout is not None or stop_at is not None)
     deadline = math.inf if timeout is None else time.monotonic() + timeout
-    pending = ""
-    with open(log, errors="replace") as output:
-        output.seek(launch.offset)
+    output, shown = "", 0
+    with open(log, errors="replace") as reader:
+        reader.seek(launch.offset)
         while True:
             status = launch.process.poll()
-            if echo is not None:  # what the run wrote so far (all of it once it has ended)
-                *lines, pending = (pending + output.read()).split("\n")
-                for line in lines + ([pending] if status is not None and pending else []):
+            output += reader.read()  # what the run wrote so far (all of it once it has ended)
+            if echo is not None:
+                end = len(output) if status is not None else output.rfind("\n") + 1
+                for line in output[shown:end].splitlines():
                     print(f"{echo}{line}", flush=True)
+                shown = max(shown, end)
             if status is not None:
                 break
+            if stop_at is not None and stop_at.search(output):
+                os.killpg(launch.process.pid, signal.SIGTERM)
+                stop_at = None
             if time.monotonic() > deadline:
                 launch.stop()
+                output += f"\n(timed out after {timeout:.0f} s)"
                 break
             time.sleep(0.1)
-    return status, launch.close()
+    return status, launch.close(), output
 
 
 def run_checked(command: list[str], log: Path, cwd: Path | None = None) -> float:
     """The seconds of ``command`` run to its end (:func:`run`); RuntimeError with the log's end if it fails."""
-    status, seconds = run(command, log, cwd)
+    status, seconds, _ = run(command, log, cwd)
     if status:
-        raise RuntimeError(f"{Path(command[1]).name} exited with {status} (log {log}):\n" + tail(log, 5))
+        last = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{Path(command[1]).name} exited with {status} (log {log}):\n" + "\n".join(last))
     return seconds
-
-
-def tail(log: Path, lines: int) -> str:
-    """The last ``lines`` lines of a log."""
-    return "\n".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
 
 
 # --- runs packed onto slots ---------------------------------------------------------------------
@@ -106,12 +114,8 @@ def parse_gpus(cuda_visible: str | None, smi_listing: str | None) -> list[str]:
     """Visible GPU ids: from CUDA_VISIBLE_DEVICES when set (up to an invalid ``-1``), else one per
     ``GPU N:`` line of ``nvidia-smi -L``."""
     if cuda_visible is not None:
-        ids = []
-        for item in (part.strip() for part in cuda_visible.split(",")):
-            if not item or item.startswith("-"):
-                break
-            ids.append(item)
-        return ids
+        return list(takewhile(lambda item: item and not item.startswith("-"),
+                              (part.strip() for part in cuda_visible.split(","))))
     return [str(i) for i, _ in enumerate(line for line in (smi_listing or "").splitlines() if line.startswith("GPU "))]
 
 

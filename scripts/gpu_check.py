@@ -26,13 +26,9 @@ import os
 import platform
 import re
 import runpy
-import select
-import signal
-import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable
 from itertools import islice
 from unittest import mock
 
@@ -42,17 +38,17 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import environment, synchronize
+from benchmarks.common import FirstItems, environment, synchronize
 from datasets import read_split, toy
 from datasets.episodes import CroppedImages
 from datasets.loaders import episode_loader
 from datasets.transforms import prepare_images
-from engine import stage1, stage2
+from engine import experiments, stage1, stage2
 from engine.episode import GalleryBank
+from engine.experiments import REPO
 from engine.features import FeatureCache
 from engine.options import (
     Stage1Config,
-    Stage2Config,
     add_batch_flag,
     add_image_size_flag,
     stage1_config,
@@ -74,7 +70,6 @@ from utils.options import (
     run_cli,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
 BUDGET_S, QUICK_BUDGET_S = 480, 180  # the whole check's seconds on one H100, set-up included (--budget)
 # The caps of the phases run as processes (a share of the budget, at most what is left); an in-process
@@ -86,7 +81,7 @@ DISTRIBUTED_CHECKS = ("torchrun_uneven_split", "torchrun_sigterm_resume", "torch
 # unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise, where torch reads it): on a loaded CPU the ranks'
 # last step, the save and the exit can take longer, and a killed rank saves nothing.
 SHUTDOWN_GRACE_S = 300
-STEP_DONE = re.compile(rb"epoch 0:[^\r\n]*\| *[1-9]\d*/")  # rank 0's progress bar past its first step
+STEP_DONE = re.compile(r"epoch 0:[^\r\n]*\| *[1-9]\d*/")  # rank 0's progress bar past its first step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -179,100 +174,74 @@ class Budget:
             self.phases[name] = round(time.perf_counter() - start, 2)
 
 
-class FirstItems:
-    """The first ``count`` items of ``loader`` for a training loop; :meth:`per_second`: ``size(item)`` (1 per
-    episode, images of a batch) over items 2..count, from the loop asking for item 2 to the device done."""
-
-    def __init__(self, loader: Iterable, count: int, device: torch.device,
-                 size: Callable[[object], int] = lambda item: 1) -> None:
-        self.loader, self.count, self.device, self.size = loader, count, device, size
-        self.since, self.units = None, 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for index, item in enumerate(islice(self.loader, self.count)):
-            self.units += self.size(item) if index else 0
-            yield item
-            if index == 0:
-                synchronize(self.device)
-                self.since = time.perf_counter()
-
-    def per_second(self) -> float:
-        synchronize(self.device)
-        return round(self.units / (time.perf_counter() - self.since), 2)
-
-
-def stage1_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, **flags) -> Stage1Config:
-    return stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
-                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0, **flags)
-
-
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
     """Training images/s of stage 1 decoded ahead (the network's speed) and through the real loader
     (``loader_images_per_s``), peak memory, the mean loss."""
-    args = stage1_args(root, a, device, amp)
-    info = DistInfo()
+    args = stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
+    info, scaler = DistInfo(), grad_scaler(device, amp)
     configure_backend(device, False, 0, args.memoryFormat)
     train, _, _, loader = stage1.load_data(args, device, info)
     batches = list(islice(iter(loader), steps + 1))
     net, optimizer = stage1.build_model(args, train.num_classes)
     model = stage1.distribute(net, device, info)
-    common = (model, nn.CrossEntropyLoss(), optimizer)
-    scaler = grad_scaler(device, amp)
-    stage1.train_one_epoch(*common, batches[:1], device, 0, args, info, stage1.new_progress(), lambda: False,
-                           scaler=scaler)  # warm-up (cuDNN autotuning, allocator)
+
+    def epoch(items, progress: dict | None = None) -> None:
+        stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, items, device, 0, args, info,
+                               stage1.new_progress() if progress is None else progress, lambda: False, scaler=scaler)
+
+    epoch(batches[:1])  # warm-up (cuDNN autotuning, allocator)
     progress = stage1.new_progress()
     with Phase(device) as phase:
-        stage1.train_one_epoch(*common, batches[1:], device, 0, args, info, progress, lambda: False, scaler=scaler)
+        epoch(batches[1:], progress)
     images = sum(len(b[1]) for b in batches[1:])
     del batches
     through = FirstItems(loader, steps + 1, device, lambda batch: len(batch[1]))  # decoding, blending, the copy
-    stage1.train_one_epoch(*common, through, device, 0, args, info, stage1.new_progress(), lambda: False,
-                           scaler=scaler)
+    epoch(through)
     return {"images_per_s": round(images / phase.seconds, 1), "peak_memory_mb": phase.peak_mb,
             "loss": progress["loss_sum"] / progress["seen"],
             "loader_images_per_s": through.per_second()}
 
 
-def stage2_args(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                **flags) -> Stage2Config:
-    return stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
+def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int, episodes: int,
+                 **flags) -> tuple:
+    """Stage 2 as the script builds it and its ``episodes`` training episodes of epoch 1 (both losses
+    train): ``(args, splits, model, bank, embed, episodes, train(part, **more): one training pass, the
+    optimisers a float16 GradScaler steps per episode)``."""
+    args = stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
                          device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
                          tensorname="gpu_check", **flags)
+    splits, model, gallery = stage2.prepare(args, device, need_train=True)
+    groups, (optimizers, _) = stage2.param_groups(model, args), stage2.make_optimizers(model, args)
+    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
+    embed, scaler = stage2.make_embed(model, device), grad_scaler(device, amp)
+    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
+    train_set.set_epoch(1)
+    config = stage2.episode_config(args, args.trainways, train=True)
+
+    def train(part, **more) -> None:
+        stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
+                               show=False, scaler=scaler, **more)
+
+    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))
+    return args, splits, model, bank, embed, train_set, train, len(stepped) if scaler.is_enabled() else 0
 
 
 def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
-                 episodes: int) -> tuple[dict, dict]:
+                 episodes: int) -> tuple[dict, dict, dict]:
     """Seconds per training episode (epoch 1: both losses train) and per test episode, peak memory;
-    and the check that cached and per-episode test features give the same evaluation."""
-    args = stage2_args(root, a, device, amp, shots)
-    splits, model, gallery = stage2.prepare(args, device, need_train=True)
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
-    embed = stage2.make_embed(model, device)
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes + 1, stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1)
+    the check that cached and per-episode test features give the same evaluation; the host waits."""
+    args, splits, model, bank, embed, train_set, train, scaled = stage2_setup(root, a, device, amp, shots,
+                                                                              episodes + 1)
     items = [train_set[i] for i in range(len(train_set))]  # decoded ahead: the networks' speed
-    config = stage2.episode_config(args, args.trainways, train=True)
-    scaler = grad_scaler(device, amp)
-
-    def train(part):
-        stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
-                               show=False, scaler=scaler)
-
     train(items[:1])
     with Phase(device) as training:
         train(items[1:])
-    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))  # epoch 1: both losses
-    syncs = host_syncs(device, lambda: train(items[1:]), episodes, len(stepped) if scaler.is_enabled() else 0)
-    test_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
-                               evaluation=True)
+    syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaled)
+    test_set, fresh_set = (stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
+                                           evaluation=cached) for cached in (True, False))
     with Phase(device) as testing:
         stage2.evaluate(model, test_set, bank, args, device, "test", embed)
-    fresh_set = stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank))
     check = cached_features_check(
         lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
         lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
@@ -356,21 +325,11 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
-    args = stage2_args(root, a, device, amp, 1, fixCls=fix_cls)
-    splits, model, gallery = stage2.prepare(args, device, need_train=True)
-    groups = stage2.param_groups(model, args)
-    optimizers, _ = stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
-    embed = stage2.make_embed(model, device)
+    args, splits, _, _, embed, train_set, train, _ = stage2_setup(root, a, device, amp, 1, episodes, fixCls=fix_cls)
     cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if fix_cls else None
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1)
-    config = stage2.episode_config(args, args.trainways, train=True)
-    scaler = grad_scaler(device, amp)
     for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
         through = FirstItems(episode_loader(train_set, args.nthreads, device), episodes, device)
-        stage2.train_one_epoch(model, through, bank, config, device, 1, groups, optimizers, embed,
-                               stage2.new_progress(), show=False, cache=cache, scaler=scaler)
+        train(through, cache=cache)
     return through.per_second()
 
 
@@ -410,37 +369,13 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def run_process(command: list[str], cwd: Path, timeout: float, prefix: str | None = None,
+def run_process(command: list[str], cwd: Path, timeout: float, log: Path, echo: str | None = None,
                 stop_at: re.Pattern | None = None) -> tuple[int | None, str]:
-    """Run ``command`` in ``cwd`` (a process group of its own, output merged), printing each line of its
-    output after ``prefix`` as it comes when one is given; SIGTERM to its group once the output matches
-    ``stop_at``, and past ``timeout`` seconds (SIGKILL a minute later). Returns the exit status (None when
-    it timed out) and the output."""
+    """(exit status, None when it timed out; output) of ``command`` run in ``cwd`` by
+    :func:`engine.experiments.run`, with torchrun's shutdown grace and this checkout importable."""
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
-    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          start_new_session=True) as process:
-        output, shown, deadline = b"", 0, time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not select.select([process.stdout], [], [], 1.0)[0]:
-                continue
-            chunk = os.read(process.stdout.fileno(), 65536)
-            output += chunk
-            end = output.rfind(b"\n") + 1 if chunk else len(output)
-            for line in output[shown:end].decode(errors="replace").splitlines() if prefix is not None else ():
-                print(prefix + line, flush=True)
-            shown = max(shown, end)
-            if stop_at is not None and stop_at.search(output) and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                stop_at = None
-            if not chunk:
-                return process.wait(), output.decode(errors="replace")
-        with suppress(ProcessLookupError):  # the group is gone
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-    return None, output.decode(errors="replace") + f"\n(timed out after {timeout:.0f} s)"
+    status, _, output = experiments.run(command, log, cwd, env, timeout, echo, stop_at)
+    return status, output
 
 
 def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout: float = 600,
@@ -451,7 +386,7 @@ def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
-    output = run_process(command, cwd, timeout, stop_at=stop_at)[1]
+    output = run_process(command, cwd, timeout, cwd / "logs" / f"torchrun_{kind}.log", stop_at=stop_at)[1]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
     return output, [exits.get(rank) for rank in range(ranks)], reports
@@ -466,7 +401,7 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
     one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                               "--device", str(device)], workdir, timeout)
+                               "--device", str(device)], workdir, timeout, workdir / "logs" / "one.log")
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
@@ -604,7 +539,7 @@ def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[di
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
     start = time.monotonic()
-    status, output = run_process(command, REPO, timeout, prefix="outcome| ")
+    status, output = run_process(command, REPO, timeout, json_path.with_suffix(".log"), echo="outcome| ")
     seconds, tail = time.monotonic() - start, output.rstrip()[-300:]
     if status is None:
         return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail}"}

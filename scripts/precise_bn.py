@@ -21,12 +21,7 @@ import argparse
 import torch
 
 from datasets.lowshot import read_stage_split
-from engine.options import (
-    add_batch_flag,
-    add_files_per_class_flag,
-    add_image_size_flag,
-    add_lowshotmeta_flag,
-)
+from engine.options import add_batch_flag, add_files_per_class_flag, add_image_size_flag, add_lowshotmeta_flag
 from engine.precise_bn import clean_files, reestimate
 from models import load_embedding
 from models.loading import with_embedding_statistics

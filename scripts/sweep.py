@@ -59,13 +59,11 @@ class Run:
         return RUNS_DIR / self.name
 
     def evaluate_file(self) -> Path:
-        """Stage 2's test result, written once training (or ``--evaluate``) has finished."""
         return experiments.evaluate_path(self.run_dir(), flag_value(self.args, "--shots") or "1",
-                             flag_value(self.args, "--seed") or "0")
+                                         flag_value(self.args, "--seed") or "0")
 
     def state(self) -> str:
-        """Of its folder (:func:`engine.experiments.run_state`); finished: stage 1's summary.json or stage 2's
-        evaluate JSON is there."""
+        """Finished: stage 1's summary.json or stage 2's evaluate JSON is there."""
         return experiments.run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
 
     def log(self) -> Path:
@@ -106,13 +104,9 @@ def get_parser() -> Parser:
 
 def flag_value(args: list[str], flag: str) -> str | None:
     """The last value of ``flag`` in ``args`` (``--flag v`` or ``--flag=v``), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg[len(flag) + 1:]
-    return value
+    values = [after if arg == flag else arg[len(flag) + 1:] for arg, after in zip(args, [*args[1:], None])
+              if arg == flag and after is not None or arg.startswith(flag + "=")]
+    return values[-1] if values else None
 
 
 def without_flag(args: list[str], flag: str) -> list[str]:

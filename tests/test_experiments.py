@@ -39,8 +39,9 @@ def test_output_is_echoed_while_the_run_goes_on_and_logged_between_header_and_fo
     monkeypatch.setattr(experiments, "print", echo, raising=False)
     script, log = tmp_path / "waiter.py", tmp_path / "logs" / "run.log"
     script.write_text(WAITER)
-    status, seconds = experiments.run([sys.executable, str(script), str(marker)], log, echo="run| ")
-    assert (status, echoed) == (3, ["run| first", "run| saw the marker", "run| last"])
+    status, seconds, output = experiments.run([sys.executable, str(script), str(marker)], log, echo="run| ")
+    assert (status, echoed, output) == (3, ["run| first", "run| saw the marker", "run| last"],
+                                        "first\nsaw the marker\nlast")
     header, *output = log.read_text().splitlines()
     assert header.startswith("# ") and header.endswith(f" run: {sys.executable} {script} {marker}")
     assert output == ["first", "saw the marker", "last", f"# exit status 3 after {seconds:.1f} s"]
@@ -52,8 +53,9 @@ def test_a_run_past_its_timeout_is_stopped_with_its_process_group(tmp_path: Path
                        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
                        "print(child.pid, flush=True)\n"
                        "time.sleep(60)\n")
-    status, seconds = experiments.run([sys.executable, str(spawner)], log, timeout=2)
-    assert status is None and seconds < 25  # SIGTERM ended it, no SIGKILL after the 30 s grace
+    status, seconds, output = experiments.run([sys.executable, str(spawner)], log, timeout=2)
+    assert status is None and seconds < 25  # SIGTERM ended it, no SIGKILL after the 60 s grace
+    assert output.endswith("\n(timed out after 2 s)"), output
     grandchild = int(log.read_text().splitlines()[1])
     deadline = time.time() + 10
     while time.time() < deadline:  # gone once init has reaped it

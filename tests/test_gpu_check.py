@@ -181,11 +181,12 @@ def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown
              "print('epoch 0:  50%|#####     | 1/2 [00:01<00:01]', end='\\r', flush=True)\n"
              "time.sleep(60)\n")
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    status, output = gpu_check.run_process([sys.executable, "-c", child], tmp_path, 30, stop_at=gpu_check.STEP_DONE)
+    status, output = gpu_check.run_process([sys.executable, "-c", child], tmp_path, 30, tmp_path / "stop.log",
+                                           stop_at=gpu_check.STEP_DONE)
     assert status == 130 and output.split("\n")[0] == str(gpu_check.SHUTDOWN_GRACE_S), output
     assert output.rstrip().endswith("stopping"), output
     status, output = gpu_check.run_process([sys.executable, "-c", "print('epoch 0:   0%|          | 0/2')"],
-                                           tmp_path, 30, stop_at=gpu_check.STEP_DONE)
+                                           tmp_path, 30, tmp_path / "bar.log", stop_at=gpu_check.STEP_DONE)
     assert status == 0, output  # the bar before its first step does not match
 
 
