@@ -44,7 +44,7 @@ HOST_ONLY = frozenset({
 def get_args_parser() -> argparse.ArgumentParser:
     p = common.parser("ATen operations per stage-2 training episode, rounds 1 (warm and cold cache) and 2")
     add_episode_flags(p)
-    p.set_defaults(imageSize=32, device="cpu", nthreads=0, augnum=7, chooseNum=15, galleryNum=15)
+    p.set_defaults(imageSize=32, device="cpu", nthreads=0, galleryNum=15)
     p.add_argument("--short", type=int, default=8, help="episodes of the shorter run")
     p.add_argument("--long", type=int, default=24, help="episodes of the longer run")
     p.add_argument("--top", type=int, default=12, help="operations listed per round, most frequent first")
@@ -89,11 +89,11 @@ def count(config: Stage2Config, device: torch.device, splits: dict, gallery: Gal
 
 def main(a: argparse.Namespace) -> None:
     env, root, _, holder = common.setup(a, max(a.galleryNum, a.shots + a.queries))
-    summary = {"environment": env, "imageSize": a.imageSize, "shots": a.shots, "augnum": a.augnum,
-               "chooseNum": a.chooseNum, "batchSize": a.batchSize, "short": a.short, "long": a.long,
-               "ops_per_episode": {}, "kernels_per_episode": {}, "top": {}}
+    summary = {"environment": env, "imageSize": a.imageSize, "shots": a.shots, "batchSize": a.batchSize,
+               "short": a.short, "long": a.long, "ops_per_episode": {}, "kernels_per_episode": {}, "top": {}}
     for name, (fix_cls, fix_attention, warm) in ROUNDS.items():
         config, device = engine_config(a, root, fixCls=fix_cls, fixAttention=fix_attention)
+        summary.update(augnum=config.augnum, chooseNum=config.chooseNum)  # the shot-dependent defaults resolved
         configure_backend(device, False, config.seed)
         splits = stage2.load_splits(config, need_train=True)
         gallery = Gallery(splits["train"], config.galleryNum, config.imageSize, 0, progress=False)
