@@ -14,7 +14,6 @@ from PIL import Image, ImageStat
 from tests.scripts_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "make_miniimagenet.py"
 
 mm = load_script("scripts/make_miniimagenet.py")
 
@@ -207,8 +206,8 @@ def test_missing_dir_exits_2(tree: dict[str, Path], key: str, flag: str) -> None
 
 @pytest.mark.slow
 def test_the_script_runs_as_a_command(tree: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), *command(tree)], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-m", "scripts.make_miniimagenet", *command(tree)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "images: 10 listed, 10 present" in result.stdout
     assert "csv: copied train.csv, val.csv, test.csv" in result.stdout
