@@ -6,13 +6,15 @@ from torch.utils.data import Dataset
 
 from datasets.images import load_rgb
 from datasets.splits import Split
-from datasets.transforms import train_transform
+from datasets.transforms import normalize_uint8, train_transform
 from utils.grid import weight_map
 
 
 class SoftRandomDataset(Dataset):
-    """``files_per_class`` files per class (0: all), ``repeats`` times: ``(index, item_seed)`` -> (float ``[3, S, S]``,
-    label); with probability ``blend_prob``, cell k becomes ``w_k * x + (1 - w_k) * other``, ``w_k ~ U(0, 1)``."""
+    """``files_per_class`` files per class (0: all), ``repeats`` times. ``(index, item_seed)`` -> (uint8
+    ``[2, 3, S, S]``: the image and its partner, label, cell weights ``[F*F]``, blended): with probability
+    ``blend_prob`` the partner is another file of the class and ``w_k ~ U(0, 1)``; else zeros, not blended.
+    Workers hand over uint8 (a quarter of float32's bytes); :func:`blend_batch` blends on the device."""
 
     def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
                  repeats: int = 2, blend_prob: float = 2 / 3, crop: str = "tv02") -> None:
@@ -26,18 +28,30 @@ class SoftRandomDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor, bool]:
         index, item_seed = key
         path, label = self.samples[index % len(self.samples)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed)
             image = self.transform(load_rgb(path))
+            other, weights, blended = torch.zeros_like(image), torch.ones(self.fang * self.fang), False
             if torch.rand(()) < self.blend_prob:
                 others = self.class_files[label]
                 pick = int(torch.randint(len(others) - 1, ())) if len(others) > 1 else 0
                 other_path = [p for p in others if p != path][pick] if len(others) > 1 else path
                 other = self.transform(load_rgb(other_path))
-                weights = torch.rand(1, self.fang * self.fang)
-                mask = weight_map(weights, self.image_size)[0]
-                image = mask * image + (1 - mask) * other
-        return image, label
+                weights, blended = torch.rand(self.fang * self.fang), True
+        return torch.stack([image, other]), label, weights, blended
+
+
+def blend_batch(pairs: torch.Tensor, weights: torch.Tensor, blended: torch.Tensor, device: torch.device
+                ) -> torch.Tensor:
+    """A collated batch of :class:`SoftRandomDataset` items -> normalised float ``[N, 3, S, S]`` on ``device``.
+
+    ``pairs`` uint8 ``[N, 2, 3, S, S]``, ``weights`` ``[N, F*F]``, ``blended`` bool ``[N]`` (CPU, possibly pinned).
+    Cell k of a blended image is ``w_k * x + (1 - w_k) * other`` of the normalised images, the original's
+    arithmetic element by element, so the numbers equal blending in the worker."""
+    images = normalize_uint8(pairs.to(device, non_blocking=True))
+    mask = weight_map(weights.to(device, non_blocking=True), images.shape[-1])
+    mixed = mask * images[:, 0] + (1 - mask) * images[:, 1]
+    return torch.where(blended.to(device, non_blocking=True).view(-1, 1, 1, 1), mixed, images[:, 0])

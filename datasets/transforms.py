@@ -66,14 +66,14 @@ class TV02RandomResizedCrop:
 
 
 def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
-    """Random crop (``crop``: ``tv02``, the original's, or ``current``), flip, normalisation -> float ``[3, S, S]``."""
+    """Random crop (``crop``: ``tv02``, the original's, or ``current``), flip -> uint8 ``[3, S, S]``, normalised on
+    the device (:func:`normalize_uint8`: the same numbers as the original's ToTensor + Normalize in the worker)."""
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r} (known: {', '.join(CROPS)})")
     return T.Compose([
         TV02RandomResizedCrop(image_size) if crop == "tv02" else T.RandomResizedCrop(image_size),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.PILToTensor(),
     ])
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import SeededSampler, SoftRandomDataset, scan_split
+from datasets import SeededSampler, SoftRandomDataset, blend_batch, scan_split
 from datasets.loaders import StopSafeLoader, worker_init_for
 from datasets.lowshot import read_stage_split
 from engine.features import FeatureCache
@@ -84,10 +84,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     model.train()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not (config.progress and info.is_main), leave=False)
     start = time.perf_counter()
-    for batch in timed_items(loader, timer):
+    for pairs, labels, weights, blended in timed_items(loader, timer):
         with timer.section("prepare"):
-            images = compute_layout(batch[0].to(device, non_blocking=True))
-            labels = batch[1].to(device, non_blocking=True)
+            images = compute_layout(blend_batch(pairs, weights, blended, device))
+            labels = labels.to(device, non_blocking=True)
         with timer.section("forward"), autocast(device, config.amp):
             logits = model(images)
             loss = criterion(logits.float(), labels)

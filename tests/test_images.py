@@ -169,11 +169,9 @@ def test_train_transform_shape(size: int) -> None:
     image = _rect_image()
     torch.manual_seed(0)
     out = train_transform(size)(image)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.uint8  # normalised on the device (datasets.softrandom.blend_batch)
     assert out.shape == (3, size, size)
-    # normalised: the image's pixels lie in [0, 1] before normalisation
-    raw = out * STD + MEAN
-    assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
+    assert int(out.max()) > int(out.min())  # a crop of the picture, not a constant
 
 
 def test_train_transform_is_random_but_seedable() -> None:

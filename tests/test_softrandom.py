@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision import transforms as T
 
 from conftest import PER_CLASS
 from datasets.images import load_rgb
 from datasets.seeding import SeededSampler
-from datasets.softrandom import SoftRandomDataset
-from datasets.transforms import eval_transform, train_transform
+from datasets.softrandom import SoftRandomDataset, blend_batch
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop, train_transform
 
 SIZE = 32
 
@@ -85,8 +86,8 @@ def test_dataset_lists_first_files_repeated(train_split) -> None:
         assert [p for p, lab in ds.samples if lab == label] == list(files[:5])
     # items past the first pass are the same files again
     ds_plain = SoftRandomDataset(train_split, SIZE, files_per_class=5, repeats=2, blend_prob=0.0)
-    a, la = ds_plain[(3, 99)]
-    b, lb = ds_plain[(3 + per_pass, 99)]
+    a, la, *_ = ds_plain[(3, 99)]
+    b, lb, *_ = ds_plain[(3 + per_pass, 99)]
     assert la == lb and torch.equal(a, b)
 
 
@@ -102,11 +103,11 @@ def test_labels_are_sorted_class_numbers(train_split) -> None:
 def test_same_key_gives_same_tensor(train_split) -> None:
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=4, repeats=1)
     for key in [(0, 11), (9, 12345678901234), (100, 3)]:
-        a, la = ds[key]
-        b, lb = ds[key]
-        assert la == lb
-        assert torch.equal(a, b)
-        assert a.shape == (3, SIZE, SIZE) and a.dtype == torch.float32
+        a, la, wa, ba = ds[key]
+        b, lb, wb, bb = ds[key]
+        assert la == lb and ba == bb
+        assert torch.equal(a, b) and torch.equal(wa, wb)
+        assert a.shape == (2, 3, SIZE, SIZE) and a.dtype == torch.uint8 and wa.shape == (9,)
     assert not torch.equal(ds[(0, 11)][0], ds[(0, 12)][0])
 
 
@@ -123,12 +124,23 @@ def test_no_blend_equals_plain_train_transform_under_item_seed(train_split) -> N
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=4, repeats=1, blend_prob=0.0)
     transform = train_transform(SIZE)
     for index, seed in [(0, 1), (7, 2**40 + 3), (130, 99)]:
-        image, label = ds[(index, seed)]
+        pair, label, _, blended = ds[(index, seed)]
         path = train_split.files[index // 4][index % 4]
         torch.manual_seed(seed)
         expected = transform(load_rgb(path))
-        assert label == index // 4
-        assert torch.equal(image, expected)
+        assert label == index // 4 and not blended
+        assert torch.equal(pair[0], expected) and not pair[1].any()
+
+
+def blended_image(ds: SoftRandomDataset, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """Item ``key`` of ``ds`` blended as the training loop does: float ``[3, S, S]`` and its label."""
+    pair, label, weights, blended = ds[key]
+    return blend_batch(pair[None], weights[None], torch.tensor([blended]), torch.device("cpu"))[0], label
+
+
+def normalized(image) -> torch.Tensor:
+    """uint8 ``[3, S, S]`` -> float normalised by torchvision's ToTensor + Normalize (the original's worker)."""
+    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(image.permute(1, 2, 0).numpy()))
 
 
 def _fit_cells(out: torch.Tensor, x: torch.Tensor, other: torch.Tensor, fang: int):
@@ -154,13 +166,13 @@ def test_full_blend_is_cellwise_convex_combination(train_split, fang: int) -> No
     # must be, cell by cell, w * x + (1 - w) * other with one w in [0, 1] per cell, where x is
     # the item's file and other the other file of its class.
     ds = SoftRandomDataset(train_split, SIZE, fang=fang, files_per_class=2, repeats=1, blend_prob=1.0)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = eval_crop(SIZE)
     for index, seed in [(0, 5), (3, 6), (64, 7)]:
-        out, label = ds[(index, seed)]
+        out, label = blended_image(ds, (index, seed))
         files = train_split.files[label][:2]
         own, partner = files[index % 2], files[1 - index % 2]
-        x = ds.transform(load_rgb(own))
-        other = ds.transform(load_rgb(partner))
+        x = normalized(ds.transform(load_rgb(own)))
+        other = normalized(ds.transform(load_rgb(partner)))
         weights, worst = _fit_cells(out, x, other, fang)
         assert worst < 1e-4
         assert all(-1e-4 <= w <= 1 + 1e-4 for w in weights)
@@ -169,16 +181,17 @@ def test_full_blend_is_cellwise_convex_combination(train_split, fang: int) -> No
 
 def test_full_blend_partner_is_another_file_of_the_class(train_split) -> None:
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=3, repeats=1, blend_prob=1.0)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = eval_crop(SIZE)
     partners = set()
     for seed in range(12):
         index = 4  # class 1, its second file
-        out, label = ds[(index, seed)]
+        out, label = blended_image(ds, (index, seed))
         files = train_split.files[label][:3]
         own = files[1]
-        x = ds.transform(load_rgb(own))
+        x = normalized(ds.transform(load_rgb(own)))
         assert not torch.equal(out, x)
-        fits = [p for p in files if p != own and _fit_cells(out, x, ds.transform(load_rgb(p)), 3)[1] < 1e-4]
+        fits = [p for p in files
+                if p != own and _fit_cells(out, x, normalized(ds.transform(load_rgb(p))), 3)[1] < 1e-4]
         assert len(fits) == 1
         partners.add(fits[0])
     assert partners == {train_split.files[1][0], train_split.files[1][2]}
@@ -186,13 +199,33 @@ def test_full_blend_partner_is_another_file_of_the_class(train_split) -> None:
 
 def test_default_blend_probability_is_about_two_thirds(train_split) -> None:
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=PER_CLASS, repeats=1)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = eval_crop(SIZE)
     trials, blended = 180, 0
     plain = {}
     for seed in range(trials):
         index = seed % 8
         if index not in plain:
-            plain[index] = ds.transform(load_rgb(ds.samples[index][0]))
-        blended += not torch.equal(ds[(index, seed)][0], plain[index])
+            plain[index] = normalized(ds.transform(load_rgb(ds.samples[index][0])))
+        blended += not torch.equal(blended_image(ds, (index, seed))[0], plain[index])
     # Binomial(180, 2/3): mean 120, sd 6.3, so +-4 sd is 95..145
     assert 95 <= blended <= 145
+
+
+def test_blending_on_the_device_gives_the_worker_s_numbers_bit_for_bit(train_split) -> None:
+    # The original normalised each image in the worker (ToTensor + Normalize) and blended there, cell by cell;
+    # blend_batch normalises and blends a whole batch later. Every pixel must come out the same float.
+    ds = SoftRandomDataset(train_split, SIZE, files_per_class=2, repeats=1)
+    keys = [(index, seed) for index, seed in zip(range(0, 40, 3), range(100, 114))]
+    items = [ds[key] for key in keys]
+    assert {item[3] for item in items} == {True, False}  # both kinds in the batch
+    out = blend_batch(torch.stack([i[0] for i in items]), torch.stack([i[2] for i in items]),
+                      torch.tensor([i[3] for i in items]), torch.device("cpu"))
+    bounds = [0, SIZE // 3, 2 * (SIZE // 3), SIZE]
+    for row, (pair, _, weights, blended) in zip(out, items):
+        x, other = normalized(pair[0]), normalized(pair[1])
+        expected = x.clone()
+        if blended:
+            for k, w in enumerate(weights):
+                cell = (slice(None), slice(bounds[k // 3], bounds[k // 3 + 1]), slice(bounds[k % 3], bounds[k % 3 + 1]))
+                expected[cell] = w * x[cell] + (1 - w) * other[cell]
+        assert torch.equal(row, expected)
