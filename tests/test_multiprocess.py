@@ -128,13 +128,16 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     result["monitor_stop_on_rank_1"] = _outcome(lambda: _monitor(split, stop=lambda: rank == 1, info=info))
 
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(27, 3)))
     before = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(2, 3, 2, 2, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
-    # Rank 2 alone sees a non-finite loss at its second step; the others must not wait for it in the
-    # backward pass's all-reduce.
-    poisoned = [batches[0], (batches[1][0] * (float("nan") if rank == 2 else 1.0), batches[1][1]), batches[2]]
+    # soft-random batches of two 3 x 3 px images: uint8 pairs, labels, cell weights, blended flags
+    batches = [(torch.randint(0, 256, (2, 2, 3, 3, 3), dtype=torch.uint8, generator=generator), torch.tensor([0, 1]),
+                torch.rand(2, 9, generator=generator), torch.tensor([True, False])) for _ in range(3)]
+    # Rank 2 alone sees a non-finite loss at its second step (a NaN blending weight); the others must not wait
+    # for it in the backward pass's all-reduce.
+    pairs, labels, weights, blended = batches[1]
+    poisoned = [batches[0], (pairs, labels, weights * (float("nan") if rank == 2 else 1.0), blended), batches[2]]
     result["nan_on_rank_2"] = _outcome(lambda: _train(model, poisoned, info))
     result["stepped"] = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
     result["finite"] = all(torch.isfinite(p).all().item() for p in model.parameters())
