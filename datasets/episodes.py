@@ -25,6 +25,17 @@ class AugmentDraws:
     gallery_size: int
     cells: int
 
+    def draw(self, rng: np.random.Generator, images: int) -> dict[str, torch.Tensor]:
+        """The draws of ``episode.augnum`` deformed copies of each of ``images`` images, in this order from ``rng``:
+        ``probe_flip``, ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[images*augnum]``, ``random_weights``
+        ``[images*augnum, cells]``."""
+        total = images * self.episode.augnum
+        return {"probe_flip": torch.from_numpy(rng.random(total) < 0.5),
+                "shortlist_pick": torch.from_numpy(rng.integers(self.episode.choose_num, size=total)),
+                "gallery_pick": torch.from_numpy(rng.integers(self.gallery_size, size=total)),
+                "gallery_flip": torch.from_numpy(rng.random(total) < 0.5),
+                "random_weights": torch.from_numpy(rng.random((total, self.cells), dtype=np.float32))}
+
 
 class EpisodeDataset(Dataset):
     """``episodes`` episodes of ``ways`` classes with ``shots`` support and ``queries`` query images.
@@ -150,12 +161,7 @@ class EpisodeDataset(Dataset):
             new = iter(self.new_queries[index])
             item["query"] = self._decode(classes, [[i for i in idx if next(new)] for idx in query])
         if self.draws is not None:
-            n = self.ways * self.shots * self.draws.episode.augnum
-            item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)
-            item["shortlist_pick"] = torch.from_numpy(rng.integers(self.draws.episode.choose_num, size=n))
-            item["gallery_pick"] = torch.from_numpy(rng.integers(self.draws.gallery_size, size=n))
-            item["gallery_flip"] = torch.from_numpy(rng.random(n) < 0.5)
-            item["random_weights"] = torch.from_numpy(rng.random((n, self.draws.cells), dtype=np.float32))
+            item.update(self.draws.draw(rng, self.ways * self.shots))
         return item
 
 
