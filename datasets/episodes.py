@@ -18,8 +18,9 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class AugmentDraws:
-    """An episode's deformation draws: ``episode`` (``engine.episode.EpisodeConfig``, the one holder of ``augnum``
-    and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random weights per image)."""
+    """The deformation draws of an episode or a low-shot step: ``episode`` (``engine.episode.EpisodeConfig``, the
+    one holder of ``augnum`` and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random
+    weights per image)."""
 
     episode: Any
     gallery_size: int
@@ -45,9 +46,8 @@ class EpisodeDataset(Dataset):
 
     Items: ``support`` uint8 ``[ways*shots, 3, S, S]`` and ``query`` ``[ways*queries, 3, S, S]`` class by
     class; ``support_ids``/``query_ids`` (split positions: feature cache rows); ``support_labels``/
-    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``: ``probe_flip``,
-    ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[ways*shots*augnum]``, ``random_weights``
-    ``[ways*shots*augnum, F*F]``.
+    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``, the support's
+    (:meth:`AugmentDraws.draw`: ``[ways*shots*augnum]`` and ``random_weights`` ``[ways*shots*augnum, F*F]``).
 
     ``decode``: ``all``, ``support``, ``none`` or ``new``: the support and only the queries ``known`` (a
     cache's live mask by split position) will lack when the episode runs (``query`` then holds those alone,
