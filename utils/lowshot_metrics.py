@@ -41,7 +41,8 @@ def _log_weight(weight: float) -> float:
 
 def prior_scores(scores: torch.Tensor, num_base: int, mu: float, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities ``[M, B+N]`` whose base part sums to ``1 - mu`` and novel part to ``mu``
-    (softmax over each part of ``scores / temperature``)."""
+    (softmax over each part of ``scores / temperature``): ``all_prior`` ranks by these, at one point of the
+    grids :func:`prior_curve` covers."""
     base = torch.log_softmax(scores[:, :num_base] / temperature, 1) + _log_weight(1 - mu)
     novel = torch.log_softmax(scores[:, num_base:] / temperature, 1) + _log_weight(mu)
     return torch.cat([base, novel], 1)
