@@ -178,11 +178,6 @@ def read_train_list(path: Path | str, train_dir: Path | str, meta: LowShotMeta) 
     return TrainList(tuple(files), tuple(int(s) for s in starts), f"release list {path}", False)
 
 
-def train_list(train_dir: Path | str, meta: LowShotMeta, release: Path | str | None = None) -> TrainList:
-    """The release's list when ``release`` is given (checked), else the reconstruction."""
-    return read_train_list(release, train_dir, meta) if release else rebuild_train_list(train_dir, meta)
-
-
 def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples: int) -> np.ndarray:
     """One trial's split file -> ``[C, examples]`` int64 indices into ``images`` (row k: class k). Every
     index of a row is checked, also those past ``examples``.

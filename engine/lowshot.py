@@ -25,9 +25,10 @@ from datasets.lowshot import (
     benchmark_split,
     class_images,
     read_lowshot_meta,
+    read_train_list,
     read_trial,
+    rebuild_train_list,
     shot_indices,
-    train_list,
 )
 from datasets.seeding import item_rng
 from datasets.splits import Split
@@ -322,7 +323,8 @@ def read_benchmark(config: LowShotConfig) -> Benchmark:
         if not (imagenet / folder).is_dir():
             raise DataError(f"{imagenet / folder}: folder not found (--imagenet must hold train/ and val/ class "
                             "folders)")
-    images = train_list(imagenet / "train", meta, config.trainlist)
+    images = (read_train_list(config.trainlist, imagenet / "train", meta) if config.trainlist
+              else rebuild_train_list(imagenet / "train", meta))
     trials = {t: read_trial(config.experimentpath.format(t), meta, images, max(config.lowshotn))
               for t in config.trials}
     setups = {name: setup_data(imagenet / "val", meta, name)
