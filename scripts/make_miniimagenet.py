@@ -46,20 +46,18 @@ TARGET = re.compile(r"^(n\d{8})(\d{8})\.jpg$")
 Row = tuple[str, str, str]  # (split, filename, label): one data row of a split CSV
 
 
-def parse_target(filename: str) -> tuple[str, int]:
-    """``(wnid, 1-based position)`` of a name ``<wnid><8 digits>.jpg``; ValueError for another name or position 0."""
+def parse_target(filename: str) -> tuple[str, int] | None:
+    """``(wnid, 1-based position)`` of a name ``<wnid><8 digits>.jpg``; None for another name or position 0."""
     match = TARGET.match(filename)
-    if match is None or int(match.group(2)) < 1:
-        raise ValueError(f"not of the form n<8 digits><8 digits>.jpg with a position >= 1: {filename!r}")
-    return match.group(1), int(match.group(2))
+    return (match.group(1), int(match.group(2))) if match and int(match.group(2)) >= 1 else None
 
 
-def position_index(train_dir: Path, wnid: str) -> list[Path]:
+def position_index(train_dir: Path, wnid: str) -> list[Path] | None:
     """The class's photos ``<wnid>_<n>.JPEG`` (any case) sorted by ``<n>``: element i is position i + 1.
-    FileNotFoundError when ``train_dir/wnid`` is not a folder."""
+    None when ``train_dir/wnid`` is not a folder."""
     class_dir = Path(train_dir) / wnid
     if not class_dir.is_dir():
-        raise FileNotFoundError(f"class folder not found: {class_dir}")
+        return None
     pattern = re.compile(re.escape(wnid) + r"_(\d+)\.jpeg", re.IGNORECASE)
     matches = [(pattern.fullmatch(path.name), path) for path in class_dir.iterdir()]
     return [path for _, path in sorted((int(match.group(1)), path) for match, path in matches if match)]
@@ -85,19 +83,16 @@ def plan_jobs(rows: list[Row], train_dir: Path, images_dir: Path) -> tuple[dict[
     problems: dict[str, list[str]] = defaultdict(list)
     for split, filename, label in rows:
         where = f"{filename} ({split}.csv)"
-        try:
-            wnid, position = parse_target(filename)
-        except ValueError:
+        target = parse_target(filename)
+        if target is None:
             problems["file name not of the form n<8 digits><8 digits>.jpg"].append(where)
             continue
+        wnid, position = target
         if wnid != label:
             problems["file name does not start with its label"].append(f"{where} label {label}")
             continue
         if wnid not in photos:
-            try:
-                photos[wnid] = position_index(train_dir, wnid)
-            except FileNotFoundError:
-                photos[wnid] = None
+            photos[wnid] = position_index(train_dir, wnid)
         if photos[wnid] is None:
             problems["class folder absent from --imagenet"].append(where)
         elif position > len(photos[wnid]):
