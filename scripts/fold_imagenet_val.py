@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fold the flat ILSVRC-2012 validation folder into class folders ``<wnid>/``.
 
     python -m scripts.fold_imagenet_val --val VAL_DIR (--devkit PATH | --labels FILE) \

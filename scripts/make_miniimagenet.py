@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the flat miniImageNet folder from ILSVRC-2012 training photos.
 
     python -m scripts.make_miniimagenet --imagenet TRAIN_DIR --splits CSV_DIR --out OUT_DIR [--size N] [--nthreads K]
@@ -29,6 +28,7 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -78,28 +78,23 @@ def read_split_csv(csv_path: Path, split: str) -> list[Row]:
 def plan_jobs(rows: list[Row], train_dir: Path, images_dir: Path) -> tuple[dict[Path, Path], dict[str, list[str]]]:
     """``({output: source photo}`` for each distinct file name whose photo exists, ``{problem: [one
     example per row]})``."""
-    photos: dict[str, list[Path] | None] = {}
+    photos = cache(partial(position_index, train_dir))  # wnid -> its photos by position, None without a folder
     jobs: dict[Path, Path] = {}
     problems: dict[str, list[str]] = defaultdict(list)
     for split, filename, label in rows:
         where = f"{filename} ({split}.csv)"
-        target = parse_target(filename)
-        if target is None:
+        wnid, position = parse_target(filename) or (None, 0)
+        found = photos(wnid) if wnid == label else None
+        if wnid is None:
             problems["file name not of the form n<8 digits><8 digits>.jpg"].append(where)
-            continue
-        wnid, position = target
-        if wnid != label:
+        elif wnid != label:
             problems["file name does not start with its label"].append(f"{where} label {label}")
-            continue
-        if wnid not in photos:
-            photos[wnid] = position_index(train_dir, wnid)
-        if photos[wnid] is None:
+        elif found is None:
             problems["class folder absent from --imagenet"].append(where)
-        elif position > len(photos[wnid]):
-            problems["position beyond the number of photos in the class"].append(
-                f"{where} class has {len(photos[wnid])}")
+        elif position > len(found):
+            problems["position beyond the number of photos in the class"].append(f"{where} class has {len(found)}")
         else:
-            jobs.setdefault(images_dir / filename, photos[wnid][position - 1])
+            jobs.setdefault(images_dir / filename, found[position - 1])
     return jobs, problems
 
 
