@@ -241,17 +241,18 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
 
 
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """The image as the toy datasets' JPEG (quality 90, no chroma subsampling)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()
+
+
 def render_class(draw: Callable[[np.random.Generator], Image.Image], index: int, per_class: int,
                  seed: int) -> list[bytes]:
-    """The JPEG bytes (quality 90, no chroma subsampling) of class ``index``'s ``per_class`` images,
-    ``draw(rng)`` on the stream ``(seed, 1, index)``."""
+    """The JPEG bytes of class ``index``'s ``per_class`` images, ``draw(rng)`` on the stream ``(seed, 1, index)``."""
     rng = np.random.default_rng([seed, 1, index])
-    images = []
-    for _ in range(per_class):
-        buffer = io.BytesIO()
-        draw(rng).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        images.append(buffer.getvalue())
-    return images
+    return [jpeg_bytes(draw(rng)) for _ in range(per_class)]
 
 
 def check_arguments(out: Path, per_class: int, size: int, seed: int) -> None:
@@ -266,11 +267,13 @@ def check_arguments(out: Path, per_class: int, size: int, seed: int) -> None:
 def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
              progress: bool = False) -> dict[str, int]:
     """Write the toy dataset under ``out`` (regenerated in place) and return the number of images per split."""
-    check_arguments(Path(out), per_class, size, seed)
-    classes = [(split, wnid) for split in SPLITS for wnid in sorted(class_list(split))]
-    design = class_design([sum(split == other for other, _ in classes) for split in SPLITS], seed)
+    out = Path(out)
+    check_arguments(out, per_class, size, seed)
+    splits = {split: sorted(class_list(split)) for split in SPLITS}
+    design = class_design([len(wnids) for wnids in splits.values()], seed)
+    classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
     draws = [partial(render_image, combo, size) for combo in design]
-    return write_dataset(Path(out), classes, draws, per_class, seed, FILENAME_RE, progress)
+    return write_dataset(out, classes, draws, per_class, seed, FILENAME_RE, progress)
 
 
 def write_dataset(out: Path, classes: list[tuple[str, str]], draws: list[Callable[[np.random.Generator], Image.Image]],
