@@ -22,10 +22,12 @@ set_process_env()  # before torch loads, as in the scripts
 import torch
 
 from benchmarks import common
-from datasets import Gallery
+from benchmarks.common import StepTimer
+from datasets import EpisodeDataset, Gallery
 from datasets.loaders import episode_loader
 from engine import stage2
 from engine.episode import GalleryBank, run_episode
+from engine.features import FeatureCache
 from engine.options import Stage2Config, add_batch_flag, add_deform_net_flag, add_gallery_flags, stage2_config
 from models import IDeMeNet
 from utils.forward import grad_scaler, layout_model
@@ -73,21 +75,56 @@ def engine_config(a: argparse.Namespace, root: Path, **flags) -> tuple[Stage2Con
     return stage2_config(device, **flags), device
 
 
+def random_model(config: Stage2Config, splits: dict, device: torch.device) -> IDeMeNet:
+    """A fresh IDeMeNet for ``config`` (the ``random-init`` network), laid out as the scripts lay it out."""
+    return layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize,
+                                 fang=config.Fang, deform_net=config.deformNet).to(device).eval())
+
+
+class Stage2Run:
+    """Stage 2 as onlyBasetwoLoss.py builds it for ``config`` around ``model`` and its gallery ``bank``: the
+    parameter groups, optimisers, embedding and (float16 ``--amp``) loss scaler; episodes of ``splits``,
+    training passes, evaluation passes."""
+
+    def __init__(self, config: Stage2Config, device: torch.device, splits: dict, model: IDeMeNet,
+                 bank: GalleryBank) -> None:
+        self.config, self.device, self.splits, self.model, self.bank = config, device, splits, model, bank
+        self.groups = stage2.param_groups(model, config)
+        self.optimizers, _ = stage2.make_optimizers(model, config)
+        self.embed = stage2.make_embed(model, device)
+        self.scaler = grad_scaler(device, bool(config.amp))
+        self.train_config = stage2.episode_config(config, config.trainways, train=True)
+
+    def episodes(self, split: str, count: int, **more) -> EpisodeDataset:
+        """``count`` episodes of split ``train`` (training's ways and stream) or ``test``; ``more``:
+        :func:`engine.stage2.episodes`'."""
+        train = split == "train"
+        return stage2.episodes(self.splits[split], self.config, self.config.trainways if train else self.config.ways,
+                               count, stage2.TRAIN_STREAM if train else stage2.TEST_STREAM, len(self.bank), **more)
+
+    def feature_cache(self) -> FeatureCache | None:
+        """The frozen embedding's cache of the training split's features (``--fixCls 1``), else None."""
+        return FeatureCache(self.embed, len(self.splits["train"]), self.device, self.config.batchSize,
+                            bool(self.config.amp)) if self.config.fixCls else None
+
+    def train(self, episodes, epoch: int, **more) -> dict:
+        """One training pass over ``episodes`` as epoch ``epoch`` (the classification loss trains from epoch 1
+        on); its progress. ``more``: :func:`engine.stage2.train_one_epoch`'s ``timer``, ``stop``, ``cache``."""
+        progress = stage2.new_progress()
+        stage2.train_one_epoch(self.model, episodes, self.bank, self.train_config, self.device, epoch, self.groups,
+                               self.optimizers, self.embed, progress, show=False, scaler=self.scaler, **more)
+        return progress
+
+    def evaluate(self, dataset: EpisodeDataset, desc: str = "test", **more) -> dict:
+        """:func:`engine.stage2.evaluate` of ``dataset`` (``more``: its ``timer``, ``stop``, ``cached``)."""
+        return stage2.evaluate(self.model, dataset, self.bank, self.config, self.device, desc, self.embed, **more)
+
+
 def decode(dataset, device: torch.device) -> tuple[float, dict]:
     """Median seconds to build one episode (decode + crop) in this process over two, and the second's
     tensors on the device (the floor's episode)."""
     times = [common.timed(device, dataset.__getitem__, i) for i in range(2)]
     return statistics.median(t for t, _ in times), {k: v.to(device) for k, v in times[-1][1].items()}
-
-
-def floor(step, device: torch.device, warmup: int, steps: int, probe: common.MemoryProbe) -> list[dict]:
-    """Rows of ``step(timer)`` run ``warmup + steps`` times, one timer step each."""
-    timer = common.StepTimer(device, warmup, steps)
-    with probe:
-        for _ in range(warmup + steps):
-            step(timer)
-            timer.end_step()
-    return timer.rows
 
 
 def main(a: argparse.Namespace) -> None:
@@ -99,75 +136,56 @@ def main(a: argparse.Namespace) -> None:
               for phase in ("gallery", "train", "train_floor", "test", "test_floor")}
 
     scan_s, splits = common.timed(device, stage2.load_splits, config, need_train=True)
-    model = IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize, fang=config.Fang,
-                     deform_net=config.deformNet).to(device).eval()
-    layout_model(model)
+    model = random_model(config, splits, device)
     with probes["gallery"]:
         decode_s, gallery = common.timed(device, Gallery, splits["train"], config.galleryNum, config.imageSize,
                                          config.nthreads, progress=False)
         features_s, bank = common.timed(device, GalleryBank, gallery, model, device, config.batchSize, bool(config.amp))
-    groups = stage2.param_groups(model, config)
-    optimizers, _ = stage2.make_optimizers(model, config)
-    embed = stage2.make_embed(model, device)
-    first_epoch = 1 if groups[1] else 0  # the classification loss trains from epoch 1 on
+    run = Stage2Run(config, device, splits, model, bank)
+    first_epoch = 1 if run.groups[1] else 0  # the classification loss trains from epoch 1 on
 
-    # Each dataset holds 4 * nthreads episodes more than the loops consume (the timer stops them
-    # after the timed ones), so the workers keep decoding one new episode per consumed one, as mid-epoch.
+    # Each dataset holds 4 * nthreads episodes more than the loops consume (the training loop takes the
+    # first ones, the timer stops the test loop), so the workers keep decoding one new episode per consumed
+    # one, as mid-epoch.
     spare = 4 * config.nthreads
-    train_set = stage2.episodes(splits["train"], config, config.trainways, a.warmup + a.episodes + spare,
-                                stage2.TRAIN_STREAM, len(bank))
-    test_set = stage2.episodes(splits["test"], config, config.ways, a.warmup + test_steps + spare, stage2.TEST_STREAM,
-                               len(bank))
+    train_set = run.episodes("train", a.warmup + a.episodes + spare)
+    test_set = run.episodes("test", a.warmup + test_steps + spare)
     train_set.set_epoch(first_epoch)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
-    train_config = stage2.episode_config(config, config.trainways, train=True)
     test_config = stage2.episode_config(config, config.ways)
-    scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its losses
-
-    def train_floor() -> list[dict]:
-        """The engine's training loop over one episode already on the device, repeated: no data loading."""
-        timer = common.StepTimer(device, a.warmup, a.episodes)
-        with probes["train_floor"]:
-            stage2.train_one_epoch(model, [train_x] * (a.warmup + a.episodes), bank, train_config, device,
-                                   first_epoch, groups, optimizers, embed, stage2.new_progress(), timer=timer,
-                                   show=False, scaler=scaler)
-        return timer.rows
-
-    @torch.no_grad()
-    def test_floor_step(timer: common.StepTimer) -> None:
-        run_episode(model, test_x, bank, test_config, device, embed=embed, timer=timer)
 
     rows = {"train loop": [], "train floor": [], "test loop": [], "test floor": []}
     train_acc, train_steps, workers_cpu_s = 0.0, 0, 0.0
     for r in range(a.rounds):
-        timer, progress = common.StepTimer(device, a.warmup, a.episodes, probes["train"]), stage2.new_progress()
         cpu0 = common.children_cpu_s()
-        with probes["train"], suppress(Interrupted):
-            train_set.set_epoch(first_epoch + r)
-            stage2.train_one_epoch(model, episode_loader(train_set, config.nthreads, device), bank, train_config,
-                                   device, first_epoch + r, groups, optimizers, embed, progress, stop=timer.done,
-                                   timer=timer, show=False, scaler=scaler)
+        train_set.set_epoch(first_epoch + r)
+        with StepTimer(device, a.warmup, a.episodes, probes["train"]) as timer:
+            progress = run.train(common.FirstItems(episode_loader(train_set, config.nthreads, device),
+                                                   a.warmup + a.episodes), first_epoch + r, timer=timer)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]
-        rows["train floor"] += train_floor()
+        with StepTimer(device, a.warmup, a.episodes, probes["train_floor"]) as timer:  # one episode on the device
+            run.train([train_x] * (a.warmup + a.episodes), first_epoch, timer=timer)
+        rows["train floor"] += timer.rows
         if a.skipTest:
             continue
         test_set.set_epoch(r)
-        timer = common.StepTimer(device, a.warmup, test_steps, probes["test"])
-        with probes["test"], suppress(Interrupted):
-            stage2.evaluate(model, test_set, bank, config, device, "test", embed, timer=timer, stop=timer.done)
+        with StepTimer(device, a.warmup, test_steps, probes["test"]) as timer, suppress(Interrupted):
+            run.evaluate(test_set, timer=timer, stop=timer.done)
         rows["test loop"] += timer.rows
-        rows["test floor"] += floor(test_floor_step, device, a.warmup, test_steps, probes["test_floor"])
+        with StepTimer(device, a.warmup, test_steps, probes["test_floor"]) as timer, torch.no_grad():
+            for _ in range(a.warmup + test_steps):
+                run_episode(model, test_x, bank, test_config, device, embed=run.embed, timer=timer)
+                timer.end_step()
+        rows["test floor"] += timer.rows
 
     passes = {}
     if a.passEpisodes and not a.skipTest:
         for cached in (False, True):  # whole passes as the scripts run them, the cache's advance fill included
-            dataset = stage2.episodes(splits["test"], config, config.ways, a.passEpisodes, stage2.TEST_STREAM,
-                                      len(bank), evaluation=cached)
-            passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, config, device, "pass", embed,
-                                          cached=cached)[0] / a.passEpisodes
+            dataset = run.episodes("test", a.passEpisodes, evaluation=cached)
+            passes[cached] = common.timed(device, run.evaluate, dataset, "pass", cached=cached)[0] / a.passEpisodes
 
     columns = {name: common.medians(r) for name, r in rows.items() if r}
     common.print_table(f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "

@@ -87,13 +87,13 @@ def one_shot_round2(gpu_check, check_dir):
 def test_three_optimisers_through_a_scaler_are_allowed_their_reads(gpu_check, check_dir, monkeypatch):
     """A float16 GradScaler (here an enabled CPU one) reads its inf check at each of the three optimisers'
     steps of a round-2 episode: 6 reads in 2 episodes, within the allowance."""
-    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr("benchmarks.episode.grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
     _, _, syncs = one_shot_round2(gpu_check, check_dir)
     assert syncs["ok"] is True and syncs["detail"].startswith("6 host wait(s) in 2 training episodes"), syncs
 
 
 def test_an_extra_host_read_per_episode_fails_the_check(gpu_check, check_dir, monkeypatch):
-    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr("benchmarks.episode.grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
     run_episode = stage2.run_episode
 
     def reading(*args, **kwargs):
