@@ -75,32 +75,34 @@ def engine_config(a: argparse.Namespace, root: Path, **flags) -> tuple[Stage2Con
     return stage2_config(device, **flags), device
 
 
-def random_model(config: Stage2Config, splits: dict, device: torch.device) -> IDeMeNet:
-    """A fresh IDeMeNet for ``config`` (the ``random-init`` network), laid out as the scripts lay it out."""
-    return layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize,
-                                 fang=config.Fang, deform_net=config.deformNet).to(device).eval())
-
-
 class Stage2Run:
-    """Stage 2 as onlyBasetwoLoss.py builds it for ``config`` around ``model`` and its gallery ``bank``: the
-    parameter groups, optimisers, embedding and (float16 ``--amp``) loss scaler; episodes of ``splits``,
-    training passes, evaluation passes."""
+    """Stage 2 as onlyBasetwoLoss.py builds it for ``config``: ``model`` (None: a fresh one, the ``random-init``
+    network), the ``gallery``'s features (``features_s``: seconds computing them; its BatchNorm pass
+    ``batch_norm``, :class:`GalleryBank`), the parameter groups, optimisers, embedding and (float16 ``--amp``)
+    loss scaler; episodes of ``splits``, training passes, evaluation passes."""
 
-    def __init__(self, config: Stage2Config, device: torch.device, splits: dict, model: IDeMeNet,
-                 bank: GalleryBank) -> None:
-        self.config, self.device, self.splits, self.model, self.bank = config, device, splits, model, bank
-        self.groups = stage2.param_groups(model, config)
-        self.optimizers, _ = stage2.make_optimizers(model, config)
-        self.embed = stage2.make_embed(model, device)
+    def __init__(self, config: Stage2Config, device: torch.device, splits: dict, gallery: Gallery,
+                 model: IDeMeNet | None = None, batch_norm: str = "eval") -> None:
+        self.config, self.device, self.splits = config, device, splits
+        self.model = model if model is not None else layout_model(IDeMeNet(
+            num_classes=splits["train"].num_classes, image_size=config.imageSize, fang=config.Fang,
+            deform_net=config.deformNet).to(device).eval())
+        self.features_s, self.bank = common.timed(device, GalleryBank, gallery, self.model, device, config.batchSize,
+                                                  bool(config.amp), batch_norm=batch_norm)
+        self.groups = stage2.param_groups(self.model, config)
+        self.optimizers, _ = stage2.make_optimizers(self.model, config)
+        self.embed = stage2.make_embed(self.model, device)
         self.scaler = grad_scaler(device, bool(config.amp))
         self.train_config = stage2.episode_config(config, config.trainways, train=True)
 
-    def episodes(self, split: str, count: int, **more) -> EpisodeDataset:
-        """``count`` episodes of split ``train`` (training's ways and stream) or ``test``; ``more``:
-        :func:`engine.stage2.episodes`'."""
-        train = split == "train"
-        return stage2.episodes(self.splits[split], self.config, self.config.trainways if train else self.config.ways,
-                               count, stage2.TRAIN_STREAM if train else stage2.TEST_STREAM, len(self.bank), **more)
+    def episodes(self, split: str, count: int, epoch: int = 0, **more) -> EpisodeDataset:
+        """``count`` episodes of epoch ``epoch`` of split ``train`` (training's ways and stream) or ``test``;
+        ``more``: :func:`engine.stage2.episodes`'."""
+        ways, stream = (self.config.trainways, stage2.TRAIN_STREAM) if split == "train" else \
+            (self.config.ways, stage2.TEST_STREAM)
+        episodes = stage2.episodes(self.splits[split], self.config, ways, count, stream, len(self.bank), **more)
+        episodes.set_epoch(epoch)
+        return episodes
 
     def feature_cache(self) -> FeatureCache | None:
         """The frozen embedding's cache of the training split's features (``--fixCls 1``), else None."""
@@ -136,21 +138,18 @@ def main(a: argparse.Namespace) -> None:
               for phase in ("gallery", "train", "train_floor", "test", "test_floor")}
 
     scan_s, splits = common.timed(device, stage2.load_splits, config, need_train=True)
-    model = random_model(config, splits, device)
     with probes["gallery"]:
         decode_s, gallery = common.timed(device, Gallery, splits["train"], config.galleryNum, config.imageSize,
                                          config.nthreads, progress=False)
-        features_s, bank = common.timed(device, GalleryBank, gallery, model, device, config.batchSize, bool(config.amp))
-    run = Stage2Run(config, device, splits, model, bank)
+        run = Stage2Run(config, device, splits, gallery)
     first_epoch = 1 if run.groups[1] else 0  # the classification loss trains from epoch 1 on
 
     # Each dataset holds 4 * nthreads episodes more than the loops consume (the training loop takes the
     # first ones, the timer stops the test loop), so the workers keep decoding one new episode per consumed
     # one, as mid-epoch.
     spare = 4 * config.nthreads
-    train_set = run.episodes("train", a.warmup + a.episodes + spare)
+    train_set = run.episodes("train", a.warmup + a.episodes + spare, first_epoch)
     test_set = run.episodes("test", a.warmup + test_steps + spare)
-    train_set.set_epoch(first_epoch)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
     test_config = stage2.episode_config(config, config.ways)
@@ -177,7 +176,7 @@ def main(a: argparse.Namespace) -> None:
         rows["test loop"] += timer.rows
         with StepTimer(device, a.warmup, test_steps, probes["test_floor"]) as timer, torch.no_grad():
             for _ in range(a.warmup + test_steps):
-                run_episode(model, test_x, bank, test_config, device, embed=run.embed, timer=timer)
+                run_episode(run.model, test_x, run.bank, test_config, device, embed=run.embed, timer=timer)
                 timer.end_step()
         rows["test floor"] += timer.rows
 
@@ -213,8 +212,9 @@ def main(a: argparse.Namespace) -> None:
         "train_data_wait_ms": ms("train loop", "data_wait"), "test_data_wait_ms": ms("test loop", "data_wait"),
         "decode_ms_per_train_episode": 1000 * train_decode_s, "decode_ms_per_test_episode": 1000 * test_decode_s,
         "workers_cpu_s_train_phase": workers_cpu_s,
-        "gallery_images": len(bank), "gallery_decode_s": decode_s, "gallery_features_s": features_s,
-        "gallery_ready_s": decode_s + features_s, "gallery_ready_over_features": (decode_s + features_s) / features_s,
+        "gallery_images": len(run.bank), "gallery_decode_s": decode_s, "gallery_features_s": run.features_s,
+        "gallery_ready_s": decode_s + run.features_s,
+        "gallery_ready_over_features": (decode_s + run.features_s) / run.features_s,
         "scan_s": scan_s, "toy_generate_s": toy_s, **common.memory_fields(probes),
         "eval_pass_episodes": a.passEpisodes if passes else 0,
         "eval_pass_ms_per_episode_uncached": 1000 * passes[False] if passes else None,

@@ -18,10 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
-from benchmarks.episode import Stage2Run, add_episode_flags, engine_config, random_model
+from benchmarks.episode import Stage2Run, add_episode_flags, engine_config
 from datasets import Gallery
 from engine import stage2
-from engine.episode import GalleryBank
 from engine.options import Stage2Config
 from utils.options import configure_backend, run_cli
 
@@ -67,9 +66,7 @@ def count(config: Stage2Config, device: torch.device, splits: dict, gallery: Gal
     ``config``' round), decoded ahead, on a fresh model, optimisers and (round 1) feature cache, filled
     first when ``warm``."""
     torch.manual_seed(config.seed)
-    model = random_model(config, splits, device)
-    run = Stage2Run(config, device, splits, model, GalleryBank(gallery, model, device, config.batchSize,
-                                                               bool(config.amp)))
+    run = Stage2Run(config, device, splits, gallery)
     cache = run.feature_cache()
     if warm:
         cache.fill(episodes, 0, progress=False)

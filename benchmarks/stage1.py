@@ -26,6 +26,7 @@ from benchmarks.common import StepTimer, Stopwatch
 from engine import stage1
 from engine.fewshot import evaluate_embedding
 from engine.options import Stage1Config, add_batch_flag, add_files_per_class_flag, stage1_config
+from engine.timing import NO_TIMER, Timer
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
@@ -49,36 +50,37 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class Stage1Run:
-    """Stage 1 on one process as classification.py builds it for ``config``: its data (``scan_s``: seconds
-    building it), model, optimiser and (float16 ``--amp``) loss scaler, trained through the loader and then
-    from memory (:meth:`loader_then_preloaded`)."""
+    """Stage 1 on this process as classification.py builds it for ``config`` (``info``: its share under
+    distribution): the data (``scan_s``: seconds building it), model, optimiser, criterion and (float16
+    ``--amp``) loss scaler; training passes (:meth:`train`, :meth:`loader_then_preloaded`)."""
 
-    def __init__(self, config: Stage1Config, device: torch.device) -> None:
-        self.config, self.device, self.info = config, device, DistInfo()
+    def __init__(self, config: Stage1Config, device: torch.device, info: DistInfo = DistInfo()) -> None:
+        self.config, self.device, self.info = config, device, info
         self.scan_s, (train, self.val, self.sampler, self.loader) = common.timed(device, stage1.load_data, config,
-                                                                                  device, self.info)
+                                                                                  device, info)
         self.net, self.optimizer = stage1.build_model(config, train.num_classes)
-        self.model = stage1.distribute(self.net, device, self.info)
+        self.model, self.criterion = stage1.distribute(self.net, device, info), nn.CrossEntropyLoss()
         self.scaler = grad_scaler(device, bool(config.amp))
 
-    def train(self, batches, timer: Stopwatch | StepTimer) -> dict:
-        """One pass of epoch 0 over ``batches`` inside ``with timer:``, each step reported to it; its progress."""
+    def train(self, batches, timer: Timer = NO_TIMER) -> dict:
+        """One pass of epoch 0 over ``batches``, each step reported to ``timer``; its progress."""
         progress = stage1.new_progress()
-        with timer:
-            stage1.train_one_epoch(self.model, nn.CrossEntropyLoss(), self.optimizer, batches, self.device, 0,
-                                   self.config, self.info, progress, lambda: False, timer, self.scaler)
+        stage1.train_one_epoch(self.model, self.criterion, self.optimizer, batches, self.device, 0, self.config,
+                               self.info, progress, lambda: False, timer, self.scaler)
         return progress
 
     def loader_then_preloaded(self, count: int, timers: dict[str, Stopwatch | StepTimer]) -> tuple[list, float, dict]:
-        """The loader's first ``count`` batches trained on as they come (``timers["loader"]``), then the loader
-        dropped (its persistent workers stop) and the same batches trained on from memory
-        (``timers["preloaded"]``): the batches, the workers' CPU seconds, the first pass's progress."""
+        """The loader's first ``count`` batches trained on as they come (``with timers["loader"]``), then the
+        loader dropped (its persistent workers stop) and the same batches trained on from memory (``with
+        timers["preloaded"]``): the batches, the workers' CPU seconds, the first pass's progress."""
         kept, cpu0 = common.FirstItems(self.loader, count), common.children_cpu_s()
         self.loader = None
-        progress = self.train(kept, timers["loader"])
+        with timers["loader"] as timer:
+            progress = self.train(kept, timer)
         kept.loader = None  # its last reference
         workers_cpu_s = common.children_cpu_s() - cpu0
-        self.train(kept.items, timers["preloaded"])
+        with timers["preloaded"] as timer:
+            self.train(kept.items, timer)
         return kept.items, workers_cpu_s, progress
 
 

@@ -34,7 +34,6 @@ from unittest import mock
 
 import torch
 import torchvision
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from benchmarks.common import Stopwatch, environment
@@ -42,11 +41,10 @@ from benchmarks.episode import Stage2Run
 from benchmarks.ops import OpCounter
 from benchmarks.stage1 import Stage1Run
 from datasets import read_split, toy
-from datasets.episodes import CroppedImages, EpisodeDataset
+from datasets.episodes import CroppedImages
 from datasets.loaders import episode_loader
 from datasets.transforms import prepare_images
-from engine import experiments, stage1, stage2
-from engine.episode import GalleryBank
+from engine import experiments, stage2
 from engine.experiments import REPO
 from engine.options import (
     Stage1Config,
@@ -177,15 +175,7 @@ def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: b
                            shots=shots, device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5,
                            chooseNum=5, progress=0, tensorname="gpu_check", **flags)
     splits, model, gallery = stage2.prepare(config, device, need_train=True)
-    bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), batch_norm=config.galleryBN)
-    return Stage2Run(config, device, splits, model, bank)
-
-
-def train_episodes(run: Stage2Run, count: int) -> EpisodeDataset:
-    """``count`` training episodes of epoch 1 (both losses train)."""
-    episodes = run.episodes("train", count)
-    episodes.set_epoch(1)
-    return episodes
+    return Stage2Run(config, device, splits, gallery, model, config.galleryBN)
 
 
 def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
@@ -194,7 +184,7 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     untimed first one) and per test episode, peak memory; the check that cached and per-episode test features
     give the same evaluation; the host waits."""
     run = stage2_setup(root, a, device, amp, shots)
-    train_set = train_episodes(run, episodes + 1)
+    train_set = run.episodes("train", episodes + 1, epoch=1)
     items = [train_set[i] for i in range(len(train_set))]
     with Stopwatch(device, skip=1) as training:
         run.train(items, 1, timer=training)
@@ -277,7 +267,7 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
     run = stage2_setup(root, a, device, amp, 1, fixCls=fix_cls)
-    train_set, cache = train_episodes(run, episodes), run.feature_cache()
+    train_set, cache = run.episodes("train", episodes, epoch=1), run.feature_cache()
     for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
         with Stopwatch(device, skip=1) as watch:
             run.train(episode_loader(train_set, run.config.nthreads, device), 1, cache=cache, timer=watch)
@@ -320,24 +310,21 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def run_process(command: list[str], cwd: Path, timeout: float, log: Path, echo: str | None = None,
-                stop_at: re.Pattern | None = None) -> tuple[int | None, str]:
-    """(exit status, None when it timed out; output) of ``command`` run in ``cwd`` by
-    :func:`engine.experiments.run`, with torchrun's shutdown grace and this checkout importable."""
-    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
-    status, _, output = experiments.run(command, log, cwd, env, timeout, echo, stop_at)
-    return status, output
+def child_env() -> dict[str, str]:
+    """The environment of the processes the check starts: torchrun's shutdown grace, this checkout importable."""
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
 
 
 def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout: float = 600,
              stop_at: re.Pattern | None = None) -> tuple[str, list[int | None], list[dict]]:
-    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (:func:`run_process`): its output,
-    each rank's exit status (None: the rank wrote no report: it was killed) and the ranks' reports."""
+    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (:func:`engine.experiments.run`): its
+    output, each rank's exit status (None: the rank wrote no report: it was killed) and the ranks' reports."""
     for old in cwd.glob(f"{kind}_rank*.json"):
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
-    output = run_process(command, cwd, timeout, cwd / "logs" / f"torchrun_{kind}.log", stop_at=stop_at)[1]
+    output = experiments.run(command, cwd / "logs" / f"torchrun_{kind}.log", cwd, child_env(), timeout,
+                             stop_at=stop_at)[2]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
     return output, [exits.get(rank) for rank in range(ranks)], reports
@@ -351,8 +338,9 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
     flags = ["--dataroot", str(root), "--imageSize", str(min(a.imageSize, 64)), "--numEpochs", "1", "--batchSize",
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
-    one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                               "--device", str(device)], workdir, timeout, workdir / "logs" / "one.log")
+    one, _, output = experiments.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
+                                      "--device", str(device)], workdir / "logs" / "one.log", workdir, child_env(),
+                                     timeout)
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
@@ -369,23 +357,21 @@ def rank_epoch(kind: str, args: Stage1Config, device: torch.device, info: DistIn
     batches, the loss of the second NaN on rank 1 alone (the loss, not the images: synchronised BatchNorm
     would carry NaN images into every rank's statistics and loss; ``outcome`` gets the error raised)."""
     configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
-    train, _, sampler, loader = stage1.load_data(args, device, info)
-    net, optimizer = stage1.build_model(args, train.num_classes)
-    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
-    progress, calls = stage1.new_progress(), iter(range(3))
+    run, calls = Stage1Run(args, device, info), iter(range(3))
+    criterion = run.criterion
 
     def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = criterion(logits, labels)
         return loss * float("nan") if next(calls) == 1 and info.rank == 1 else loss
 
+    if kind == "nan":
+        run.criterion = poisoned
     try:
-        stage1.train_one_epoch(model, poisoned if kind == "nan" else criterion, optimizer,
-                               list(islice(iter(loader), 3)) if kind == "nan" else loader, device, 0, args, info,
-                               progress, lambda: False)
+        progress = run.train(list(islice(iter(run.loader), 3)) if kind == "nan" else run.loader)
     except TrainingDiverged as error:
         outcome["error"] = str(error)
         raise
-    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
+    outcome.update(items=run.sampler.size, share=len(run.sampler), steps=int(progress["step"]))
     return 0
 
 
@@ -489,9 +475,9 @@ def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Pa
 def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[dict | None, dict]:
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
-    start = time.monotonic()
-    status, output = run_process(command, REPO, timeout, json_path.with_suffix(".log"), echo="outcome| ")
-    seconds, tail = time.monotonic() - start, output.rstrip()[-300:]
+    status, seconds, output = experiments.run(command, json_path.with_suffix(".log"), REPO, child_env(), timeout,
+                                              "outcome| ")
+    tail = output.rstrip()[-300:]
     if status is None:
         return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail}"}
     if status or not json_path.is_file():
