@@ -217,12 +217,6 @@ class StepTimer(Timer):
         self.begin()
 
 
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Median per key over the rows, for the keys of any row (0 in the rows without it)."""
-    keys = dict.fromkeys(k for row in rows for k in row)
-    return {key: statistics.median(row.get(key, 0.0) for row in rows) for key in keys}
-
-
 def ratio(loop: list[dict], floor: list[dict], stat=statistics.median) -> float | None:
     """``stat`` of the loop's step times over the floor's (None when either did not run)."""
     return stat(r["total"] for r in loop) / stat(r["total"] for r in floor) if loop and floor else None
@@ -309,14 +303,19 @@ def environment() -> dict:
             "load_avg": round(os.getloadavg()[0], 2)}
 
 
-def print_table(title: str, columns: dict[str, dict[str, float]], keys: list[str], total_label: str) -> None:
-    """Medians in milliseconds, one row per key (the engine's section names), one column per loop;
-    '-' where a section did not run."""
+def print_table(title: str, rows: dict[str, list[dict[str, float]]], keys: list[str],
+                total_label: str) -> dict[str, dict[str, float]]:
+    """Print the medians over each loop's rows (a column per loop that ran, a row per key: the engine's section
+    names; milliseconds, '-' where a section did not run) and return them (0 in the rows without a key)."""
+    columns = {column: {key: statistics.median(row.get(key, 0.0) for row in loop)
+                        for key in dict.fromkeys(k for row in loop for k in row)}
+               for column, loop in rows.items() if loop}
     print(f"\n{title}\n" + " " * 20 + "".join(f"{c:>14}" for c in columns))
     for key in keys:
         cells = [columns[c].get(key, math.nan) for c in columns]
         print(f"{total_label if key == 'total' else key:<20}"
               + "".join(f"{'-' if math.isnan(v) else f'{1000 * v:.1f}':>14}" for v in cells))
+    return columns
 
 
 def breakdown_ms(columns: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -186,12 +186,11 @@ def main(a: argparse.Namespace) -> None:
             dataset = run.episodes("test", a.passEpisodes, evaluation=cached)
             passes[cached] = common.timed(device, run.evaluate, dataset, "pass", cached=cached)[0] / a.passEpisodes
 
-    columns = {name: common.medians(r) for name, r in rows.items() if r}
-    common.print_table(f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "
-                       f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, "
-                       f"queries {config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads "
-                       f"{config.nthreads}, chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) "
-                       "episodes", columns, ROWS, "TOTAL per episode")
+    title = (f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "
+             f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, queries "
+             f"{config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads {config.nthreads}, "
+             f"chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes")
+    columns = common.print_table(title, rows, ROWS, "TOTAL per episode")
 
     def ms(column: str, key: str = "total") -> float | None:
         return 1000 * columns[column][key] if column in columns else None
@@ -202,10 +201,8 @@ def main(a: argparse.Namespace) -> None:
         "queries": config.test_num, "galleryNum": config.galleryNum, "fixCls": config.fixCls,
         "nthreads": config.nthreads, "batchSize": config.batchSize, "episodes": a.episodes,
         "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup, "rounds": a.rounds,
-        "train_ratio": common.ratio(rows["train loop"], rows["train floor"]),
-        "test_ratio": common.ratio(rows["test loop"], rows["test floor"]),
-        "train_ratio_mean": common.ratio(rows["train loop"], rows["train floor"], statistics.fmean),
-        "test_ratio_mean": common.ratio(rows["test loop"], rows["test floor"], statistics.fmean),
+        **{f"{part}_ratio{suffix}": common.ratio(rows[f"{part} loop"], rows[f"{part} floor"], stat)
+           for part in ("train", "test") for suffix, stat in (("", statistics.median), ("_mean", statistics.fmean))},
         "train_episode_ms": ms("train loop"), "train_floor_ms": ms("train floor"),
         "test_episode_ms": ms("test loop"), "test_floor_ms": ms("test floor"),
         "train_episodes_per_s": 1 / statistics.fmean(r["total"] for r in rows["train loop"]),

@@ -116,10 +116,9 @@ def main(a: argparse.Namespace) -> None:
             monitor_accuracy[f"monitor_val_{shots}shot_cached"] = cached[f"val_{shots}shot"]
             monitor_accuracy[f"monitor_val_{shots}shot_uncached"] = mean_ci95([100 * acc for acc in accuracies])[0]
 
-    columns = {phase: common.medians(r) for phase, r in rows.items()}
-    common.print_table(f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, batch "
-                       f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps",
-                       columns, ROWS, "TOTAL per step")
+    columns = common.print_table(f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} "
+                                 f"px, batch {config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} "
+                                 "warmup steps", rows, ROWS, "TOTAL per step")
     ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
     images = batches[0][0]
     summary = {
