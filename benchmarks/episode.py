@@ -109,10 +109,11 @@ class Stage2Run:
         return FeatureCache(self.embed, len(self.splits["train"]), self.device, self.config.batchSize,
                             bool(self.config.amp)) if self.config.fixCls else None
 
-    def train(self, episodes, epoch: int, **more) -> dict:
+    def train(self, episodes, epoch: int, progress: dict | None = None, **more) -> dict:
         """One training pass over ``episodes`` as epoch ``epoch`` (the classification loss trains from epoch 1
-        on); its progress. ``more``: :func:`engine.stage2.train_one_epoch`'s ``timer``, ``stop``, ``cache``."""
-        progress = stage2.new_progress()
+        on), added to ``progress`` (a new one unless given) and returned; ``more``:
+        :func:`engine.stage2.train_one_epoch`'s ``timer``, ``stop``, ``cache``."""
+        progress = stage2.new_progress() if progress is None else progress
         stage2.train_one_epoch(self.model, episodes, self.bank, self.train_config, self.device, epoch, self.groups,
                                self.optimizers, self.embed, progress, show=False, scaler=self.scaler, **more)
         return progress
@@ -144,9 +145,8 @@ def main(a: argparse.Namespace) -> None:
         run = Stage2Run(config, device, splits, gallery)
     first_epoch = 1 if run.groups[1] else 0  # the classification loss trains from epoch 1 on
 
-    # Each dataset holds 4 * nthreads episodes more than the loops consume (the training loop takes the
-    # first ones, the timer stops the test loop), so the workers keep decoding one new episode per consumed
-    # one, as mid-epoch.
+    # Each dataset holds 4 * nthreads episodes more than the loops consume (the timer stops them
+    # after the timed ones), so the workers keep decoding one new episode per consumed one, as mid-epoch.
     spare = 4 * config.nthreads
     train_set = run.episodes("train", a.warmup + a.episodes + spare, first_epoch)
     test_set = run.episodes("test", a.warmup + test_steps + spare)
@@ -159,9 +159,10 @@ def main(a: argparse.Namespace) -> None:
     for r in range(a.rounds):
         cpu0 = common.children_cpu_s()
         train_set.set_epoch(first_epoch + r)
-        with StepTimer(device, a.warmup, a.episodes, probes["train"]) as timer:
-            progress = run.train(common.FirstItems(episode_loader(train_set, config.nthreads, device),
-                                                   a.warmup + a.episodes), first_epoch + r, timer=timer)
+        progress = stage2.new_progress()
+        with StepTimer(device, a.warmup, a.episodes, probes["train"]) as timer, suppress(Interrupted):
+            run.train(episode_loader(train_set, config.nthreads, device), first_epoch + r, progress, timer=timer,
+                      stop=timer.done)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]
