@@ -304,9 +304,10 @@ def environment() -> dict:
 
 
 def print_table(title: str, rows: dict[str, list[dict[str, float]]], keys: list[str],
-                total_label: str) -> dict[str, dict[str, float]]:
+                total_label: str) -> tuple[dict[str, dict[str, float]], dict]:
     """Print the medians over each loop's rows (a column per loop that ran, a row per key: the engine's section
-    names; milliseconds, '-' where a section did not run) and return them (0 in the rows without a key)."""
+    names; milliseconds, '-' where a section did not run). Returns them (0 in the rows without a key) and the
+    summary's ``timed_steps`` (rows per loop) and ``breakdown_ms`` (the table; page faults as counts)."""
     columns = {column: {key: statistics.median(row.get(key, 0.0) for row in loop)
                         for key in dict.fromkeys(k for row in loop for k in row)}
                for column, loop in rows.items() if loop}
@@ -315,12 +316,9 @@ def print_table(title: str, rows: dict[str, list[dict[str, float]]], keys: list[
         cells = [columns[c].get(key, math.nan) for c in columns]
         print(f"{total_label if key == 'total' else key:<20}"
               + "".join(f"{'-' if math.isnan(v) else f'{1000 * v:.1f}':>14}" for v in cells))
-    return columns
-
-
-def breakdown_ms(columns: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The table for the JSON: milliseconds (page faults as counts)."""
-    return {c: {k: v if k == "minflt" else 1000 * v for k, v in vals.items()} for c, vals in columns.items()}
+    return columns, {"timed_steps": {column: len(loop) for column, loop in rows.items()},
+                     "breakdown_ms": {c: {k: v if k == "minflt" else 1000 * v for k, v in values.items()}
+                                      for c, values in columns.items()}}
 
 
 def rounded(obj):

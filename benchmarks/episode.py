@@ -191,7 +191,7 @@ def main(a: argparse.Namespace) -> None:
              f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, queries "
              f"{config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads {config.nthreads}, "
              f"chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes")
-    columns = common.print_table(title, rows, ROWS, "TOTAL per episode")
+    columns, table = common.print_table(title, rows, ROWS, "TOTAL per episode")
 
     def ms(column: str, key: str = "total") -> float | None:
         return 1000 * columns[column][key] if column in columns else None
@@ -218,8 +218,7 @@ def main(a: argparse.Namespace) -> None:
         "eval_pass_ms_per_episode_uncached": 1000 * passes[False] if passes else None,
         "eval_pass_ms_per_episode_cached": 1000 * passes[True] if passes else None,
         "eval_cache_speedup": passes[False] / passes[True] if passes else None,
-        "train_accuracy": train_acc / train_steps, "timed_steps": {name: len(r) for name, r in rows.items()},
-        "breakdown_ms": common.breakdown_ms(columns),
+        "train_accuracy": train_acc / train_steps, **table,
     }
     test_ratio = f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else ""
     if passes:

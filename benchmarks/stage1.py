@@ -116,9 +116,10 @@ def main(a: argparse.Namespace) -> None:
             monitor_accuracy[f"monitor_val_{shots}shot_cached"] = cached[f"val_{shots}shot"]
             monitor_accuracy[f"monitor_val_{shots}shot_uncached"] = mean_ci95([100 * acc for acc in accuracies])[0]
 
-    columns = common.print_table(f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} "
-                                 f"px, batch {config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} "
-                                 "warmup steps", rows, ROWS, "TOTAL per step")
+    columns, table = common.print_table(
+        f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, batch "
+        f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps", rows, ROWS,
+        "TOTAL per step")
     ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
     images = batches[0][0]
     summary = {
@@ -134,8 +135,7 @@ def main(a: argparse.Namespace) -> None:
         "batch_dtype": str(images.dtype).replace("torch.", ""), **common.memory_fields(probes),
         "scan_s": run.scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,
         "monitor_s_uncached": monitor.get(False), "monitor_s_cached": monitor.get(True),
-        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy,
-        "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
+        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy, **table,
     }
     print(f"\nimages/s: {ips['loader']:.1f} with the loader, {ips['preloaded']:.1f} preloaded (step time ratio "
           f"{summary['loading_ratio']:.3f}); one item in this process {1000 * item_s:.1f} ms; peak memory of the "
