@@ -1,6 +1,6 @@
 """What the benchmarks share: the data they generate, the flags and command lines of the scripts' runs the
-outcome benchmark and the study launch, the timer the speed benchmarks pass to the engine, memory probes,
-output."""
+outcome benchmark and the study launch, the timers the speed benchmarks (per step) and gpu_check (whole
+passes) pass to the engine, memory probes, output."""
 from __future__ import annotations
 
 import argparse
