@@ -1,6 +1,6 @@
 """What the benchmarks share: the data they generate, the flags and command lines of the scripts' runs the
-outcome benchmark and the study launch, the timer the speed benchmarks pass to the engine, memory probes,
-output."""
+outcome benchmark and the study launch, the timers the speed benchmarks (per step) and gpu_check (whole
+passes) pass to the engine, memory probes, output."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
@@ -90,31 +90,18 @@ def setup(a: argparse.Namespace, per_class: int) -> tuple[dict, Path, float, tem
 
 
 class FirstItems:
-    """The first ``count`` items of ``loader`` for a training loop, each kept in ``items`` with ``keep``;
-    with a ``device``, :meth:`per_second`: ``size(item)`` (1 per episode, images of a batch) over items
-    2..count, from the loop asking for item 2 to the device done."""
+    """The first ``count`` items of ``loader`` for a training loop, each kept in ``items`` as the loop takes it."""
 
-    def __init__(self, loader: Iterable, count: int, device: torch.device | None = None,
-                 size: Callable[[object], int] = lambda item: 1, keep: bool = False) -> None:
-        self.loader, self.count, self.device, self.size, self.keep = loader, count, device, size, keep
-        self.since, self.units, self.items = None, 0, []
+    def __init__(self, loader: Iterable, count: int) -> None:
+        self.loader, self.count, self.items = loader, count, []
 
     def __len__(self) -> int:
         return self.count
 
     def __iter__(self):
-        for index, item in enumerate(islice(self.loader, self.count)):
-            self.units += self.size(item) if index else 0
-            if self.keep:
-                self.items.append(item)
+        for item in islice(self.loader, self.count):
+            self.items.append(item)
             yield item
-            if index == 0 and self.device is not None:
-                synchronize(self.device)
-                self.since = time.perf_counter()
-
-    def per_second(self) -> float:
-        synchronize(self.device)
-        return round(self.units / (time.perf_counter() - self.since), 2)
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,20 +117,58 @@ def timed(device: torch.device, fn, *args, **kwargs):
     return time.perf_counter() - tick, out
 
 
+class Stopwatch(Timer):
+    """Wall ``seconds`` of a ``with`` block from the end of its loop's first ``skip`` steps on (cuDNN's
+    choices, the allocator, a loader's workers warmed), the device synchronised at both ends, and the CUDA
+    allocator's ``peak_mb`` over them (None on the CPU). Unlike :class:`StepTimer` nothing waits for the
+    device between steps, as in the scripts."""
+
+    def __init__(self, device: torch.device, skip: int = 0) -> None:
+        self.device, self.skip, self.steps, self.seconds, self.peak_mb = device, skip, 0, 0.0, None
+
+    def restart(self) -> None:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> Stopwatch:
+        self.restart()
+        return self
+
+    def end_step(self) -> None:
+        self.steps += 1
+        if self.steps == self.skip:
+            self.restart()
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+        if self.device.type == "cuda":
+            self.peak_mb = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+
+
 class StepTimer(Timer):
     """The engine's :class:`Timer`: per step, seconds per section, ``total`` (since the previous step
     ended), ``unaccounted`` (total minus sections), this process's ``cpu_user``, ``cpu_sys``, ``minflt``.
 
     Keeps the rows of steps ``skip + 1`` to ``skip + keep``. On CUDA a section is the stream time
     between two events except ``data_wait`` (host time blocked on the loader); :meth:`end_step`
-    synchronises. Between steps ``probe`` samples the workers' memory (every ``pss_interval`` s, and
-    after the last kept step)."""
+    synchronises. ``with timer:`` enters ``probe``, which samples the workers' memory between steps (every
+    ``pss_interval`` s, and after the last kept step)."""
 
-    def __init__(self, device: torch.device, skip: int, keep: int, probe: MemoryProbe | None = None) -> None:
+    def __init__(self, device: torch.device, skip: int, keep: int, probe: MemoryProbe) -> None:
         self.device, self.skip, self.keep, self.probe = device, skip, keep, probe
         self.rows: list[dict[str, float]] = []
         self.steps, self.sampled = 0, time.perf_counter()
         self.begin()
+
+    def __enter__(self) -> StepTimer:
+        self.probe.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.probe.__exit__(*exc)
 
     def done(self) -> bool:
         """The kept steps have all ended (a loop's ``stop``)."""
@@ -186,16 +211,10 @@ class StepTimer(Timer):
         if self.skip < self.steps <= self.skip + self.keep:
             self.rows.append(row)
         now = time.perf_counter()
-        if self.probe and (self.steps == self.skip + self.keep or now > self.sampled + self.probe.pss_interval):
+        if self.steps == self.skip + self.keep or now > self.sampled + self.probe.pss_interval:
             self.probe.sample_workers()
             self.sampled = time.perf_counter()
         self.begin()
-
-
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Median per key over the rows, for the keys of any row (0 in the rows without it)."""
-    keys = dict.fromkeys(k for row in rows for k in row)
-    return {key: statistics.median(row.get(key, 0.0) for row in rows) for key in keys}
 
 
 def ratio(loop: list[dict], floor: list[dict], stat=statistics.median) -> float | None:
@@ -284,19 +303,22 @@ def environment() -> dict:
             "load_avg": round(os.getloadavg()[0], 2)}
 
 
-def print_table(title: str, columns: dict[str, dict[str, float]], keys: list[str], total_label: str) -> None:
-    """Medians in milliseconds, one row per key (the engine's section names), one column per loop;
-    '-' where a section did not run."""
+def print_table(title: str, rows: dict[str, list[dict[str, float]]], keys: list[str],
+                total_label: str) -> tuple[dict[str, dict[str, float]], dict]:
+    """Print the medians over each loop's rows (a column per loop that ran, a row per key: the engine's section
+    names; milliseconds, '-' where a section did not run). Returns them (0 in the rows without a key) and the
+    summary's ``timed_steps`` (rows per loop) and ``breakdown_ms`` (the table; page faults as counts)."""
+    columns = {column: {key: statistics.median(row.get(key, 0.0) for row in loop)
+                        for key in dict.fromkeys(k for row in loop for k in row)}
+               for column, loop in rows.items() if loop}
     print(f"\n{title}\n" + " " * 20 + "".join(f"{c:>14}" for c in columns))
     for key in keys:
         cells = [columns[c].get(key, math.nan) for c in columns]
         print(f"{total_label if key == 'total' else key:<20}"
               + "".join(f"{'-' if math.isnan(v) else f'{1000 * v:.1f}':>14}" for v in cells))
-
-
-def breakdown_ms(columns: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The table for the JSON: milliseconds (page faults as counts)."""
-    return {c: {k: v if k == "minflt" else 1000 * v for k, v in vals.items()} for c, vals in columns.items()}
+    return columns, {"timed_steps": {column: len(loop) for column, loop in rows.items()},
+                     "breakdown_ms": {c: {k: v if k == "minflt" else 1000 * v for k, v in values.items()}
+                                      for c, values in columns.items()}}
 
 
 def rounded(obj):

@@ -22,10 +22,12 @@ set_process_env()  # before torch loads, as in the scripts
 import torch
 
 from benchmarks import common
-from datasets import Gallery
+from benchmarks.common import StepTimer
+from datasets import EpisodeDataset, Gallery
 from datasets.loaders import episode_loader
 from engine import stage2
 from engine.episode import GalleryBank, run_episode
+from engine.features import FeatureCache
 from engine.options import Stage2Config, add_batch_flag, add_deform_net_flag, add_gallery_flags, stage2_config
 from models import IDeMeNet
 from utils.forward import grad_scaler, layout_model
@@ -73,21 +75,59 @@ def engine_config(a: argparse.Namespace, root: Path, **flags) -> tuple[Stage2Con
     return stage2_config(device, **flags), device
 
 
+class Stage2Run:
+    """Stage 2 as onlyBasetwoLoss.py builds it for ``config``: ``model`` (None: a fresh one, the ``random-init``
+    network), the ``gallery``'s features (``features_s``: seconds computing them; its BatchNorm pass
+    ``batch_norm``, :class:`GalleryBank`), the parameter groups, optimisers, embedding and (float16 ``--amp``)
+    loss scaler; episodes of ``splits``, training passes, evaluation passes."""
+
+    def __init__(self, config: Stage2Config, device: torch.device, splits: dict, gallery: Gallery,
+                 model: IDeMeNet | None = None, batch_norm: str = "eval") -> None:
+        self.config, self.device, self.splits = config, device, splits
+        self.model = model if model is not None else layout_model(IDeMeNet(
+            num_classes=splits["train"].num_classes, image_size=config.imageSize, fang=config.Fang,
+            deform_net=config.deformNet).to(device).eval())
+        self.features_s, self.bank = common.timed(device, GalleryBank, gallery, self.model, device, config.batchSize,
+                                                  bool(config.amp), batch_norm=batch_norm)
+        self.groups = stage2.param_groups(self.model, config)
+        self.optimizers, _ = stage2.make_optimizers(self.model, config)
+        self.embed = stage2.make_embed(self.model, device)
+        self.scaler = grad_scaler(device, bool(config.amp))
+        self.train_config = stage2.episode_config(config, config.trainways, train=True)
+
+    def episodes(self, split: str, count: int, epoch: int = 0, **more) -> EpisodeDataset:
+        """``count`` episodes of epoch ``epoch`` of split ``train`` (training's ways and stream) or ``test``;
+        ``more``: :func:`engine.stage2.episodes`'."""
+        ways, stream = (self.config.trainways, stage2.TRAIN_STREAM) if split == "train" else \
+            (self.config.ways, stage2.TEST_STREAM)
+        episodes = stage2.episodes(self.splits[split], self.config, ways, count, stream, len(self.bank), **more)
+        episodes.set_epoch(epoch)
+        return episodes
+
+    def feature_cache(self) -> FeatureCache | None:
+        """The frozen embedding's cache of the training split's features (``--fixCls 1``), else None."""
+        return FeatureCache(self.embed, len(self.splits["train"]), self.device, self.config.batchSize,
+                            bool(self.config.amp)) if self.config.fixCls else None
+
+    def train(self, episodes, epoch: int, progress: dict | None = None, **more) -> dict:
+        """One training pass over ``episodes`` as epoch ``epoch`` (the classification loss trains from epoch 1
+        on), added to ``progress`` (a new one unless given) and returned; ``more``:
+        :func:`engine.stage2.train_one_epoch`'s ``timer``, ``stop``, ``cache``."""
+        progress = stage2.new_progress() if progress is None else progress
+        stage2.train_one_epoch(self.model, episodes, self.bank, self.train_config, self.device, epoch, self.groups,
+                               self.optimizers, self.embed, progress, show=False, scaler=self.scaler, **more)
+        return progress
+
+    def evaluate(self, dataset: EpisodeDataset, desc: str = "test", **more) -> dict:
+        """:func:`engine.stage2.evaluate` of ``dataset`` (``more``: its ``timer``, ``stop``, ``cached``)."""
+        return stage2.evaluate(self.model, dataset, self.bank, self.config, self.device, desc, self.embed, **more)
+
+
 def decode(dataset, device: torch.device) -> tuple[float, dict]:
     """Median seconds to build one episode (decode + crop) in this process over two, and the second's
     tensors on the device (the floor's episode)."""
     times = [common.timed(device, dataset.__getitem__, i) for i in range(2)]
     return statistics.median(t for t, _ in times), {k: v.to(device) for k, v in times[-1][1].items()}
-
-
-def floor(step, device: torch.device, warmup: int, steps: int, probe: common.MemoryProbe) -> list[dict]:
-    """Rows of ``step(timer)`` run ``warmup + steps`` times, one timer step each."""
-    timer = common.StepTimer(device, warmup, steps)
-    with probe:
-        for _ in range(warmup + steps):
-            step(timer)
-            timer.end_step()
-    return timer.rows
 
 
 def main(a: argparse.Namespace) -> None:
@@ -99,82 +139,59 @@ def main(a: argparse.Namespace) -> None:
               for phase in ("gallery", "train", "train_floor", "test", "test_floor")}
 
     scan_s, splits = common.timed(device, stage2.load_splits, config, need_train=True)
-    model = IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize, fang=config.Fang,
-                     deform_net=config.deformNet).to(device).eval()
-    layout_model(model)
     with probes["gallery"]:
         decode_s, gallery = common.timed(device, Gallery, splits["train"], config.galleryNum, config.imageSize,
                                          config.nthreads, progress=False)
-        features_s, bank = common.timed(device, GalleryBank, gallery, model, device, config.batchSize, bool(config.amp))
-    groups = stage2.param_groups(model, config)
-    optimizers, _ = stage2.make_optimizers(model, config)
-    embed = stage2.make_embed(model, device)
-    first_epoch = 1 if groups[1] else 0  # the classification loss trains from epoch 1 on
+        run = Stage2Run(config, device, splits, gallery)
+    first_epoch = 1 if run.groups[1] else 0  # the classification loss trains from epoch 1 on
 
     # Each dataset holds 4 * nthreads episodes more than the loops consume (the timer stops them
     # after the timed ones), so the workers keep decoding one new episode per consumed one, as mid-epoch.
     spare = 4 * config.nthreads
-    train_set = stage2.episodes(splits["train"], config, config.trainways, a.warmup + a.episodes + spare,
-                                stage2.TRAIN_STREAM, len(bank))
-    test_set = stage2.episodes(splits["test"], config, config.ways, a.warmup + test_steps + spare, stage2.TEST_STREAM,
-                               len(bank))
-    train_set.set_epoch(first_epoch)
+    train_set = run.episodes("train", a.warmup + a.episodes + spare, first_epoch)
+    test_set = run.episodes("test", a.warmup + test_steps + spare)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
-    train_config = stage2.episode_config(config, config.trainways, train=True)
     test_config = stage2.episode_config(config, config.ways)
-    scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its losses
-
-    def train_floor() -> list[dict]:
-        """The engine's training loop over one episode already on the device, repeated: no data loading."""
-        timer = common.StepTimer(device, a.warmup, a.episodes)
-        with probes["train_floor"]:
-            stage2.train_one_epoch(model, [train_x] * (a.warmup + a.episodes), bank, train_config, device,
-                                   first_epoch, groups, optimizers, embed, stage2.new_progress(), timer=timer,
-                                   show=False, scaler=scaler)
-        return timer.rows
-
-    @torch.no_grad()
-    def test_floor_step(timer: common.StepTimer) -> None:
-        run_episode(model, test_x, bank, test_config, device, embed=embed, timer=timer)
 
     rows = {"train loop": [], "train floor": [], "test loop": [], "test floor": []}
     train_acc, train_steps, workers_cpu_s = 0.0, 0, 0.0
     for r in range(a.rounds):
-        timer, progress = common.StepTimer(device, a.warmup, a.episodes, probes["train"]), stage2.new_progress()
         cpu0 = common.children_cpu_s()
-        with probes["train"], suppress(Interrupted):
-            train_set.set_epoch(first_epoch + r)
-            stage2.train_one_epoch(model, episode_loader(train_set, config.nthreads, device), bank, train_config,
-                                   device, first_epoch + r, groups, optimizers, embed, progress, stop=timer.done,
-                                   timer=timer, show=False, scaler=scaler)
+        train_set.set_epoch(first_epoch + r)
+        progress = stage2.new_progress()
+        with StepTimer(device, a.warmup, a.episodes, probes["train"]) as timer, suppress(Interrupted):
+            run.train(episode_loader(train_set, config.nthreads, device), first_epoch + r, progress, timer=timer,
+                      stop=timer.done)
         workers_cpu_s += common.children_cpu_s() - cpu0
         rows["train loop"] += timer.rows
         train_acc, train_steps = train_acc + progress["acc"], train_steps + progress["step"]
-        rows["train floor"] += train_floor()
+        with StepTimer(device, a.warmup, a.episodes, probes["train_floor"]) as timer:  # one episode on the device
+            run.train([train_x] * (a.warmup + a.episodes), first_epoch, timer=timer)
+        rows["train floor"] += timer.rows
         if a.skipTest:
             continue
         test_set.set_epoch(r)
-        timer = common.StepTimer(device, a.warmup, test_steps, probes["test"])
-        with probes["test"], suppress(Interrupted):
-            stage2.evaluate(model, test_set, bank, config, device, "test", embed, timer=timer, stop=timer.done)
+        with StepTimer(device, a.warmup, test_steps, probes["test"]) as timer, suppress(Interrupted):
+            run.evaluate(test_set, timer=timer, stop=timer.done)
         rows["test loop"] += timer.rows
-        rows["test floor"] += floor(test_floor_step, device, a.warmup, test_steps, probes["test_floor"])
+        with StepTimer(device, a.warmup, test_steps, probes["test_floor"]) as timer, torch.no_grad():
+            for _ in range(a.warmup + test_steps):
+                run_episode(run.model, test_x, run.bank, test_config, device, embed=run.embed, timer=timer)
+                timer.end_step()
+        rows["test floor"] += timer.rows
 
     passes = {}
     if a.passEpisodes and not a.skipTest:
         for cached in (False, True):  # whole passes as the scripts run them, the cache's advance fill included
-            dataset = stage2.episodes(splits["test"], config, config.ways, a.passEpisodes, stage2.TEST_STREAM,
-                                      len(bank), evaluation=cached)
-            passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, config, device, "pass", embed,
-                                          cached=cached)[0] / a.passEpisodes
+            dataset = run.episodes("test", a.passEpisodes, evaluation=cached)
+            passes[cached] = common.timed(device, run.evaluate, dataset, "pass", cached=cached)[0] / a.passEpisodes
 
-    columns = {name: common.medians(r) for name, r in rows.items() if r}
-    common.print_table(f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "
-                       f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, "
-                       f"queries {config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads "
-                       f"{config.nthreads}, chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) "
-                       "episodes", columns, ROWS, "TOTAL per episode")
+    title = (f"median ms per episode, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, "
+             f"{config.ways}-way {config.shots}-shot, augnum {config.augnum}, chooseNum {config.chooseNum}, queries "
+             f"{config.test_num}, galleryNum {config.galleryNum}, fixCls {config.fixCls}, nthreads {config.nthreads}, "
+             f"chunk {config.batchSize}, {a.rounds} x ({a.episodes}+{a.warmup} warmup) episodes")
+    columns, table = common.print_table(title, rows, ROWS, "TOTAL per episode")
 
     def ms(column: str, key: str = "total") -> float | None:
         return 1000 * columns[column][key] if column in columns else None
@@ -185,25 +202,23 @@ def main(a: argparse.Namespace) -> None:
         "queries": config.test_num, "galleryNum": config.galleryNum, "fixCls": config.fixCls,
         "nthreads": config.nthreads, "batchSize": config.batchSize, "episodes": a.episodes,
         "test_episodes": 0 if a.skipTest else test_steps, "warmup": a.warmup, "rounds": a.rounds,
-        "train_ratio": common.ratio(rows["train loop"], rows["train floor"]),
-        "test_ratio": common.ratio(rows["test loop"], rows["test floor"]),
-        "train_ratio_mean": common.ratio(rows["train loop"], rows["train floor"], statistics.fmean),
-        "test_ratio_mean": common.ratio(rows["test loop"], rows["test floor"], statistics.fmean),
+        **{f"{part}_ratio{suffix}": common.ratio(rows[f"{part} loop"], rows[f"{part} floor"], stat)
+           for part in ("train", "test") for suffix, stat in (("", statistics.median), ("_mean", statistics.fmean))},
         "train_episode_ms": ms("train loop"), "train_floor_ms": ms("train floor"),
         "test_episode_ms": ms("test loop"), "test_floor_ms": ms("test floor"),
         "train_episodes_per_s": 1 / statistics.fmean(r["total"] for r in rows["train loop"]),
         "train_data_wait_ms": ms("train loop", "data_wait"), "test_data_wait_ms": ms("test loop", "data_wait"),
         "decode_ms_per_train_episode": 1000 * train_decode_s, "decode_ms_per_test_episode": 1000 * test_decode_s,
         "workers_cpu_s_train_phase": workers_cpu_s,
-        "gallery_images": len(bank), "gallery_decode_s": decode_s, "gallery_features_s": features_s,
-        "gallery_ready_s": decode_s + features_s, "gallery_ready_over_features": (decode_s + features_s) / features_s,
+        "gallery_images": len(run.bank), "gallery_decode_s": decode_s, "gallery_features_s": run.features_s,
+        "gallery_ready_s": decode_s + run.features_s,
+        "gallery_ready_over_features": (decode_s + run.features_s) / run.features_s,
         "scan_s": scan_s, "toy_generate_s": toy_s, **common.memory_fields(probes),
         "eval_pass_episodes": a.passEpisodes if passes else 0,
         "eval_pass_ms_per_episode_uncached": 1000 * passes[False] if passes else None,
         "eval_pass_ms_per_episode_cached": 1000 * passes[True] if passes else None,
         "eval_cache_speedup": passes[False] / passes[True] if passes else None,
-        "train_accuracy": train_acc / train_steps, "timed_steps": {name: len(r) for name, r in rows.items()},
-        "breakdown_ms": common.breakdown_ms(columns),
+        "train_accuracy": train_acc / train_steps, **table,
     }
     test_ratio = f", test ratio {summary['test_ratio']:.3f}" if summary["test_ratio"] else ""
     if passes:

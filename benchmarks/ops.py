@@ -18,14 +18,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
-from benchmarks.episode import add_episode_flags, engine_config
+from benchmarks.episode import Stage2Run, add_episode_flags, engine_config
 from datasets import Gallery
 from engine import stage2
-from engine.episode import GalleryBank
-from engine.features import FeatureCache
 from engine.options import Stage2Config
-from models import IDeMeNet
-from utils.forward import layout_model
 from utils.options import configure_backend, run_cli
 
 # name -> (fixCls, fixAttention, warm)
@@ -52,14 +48,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts each ATen operation dispatched while active, by name (``aten.add_.Tensor``)."""
+    """Counts each ATen operation dispatched while active and ``counting``, by name (``aten.add_.Tensor``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.counts = Counter()
+        self.counts, self.counting = Counter(), True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
+        if self.counting:
+            self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -69,21 +66,13 @@ def count(config: Stage2Config, device: torch.device, splits: dict, gallery: Gal
     ``config``' round), decoded ahead, on a fresh model, optimisers and (round 1) feature cache, filled
     first when ``warm``."""
     torch.manual_seed(config.seed)
-    model = layout_model(IDeMeNet(num_classes=splits["train"].num_classes, image_size=config.imageSize,
-                                  fang=config.Fang, deform_net=config.deformNet).to(device).eval())
-    groups = stage2.param_groups(model, config)
-    optimizers, _ = stage2.make_optimizers(model, config)
-    bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp))
-    embed = stage2.make_embed(model, device)
-    cache = FeatureCache(embed, len(splits["train"]), device, config.batchSize, bool(config.amp)) \
-        if config.fixCls else None
+    run = Stage2Run(config, device, splits, gallery)
+    cache = run.feature_cache()
     if warm:
         cache.fill(episodes, 0, progress=False)
     items = [episodes[i] for i in range(length)]
-    train_config = stage2.episode_config(config, config.trainways, train=True)
     with OpCounter() as counter:
-        stage2.train_one_epoch(model, items, bank, train_config, device, 0 if config.fixCls else 1, groups, optimizers,
-                               embed, stage2.new_progress(), show=False, cache=cache)
+        run.train(items, 0 if config.fixCls else 1, cache=cache)
     return counter.counts
 
 

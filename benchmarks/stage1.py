@@ -18,12 +18,15 @@ set_process_env()  # before torch loads, as in the scripts
 
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from benchmarks import common
+from benchmarks.common import StepTimer, Stopwatch
 from engine import stage1
 from engine.fewshot import evaluate_embedding
-from engine.options import add_batch_flag, add_files_per_class_flag, stage1_config
+from engine.options import Stage1Config, add_batch_flag, add_files_per_class_flag, stage1_config
+from engine.timing import NO_TIMER, Timer
 from utils.distributed import DistInfo
 from utils.errors import OptionError
 from utils.forward import grad_scaler
@@ -46,59 +49,79 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stage1Run:
+    """Stage 1 on this process as classification.py builds it for ``config`` (``info``: its share under
+    distribution): the data (``scan_s``: seconds building it), model, optimiser, criterion and (float16
+    ``--amp``) loss scaler; training passes (:meth:`train`, :meth:`loader_then_preloaded`)."""
+
+    def __init__(self, config: Stage1Config, device: torch.device, info: DistInfo = DistInfo()) -> None:
+        self.config, self.device, self.info = config, device, info
+        self.scan_s, (train, self.val, self.sampler, self.loader) = common.timed(device, stage1.load_data, config,
+                                                                                  device, info)
+        self.net, self.optimizer = stage1.build_model(config, train.num_classes)
+        self.model, self.criterion = stage1.distribute(self.net, device, info), nn.CrossEntropyLoss()
+        self.scaler = grad_scaler(device, bool(config.amp))
+
+    def train(self, batches, timer: Timer = NO_TIMER) -> dict:
+        """One pass of epoch 0 over ``batches``, each step reported to ``timer``; its progress."""
+        progress = stage1.new_progress()
+        stage1.train_one_epoch(self.model, self.criterion, self.optimizer, batches, self.device, 0, self.config,
+                               self.info, progress, lambda: False, timer, self.scaler)
+        return progress
+
+    def loader_then_preloaded(self, count: int, timers: dict[str, Stopwatch | StepTimer]) -> tuple[list, float, dict]:
+        """The loader's first ``count`` batches trained on as they come (``with timers["loader"]``), then the
+        loader dropped (its persistent workers stop) and the same batches trained on from memory (``with
+        timers["preloaded"]``): the batches, the workers' CPU seconds, the first pass's progress."""
+        kept, cpu0 = common.FirstItems(self.loader, count), common.children_cpu_s()
+        self.loader = None
+        with timers["loader"] as timer:
+            progress = self.train(kept, timer)
+        kept.loader = None  # its last reference
+        workers_cpu_s = common.children_cpu_s() - cpu0
+        with timers["preloaded"] as timer:
+            self.train(kept.items, timer)
+        return kept.items, workers_cpu_s, progress
+
+
 def main(a: argparse.Namespace) -> None:
     env, root, toy_s, holder = common.setup(a, a.toyPerClass)
     config = stage1_config(dataroot=str(root), tensorname="benchmark", imageSize=a.imageSize, batchSize=a.batchSize,
                            filesPerClass=a.filesPerClass, nthreads=a.nthreads, seed=a.seed, amp=int(a.amp),
                            progress=0, valEpisodes=0, device=a.device)
-    device, info, need = resolve_device(config), DistInfo(), a.warmup + a.steps
+    device, need = resolve_device(config), a.warmup + a.steps
     configure_backend(device, False, config.seed)
-    scan_s, (train, val, sampler, loader) = common.timed(device, stage1.load_data, config, device, info)
-    dataset = loader.dataset
+    run = Stage1Run(config, device)
+    dataset = run.loader.dataset
     if len(dataset) < need * config.batchSize:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
                           "(raise --toyPerClass or lower --batchSize)")
-    net, optimizer = stage1.build_model(config, train.num_classes)
-    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
-    sampler.set_epoch(0)
-    keys = list(sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
+    run.sampler.set_epoch(0)
+    keys = list(run.sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
     item_s = common.timed(device, lambda: [dataset[key] for key in keys])[0] / len(keys)
-
     probes = {phase: common.MemoryProbe(device, a.pssInterval) for phase in ("loader", "preloaded")}
-
-    scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its loss
-
-    def epoch(batches, phase: str) -> list[dict]:
-        timer = common.StepTimer(device, a.warmup, a.steps, probes[phase])
-        with probes[phase]:
-            stage1.train_one_epoch(model, criterion, optimizer, batches, device, 0, config, info, stage1.new_progress(),
-                                   stop=lambda: False, timer=timer, scaler=scaler)
-        return timer.rows
-
-    kept, cpu0 = common.FirstItems(loader, need, keep=True), common.children_cpu_s()
-    del loader
-    rows = {"loader": epoch(kept, "loader")}
-    kept.loader = None  # its last reference: the persistent workers stop
-    workers_cpu_s = common.children_cpu_s() - cpu0
-    rows["preloaded"] = epoch(kept.items, "preloaded")
+    timers = {phase: StepTimer(device, a.warmup, a.steps, probe) for phase, probe in probes.items()}
+    batches, workers_cpu_s, _ = run.loader_then_preloaded(need, timers)
+    rows = {phase: timer.rows for phase, timer in timers.items()}
 
     monitor, monitor_accuracy = {}, {}
     if a.monitorEpisodes:  # the val monitor as the script runs it (both shots), against the per-episode path
         monitor_config = replace(config, valEpisodes=a.monitorEpisodes, valQueries=a.monitorQueries)
-        monitor[True], cached = common.timed(device, stage1.evaluate, model, val, monitor_config, device)
+        monitor[True], cached = common.timed(device, stage1.evaluate, run.model, run.val, monitor_config, device)
         monitor[False], uncached = common.timed(device, lambda: [evaluate_embedding(
-            net.features, val, config.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, config.seed, device, 1,
-            config.batchSize, config.nthreads, config.amp, progress=False, cached=False) for shots in (1, 5)])
+            run.net.features, run.val, config.imageSize, 5, shots, a.monitorQueries, a.monitorEpisodes, config.seed,
+            device, 1, config.batchSize, config.nthreads, config.amp, progress=False, cached=False)
+            for shots in (1, 5)])
         for shots, accuracies in zip((1, 5), uncached):  # the same numbers either way: only the time differs
             monitor_accuracy[f"monitor_val_{shots}shot_cached"] = cached[f"val_{shots}shot"]
             monitor_accuracy[f"monitor_val_{shots}shot_uncached"] = mean_ci95([100 * acc for acc in accuracies])[0]
 
-    columns = {phase: common.medians(r) for phase, r in rows.items()}
-    common.print_table(f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, batch "
-                       f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps",
-                       columns, ROWS, "TOTAL per step")
+    columns, table = common.print_table(
+        f"median ms per step, {device.type}{' amp' if config.amp else ''}, {config.imageSize} px, batch "
+        f"{config.batchSize}, nthreads {config.nthreads}, {a.steps}+{a.warmup} warmup steps", rows, ROWS,
+        "TOTAL per step")
     ips = {phase: config.batchSize * len(r) / sum(row["total"] for row in r) for phase, r in rows.items()}
-    images = kept.items[0][0]
+    images = batches[0][0]
     summary = {
         "benchmark": "stage1", "device": str(device), "amp": bool(config.amp), "imageSize": config.imageSize,
         "batchSize": config.batchSize, "nthreads": config.nthreads, "steps": a.steps, "warmup": a.warmup,
@@ -110,10 +133,9 @@ def main(a: argparse.Namespace) -> None:
         "decode_ms_per_image": 1000 * item_s, "decode_s_per_batch_one_core": item_s * config.batchSize,
         "workers_cpu_s_loader_phase": workers_cpu_s, "batch_mb": images.element_size() * images.nelement() / 2**20,
         "batch_dtype": str(images.dtype).replace("torch.", ""), **common.memory_fields(probes),
-        "scan_s": scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,
+        "scan_s": run.scan_s, "toy_generate_s": toy_s, "monitor_episodes": a.monitorEpisodes,
         "monitor_s_uncached": monitor.get(False), "monitor_s_cached": monitor.get(True),
-        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy,
-        "timed_steps": {phase: len(r) for phase, r in rows.items()}, "breakdown_ms": common.breakdown_ms(columns),
+        "monitor_cache_speedup": monitor[False] / monitor[True] if monitor else None, **monitor_accuracy, **table,
     }
     print(f"\nimages/s: {ips['loader']:.1f} with the loader, {ips['preloaded']:.1f} preloaded (step time ratio "
           f"{summary['loading_ratio']:.3f}); one item in this process {1000 * item_s:.1f} ms; peak memory of the "

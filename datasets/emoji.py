@@ -65,11 +65,8 @@ def class_plan(font: Path = FONT) -> tuple[list[tuple[str, int]], list[int]]:
     if len(present) < needed + 20:
         raise DataError(f"{font}: only {len(present)} of the emoji this dataset draws on (needs {needed + 20})")
     order = np.random.default_rng(CLASS_DRAW_SEED).permutation(len(present))
-    chosen = [present[i] for i in order[:needed]]
-    classes, start = [], 0
-    for split in SPLITS:
-        classes += [(split, cp) for cp in sorted(chosen[start:start + SPLIT_CLASSES[split]])]
-        start += SPLIT_CLASSES[split]
+    parts = np.split(order[:needed], np.cumsum([SPLIT_CLASSES[split] for split in SPLITS])[:-1])
+    classes = [(split, cp) for split, part in zip(SPLITS, parts) for cp in sorted(present[i] for i in part)]
     return classes, sorted(present[i] for i in order[needed:])
 
 
@@ -118,9 +115,9 @@ def generate(out: Path, per_class: int = 60, size: int = 96, seed: int = 0, font
     number of images per split."""
     toy.check_arguments(Path(out), per_class, size, seed)
     classes, distractors = class_plan(font)
-    draw = [partial(render_image, cp, distractors, size, font=font) for _, cp in classes]
-    return toy.write_dataset(Path(out), [(split, f"e{cp:05x}") for split, cp in classes],
-                             lambda i: toy.render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
+    draws = [partial(render_image, cp, distractors, size, font=font) for _, cp in classes]
+    return toy.write_dataset(Path(out), [(split, f"e{cp:05x}") for split, cp in classes], draws, per_class, seed,
+                             FILENAME_RE, progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

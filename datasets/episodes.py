@@ -18,12 +18,24 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class AugmentDraws:
-    """An episode's deformation draws: ``episode`` (``engine.episode.EpisodeConfig``, the one holder of ``augnum``
-    and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random weights per image)."""
+    """The deformation draws of an episode or a low-shot step: ``episode`` (``engine.episode.EpisodeConfig``, the
+    one holder of ``augnum`` and ``choose_num``), ``gallery_size`` (whole-gallery picks), ``cells`` (F*F random
+    weights per image)."""
 
     episode: Any
     gallery_size: int
     cells: int
+
+    def draw(self, rng: np.random.Generator, images: int) -> dict[str, torch.Tensor]:
+        """The draws of ``episode.augnum`` deformed copies of each of ``images`` images, in this order from ``rng``:
+        ``probe_flip``, ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[images*augnum]``, ``random_weights``
+        ``[images*augnum, cells]``."""
+        total = images * self.episode.augnum
+        return {"probe_flip": torch.from_numpy(rng.random(total) < 0.5),
+                "shortlist_pick": torch.from_numpy(rng.integers(self.episode.choose_num, size=total)),
+                "gallery_pick": torch.from_numpy(rng.integers(self.gallery_size, size=total)),
+                "gallery_flip": torch.from_numpy(rng.random(total) < 0.5),
+                "random_weights": torch.from_numpy(rng.random((total, self.cells), dtype=np.float32))}
 
 
 class EpisodeDataset(Dataset):
@@ -34,9 +46,8 @@ class EpisodeDataset(Dataset):
 
     Items: ``support`` uint8 ``[ways*shots, 3, S, S]`` and ``query`` ``[ways*queries, 3, S, S]`` class by
     class; ``support_ids``/``query_ids`` (split positions: feature cache rows); ``support_labels``/
-    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``: ``probe_flip``,
-    ``shortlist_pick``, ``gallery_pick``, ``gallery_flip`` ``[ways*shots*augnum]``, ``random_weights``
-    ``[ways*shots*augnum, F*F]``.
+    ``query_labels`` 0..ways-1; ``classes`` ``[ways]`` (split ids); ``index``; with ``draws``, the support's
+    (:meth:`AugmentDraws.draw`: ``[ways*shots*augnum]`` and ``random_weights`` ``[ways*shots*augnum, F*F]``).
 
     ``decode``: ``all``, ``support``, ``none`` or ``new``: the support and only the queries ``known`` (a
     cache's live mask by split position) will lack when the episode runs (``query`` then holds those alone,
@@ -150,12 +161,7 @@ class EpisodeDataset(Dataset):
             new = iter(self.new_queries[index])
             item["query"] = self._decode(classes, [[i for i in idx if next(new)] for idx in query])
         if self.draws is not None:
-            n = self.ways * self.shots * self.draws.episode.augnum
-            item["probe_flip"] = torch.from_numpy(rng.random(n) < 0.5)
-            item["shortlist_pick"] = torch.from_numpy(rng.integers(self.draws.episode.choose_num, size=n))
-            item["gallery_pick"] = torch.from_numpy(rng.integers(self.draws.gallery_size, size=n))
-            item["gallery_flip"] = torch.from_numpy(rng.random(n) < 0.5)
-            item["random_weights"] = torch.from_numpy(rng.random((n, self.draws.cells), dtype=np.float32))
+            item.update(self.draws.draw(rng, self.ways * self.shots))
         return item
 
 

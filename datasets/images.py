@@ -26,18 +26,15 @@ def load_rgb(path: Path) -> Image.Image:
 def image_problem(path: Path) -> str | None:
     """Why ``path`` is not a usable image, or None. Reads the header and, for JPEG, the end marker."""
     try:
-        with Image.open(path) as image:
-            jpeg = image.format == "JPEG"
-        if jpeg:
-            with open(path, "rb") as handle:
-                handle.seek(max(0, os.path.getsize(path) - 64))
-                if not handle.read().rstrip(b"\x00").endswith(b"\xff\xd9"):
-                    return "truncated JPEG (no end-of-image marker)"
-        return None
+        with Image.open(path) as image, open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - 64))
+            if image.format == "JPEG" and not handle.read().rstrip(b"\x00").endswith(b"\xff\xd9"):
+                return "truncated JPEG (no end-of-image marker)"
     except FileNotFoundError:
         return "file not found"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"not a readable image ({exc})"
+    return None
 
 
 def bad_images(split: Split, workers: int = 8) -> list[tuple[Path, str]]:

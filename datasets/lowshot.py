@@ -24,6 +24,8 @@ from utils.errors import DataError
 
 SETUPS = {"val": ("base_classes_1", "novel_classes_1"), "test": ("base_classes_2", "novel_classes_2")}
 META_LISTS = ("base_classes", "base_classes_1", "novel_classes_1", "base_classes_2", "novel_classes_2")
+DISJOINT_LISTS = (("base_classes_1", "base_classes_2"), ("novel_classes_1", "base_classes"),
+                  ("novel_classes_2", "base_classes"), ("novel_classes_1", "novel_classes_2"))
 # The training stages' splits of the benchmark: the base classes' training images (stage 1, the
 # stage-2 episodes and gallery), the validation setup's novel classes for selection, the test
 # setup's novel classes for stage 2's closing episode test (both from the ILSVRC val images).
@@ -48,11 +50,6 @@ class LowShotMeta:
     label_names: tuple[str, ...]
     lists: dict[str, tuple[int, ...]]
 
-    def setup(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(base, novel) class indices of setup ``val`` or ``test``."""
-        base, novel = SETUPS[name]
-        return self.lists[base], self.lists[novel]
-
     def wnids(self, key: str) -> list[str]:
         """The wnids of list ``key`` (e.g. ``base_classes``), in the file's order."""
         return [self.label_names[k] for k in self.lists[key]]
@@ -63,8 +60,8 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
 
     Raises:
         DataError: the file is missing, not JSON, lacks a list, holds an index outside ``label_names``,
-            repeats a class, shares a class between the two setups' base classes or between novel and
-            base classes, or its ``base_classes`` is not ``base_classes_1`` U ``base_classes_2``.
+            repeats a class, its ``base_classes`` is not ``base_classes_1`` U ``base_classes_2``, or two lists of
+            :data:`DISJOINT_LISTS` share a class.
     """
     path = Path(path)
     data = _read_json(path, "low-shot class split (--lowshotmeta)")
@@ -89,17 +86,12 @@ def read_lowshot_meta(path: Path | str) -> LowShotMeta:
         if len(set(values)) != len(values):
             raise DataError(f"{path}: {key} repeats a class")
         lists[key] = tuple(values)
-    shared = set(lists["base_classes_1"]) & set(lists["base_classes_2"])
-    if shared:
-        raise DataError(f"{path}: class {min(shared)} is in both base_classes_1 and base_classes_2")
     if set(lists["base_classes"]) != set(lists["base_classes_1"]) | set(lists["base_classes_2"]):
         raise DataError(f"{path}: base_classes is not the union of base_classes_1 and base_classes_2")
-    for novel in ("novel_classes_1", "novel_classes_2"):
-        shared = set(lists[novel]) & set(lists["base_classes"])
+    for first, second in DISJOINT_LISTS:
+        shared = set(lists[first]) & set(lists[second])
         if shared:
-            raise DataError(f"{path}: class {min(shared)} is in both {novel} and base_classes")
-    if set(lists["novel_classes_1"]) & set(lists["novel_classes_2"]):
-        raise DataError(f"{path}: novel_classes_1 and novel_classes_2 share a class")
+            raise DataError(f"{path}: class {min(shared)} is in both {first} and {second}")
     return LowShotMeta(path, tuple(names), lists)
 
 
@@ -184,11 +176,6 @@ def read_train_list(path: Path | str, train_dir: Path | str, meta: LowShotMeta) 
                 raise DataError(f"{path}: image {i} ({names[i]}) is not in {folder}")
             files.append(folder / parts[-1])
     return TrainList(tuple(files), tuple(int(s) for s in starts), f"release list {path}", False)
-
-
-def train_list(train_dir: Path | str, meta: LowShotMeta, release: Path | str | None = None) -> TrainList:
-    """The release's list when ``release`` is given (checked), else the reconstruction."""
-    return read_train_list(release, train_dir, meta) if release else rebuild_train_list(train_dir, meta)
 
 
 def read_trial(path: Path | str, meta: LowShotMeta, images: TrainList, examples: int) -> np.ndarray:

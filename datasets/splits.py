@@ -52,6 +52,8 @@ def _is_image(path: Path) -> bool:
 def _read_csv(root: Path, split: str) -> Split:
     csv = root / f"{split}.csv"
     images = root / "images"
+    if not csv.is_file():
+        raise DataError(f"{csv}: split CSV not found")
     try:
         table = pd.read_csv(csv, dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -86,12 +88,17 @@ def _read_flat(root: Path, split: str) -> Split:
 
 def _read_folders(root: Path, split: str) -> Split:
     folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"{folder}: split folder not found")
     classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise DataError(f"{folder}: no class folders")
     files = tuple(_nonempty(tuple(sorted(p for p in (folder / wnid).iterdir() if _is_image(p))),
                             f"{folder / wnid}: no images") for wnid in classes)
     return Split(split, classes, files, "folders")
+
+
+READERS = {"flat+csv": _read_csv, "flat": _read_flat, "folders": _read_folders}
 
 
 def detect_layout(root: Path | str) -> str:
@@ -110,14 +117,4 @@ def read_split(root: Path | str, split: str) -> Split:
     """One split of the dataset under ``root``, whatever its layout (:class:`DataError` when unusable)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    root = Path(root)
-    layout = detect_layout(root)
-    if layout == "flat+csv":
-        if not (root / f"{split}.csv").is_file():
-            raise DataError(f"{root / f'{split}.csv'}: split CSV not found")
-        return _read_csv(root, split)
-    if layout == "flat":
-        return _read_flat(root, split)
-    if not (root / split).is_dir():
-        raise DataError(f"{root / split}: split folder not found")
-    return _read_folders(root, split)
+    return READERS[detect_layout(root)](Path(root), split)

@@ -272,21 +272,21 @@ def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
     splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
     classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
-    draw = [partial(render_image, design[i], size) for i in range(len(classes))]
-    return write_dataset(out, classes, lambda i: render_class(draw[i], i, per_class, seed), FILENAME_RE, progress)
+    draws = [partial(render_image, combo, size) for combo in design]
+    return write_dataset(out, classes, draws, per_class, seed, FILENAME_RE, progress)
 
 
-def write_dataset(out: Path, classes: list[tuple[str, str]], render: Callable[[int], list[bytes]],
-                  stale_names: re.Pattern, progress: bool = False) -> dict[str, int]:
+def write_dataset(out: Path, classes: list[tuple[str, str]], draws: list[Callable[[np.random.Generator], Image.Image]],
+                  per_class: int, seed: int, stale_names: re.Pattern, progress: bool = False) -> dict[str, int]:
     """Write ``out/images/<label><8 digits>.jpg`` (1-based) and ``out/<split>.csv`` for ``classes``
-    (``(split, label)`` pairs, class i's JPEG bytes from ``render(i)``), remove the images matching
-    ``stale_names`` this call did not write (so the folder is a function of the arguments), and
+    (``(split, label)`` pairs; class i's images :func:`render_class` of ``draws[i]``), remove the images
+    matching ``stale_names`` this call did not write (so the folder is a function of the arguments), and
     return the number of images per split."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
     for class_index, (split, label) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
-        for number, data in enumerate(render(class_index), 1):
+        for number, data in enumerate(render_class(draws[class_index], class_index, per_class, seed), 1):
             (images_dir / f"{label}{number:08d}.jpg").write_bytes(data)
             rows[split].append((f"{label}{number:08d}.jpg", label))
     written = {name for split_rows in rows.values() for name, _ in split_rows}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.episodes import CroppedImages
+from datasets.episodes import AugmentDraws, CroppedImages
 from datasets.gallery import gallery_files
 from datasets.loaders import image_loader
 from datasets.lowshot import (
@@ -26,9 +25,10 @@ from datasets.lowshot import (
     benchmark_split,
     class_images,
     read_lowshot_meta,
+    read_train_list,
     read_trial,
+    rebuild_train_list,
     shot_indices,
-    train_list,
 )
 from datasets.seeding import item_rng
 from datasets.splits import Split
@@ -40,7 +40,7 @@ from models.protonet import prototypes
 from utils.checkpoint import atomic_save, safe_load
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.errors import DataError, OptionError
-from utils.files import write_json
+from utils.files import finite_or_null, write_json
 from utils.forward import autocast, embed_in_chunks
 from utils.interrupt import Interrupted, check_stop
 from utils.lowshot_metrics import METRIC_NAMES, TOPK, best_prior, curve_accuracy, lowshot_metrics, prior_curve
@@ -76,6 +76,7 @@ class FeatureStore:
     def __init__(self, folder: Path, files: list[Path], image_size: int, block: int = FEATURE_BLOCK,
                  create: bool = True) -> None:
         self.folder, self.files, self.image_size, self.block = Path(folder), list(files), image_size, block
+        self.blocks = range(-(-len(self.files) // block))
         manifest = {"images": len(self.files), "image_size": image_size, "block": block,
                     "files_sha256": list_digest(self.files)}
         path = self.folder / "manifest.json"
@@ -95,7 +96,7 @@ class FeatureStore:
 
     def missing(self) -> list[int]:
         """The blocks not on disk yet."""
-        return [b for b in range(-(-len(self.files) // self.block)) if not self.block_path(b).is_file()]
+        return [b for b in self.blocks if not self.block_path(b).is_file()]
 
     @torch.no_grad()
     def extract(self, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int, workers: int,
@@ -113,34 +114,30 @@ class FeatureStore:
         shares = [missing[rank::info.world_size] for rank in range(info.world_size)]
         steps = max(-(-sum(len(self.block_files(b)) for b in share) // chunk) for share in shares)
         mine = shares[info.rank]
-        sizes = [len(self.block_files(b)) for b in mine]
         files = [f for b in mine for f in self.block_files(b)]
         batches = iter(image_loader(CroppedImages(files, self.image_size), chunk, workers, device) if files else ())
-        parts, pending = [], 0
-        bar = tqdm(total=len(files), desc=f"{desc} features", disable=not progress, leave=False, unit="img")
-        for _ in range(steps):
-            batch = next(batches, None)  # None: this share is done, the others are not
-            if batch is not None:
-                with autocast(device, amp):
-                    parts.append(embed_in_chunks(embed, prepare_images(batch, device), chunk).half().cpu())
-                pending += len(batch)
-                bar.update(len(batch))
-            while mine and pending >= sizes[0]:
-                done = torch.cat(parts)
-                atomic_save(done[:sizes[0]].clone(), self.block_path(mine[0]))
-                parts, pending, mine, sizes = [done[sizes[0]:]], pending - sizes[0], mine[1:], sizes[1:]
-            stopped_here = stop is not None and stop()
-            if all_reduce_sum([float(stopped_here)], device, info)[0] > 0:
-                bar.close()
-                other = "" if stopped_here else "another process was stopped; "
-                raise Interrupted(f"while extracting the {desc} features ({other}finished blocks are kept)")
-        bar.close()
+        parts = []  # features ``[n, D]`` of the images after the last saved block
+        with tqdm(total=len(files), desc=f"{desc} features", disable=not progress, leave=False, unit="img") as bar:
+            for _ in range(steps):
+                batch = next(batches, None)  # None: this share is done, the others are not
+                if batch is not None:
+                    with autocast(device, amp):
+                        parts.append(embed_in_chunks(embed, prepare_images(batch, device), chunk).half().cpu())
+                    bar.update(len(batch))
+                while mine and sum(map(len, parts)) >= len(self.block_files(mine[0])):
+                    done, size = torch.cat(parts), len(self.block_files(mine[0]))
+                    atomic_save(done[:size].clone(), self.block_path(mine.pop(0)))
+                    parts = [done[size:]]
+                stopped_here = stop is not None and stop()
+                if all_reduce_sum([float(stopped_here)], device, info)[0] > 0:
+                    other = "" if stopped_here else "another process was stopped; "
+                    raise Interrupted(f"while extracting the {desc} features ({other}finished blocks are kept)")
 
     def load(self) -> torch.Tensor:
         """Every block, concatenated: float16 ``[N, D]``."""
         if self.missing():
             raise DataError(f"{self.block_path(self.missing()[0])}: feature block missing")
-        return torch.cat([safe_load(self.block_path(b)) for b in range(-(-len(self.files) // self.block))])
+        return torch.cat([safe_load(self.block_path(b)) for b in self.blocks])
 
 
 # The flags a step's numbers depend on, besides the network, the feature files and its n-shot images.
@@ -188,19 +185,10 @@ class SetupData:
 
 
 def setup_data(val_dir: Path, meta: LowShotMeta, name: str) -> SetupData:
-    base, novel = meta.setup(name)
+    base, novel = (meta.lists[key] for key in SETUPS[name])
     per_class = class_images(val_dir, [meta.label_names[k] for k in base + novel], meta)
     targets = torch.tensor([column for column, files in enumerate(per_class) for _ in files], dtype=torch.long)
     return SetupData(name, base, novel, tuple(f for files in per_class for f in files), targets)
-
-
-def base_image_files(images: TrainList, classes: list[int]) -> tuple[list[Path], list[int]]:
-    """The training images of ``classes`` (in that order) and their ``[len(classes) + 1]`` offsets."""
-    files, starts = [], [0]
-    for k in classes:
-        files.extend(images.class_files(k))
-        starts.append(len(files))
-    return files, starts
 
 
 def test_scores(test_features: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, device: torch.device,
@@ -210,17 +198,6 @@ def test_scores(test_features: torch.Tensor, protos: torch.Tensor, scale: torch.
     parts = [torch.cdist(test_features[i:i + chunk].to(device).float(), protos,
                          compute_mode="use_mm_for_euclid_dist").pow(2) for i in range(0, len(test_features), chunk)]
     return -scale.detach() * torch.cat(parts)
-
-
-def deformation_draws(total: int, cells: int, choose_num: int, gallery_size: int, *key: int) -> dict[str, torch.Tensor]:
-    """The random draws of ``total`` deformed images (keys as :class:`datasets.EpisodeDataset` items'),
-    determined by ``key``."""
-    rng = item_rng(*key)
-    return {"probe_flip": torch.from_numpy(rng.random(total) < 0.5),
-            "shortlist_pick": torch.from_numpy(rng.integers(choose_num, size=total)),
-            "gallery_pick": torch.from_numpy(rng.integers(gallery_size, size=total)),
-            "gallery_flip": torch.from_numpy(rng.random(total) < 0.5),
-            "random_weights": torch.from_numpy(rng.random((total, cells), dtype=np.float32))}
 
 
 def _rows(draws: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
@@ -283,25 +260,26 @@ def metric_value(trial: dict, metric: str, k: int, prior: Prior) -> float:
 
 def summarise(per_trial: list[dict], prior: Prior) -> dict:
     """Mean and 95% t-interval over trials of every metric (``all_prior`` at ``prior``), with the trials' values."""
-    return {metric: {f"top{k}": _summary([metric_value(t, metric, k, prior) for t in per_trial]) for k in TOPK}
-            for metric in METRIC_NAMES}
+    return _summaries(lambda metric, k: [metric_value(t, metric, k, prior) for t in per_trial])
 
 
 def difference(deformed: list[dict], plain: list[dict], prior_deformed: Prior, prior_plain: Prior) -> dict:
     """The paired per-trial difference deformed - plain of every metric, summarised like :func:`summarise`."""
-    return {metric: {f"top{k}": _summary([metric_value(d, metric, k, prior_deformed)
-                                          - metric_value(p, metric, k, prior_plain) for d, p in zip(deformed, plain)])
-                     for k in TOPK} for metric in METRIC_NAMES}
+    def paired(metric: str, k: int) -> list[float]:
+        return [metric_value(d, metric, k, prior_deformed) - metric_value(p, metric, k, prior_plain)
+                for d, p in zip(deformed, plain)]
+
+    return _summaries(paired)
 
 
-def _summary(values: list[float]) -> dict:
-    """``mean`` and ``t_ci95`` (the 95% Student t half-interval over the trials, :func:`utils.metrics.mean_t_ci95`),
-    and the trials' values; None where a number is undefined (the interval of one trial), so the report is JSON."""
-    def number(value: float) -> float | None:
-        return value if math.isfinite(value) else None
+def _summaries(trial_values: Callable[[str, int], list[float]]) -> dict:
+    """Per metric and top-k, of its ``trial_values``: ``mean`` and ``t_ci95`` (the 95% Student t half-interval over
+    the trials, :func:`utils.metrics.mean_t_ci95`), and the trials' values; None where a number is undefined (the
+    interval of one trial), so the report is JSON."""
+    def summary(values: list[float]) -> dict:
+        return finite_or_null(dict(zip(("mean", "t_ci95"), mean_t_ci95(values)), trials=values))
 
-    mean, ci = mean_t_ci95(values) if not any(np.isnan(values)) else (math.nan, math.nan)
-    return {"mean": number(mean), "t_ci95": number(ci), "trials": [number(v) for v in values]}
+    return {metric: {f"top{k}": summary(trial_values(metric, k)) for k in TOPK} for metric in METRIC_NAMES}
 
 
 def choose_priors(per_trial: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, Prior]]:
@@ -345,7 +323,8 @@ def read_benchmark(config: LowShotConfig) -> Benchmark:
         if not (imagenet / folder).is_dir():
             raise DataError(f"{imagenet / folder}: folder not found (--imagenet must hold train/ and val/ class "
                             "folders)")
-    images = train_list(imagenet / "train", meta, config.trainlist)
+    images = (read_train_list(config.trainlist, imagenet / "train", meta) if config.trainlist
+              else rebuild_train_list(imagenet / "train", meta))
     trials = {t: read_trial(config.experimentpath.format(t), meta, images, max(config.lowshotn))
               for t in config.trials}
     setups = {name: setup_data(imagenet / "val", meta, name)
@@ -371,7 +350,7 @@ def read_benchmark(config: LowShotConfig) -> Benchmark:
 def feature_stores(bench: Benchmark, folder: Path, image_size: int, create: bool) -> dict[str, FeatureStore]:
     """The stores of every base class's training images, the trials' n-shot images of every novel class and
     each setup's test images, each in a folder named by its list (another list gets another folder)."""
-    lists = {"base_train": base_image_files(bench.images, bench.base_classes)[0],
+    lists = {"base_train": [f for k in bench.base_classes for f in bench.images.class_files(k)],
              "novel_train": [bench.images.files[i] for i in bench.novel_rows],
              **{f"test_{name}": list(setup.test_files) for name, setup in bench.setups.items()}}
     return {name: FeatureStore(folder / f"{name}_{list_digest(files)[:12]}", files, image_size, create=create)
@@ -384,10 +363,9 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
     """Per variant (``plain``, and ``deformed`` unless ``--deform none``) and n, each trial's
     :func:`trial_metrics`; the variants of a trial share its n-shot sets. A step (trial, n) that
     ``trials`` holds is read from it, every other one computed and saved there."""
-    _, starts = base_image_files(bench.images, bench.base_classes)
-    base = features["base_train"]
-    base_protos = torch.stack([base[starts[c]:starts[c + 1]].to(device).float().mean(0)
-                               for c in (bench.base_classes.index(k) for k in setup.base)])
+    per_class = features["base_train"].split([len(bench.images.class_files(k)) for k in bench.base_classes])
+    base = dict(zip(bench.base_classes, per_class))
+    base_protos = torch.stack([base[k].to(device).float().mean(0) for k in setup.base])
     test, targets, ways = features[f"test_{setup.name}"], setup.targets.to(device), len(setup.novel)
     out = {variant: {n: [] for n in config.lowshotn} for variant in (VARIANTS if bank is not None else ("plain",))}
     steps = [(t, n) for t in config.trials for n in config.lowshotn]
@@ -401,8 +379,8 @@ def evaluate_setup(bench: Benchmark, setup: SetupData, model: IDeMeNet, bank: Ga
             protos = {"plain": prototypes(support, torch.arange(ways, device=device).repeat_interleave(n), ways)}
             if bank is not None:
                 episode = lowshot_config(config, n, ways)
-                draws = deformation_draws(len(index) * episode.augnum, config.Fang ** 2, episode.choose_num, len(bank),
-                                          config.seed, LOWSHOT_STREAM, list(SETUPS).index(setup.name), t, n)
+                rng = item_rng(config.seed, LOWSHOT_STREAM, list(SETUPS).index(setup.name), t, n)
+                draws = AugmentDraws(episode, len(bank), config.Fang ** 2).draw(rng, len(index))
                 protos["deformed"] = deformed_prototypes(model, bank, files, support, n, episode, draws, device,
                                                          config.nthreads, config.imageSize)
             metrics = {variant: trial_metrics(test_scores(test, torch.cat([base_protos, novel]), model.scale, device),

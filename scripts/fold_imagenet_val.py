@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fold the flat ILSVRC-2012 validation folder into class folders ``<wnid>/``.
 
     python -m scripts.fold_imagenet_val --val VAL_DIR (--devkit PATH | --labels FILE) \
@@ -36,7 +35,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from utils.errors import DataError, InputError, OptionError
+from utils.errors import DataError, OptionError
+from utils.options import run_cli
 
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 META = "data/meta.mat"
@@ -260,12 +260,8 @@ def fold(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line tool and return its exit status."""
-    try:
-        return fold(get_args_parser().parse_args(argv))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """Run the command line tool and return its exit status (bad input: one line, status 2)."""
+    return run_cli(fold, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

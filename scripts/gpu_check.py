@@ -34,19 +34,18 @@ from unittest import mock
 
 import torch
 import torchvision
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import FirstItems, environment, synchronize
+from benchmarks.common import Stopwatch, environment
+from benchmarks.episode import Stage2Run
+from benchmarks.ops import OpCounter
+from benchmarks.stage1 import Stage1Run
 from datasets import read_split, toy
 from datasets.episodes import CroppedImages
 from datasets.loaders import episode_loader
 from datasets.transforms import prepare_images
-from engine import experiments, stage1, stage2
-from engine.episode import GalleryBank
+from engine import experiments, stage2
 from engine.experiments import REPO
-from engine.features import FeatureCache
 from engine.options import (
     Stage1Config,
     add_batch_flag,
@@ -59,7 +58,7 @@ from models import EmbeddingNet, IDeMeNet
 from utils.distributed import DistInfo, run_distributed
 from utils.errors import InputError, OptionError, TrainingDiverged
 from utils.files import read_csv, write_json
-from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast, grad_scaler
+from utils.forward import NATIVE_BF16_CAPABILITY, amp_dtype, autocast
 from utils.options import (
     HelpFormatter,
     add_dataroot_flag,
@@ -122,26 +121,6 @@ def describe(device: torch.device) -> dict:
             "memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)}
 
 
-class Phase:
-    """Wall seconds and peak CUDA memory of a block: ``with Phase(device) as phase: ...``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self.peak_mb = device, 0.0, None
-
-    def __enter__(self) -> Phase:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self.start
-        if self.device.type == "cuda":
-            self.peak_mb = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
-
-
 class Budget:
     """The check's time budget: each phase's cap (:data:`PHASE_SHARES`) and its seconds (``phases``)."""
 
@@ -175,77 +154,48 @@ class Budget:
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
-    """Training images/s of stage 1 decoded ahead (the network's speed) and through the real loader
-    (``loader_images_per_s``), peak memory, the mean loss."""
-    args = stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
-                         device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
-    info, scaler = DistInfo(), grad_scaler(device, amp)
-    configure_backend(device, False, 0, args.memoryFormat)
-    train, _, _, loader = stage1.load_data(args, device, info)
-    batches = list(islice(iter(loader), steps + 1))
-    net, optimizer = stage1.build_model(args, train.num_classes)
-    model = stage1.distribute(net, device, info)
-
-    def epoch(items, progress: dict | None = None) -> None:
-        stage1.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, items, device, 0, args, info,
-                               stage1.new_progress() if progress is None else progress, lambda: False, scaler=scaler)
-
-    epoch(batches[:1])  # warm-up (cuDNN autotuning, allocator)
-    progress = stage1.new_progress()
-    with Phase(device) as phase:
-        epoch(batches[1:], progress)
-    images = sum(len(b[1]) for b in batches[1:])
-    del batches
-    through = FirstItems(loader, steps + 1, device, lambda batch: len(batch[1]))  # decoding, blending, the copy
-    epoch(through)
-    return {"images_per_s": round(images / phase.seconds, 1), "peak_memory_mb": phase.peak_mb,
-            "loss": progress["loss_sum"] / progress["seen"],
-            "loader_images_per_s": through.per_second()}
+    """Training images/s of stage 1 through the real loader (``loader_images_per_s``: decoding, blending, the
+    copy; the mean loss) and on the same batches decoded ahead (the network's speed; the peak memory), the
+    first batch of each pass untimed."""
+    config = stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+                           device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
+    configure_backend(device, False, 0, config.memoryFormat)
+    watches = {phase: Stopwatch(device, skip=1) for phase in ("loader", "preloaded")}
+    batches, _, progress = Stage1Run(config, device).loader_then_preloaded(steps + 1, watches)
+    images = sum(len(batch[1]) for batch in batches[1:])
+    return {"images_per_s": round(images / watches["preloaded"].seconds, 1),
+            "peak_memory_mb": watches["preloaded"].peak_mb, "loss": progress["loss_sum"] / progress["seen"],
+            "loader_images_per_s": round(images / watches["loader"].seconds, 2)}
 
 
-def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int, episodes: int,
-                 **flags) -> tuple:
-    """Stage 2 as the script builds it and its ``episodes`` training episodes of epoch 1 (both losses
-    train): ``(args, splits, model, bank, embed, episodes, train(part, **more): one training pass, the
-    optimisers a float16 GradScaler steps per episode)``."""
-    args = stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1", shots=shots,
-                         device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5, chooseNum=5, progress=0,
-                         tensorname="gpu_check", **flags)
-    splits, model, gallery = stage2.prepare(args, device, need_train=True)
-    groups, (optimizers, _) = stage2.param_groups(model, args), stage2.make_optimizers(model, args)
-    bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
-    embed, scaler = stage2.make_embed(model, device), grad_scaler(device, amp)
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1)
-    config = stage2.episode_config(args, args.trainways, train=True)
-
-    def train(part, **more) -> None:
-        stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
-                               show=False, scaler=scaler, **more)
-
-    stepped = stage2.stepped_optimizers(optimizers, bool(groups[0]), bool(groups[1]))
-    return args, splits, model, bank, embed, train_set, train, len(stepped) if scaler.is_enabled() else 0
+def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
+                 **flags) -> Stage2Run:
+    """Stage 2 as the script builds it (``flags`` on top) from the stage-1 file ``gpu_check_stage1``."""
+    config = stage2_config(device, dataroot=str(root), imageSize=a.imageSize, network="gpu_check_stage1",
+                           shots=shots, device=str(device), amp=int(amp), nthreads=a.nthreads, galleryNum=5,
+                           chooseNum=5, progress=0, tensorname="gpu_check", **flags)
+    splits, model, gallery = stage2.prepare(config, device, need_train=True)
+    return Stage2Run(config, device, splits, gallery, model, config.galleryBN)
 
 
 def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, shots: int,
                  episodes: int) -> tuple[dict, dict, dict]:
-    """Seconds per training episode (epoch 1: both losses train) and per test episode, peak memory;
-    the check that cached and per-episode test features give the same evaluation; the host waits."""
-    args, splits, model, bank, embed, train_set, train, scaled = stage2_setup(root, a, device, amp, shots,
-                                                                              episodes + 1)
-    items = [train_set[i] for i in range(len(train_set))]  # decoded ahead: the networks' speed
-    train(items[:1])
-    with Phase(device) as training:
-        train(items[1:])
-    syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaled)
-    test_set, fresh_set = (stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
-                                           evaluation=cached) for cached in (True, False))
-    with Phase(device) as testing:
-        stage2.evaluate(model, test_set, bank, args, device, "test", embed)
-    check = cached_features_check(
-        lambda: stage2.evaluate(model, test_set, bank, args, device, "test", embed),
-        lambda: stage2.evaluate(model, fresh_set, bank, args, device, "test", embed, cached=False),
-        amp, f"{shots}-shot{' amp' if amp else ''}", args.ways * args.test_num)
+    """Seconds per training episode (epoch 1: both losses train; decoded ahead: the networks' speed, after an
+    untimed first one) and per test episode, peak memory; the check that cached and per-episode test features
+    give the same evaluation; the host waits."""
+    run = stage2_setup(root, a, device, amp, shots)
+    train_set = run.episodes("train", episodes + 1, epoch=1)
+    items = [train_set[i] for i in range(len(train_set))]
+    with Stopwatch(device, skip=1) as training:
+        run.train(items, 1, timer=training)
+    stepped = stage2.stepped_optimizers(run.optimizers, bool(run.groups[0]), bool(run.groups[1]))
+    syncs = host_syncs(device, lambda: run.train(items[1:], 1), episodes,
+                       len(stepped) if run.scaler.is_enabled() else 0)
+    test_set, fresh_set = (run.episodes("test", episodes, evaluation=cached) for cached in (True, False))
+    with Stopwatch(device) as testing:
+        run.evaluate(test_set)
+    check = cached_features_check(lambda: run.evaluate(test_set), lambda: run.evaluate(fresh_set, cached=False),
+                                  amp, f"{shots}-shot{' amp' if amp else ''}", run.config.ways * run.config.test_num)
     return ({"train_episode_s": round(training.seconds / episodes, 4),
              "test_episode_s": round(testing.seconds / episodes, 4),
              "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
@@ -278,22 +228,13 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
                       f"relative loss gap {gap:.2e} (limit {CACHED_LOSS_RTOL[amp]:g}, TF32 off)"}
 
 
-class ScalarReads(TorchDispatchMode):
-    """Counts reads of a tensor's value (``item()``, ``bool()``: ``aten._local_scalar_dense``, a wait on a GPU)
-    outside an optimiser's own step (Adam reads its step count, a CPU tensor: no wait on a GPU either)."""
-
-    reads, in_step = 0, False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func is torch.ops.aten._local_scalar_dense.default and not self.in_step
-        return func(*args, **(kwargs or {}))
-
-
 def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, scaled_steps: int) -> dict:
     """How often ``train()`` (``episodes`` training episodes) made the host wait: on CUDA counted by its
-    sync debug mode, on the CPU as reads of a value (:class:`ScalarReads`). Allowed: one read of the sums
-    every ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser stepped through a float16
-    GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads its inf check)."""
+    sync debug mode, on the CPU as reads of a value (``item()``, ``bool()``: ``aten._local_scalar_dense``)
+    outside an optimiser's own step (Adam reads its step count, a CPU tensor: no wait on a GPU either).
+    Allowed: one read of the sums every ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser
+    stepped through a float16 GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads
+    its inf check)."""
     allowed = -(-episodes // stage2.SYNC_EVERY) + episodes * scaled_steps
     if device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
@@ -305,16 +246,16 @@ def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, s
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchronizing" in str(warning.message) for warning in caught)
     else:
-        counter = ScalarReads()
-        hooks = [register(lambda *_, value=value: setattr(counter, "in_step", value)) for register, value in
-                 ((register_optimizer_step_pre_hook, True), (register_optimizer_step_post_hook, False))]
+        counter = OpCounter()
+        hooks = [register(lambda *_, value=value: setattr(counter, "counting", value)) for register, value in
+                 ((register_optimizer_step_pre_hook, False), (register_optimizer_step_post_hook, True))]
         try:
             with counter:
                 train()
         finally:
             for hook in hooks:
                 hook.remove()
-        syncs = counter.reads
+        syncs = counter.counts["aten._local_scalar_dense.default"]
     scaler = f" and {scaled_steps} scaler step(s) per episode" if scaled_steps else ""
     return {"ok": syncs <= allowed, "detail": f"{syncs} host wait(s) in {episodes} training episodes (at most "
                                               f"{allowed}: the sums' reads{scaler})"}
@@ -325,12 +266,12 @@ def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
     the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
     epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
-    args, splits, _, _, embed, train_set, train, _ = stage2_setup(root, a, device, amp, 1, episodes, fixCls=fix_cls)
-    cache = FeatureCache(embed, len(splits["train"]), device, args.batchSize, bool(args.amp)) if fix_cls else None
+    run = stage2_setup(root, a, device, amp, 1, fixCls=fix_cls)
+    train_set, cache = run.episodes("train", episodes, epoch=1), run.feature_cache()
     for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
-        through = FirstItems(episode_loader(train_set, args.nthreads, device), episodes, device)
-        train(through, cache=cache)
-    return through.per_second()
+        with Stopwatch(device, skip=1) as watch:
+            run.train(episode_loader(train_set, run.config.nthreads, device), 1, cache=cache, timer=watch)
+    return round((episodes - 1) / watch.seconds, 2)
 
 
 def cpu_gpu_features(root: Path, device: torch.device, amp: bool, image_size: int) -> dict:
@@ -369,24 +310,21 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def run_process(command: list[str], cwd: Path, timeout: float, log: Path, echo: str | None = None,
-                stop_at: re.Pattern | None = None) -> tuple[int | None, str]:
-    """(exit status, None when it timed out; output) of ``command`` run in ``cwd`` by
-    :func:`engine.experiments.run`, with torchrun's shutdown grace and this checkout importable."""
-    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
-    status, _, output = experiments.run(command, log, cwd, env, timeout, echo, stop_at)
-    return status, output
+def child_env() -> dict[str, str]:
+    """The environment of the processes the check starts: torchrun's shutdown grace, this checkout importable."""
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
 
 
 def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout: float = 600,
              stop_at: re.Pattern | None = None) -> tuple[str, list[int | None], list[dict]]:
-    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (:func:`run_process`): its output,
-    each rank's exit status (None: the rank wrote no report: it was killed) and the ranks' reports."""
+    """``torchrun`` of ``ranks`` ``--worker KIND`` processes in ``cwd`` (:func:`engine.experiments.run`): its
+    output, each rank's exit status (None: the rank wrote no report: it was killed) and the ranks' reports."""
     for old in cwd.glob(f"{kind}_rank*.json"):
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
-    output = run_process(command, cwd, timeout, cwd / "logs" / f"torchrun_{kind}.log", stop_at=stop_at)[1]
+    output = experiments.run(command, cwd / "logs" / f"torchrun_{kind}.log", cwd, child_env(), timeout,
+                             stop_at=stop_at)[2]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
     return output, [exits.get(rank) for rank in range(ranks)], reports
@@ -400,8 +338,9 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
     flags = ["--dataroot", str(root), "--imageSize", str(min(a.imageSize, 64)), "--numEpochs", "1", "--batchSize",
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
-    one, output = run_process([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                               "--device", str(device)], workdir, timeout, workdir / "logs" / "one.log")
+    one, _, output = experiments.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
+                                      "--device", str(device)], workdir / "logs" / "one.log", workdir, child_env(),
+                                     timeout)
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
         return {"ok": False, "detail": f"exit {one} / {two}: {(output + more)[-500:]}"}
@@ -418,23 +357,21 @@ def rank_epoch(kind: str, args: Stage1Config, device: torch.device, info: DistIn
     batches, the loss of the second NaN on rank 1 alone (the loss, not the images: synchronised BatchNorm
     would carry NaN images into every rank's statistics and loss; ``outcome`` gets the error raised)."""
     configure_backend(device, args.deterministic, args.seed + info.rank, args.memoryFormat, bool(args.tf32))
-    train, _, sampler, loader = stage1.load_data(args, device, info)
-    net, optimizer = stage1.build_model(args, train.num_classes)
-    model, criterion = stage1.distribute(net, device, info), nn.CrossEntropyLoss()
-    progress, calls = stage1.new_progress(), iter(range(3))
+    run, calls = Stage1Run(args, device, info), iter(range(3))
+    criterion = run.criterion
 
     def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = criterion(logits, labels)
         return loss * float("nan") if next(calls) == 1 and info.rank == 1 else loss
 
+    if kind == "nan":
+        run.criterion = poisoned
     try:
-        stage1.train_one_epoch(model, poisoned if kind == "nan" else criterion, optimizer,
-                               list(islice(iter(loader), 3)) if kind == "nan" else loader, device, 0, args, info,
-                               progress, lambda: False)
+        progress = run.train(list(islice(iter(run.loader), 3)) if kind == "nan" else run.loader)
     except TrainingDiverged as error:
         outcome["error"] = str(error)
         raise
-    outcome.update(items=sampler.size, share=len(sampler), steps=int(progress["step"]))
+    outcome.update(items=run.sampler.size, share=len(run.sampler), steps=int(progress["step"]))
     return 0
 
 
@@ -538,9 +475,9 @@ def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Pa
 def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[dict | None, dict]:
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
-    start = time.monotonic()
-    status, output = run_process(command, REPO, timeout, json_path.with_suffix(".log"), echo="outcome| ")
-    seconds, tail = time.monotonic() - start, output.rstrip()[-300:]
+    status, seconds, output = experiments.run(command, json_path.with_suffix(".log"), REPO, child_env(), timeout,
+                                              "outcome| ")
+    tail = output.rstrip()[-300:]
     if status is None:
         return None, {"ok": False, "detail": f"timed out after {timeout:.0f} s (--budget): {tail}"}
     if status or not json_path.is_file():

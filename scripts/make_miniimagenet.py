@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the flat miniImageNet folder from ILSVRC-2012 training photos.
 
     python -m scripts.make_miniimagenet --imagenet TRAIN_DIR --splits CSV_DIR --out OUT_DIR [--size N] [--nthreads K]
@@ -29,6 +28,7 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -46,20 +46,18 @@ TARGET = re.compile(r"^(n\d{8})(\d{8})\.jpg$")
 Row = tuple[str, str, str]  # (split, filename, label): one data row of a split CSV
 
 
-def parse_target(filename: str) -> tuple[str, int]:
-    """``(wnid, 1-based position)`` of a name ``<wnid><8 digits>.jpg``; ValueError for another name or position 0."""
+def parse_target(filename: str) -> tuple[str, int] | None:
+    """``(wnid, 1-based position)`` of a name ``<wnid><8 digits>.jpg``; None for another name or position 0."""
     match = TARGET.match(filename)
-    if match is None or int(match.group(2)) < 1:
-        raise ValueError(f"not of the form n<8 digits><8 digits>.jpg with a position >= 1: {filename!r}")
-    return match.group(1), int(match.group(2))
+    return (match.group(1), int(match.group(2))) if match and int(match.group(2)) >= 1 else None
 
 
-def position_index(train_dir: Path, wnid: str) -> list[Path]:
+def position_index(train_dir: Path, wnid: str) -> list[Path] | None:
     """The class's photos ``<wnid>_<n>.JPEG`` (any case) sorted by ``<n>``: element i is position i + 1.
-    FileNotFoundError when ``train_dir/wnid`` is not a folder."""
+    None when ``train_dir/wnid`` is not a folder."""
     class_dir = Path(train_dir) / wnid
     if not class_dir.is_dir():
-        raise FileNotFoundError(f"class folder not found: {class_dir}")
+        return None
     pattern = re.compile(re.escape(wnid) + r"_(\d+)\.jpeg", re.IGNORECASE)
     matches = [(pattern.fullmatch(path.name), path) for path in class_dir.iterdir()]
     return [path for _, path in sorted((int(match.group(1)), path) for match, path in matches if match)]
@@ -80,31 +78,23 @@ def read_split_csv(csv_path: Path, split: str) -> list[Row]:
 def plan_jobs(rows: list[Row], train_dir: Path, images_dir: Path) -> tuple[dict[Path, Path], dict[str, list[str]]]:
     """``({output: source photo}`` for each distinct file name whose photo exists, ``{problem: [one
     example per row]})``."""
-    photos: dict[str, list[Path] | None] = {}
+    photos = cache(partial(position_index, train_dir))  # wnid -> its photos by position, None without a folder
     jobs: dict[Path, Path] = {}
     problems: dict[str, list[str]] = defaultdict(list)
     for split, filename, label in rows:
         where = f"{filename} ({split}.csv)"
-        try:
-            wnid, position = parse_target(filename)
-        except ValueError:
+        wnid, position = parse_target(filename) or (None, 0)
+        found = photos(wnid) if wnid == label else None
+        if wnid is None:
             problems["file name not of the form n<8 digits><8 digits>.jpg"].append(where)
-            continue
-        if wnid != label:
+        elif wnid != label:
             problems["file name does not start with its label"].append(f"{where} label {label}")
-            continue
-        if wnid not in photos:
-            try:
-                photos[wnid] = position_index(train_dir, wnid)
-            except FileNotFoundError:
-                photos[wnid] = None
-        if photos[wnid] is None:
+        elif found is None:
             problems["class folder absent from --imagenet"].append(where)
-        elif position > len(photos[wnid]):
-            problems["position beyond the number of photos in the class"].append(
-                f"{where} class has {len(photos[wnid])}")
+        elif position > len(found):
+            problems["position beyond the number of photos in the class"].append(f"{where} class has {len(found)}")
         else:
-            jobs.setdefault(images_dir / filename, photos[wnid][position - 1])
+            jobs.setdefault(images_dir / filename, found[position - 1])
     return jobs, problems
 
 

@@ -6,10 +6,13 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from benchmarks.common import Stopwatch
 from tests.scripts_helpers import load_script
 from utils.options import run_cli
 
@@ -119,3 +122,13 @@ def test_stage1_benchmark(results) -> None:
     for shots in (1, 5):  # the timed passes did the same work: the cache changes the time, not the accuracies
         cached, uncached = summary[f"monitor_val_{shots}shot_cached"], summary[f"monitor_val_{shots}shot_uncached"]
         assert 0 <= cached <= 100 and cached == pytest.approx(uncached, abs=1e-9)
+
+
+def test_the_stopwatch_times_a_block_from_the_end_of_its_skipped_steps() -> None:
+    """gpu_check's clock: the first ``skip`` steps (here a 0.3 s one) are left out, the rest of the block is in."""
+    with Stopwatch(torch.device("cpu"), skip=1) as watch:
+        time.sleep(0.3)
+        watch.end_step()
+        time.sleep(0.05)
+        watch.end_step()
+    assert 0.05 <= watch.seconds < 0.3 and watch.peak_mb is None

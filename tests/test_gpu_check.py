@@ -12,6 +12,7 @@ import torch
 
 import engine.stage2 as stage2
 from datasets import toy
+from engine import experiments
 from models import EmbeddingNet
 from tests.scripts_helpers import load_script, script_env
 
@@ -87,13 +88,13 @@ def one_shot_round2(gpu_check, check_dir):
 def test_three_optimisers_through_a_scaler_are_allowed_their_reads(gpu_check, check_dir, monkeypatch):
     """A float16 GradScaler (here an enabled CPU one) reads its inf check at each of the three optimisers'
     steps of a round-2 episode: 6 reads in 2 episodes, within the allowance."""
-    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr("benchmarks.episode.grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
     _, _, syncs = one_shot_round2(gpu_check, check_dir)
     assert syncs["ok"] is True and syncs["detail"].startswith("6 host wait(s) in 2 training episodes"), syncs
 
 
 def test_an_extra_host_read_per_episode_fails_the_check(gpu_check, check_dir, monkeypatch):
-    monkeypatch.setattr(gpu_check, "grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr("benchmarks.episode.grad_scaler", lambda device, enabled: torch.amp.GradScaler("cpu"))
     run_episode = stage2.run_episode
 
     def reading(*args, **kwargs):
@@ -171,9 +172,9 @@ def test_ranks_killed_before_they_saved_fail_the_sigterm_check(gpu_check, tmp_pa
 
 def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown_grace(gpu_check, tmp_path,
                                                                                      monkeypatch):
-    """run_process sends SIGTERM to the process group once the output shows the first step done (the progress
-    bar's first line does not), and its environment gives torchrun's agent SHUTDOWN_GRACE_S seconds to let
-    the ranks save."""
+    """The runner sends SIGTERM to the process group once the output shows the first step done (the progress
+    bar's first line does not), and the check's environment gives torchrun's agent SHUTDOWN_GRACE_S seconds to
+    let the ranks save."""
     child = ("import os, signal, sys, time\n"
              "def stop(*_):\n    print('stopping', flush=True)\n    sys.exit(130)\n"
              "signal.signal(signal.SIGTERM, stop)\n"
@@ -181,12 +182,13 @@ def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown
              "print('epoch 0:  50%|#####     | 1/2 [00:01<00:01]', end='\\r', flush=True)\n"
              "time.sleep(60)\n")
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    status, output = gpu_check.run_process([sys.executable, "-c", child], tmp_path, 30, tmp_path / "stop.log",
-                                           stop_at=gpu_check.STEP_DONE)
+    status, _, output = experiments.run([sys.executable, "-c", child], tmp_path / "stop.log", tmp_path,
+                                        gpu_check.child_env(), 30, stop_at=gpu_check.STEP_DONE)
     assert status == 130 and output.split("\n")[0] == str(gpu_check.SHUTDOWN_GRACE_S), output
     assert output.rstrip().endswith("stopping"), output
-    status, output = gpu_check.run_process([sys.executable, "-c", "print('epoch 0:   0%|          | 0/2')"],
-                                           tmp_path, 30, tmp_path / "bar.log", stop_at=gpu_check.STEP_DONE)
+    status, _, output = experiments.run([sys.executable, "-c", "print('epoch 0:   0%|          | 0/2')"],
+                                        tmp_path / "bar.log", tmp_path, gpu_check.child_env(), 30,
+                                        stop_at=gpu_check.STEP_DONE)
     assert status == 0, output  # the bar before its first step does not match
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from datasets.episodes import CroppedImages
+from datasets.episodes import AugmentDraws, CroppedImages
 from datasets.gallery import Gallery
 from datasets.lowshot import (
     RECONSTRUCTION_WARNING,
@@ -41,7 +41,6 @@ from engine.features import FeatureCache
 from engine.lowshot import (
     FeatureStore,
     choose_priors,
-    deformation_draws,
     deformed_prototypes,
     difference,
     lowshot_config,
@@ -59,7 +58,15 @@ from utils.distributed import DistInfo
 from utils.errors import DataError
 from utils.forward import layout_model
 from utils.interrupt import Interrupted
-from utils.lowshot_metrics import PRIOR_GRID, TEMPERATURE_GRID, best_prior, lowshot_metrics, prior_curve, prior_scores
+from utils.lowshot_metrics import (
+    PRIOR_GRID,
+    TEMPERATURE_GRID,
+    best_prior,
+    lowshot_metrics,
+    prior_curve,
+    prior_scores,
+    topk_accuracy,
+)
 from utils.options import run_cli
 
 SIZE = "32"
@@ -127,8 +134,8 @@ def test_prior_renormalises_and_moves_the_decisions_by_hand():
     # 0.9 * 0.665) beats every novel class (at most 0.1).
     assert prior_scores(SCORES, 4, 0.9).argmax(1).tolist() == [4, 6, 4, 6]
     assert prior_scores(SCORES, 4, 0.1).argmax(1).tolist() == [0, 0, 0, 0]
-    assert lowshot_metrics(SCORES, TARGETS, 4, mu=0.9)["all_prior"][1] == 50.0  # rows 0 and 1
-    assert lowshot_metrics(SCORES, TARGETS, 4, mu=0.1)["all_prior"][1] == 25.0  # row 3
+    assert topk_accuracy(prior_scores(SCORES, 4, 0.9), TARGETS, 1) == 50.0  # rows 0 and 1
+    assert topk_accuracy(prior_scores(SCORES, 4, 0.1), TARGETS, 1) == 25.0  # row 3
     # a temperature divides the scores before each part's softmax: row 1's base part [0, -1, -2, -3] / 2
     base = torch.tensor([1.0, math.exp(-0.5), math.exp(-1.0), math.exp(-1.5)])
     assert torch.allclose(prior_scores(SCORES, 4, 0.3, temperature=2.0)[1, :4].exp(), 0.7 * base / base.sum())
@@ -153,7 +160,7 @@ def test_prior_curve_is_the_full_ranking_at_every_temperature_and_mu():
     assert len(curves) == len(TEMPERATURE_GRID) and all(len(curve) == len(PRIOR_GRID) for curve in curves)
     for t, temperature in enumerate(TEMPERATURE_GRID):
         for m, mu in enumerate(PRIOR_GRID):
-            expected = lowshot_metrics(scores, targets, num_base, mu=mu, temperature=temperature)["all_prior"]
+            expected = {k: topk_accuracy(prior_scores(scores, num_base, mu, temperature), targets, k) for k in (1, 5)}
             assert all(isinstance(hits, int) for hits in curves[t][m].values())
             assert {k: 100 * hits / len(targets) for k, hits in curves[t][m].items()} == expected, (temperature, mu)
 
@@ -592,8 +599,8 @@ def test_deformed_prototypes_do_not_depend_on_the_chunking(workdir, meta):
     files = [images.files[i] for i in shot_indices(trial, novel, shots).reshape(-1)]
     support = FeatureCache(model.embed, len(files), torch.device("cpu"), 16).lookup(
         torch.arange(len(files)), torch.stack([CroppedImages(files, int(SIZE))[i] for i in range(len(files))]))
-    draws = deformation_draws(len(files) * 5, 9, 6, len(bank), 0, 3, 0, 1, shots)
     whole = EpisodeConfig(len(novel), 5, 6, chunk=16)
+    draws = AugmentDraws(whole, len(bank), 9).draw(item_rng(0, 3, 0, 1, shots), len(files))
     plain = prototypes(support, torch.arange(len(novel)).repeat_interleave(shots), len(novel))
     # one class per distance computation selects the same gallery images as all classes at once
     assert torch.equal(shortlisted_gallery(plain, bank, model.scale, whole, shots, draws, budget=1),

@@ -41,24 +41,20 @@ def _log_weight(weight: float) -> float:
 
 def prior_scores(scores: torch.Tensor, num_base: int, mu: float, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities ``[M, B+N]`` whose base part sums to ``1 - mu`` and novel part to ``mu``
-    (softmax over each part of ``scores / temperature``)."""
+    (softmax over each part of ``scores / temperature``): ``all_prior`` ranks by these, at one point of the
+    grids :func:`prior_curve` covers."""
     base = torch.log_softmax(scores[:, :num_base] / temperature, 1) + _log_weight(1 - mu)
     novel = torch.log_softmax(scores[:, num_base:] / temperature, 1) + _log_weight(mu)
     return torch.cat([base, novel], 1)
 
 
-def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int, mu: float | None = None,
-                    temperature: float = 1.0) -> dict[str, dict[int, float]]:
-    """Every metric of the module docstring, top-1 and top-5: ``{metric: {k: accuracy %}}``
-    (``all_prior`` only when ``mu`` is given)."""
+def lowshot_metrics(scores: torch.Tensor, targets: torch.Tensor, num_base: int) -> dict[str, dict[int, float]]:
+    """Every metric of the module docstring but ``all_prior`` (:func:`prior_curve`), top-1 and top-5:
+    ``{metric: {k: accuracy %}}``."""
     novel = targets >= num_base
-    rows = {"novel_joint": novel, "base": ~novel, "all": torch.ones_like(novel)}
     out = {"novel": {k: topk_accuracy(scores[novel, num_base:], targets[novel] - num_base, k) for k in TOPK}}
-    for name, mask in rows.items():
+    for name, mask in (("novel_joint", novel), ("base", ~novel), ("all", torch.ones_like(novel))):
         out[name] = {k: topk_accuracy(scores[mask], targets[mask], k) for k in TOPK}
-    if mu is not None:
-        out["all_prior"] = {k: topk_accuracy(prior_scores(scores, num_base, mu, temperature), targets, k)
-                            for k in TOPK}
     return out
 
 
