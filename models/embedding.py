@@ -73,10 +73,3 @@ class EmbeddingNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.convnet(images)
 
-
-def backbone_from_embedding(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a stage-1 state dict (``convnet.*``) into ResNet body keys and ``fc`` keys."""
-    body = {k[len("convnet."):]: v for k, v in state.items()
-            if k.startswith("convnet.") and not k.startswith("convnet.fc.")}
-    fc = {k[len("convnet.fc."):]: v for k, v in state.items() if k.startswith("convnet.fc.")}
-    return body, fc
