@@ -18,13 +18,13 @@ from engine.options import Stage1Config
 from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
+from models.batchnorm import convert_to_gloo_sync
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, step_verdict
 from utils.errors import OptionError, TrainingDiverged
 from utils.forward import autocast, compute_layout, layout_model, step_optimizers
 from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
-from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci",
            "val_1shot_precise", "val_1shot_precise_ci", "val_5shot_precise", "val_5shot_precise_ci", "images_per_s"]
