@@ -1,9 +1,7 @@
 """Checkpoints written atomically and read without executing code, the original's Python 2 pickles included."""
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,29 +9,14 @@ from typing import Any
 import torch
 
 from utils.errors import CheckpointError
+from utils.files import atomic_write
 
 MODELS_DIR = Path("models")
 
 
 def atomic_save(obj: Any, path: Path | str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` through :func:`utils.files.atomic_write` (fsynced, renamed over ``path``)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_load(path: Path | str) -> Any:
