@@ -7,7 +7,7 @@ import torch
 
 from models.embedding import EmbeddingNet, infer_backbone
 from models.idemenet import IDeMeNet
-from utils.checkpoint import describe_mismatch, load_state_dict
+from utils.checkpoint import load_state_dict
 from utils.errors import CheckpointError
 
 # Checkpoint kind -> the key prefixes that mark it, tried in this order.
@@ -47,15 +47,20 @@ def convert_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str) -> None:
-    # PyTorch 0.4.0 (the authors') wrote no ``num_batches_tracked``: a missing one is the model's (0).
-    state = dict(state)
-    for key, value in model.state_dict().items():
-        if key.endswith(".num_batches_tracked") and key not in state \
-                and key[:-len("num_batches_tracked")] + "running_mean" in state:
-            state[key] = value.clone()
-    problem = describe_mismatch(model, state)
-    if problem:
-        raise CheckpointError(f"{path}: does not fit {what} ({problem})")
+    """Load ``state`` into ``model``, else :class:`CheckpointError` naming the first missing, unexpected and
+    differently shaped keys; a ``num_batches_tracked`` PyTorch 0.4.0 (the authors') did not write is the model's."""
+    own = model.state_dict()
+    counts = {k: v.clone() for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in state
+              and k[:-len("num_batches_tracked")] + "running_mean" in state}
+    state = {**state, **counts}
+    problems = {"missing keys": [k for k in own if k not in state],
+                "unexpected keys": [k for k in state if k not in own],
+                "shape mismatch": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                                   if k in state and state[k].shape != own[k].shape]}
+    parts = [f"{label}: {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+             for label, keys in problems.items() if keys]
+    if parts:
+        raise CheckpointError(f"{path}: does not fit {what} ({'; '.join(parts)})")
     model.load_state_dict(state)
 
 

@@ -62,17 +62,3 @@ def resolve_checkpoint(name: str, flag: str, models_dir: Path = MODELS_DIR) -> P
     raise CheckpointError(f"{flag} {name}: no file {models_dir / (name + '.t7')} "
                           f"(available in {models_dir}/: {listing})")
 
-
-def describe_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 4) -> str | None:
-    """Why ``state`` does not fit ``model`` (missing, unexpected or differently shaped keys), or None."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts) or None
