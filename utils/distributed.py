@@ -73,12 +73,10 @@ def gather_round_robin(values: Sequence[float], total: int, stopped: bool, devic
     """The ``total`` values rank r computed as items r, r + W, ..., in order on every rank; whether any stopped."""
     if not info.enabled:
         return list(values), stopped
-    buffer = torch.zeros(total + 1, dtype=torch.float64, device=device)
+    buffer = [0.0] * total + [float(stopped)]
     if not stopped:
-        buffer[info.rank:total:info.world_size] = torch.tensor(values, dtype=torch.float64, device=device)
-    buffer[-1] = float(stopped)
-    dist.all_reduce(buffer)
-    gathered = buffer.tolist()
+        buffer[info.rank:total:info.world_size] = values
+    gathered = all_reduce_sum(buffer, device, info)
     return gathered[:total], gathered[-1] > 0
 
 
