@@ -1,4 +1,4 @@
-"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen; synced on gloo), statistics."""
+"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen; synced over gloo), running statistics."""
 from __future__ import annotations
 
 import warnings
