@@ -33,9 +33,8 @@ class SoftRandomDataset(Dataset):
             torch.manual_seed(item_seed)
             image = self.transform(load_rgb(path))
             if torch.rand(()) < self.blend_prob:
-                others = self.class_files[label]
-                pick = int(torch.randint(len(others) - 1, ())) if len(others) > 1 else 0
-                other_path = [p for p in others if p != path][pick] if len(others) > 1 else path
+                rest = [p for p in self.class_files[label] if p != path]
+                other_path = rest[int(torch.randint(len(rest), ()))] if rest else path
                 other = self.transform(load_rgb(other_path))
                 weights = torch.rand(1, self.fang * self.fang)
                 mask = weight_map(weights, self.image_size)[0]

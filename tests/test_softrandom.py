@@ -8,7 +8,7 @@ from conftest import PER_CLASS
 from datasets.images import load_rgb
 from datasets.seeding import SeededSampler
 from datasets.softrandom import SoftRandomDataset
-from datasets.transforms import eval_transform, train_transform
+from datasets.transforms import eval_crop, normalize_uint8, train_transform
 
 SIZE = 32
 
@@ -154,7 +154,7 @@ def test_full_blend_is_cellwise_convex_combination(train_split, fang: int) -> No
     # must be, cell by cell, w * x + (1 - w) * other with one w in [0, 1] per cell, where x is
     # the item's file and other the other file of its class.
     ds = SoftRandomDataset(train_split, SIZE, fang=fang, files_per_class=2, repeats=1, blend_prob=1.0)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = lambda image: normalize_uint8(eval_crop(SIZE)(image))
     for index, seed in [(0, 5), (3, 6), (64, 7)]:
         out, label = ds[(index, seed)]
         files = train_split.files[label][:2]
@@ -169,7 +169,7 @@ def test_full_blend_is_cellwise_convex_combination(train_split, fang: int) -> No
 
 def test_full_blend_partner_is_another_file_of_the_class(train_split) -> None:
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=3, repeats=1, blend_prob=1.0)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = lambda image: normalize_uint8(eval_crop(SIZE)(image))
     partners = set()
     for seed in range(12):
         index = 4  # class 1, its second file
@@ -186,7 +186,7 @@ def test_full_blend_partner_is_another_file_of_the_class(train_split) -> None:
 
 def test_default_blend_probability_is_about_two_thirds(train_split) -> None:
     ds = SoftRandomDataset(train_split, SIZE, files_per_class=PER_CLASS, repeats=1)
-    ds.transform = eval_transform(SIZE)
+    ds.transform = lambda image: normalize_uint8(eval_crop(SIZE)(image))
     trials, blended = 180, 0
     plain = {}
     for seed in range(trials):
