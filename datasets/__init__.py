@@ -5,12 +5,12 @@ from datasets.images import image_problem, load_rgb, scan_split
 from datasets.seeding import SeededSampler, item_rng
 from datasets.softrandom import SoftRandomDataset, blend_batch
 from datasets.splits import SPLITS, Split, class_list, detect_layout, read_split
-from datasets.transforms import eval_crop, eval_transform, normalize_uint8, train_transform
+from datasets.transforms import eval_crop, normalize_uint8, train_transform
 from utils.errors import DataError
 
 __all__ = [
     "AugmentDraws", "CroppedImages", "DataError", "EpisodeDataset", "Gallery", "SPLITS", "SeededSampler",
     "SoftRandomDataset", "Split", "blend_batch", "class_list", "collate_episode", "detect_layout", "eval_crop",
-    "eval_transform", "gallery_files", "image_problem", "item_rng", "load_rgb", "normalize_uint8", "read_split",
-    "scan_split", "train_transform",
+    "gallery_files", "image_problem", "item_rng", "load_rgb", "normalize_uint8", "read_split", "scan_split",
+    "train_transform",
 ]

@@ -24,11 +24,8 @@ def gallery_files(split: Split, gallery_num: int, seed: int = GALLERY_SEED) -> l
         wnid, size = too_small[0]
         raise DataError(f"--galleryNum {gallery_num} is larger than class {wnid} of split {split.name} ({size} images)")
     state = np.random.RandomState(seed)
-    chosen = []
-    for label, files in enumerate(split.files):
-        for i in state.choice(len(files), gallery_num, replace=False):
-            chosen.append((label, files[int(i)]))
-    return chosen
+    return [(label, files[int(i)]) for label, files in enumerate(split.files)
+            for i in state.choice(len(files), gallery_num, replace=False)]
 
 
 class Gallery:

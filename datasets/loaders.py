@@ -9,9 +9,9 @@ import os
 import signal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from datasets.episodes import CroppedImages, EpisodeDataset, collate_episode
+from datasets.episodes import EpisodeDataset, collate_episode
 from utils.interrupt import STOP_SIGNALS, ignore_stop_signals
 
 # Workers' niceness on the CPU: they decode in the compute threads' gaps instead of stalling a parallel region.
@@ -49,22 +49,15 @@ def init_worker(worker_id: int, niced: bool) -> None:
         os.nice(CPU_WORKER_NICENESS)
 
 
-def worker_init_for(device: torch.device):
-    """The loaders' ``worker_init_fn`` (:func:`init_worker`), niced when ``device`` is the CPU."""
-    return functools.partial(init_worker, niced=device.type == "cpu")
-
-
-def _loader(dataset, batch: int, workers: int, device: torch.device, **kwargs) -> DataLoader:
+def image_loader(dataset: Dataset, batch: int, workers: int, device: torch.device, **kwargs) -> DataLoader:
+    """Batches of ``batch`` items (in order unless ``kwargs`` give a ``sampler``), decoded in ``workers`` background
+    processes (:func:`init_worker`, niced when ``device`` is the CPU), pinned for CUDA."""
     return StopSafeLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
                           pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-                          worker_init_fn=worker_init_for(device), **kwargs)
+                          worker_init_fn=functools.partial(init_worker, niced=device.type == "cpu"), **kwargs)
 
 
 def episode_loader(dataset: EpisodeDataset, workers: int, device: torch.device) -> DataLoader:
     """One episode per step, decoded and prefetched in ``workers`` background processes."""
-    return _loader(dataset, 1, workers, device, collate_fn=collate_episode)
+    return image_loader(dataset, 1, workers, device, collate_fn=collate_episode)
 
-
-def image_loader(dataset: CroppedImages, batch: int, workers: int, device: torch.device) -> DataLoader:
-    """Batches of ``batch`` crops in order, decoded in ``workers`` background processes."""
-    return _loader(dataset, batch, workers, device)

@@ -36,9 +36,8 @@ class SoftRandomDataset(Dataset):
             image = self.transform(load_rgb(path))
             other, weights, blended = torch.zeros_like(image), torch.ones(self.fang * self.fang), False
             if torch.rand(()) < self.blend_prob:
-                others = self.class_files[label]
-                pick = int(torch.randint(len(others) - 1, ())) if len(others) > 1 else 0
-                other_path = [p for p in others if p != path][pick] if len(others) > 1 else path
+                rest = [p for p in self.class_files[label] if p != path]
+                other_path = rest[int(torch.randint(len(rest), ()))] if rest else path
                 other = self.transform(load_rgb(other_path))
                 weights, blended = torch.rand(self.fang * self.fang), True
         return torch.stack([image, other]), label, weights, blended

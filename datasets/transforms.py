@@ -61,9 +61,6 @@ class TV02RandomResizedCrop:
         top, left, h, w = tv02_crop_box(*image.size)
         return TF.resized_crop(image, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
-
 
 def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
     """Random crop (``crop``: ``tv02``, the original's, or ``current``), flip -> uint8 ``[3, S, S]``, normalised on
@@ -78,14 +75,8 @@ def train_transform(image_size: int, crop: str = "tv02") -> T.Compose:
 
 
 def eval_crop(image_size: int) -> T.Compose:
-    """``Resize(round(S*256/224))``, ``CenterCrop(S)`` -> uint8 ``[3, S, S]`` (not yet normalised)."""
+    """``Resize(round(S*256/224))``, ``CenterCrop(S)`` -> uint8 ``[3, S, S]`` (:func:`normalize_uint8` follows)."""
     return T.Compose([T.Resize(resize_size(image_size)), T.CenterCrop(image_size), T.PILToTensor()])
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    """The evaluation transform: centre crop then normalisation -> float ``[3, S, S]``."""
-    return T.Compose([eval_crop(image_size), T.ConvertImageDtype(torch.float32),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 @functools.lru_cache(maxsize=None)

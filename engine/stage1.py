@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import SeededSampler, SoftRandomDataset, blend_batch, scan_split
-from datasets.loaders import StopSafeLoader, worker_init_for
+from datasets.loaders import image_loader
 from datasets.lowshot import read_stage_split
 from engine.features import FeatureCache
 from engine.fewshot import evaluate_embedding
@@ -18,13 +18,13 @@ from engine.options import Stage1Config
 from engine.precise_bn import reestimate
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import DEFAULT_BACKBONE, EmbeddingNet, load_embedding
+from models.batchnorm import convert_to_gloo_sync
 from utils.checkpoint import resolve_checkpoint
 from utils.distributed import DistInfo, step_verdict
 from utils.errors import OptionError, TrainingDiverged
 from utils.forward import autocast, compute_layout, layout_model, step_optimizers
 from utils.interrupt import Interrupted
 from utils.metrics import mean_ci95
-from utils.syncbn import convert_to_gloo_sync
 
 METRICS = ["epoch", "loss", "accuracy", "lr", "val_1shot", "val_1shot_ci", "val_5shot", "val_5shot_ci",
            "val_1shot_precise", "val_1shot_precise_ci", "val_5shot_precise", "val_5shot_precise_ci", "images_per_s"]
@@ -46,10 +46,8 @@ def load_data(config: Stage1Config, device: torch.device, info: DistInfo):
     sampler = SeededSampler(len(dataset), config.seed, info.rank, info.world_size)
     if config.batchSize % info.world_size:
         raise OptionError(f"--batchSize {config.batchSize} is not divisible by the {info.world_size} processes")
-    loader = StopSafeLoader(dataset, batch_size=config.batchSize // info.world_size, sampler=sampler,
-                        num_workers=config.nthreads, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=config.nthreads > 0, prefetch_factor=4 if config.nthreads > 0 else None,
-                        worker_init_fn=worker_init_for(device))
+    loader = image_loader(dataset, config.batchSize // info.world_size, config.nthreads, device, sampler=sampler,
+                          persistent_workers=config.nthreads > 0)
     return train, val, sampler, loader
 
 

@@ -106,9 +106,9 @@ def build_model(config: Stage2Config, device: torch.device) -> IDeMeNet:
 
 def param_groups(model: IDeMeNet, config: Stage2Config) -> tuple[list, list]:
     """The parameters the prototype loss trains and those the classification loss trains."""
-    meta = [] if config.fixAttention or config.deform != "learned" else model.deformation_parameters()
+    meta = [] if config.fixAttention or config.deform != "learned" else list(model.deformer.parameters())
     meta = meta + ([] if config.fixScale else [model.scale])
-    cls = [] if config.fixCls else model.embedding_parameters() + list(model.fc.parameters())
+    cls = [] if config.fixCls else list(model.backbone.parameters()) + list(model.fc.parameters())
     trainable = {id(p) for p in meta + cls}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -119,9 +119,9 @@ def make_optimizers(model: IDeMeNet, config: Stage2Config) -> tuple[dict, dict]:
     """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key: Adam for the
     deformation network (LR), the scale (LR, no schedule: its rate never decays), the embedding (clsLR * 0.1) and
     fc (clsLR); StepLR(40, 0.5) for the deformation network's and the classifier's. Frozen groups keep theirs."""
-    meta_opt = foreach_adam(model.deformation_parameters(), lr=config.LR)
+    meta_opt = foreach_adam(list(model.deformer.parameters()), lr=config.LR)
     scale_opt = foreach_adam([model.scale], lr=config.LR)
-    cls_opt = foreach_adam([{"params": model.embedding_parameters(), "lr": config.clsLR * 0.1},
+    cls_opt = foreach_adam([{"params": list(model.backbone.parameters()), "lr": config.clsLR * 0.1},
                             {"params": list(model.fc.parameters()), "lr": config.clsLR}])
     schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
                   "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}

@@ -1,18 +1,10 @@
 """Networks of IDeMe-Net and loading them from checkpoints (ours and the authors')."""
-from models.deformation import (
-    DEFORM_NETS,
-    DeformNet,
-    SmallDeformNet,
-    TwoBranchDeformNet,
-    blend_patches,
-    encoder_output_size,
-)
+from models.deformation import DEFORM_NETS, SmallDeformNet, TwoBranchDeformNet, blend_patches
 from models.embedding import BACKBONES, DEFAULT_BACKBONE, EmbeddingNet, feature_size, infer_backbone
 from models.idemenet import IDeMeNet
-from models.loading import checkpoint_kind, convert_original, load_embedding, load_idemenet
+from models.loading import load_embedding, load_idemenet
 
 __all__ = [
-    "BACKBONES", "DEFAULT_BACKBONE", "DEFORM_NETS", "DeformNet", "EmbeddingNet", "IDeMeNet", "SmallDeformNet",
-    "TwoBranchDeformNet", "blend_patches", "checkpoint_kind", "convert_original", "encoder_output_size",
-    "feature_size", "infer_backbone", "load_embedding", "load_idemenet",
+    "BACKBONES", "DEFAULT_BACKBONE", "DEFORM_NETS", "EmbeddingNet", "IDeMeNet", "SmallDeformNet", "TwoBranchDeformNet",
+    "blend_patches", "feature_size", "infer_backbone", "load_embedding", "load_idemenet",
 ]

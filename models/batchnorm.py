@@ -1,10 +1,12 @@
-"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen) and their running statistics."""
+"""BatchNorm layers (PyTorch 0.4.0's, docs/original.md §4.2; lean when frozen; synced over gloo), running statistics."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
@@ -25,15 +27,10 @@ class _FrozenBatchNorm(torch.autograd.Function):
         return grad_x.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def frozen_invstd(running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / sqrt(running_var + eps)`` computed in double, in ``running_var``'s dtype, ``[1, C, 1, 1]``."""
-    return (1 / torch.sqrt(running_var.double() + eps)).to(running_var.dtype).view(1, -1, 1, 1)
-
-
 class LeanBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same keys and numbers) that keeps no ``[N, C, H, W]`` input for the backward when frozen
     (eval mode, no weight gradients, input with one: the embedding under ``--fixCls 1``, 330 MB saved for 35 images
-    at 224 px). After a write through ``running_var.data`` call :meth:`forget_frozen_factors`."""
+    at 224 px). A write through ``running_var.data`` goes unseen by the cache: write under ``no_grad`` instead."""
 
     _frozen_cache: tuple | None = None
 
@@ -45,25 +42,20 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
             return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                                           invstd, weight)
         if self.training and self.track_running_stats:
-            self.forget_frozen_factors()  # this forward updates the running statistics
+            self._frozen_cache = None  # this forward updates the running statistics
         return super().forward(x)
 
     def frozen_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(:func:`frozen_invstd`, ``weight``) ``[1, C, 1, 1]``, cached while tensors, versions and ``eps`` hold."""
+        """(``1 / sqrt(running_var + eps)``, computed in double, in ``running_var``'s dtype; ``weight``) ``[1,C,1,1]``,
+        cached while tensors, versions and ``eps`` hold (the cache holds the tensors: their ids stay theirs)."""
         var, tracked, weight = self.running_var, self.num_batches_tracked, self.weight
-        key = (var._version, var.data_ptr(), None if tracked is None else tracked._version, weight.data_ptr(),
-               self.eps)
-        cached = self._frozen_cache
-        if cached is not None and cached[0] is var and cached[1] is tracked and cached[2] is weight \
-                and cached[3] == key:
-            return cached[4], cached[5]
-        with torch.no_grad():
-            factors = frozen_invstd(var, self.eps), weight.detach().view(1, -1, 1, 1)
-        self._frozen_cache = (var, tracked, weight, key, *factors)
-        return factors
-
-    def forget_frozen_factors(self) -> None:
-        self._frozen_cache = None
+        key = (id(var), var._version, var.data_ptr(), id(tracked), None if tracked is None else tracked._version,
+               id(weight), weight.data_ptr(), self.eps)
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            with torch.no_grad():
+                invstd = (1 / torch.sqrt(var.double() + self.eps)).to(var.dtype).view(1, -1, 1, 1)
+                self._frozen_cache = (key, (var, tracked, weight), (invstd, weight.detach().view(1, -1, 1, 1)))
+        return self._frozen_cache[2]
 
 
 class Torch04BatchNorm2d(nn.BatchNorm2d):
@@ -135,3 +127,39 @@ def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor])
             layer.running_mean.copy_(mean_sum / count)
             layer.running_var.copy_(var_sum / count)
     return seen
+
+
+class GlooSyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training moments are summed over processes by a differentiable all-reduce."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
+        moments = torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            moments = dist_fn.all_reduce(moments)
+        total = moments[-1]
+        mean = moments[:channels] / total
+        var = moments[channels:2 * channels] / total - mean.pow(2)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * total / (total - 1), self.momentum)
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)
+
+
+def convert_to_gloo_sync(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``module`` by :class:`GlooSyncBatchNorm2d`, weights kept."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlooSyncBatchNorm2d):
+            sync = GlooSyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_to_gloo_sync(child)
+    return module

@@ -17,11 +17,6 @@ def blend_patches(probe: torch.Tensor, gallery: torch.Tensor, weights: torch.Ten
     return mask * probe + (1 - mask) * gallery
 
 
-def encoder_output_size(image_size: int) -> int:
-    """Side of the encoder's output map after five 2x2 max-pools: ``S // 32``."""
-    return image_size // 2 ** (len(ENCODER_CHANNELS) - 1)
-
-
 class DeformNet(nn.Module):
     """``forward(probe, gallery)``, ``[N, 3, S, S]`` each -> weights ``[N, F*F]``; ``backbone``: the embedding's."""
 
@@ -42,11 +37,11 @@ class SmallDeformNet(DeformNet):
     """The released encoder, initialised as PyTorch 0.4.0 did: ``cat(probe, gallery)`` [N,6,S,S] -> five
     Conv-BN-ReLU-MaxPool blocks -> flatten (16 * (S//32)^2) -> ``Linear`` -> weights [N, F*F] (no sigmoid)."""
 
-    min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)
+    min_image_size = 2 ** (len(ENCODER_CHANNELS) - 1)  # one 2x2 max-pool per block: the output map is S // 32
 
     def __init__(self, image_size: int, fang: int, backbone: str = DEFAULT_BACKBONE) -> None:
         super().__init__(image_size, fang, backbone)
-        side = encoder_output_size(image_size)
+        side = image_size // self.min_image_size
         self.encoder = nn.Sequential(*[
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), Torch04BatchNorm2d(cout), nn.ReLU(inplace=True),
                           nn.MaxPool2d(2))

@@ -1,8 +1,6 @@
 """The stage-1 embedding: a torchvision ResNet (ResNet-18 by default), 64-way fc (docs/original.md §3.1)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,15 +9,11 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from utils.errors import CheckpointError
 
-# Backbone name -> (residual block, blocks per stage) of its torchvision ResNet.
-LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+# Backbone name -> (residual block, blocks per stage) of its torchvision ResNet (``torchvision.models.<name>``'s).
+BACKBONES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet10": (BasicBlock, (1, 1, 1, 1)),  # the ImageNet low-shot benchmark's (Hariharan & Girshick 2017)
     "resnet18": (BasicBlock, (2, 2, 2, 2)),  # the paper's
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
-}
-# Backbone name -> ``torchvision.models.<name>(weights=None)``'s constructor (``ResNet``'s keyword arguments).
-BACKBONES: dict[str, Callable[..., ResNet]] = {
-    name: partial(ResNet, block, list(stages)) for name, (block, stages) in LAYOUTS.items()
 }
 DEFAULT_BACKBONE = "resnet18"
 
@@ -32,13 +26,14 @@ def check_backbone(backbone: str) -> None:
 def feature_size(backbone: str) -> int:
     """Width D of the backbone's pooled features: 512 (BasicBlock ResNets), 2048 (Bottleneck ones)."""
     check_backbone(backbone)
-    return 512 * LAYOUTS[backbone][0].expansion
+    return 512 * BACKBONES[backbone][0].expansion
 
 
 def build_backbone(backbone: str, **resnet_args) -> ResNet:
     """A randomly initialised torchvision ResNet of that name (``resnet_args``: ``ResNet``'s keywords)."""
     check_backbone(backbone)
-    return BACKBONES[backbone](**resnet_args)
+    block, stages = BACKBONES[backbone]
+    return ResNet(block, list(stages), **resnet_args)
 
 
 def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str | None = None) -> str:
@@ -46,10 +41,10 @@ def infer_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path | str
     stages = tuple(len({key[len(prefix):].split(".")[1] for key in state
                         if key.startswith(f"{prefix}layer{stage}.")}) for stage in range(1, 5))
     bottleneck = any(key.startswith(prefix) and ".conv3." in key for key in state)
-    for name, (block, layout) in LAYOUTS.items():
+    for name, (block, layout) in BACKBONES.items():
         if stages == layout and bottleneck == (block is Bottleneck):
             return name
-    known = "; ".join(f"{name} {layout} {block.__name__}" for name, (block, layout) in LAYOUTS.items())
+    known = "; ".join(f"{name} {layout} {block.__name__}" for name, (block, layout) in BACKBONES.items())
     where = f"{path}: " if path is not None else ""
     raise CheckpointError(f"{where}the ResNet under {prefix}* has {stages} blocks per stage of "
                           f"{'Bottleneck' if bottleneck else 'BasicBlock'} kind, no known backbone ({known})")
@@ -73,10 +68,3 @@ class EmbeddingNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.convnet(images)
 
-
-def backbone_from_embedding(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a stage-1 state dict (``convnet.*``) into ResNet body keys and ``fc`` keys."""
-    body = {k[len("convnet."):]: v for k, v in state.items()
-            if k.startswith("convnet.") and not k.startswith("convnet.fc.")}
-    fc = {k[len("convnet.fc."):]: v for k, v in state.items() if k.startswith("convnet.fc.")}
-    return body, fc

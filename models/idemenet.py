@@ -36,9 +36,3 @@ class IDeMeNet(nn.Module):
         """Probe and gallery ``[N, 3, S, S]`` -> (deformed ``[N, 3, S, S]``, weights ``[N, F*F]``)."""
         weights = self.deformer(probe, gallery)
         return blend_patches(probe, gallery, weights), weights
-
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters())
-
-    def deformation_parameters(self) -> list[nn.Parameter]:
-        return list(self.deformer.parameters())

@@ -5,70 +5,62 @@ from pathlib import Path
 
 import torch
 
-from models.embedding import EmbeddingNet, backbone_from_embedding, infer_backbone
+from models.embedding import EmbeddingNet, infer_backbone
 from models.idemenet import IDeMeNet
-from utils.checkpoint import describe_mismatch, load_state_dict
+from utils.checkpoint import load_state_dict
 from utils.errors import CheckpointError
+
+# Checkpoint kind -> the key prefixes that mark it, tried in this order.
+KINDS = {"original": ("attentionNet.", "CNet."), "stage2": ("backbone.", "deformer."), "stage1": ("convnet.",)}
+# Key renamings for :func:`renamed`: old prefix -> new prefix (None: dropped).
+STAGE1_TO_STAGE2 = {"convnet.fc.": "fc.", "convnet.": "backbone."}
+STAGE2_TO_STAGE1 = {"backbone.": "convnet.", "fc.": "convnet.fc."}
+# The authors' GNet (docs/original.md §5.2): the ResNet under CNet.resnet.convnet.*, CNet.* or both (the nested
+# copy then wins); the fc inside CNet is stage 1's, not the trained one.
+ORIGINAL_TO_STAGE2 = {"attentionNet.": "deformer.", "toWeight.": "deformer.toWeight.",
+                      "CNet.resnet.convnet.fc.": None, "CNet.resnet.convnet.": "backbone.", "CNet.fc.": None,
+                      "CNet.resnet.": None, "CNet.": "backbone.", "": ""}
 
 
 def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
-    """``stage1`` (``convnet.*``), ``original`` (the authors' GNet) or ``stage2`` (ours)."""
-    keys = set(state)
-    if any(k.startswith(("attentionNet.", "CNet.")) for k in keys):
-        return "original"
-    if any(k.startswith(("backbone.", "deformer.")) for k in keys):
-        return "stage2"
-    if any(k.startswith("convnet.") for k in keys):
-        return "stage1"
-    return "unknown"
+    """``original`` (the authors' GNet), ``stage2`` (ours), ``stage1`` (``convnet.*``) or ``unknown``."""
+    return next((kind for kind, prefixes in KINDS.items() if any(k.startswith(prefixes) for k in state)), "unknown")
+
+
+def renamed(state: dict[str, torch.Tensor], prefixes: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """``state``'s keys renamed by the first of ``prefixes`` each starts with; keys that match none are dropped."""
+    out = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in prefixes if key.startswith(prefix)), None)
+        if old is not None and prefixes[old] is not None:
+            out[prefixes[old] + key[len(old):]] = value
+    return out
 
 
 def convert_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The authors' keys renamed: ``attentionNet.*``, ``toWeight.*`` -> ``deformer.*``; ``CNet.*`` -> ``backbone.*``."""
-    nested = "CNet.resnet.convnet."
-    has_nested = any(k.startswith(nested) for k in state)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("attentionNet."):
-            out["deformer." + key[len("attentionNet."):]] = value
-        elif key.startswith("toWeight."):
-            out["deformer." + key] = value
-        elif key.startswith(nested):
-            rest = key[len(nested):]
-            if not rest.startswith("fc."):
-                out["backbone." + rest] = value
-        elif key.startswith("CNet."):
-            rest = key[len("CNet."):]
-            if not has_nested and not rest.startswith(("fc.", "resnet.")):
-                out["backbone." + rest] = value
-        else:
-            out[key] = value
+    nested = any(k.startswith("CNet.resnet.convnet.") for k in state)
+    out = renamed(state, {**ORIGINAL_TO_STAGE2, "CNet.": None if nested else "backbone."})
     if "scale" in out:
         out["scale"] = out["scale"].reshape(1)
     return out
 
 
-def _from_stage1(model: IDeMeNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full IDeMeNet state dict whose embedding and fc come from a stage-1 file."""
-    body, fc = backbone_from_embedding(state)
-    full = model.state_dict()
-    full.update({"backbone." + k: v for k, v in body.items()})
-    full.update({"fc." + k: v for k, v in fc.items()})
-    full.update({"deformer." + k: v for k, v in model.deformer.state_from_embedding(body).items()})
-    return full
-
-
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str) -> None:
-    # PyTorch 0.4.0 (the authors') wrote no ``num_batches_tracked``: a missing one is the model's (0).
+    """Load ``state`` into ``model``, else :class:`CheckpointError` naming the first missing, unexpected and
+    differently shaped keys; a ``num_batches_tracked`` PyTorch 0.4.0 (the authors') did not write is the model's."""
     own = model.state_dict()
-    state = dict(state)
-    for key, value in own.items():
-        if key.endswith(".num_batches_tracked") and key not in state \
-                and key[:-len("num_batches_tracked")] + "running_mean" in state:
-            state[key] = value.clone()
-    problem = describe_mismatch(model, state)
-    if problem:
-        raise CheckpointError(f"{path}: does not fit {what} ({problem})")
+    counts = {k: v.clone() for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in state
+              and k[:-len("num_batches_tracked")] + "running_mean" in state}
+    state = {**state, **counts}
+    problems = {"missing keys": [k for k in own if k not in state],
+                "unexpected keys": [k for k in state if k not in own],
+                "shape mismatch": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                                   if k in state and state[k].shape != own[k].shape]}
+    parts = [f"{label}: {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+             for label, keys in problems.items() if keys]
+    if parts:
+        raise CheckpointError(f"{path}: does not fit {what} ({'; '.join(parts)})")
     model.load_state_dict(state)
 
 
@@ -82,14 +74,16 @@ def load_idemenet(path: Path | str, **model_args) -> IDeMeNet:
                               f"attentionNet.*, CNet.*) state dict; first keys: {', '.join(list(state)[:3])}")
     if kind == "original":
         state = convert_original(state)
-    fc_key = "convnet.fc.weight" if kind == "stage1" else "fc.weight"
-    if "num_classes" not in model_args and fc_key in state:
-        model_args["num_classes"] = state[fc_key].shape[0]
+    prefix = "convnet." if kind == "stage1" else ""
+    if "num_classes" not in model_args and f"{prefix}fc.weight" in state:
+        model_args["num_classes"] = state[f"{prefix}fc.weight"].shape[0]
     if "backbone" not in model_args:
-        model_args["backbone"] = infer_backbone(state, "convnet." if kind == "stage1" else "backbone.", path)
+        model_args["backbone"] = infer_backbone(state, prefix or "backbone.", path)
     model = IDeMeNet(**model_args)
-    if kind == "stage1":
-        state = _from_stage1(model, state)
+    if kind == "stage1":  # deformation and scale as built; a deformer may start from the ResNet too
+        deformer = model.deformer.state_from_embedding(renamed(state, {"convnet.fc.": None, "convnet.": ""}))
+        state = {**model.state_dict(), **renamed(state, STAGE1_TO_STAGE2),
+                 **{"deformer." + key: value for key, value in deformer.items()}}
     _load_strict(model, state, path, f"IDeMeNet({model.backbone_name}, {model.deform_net}, image size "
                                      f"{model.image_size}, grid {model.fang}x{model.fang})")
     return model
@@ -100,9 +94,7 @@ def load_embedding(path: Path | str, num_classes: int | None = None) -> Embeddin
     state = load_state_dict(path)
     kind = checkpoint_kind(state)
     if kind in ("original", "stage2"):
-        body = convert_original(state) if kind == "original" else state
-        state = {("convnet." + k[len("backbone."):]): v for k, v in body.items() if k.startswith("backbone.")}
-        state.update({("convnet." + k): v for k, v in body.items() if k.startswith("fc.")})
+        state = renamed(convert_original(state) if kind == "original" else state, STAGE2_TO_STAGE1)
     elif kind != "stage1":
         raise CheckpointError(f"{path}: not a stage-1 state dict (keys convnet.*); "
                               f"first keys: {', '.join(list(state)[:3])}")
@@ -121,11 +113,9 @@ def with_embedding_statistics(state: dict[str, torch.Tensor],
         raise CheckpointError("not a stage-1 or stage-2 state dict")
     out = dict(state)
     for key, value in embedding.items():
-        if not key.endswith((".running_mean", ".running_var")):
-            continue
-        names = [prefix + key[len("convnet."):] for prefix in prefixes if prefix + key[len("convnet."):] in state]
-        if not names:
-            raise CheckpointError(f"no {key[len('convnet.'):]} in the file's embedding")
-        for name in names:
-            out[name] = value.to(state[name].dtype).clone()
+        if key.endswith((".running_mean", ".running_var")):
+            names = [prefix + key[len("convnet."):] for prefix in prefixes if prefix + key[len("convnet."):] in state]
+            if not names:
+                raise CheckpointError(f"no {key[len('convnet.'):]} in the file's embedding")
+            out.update({name: value.to(state[name].dtype).clone() for name in names})
     return out

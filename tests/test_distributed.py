@@ -14,9 +14,9 @@ from torch import nn
 from datasets.toy import generate
 from engine.stage1 import distribute, multi_gpu_hint
 from models import EmbeddingNet
+from models.batchnorm import convert_to_gloo_sync
 from tests.scripts_helpers import REPO, free_port, read_metrics, run_script, script_env
 from utils.distributed import DistInfo
-from utils.syncbn import convert_to_gloo_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo missing")
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.grid import cell_index, grid_boundaries, weight_map
+from utils.grid import cell_index, weight_map
+
+
+def cell_starts(size: int, fang: int) -> list[int]:
+    """The first pixel of each cell (where :func:`cell_index` steps up by one), then ``size``."""
+    index = cell_index(size, fang).tolist()
+    assert index[0] == 0 and all(b - a in (0, 1) for a, b in zip(index, index[1:])) and index[-1] == fang - 1
+    return [p for p in range(size) if p == 0 or index[p] != index[p - 1]] + [size]
 
 
 @pytest.mark.parametrize("fang,expected", [
@@ -14,7 +21,7 @@ from utils.grid import cell_index, grid_boundaries, weight_map
     (7, [0, 32, 64, 96, 128, 160, 192, 224]),
 ])
 def test_grid_boundaries_at_224(fang: int, expected: list[int]) -> None:
-    assert grid_boundaries(224, fang) == expected
+    assert cell_starts(224, fang) == expected
 
 
 @pytest.mark.parametrize("size,fang,expected", [
@@ -23,7 +30,7 @@ def test_grid_boundaries_at_224(fang: int, expected: list[int]) -> None:
     (7, 7, [0, 1, 2, 3, 4, 5, 6, 7]),
 ])
 def test_grid_boundaries_last_cell_takes_remainder(size: int, fang: int, expected: list[int]) -> None:
-    assert grid_boundaries(size, fang) == expected
+    assert cell_starts(size, fang) == expected
 
 
 @pytest.mark.parametrize("size,fang,expected", [
@@ -92,12 +99,12 @@ def test_weight_map_is_differentiable() -> None:
 @pytest.mark.parametrize("fang", [0, -1])
 def test_grid_rejects_nonpositive_grid_size(fang: int) -> None:
     with pytest.raises(ValueError):
-        grid_boundaries(224, fang)
+        cell_index(224, fang)
 
 
 def test_grid_rejects_grid_larger_than_image() -> None:
     with pytest.raises(ValueError):
-        grid_boundaries(4, 5)
+        cell_index(4, 5)
     with pytest.raises(ValueError):
         weight_map(torch.rand(1, 25), 4)
 

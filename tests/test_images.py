@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TOY_SIZE, csv_rows
 from datasets.images import image_problem, load_rgb, scan_split
 from datasets.splits import Split
-from datasets.transforms import eval_crop, eval_transform, resize_size, train_transform
+from datasets.transforms import eval_crop, normalize_uint8, resize_size, train_transform
 from utils.errors import DataError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -140,7 +140,7 @@ def _rect_image(width: int = 70, height: int = 50) -> Image.Image:
 
 
 @pytest.mark.parametrize("size", [32, 48, 84, 224])
-def test_eval_transform_shape_and_values(size: int) -> None:
+def test_eval_crop_and_normalisation_shape_and_values(size: int) -> None:
     image = _rect_image()
     crop = eval_crop(size)(image)
     assert crop.dtype == torch.uint8
@@ -148,7 +148,7 @@ def test_eval_transform_shape_and_values(size: int) -> None:
     # Resize to round(S*256/224) then centre-crop S, done by hand with PIL.
     shorter = round(size * 256 / 224)
     assert torch.equal(crop, _manual_eval_crop(image, size, shorter))
-    out = eval_transform(size)(image)
+    out = normalize_uint8(crop)
     assert out.dtype == torch.float32
     assert out.shape == (3, size, size)
     expected = (crop.float() / 255 - MEAN) / STD

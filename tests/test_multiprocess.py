@@ -348,10 +348,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_gracefully(tmp_p
 
 
 def test_loader_workers_ignore_stop_signals_and_are_ended_at_exit():
-    from datasets.loaders import end_lingering_workers, worker_init_for
+    from datasets.loaders import end_lingering_workers, image_loader
 
-    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1, num_workers=1,
-                                         worker_init_fn=worker_init_for(CPU))
+    loader = image_loader(list(range(64)), 1, 1, CPU)
     iterator = iter(loader)
     next(iterator)  # the worker is up, its init done
     (worker,) = iterator._workers

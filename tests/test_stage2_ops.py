@@ -218,9 +218,9 @@ def test_foreach_adam_steps_the_per_parameter_numbers_and_keeps_foreach_after_a_
     optimizers, _ = stage2.make_optimizers(model, args)
     reference = copy.deepcopy(model)
     reference_optimizers = {
-        "meta_opt": torch.optim.Adam(reference.deformation_parameters(), lr=args.LR, foreach=False),
+        "meta_opt": torch.optim.Adam(list(reference.deformer.parameters()), lr=args.LR, foreach=False),
         "scale_opt": torch.optim.Adam([reference.scale], lr=args.LR, foreach=False),
-        "cls_opt": torch.optim.Adam([{"params": reference.embedding_parameters(), "lr": args.clsLR * 0.1},
+        "cls_opt": torch.optim.Adam([{"params": list(reference.backbone.parameters()), "lr": args.clsLR * 0.1},
                                      {"params": list(reference.fc.parameters()), "lr": args.clsLR}], foreach=False)}
     generator = torch.Generator().manual_seed(1)
     pairs = list(zip(model.parameters(), reference.parameters()))

@@ -1,9 +1,7 @@
 """Checkpoints written atomically and read without executing code, the original's Python 2 pickles included."""
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,29 +9,14 @@ from typing import Any
 import torch
 
 from utils.errors import CheckpointError
+from utils.files import atomic_write
 
 MODELS_DIR = Path("models")
 
 
 def atomic_save(obj: Any, path: Path | str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` through :func:`utils.files.atomic_write` (fsynced, renamed over ``path``)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_load(path: Path | str) -> Any:
@@ -47,12 +30,10 @@ def safe_load(path: Path | str) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes; the refusal is ours to report
                 return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-        except pickle.UnpicklingError as exc:
+        except (pickle.UnpicklingError, UnicodeDecodeError) as exc:  # then retried as a Python 2 pickle
             if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
                 raise CheckpointError(f"{path}: refused, the file holds Python objects other than a plain "
                                       "state dict (we never execute code from a checkpoint)") from None
-            last = exc
-        except UnicodeDecodeError as exc:
             last = exc
         except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError) as exc:
             last = exc
@@ -60,44 +41,24 @@ def safe_load(path: Path | str) -> Any:
     raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(last).__name__}: {last})")
 
 
-def strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the ``module.`` segments that DataParallel / DistributedDataParallel add to keys."""
-    return {".".join(p for p in k.split(".") if p != "module"): v for k, v in state.items()}
-
-
 def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
-    """A plain state dict (string keys, tensor values) from ``path``, ``module.`` prefixes removed."""
+    """A plain state dict (string keys, tensor values) from ``path``, without the ``module.`` segments that
+    DataParallel and DistributedDataParallel add to keys."""
     obj = safe_load(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj \
             or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(f"{path}: not a state dict (expected a mapping from names to tensors)")
-    return strip_module(obj)
+    return {".".join(part for part in k.split(".") if part != "module"): v for k, v in obj.items()}
 
 
 def resolve_checkpoint(name: str, flag: str, models_dir: Path = MODELS_DIR) -> Path:
     """``name`` when it is a file, else ``models/<name>.t7``, else :class:`CheckpointError` naming ``flag``."""
-    candidates = [Path(name), models_dir / f"{name}.t7"]
-    for path in candidates:
+    for path in (Path(name), models_dir / f"{name}.t7"):
         if path.is_file():
             return path
-    available = sorted(p.stem for p in models_dir.glob("*.t7")) if models_dir.is_dir() else []
-    listing = ", ".join(available) if available else "none"
+    listing = ", ".join(sorted(p.stem for p in models_dir.glob("*.t7"))) or "none"
     raise CheckpointError(f"{flag} {name}: no file {models_dir / (name + '.t7')} "
                           f"(available in {models_dir}/: {listing})")
 
-
-def describe_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 4) -> str | None:
-    """Why ``state`` does not fit ``model`` (missing, unexpected or differently shaped keys), or None."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts) or None

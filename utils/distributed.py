@@ -29,23 +29,16 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return info
-
-
 def run_distributed(work: Callable[[Any, torch.device, DistInfo], int], args: Any, device: torch.device) -> int:
-    """``work(args, device, info)`` inside ``torchrun``'s process group (if any), on this process's GPU."""
-    info = init_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    """``work(args, device, info)`` in the process group ``torchrun`` describes in the environment (if any), on this
+    process's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else DistInfo()
+    if info.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     try:
         return work(args, device, info)
     finally:
@@ -80,12 +73,10 @@ def gather_round_robin(values: Sequence[float], total: int, stopped: bool, devic
     """The ``total`` values rank r computed as items r, r + W, ..., in order on every rank; whether any stopped."""
     if not info.enabled:
         return list(values), stopped
-    buffer = torch.zeros(total + 1, dtype=torch.float64, device=device)
+    buffer = [0.0] * total + [float(stopped)]
     if not stopped:
-        buffer[info.rank:total:info.world_size] = torch.tensor(values, dtype=torch.float64, device=device)
-    buffer[-1] = float(stopped)
-    dist.all_reduce(buffer)
-    gathered = buffer.tolist()
+        buffer[info.rank:total:info.world_size] = values
+    gathered = all_reduce_sum(buffer, device, info)
     return gathered[:total], gathered[-1] > 0
 
 

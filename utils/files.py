@@ -6,23 +6,40 @@ import io
 import json
 import math
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RUNS_DIR = Path("runs")  # runs/<tensorname>/: args.json, metrics.csv, resume.pt, evaluation JSON
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> None:
+    """``write(handle)`` into a new file beside ``path``, fsync it, rename it over ``path`` and fsync the folder: a
+    reader finds the old file or the whole new one, and an error leaves no temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, newline="")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically; a non-finite float becomes null (JSON has no NaN)."""
-    _write_atomically(path, json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str,
-                                       allow_nan=False) + "\n")
+    text = json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def finite_or_null(value: Any) -> Any:
@@ -55,4 +72,4 @@ def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None
     writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: csv_cell(row[key]) for key in fields} for row in rows)
-    _write_atomically(path, text.getvalue())
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))

@@ -6,21 +6,15 @@ import functools
 import torch
 
 
-def grid_boundaries(size: int, fang: int) -> list[int]:
-    """The ``fang + 1`` cell boundaries on ``size`` px, the last cell taking the remainder (224, 3: 0, 74, 148, 224)."""
+@functools.lru_cache(maxsize=None)
+def cell_index(size: int, fang: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The cell of each pixel row (or column), long ``[size]``: ``p // (size // fang)``, the last cell taking the
+    remainder (224 px, 3 cells: 74, 74, 76 px); cached per device (a GPU build waits), read only."""
     if fang < 1:
         raise ValueError(f"grid size must be at least 1, got {fang}")
     if size < fang:
         raise ValueError(f"an image of {size} px cannot hold a {fang} x {fang} grid")
-    step = size // fang
-    return [i * step for i in range(fang)] + [size]
-
-
-@functools.lru_cache(maxsize=None)
-def cell_index(size: int, fang: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The cell of each pixel row (or column), long ``[size]``; cached per device (a GPU build waits), read only."""
-    bounds = grid_boundaries(size, fang)
-    return torch.tensor([cell for cell in range(fang) for _ in range(bounds[cell], bounds[cell + 1])], device=device)
+    return (torch.arange(size, device=device) // (size // fang)).clamp_(max=fang - 1)
 
 
 def weight_map(weights: torch.Tensor, size: int) -> torch.Tensor:
