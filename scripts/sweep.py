@@ -431,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if busy:
         print(f"wall time {wall:.1f} s; the runs started here took {busy:.1f} s in all "
               f"({busy / wall:.2f} x the wall time, {len(slots)} slot(s))")
-    if interrupted:
-        return INTERRUPTED
-    return 0 if all(run.state() == "finished" for run in runs) else 1
+    return INTERRUPTED if interrupted else 0 if all(run.state() == "finished" for run in runs) else 1
 
 
 if __name__ == "__main__":
