@@ -131,8 +131,15 @@ class Run:
         return evaluate_path(self.run_dir(), shots or "1", seed or "0")
 
     def state(self) -> str:
-        """Finished: stage 1's summary.json or stage 2's evaluate JSON is there."""
-        return run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
+        """``finished`` (stage 1's summary.json or stage 2's evaluate JSON, newer than any resume.pt),
+        ``interrupted`` (resume.pt), ``leftover`` (a folder with neither) or ``new``."""
+        folder, resume = self.run_dir(), self.run_dir() / "resume.pt"
+        done = [path.stat().st_mtime_ns for path in (folder / "summary.json", self.evaluate_file()) if path.is_file()]
+        if done and (not resume.is_file() or max(done) >= resume.stat().st_mtime_ns):
+            return "finished"
+        if resume.is_file():
+            return "interrupted"
+        return "leftover" if folder.is_dir() and any(folder.iterdir()) else "new"
 
     def log(self) -> Path:
         return self.sweep / "logs" / f"{self.name}.log"
@@ -229,18 +236,6 @@ def pack(runs: Iterable[Run], slots: Sequence[str | None], forward: bool) -> tup
 
 
 # --- what a run left ----------------------------------------------------------------------------
-
-def run_state(run_dir: Path, results: Iterable[Path]) -> str:
-    """``finished`` (a result file newer than any resume.pt), ``interrupted`` (resume.pt), ``leftover``
-    (a folder with neither) or ``new``."""
-    resume = run_dir / "resume.pt"
-    done = [path.stat().st_mtime_ns for path in results if path.is_file()]
-    if done and (not resume.is_file() or max(done) >= resume.stat().st_mtime_ns):
-        return "finished"
-    if resume.is_file():
-        return "interrupted"
-    return "leftover" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
-
 
 def evaluate_path(run_dir: Path, shots: int | str, seed: int | str, suffix: str = "") -> Path:
     """Stage 2's test report (``--testWeights last``: ``suffix`` ``_last``), written once training or
