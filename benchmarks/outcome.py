@@ -14,7 +14,8 @@ t-interval over the seeds: "exceeds noise" when that interval leaves out 0. One 
     python -m benchmarks.outcome --data emoji --imageSize 48 --variant 'main:' --variant 'old@56d06f0:'
 
 Finished runs are kept in ``--workdir`` (``results/<variant>_seed<S>.json``) and reused when their
-settings are the same, so an interrupted benchmark continues where it stopped.
+settings are the same, so an interrupted benchmark continues where it stopped. The study
+(``benchmarks/study.py``) launches its runs with the same flags, data and command lines (below).
 """
 from __future__ import annotations
 
