@@ -28,6 +28,7 @@ CHUNK_HELP = (f"images per forward chunk; smaller chunks need less memory and ru
               f"(default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
 # The shot-dependent defaults of --augnum and --chooseNum: (1 shot, more shots).
 AUGNUM_DEFAULTS, CHOOSE_DEFAULTS = (7, 5), (15, 30)
+GALLERY_NUM = 30  # --galleryNum's default: gallery images per base class
 
 
 def shot_defaults(shots: int) -> tuple[int, int]:
@@ -84,7 +85,7 @@ def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image
     add_gallery_num_flag(parser)
 
 
-def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = 30, use: str = "") -> None:
+def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = GALLERY_NUM, use: str = "") -> None:
     parser.add_argument("--galleryNum", type=int, default=default, required=default is None,
                         help=f"gallery images per base class{use}")
 
