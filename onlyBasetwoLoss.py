@@ -73,13 +73,13 @@ def main(args: argparse.Namespace) -> int:
         # and a training episode decodes only the images the cache does not hold yet, and its support.
         caches = {name: FeatureCache(embed, len(split), device, config.batchSize, bool(config.amp))
                   for name, split in splits.items()} if not groups[1] else {}
-        train_set = stage2.episodes(splits["train"], config, config.trainways, config.epoch, stage2.TRAIN_STREAM,
+        train_config = stage2.episode_config(config, config.trainways, train=True)  # the episodes' and the draws'
+        train_set = stage2.episodes(splits["train"], config, train_config, config.epoch, stage2.TRAIN_STREAM,
                                     gallery_size, cache=caches.get("train"))
-        train_config = stage2.episode_config(config, config.trainways, train=True)
         select_split = config.selectOn
         select_stream = stage2.VAL_STREAM if select_split == "val" else stage2.TEST_STREAM
-        select_set = stage2.episodes(splits[select_split], config, config.ways, config.valEpisodes, select_stream,
-                                     gallery_size, evaluation=True)
+        select_set = stage2.episodes(splits[select_split], config, stage2.episode_config(config, config.ways),
+                                     config.valEpisodes, select_stream, gallery_size, evaluation=True)
         if saved is None:
             def first_episode() -> dict:
                 train_set.set_epoch(0)
@@ -131,10 +131,7 @@ def main(args: argparse.Namespace) -> int:
                   f"and {last_path}")
             if config.testWeights == "kept":
                 model.load_state_dict(safe_load(main_path))
-            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
-                                       gallery_size, evaluation=True)
-            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True,
-                                    stop=stop, cache=caches.get("test"))
+            stats = stage2.test(model, splits["test"], bank, config, device, embed, stop, caches.get("test"))
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
@@ -162,10 +159,8 @@ def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
                                batch_norm=config.galleryBN) if gallery else None
             if bank is not None:
                 print(stage2.gallery_pass_line(bank), flush=True)
-            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
-                                       len(bank or []), evaluation=True)
             embed = stage2.make_embed(model, device, bool(config.dataParallel))
-            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True, stop=stop)
+            stats = stage2.test(model, splits["test"], bank, config, device, embed, stop)
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT

@@ -114,15 +114,15 @@ def main(a: argparse.Namespace) -> None:
     # Each dataset holds 4 * nthreads episodes more than the loops consume (the timer stops them
     # after the timed ones), so the workers keep decoding one new episode per consumed one, as mid-epoch.
     spare = 4 * config.nthreads
-    train_set = stage2.episodes(splits["train"], config, config.trainways, a.warmup + a.episodes + spare,
+    train_config = stage2.episode_config(config, config.trainways, train=True)
+    test_config = stage2.episode_config(config, config.ways)
+    train_set = stage2.episodes(splits["train"], config, train_config, a.warmup + a.episodes + spare,
                                 stage2.TRAIN_STREAM, len(bank))
-    test_set = stage2.episodes(splits["test"], config, config.ways, a.warmup + test_steps + spare, stage2.TEST_STREAM,
+    test_set = stage2.episodes(splits["test"], config, test_config, a.warmup + test_steps + spare, stage2.TEST_STREAM,
                                len(bank))
     train_set.set_epoch(first_epoch)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
-    train_config = stage2.episode_config(config, config.trainways, train=True)
-    test_config = stage2.episode_config(config, config.ways)
     scaler = grad_scaler(device, bool(config.amp))  # as the script: float16 --amp scales its losses
 
     def train_floor() -> list[dict]:
@@ -164,7 +164,7 @@ def main(a: argparse.Namespace) -> None:
     passes = {}
     if a.passEpisodes and not a.skipTest:
         for cached in (False, True):  # whole passes as the scripts run them, the cache's advance fill included
-            dataset = stage2.episodes(splits["test"], config, config.ways, a.passEpisodes, stage2.TEST_STREAM,
+            dataset = stage2.episodes(splits["test"], config, test_config, a.passEpisodes, stage2.TEST_STREAM,
                                       len(bank), evaluation=cached)
             passes[cached] = common.timed(device, stage2.evaluate, model, dataset, bank, config, device, "pass", embed,
                                           cached=cached)[0] / a.passEpisodes

@@ -162,15 +162,15 @@ def episode_config(config: Stage2Config, ways: int, train: bool = False) -> Epis
                          config.galleryExclude if train else "none", config.batchSize, bool(config.amp))
 
 
-def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, gallery_size: int,
+def episodes(split, config: Stage2Config, episode: EpisodeConfig, count: int, stream: int, gallery_size: int,
              evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
-    """The episodes of ``split``: evaluation decodes only the support (to deform it); training with the run's
-    ``cache`` (``--fixCls 1``) also the queries it lacks (``set_epoch`` right before iterating, in order)."""
-    draws = None if config.deform == "none" else AugmentDraws(episode_config(config, ways, stream == TRAIN_STREAM),
-                                                              gallery_size, config.Fang ** 2)
-    decode = ("none" if config.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
-    return EpisodeDataset(split, config.imageSize, ways, config.shots, config.test_num, count, config.seed, stream,
-                          bool(config.overlap), draws, decode, None if decode != "new" else cache.known)
+    """The episodes of ``split`` with ``episode``'s ways, the draws sharing it (:func:`episode_config`): evaluation
+    decodes only the support (to deform it); training with the run's ``cache`` (``--fixCls 1``) also the queries
+    it lacks (``set_epoch`` right before iterating, in order)."""
+    draws = None if episode.deform == "none" else AugmentDraws(episode, gallery_size, config.Fang ** 2)
+    decode = ("none" if episode.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
+    return EpisodeDataset(split, config.imageSize, episode.ways, config.shots, config.test_num, count, config.seed,
+                          stream, bool(config.overlap), draws, decode, None if decode != "new" else cache.known)
 
 
 def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):
@@ -317,6 +317,14 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     acc, plain, losses = torch.stack(per_episode).T.tolist() if per_episode else ([], [], [])
     device_sums.read()
     return {"acc": acc, "plain": plain, "loss": losses, "first": first, "sums": sums}
+
+
+def test(model: IDeMeNet, split, bank: GalleryBank | None, config: Stage2Config, device: torch.device, embed,
+         stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None) -> dict:
+    """The final evaluation (:func:`evaluate`, the first result kept): ``--testEpisodes`` test episodes."""
+    dataset = episodes(split, config, episode_config(config, config.ways), config.testEpisodes, TEST_STREAM,
+                       len(bank or []), evaluation=True)
+    return evaluate(model, dataset, bank, config, device, "test", embed, keep_first=True, stop=stop, cache=cache)
 
 
 def gallery_pass_line(bank: GalleryBank) -> str:

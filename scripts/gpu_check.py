@@ -215,9 +215,9 @@ def stage2_setup(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     groups, (optimizers, _) = stage2.param_groups(model, args), stage2.make_optimizers(model, args)
     bank = GalleryBank(gallery, model, device, args.batchSize, bool(args.amp), batch_norm=args.galleryBN)
     embed, scaler = stage2.make_embed(model, device), grad_scaler(device, amp)
-    train_set = stage2.episodes(splits["train"], args, args.trainways, episodes, stage2.TRAIN_STREAM, len(bank))
-    train_set.set_epoch(1)
     config = stage2.episode_config(args, args.trainways, train=True)
+    train_set = stage2.episodes(splits["train"], args, config, episodes, stage2.TRAIN_STREAM, len(bank))
+    train_set.set_epoch(1)
 
     def train(part, **more) -> None:
         stage2.train_one_epoch(model, part, bank, config, device, 1, groups, optimizers, embed, stage2.new_progress(),
@@ -238,7 +238,8 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     with Phase(device) as training:
         train(items[1:])
     syncs = host_syncs(device, lambda: train(items[1:]), episodes, scaled)
-    test_set, fresh_set = (stage2.episodes(splits["test"], args, args.ways, episodes, stage2.TEST_STREAM, len(bank),
+    test_config = stage2.episode_config(args, args.ways)
+    test_set, fresh_set = (stage2.episodes(splits["test"], args, test_config, episodes, stage2.TEST_STREAM, len(bank),
                                            evaluation=cached) for cached in (True, False))
     with Phase(device) as testing:
         stage2.evaluate(model, test_set, bank, args, device, "test", embed)
