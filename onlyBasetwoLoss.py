@@ -57,8 +57,7 @@ def main(args: argparse.Namespace) -> int:
             optimizers, schedulers = stage2.make_optimizers(model, config)
             scaler = grad_scaler(device, bool(config.amp))
             stateful = {**optimizers, **schedulers, "scaler": scaler}
-            start_epoch, progress, record = run.restore(model, stateful, stage2.new_progress(),
-                                                        {"best": None, "rows": 0}, "episode")
+            start_epoch, progress = run.restore(model, stateful, stage2.new_progress(), {"best": None}, "episode")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
             features = saved["gallery_features"] if saved is not None else None
             bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop,
@@ -80,17 +79,13 @@ def main(args: argparse.Namespace) -> int:
         select_stream = stage2.VAL_STREAM if select_split == "val" else stage2.TEST_STREAM
         select_set = stage2.episodes(splits[select_split], config, stage2.episode_config(config, config.ways),
                                      config.valEpisodes, select_stream, gallery_size, evaluation=True)
-        if saved is None:
-            def first_episode() -> dict:
-                train_set.set_epoch(0)
-                return train_set[0]
-            if scale_line := stage2.initialize_scale(model, config.scaleInit, first_episode, config.trainways, device,
-                                                     embed, train_config, caches.get("train")):
-                print(scale_line, flush=True)
-        run.start(record["rows"])
+        if saved is None and (scale_line := stage2.initialize_scale(model, config.scaleInit, train_set, device, embed,
+                                                                    train_config, caches.get("train"))):
+            print(scale_line, flush=True)
+        run.start()
 
         def save_state(epoch: int) -> None:
-            run.save_state(epoch, progress, record, model.state_dict(), stateful, format=stage2.RESUME_FORMAT,
+            run.save_state(epoch, progress, model.state_dict(), format=stage2.RESUME_FORMAT,
                            gallery_features=None if bank is None else bank.features.cpu())
 
         def select(epoch: int) -> dict:
@@ -100,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
                                     stop=stop, cache=caches.get(select_split))
             columns = stage2.selection_columns(stats, select_split)
             score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
-            run.keep_best(record, "best", score, model.state_dict, main_path)
+            run.keep_best("best", score, model.state_dict, main_path)
             return columns
 
         epoch = start_epoch
@@ -120,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
                 row.update(progress["select"] if select_split == "test" else select(epoch))
                 stage2.step_schedulers(*schedulers.values())
                 atomic_save(model.state_dict(), last_path)
-                record["rows"] = run.log(row)
+                run.log(row)
                 progress = stage2.new_progress()
                 save_state(epoch + 1)
                 run.announce(row)

@@ -184,30 +184,28 @@ def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = Fals
 
 
 @torch.no_grad()
-def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device, embed, config: EpisodeConfig,
-               cache: FeatureCache | None = None) -> float:
-    """``--scaleInit auto``: 1 / the queries' mean standard deviation of their squared distances ``[Q, W]`` to
-    the episode's plain prototypes, so that the logits ``-scale * d`` start with unit spread."""
-    episode = episode_on_device(episode, device)
-    features = []
-    for part in ("support", "query"):
-        if cache is not None:
-            features.append(cache.lookup(episode[f"{part}_ids"], episode.get(part)))
-        else:
-            with autocast(device, config.amp):
-                features.append(embed_in_chunks(embed, prepare_images(episode[part], device), config.chunk))
-    support, query = (f.float() for f in features)
-    distances = squared_distances(query, prototypes(support, episode["support_labels"], ways))
-    return 1.0 / distances.std(dim=1).mean().item()
-
-
-def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
-                     device: torch.device, embed, config: EpisodeConfig,
-                     cache: FeatureCache | None = None) -> str | None:
-    """Set ``model.scale`` for ``--scaleInit`` (a number or ``auto``); the log line, None when it stays."""
+def initialize_scale(model: IDeMeNet, value: float | str | None, dataset: EpisodeDataset, device: torch.device,
+                     embed, config: EpisodeConfig, cache: FeatureCache | None = None) -> str | None:
+    """Set ``model.scale`` for ``--scaleInit``: a number, or ``auto``, 1 / the mean over the first training
+    episode's (``dataset``'s epoch 0) queries of the standard deviation of their squared distances ``[Q, W]``
+    to its plain prototypes, so that the logits ``-scale * d`` start with unit spread. Returns the log line,
+    None when the scale stays."""
     if value is None:
         return None
-    scale = auto_scale(first_episode(), ways, device, embed, config, cache) if value == "auto" else float(value)
+    if value == "auto":
+        dataset.set_epoch(0)
+        episode, features = episode_on_device(dataset[0], device), []
+        for part in ("support", "query"):
+            if cache is not None:
+                features.append(cache.lookup(episode[f"{part}_ids"], episode.get(part)))
+            else:
+                with autocast(device, config.amp):
+                    features.append(embed_in_chunks(embed, prepare_images(episode[part], device), config.chunk))
+        support, query = (f.float() for f in features)
+        distances = squared_distances(query, prototypes(support, episode["support_labels"], config.ways))
+        scale = 1.0 / distances.std(dim=1).mean().item()
+    else:
+        scale = float(value)
     if not math.isfinite(scale) or scale <= 0:
         raise OptionError(f"--scaleInit auto: the first training episode's distances give no usable scale ({scale})")
     model.scale.data.fill_(scale)
