@@ -99,7 +99,7 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
                 run.log(row)
                 progress = stage1.new_progress()
                 save_state(epoch + 1)
-                run.announce(stage1.console_row(row))
+                run.announce({**row, "accuracy": 100 * row["accuracy"]})  # in percent like val's on the console
                 barrier(info)
                 if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
                     return run.stop(f"after epoch {epoch}")

@@ -263,7 +263,8 @@ def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 def config_class(name: str, parser: argparse.ArgumentParser, doc: str) -> type:
     """A frozen dataclass with a field per flag of ``parser`` (in the parser's order; the defaults stay there)."""
-    return make_dataclass(name, list(parser_defaults(parser)), frozen=True, namespace={"__doc__": doc})
+    return make_dataclass(name, list(parser_defaults(parser)), frozen=True,
+                          namespace={"__doc__": doc, "__module__": __name__})  # picklable: to torchrun's ranks
 
 
 Stage1Config = config_class("Stage1Config", stage1_parser(), "The flags of ``classification.py``, checked "

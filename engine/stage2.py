@@ -264,8 +264,9 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                 if first_bad is not None:
                     bar.close()
                     index, classes = unread[first_bad]
-                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(index)} "
-                                           f"(classes {class_names(loader, classes)})")
+                    split = getattr(getattr(loader, "dataset", None), "split", None)  # None: classes by id
+                    names = " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(index)} (classes {names})")
                 unread = []
                 bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
                                 acc=f"{100 * progress['acc'] / progress['step']:.1f}")
@@ -278,12 +279,6 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
             raise Interrupted(f"in training epoch {epoch}, after episode {progress['step']}")
     bar.close()
     return result, relation
-
-
-def class_names(loader, classes: torch.Tensor) -> str:
-    """The wnids of an episode's ``classes`` (their ids when ``loader`` reads no EpisodeDataset)."""
-    split = getattr(getattr(loader, "dataset", None), "split", None)
-    return " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
 
 
 @torch.no_grad()
