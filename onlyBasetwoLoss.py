@@ -23,7 +23,6 @@ import torch
 
 from datasets.loaders import episode_loader
 from engine import stage2
-from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import Stage2Config, stage2_config, stage2_parser
 from engine.run import Run, run_lock
@@ -59,13 +58,10 @@ def main(args: argparse.Namespace) -> int:
             stateful = {**optimizers, **schedulers, "scaler": scaler}
             start_epoch, progress = run.restore(model, stateful, stage2.new_progress(), {"best": None}, "episode")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
-            features = saved["gallery_features"] if saved is not None else None
-            bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop,
-                               config.galleryBN) if gallery else None
+            bank = stage2.gallery_bank(gallery, model, config, device, stop,
+                                       saved["gallery_features"] if saved is not None else None)
         except Interrupted as stopped:
             return run.stop(str(stopped))
-        if bank is not None:
-            print(stage2.gallery_pass_line(bank), flush=True)
         embed = stage2.make_embed(model, device, bool(config.dataParallel))
         gallery_size = len(bank or [])
         # With the embedding frozen for the run, each image is embedded once per run, not once per pass,
@@ -150,10 +146,7 @@ def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
         try:
             splits, model, gallery = stage2.prepare(config, device, need_train=False, stop=stop)
             held.enter_context(run_lock(RUNS_DIR / config.tensorname))
-            bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), stop=stop,
-                               batch_norm=config.galleryBN) if gallery else None
-            if bank is not None:
-                print(stage2.gallery_pass_line(bank), flush=True)
+            bank = stage2.gallery_bank(gallery, model, config, device, stop)
             embed = stage2.make_embed(model, device, bool(config.dataParallel))
             stats = stage2.test(model, splits["test"], bank, config, device, embed, stop)
         except Interrupted as stopped:

@@ -320,6 +320,17 @@ def test(model: IDeMeNet, split, bank: GalleryBank | None, config: Stage2Config,
     return evaluate(model, dataset, bank, config, device, "test", embed, keep_first=True, stop=stop, cache=cache)
 
 
+def gallery_bank(gallery: Gallery | None, model: IDeMeNet, config: Stage2Config, device: torch.device,
+                 stop: Callable[[], bool] | None = None, features: torch.Tensor | None = None) -> GalleryBank | None:
+    """The :class:`GalleryBank` of ``gallery`` (None without one) after ``--galleryBN``'s pass, or with a resumed
+    run's ``features`` and no pass; prints how its features came about (:func:`gallery_pass_line`)."""
+    if gallery is None:
+        return None
+    bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop, config.galleryBN)
+    print(gallery_pass_line(bank), flush=True)
+    return bank
+
+
 def gallery_pass_line(bank: GalleryBank) -> str:
     """The log line saying how the gallery features (and BatchNorm statistics) came about."""
     if bank.batch_norm == "restored":
