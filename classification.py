@@ -57,18 +57,18 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
     criterion = nn.CrossEntropyLoss()
     scaler = grad_scaler(device, bool(config.amp))
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    start_epoch, progress, record = run.restore(net, stateful, stage1.new_progress(),
-                                                {"best_train_loss": math.inf, "best_val": -1.0, "rows": 0}, "step")
+    start_epoch, progress = run.restore(net, stateful, stage1.new_progress(),
+                                        {"best_train_loss": math.inf, "best_val": -1.0}, "step")
     if run.resumed is not None and not info.is_main:  # the saved sums cover every process; the main one goes on
         progress.update({key: 0 for key in stage1.SUMMED_PROGRESS})
     barrier(info)
-    run.start(record["rows"])
+    run.start()
 
     def save_state(epoch: int) -> None:
         """Write the resumable state (every process calls it: the epoch's sums are added up)."""
         summed = all_reduce_sum([progress[k] for k in stage1.SUMMED_PROGRESS], device, info)
         totals = dict(zip(stage1.SUMMED_PROGRESS, summed))
-        run.save_state(epoch, {**progress, **totals}, record, stage1.plain_state(model), stateful)
+        run.save_state(epoch, {**progress, **totals}, stage1.plain_state(model))
 
     with run:
         epoch = start_epoch
@@ -87,19 +87,19 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
                 saved = functools.cache(lambda: stage1.precise_copy(model, precise_files, config, device,
                                                                     stop=precise_stop) if precise_files else model)
                 weights = lambda: stage1.plain_state(saved())  # noqa: E731
-                run.keep_best(record, "best_train_loss", row["loss"], weights, main_path, lowest=True)
+                run.keep_best("best_train_loss", row["loss"], weights, main_path, lowest=True)
                 if config.valEpisodes and ((config.valEvery and (epoch + 1) % config.valEvery == 0)
                                            or epoch + 1 == config.numEpochs):
                     row.update(stage1.evaluate(model, val, config, device, info, stop=lambda: run.interrupted))
                     if precise_files:
                         row.update(stage1.evaluate(saved(), val, config, device, info, stop=lambda: run.interrupted,
                                                    suffix="_precise"))
-                    run.keep_best(record, "best_val", row[selected_on], weights, best_path)
+                    run.keep_best("best_val", row[selected_on], weights, best_path)
                 scheduler.step()
-                record["rows"] = run.log(row)
+                run.log(row)
                 progress = stage1.new_progress()
                 save_state(epoch + 1)
-                run.announce(stage1.console_row(row))
+                run.announce({**row, "accuracy": 100 * row["accuracy"]})  # in percent like val's on the console
                 barrier(info)
                 if all_reduce_sum([float(run.interrupted)], device, info)[0] > 0:
                     return run.stop(f"after epoch {epoch}")
@@ -108,14 +108,13 @@ def train(config: Stage1Config, device: torch.device, info: DistInfo) -> int:
             save_state(epoch)  # the epoch's finished steps are kept; an interrupted val evaluation is redone
             return run.stop(str(stopped))
     if info.is_main:
-        write_json(run.dir / "summary.json", {"lowest_train_loss": record["best_train_loss"],
-                                              "checkpoint": str(main_path), "best_val_1shot": record["best_val"],
-                                              "best_checkpoint": str(best_path), "selected_on": selected_on,
-                                              "preciseBN": config.preciseBN})
+        lowest, best = run.record["best_train_loss"], run.record["best_val"]
+        write_json(run.dir / "summary.json", {"lowest_train_loss": lowest, "checkpoint": str(main_path),
+                                              "best_val_1shot": best, "best_checkpoint": str(best_path),
+                                              "selected_on": selected_on, "preciseBN": config.preciseBN})
         statistics = f", BatchNorm statistics re-estimated over {len(precise_files)} images" if precise_files else ""
-        print(f"saved {main_path} (lowest training loss {record['best_train_loss']:.4f}{statistics})"
-              + (f" and {best_path} ({selected_on.replace('_', ' ')} {record['best_val']:.2f} %)"
-                 if record["best_val"] >= 0 else ""))
+        print(f"saved {main_path} (lowest training loss {lowest:.4f}{statistics})"
+              + (f" and {best_path} ({selected_on.replace('_', ' ')} {best:.2f} %)" if best >= 0 else ""))
     return 0
 
 

@@ -23,7 +23,6 @@ import torch
 
 from datasets.loaders import episode_loader
 from engine import stage2
-from engine.episode import GalleryBank
 from engine.features import FeatureCache
 from engine.options import Stage2Config, stage2_config, stage2_parser
 from engine.run import Run, run_lock
@@ -57,40 +56,32 @@ def main(args: argparse.Namespace) -> int:
             optimizers, schedulers = stage2.make_optimizers(model, config)
             scaler = grad_scaler(device, bool(config.amp))
             stateful = {**optimizers, **schedulers, "scaler": scaler}
-            start_epoch, progress, record = run.restore(model, stateful, stage2.new_progress(),
-                                                        {"best": None, "rows": 0}, "episode")
+            start_epoch, progress = run.restore(model, stateful, stage2.new_progress(), {"best": None}, "episode")
             # A resumed run keeps the features and the statistics (in saved["model"]) of its gallery pass.
-            features = saved["gallery_features"] if saved is not None else None
-            bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop,
-                               config.galleryBN) if gallery else None
+            bank = stage2.gallery_bank(gallery, model, config, device, stop,
+                                       saved["gallery_features"] if saved is not None else None)
         except Interrupted as stopped:
             return run.stop(str(stopped))
-        if bank is not None:
-            print(stage2.gallery_pass_line(bank), flush=True)
         embed = stage2.make_embed(model, device, bool(config.dataParallel))
         gallery_size = len(bank or [])
         # With the embedding frozen for the run, each image is embedded once per run, not once per pass,
         # and a training episode decodes only the images the cache does not hold yet, and its support.
         caches = {name: FeatureCache(embed, len(split), device, config.batchSize, bool(config.amp))
                   for name, split in splits.items()} if not groups[1] else {}
-        train_set = stage2.episodes(splits["train"], config, config.trainways, config.epoch, stage2.TRAIN_STREAM,
+        train_config = stage2.episode_config(config, config.trainways, train=True)  # the episodes' and the draws'
+        train_set = stage2.episodes(splits["train"], config, train_config, config.epoch, stage2.TRAIN_STREAM,
                                     gallery_size, cache=caches.get("train"))
-        train_config = stage2.episode_config(config, config.trainways, train=True)
         select_split = config.selectOn
         select_stream = stage2.VAL_STREAM if select_split == "val" else stage2.TEST_STREAM
-        select_set = stage2.episodes(splits[select_split], config, config.ways, config.valEpisodes, select_stream,
-                                     gallery_size, evaluation=True)
-        if saved is None:
-            def first_episode() -> dict:
-                train_set.set_epoch(0)
-                return train_set[0]
-            if scale_line := stage2.initialize_scale(model, config.scaleInit, first_episode, config.trainways, device,
-                                                     embed, train_config, caches.get("train")):
-                print(scale_line, flush=True)
-        run.start(record["rows"])
+        select_set = stage2.episodes(splits[select_split], config, stage2.episode_config(config, config.ways),
+                                     config.valEpisodes, select_stream, gallery_size, evaluation=True)
+        if saved is None and (scale_line := stage2.initialize_scale(model, config.scaleInit, train_set, device, embed,
+                                                                    train_config, caches.get("train"))):
+            print(scale_line, flush=True)
+        run.start()
 
         def save_state(epoch: int) -> None:
-            run.save_state(epoch, progress, record, model.state_dict(), stateful, format=stage2.RESUME_FORMAT,
+            run.save_state(epoch, progress, model.state_dict(), format=stage2.RESUME_FORMAT,
                            gallery_features=None if bank is None else bank.features.cpu())
 
         def select(epoch: int) -> dict:
@@ -100,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
                                     stop=stop, cache=caches.get(select_split))
             columns = stage2.selection_columns(stats, select_split)
             score = columns["select_acc"] if select_split == "val" else -columns["select_loss"]
-            run.keep_best(record, "best", score, model.state_dict, main_path)
+            run.keep_best("best", score, model.state_dict, main_path)
             return columns
 
         epoch = start_epoch
@@ -120,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
                 row.update(progress["select"] if select_split == "test" else select(epoch))
                 stage2.step_schedulers(*schedulers.values())
                 atomic_save(model.state_dict(), last_path)
-                record["rows"] = run.log(row)
+                run.log(row)
                 progress = stage2.new_progress()
                 save_state(epoch + 1)
                 run.announce(row)
@@ -131,10 +122,7 @@ def main(args: argparse.Namespace) -> int:
                   f"and {last_path}")
             if config.testWeights == "kept":
                 model.load_state_dict(safe_load(main_path))
-            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
-                                       gallery_size, evaluation=True)
-            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True,
-                                    stop=stop, cache=caches.get("test"))
+            stats = stage2.test(model, splits["test"], bank, config, device, embed, stop, caches.get("test"))
         except Interrupted as stopped:
             save_state(epoch)  # the epoch's finished episodes are kept; an interrupted evaluation is redone
             return run.stop(str(stopped))
@@ -158,14 +146,9 @@ def evaluate_checkpoint(config: Stage2Config, device: torch.device) -> int:
         try:
             splits, model, gallery = stage2.prepare(config, device, need_train=False, stop=stop)
             held.enter_context(run_lock(RUNS_DIR / config.tensorname))
-            bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), stop=stop,
-                               batch_norm=config.galleryBN) if gallery else None
-            if bank is not None:
-                print(stage2.gallery_pass_line(bank), flush=True)
-            test_set = stage2.episodes(splits["test"], config, config.ways, config.testEpisodes, stage2.TEST_STREAM,
-                                       len(bank or []), evaluation=True)
+            bank = stage2.gallery_bank(gallery, model, config, device, stop)
             embed = stage2.make_embed(model, device, bool(config.dataParallel))
-            stats = stage2.evaluate(model, test_set, bank, config, device, "test", embed, keep_first=True, stop=stop)
+            stats = stage2.test(model, splits["test"], bank, config, device, embed, stop)
         except Interrupted as stopped:
             print(f"stopped {stopped}; nothing was written: run the same command again", flush=True)
             return INTERRUPTED_EXIT

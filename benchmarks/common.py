@@ -1,17 +1,14 @@
-"""What the benchmarks share: the data they generate, the flags and command lines of the scripts' runs the
-outcome benchmark and the study launch, the timers the speed benchmarks (per step) and gpu_check (whole
-passes) pass to the engine, memory probes, output."""
+"""What the benchmarks share: the data they generate, the timers the speed benchmarks (per step) and gpu_check
+(whole passes) pass to the engine, memory probes, output."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -22,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from datasets import emoji, toy
-from engine.experiments import Variant, parse_variant
-from engine.options import add_gallery_num_flag, add_image_size_flag
+from datasets import toy
+from engine.options import add_image_size_flag
 from engine.timing import Timer
-from utils.errors import OptionError
 from utils.options import (
     HelpFormatter,
     add_amp_flag,
@@ -34,10 +29,7 @@ from utils.options import (
     add_device_flag,
     add_seed_flag,
     add_threads_flag,
-    check_positive,
 )
-
-GENERATORS = {"toy": (toy.generate, 30), "emoji": (emoji.generate, 60)}  # --data -> (generator, images per class)
 
 
 def generate_once(generate, root: Path, marker: str, what: str | None = None, **params) -> float:
@@ -344,83 +336,3 @@ def finish(summary: dict, env_start: dict, path: str | None, holder, device: tor
     print(line, flush=True)
     if holder is not None:
         holder.cleanup()
-
-
-# --- the runs of the outcome benchmark and the study -----------------------------------------------
-
-def run_parser(description: str, variant_help: str, workdir: str) -> argparse.ArgumentParser:
-    """The flags of the runs both the outcome benchmark and the study launch."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--variant", action="append", default=[], help=variant_help)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")
-    p.add_argument("--data", default="toy", help="toy, emoji (generated in --workdir) or a dataset root")
-    p.add_argument("--perClass", type=int, default=None, help="generated images per class (toy 30, emoji 60)")
-    p.add_argument("--dataSize", type=int, default=None, help="generated image side (default: ceil(imageSize*256/224))")
-    add_image_size_flag(p, 32, "of both stages' runs")
-    p.add_argument("--s1Epochs", type=int, default=4, help="stage-1 epochs")
-    p.add_argument("--s1Files", type=int, default=20, help="stage 1's --filesPerClass")
-    p.add_argument("--s1Batch", type=int, default=64, help="stage 1's --batchSize (also the re-estimation's batch)")
-    p.add_argument("--s2Epochs", type=int, default=2, help="stage-2 epochs (round 1, 1-shot, --fixCls 1)")
-    p.add_argument("--s2Episodes", type=int, default=60, help="stage-2 training episodes per epoch")
-    p.add_argument("--s2Val", type=int, default=50, help="stage-2 val episodes per epoch (selection)")
-    p.add_argument("--s2Test", type=int, default=300, help="stage-2 test episodes")
-    add_gallery_num_flag(p, 10, " of the stage-2 runs")
-    add_device_flag(p)
-    add_threads_flag(p, 2, use="loader workers of the scripts and the evaluation")
-    p.add_argument("--workdir", default=workdir, help="folder of the runs, data, code trees and results")
-    return p
-
-
-def start_runs(a: argparse.Namespace) -> tuple[list[Variant], Path, Path, tuple[float, float]]:
-    """The ``--variant`` list (``default:`` when none) once the flags of :func:`run_parser` are checked,
-    ``--workdir`` (made), the dataset root (``--data`` as a folder, or the toy or emoji set generated in
-    ``--workdir``, reused when its settings are the same), and the clock and load average then."""
-    variants = [parse_variant(text) for text in (a.variant or ["default:"])]
-    if len({v.name for v in variants}) != len(variants):
-        raise OptionError("--variant: two variants share a name")
-    if len(set(a.seeds)) != len(a.seeds):
-        raise OptionError(f"--seeds {' '.join(map(str, a.seeds))}: repeated seed")
-    check_positive(a, "imageSize", "s1Epochs", "s1Files", "s1Batch", "s2Epochs", "s2Episodes", "s2Val", "s2Test",
-                   "galleryNum")
-    workdir = Path(a.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if a.data in GENERATORS:
-        generate, per_class = GENERATORS[a.data]
-        params = {"per_class": a.perClass or per_class, "size": a.dataSize or math.ceil(a.imageSize * 256 / 224),
-                  "seed": 0}
-        root = workdir / f"data_{a.data}_{params['size']}px_{params['per_class']}"
-        generate_once(generate, root, ".outcome_data.json", a.data, **params)
-    elif Path(a.data).is_dir():
-        root = Path(a.data).resolve()
-    else:
-        raise OptionError(f"--data {a.data}: neither toy, emoji nor a dataset folder")
-    return variants, workdir, root, (time.perf_counter(), os.getloadavg()[0])
-
-
-def stage1_flags(a: argparse.Namespace, root: Path, seed: int, name: str, extra: tuple[str, ...]) -> list[str]:
-    """``classification.py``'s command line for the stage-1 run ``name``."""
-    return [*script_flags(a, root, seed), "--tensorname", name, "--numEpochs", str(a.s1Epochs), "--batchSize",
-            str(a.s1Batch), "--filesPerClass", str(a.s1Files), "--valEpisodes", "0", *extra]
-
-
-def stage2_flags(a: argparse.Namespace, root: Path, seed: int, network: str, name: str,
-                 extra: tuple[str, ...]) -> list[str]:
-    """``onlyBasetwoLoss.py``'s command line for the round-1 1-shot run ``name`` from ``network``."""
-    return [*script_flags(a, root, seed), "--network", network, "--tensorname", name, "--shots", "1", "--fixCls", "1",
-            "--galleryNum", str(a.galleryNum), "--epoch", str(a.s2Episodes), "--numEpochs", str(a.s2Epochs),
-            "--valEpisodes", str(a.s2Val), "--testEpisodes", str(a.s2Test), *extra]
-
-
-def script_flags(a: argparse.Namespace, root: Path, seed: int) -> list[str]:
-    """The flags both scripts get from the benchmark's own (a run starts anew: ``--overwrite``)."""
-    return ["--dataroot", str(root), "--imageSize", str(a.imageSize), "--seed", str(seed), "--nthreads",
-            str(a.nthreads), "--progress", "0", "--overwrite"] + (["--device", a.device] if a.device else [])
-
-
-def run_setup(root: Path, started: tuple[float, float], **more) -> dict:
-    """The ``setup`` of a summary: the command line, the data, the machine, its load and the wall time since
-    ``started`` (:func:`start_runs`)."""
-    start, load_start = started
-    return {"argv": sys.argv[1:], "data": str(root), "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
-            "wall_s": time.perf_counter() - start, **more}

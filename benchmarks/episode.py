@@ -94,13 +94,14 @@ class Stage2Run:
         self.embed = stage2.make_embed(self.model, device)
         self.scaler = grad_scaler(device, bool(config.amp))
         self.train_config = stage2.episode_config(config, config.trainways, train=True)
+        self.test_config = stage2.episode_config(config, config.ways)
 
     def episodes(self, split: str, count: int, epoch: int = 0, **more) -> EpisodeDataset:
         """``count`` episodes of epoch ``epoch`` of split ``train`` (training's ways and stream) or ``test``;
         ``more``: :func:`engine.stage2.episodes`'."""
-        ways, stream = (self.config.trainways, stage2.TRAIN_STREAM) if split == "train" else \
-            (self.config.ways, stage2.TEST_STREAM)
-        episodes = stage2.episodes(self.splits[split], self.config, ways, count, stream, len(self.bank), **more)
+        episode, stream = (self.train_config, stage2.TRAIN_STREAM) if split == "train" else \
+            (self.test_config, stage2.TEST_STREAM)
+        episodes = stage2.episodes(self.splits[split], self.config, episode, count, stream, len(self.bank), **more)
         episodes.set_epoch(epoch)
         return episodes
 
@@ -152,7 +153,6 @@ def main(a: argparse.Namespace) -> None:
     test_set = run.episodes("test", a.warmup + test_steps + spare)
     train_decode_s, train_x = decode(train_set, device)
     test_decode_s, test_x = decode(test_set, device)
-    test_config = stage2.episode_config(config, config.ways)
 
     rows = {"train loop": [], "train floor": [], "test loop": [], "test floor": []}
     train_acc, train_steps, workers_cpu_s = 0.0, 0, 0.0
@@ -177,7 +177,7 @@ def main(a: argparse.Namespace) -> None:
         rows["test loop"] += timer.rows
         with StepTimer(device, a.warmup, test_steps, probes["test_floor"]) as timer, torch.no_grad():
             for _ in range(a.warmup + test_steps):
-                run_episode(run.model, test_x, run.bank, test_config, device, embed=run.embed, timer=timer)
+                run_episode(run.model, test_x, run.bank, run.test_config, device, embed=run.embed, timer=timer)
                 timer.end_step()
         rows["test floor"] += timer.rows
 

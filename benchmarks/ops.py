@@ -86,8 +86,8 @@ def main(a: argparse.Namespace) -> None:
         configure_backend(device, False, config.seed)
         splits = stage2.load_splits(config, need_train=True)
         gallery = Gallery(splits["train"], config.galleryNum, config.imageSize, 0, progress=False)
-        episodes = stage2.episodes(splits["train"], config, config.trainways, a.long, stage2.TRAIN_STREAM,
-                                   len(gallery))
+        episodes = stage2.episodes(splits["train"], config, stage2.episode_config(config, config.trainways, True),
+                                   a.long, stage2.TRAIN_STREAM, len(gallery))
         episodes.set_epoch(0 if fix_cls else 1)
         short, long = (count(config, device, splits, gallery, episodes, n, warm) for n in (a.short, a.long))
         per_episode = {op: (long[op] - short[op]) / (a.long - a.short) for op in long | short}

@@ -33,7 +33,7 @@ import json
 import math
 import shlex
 
-from benchmarks.common import run_parser, run_setup, stage1_flags, stage2_flags, start_runs
+from benchmarks.outcome import run_parser, run_setup, stage1_flags, stage2_flags, start_runs
 from engine.experiments import REPO, Variant, code_tree, compare, evaluate_path, over_seeds, recorded, run_checked
 from utils.files import read_csv, write_csv, write_json
 from utils.options import run_cli

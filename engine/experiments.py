@@ -1,5 +1,5 @@
 """Experiments over the training scripts: a run launched as a process (its log, environment, process group,
-timeout, output echoed as it comes), runs packed onto GPU or CPU slots, the state of a run folder, a result
+timeout, output echoed as it comes), a sweep's runs packed onto GPU or CPU slots, the state of a run folder, a result
 reused when its recorded settings match, what a run wrote read back, the variants compared (flags, code
 revisions) and the numbers over seeds. No torch: the sweep starts runs without loading it."""
 from __future__ import annotations
@@ -13,17 +13,19 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
+from utils.cpus import usable_cpus
 from utils.errors import OptionError
-from utils.files import read_csv
+from utils.files import RUNS_DIR, write_json
 from utils.metrics import mean_t_ci95
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +110,50 @@ def run_checked(command: list[str], log: Path, cwd: Path | None = None) -> float
     return seconds
 
 
-# --- runs packed onto slots ---------------------------------------------------------------------
+# --- a sweep's runs, packed onto slots ---------------------------------------------------------------
+
+@dataclass
+class Run:
+    """A grid point of a sweep (``scripts/sweep.py``): its name, its grid values and the script's command line for
+    it; its sweep's folder (its log and status record there)."""
+
+    name: str
+    values: dict[str, str]
+    script: str
+    args: list[str]
+    sweep: Path
+
+    def run_dir(self) -> Path:
+        return RUNS_DIR / self.name
+
+    def evaluate_file(self) -> Path:
+        shots, seed = (flag_value(self.args, flag) for flag in ("--shots", "--seed"))
+        return evaluate_path(self.run_dir(), shots or "1", seed or "0")
+
+    def state(self) -> str:
+        """``finished`` (stage 1's summary.json or stage 2's evaluate JSON, newer than any resume.pt),
+        ``interrupted`` (resume.pt), ``leftover`` (a folder with neither) or ``new``."""
+        folder, resume = self.run_dir(), self.run_dir() / "resume.pt"
+        done = [path.stat().st_mtime_ns for path in (folder / "summary.json", self.evaluate_file()) if path.is_file()]
+        if done and (not resume.is_file() or max(done) >= resume.stat().st_mtime_ns):
+            return "finished"
+        if resume.is_file():
+            return "interrupted"
+        return "leftover" if folder.is_dir() and any(folder.iterdir()) else "new"
+
+    def log(self) -> Path:
+        return self.sweep / "logs" / f"{self.name}.log"
+
+    def record(self) -> Path:
+        return self.sweep / "status" / f"{self.name}.json"
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The last value of ``flag`` in ``args`` (``--flag v`` or ``--flag=v``), or None."""
+    values = [after if arg == flag else arg[len(flag) + 1:] for arg, after in zip(args, [*args[1:], None])
+              if arg == flag and after is not None or arg.startswith(flag + "=")]
+    return values[-1] if values else None
+
 
 def parse_gpus(cuda_visible: str | None, smi_listing: str | None) -> list[str]:
     """Visible GPU ids: from CUDA_VISIBLE_DEVICES when set (up to an invalid ``-1``), else one per
@@ -129,12 +174,6 @@ def visible_gpus() -> list[str]:
     return parse_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), listing)
 
 
-def gpu_slots(gpus: list[str], per_gpu: int) -> list[str]:
-    """Worker slots, one GPU id each, ``per_gpu`` per GPU, spread over the GPUs first: the first
-    ``len(gpus)`` runs get one GPU each, the next ones share."""
-    return [gpu for _ in range(per_gpu) for gpu in gpus]
-
-
 def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> dict[str, str]:
     """The environment of a run: pinned to GPU ``slot`` (None: unchanged), unbuffered output, and the
     ``cpus`` CPU cores shared among the ``slots`` unless OMP_NUM_THREADS is already set."""
@@ -145,14 +184,13 @@ def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> 
     return env
 
 
-def pack(items: Iterable[Any], slots: Sequence[str | None], start: Callable[[Any, str | None], Launch | None],
-         done: Callable[[Any, Launch], None], forward: bool) -> tuple[bool, float, float]:
-    """``(interrupted, wall seconds, sum of the runs' seconds)`` of the items run over the worker ``slots``,
-    one at a time on each: ``start(item, slot)`` launches an item's run (None: nothing to run), ``done(item,
-    launch)`` follows its end (log closed, ``seconds`` set). SIGINT or SIGTERM: no item starts any more; with
-    ``forward`` the running ones get one SIGTERM per signal (they save and exit 130), else they get the
-    signal themselves (same process group)."""
-    pending, free, running, stops = deque(items), deque(slots), {}, []
+def pack(runs: Iterable[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
+    """``(interrupted, wall seconds, sum of the runs' seconds)`` of ``runs`` over the worker ``slots``, one at
+    a time on each: a finished run skipped, an interrupted one resumed (``--resume``), a leftover folder
+    restarted (``--overwrite``); each attempt appended to the run's log and counted in its status record.
+    SIGINT or SIGTERM: no run starts any more; with ``forward`` the running ones get one SIGTERM per signal
+    (they save and exit 130), else they get the signal themselves (same process group)."""
+    pending, free, running, stops, cpus = deque(runs), deque(slots), {}, [], usable_cpus()
 
     def stop(signum: int, frame: object) -> None:
         stops.append(signum)
@@ -167,15 +205,28 @@ def pack(items: Iterable[Any], slots: Sequence[str | None], start: Callable[[Any
     try:
         while running or (pending and not stops):
             while pending and free and not stops:
-                item = pending.popleft()
-                launch = start(item, free[0])
-                if launch is not None:
-                    running[launch] = item, free.popleft()
+                run, slot = pending.popleft(), free[0]
+                state = run.state()
+                if state == "finished":
+                    print(f"skip {run.name} (finished)", flush=True)
+                    continue
+                how = {"new": "new", "interrupted": "--resume", "leftover": "--overwrite"}[state]
+                env = child_env(dict(os.environ), slot, len(slots), cpus)
+                launch = Launch([sys.executable, run.script, *run.args, *([] if how == "new" else [how])], run.log(),
+                                env=env, group=forward)
+                running[launch] = run, free.popleft()
+                where = "" if slot is None else f", GPU {slot}"
+                print(f"start {run.name} ({how}, pid {launch.process.pid}{where}; log {run.log()})", flush=True)
             for launch in [launch for launch in running if launch.process.poll() is not None]:
-                item, slot = running.pop(launch)
+                run, slot = running.pop(launch)
                 busy += launch.close()
                 free.append(slot)
-                done(item, launch)
+                status, old = launch.process.returncode, read_json(run.record()) or {}
+                write_json(run.record(), {"exit_status": status, "attempts": old.get("attempts", 0) + 1,
+                                          "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
+                                          "log": str(run.log()), "command": shlex.join(launch.process.args)})
+                print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after "
+                      f"{launch.seconds:.1f} s", flush=True)
             if running:
                 time.sleep(0.1)
     finally:
@@ -185,18 +236,6 @@ def pack(items: Iterable[Any], slots: Sequence[str | None], start: Callable[[Any
 
 
 # --- what a run left ----------------------------------------------------------------------------
-
-def run_state(run_dir: Path, results: Iterable[Path]) -> str:
-    """``finished`` (a result file newer than any resume.pt), ``interrupted`` (resume.pt), ``leftover``
-    (a folder with neither) or ``new``."""
-    resume = run_dir / "resume.pt"
-    done = [path.stat().st_mtime_ns for path in results if path.is_file()]
-    if done and (not resume.is_file() or max(done) >= resume.stat().st_mtime_ns):
-        return "finished"
-    if resume.is_file():
-        return "interrupted"
-    return "leftover" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
-
 
 def evaluate_path(run_dir: Path, shots: int | str, seed: int | str, suffix: str = "") -> Path:
     """Stage 2's test report (``--testWeights last``: ``suffix`` ``_last``), written once training or
@@ -209,14 +248,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """A CSV file's rows (a run's metrics.csv), none when it is missing."""
-    try:
-        return read_csv(path)
-    except OSError:
-        return []
 
 
 def recorded(path: Path, settings: dict) -> dict | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+from dataclasses import make_dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ CHUNK_HELP = (f"images per forward chunk; smaller chunks need less memory and ru
               f"(default: {CUDA_CHUNK} on CUDA, {CPU_CHUNK} on the CPU)")
 # The shot-dependent defaults of --augnum and --chooseNum: (1 shot, more shots).
 AUGNUM_DEFAULTS, CHOOSE_DEFAULTS = (7, 5), (15, 30)
+GALLERY_NUM = 30  # --galleryNum's default: gallery images per base class
 
 
 def shot_defaults(shots: int) -> tuple[int, int]:
@@ -84,7 +85,7 @@ def add_gallery_flags(parser: argparse.ArgumentParser, per: str = "support image
     add_gallery_num_flag(parser)
 
 
-def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = 30, use: str = "") -> None:
+def add_gallery_num_flag(parser: argparse.ArgumentParser, default: int | None = GALLERY_NUM, use: str = "") -> None:
     parser.add_argument("--galleryNum", type=int, default=default, required=default is None,
                         help=f"gallery images per base class{use}")
 
@@ -252,109 +253,28 @@ def lowshot_parser() -> argparse.ArgumentParser:
 
 
 # --- the typed configurations ---------------------------------------------------------------
-# One field per flag, named as the flag, so that ``dataclasses.asdict(config)`` is the dict args.json
-# and resume.pt record; every default stays in the parsers above (:func:`parser_defaults`).
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The flags all three configurations share (:func:`add_runtime_flags` and the run's files)."""
-
-    tensorname: str
-    network: str
-    lowshotmeta: str | None
-    imageSize: int
-    Fang: int
-    batchSize: int
-    nthreads: int
-    device: str | None
-    seed: int
-    amp: int
-    deterministic: int
-    tf32: int
-    progress: int | None
-
-
-@dataclass(frozen=True)
-class TrainConfig(RunConfig):
-    """The flags both training scripts share (:func:`add_common_args`)."""
-
-    dataroot: str
-    LR: float
-    numEpochs: int
-    valEpisodes: int
-    memoryFormat: str
-    resume: bool
-    overwrite: bool
-    skipBadImages: bool
-
-
-@dataclass(frozen=True)
-class Stage1Config(TrainConfig):
-    """The flags of ``classification.py`` (:func:`stage1_parser`), checked (:func:`stage1_config`)."""
-
-    backbone: str | None
-    filesPerClass: int
-    crop: str
-    valEvery: int
-    valQueries: int
-    preciseBN: int
-
-
-@dataclass(frozen=True)
-class Stage2Config(TrainConfig):
-    """The flags of ``onlyBasetwoLoss.py`` (:func:`stage2_parser`), filled and checked (:func:`stage2_config`)."""
-
-    GNet: str
-    shots: int
-    ways: int
-    trainways: int
-    test_num: int
-    augnum: int
-    chooseNum: int
-    galleryNum: int
-    epoch: int
-    clsLR: float
-    fixCls: int
-    fixAttention: int
-    fixScale: int
-    scaleInit: float | str | None
-    deformNet: str
-    deform: str
-    gallerySelect: str
-    galleryExclude: str
-    galleryBN: str
-    selectOn: str
-    testWeights: str
-    overlap: int
-    dataParallel: int
-    evaluate: bool
-    testEpisodes: int
-
-
-@dataclass(frozen=True)
-class LowShotConfig(RunConfig):
-    """The flags of ``lowshot_imagenet.py`` (:func:`lowshot_parser`), checked (:func:`lowshot_eval_config`);
-    ``augnum`` and ``chooseNum`` None for the defaults of each n (:func:`shot_defaults`)."""
-
-    imagenet: str
-    lowshotmeta: str
-    experimentpath: str
-    trainlist: str | None
-    GNet: str
-    testsetup: int
-    trials: list[int]
-    lowshotn: list[int]
-    augnum: int | None
-    chooseNum: int | None
-    galleryNum: int
-    deform: str
-    gallerySelect: str
-    deformNet: str
-
+# Built from the parsers: one frozen field per flag, named as the flag, so that ``dataclasses.asdict(config)``
+# is the dict args.json and resume.pt record, and each flag is declared once (its default and help stay above).
 
 def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Every flag's default, by flag name (None for a required flag)."""
     return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
+def config_class(name: str, parser: argparse.ArgumentParser, doc: str) -> type:
+    """A frozen dataclass with a field per flag of ``parser`` (in the parser's order; the defaults stay there)."""
+    return make_dataclass(name, list(parser_defaults(parser)), frozen=True,
+                          namespace={"__doc__": doc, "__module__": __name__})  # picklable: to torchrun's ranks
+
+
+Stage1Config = config_class("Stage1Config", stage1_parser(), "The flags of ``classification.py``, checked "
+                            "(:func:`stage1_config`).")
+Stage2Config = config_class("Stage2Config", stage2_parser(), "The flags of ``onlyBasetwoLoss.py``, filled and "
+                            "checked (:func:`stage2_config`).")
+LowShotConfig = config_class("LowShotConfig", lowshot_parser(), "The flags of ``lowshot_imagenet.py``, checked "
+                             "(:func:`lowshot_eval_config`); ``augnum`` and ``chooseNum`` None for the defaults of "
+                             "each n (:func:`shot_defaults`).")
+TrainConfig = Stage1Config | Stage2Config
 
 
 def stage1_config(**flags: Any) -> Stage1Config:

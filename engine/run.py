@@ -160,20 +160,14 @@ class Run:
             raise OptionError(f"--numEpochs {config.numEpochs} is fewer than the {self.resumed['epoch']} epochs "
                               f"{self.dir} has already trained")
         self.args, self.fields, self.checkpoint, self.info = asdict(config), fields, checkpoint, info
+        self.is_main, self.state_path = info.is_main, self.dir / "resume.pt"  # the main process writes the files
         self.log_file: MetricsLog | None = None
+        self.record: dict[str, Any] = {}
+        self._objects: dict[str, Any] = {}
         self._interrupt, self._saved, self._lock = GracefulInterrupt(), False, None
 
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes the run's files (the only one without distribution)."""
-        return self.info.is_main
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / "resume.pt"
-
-    def start(self, kept_rows: int) -> None:
-        """Take the lock, empty a new run's folder, write args.json and metrics.csv (``kept_rows`` kept)."""
+    def start(self) -> None:
+        """Take the lock, empty a new run's folder, write args.json and metrics.csv (the resumed rows kept)."""
         self._lock = lock_together(self.dir, self.info)
         if self.is_main:
             if not self.resumed and self.dir.exists():  # a new run (--overwrite): all but the lock goes
@@ -183,49 +177,48 @@ class Run:
                     elif path.name != LOCK_FILE:
                         path.unlink()
             write_json(self.dir / "args.json", self.args)
-            self.log_file = MetricsLog(self.dir, self.fields, keep_rows=kept_rows)
+            self.log_file = MetricsLog(self.dir, self.fields, keep_rows=self.record["rows"])
 
     def restore(self, model: nn.Module, objects: dict[str, Any], progress: dict, record: dict,
-                unit: str) -> tuple[int, dict, dict]:
-        """Load a resumed state into ``model`` and ``objects`` (by key, as :meth:`save_state` takes them);
-        returns its ``(epoch, progress, record)``, for a new run ``(0, progress, record)``. ``unit``: a step's name."""
+                unit: str) -> tuple[int, dict]:
+        """Load a resumed state into ``model`` and ``objects`` (by key: what :meth:`save_state` saves) and
+        :attr:`record` (the bests :meth:`keep_best` keeps and the metrics.csv ``rows``, for a new run ``record``);
+        returns its ``(epoch, progress)``, for a new run ``(0, progress)``. ``unit``: a step's name."""
+        self._objects, self.record = objects, {**record, "rows": 0}
         if self.resumed is None:
-            return 0, progress, record
+            return 0, progress
         model.load_state_dict(self.resumed["model"])
         for key, obj in objects.items():
             if isinstance(obj, torch.amp.GradScaler):
                 load_scaler_state(obj, self.resumed.get(key))
             else:
                 obj.load_state_dict(self.resumed[key])
-        epoch, progress = self.resumed["epoch"], self.resumed["progress"]
+        epoch, progress, self.record = self.resumed["epoch"], self.resumed["progress"], self.resumed["record"]
         if self.is_main:
             print(f"resuming {self.args['tensorname']} at epoch {epoch}, {unit} {progress['step']}")
-        return epoch, progress, self.resumed["record"]
+        return epoch, progress
 
-    def save_state(self, epoch: int, progress: dict, record: dict, model_state: dict[str, torch.Tensor],
-                   objects: dict[str, Any], **extra: Any) -> None:
-        """Write the resumable state atomically (``objects``' ``state_dict()`` by key)."""
+    def save_state(self, epoch: int, progress: dict, model_state: dict[str, torch.Tensor], **extra: Any) -> None:
+        """Write the resumable state atomically: the restored objects' ``state_dict()`` by key, :attr:`record`."""
         if self.is_main:
-            atomic_save({"model": model_state, **{key: obj.state_dict() for key, obj in objects.items()},
-                         "epoch": epoch, "progress": progress, "record": record, **extra, "args": self.args},
+            atomic_save({"model": model_state, **{key: obj.state_dict() for key, obj in self._objects.items()},
+                         "epoch": epoch, "progress": progress, "record": self.record, **extra, "args": self.args},
                         self.state_path)
         self._saved = True
 
-    def keep_best(self, record: dict, key: str, value: float, weights: Callable[[], dict], path: Path,
-                  lowest: bool = False) -> None:
+    def keep_best(self, key: str, value: float, weights: Callable[[], dict], path: Path, lowest: bool = False) -> None:
         """Note ``value`` and save ``weights()`` to ``path`` when it beats ``record[key]`` (lower with ``lowest``)."""
-        best = record[key]
+        best = self.record[key]
         if best is None or (value < best if lowest else value > best):
-            record[key] = value
+            self.record[key] = value
             if self.is_main:
                 atomic_save(weights(), path)
 
-    def log(self, row: dict[str, Any]) -> int:
-        """Append ``row`` to metrics.csv; returns the rows written so far."""
-        if not self.is_main:
-            return 0
-        self.log_file.log(row)
-        return self.log_file.rows
+    def log(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to metrics.csv (counted in ``record["rows"]``)."""
+        if self.is_main:
+            self.log_file.log(row)
+            self.record["rows"] = self.log_file.rows
 
     def announce(self, row: dict[str, Any]) -> None:
         """Print the epoch line, once its row and the resumable state are written."""

@@ -129,11 +129,6 @@ def new_progress() -> dict[str, float]:
 SUMMED_PROGRESS = ("loss_sum", "correct", "seen")
 
 
-def console_row(row: dict) -> dict:
-    """An epoch's row for the console: training accuracy in percent like val's (metrics.csv keeps the fraction)."""
-    return {**row, "accuracy": 100 * row["accuracy"]}
-
-
 def distribute(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
     """The model on ``device``; under torchrun in DistributedDataParallel with synchronised BatchNorm (whole-batch
     statistics, as the original's one GPU). Otherwise one device: DataParallel would normalise shares apart."""

@@ -29,7 +29,7 @@ from engine.episode import (
 )
 from engine.features import FeatureCache
 from engine.figures import save_deformation_figure
-from engine.options import Stage2Config
+from engine.options import GALLERY_NUM, Stage2Config, shot_defaults
 from engine.timing import NO_TIMER, Timer, timed_items
 from models import IDeMeNet, load_idemenet
 from models.protonet import prototypes, squared_distances
@@ -76,8 +76,14 @@ def load_splits(config: Stage2Config, need_train: bool):
                           f"({out['train'].min_class_size()} images)")
     shortlisted = out["train"].num_classes - (config.trainways if config.galleryExclude == "episode" else 0)
     if config.gallerySelect == "nearest" and config.chooseNum > config.galleryNum * shortlisted:
+        gallery = f"{config.galleryNum} x {shortlisted} classes"
+        if config.chooseNum == shot_defaults(config.shots)[1]:  # the default, so --galleryNum is at fault
+            raise OptionError(f"--galleryNum {config.galleryNum} leaves a shortlist {gallery} to draw from, fewer than "
+                              f"the {config.chooseNum} nearest images the default --chooseNum takes for --shots "
+                              f"{config.shots}; give a larger --galleryNum or a smaller --chooseNum")
+        given = "--galleryNum " if config.galleryNum != GALLERY_NUM else ""
         raise OptionError(f"--chooseNum {config.chooseNum} is larger than the gallery a shortlist draws from "
-                          f"({config.galleryNum} x {shortlisted} classes)")
+                          f"({given}{gallery})")
     return out
 
 
@@ -156,15 +162,15 @@ def episode_config(config: Stage2Config, ways: int, train: bool = False) -> Epis
                          config.galleryExclude if train else "none", config.batchSize, bool(config.amp))
 
 
-def episodes(split, config: Stage2Config, ways: int, count: int, stream: int, gallery_size: int,
+def episodes(split, config: Stage2Config, episode: EpisodeConfig, count: int, stream: int, gallery_size: int,
              evaluation: bool = False, cache: FeatureCache | None = None) -> EpisodeDataset:
-    """The episodes of ``split``: evaluation decodes only the support (to deform it); training with the run's
-    ``cache`` (``--fixCls 1``) also the queries it lacks (``set_epoch`` right before iterating, in order)."""
-    draws = None if config.deform == "none" else AugmentDraws(episode_config(config, ways, stream == TRAIN_STREAM),
-                                                              gallery_size, config.Fang ** 2)
-    decode = ("none" if config.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
-    return EpisodeDataset(split, config.imageSize, ways, config.shots, config.test_num, count, config.seed, stream,
-                          bool(config.overlap), draws, decode, None if decode != "new" else cache.known)
+    """The episodes of ``split`` with ``episode``'s ways, the draws sharing it (:func:`episode_config`): evaluation
+    decodes only the support (to deform it); training with the run's ``cache`` (``--fixCls 1``) also the queries
+    it lacks (``set_epoch`` right before iterating, in order)."""
+    draws = None if episode.deform == "none" else AugmentDraws(episode, gallery_size, config.Fang ** 2)
+    decode = ("none" if episode.deform == "none" else "support") if evaluation else "all" if cache is None else "new"
+    return EpisodeDataset(split, config.imageSize, episode.ways, config.shots, config.test_num, count, config.seed,
+                          stream, bool(config.overlap), draws, decode, None if decode != "new" else cache.known)
 
 
 def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = False):
@@ -178,30 +184,28 @@ def make_embed(model: IDeMeNet, device: torch.device, data_parallel: bool = Fals
 
 
 @torch.no_grad()
-def auto_scale(episode: dict[str, torch.Tensor], ways: int, device: torch.device, embed, config: EpisodeConfig,
-               cache: FeatureCache | None = None) -> float:
-    """``--scaleInit auto``: 1 / the queries' mean standard deviation of their squared distances ``[Q, W]`` to
-    the episode's plain prototypes, so that the logits ``-scale * d`` start with unit spread."""
-    episode = episode_on_device(episode, device)
-    features = []
-    for part in ("support", "query"):
-        if cache is not None:
-            features.append(cache.lookup(episode[f"{part}_ids"], episode.get(part)))
-        else:
-            with autocast(device, config.amp):
-                features.append(embed_in_chunks(embed, prepare_images(episode[part], device), config.chunk))
-    support, query = (f.float() for f in features)
-    distances = squared_distances(query, prototypes(support, episode["support_labels"], ways))
-    return 1.0 / distances.std(dim=1).mean().item()
-
-
-def initialize_scale(model: IDeMeNet, value: float | str | None, first_episode: Callable[[], dict], ways: int,
-                     device: torch.device, embed, config: EpisodeConfig,
-                     cache: FeatureCache | None = None) -> str | None:
-    """Set ``model.scale`` for ``--scaleInit`` (a number or ``auto``); the log line, None when it stays."""
+def initialize_scale(model: IDeMeNet, value: float | str | None, dataset: EpisodeDataset, device: torch.device,
+                     embed, config: EpisodeConfig, cache: FeatureCache | None = None) -> str | None:
+    """Set ``model.scale`` for ``--scaleInit``: a number, or ``auto``, 1 / the mean over the first training
+    episode's (``dataset``'s epoch 0) queries of the standard deviation of their squared distances ``[Q, W]``
+    to its plain prototypes, so that the logits ``-scale * d`` start with unit spread. Returns the log line,
+    None when the scale stays."""
     if value is None:
         return None
-    scale = auto_scale(first_episode(), ways, device, embed, config, cache) if value == "auto" else float(value)
+    if value == "auto":
+        dataset.set_epoch(0)
+        episode, features = episode_on_device(dataset[0], device), []
+        for part in ("support", "query"):
+            if cache is not None:
+                features.append(cache.lookup(episode[f"{part}_ids"], episode.get(part)))
+            else:
+                with autocast(device, config.amp):
+                    features.append(embed_in_chunks(embed, prepare_images(episode[part], device), config.chunk))
+        support, query = (f.float() for f in features)
+        distances = squared_distances(query, prototypes(support, episode["support_labels"], config.ways))
+        scale = 1.0 / distances.std(dim=1).mean().item()
+    else:
+        scale = float(value)
     if not math.isfinite(scale) or scale <= 0:
         raise OptionError(f"--scaleInit auto: the first training episode's distances give no usable scale ({scale})")
     model.scale.data.fill_(scale)
@@ -260,8 +264,9 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
                 if first_bad is not None:
                     bar.close()
                     index, classes = unread[first_bad]
-                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(index)} "
-                                           f"(classes {class_names(loader, classes)})")
+                    split = getattr(getattr(loader, "dataset", None), "split", None)  # None: classes by id
+                    names = " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, episode {int(index)} (classes {names})")
                 unread = []
                 bar.set_postfix(loss=f"{progress['proto_loss'] / progress['step']:.3f}",
                                 acc=f"{100 * progress['acc'] / progress['step']:.1f}")
@@ -274,12 +279,6 @@ def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank |
             raise Interrupted(f"in training epoch {epoch}, after episode {progress['step']}")
     bar.close()
     return result, relation
-
-
-def class_names(loader, classes: torch.Tensor) -> str:
-    """The wnids of an episode's ``classes`` (their ids when ``loader`` reads no EpisodeDataset)."""
-    split = getattr(getattr(loader, "dataset", None), "split", None)
-    return " ".join(split.classes[c] if split is not None else str(c) for c in classes.tolist())
 
 
 @torch.no_grad()
@@ -311,6 +310,25 @@ def evaluate(model: IDeMeNet, dataset: EpisodeDataset, bank: GalleryBank | None,
     acc, plain, losses = torch.stack(per_episode).T.tolist() if per_episode else ([], [], [])
     device_sums.read()
     return {"acc": acc, "plain": plain, "loss": losses, "first": first, "sums": sums}
+
+
+def test(model: IDeMeNet, split, bank: GalleryBank | None, config: Stage2Config, device: torch.device, embed,
+         stop: Callable[[], bool] | None = None, cache: FeatureCache | None = None) -> dict:
+    """The final evaluation (:func:`evaluate`, the first result kept): ``--testEpisodes`` test episodes."""
+    dataset = episodes(split, config, episode_config(config, config.ways), config.testEpisodes, TEST_STREAM,
+                       len(bank or []), evaluation=True)
+    return evaluate(model, dataset, bank, config, device, "test", embed, keep_first=True, stop=stop, cache=cache)
+
+
+def gallery_bank(gallery: Gallery | None, model: IDeMeNet, config: Stage2Config, device: torch.device,
+                 stop: Callable[[], bool] | None = None, features: torch.Tensor | None = None) -> GalleryBank | None:
+    """The :class:`GalleryBank` of ``gallery`` (None without one) after ``--galleryBN``'s pass, or with a resumed
+    run's ``features`` and no pass; prints how its features came about (:func:`gallery_pass_line`)."""
+    if gallery is None:
+        return None
+    bank = GalleryBank(gallery, model, device, config.batchSize, bool(config.amp), features, stop, config.galleryBN)
+    print(gallery_pass_line(bank), flush=True)
+    return bank
 
 
 def gallery_pass_line(bank: GalleryBank) -> str:

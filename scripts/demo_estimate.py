@@ -102,13 +102,14 @@ def main(a: argparse.Namespace) -> int:
                        device, config2.batchSize)
     gallery_s = time.perf_counter() - tick
     groups, (optimizers, _) = stage2.param_groups(model, config2), stage2.make_optimizers(model, config2)
-    train_set = stage2.episodes(splits["train"], config2, config2.trainways, 4, stage2.TRAIN_STREAM, len(bank))
-    cache = FeatureCache(model.embed, len(splits["train"]), device, config2.batchSize)
     train_config = stage2.episode_config(config2, config2.trainways, True)
+    train_set = stage2.episodes(splits["train"], config2, train_config, 4, stage2.TRAIN_STREAM, len(bank))
+    cache = FeatureCache(model.embed, len(splits["train"]), device, config2.batchSize)
     episode2 = timed_steps(lambda stop: stage2.train_one_epoch(
         model, episode_loader(train_set, a.nthreads, device), bank, train_config,
         device, 0, groups, optimizers, model.embed, stage2.new_progress(), stop, show=False, cache=cache), 2)
-    test_set = stage2.episodes(splits["test"], config2, config2.ways, 4, stage2.TEST_STREAM, len(bank), evaluation=True)
+    test_set = stage2.episodes(splits["test"], config2, stage2.episode_config(config2, config2.ways), 4,
+                               stage2.TEST_STREAM, len(bank), evaluation=True)
     test_cache = FeatureCache(model.embed, len(splits["test"]), device, config2.batchSize)
     test_cache.fill(test_set, a.nthreads, progress=False)
     evaluation = timed_steps(lambda stop: stage2.evaluate(model, test_set, bank, config2, device, "estimate",

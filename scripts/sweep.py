@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import re
 import shlex
 import shutil
@@ -22,14 +21,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine import experiments
-from utils.cpus import usable_cpus
+from engine.experiments import Run, flag_value
 from utils.errors import OptionError
-from utils.files import RUNS_DIR, csv_cell, write_csv, write_json
+from utils.files import RUNS_DIR, csv_cell, read_csv, write_csv
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED
 
 SEED_FLAG = "seed"
@@ -42,35 +40,6 @@ SUMMARY_FIELDS = ["tensorname", "status", "val_metric", "val_acc", "val_epoch", 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
         raise OptionError(message)
-
-
-@dataclass
-class Run:
-    """One grid point: its name, its grid values and the script's command line for it; its sweep's folder."""
-
-    index: int
-    name: str
-    values: dict[str, str]
-    script: str
-    args: list[str]
-    sweep: Path
-
-    def run_dir(self) -> Path:
-        return RUNS_DIR / self.name
-
-    def evaluate_file(self) -> Path:
-        return experiments.evaluate_path(self.run_dir(), flag_value(self.args, "--shots") or "1",
-                                         flag_value(self.args, "--seed") or "0")
-
-    def state(self) -> str:
-        """Finished: stage 1's summary.json or stage 2's evaluate JSON is there."""
-        return experiments.run_state(self.run_dir(), [self.run_dir() / "summary.json", self.evaluate_file()])
-
-    def log(self) -> Path:
-        return self.sweep / "logs" / f"{self.name}.log"
-
-    def record(self) -> Path:
-        return self.sweep / "status" / f"{self.name}.json"
 
 
 def get_parser() -> Parser:
@@ -101,13 +70,6 @@ def get_parser() -> Parser:
 
 
 # --- command lines and the grid ------------------------------------------------------------
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    """The last value of ``flag`` in ``args`` (``--flag v`` or ``--flag=v``), or None."""
-    values = [after if arg == flag else arg[len(flag) + 1:] for arg, after in zip(args, [*args[1:], None])
-              if arg == flag and after is not None or arg.startswith(flag + "=")]
-    return values[-1] if values else None
-
 
 def without_flag(args: list[str], flag: str) -> list[str]:
     """``args`` without any ``--flag v`` or ``--flag=v``."""
@@ -158,46 +120,15 @@ def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
         args = without_flag(args, f"--{flag}")
     flags = [flag for flag, _ in grid]
     runs = []
-    for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
+    for combo in itertools.product(*(values for _, values in grid)):
         values = dict(zip(flags, combo))
         name = base + "".join(f"_{flag}{name_part(value)}" for flag, value in values.items())
         run_args = args + [item for flag, value in values.items() for item in (f"--{flag}", value)]
-        runs.append(Run(index, name, values, script, run_args + ["--tensorname", name], sweep_dir(base)))
+        runs.append(Run(name, values, script, run_args + ["--tensorname", name], sweep_dir(base)))
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         raise OptionError("--grid: two values give the same run name (only letters, digits and . + - are kept)")
     return runs
-
-
-# --- running -----------------------------------------------------------------------------------
-
-def execute(runs: list[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
-    """``(interrupted, wall seconds, sum of the runs' seconds)`` of ``runs`` over the worker ``slots``
-    (:func:`engine.experiments.pack`), finished ones skipped; each attempt appended to the run's log and
-    counted in its status record."""
-    cpus = usable_cpus()
-
-    def start(run: Run, slot: str | None) -> experiments.Launch | None:
-        state = run.state()
-        if state == "finished":
-            print(f"skip {run.name} (finished)", flush=True)
-            return None
-        how = {"new": "new", "interrupted": "--resume", "leftover": "--overwrite"}[state]
-        extra, env = [] if how == "new" else [how], experiments.child_env(dict(os.environ), slot, len(slots), cpus)
-        launch = experiments.Launch([sys.executable, run.script, *run.args, *extra], run.log(), env=env, group=forward)
-        where = "" if slot is None else f", GPU {slot}"
-        print(f"start {run.name} ({how}, pid {launch.process.pid}{where}; log {run.log()})", flush=True)
-        return launch
-
-    def done(run: Run, launch: experiments.Launch) -> None:
-        status, old = launch.process.returncode, experiments.read_json(run.record()) or {}
-        write_json(run.record(), {"exit_status": status, "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
-                                  "attempts": old.get("attempts", 0) + 1, "log": str(run.log()),
-                                  "command": shlex.join(launch.process.args)})
-        print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after {launch.seconds:.1f} s",
-              flush=True)
-
-    return experiments.pack(runs, slots, start, done, forward)
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -247,7 +178,8 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         record = experiments.read_json(run.record()) or {}
-        metric, val, epoch = best_val(experiments.read_rows(run.run_dir() / "metrics.csv"))
+        metrics = run.run_dir() / "metrics.csv"
+        metric, val, epoch = best_val(read_csv(metrics) if metrics.is_file() else [])
         test = to_float(str((experiments.read_json(run.evaluate_file()) or {}).get("accuracy")))
         rows.append({**run.values, "tensorname": run.name, "status": describe(run.state(), record or None),
                      "val_metric": metric, "val_acc": val, "val_epoch": epoch, "test_acc": test,
@@ -369,14 +301,11 @@ def summarize(base: str, runs: list[Run], flags: list[str]) -> list[dict[str, An
 
 # --- SLURM ------------------------------------------------------------------------------------
 
-def sweep_command(*sweep_argv: str) -> list[str]:
-    """This sweep run again from any folder: ``python -m scripts.sweep`` with the repository on PYTHONPATH."""
-    return ["env", f"PYTHONPATH={experiments.REPO}", sys.executable, "-m", "scripts.sweep", *sweep_argv]
-
-
-def summary_command(sweep_argv: list[str], command: list[str]) -> str:
-    """The command that summarises the sweep (the SLURM summary job's)."""
-    return shlex.join([*sweep_command(*sweep_argv), "--summarize", "--", *command])
+def sweep_command(sweep_argv: list[str], *more: str) -> str:
+    """This sweep run again from any folder (``python -m scripts.sweep`` with the repository on PYTHONPATH)
+    with the flags ``more``: ``--summarize -- COMMAND``, the SLURM summary job's, or an array task's."""
+    return shlex.join(["env", f"PYTHONPATH={experiments.REPO}", sys.executable, "-m", "scripts.sweep", *sweep_argv,
+                       *more])
 
 
 def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_argv: list[str],
@@ -392,26 +321,26 @@ def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_arg
         ("partition", opts.partition), ("gres", gres), ("cpus-per-task", opts.cpusPerTask), ("mem", opts.mem),
         ("time", opts.time)) if value is not None]
     lines.append(f"# {len(runs)} grid points; task K runs point K (finished: skipped; interrupted: resumed):")
-    lines += [f"#   {run.index}: {run.name}" for run in runs]
-    lines += [f"# after the array: {summary_command(sweep_argv, command)}", "set -euo pipefail",
+    lines += [f"#   {index}: {run.name}" for index, run in enumerate(runs)]
+    lines += [f"# after the array: {sweep_command(sweep_argv, '--summarize', '--', *command)}", "set -euo pipefail",
               f"cd {shlex.quote(str(Path.cwd()))}",
-              f"exec {shlex.join(sweep_command(*sweep_argv))} "
-              f'--runIndex "$SLURM_ARRAY_TASK_ID" -- {shlex.join(command)}']
+              f'exec {sweep_command(sweep_argv)} --runIndex "$SLURM_ARRAY_TASK_ID" -- {shlex.join(command)}']
     return "\n".join(lines) + "\n"
 
 
-def submit(base: str, script: str, opts: argparse.Namespace, sweep_argv: list[str], command: list[str]) -> None:
-    """Write and submit the array, then a summary job that runs after it (afterany)."""
+def submit(base: str, script: str, opts: argparse.Namespace, sweep_argv: list[str], command: list[str]) -> int:
+    """Write and submit the array, then a summary job that runs after it (afterany); the exit status."""
     out = sweep_dir(base)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     path = out / "sweep.sbatch"
     path.write_text(script)
     array = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if array.returncode:
-        raise RuntimeError(f"sbatch {path}: {array.stderr.strip() or array.stdout.strip()}")
+        print(f"error: sbatch {path}: {array.stderr.strip() or array.stdout.strip()}", file=sys.stderr)
+        return 1
     job = array.stdout.strip().split(";")[0]
     print(f"submitted array job {job} ({path})")
-    summary = summary_command(sweep_argv, command)
+    summary = sweep_command(sweep_argv, "--summarize", "--", *command)
     extra = [f"--partition={opts.partition}"] if opts.partition else []
     follow = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", f"--job-name={base}_summary",
                              f"--output={(out / 'logs').resolve()}/summary_%j.out", *extra,
@@ -420,6 +349,7 @@ def submit(base: str, script: str, opts: argparse.Namespace, sweep_argv: list[st
         print(f"summary job not submitted ({follow.stderr.strip()}); when the array is done: {summary}")
     else:
         print(f"submitted summary job {follow.stdout.strip().split(';')[0]} (after the array): {out / 'summary.csv'}")
+    return 0
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -476,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = expand(command, grid)
         slots: Sequence[str | None] = [None] * (opts.jobs or 1)
         if opts.perGPU:
-            slots = experiments.gpu_slots(experiments.visible_gpus(), opts.perGPU)
+            gpus = experiments.visible_gpus()
+            slots = [gpu for _ in range(opts.perGPU) for gpu in gpus]  # spread over the GPUs first, then shared
             if not slots:
                 raise OptionError("--perGPU: no GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L)")
     except OptionError as exc:
@@ -489,25 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         if opts.dryRun:
             print(script, end="")
             return 0
-        try:
-            submit(base, script, opts, grid_argv, command)
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return submit(base, script, opts, grid_argv, command)
     if opts.summarize:
         return 0 if all(row["status"] == "ok" for row in summarize(base, runs, flags)) else 1
     if opts.runIndex is not None:  # one SLURM array task: the summary job summarises
-        interrupted, _, _ = execute([runs[opts.runIndex]], slots, forward=False)
+        interrupted, _, _ = experiments.pack([runs[opts.runIndex]], slots, forward=False)
         return INTERRUPTED if interrupted else 0 if runs[opts.runIndex].state() == "finished" else 1
-    interrupted, wall, busy = execute(runs, slots, forward=True)
+    interrupted, wall, busy = experiments.pack(runs, slots, forward=True)
     summarize(base, runs, flags)
     if busy:
         print(f"wall time {wall:.1f} s; the runs started here took {busy:.1f} s in all "
               f"({busy / wall:.2f} x the wall time, {len(slots)} slot(s))")
-    if interrupted:
-        return INTERRUPTED
-    return 0 if all(run.state() == "finished" for run in runs) else 1
+    return INTERRUPTED if interrupted else 0 if all(run.state() == "finished" for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -110,6 +110,27 @@ def test_csv_with_other_columns_is_named(broken_copy):
     expect_error(broken_copy, "onlyBasetwoLoss.py", STAGE2, "val.csv", "filename,label")
 
 
+def _two_base_classes(root):
+    """Keep the first two base classes of ``root``'s train split (a gallery of 2 x --galleryNum images)."""
+    path = root / "toy/train.csv"
+    header, *rows = list(csv.reader(open(path)))
+    kept = sorted({label for _, label in rows})[:2]
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *(row for row in rows if row[1] in kept)])
+
+
+@pytest.mark.parametrize("given,start", [
+    ([], "--galleryNum 2 "),  # the default --chooseNum (15 for one shot) is not at fault
+    (["--chooseNum", "5"], "--chooseNum 5 "),
+], ids=["galleryNum", "chooseNum"])
+def test_the_shortlist_refusal_names_the_flag_that_was_set(broken_copy, given, start):
+    _two_base_classes(broken_copy)
+    flags = [flag for i, flag in enumerate(STAGE2) if "--chooseNum" not in STAGE2[max(i - 1, 0):i + 1]]
+    message = expect_error(broken_copy, "onlyBasetwoLoss.py", [*flags, "--trainways", "2", *given], "2 x 2 classes")
+    assert message.startswith("error: " + start), message
+    assert ("--chooseNum 15" not in message) and (given or "default --chooseNum" in message), message
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
 def test_bad_image_is_named_and_can_be_skipped(broken_copy, damage):
     victim = sorted((broken_copy / "toy/images").glob("n01930112*.jpg"))[0]  # a test-split image

@@ -64,7 +64,8 @@ def train_round_one(workdir, splits, monkeypatch, new: bool, workers: int = 0) -
     optimizers, _ = stage2.make_optimizers(model, args)
     bank = GalleryBank(Gallery(splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
     cache = FeatureCache(model.embed, len(splits["train"]), CPU, args.batchSize)
-    dataset = stage2.episodes(splits["train"], args, WAYS, EPISODES, stage2.TRAIN_STREAM, len(bank),
+    config = stage2.episode_config(args, WAYS, train=True)
+    dataset = stage2.episodes(splits["train"], args, config, EPISODES, stage2.TRAIN_STREAM, len(bank),
                               cache=cache if new else None)
     assert dataset.decode == ("new" if new else "all")
     decoded, progresses = [], []
@@ -72,7 +73,7 @@ def train_round_one(workdir, splits, monkeypatch, new: bool, workers: int = 0) -
         dataset.set_epoch(epoch)
         progress = stage2.new_progress()
         stage2.train_one_epoch(model, PerEpisode(episode_loader(dataset, workers, CPU), loads, decoded), bank,
-                               stage2.episode_config(args, WAYS, True), CPU, epoch, groups, optimizers, model.embed,
+                               config, CPU, epoch, groups, optimizers, model.embed,
                                progress, show=False, cache=cache)
         progresses.append({key: value for key, value in progress.items() if key != "time"})
     return model.state_dict(), progresses, decoded
@@ -101,7 +102,8 @@ def test_a_worker_gets_the_plan_of_the_main_process(stage2_workdir, stage2_split
 def test_the_plan_follows_the_cache_and_the_resumed_start(stage2_workdir, stage2_splits) -> None:
     args = stage2_test_config(stage2_workdir, fixCls=1)
     cache = FeatureCache(lambda images: torch.zeros(len(images), 4), len(stage2_splits["train"]), CPU, 16)
-    dataset = stage2.episodes(stage2_splits["train"], args, WAYS, EPISODES, stage2.TRAIN_STREAM, 10, cache=cache)
+    dataset = stage2.episodes(stage2_splits["train"], args, stage2.episode_config(args, WAYS, train=True), EPISODES,
+                              stage2.TRAIN_STREAM, 10, cache=cache)
     dataset.set_epoch(1, start=2)
     assert set(dataset.new_queries) == set(range(2, EPISODES))
     first = dataset[0]

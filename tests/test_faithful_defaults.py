@@ -254,7 +254,8 @@ def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_train
 
     def test_loss(weights, epoch: int) -> float:
         model.load_state_dict(weights)
-        dataset = stage2.episodes(splits["test"], args, args.ways, 2, stage2.TEST_STREAM, len(bank))
+        dataset = stage2.episodes(splits["test"], args, stage2.episode_config(args, args.ways), 2, stage2.TEST_STREAM,
+                                  len(bank))
         dataset.set_epoch(epoch)
         losses = stage2.evaluate(model, dataset, bank, args, CPU, "check", model.embed)["loss"]
         return sum(losses) / len(losses)

@@ -64,10 +64,11 @@ def test_stage2_evaluation_cached_equals_per_episode(stage2_workdir, stage2_spli
     gallery = None if deform == "none" else Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False)
     bank = GalleryBank(gallery, model, CPU, args.batchSize) if gallery else None
     size = len(bank or [])
-    cached = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, 5, 10, stage2.VAL_STREAM, size,
+    config = stage2.episode_config(args, 5)
+    cached = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, config, 10, stage2.VAL_STREAM, size,
                                                     evaluation=True), bank, args, CPU, "val", model.embed)
-    fresh = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, 5, 10, stage2.VAL_STREAM, size), bank,
-                            args, CPU, "val", model.embed, cached=False)
+    fresh = stage2.evaluate(model, stage2.episodes(stage2_splits["val"], args, config, 10, stage2.VAL_STREAM, size),
+                            bank, args, CPU, "val", model.embed, cached=False)
     assert cached["acc"] == fresh["acc"] and cached["plain"] == fresh["plain"]
     assert cached["loss"] == pytest.approx(fresh["loss"], rel=1e-6)
     assert_same_columns(columns(cached["sums"], "select"), columns(fresh["sums"], "select"))
@@ -96,10 +97,11 @@ def test_frozen_embedding_training_with_a_run_cache_trains_the_same(stage2_workd
         bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
         counting = Counting(model.embed)
         cache = FeatureCache(counting, len(stage2_splits["train"]), CPU, args.batchSize) if use_cache else None
-        dataset = stage2.episodes(stage2_splits["train"], args, 5, 6, stage2.TRAIN_STREAM, len(bank))
+        config = stage2.episode_config(args, 5, train=True)
+        dataset = stage2.episodes(stage2_splits["train"], args, config, 6, stage2.TRAIN_STREAM, len(bank))
         for epoch in range(2):
             dataset.set_epoch(epoch)
-            stage2.train_one_epoch(model, episode_loader(dataset, 0, CPU), bank, stage2.episode_config(args, 5, True),
+            stage2.train_one_epoch(model, episode_loader(dataset, 0, CPU), bank, config,
                                    CPU, epoch, groups, optimizers, counting, stage2.new_progress(), show=False,
                                    cache=cache)
         results.append((model.state_dict(), counting.images, cache))

@@ -88,7 +88,8 @@ def train(stage2_workdir, stage2_splits, flags: dict, epoch: int, monkeypatch,
     bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize) \
         if args.deform != "none" else None
     cache = FeatureCache(model.embed, len(stage2_splits["train"]), CPU, args.batchSize) if args.fixCls else None
-    dataset = stage2.episodes(stage2_splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank or []))
+    config = stage2.episode_config(args, 5, train=True)
+    dataset = stage2.episodes(stage2_splits["train"], args, config, EPISODES, stage2.TRAIN_STREAM, len(bank or []))
     dataset.set_epoch(epoch)
     seen, reads, run_episode = [], [], stage2.run_episode
 
@@ -107,7 +108,7 @@ def train(stage2_workdir, stage2_splits, flags: dict, epoch: int, monkeypatch,
         monkeypatch.setattr(stage2, "optimizer_step", watched(mode, stage2.optimizer_step, watching=False))
         train_one_epoch = watched(mode, train_one_epoch)
     progress = stage2.new_progress()
-    train_one_epoch(model, Loaded(episode_loader(dataset, 0, CPU)), bank, stage2.episode_config(args, 5, True), CPU,
+    train_one_epoch(model, Loaded(episode_loader(dataset, 0, CPU)), bank, config, CPU,
                     epoch, groups, optimizers, model.embed, progress, show=False, cache=cache)
     return progress, seen, reads
 
@@ -154,7 +155,8 @@ def test_a_non_finite_loss_is_named_at_the_next_read(stage2_workdir, stage2_spli
     follows it: after SYNC_EVERY episodes, or at the epoch's end."""
     args = stage2_test_config(stage2_workdir, fixCls=1)
     train_split = stage2_splits["train"]
-    dataset = stage2.episodes(train_split, args, 5, EPISODES, stage2.TRAIN_STREAM, 2 * train_split.num_classes)
+    dataset = stage2.episodes(train_split, args, stage2.episode_config(args, 5, train=True), EPISODES,
+                              stage2.TRAIN_STREAM, 2 * train_split.num_classes)
     dataset.set_epoch(0)
     classes = " ".join(stage2_splits["train"].classes[c] for c in dataset[poison]["classes"].tolist())
     with pytest.raises(TrainingDiverged) as raised:
@@ -169,14 +171,15 @@ def test_a_stop_reads_the_sums_first_so_the_saved_progress_holds_every_finished_
     model = stage2.build_model(args, CPU)
     bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
     optimizers, _ = stage2.make_optimizers(model, args)
-    dataset = stage2.episodes(stage2_splits["train"], args, 5, EPISODES, stage2.TRAIN_STREAM, len(bank))
+    config = stage2.episode_config(args, 5, train=True)
+    dataset = stage2.episodes(stage2_splits["train"], args, config, EPISODES, stage2.TRAIN_STREAM, len(bank))
     dataset.set_epoch(0)
     seen, run_episode = [], stage2.run_episode
     monkeypatch.setattr(stage2, "run_episode", lambda *a, **k: seen.append(run_episode(*a, **k)) or seen[-1])
     progress = stage2.new_progress()
     with pytest.raises(stage2.Interrupted, match="after episode 5"):
-        stage2.train_one_epoch(model, episode_loader(dataset, 0, CPU), bank, stage2.episode_config(args, 5, True),
-                               CPU, 0, stage2.param_groups(model, args), optimizers, model.embed, progress,
+        stage2.train_one_epoch(model, episode_loader(dataset, 0, CPU), bank, config, CPU, 0,
+                               stage2.param_groups(model, args), optimizers, model.embed, progress,
                                stop=lambda: len(seen) == 5, show=False)
     assert progress["step"] == 5
     assert progress["proto_loss"] == sum(r.proto_loss.item() for r in seen)
@@ -198,8 +201,8 @@ def test_evaluation_reads_nothing_per_episode(stage2_workdir, stage2_splits, mon
     bank = GalleryBank(Gallery(stage2_splits["train"], 2, SIZE, 0, progress=False), model, CPU, args.batchSize)
     for episodes in (3, 9):
         host_reads.reads.clear()
-        dataset = stage2.episodes(stage2_splits["val"], args, 5, episodes, stage2.VAL_STREAM, len(bank),
-                                  evaluation=True)
+        dataset = stage2.episodes(stage2_splits["val"], args, stage2.episode_config(args, 5), episodes,
+                                  stage2.VAL_STREAM, len(bank), evaluation=True)
         stats = watched(host_reads, stage2.evaluate)(model, dataset, bank, args, CPU, "val", model.embed)
         assert host_reads.reads == ["tolist", "tolist"] and len(stats["acc"]) == episodes
 

@@ -57,7 +57,8 @@ def test_auto_gives_each_query_unit_logit_spread_on_the_first_episode(monkeypatc
     args = stage2_config(CPU, **vars(stage2_parser().parse_args([*TINY, "--dataroot", str(workdir / "toy"),
                                                                  "--tensorname", "x"])))
     split = stage2.load_splits(args, need_train=True)["train"]
-    episode = stage2.episodes(split, args, args.trainways, args.epoch, stage2.TRAIN_STREAM, 2 * 64)[0]
+    config = stage2.episode_config(args, args.trainways, train=True)
+    episode = stage2.episodes(split, args, config, args.epoch, stage2.TRAIN_STREAM, 2 * 64)[0]
     net = load_embedding(workdir / "models/stage1.t7").eval()
     with torch.no_grad():
         support = net.features(prepare_images(episode["support"], CPU)).double().numpy()

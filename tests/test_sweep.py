@@ -144,14 +144,12 @@ def test_grid_names_runs_and_replaces_flags_in_product_order():
     assert runs[3].evaluate_file() == Path("runs/base_seed2_LR5e-4/evaluate_5shot_seed2.json")
 
 
-def test_gpu_detection_slots_and_child_environment():
+def test_gpu_detection_and_child_environment():
     assert experiments.parse_gpus("3,5", "GPU 0: x\nGPU 1: y\nGPU 2: z") == ["3", "5"]
     assert experiments.parse_gpus("", "GPU 0: x") == []
     assert experiments.parse_gpus("0,-1,1", None) == ["0"]
     assert experiments.parse_gpus(None, "GPU 0: A (UUID: GPU-1)\nGPU 1: B (UUID: GPU-2)\n") == ["0", "1"]
     assert experiments.parse_gpus(None, None) == []
-    # two runs per GPU: the first runs spread over the GPUs, the next ones share
-    assert experiments.gpu_slots(["0", "1", "2"], 2) == ["0", "1", "2", "0", "1", "2"]
     env = experiments.child_env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, "1", 4, 16)
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "4" and env["PATH"] == "/bin"
     assert experiments.child_env({"OMP_NUM_THREADS": "2"}, None, 8, 2) == {"OMP_NUM_THREADS": "2",
@@ -160,12 +158,12 @@ def test_gpu_detection_slots_and_child_environment():
 
 def test_the_cores_shared_among_runs_are_this_process_s_allocation(monkeypatch):
     """A SLURM task or a taskset sees fewer cores than the machine has: those are the ones to share."""
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 128)
-    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(experiments.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(experiments.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert sweep.usable_cpus() == 8
+    assert experiments.usable_cpus() == 8
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert sweep.usable_cpus() == 6
+    assert experiments.usable_cpus() == 6
 
 
 def test_best_val_reads_columns_by_name_for_both_stages():
