@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import make_dataclass, replace
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 
@@ -261,9 +261,22 @@ def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return {action.dest: action.default for action in parser._actions if action.dest != "help"}
 
 
+def flag_type(action: argparse.Action) -> Any:
+    """The type of a flag's value: the parser's ``type`` (a function's return annotation), ``bool`` for a switch,
+    else ``str``; a list for a flag of several values; optional when the default is None."""
+    kind = action.type or (bool if action.nargs == 0 else str)
+    if not isinstance(kind, type):
+        kind = get_type_hints(kind)["return"]
+    if action.nargs in ("+", "*"):
+        kind = list[kind]
+    return kind | None if action.default is None else kind
+
+
 def config_class(name: str, parser: argparse.ArgumentParser, doc: str) -> type:
-    """A frozen dataclass with a field per flag of ``parser`` (in the parser's order; the defaults stay there)."""
-    return make_dataclass(name, list(parser_defaults(parser)), frozen=True,
+    """A frozen dataclass with a typed field per flag of ``parser`` (:func:`flag_type`, in the parser's order; the
+    defaults stay in the parser)."""
+    fields = [(action.dest, flag_type(action)) for action in parser._actions if action.dest != "help"]
+    return make_dataclass(name, fields, frozen=True,
                           namespace={"__doc__": doc, "__module__": __name__})  # picklable: to torchrun's ranks
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import asdict
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import datasets.check
 import datasets.emoji
 import datasets.toy
+import engine.options
 from engine.lowshot import lowshot_config
 from engine.options import lowshot_parser, stage1_config, stage1_parser, stage2_config, stage2_parser
 from tests.scripts_helpers import load_script
@@ -421,3 +423,29 @@ def test_the_configurations_record_every_flag_under_its_name() -> None:
     flags = vars(stage2_parser().parse_args(["--tensorname", "t", "--network", "n", "--batchSize", "8", "--augnum",
                                              "3", "--chooseNum", "4"]))
     assert asdict(stage2_config(torch.device("cpu"), **flags)) == flags
+
+
+@pytest.mark.parametrize("parser,config", [(stage1_parser, "Stage1Config"), (stage2_parser, "Stage2Config"),
+                                           (lowshot_parser, "LowShotConfig")])
+def test_every_configuration_field_is_typed_as_its_flag_parses(parser, config: str) -> None:
+    """Each field's type holds the value the flag parses to, whether given (a sample of its choices or type) or
+    left at its default; a switch is a bool, a flag of several values a list."""
+    types = {field.name: field.type for field in fields(getattr(engine.options, config))}
+    actions = [action for action in parser()._actions if action.dest != "help"]
+    assert list(types) == [action.dest for action in actions]
+    samples = {int: "3", float: "0.5", str: "x"}
+    for action in actions:
+        kind = types[action.dest]
+        values = [action.default]
+        if action.type in samples:
+            value = action.type(samples[action.type])
+            values.append([value] if action.nargs in ("+", "*") else value)
+        if action.nargs == 0:
+            assert kind is bool, action.dest
+        for value in values:
+            if value is None:
+                assert isinstance(None, kind), f"{action.dest} defaults to None, typed {kind}"
+            elif isinstance(value, list):
+                assert typing.get_origin(kind) is list and all(isinstance(v, typing.get_args(kind)) for v in value)
+            else:
+                assert isinstance(value, kind), f"--{action.dest} parses {value!r}, typed {kind}"
