@@ -156,7 +156,10 @@ class StepTimer(Timer):
         self.begin()
 
     def __enter__(self) -> StepTimer:
+        """Enter the probe and start the first step now (a timer may be built before an earlier pass)."""
         self.probe.__enter__()
+        self.sampled = time.perf_counter()
+        self.begin()
         return self
 
     def __exit__(self, *exc) -> None:

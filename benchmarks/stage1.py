@@ -97,7 +97,7 @@ def main(a: argparse.Namespace) -> None:
         raise OptionError(f"the loader has {len(dataset)} images, --warmup + --steps need {need} full batches "
                           "(raise --toyPerClass or lower --batchSize)")
     run.sampler.set_epoch(0)
-    keys = list(run.sampler)[:16]  # one item (transform + soft-random blend) in this process, single-threaded
+    keys = list(run.sampler)[:16]  # one item (uint8 crops of an image and partner), single-threaded
     item_s = common.timed(device, lambda: [dataset[key] for key in keys])[0] / len(keys)
     probes = {phase: common.MemoryProbe(device, a.pssInterval) for phase in ("loader", "preloaded")}
     timers = {phase: StepTimer(device, a.warmup, a.steps, probe) for phase, probe in probes.items()}

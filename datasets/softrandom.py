@@ -14,7 +14,7 @@ class SoftRandomDataset(Dataset):
     """``files_per_class`` files per class (0: all), ``repeats`` times. ``(index, item_seed)`` -> (uint8
     ``[2, 3, S, S]``: the image and its partner, label, cell weights ``[F*F]``, blended): with probability
     ``blend_prob`` the partner is another file of the class and ``w_k ~ U(0, 1)``; else zeros, not blended.
-    Workers hand over uint8 (a quarter of float32's bytes); :func:`blend_batch` blends on the device."""
+    Workers hand over uint8 (half the bytes of one float32 image); :func:`blend_batch` blends on the device."""
 
     def __init__(self, split: Split, image_size: int, fang: int = 3, files_per_class: int = 500,
                  repeats: int = 2, blend_prob: float = 2 / 3, crop: str = "tv02") -> None:
@@ -50,7 +50,7 @@ def blend_batch(pairs: torch.Tensor, weights: torch.Tensor, blended: torch.Tenso
     ``pairs`` uint8 ``[N, 2, 3, S, S]``, ``weights`` ``[N, F*F]``, ``blended`` bool ``[N]`` (CPU, possibly pinned).
     Cell k of a blended image is ``w_k * x + (1 - w_k) * other`` of the normalised images, the original's
     arithmetic element by element, so the numbers equal blending in the worker."""
-    images = normalize_uint8(pairs.to(device, non_blocking=True))
-    mask = weight_map(weights.to(device, non_blocking=True), images.shape[-1])
-    mixed = mask * images[:, 0] + (1 - mask) * images[:, 1]
-    return torch.where(blended.to(device, non_blocking=True).view(-1, 1, 1, 1), mixed, images[:, 0])
+    x, other = normalize_uint8(pairs.to(device, non_blocking=True)).unbind(1)
+    mask = weight_map(weights.to(device, non_blocking=True), x.shape[-1])
+    mixed = other.mul_(1 - mask).add_(mask * x)  # in the partner's memory; a + b is b + a exactly
+    return torch.where(blended.to(device, non_blocking=True).view(-1, 1, 1, 1), mixed, x)

@@ -113,7 +113,7 @@ def run_checked(command: list[str], log: Path, cwd: Path | None = None) -> float
 # --- a sweep's runs, packed onto slots ---------------------------------------------------------------
 
 @dataclass
-class Run:
+class GridPoint:
     """A grid point of a sweep (``scripts/sweep.py``): its name, its grid values and the script's command line for
     it; its sweep's folder (its log and status record there)."""
 
@@ -144,7 +144,7 @@ class Run:
     def log(self) -> Path:
         return self.sweep / "logs" / f"{self.name}.log"
 
-    def record(self) -> Path:
+    def status_path(self) -> Path:
         return self.sweep / "status" / f"{self.name}.json"
 
 
@@ -184,7 +184,7 @@ def child_env(base: dict[str, str], slot: str | None, slots: int, cpus: int) -> 
     return env
 
 
-def pack(runs: Iterable[Run], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
+def pack(runs: Iterable[GridPoint], slots: Sequence[str | None], forward: bool) -> tuple[bool, float, float]:
     """``(interrupted, wall seconds, sum of the runs' seconds)`` of ``runs`` over the worker ``slots``, one at
     a time on each: a finished run skipped, an interrupted one resumed (``--resume``), a leftover folder
     restarted (``--overwrite``); each attempt appended to the run's log and counted in its status record.
@@ -221,8 +221,8 @@ def pack(runs: Iterable[Run], slots: Sequence[str | None], forward: bool) -> tup
                 run, slot = running.pop(launch)
                 busy += launch.close()
                 free.append(slot)
-                status, old = launch.process.returncode, read_json(run.record()) or {}
-                write_json(run.record(), {"exit_status": status, "attempts": old.get("attempts", 0) + 1,
+                status, old = launch.process.returncode, read_json(run.status_path()) or {}
+                write_json(run.status_path(), {"exit_status": status, "attempts": old.get("attempts", 0) + 1,
                                           "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
                                           "log": str(run.log()), "command": shlex.join(launch.process.args)})
                 print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after "
@@ -245,7 +245,7 @@ def evaluate_path(run_dir: Path, shots: int | str, seed: int | str, suffix: str 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

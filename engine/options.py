@@ -263,13 +263,13 @@ def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 def flag_type(action: argparse.Action) -> Any:
     """The type of a flag's value: the parser's ``type`` (a function's return annotation), ``bool`` for a switch,
-    else ``str``; a list for a flag of several values; optional when the default is None."""
+    else ``str``; a list for a flag of several values; optional when it may be left at a default of None."""
     kind = action.type or (bool if action.nargs == 0 else str)
     if not isinstance(kind, type):
-        kind = get_type_hints(kind)["return"]
+        kind = get_type_hints(kind).get("return", Any)
     if action.nargs in ("+", "*"):
         kind = list[kind]
-    return kind | None if action.default is None else kind
+    return kind | None if action.default is None and not action.required else kind
 
 
 def config_class(name: str, parser: argparse.ArgumentParser, doc: str) -> type:

@@ -149,9 +149,9 @@ class Run:
     """One run of a training script, what both scripts' loops share.
 
     The constructor checks the folder and loads a ``--resume``d state (``resumed``; a larger ``--numEpochs``
-    extends the run, a smaller one is refused), writing nothing; :meth:`start` takes the lock, then writes
-    (the main process only). As a context manager it catches the first SIGINT/SIGTERM (``interrupted``; a
-    second raises StopNow) and names the last good ``checkpoint`` in a divergence error."""
+    extends the run, a smaller one is refused), writing nothing; :meth:`restore` comes next, then :meth:`start`
+    takes the lock and writes (the main process only). As a context manager it catches the first SIGINT/SIGTERM
+    (``interrupted``; a second raises StopNow) and names the last good ``checkpoint`` in a divergence error."""
 
     def __init__(self, config: TrainConfig, resume_keys: tuple[str, ...], fields: list[str], checkpoint: Path,
                  info: DistInfo = DistInfo()) -> None:

@@ -76,11 +76,11 @@ def load_splits(config: Stage2Config, need_train: bool):
                           f"({out['train'].min_class_size()} images)")
     shortlisted = out["train"].num_classes - (config.trainways if config.galleryExclude == "episode" else 0)
     if config.gallerySelect == "nearest" and config.chooseNum > config.galleryNum * shortlisted:
-        gallery = f"{config.galleryNum} x {shortlisted} classes"
-        if config.chooseNum == shot_defaults(config.shots)[1]:  # the default, so --galleryNum is at fault
-            raise OptionError(f"--galleryNum {config.galleryNum} leaves a shortlist {gallery} to draw from, fewer than "
-                              f"the {config.chooseNum} nearest images the default --chooseNum takes for --shots "
-                              f"{config.shots}; give a larger --galleryNum or a smaller --chooseNum")
+        gallery = f"{config.galleryNum} images x {shortlisted} classes"
+        if config.chooseNum == shot_defaults(config.shots)[1]:  # --chooseNum's default, so --galleryNum is at fault
+            raise OptionError(f"--galleryNum {config.galleryNum} leaves a shortlist of {gallery} to draw from, fewer "
+                              f"than the {config.chooseNum} nearest images --chooseNum takes (its default for --shots "
+                              f"{config.shots}); give a larger --galleryNum or a smaller --chooseNum")
         given = "--galleryNum " if config.galleryNum != GALLERY_NUM else ""
         raise OptionError(f"--chooseNum {config.chooseNum} is larger than the gallery a shortlist draws from "
                           f"({given}{gallery})")

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
@@ -138,6 +137,7 @@ class GlooSyncBatchNorm2d(nn.BatchNorm2d):
         channels = x.shape[1]
         count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
         moments = torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count])
+        from torch.distributed.nn import functional as dist_fn  # here: builds without distributed lack it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             moments = dist_fn.all_reduce(moments)

@@ -310,7 +310,7 @@ def replica_dtypes(device: torch.device, image_size: int) -> dict:
             "detail": f"replica dtypes {sorted((k, str(v)) for k, v in seen.items())}, expected {want}"}
 
 
-def child_env() -> dict[str, str]:
+def check_env() -> dict[str, str]:
     """The environment of the processes the check starts: torchrun's shutdown grace, this checkout importable."""
     return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, "PYTHONPATH": str(REPO)}
 
@@ -323,7 +323,7 @@ def torchrun(kind: str, flags: list[str], cwd: Path, ranks: int = RANKS, timeout
         old.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "scripts.gpu_check", "--worker", kind, "--", *flags]
-    output = experiments.run(command, cwd / "logs" / f"torchrun_{kind}.log", cwd, child_env(), timeout,
+    output = experiments.run(command, cwd / "logs" / f"torchrun_{kind}.log", cwd, check_env(), timeout,
                              stop_at=stop_at)[2]
     reports = [json.loads(path.read_text()) for path in sorted(cwd.glob(f"{kind}_rank*.json"))]
     exits = {report["rank"]: report["exit"] for report in reports}
@@ -339,7 +339,7 @@ def torchrun_loss(root: Path, a: argparse.Namespace, device: torch.device, workd
              "64", "--nthreads", "2", "--filesPerClass", "1", "--valEpisodes", "0", "--progress", "0", "--tf32", "0",
              "--overwrite"]
     one, _, output = experiments.run([sys.executable, str(REPO / "classification.py"), *flags, "--tensorname", "one",
-                                      "--device", str(device)], workdir / "logs" / "one.log", workdir, child_env(),
+                                      "--device", str(device)], workdir / "logs" / "one.log", workdir, check_env(),
                                      timeout)
     more, two, _ = torchrun("stage1", [*flags, "--tensorname", "two"], workdir, timeout=timeout)
     if one != 0 or two != [0] * RANKS:
@@ -475,7 +475,7 @@ def outcome(root: Path, a: argparse.Namespace, device: torch.device, workdir: Pa
 def outcome_run(command: list[str], json_path: Path, timeout: float) -> tuple[dict | None, dict]:
     """``command`` (the outcome benchmark, writing ``json_path``) with its output streamed and a
     ``timeout``: (its report or None, the check ``outcome_benchmark``: failed when it failed or timed out)."""
-    status, seconds, output = experiments.run(command, json_path.with_suffix(".log"), REPO, child_env(), timeout,
+    status, seconds, output = experiments.run(command, json_path.with_suffix(".log"), REPO, check_env(), timeout,
                                               "outcome| ")
     tail = output.rstrip()[-300:]
     if status is None:

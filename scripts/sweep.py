@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import experiments
-from engine.experiments import Run, flag_value
+from engine.experiments import GridPoint, flag_value
 from utils.errors import OptionError
 from utils.files import RUNS_DIR, csv_cell, read_csv, write_csv
 from utils.interrupt import INTERRUPTED_EXIT as INTERRUPTED
@@ -111,7 +111,7 @@ def name_part(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "-", value)
 
 
-def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
+def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[GridPoint]:
     """The grid's runs in product order (first --grid slowest), each with its own command line."""
     script, args = command[0], command[1:]
     base = flag_value(args, "--tensorname")
@@ -124,7 +124,7 @@ def expand(command: list[str], grid: list[tuple[str, list[str]]]) -> list[Run]:
         values = dict(zip(flags, combo))
         name = base + "".join(f"_{flag}{name_part(value)}" for flag, value in values.items())
         run_args = args + [item for flag, value in values.items() for item in (f"--{flag}", value)]
-        runs.append(Run(name, values, script, run_args + ["--tensorname", name], sweep_dir(base)))
+        runs.append(GridPoint(name, values, script, run_args + ["--tensorname", name], sweep_dir(base)))
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         raise OptionError("--grid: two values give the same run name (only letters, digits and . + - are kept)")
@@ -173,11 +173,11 @@ def describe(state: str, record: dict[str, Any] | None) -> str:
     return "no result file (exit 0)" if code == 0 else f"{EXIT_MEANING.get(code, 'failed')} (exit {code}{resumable})"
 
 
-def collect(runs: list[Run]) -> list[dict[str, Any]]:
+def collect(runs: list[GridPoint]) -> list[dict[str, Any]]:
     """One summary row per run: grid values, status, best val accuracy and epoch, test accuracy."""
     rows = []
     for run in runs:
-        record = experiments.read_json(run.record()) or {}
+        record = experiments.read_json(run.status_path()) or {}
         metrics = run.run_dir() / "metrics.csv"
         metric, val, epoch = best_val(read_csv(metrics) if metrics.is_file() else [])
         test = to_float(str((experiments.read_json(run.evaluate_file()) or {}).get("accuracy")))
@@ -285,7 +285,7 @@ def plot(path: Path, rows: list[dict[str, Any]], chosen: dict[str, Any] | None) 
     return True
 
 
-def summarize(base: str, runs: list[Run], flags: list[str]) -> list[dict[str, Any]]:
+def summarize(base: str, runs: list[GridPoint], flags: list[str]) -> list[dict[str, Any]]:
     """Write summary.csv, settings.csv (and summary.png), print the report; return the rows."""
     rows = collect(runs)
     per_setting = settings(rows, flags)
@@ -308,7 +308,7 @@ def sweep_command(sweep_argv: list[str], *more: str) -> str:
                        *more])
 
 
-def slurm_script(base: str, runs: list[Run], opts: argparse.Namespace, sweep_argv: list[str],
+def slurm_script(base: str, runs: list[GridPoint], opts: argparse.Namespace, sweep_argv: list[str],
                  command: list[str]) -> str:
     """An sbatch array script: task K runs ``sweep.py --runIndex K`` (skip if finished, resume if
     interrupted), in the folder the sweep was started from."""

@@ -126,9 +126,10 @@ def _two_base_classes(root):
 def test_the_shortlist_refusal_names_the_flag_that_was_set(broken_copy, given, start):
     _two_base_classes(broken_copy)
     flags = [flag for i, flag in enumerate(STAGE2) if "--chooseNum" not in STAGE2[max(i - 1, 0):i + 1]]
-    message = expect_error(broken_copy, "onlyBasetwoLoss.py", [*flags, "--trainways", "2", *given], "2 x 2 classes")
+    message = expect_error(broken_copy, "onlyBasetwoLoss.py", [*flags, "--trainways", "2", *given],
+                           "2 images x 2 classes")
     assert message.startswith("error: " + start), message
-    assert ("--chooseNum 15" not in message) and (given or "default --chooseNum" in message), message
+    assert ("--chooseNum 15" not in message) and (given or "its default for --shots 1" in message), message
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_an_image"])

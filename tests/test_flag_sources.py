@@ -428,20 +428,22 @@ def test_the_configurations_record_every_flag_under_its_name() -> None:
 @pytest.mark.parametrize("parser,config", [(stage1_parser, "Stage1Config"), (stage2_parser, "Stage2Config"),
                                            (lowshot_parser, "LowShotConfig")])
 def test_every_configuration_field_is_typed_as_its_flag_parses(parser, config: str) -> None:
-    """Each field's type holds the value the flag parses to, whether given (a sample of its choices or type) or
-    left at its default; a switch is a bool, a flag of several values a list."""
+    """Each field's type holds the value the flag parses to, whether given (a sample of its type) or left at
+    its default; a switch is a bool, a flag of several values a list, a required flag never None."""
     types = {field.name: field.type for field in fields(getattr(engine.options, config))}
     actions = [action for action in parser()._actions if action.dest != "help"]
     assert list(types) == [action.dest for action in actions]
     samples = {int: "3", float: "0.5", str: "x"}
     for action in actions:
         kind = types[action.dest]
-        values = [action.default]
+        values = [] if action.required else [action.default]  # a required flag is never left at its default
         if action.type in samples:
             value = action.type(samples[action.type])
             values.append([value] if action.nargs in ("+", "*") else value)
         if action.nargs == 0:
             assert kind is bool, action.dest
+        if action.required:
+            assert not isinstance(None, kind), f"--{action.dest} is required, typed {kind}"
         for value in values:
             if value is None:
                 assert isinstance(None, kind), f"{action.dest} defaults to None, typed {kind}"

@@ -183,11 +183,11 @@ def test_a_process_is_signalled_once_its_output_matches_and_gets_a_long_shutdown
              "time.sleep(60)\n")
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     status, _, output = experiments.run([sys.executable, "-c", child], tmp_path / "stop.log", tmp_path,
-                                        gpu_check.child_env(), 30, stop_at=gpu_check.STEP_DONE)
+                                        gpu_check.check_env(), 30, stop_at=gpu_check.STEP_DONE)
     assert status == 130 and output.split("\n")[0] == str(gpu_check.SHUTDOWN_GRACE_S), output
     assert output.rstrip().endswith("stopping"), output
     status, _, output = experiments.run([sys.executable, "-c", "print('epoch 0:   0%|          | 0/2')"],
-                                        tmp_path / "bar.log", tmp_path, gpu_check.child_env(), 30,
+                                        tmp_path / "bar.log", tmp_path, gpu_check.check_env(), 30,
                                         stop_at=gpu_check.STEP_DONE)
     assert status == 0, output  # the bar before its first step does not match
 

@@ -15,8 +15,9 @@ RUNS_DIR = Path("runs")  # runs/<tensorname>/: args.json, metrics.csv, resume.pt
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> None:
-    """``write(handle)`` into a new file beside ``path``, fsync it, rename it over ``path`` and fsync the folder: a
-    reader finds the old file or the whole new one, and an error leaves no temporary file."""
+    """``write(handle)`` into a new file beside ``path``, fsync it, rename it over ``path`` and fsync the folder
+    (best effort: Windows and some network filesystems cannot): a reader finds the old file or the whole new one,
+    and an error leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -29,9 +30,14 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(folder)
+    except OSError:
+        pass
     finally:
         os.close(folder)
 
@@ -62,7 +68,7 @@ def csv_cell(value: Any) -> str:
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file with a header (a run's ``metrics.csv``, ...), as text by column name."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 

@@ -9,7 +9,7 @@ import torch
 @functools.lru_cache(maxsize=None)
 def cell_index(size: int, fang: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The cell of each pixel row (or column), long ``[size]``: ``p // (size // fang)``, the last cell taking the
-    remainder (224 px, 3 cells: 74, 74, 76 px); cached per device (a GPU build waits), read only."""
+    remainder (224 px, 3 cells: 74, 74, 76 px); cached per device, read only."""
     if fang < 1:
         raise ValueError(f"grid size must be at least 1, got {fang}")
     if size < fang:
