@@ -146,17 +146,17 @@ class StepTimer(Timer):
 
     Keeps the rows of steps ``skip + 1`` to ``skip + keep``. On CUDA a section is the stream time
     between two events except ``data_wait`` (host time blocked on the loader); :meth:`end_step`
-    synchronises. ``with timer:`` enters ``probe``, which samples the workers' memory between steps (every
-    ``pss_interval`` s, and after the last kept step)."""
+    synchronises. It times inside ``with timer:``, which enters ``probe``: the workers' memory sampled
+    between steps (every ``pss_interval`` s, and after the last kept step)."""
 
     def __init__(self, device: torch.device, skip: int, keep: int, probe: MemoryProbe) -> None:
         self.device, self.skip, self.keep, self.probe = device, skip, keep, probe
         self.rows: list[dict[str, float]] = []
-        self.steps, self.sampled = 0, time.perf_counter()
-        self.begin()
+        self.steps = 0
 
     def __enter__(self) -> StepTimer:
-        """Enter the probe and start the first step now (a timer may be built before an earlier pass)."""
+        """Enter the probe and start the first step (not at construction: a timer may be built before an
+        earlier pass)."""
         self.probe.__enter__()
         self.sampled = time.perf_counter()
         self.begin()

@@ -223,8 +223,8 @@ def pack(runs: Iterable[GridPoint], slots: Sequence[str | None], forward: bool) 
                 free.append(slot)
                 status, old = launch.process.returncode, read_json(run.status_path()) or {}
                 write_json(run.status_path(), {"exit_status": status, "attempts": old.get("attempts", 0) + 1,
-                                          "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
-                                          "log": str(run.log()), "command": shlex.join(launch.process.args)})
+                                               "wall_s": round(old.get("wall_s", 0.0) + launch.seconds, 2),
+                                               "log": str(run.log()), "command": shlex.join(launch.process.args)})
                 print(f"{'done' if status == 0 else 'FAILED'} {run.name}: exit status {status} after "
                       f"{launch.seconds:.1f} s", flush=True)
             if running:
