@@ -24,7 +24,8 @@ GALLERY_MODES = ("nearest", "random")
 GALLERY_EXCLUDE = ("none", "episode")
 GALLERY_BN = ("train", "eval")  # the gallery pass: the original's training-mode pass, or evaluation mode
 GALLERY_CALL, GALLERY_SHARES = 128, 4  # the original's gallery pass: 128 images a call, DataParallel over 4 GPUs
-# Class relation of a deformed image's gallery image to the episode (training episodes only).
+# Class relation of a deformed image's gallery image to the episode (training episodes only): how many of
+# "one of the episode's classes" and "the probe's own class" hold.
 OTHER_CLASS, EPISODE_CLASS, SAME_CLASS = 0, 1, 2
 
 
@@ -141,13 +142,13 @@ def embed_share(model: IDeMeNet, share: torch.Tensor) -> torch.Tensor:
 def select_gallery(protos: torch.Tensor, bank: GalleryBank, scale: torch.Tensor, config: EpisodeConfig,
                    owner: torch.Tensor, episode: dict[str, torch.Tensor]) -> torch.Tensor:
     """Gallery index ``[N*augnum]`` of each deformed image (``owner`` ``[N*augnum]``: its class).
-    ``nearest``: the episode's pick among the ``choose_num`` images of smallest ``scale * ||g - c||^2`` to the
-    class's prototype (``protos`` ``[W, D]``; ``gallery_exclude="episode"`` leaves the episode's classes out);
-    ``random``: the episode's pick over the whole gallery."""
+    ``nearest``: the episode's pick among the ``choose_num`` images of smallest ``scale * ||g - c||^2`` (``scale``
+    without a graph) to the class's prototype (``protos`` ``[W, D]``; ``gallery_exclude="episode"`` leaves the
+    episode's classes out); ``random``: the episode's pick over the whole gallery."""
     device = protos.device
     if config.gallery_select == "random":
         return episode["gallery_pick"].to(device)
-    distances = scale.detach() * squared_distances(protos, bank.features)
+    distances = scale * squared_distances(protos, bank.features)
     if config.gallery_exclude == "episode":
         excluded = torch.isin(bank.gallery.labels, episode["classes"].to(device))
         distances = distances.masked_fill(excluded, float("inf"))
@@ -192,7 +193,8 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
             query_features = cache.lookup(episode["query_ids"], episode.get("query"))
     with timer.section("losses"):
         plain_protos = prototypes(support_features, labels, config.ways)
-        plain_logits = proto_logits(query_features, plain_protos, model.scale.detach())
+        plain_scale = model.scale.detach()
+        plain_logits = proto_logits(query_features, plain_protos, plain_scale)
         plain_accuracy = (plain_logits.argmax(1) == query_labels).float().mean()
 
     weights = deformed = probes = others = gallery_index = owner = own_distance = other_distance = None
@@ -201,7 +203,7 @@ def run_episode(model: IDeMeNet, episode: dict[str, torch.Tensor], bank: Gallery
         if config.deform != "none":
             owner = labels.repeat_interleave(config.augnum)
             with timer.section("select"):
-                gallery_index = select_gallery(plain_protos, bank, model.scale, config, owner, episode)
+                gallery_index = select_gallery(plain_protos, bank, plain_scale, config, owner, episode)
             deformed, weights, probes, others, deformed_features = deform_support(
                 model, support, gallery_index, episode, bank, config, device, embed, timer,
                 embed_whole=track_grad and not train_cls)
@@ -268,16 +270,27 @@ def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classe
     class to the probe's); ``classes`` ``[W]`` and ``gallery_labels`` ``[G]`` number one split (training only)."""
     picked = gallery_labels[result.gallery_index]
     classes = classes.to(picked.device)
-    return torch.where(picked == classes[result.deformed_labels], SAME_CLASS,
-                       torch.where(torch.isin(picked, classes), EPISODE_CLASS, OTHER_CLASS))
+    return torch.isin(picked, classes).long() + (picked == classes[result.deformed_labels])
 
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
                       cls_params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler | None = None) -> None:
-    """Fill ``.grad``: the prototype loss's for ``meta_params``, the classification loss's for ``cls_params``."""
+    """Add to ``.grad`` (None: set it) the prototype loss's gradient for ``meta_params`` and the classification
+    loss's for ``cls_params``: what ``backward(inputs=...)`` stores, without its accumulation step per parameter
+    (a ``detach`` each); a parameter neither loss reaches keeps its ``.grad``."""
     scale = (lambda loss: loss) if scaler is None else scaler.scale
-    if meta_params:
-        scale(result.proto_loss).backward(inputs=meta_params,
-                                          retain_graph=bool(cls_params and result.cls_loss is not None))
-    if cls_params and result.cls_loss is not None:
-        scale(result.cls_loss).backward(inputs=cls_params)
+    train_cls = bool(cls_params and result.cls_loss is not None)
+    taken = set()
+    for loss, params, retain in ((result.proto_loss, meta_params, train_cls),
+                                 (result.cls_loss if train_cls else None, cls_params, False)):
+        if loss is None or not params:
+            continue
+        for param, grad in zip(params, torch.autograd.grad(scale(loss), params, retain_graph=retain,
+                                                           allow_unused=True)):
+            if grad is None:
+                continue
+            if grad.stride() != param.stride() or grad.data_ptr() in taken:
+                # as backward would: the parameter's own layout (foreach kernels need it), memory of its own
+                grad = grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
+            taken.add(grad.data_ptr())
+            param.grad = grad if param.grad is None else param.grad.add_(grad)

@@ -230,7 +230,8 @@ def deformed_prototypes(model: IDeMeNet, bank: GalleryBank, support_files: list[
     are decoded by ``workers`` processes and deformed ``config.chunk`` images or so at a time."""
     classes = len(support) // shots
     labels = torch.arange(classes, device=device).repeat_interleave(shots)
-    gallery_index = shortlisted_gallery(prototypes(support, labels, classes), bank, model.scale, config, shots, draws)
+    plain = prototypes(support, labels, classes)
+    gallery_index = shortlisted_gallery(plain, bank, model.scale.detach(), config, shots, draws)
     features, done = [support], 0
     for images in image_loader(CroppedImages(support_files, image_size), max(1, config.chunk // shots) * shots,
                                workers, device):

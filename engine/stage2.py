@@ -217,9 +217,8 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
     """Both losses' gradients (``groups`` from :func:`param_groups`), then the :func:`stepped_optimizers`;
     ``train_cls``: the classification loss trains (epoch 1 on); ``scaler``: float16 loss scaling."""
     meta_params, cls_params = groups
-    with timer.section("optimizer"):
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+    for param in (*meta_params, *cls_params):  # what zero_grad(set_to_none=True) does, without its profiler records
+        param.grad = None
     with timer.section("backward"):
         episode_gradients(result, meta_params, cls_params if train_cls else [], scaler)
     with timer.section("optimizer"):

@@ -70,6 +70,7 @@ from utils.options import (
 )
 
 PER_CLASS = 21  # toy images per class: 5-shot episodes need 5 + 15 per class
+LOADER_SIZES = (84, 224)  # stage 1 through its loader on a GPU at the usual sizes (--loaderSizes)
 BUDGET_S, QUICK_BUDGET_S = 480, 180  # the whole check's seconds on one H100, set-up included (--budget)
 # The caps of the phases run as processes (a share of the budget, at most what is left); an in-process
 # phase runs a fixed small number of steps, and one that would start after the budget is spent is skipped.
@@ -93,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/gpu_check", help="folder of the check's files")
     p.add_argument("--json", default="gpu_check.json", help="the report")
     add_threads_flag(p, at_most=8, use="loader workers")
+    p.add_argument("--loaderSizes", type=int, nargs="*", default=None, metavar="S",
+                   help="image sizes at which stage 1 is also timed through its real loader, float32, each on toy "
+                        "files made for it (default: 84 224 on a GPU, none on the CPU)")
     p.add_argument("--outcomeSeeds", type=int, default=2, help="seeds of the outcome check (0: skip; --quick skips)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds the whole check may take (default: {BUDGET_S}; {QUICK_BUDGET_S} with --quick)")
@@ -153,11 +157,22 @@ class Budget:
             self.phases[name] = round(time.perf_counter() - start, 2)
 
 
-def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int) -> dict:
+def toy_data(root: Path, image_size: int) -> Path:
+    """``root``, holding toy data with files of the size that ``image_size`` is cropped from (generated unless
+    it holds some)."""
+    if not (root / "train.csv").is_file():
+        print(f"generating toy data in {root}", flush=True)
+        toy.generate(root, per_class=PER_CLASS, size=math.ceil(image_size * 256 / 224), seed=0)
+    return root
+
+
+def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int,
+                 image_size: int | None = None) -> dict:
     """Training images/s of stage 1 through the real loader (``loader_images_per_s``: decoding, blending, the
     copy; the mean loss) and on the same batches decoded ahead (the network's speed; the peak memory), the
-    first batch of each pass untimed."""
-    config = stage1_config(dataroot=str(root), imageSize=a.imageSize, batchSize=a.batchSize, tensorname="gpu_check",
+    first batch of each pass untimed; at ``image_size`` (default ``--imageSize``)."""
+    config = stage1_config(dataroot=str(root), imageSize=image_size or a.imageSize, batchSize=a.batchSize,
+                           tensorname="gpu_check",
                            device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
     configure_backend(device, False, 0, config.memoryFormat)
     watches = {phase: Stopwatch(device, skip=1) for phase in ("loader", "preloaded")}
@@ -264,11 +279,14 @@ def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, s
 def stage2_round(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, fix_cls: int,
                  episodes: int) -> float:
     """Training episodes/s of stage 2, 1-shot, through the real episode loader: round 1 (``fix_cls`` 1,
-    the feature cache warm: a first pass over the same episodes filled it) or round 2 (``fix_cls`` 0,
-    epoch 1: both losses train). Episodes 2..``episodes`` of the second pass are timed."""
+    the feature cache warm: a first pass over the same episodes filled it, so each episode decodes only its
+    support, as in the script) or round 2 (``fix_cls`` 0, epoch 1: both losses train). Episodes
+    2..``episodes`` of the second pass are timed."""
     run = stage2_setup(root, a, device, amp, 1, fixCls=fix_cls)
-    train_set, cache = run.episodes("train", episodes, epoch=1), run.feature_cache()
+    cache = run.feature_cache()
+    train_set = run.episodes("train", episodes, cache=cache)
     for _ in range(2):  # the first pass warms the cache, cuDNN's choices and the allocator
+        train_set.set_epoch(1)  # plans the decoding from the cache as it is now
         with Stopwatch(device, skip=1) as watch:
             run.train(episode_loader(train_set, run.config.nthreads, device), 1, cache=cache, timer=watch)
     return round((episodes - 1) / watch.seconds, 2)
@@ -496,10 +514,7 @@ def main(a: argparse.Namespace) -> int:
     budget = Budget(a.budget or (QUICK_BUDGET_S if a.quick else BUDGET_S))  # set-up included
     device = resolve_device(argparse.Namespace(device=a.device, amp=0))
     workdir, json_path = Path(a.workdir).resolve(), Path(a.json).resolve()
-    root = Path(a.dataroot).resolve() if a.dataroot else workdir / "toy"
-    if not (root / "train.csv").is_file():
-        print(f"generating toy data in {root}", flush=True)
-        toy.generate(root, per_class=PER_CLASS, size=math.ceil(a.imageSize * 256 / 224), seed=0)
+    root = toy_data(Path(a.dataroot).resolve() if a.dataroot else workdir / "toy", a.imageSize)
     (workdir / "models").mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the engine reads and writes models/ and runs/ relative to here
     torch.manual_seed(0)
@@ -536,6 +551,14 @@ def main(a: argparse.Namespace) -> int:
     else:
         checks["phase_stage2_1shot_fp16"] = {"ok": None, "detail": "skipped: float16 autocast with its GradScaler: "
                                              + ("--amp is float16 here" if device.type == "cuda" else "CUDA only")}
+    sizes = LOADER_SIZES if a.loaderSizes is None and device.type == "cuda" else a.loaderSizes or ()
+    for size in sizes:
+        speed = report["stage1"].get("fp32") if size == a.imageSize else budget.run(
+            report, f"stage1_loader_{size}px",
+            lambda: stage1_speed(toy_data(workdir / f"toy_{size}px", size), a, device, False, steps, size))
+        if speed is not None:
+            report["stage1"].setdefault("by_size", {})[str(size)] = {
+                key: speed[key] for key in ("loader_images_per_s", "images_per_s", "peak_memory_mb")}
     # the headline numbers: float32
     report["stage1"].update(report["stage1"].get("fp32", {}))
     report["stage2"].update({**report["stage2"].get("1shot_fp32", {}), **report["stage2"].get("rounds_fp32", {})})
@@ -570,8 +593,11 @@ def print_table(report: dict) -> None:
     print(f"\n{env['name']} ({env['device']}{', capability ' + env['capability'] if 'capability' in env else ''}"
           f"{', native bf16' if env.get('native_bf16') else ''}); torch {env['torch']}, CUDA {env['cuda']}")
     print(f"{'phase':<16}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
+    for size, numbers in report["stage1"].get("by_size", {}).items():
+        print(f"{'stage1 ' + size + ' px':<16}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
+              f"  (through the loader: {numbers['loader_images_per_s']} images/s, float32)")
     for name, numbers in report["stage1"].items():
-        if isinstance(numbers, dict):
+        if isinstance(numbers, dict) and name != "by_size":
             print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
                   f"  (through the loader: {numbers['loader_images_per_s']} images/s)")
     for name, numbers in report["stage2"].items():

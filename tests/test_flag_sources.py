@@ -346,6 +346,7 @@ SHOT_DEPENDENT = (None, None, False, "int", None, "store")
 CHANGED = {("benchmarks/episode.py", "--amp"): AMP_01, ("benchmarks/stage1.py", "--amp"): AMP_01,
            ("benchmarks/ops.py", "--amp"): AMP_01, ("benchmarks/ops.py", "--augnum"): SHOT_DEPENDENT,
            ("benchmarks/ops.py", "--chooseNum"): SHOT_DEPENDENT}
+ADDED = {"scripts/gpu_check.py": {"--loaderSizes": (None, None, False, "int", "*", "store")}}  # since the snapshot
 GETTERS = {"scripts/sweep.py": "get_parser"}
 MODULES = {"datasets/check.py": datasets.check, "datasets/toy.py": datasets.toy, "datasets/emoji.py": datasets.emoji}
 
@@ -383,6 +384,7 @@ def as_on_cpus(monkeypatch, cpus: int) -> None:
 def test_every_flag_keeps_its_name_default_choices_and_type(script: str, monkeypatch) -> None:
     as_on_cpus(monkeypatch, CPUS)
     expected = {flag: CHANGED.get((script, flag), row) for flag, row in SNAPSHOT[script].items()}
+    expected.update(ADDED.get(script, {}))
     parser = parser_of(script)
     assert listing(parser) == expected
     shown = parser.format_help()  # --help prints every flag

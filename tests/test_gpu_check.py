@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import engine.stage2 as stage2
-from datasets import toy
+from datasets import EpisodeDataset, toy
 from engine import experiments
 from models import EmbeddingNet
 from tests.scripts_helpers import load_script, script_env
@@ -21,7 +21,8 @@ from tests.scripts_helpers import load_script, script_env
 def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     done = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--device", "cpu", "--imageSize", "32",
                            "--quick", "--dataroot", str(tmp_path / "toy"), "--workdir", str(tmp_path / "work"),
-                           "--json", str(tmp_path / "gpu_check.json"), "--nthreads", "0", "--distributedChecks", "1"],
+                           "--json", str(tmp_path / "gpu_check.json"), "--nthreads", "0", "--distributedChecks", "1",
+                           "--loaderSizes", "32", "36"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900, env=script_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -40,6 +41,10 @@ def test_the_cpu_dry_run_measures_both_stages_and_passes_its_checks(tmp_path):
     assert "1shot_fp16" not in report["stage2"]
     assert checks["stage2_host_syncs_1shot_fp32"]["ok"] is True  # on the CPU: reads of a value, counted
     assert report["stage1"]["loader_images_per_s"] > 0 and report["total_s"] > 0
+    by_size = report["stage1"]["by_size"]  # --loaderSizes: 32 px is the fp32 phase's, 36 px its own, on 42 px files
+    assert by_size["32"]["loader_images_per_s"] == report["stage1"]["loader_images_per_s"]
+    assert by_size["36"]["loader_images_per_s"] > 0 and "stage1_loader_36px" in report["phases_s"]
+    assert (tmp_path / "work/toy_36px/train.csv").is_file() and "stage1 36 px" in done.stdout
     assert report["stage2"]["round1_episodes_per_s"] > 0 and report["stage2"]["round2_episodes_per_s"] > 0
     assert report["total_s"] <= 180 and set(report["phases_s"]) >= {"stage1_fp32", "stage2_round1_fp32", "distributed"}
     assert checks["torchrun_two_ranks_loss"]["ok"] is None and "amp" not in report["stage1"]
@@ -105,6 +110,23 @@ def test_an_extra_host_read_per_episode_fails_the_check(gpu_check, check_dir, mo
     monkeypatch.setattr(stage2, "run_episode", reading)
     _, _, syncs = one_shot_round2(gpu_check, check_dir)
     assert syncs["ok"] is False and syncs["detail"].startswith("8 host wait(s)"), syncs
+
+
+def test_round_one_is_timed_decoding_only_the_support_once_the_cache_is_warm(gpu_check, check_dir, monkeypatch):
+    """As onlyBasetwoLoss.py with --fixCls 1: the timed pass (the second) decodes each episode's 5 support
+    images and no query; the first pass, with the cache cold, decodes queries too."""
+    decoded = []
+    decode = EpisodeDataset._decode
+
+    def counting(dataset, classes, picks):
+        decoded.append(sum(map(len, picks)))
+        return decode(dataset, classes, picks)
+
+    monkeypatch.setattr(EpisodeDataset, "_decode", counting)
+    a = argparse.Namespace(imageSize=32, nthreads=0)
+    assert gpu_check.stage2_round(check_dir / "toy", a, torch.device("cpu"), False, 1, 3) > 0
+    assert len(decoded) > 6 and decoded[-3:] == [5, 5, 5]
+    assert sum(decoded[:-3]) > 3 * 5  # the cold pass decoded queries
 
 
 def tf32_noisy_pass(losses: list[float], noise: float):

@@ -33,17 +33,17 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict | None) -> None:
 
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
-    """Step each optimiser once; through ``scaler`` when it scales (those with gradients), then one ``update``."""
-    if scaler is None or not scaler.is_enabled():
-        for optimizer in optimizers:
-            optimizer.step()
-        return
-    stepped = False
-    for optimizer in optimizers:
-        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+    """Step once each optimiser that holds a gradient (one without would change nothing), through ``scaler``
+    when it scales, then one ``update``."""
+    stepped = [optimizer for optimizer in optimizers
+               if any(p.grad is not None for group in optimizer.param_groups for p in group["params"])]
+    scaled = scaler is not None and scaler.is_enabled()
+    for optimizer in stepped:
+        if scaled:
             scaler.step(optimizer)
-            stepped = True
-    if stepped:
+        else:
+            optimizer.step()
+    if scaled and stepped:
         scaler.update()
 
 
