@@ -167,14 +167,14 @@ def toy_data(root: Path, image_size: int) -> Path:
 
 
 def stage1_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: bool, steps: int,
-                 image_size: int | None = None) -> dict:
+                 image_size: int | None = None, tf32: bool = True) -> dict:
     """Training images/s of stage 1 through the real loader (``loader_images_per_s``: decoding, blending, the
     copy; the mean loss) and on the same batches decoded ahead (the network's speed; the peak memory), the
-    first batch of each pass untimed; at ``image_size`` (default ``--imageSize``)."""
+    first batch of each pass untimed; at ``image_size`` (default ``--imageSize``), ``tf32`` as ``--tf32``."""
     config = stage1_config(dataroot=str(root), imageSize=image_size or a.imageSize, batchSize=a.batchSize,
-                           tensorname="gpu_check",
-                           device=str(device), amp=int(amp), nthreads=a.nthreads, filesPerClass=0, progress=0)
-    configure_backend(device, False, 0, config.memoryFormat)
+                           tensorname="gpu_check", device=str(device), amp=int(amp), nthreads=a.nthreads,
+                           filesPerClass=0, progress=0, tf32=int(tf32))
+    configure_backend(device, False, 0, config.memoryFormat, tf32)
     watches = {phase: Stopwatch(device, skip=1) for phase in ("loader", "preloaded")}
     batches, _, progress = Stage1Run(config, device).loader_then_preloaded(steps + 1, watches)
     images = sum(len(batch[1]) for batch in batches[1:])
@@ -525,6 +525,13 @@ def main(a: argparse.Namespace) -> int:
               "stage2": {}, "checks": {}}
     checks = report["checks"]
 
+    def stage1_phase(name: str, work: Callable[[], dict]) -> None:
+        speed = budget.run(report, f"stage1_{name}", work)
+        if speed is not None:
+            report["stage1"][name] = speed
+            checks[f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(speed["loss"]),
+                                                    "detail": f"loss {speed['loss']:.4f}"}
+
     def stage2_phase(name: str, work: Callable[[], tuple]) -> None:
         measured = budget.run(report, f"stage2_{name}", work)
         if measured is not None:
@@ -532,11 +539,7 @@ def main(a: argparse.Namespace) -> int:
 
     for amp in [False, True] if device.type == "cuda" else [False]:
         name = "amp" if amp else "fp32"
-        speed = budget.run(report, f"stage1_{name}", lambda: stage1_speed(root, a, device, amp, steps))
-        if speed is not None:
-            report["stage1"][name] = speed
-            checks[f"stage1_{name}_finite_loss"] = {"ok": math.isfinite(speed["loss"]),
-                                                    "detail": f"loss {speed['loss']:.4f}"}
+        stage1_phase(name, lambda: stage1_speed(root, a, device, amp, steps))
         checks[f"cpu_gpu_features_{name}"] = cpu_gpu_features(root, device, amp, a.imageSize)
         for shots in (1, 5):
             stage2_phase(f"{shots}shot_{name}", lambda: stage2_speed(root, a, device, amp, shots, episodes))
@@ -548,6 +551,9 @@ def main(a: argparse.Namespace) -> int:
     if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:  # --amp never takes the GradScaler's path:
         with mock.patch("utils.forward.amp_dtype", lambda device: torch.float16):  # float16, as on a V100 or T4
             stage2_phase("1shot_fp16", lambda: stage2_speed(root, a, device, True, 1, episodes))
+            stage1_phase("fp16", lambda: stage1_speed(root, a, device, True, steps))
+        # and "fp32" ran with TF32 convolutions (--tf32 1, from compute capability 8.0 on, as bfloat16)
+        stage1_phase("fp32_tf32_off", lambda: stage1_speed(root, a, device, False, steps, tf32=False))
     else:
         checks["phase_stage2_1shot_fp16"] = {"ok": None, "detail": "skipped: float16 autocast with its GradScaler: "
                                              + ("--amp is float16 here" if device.type == "cuda" else "CUDA only")}
@@ -592,21 +598,20 @@ def print_table(report: dict) -> None:
     env = report["environment"]
     print(f"\n{env['name']} ({env['device']}{', capability ' + env['capability'] if 'capability' in env else ''}"
           f"{', native bf16' if env.get('native_bf16') else ''}); torch {env['torch']}, CUDA {env['cuda']}")
-    print(f"{'phase':<16}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
-    for size, numbers in report["stage1"].get("by_size", {}).items():
-        print(f"{'stage1 ' + size + ' px':<16}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
-              f"  (through the loader: {numbers['loader_images_per_s']} images/s, float32)")
-    for name, numbers in report["stage1"].items():
-        if isinstance(numbers, dict) and name != "by_size":
-            print(f"{'stage1 ' + name:<16}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
-                  f"  (through the loader: {numbers['loader_images_per_s']} images/s)")
+    print(f"{'phase':<21}{'images/s':>10}{'train ep s':>12}{'test ep s':>11}{'peak MB':>10}")
+    stage1 = [(f"{size} px", numbers, ", float32") for size, numbers in report["stage1"].get("by_size", {}).items()]
+    stage1 += [(name, numbers, "") for name, numbers in report["stage1"].items()
+               if isinstance(numbers, dict) and name != "by_size"]
+    for name, numbers, note in stage1:
+        print(f"{'stage1 ' + name:<21}{numbers['images_per_s']:>10}{'':>23}{str(numbers['peak_memory_mb']):>10}"
+              f"  (through the loader: {numbers['loader_images_per_s']} images/s{note})")
     for name, numbers in report["stage2"].items():
         if isinstance(numbers, dict) and name.startswith("rounds_"):
-            print(f"{'stage2 ' + name:<16} episodes/s through the loader: round 1 (warm cache) "
+            print(f"{'stage2 ' + name:<21} episodes/s through the loader: round 1 (warm cache) "
                   f"{numbers.get('round1_episodes_per_s')}, round 2 {numbers.get('round2_episodes_per_s')}")
         elif isinstance(numbers, dict):
             peak = max(filter(None, [numbers["train_peak_memory_mb"], numbers["test_peak_memory_mb"]]), default=None)
-            print(f"{'stage2 ' + name:<16}{'':>10}{numbers['train_episode_s']:>12}{numbers['test_episode_s']:>11}"
+            print(f"{'stage2 ' + name:<21}{'':>10}{numbers['train_episode_s']:>12}{numbers['test_episode_s']:>11}"
                   f"{str(peak):>10}")
     print("phase seconds: " + ", ".join(f"{name} {seconds}" for name, seconds in report["phases_s"].items())
           + f"; total {report['total_s']}")
