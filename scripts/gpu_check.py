@@ -199,13 +199,10 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     untimed first one) and per test episode, peak memory; the check that cached and per-episode test features
     give the same evaluation; the host waits."""
     run = stage2_setup(root, a, device, amp, shots)
-    train_set = run.episodes("train", episodes + 1, epoch=1)
-    items = [train_set[i] for i in range(len(train_set))]
+    items = training_items(run, episodes)
     with Stopwatch(device, skip=1) as training:
         run.train(items, 1, timer=training)
-    stepped = stage2.stepped_optimizers(run.optimizers, bool(run.groups[0]), bool(run.groups[1]))
-    syncs = host_syncs(device, lambda: run.train(items[1:], 1), episodes,
-                       len(stepped) if run.scaler.is_enabled() else 0)
+    syncs = training_syncs(run, items[1:])
     test_set, fresh_set = (run.episodes("test", episodes, evaluation=cached) for cached in (True, False))
     with Stopwatch(device) as testing:
         run.evaluate(test_set)
@@ -214,6 +211,19 @@ def stage2_speed(root: Path, a: argparse.Namespace, device: torch.device, amp: b
     return ({"train_episode_s": round(training.seconds / episodes, 4),
              "test_episode_s": round(testing.seconds / episodes, 4),
              "train_peak_memory_mb": training.peak_mb, "test_peak_memory_mb": testing.peak_mb}, check, syncs)
+
+
+def training_items(run: Stage2Run, episodes: int) -> list[dict]:
+    """``episodes`` + 1 training episodes of epoch 1 (both losses train), decoded ahead."""
+    train_set = run.episodes("train", episodes + 1, epoch=1)
+    return [train_set[i] for i in range(len(train_set))]
+
+
+def training_syncs(run: Stage2Run, items: list[dict]) -> dict:
+    """:func:`host_syncs` of training on ``items`` as epoch 1, a scaled step allowed per optimiser stepped."""
+    stepped = stage2.stepped_optimizers(run.optimizers, bool(run.groups[0]), bool(run.groups[1]))
+    return host_syncs(run.device, lambda: run.train(items, 1), len(items),
+                      len(stepped) if run.scaler.is_enabled() else 0)
 
 
 # Cached against per-episode evaluation: the same images embedded in batches of other sizes, so cuDNN
