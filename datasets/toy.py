@@ -22,10 +22,14 @@ import colorsys
 import csv
 import io
 import json
+import multiprocessing
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,7 @@ from tqdm import tqdm
 
 from datasets.splits import SPLITS, class_list
 from utils.errors import OptionError
-from utils.options import HelpFormatter, add_seed_flag, run_cli
+from utils.options import HelpFormatter, add_seed_flag, add_threads_flag, run_cli
 
 SHAPES = ("circle", "ring", "square", "triangle", "star", "cross", "bar", "crescent")
 HUES = (0, 28, 55, 115, 175, 220, 270, 315)  # degrees: red, orange, yellow, green, cyan, blue, violet, magenta
@@ -52,6 +56,9 @@ OCCLUDER_PROB = 0.3  # chance of one random rectangle painted over the scene
 OBJECT_EXTENT = 1.15  # every shape lies within this many radii of its centre (the square's corners: 0.8 * sqrt(2))
 
 JPEG_QUALITY = 90
+# Images from which rendering is spread over processes: each takes some 3 s to start (it imports torch, through
+# this package), about what 300-600 images cost to render in one.
+PARALLEL_FROM = 1000
 SUPERSAMPLE = 2
 FILENAME_RE = re.compile(r"^n\d{8}\d{8}\.jpg$")
 
@@ -265,30 +272,38 @@ def check_arguments(out: Path, per_class: int, size: int, seed: int) -> None:
 
 
 def generate(out: Path, per_class: int = 30, size: int = 96, seed: int = 0, *,
-             progress: bool = False) -> dict[str, int]:
-    """Write the toy dataset under ``out`` (regenerated in place) and return the number of images per split."""
+             progress: bool = False, workers: int = 1) -> dict[str, int]:
+    """Write the toy dataset under ``out`` (regenerated in place; classes rendered by ``workers`` processes, the
+    same bytes for any number) and return the number of images per split."""
     out = Path(out)
     check_arguments(out, per_class, size, seed)
     splits = {split: sorted(class_list(split)) for split in SPLITS}
     design = class_design([len(wnids) for wnids in splits.values()], seed)
     classes = [(split, wnid) for split, wnids in splits.items() for wnid in wnids]
     draws = [partial(render_image, combo, size) for combo in design]
-    return write_dataset(out, classes, draws, per_class, seed, FILENAME_RE, progress)
+    return write_dataset(out, classes, draws, per_class, seed, FILENAME_RE, progress, workers)
 
 
 def write_dataset(out: Path, classes: list[tuple[str, str]], draws: list[Callable[[np.random.Generator], Image.Image]],
-                  per_class: int, seed: int, stale_names: re.Pattern, progress: bool = False) -> dict[str, int]:
+                  per_class: int, seed: int, stale_names: re.Pattern, progress: bool = False,
+                  workers: int = 1) -> dict[str, int]:
     """Write ``out/images/<label><8 digits>.jpg`` (1-based) and ``out/<split>.csv`` for ``classes``
-    (``(split, label)`` pairs; class i's images :func:`render_class` of ``draws[i]``), remove the images
-    matching ``stale_names`` this call did not write (so the folder is a function of the arguments), and
-    return the number of images per split."""
+    (``(split, label)`` pairs; class i's images :func:`render_class` of ``draws[i]``, in ``workers`` processes
+    from :data:`PARALLEL_FROM` images on: the draws must pickle), remove the images matching ``stale_names``
+    this call did not write (so the folder is a function of the arguments), and return the number of images
+    per split."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
-    for class_index, (split, label) in enumerate(tqdm(classes, desc="classes", disable=not progress)):
-        for number, data in enumerate(render_class(draws[class_index], class_index, per_class, seed), 1):
-            (images_dir / f"{label}{number:08d}.jpg").write_bytes(data)
-            rows[split].append((f"{label}{number:08d}.jpg", label))
+    parallel = workers > 1 and len(classes) > 1 and len(classes) * per_class >= PARALLEL_FROM
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if parallel \
+            else nullcontext() as pool:
+        rendered = (pool.map if parallel else map)(render_class, draws, range(len(classes)), repeat(per_class),
+                                                   repeat(seed))
+        for (split, label), images in zip(tqdm(classes, desc="classes", disable=not progress), rendered):
+            for number, data in enumerate(images, 1):
+                (images_dir / f"{label}{number:08d}.jpg").write_bytes(data)
+                rows[split].append((f"{label}{number:08d}.jpg", label))
     written = {name for split_rows in rows.values() for name, _ in split_rows}
     for stale in images_dir.iterdir():
         if stale_names.match(stale.name) and stale.name not in written:
@@ -363,13 +378,15 @@ def report(counts: dict[str, int], out: Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return generator_parser("python -m datasets.toy", __doc__.splitlines()[0], per_class=30)
+    parser = generator_parser("python -m datasets.toy", __doc__.splitlines()[0], per_class=30)
+    add_threads_flag(parser, use="processes rendering the classes (the files are the same for any number)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Generate the dataset; a bad flag is one line on stderr and status 2."""
-    return run_cli(lambda a: report(generate(a.out, a.perClass, a.size, a.seed, progress=True), a.out),
-                   get_args_parser(), argv)
+    return run_cli(lambda a: report(generate(a.out, a.perClass, a.size, a.seed, progress=True, workers=a.nthreads),
+                                    a.out), get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,17 @@ def test_same_seed_is_byte_identical(dataset: tuple[Path, dict[str, int]], tmp_p
     assert tree_bytes(tmp_path) == tree_bytes(root)
 
 
+@pytest.mark.slow
+def test_rendering_in_two_processes_writes_the_same_bytes(dataset: tuple[Path, dict[str, int]], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(toy, "PARALLEL_FROM", 1)  # the module's dataset is smaller than a pool's worth
+    started = []
+    pool = toy.ProcessPoolExecutor
+    monkeypatch.setattr(toy, "ProcessPoolExecutor", lambda *a, **k: started.append(a) or pool(*a, **k))
+    toy.generate(tmp_path, per_class=PER_CLASS, size=SIZE, seed=0, workers=2)
+    assert started == [(2,)] and tree_bytes(tmp_path) == tree_bytes(dataset[0])
+
+
 def test_different_seed_differs(dataset: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
     root, _ = dataset
     toy.generate(tmp_path, per_class=PER_CLASS, size=SIZE, seed=1)
