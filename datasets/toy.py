@@ -27,7 +27,6 @@ import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from functools import partial
 from itertools import repeat
 from pathlib import Path
@@ -296,14 +295,17 @@ def write_dataset(out: Path, classes: list[tuple[str, str]], draws: list[Callabl
     images_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
     parallel = workers > 1 and len(classes) > 1 and len(classes) * per_class >= PARALLEL_FROM
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if parallel \
-            else nullcontext() as pool:
-        rendered = (pool.map if parallel else map)(render_class, draws, range(len(classes)), repeat(per_class),
-                                                   repeat(seed))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if parallel else None
+    try:
+        rendered = (pool.map if pool else map)(render_class, draws, range(len(classes)), repeat(per_class),
+                                               repeat(seed))
         for (split, label), images in zip(tqdm(classes, desc="classes", disable=not progress), rendered):
             for number, data in enumerate(images, 1):
                 (images_dir / f"{label}{number:08d}.jpg").write_bytes(data)
                 rows[split].append((f"{label}{number:08d}.jpg", label))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C, the classes not started are dropped
     written = {name for split_rows in rows.values() for name, _ in split_rows}
     for stale in images_dir.iterdir():
         if stale_names.match(stale.name) and stale.name not in written:
@@ -379,7 +381,7 @@ def report(counts: dict[str, int], out: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = generator_parser("python -m datasets.toy", __doc__.splitlines()[0], per_class=30)
-    add_threads_flag(parser, use="processes rendering the classes (the files are the same for any number)")
+    add_threads_flag(parser, at_most=8, use="processes rendering the classes (the files are the same for any number)")
     return parser
 
 

@@ -280,7 +280,7 @@ def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Paramete
     (a ``detach`` each); a parameter neither loss reaches keeps its ``.grad``."""
     scale = (lambda loss: loss) if scaler is None else scaler.scale
     train_cls = bool(cls_params and result.cls_loss is not None)
-    taken = set()
+    spans: dict[int, list[tuple[int, int]]] = {}
     for loss, params, retain in ((result.proto_loss, meta_params, train_cls),
                                  (result.cls_loss if train_cls else None, cls_params, False)):
         if loss is None or not params:
@@ -289,8 +289,21 @@ def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Paramete
                                                            allow_unused=True)):
             if grad is None:
                 continue
-            if grad.stride() != param.stride() or grad.data_ptr() in taken:
+            if any(n != 1 and a != b for n, a, b in zip(grad.shape, grad.stride(), param.stride())) \
+                    or _claim(grad, spans):
                 # as backward would: the parameter's own layout (foreach kernels need it), memory of its own
                 grad = grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
-            taken.add(grad.data_ptr())
+                _claim(grad, spans)
             param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+
+def _claim(grad: torch.Tensor, spans: dict[int, list[tuple[int, int]]]) -> bool:
+    """Record the bytes of its storage ``grad`` spans (``spans``: storage -> byte ranges); whether a gradient
+    recorded before spans some of them (a GradScaler would unscale those twice in place)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(grad.shape, grad.stride())) if grad.numel() else 0
+    start = grad.storage_offset() * grad.element_size()
+    end = start + extent * grad.element_size()
+    taken = spans.setdefault(grad.untyped_storage().data_ptr(), [])
+    clash = any(a < end and start < b for a, b in taken)
+    taken.append((start, end))
+    return clash

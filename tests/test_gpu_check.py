@@ -15,6 +15,7 @@ from datasets import EpisodeDataset, toy
 from engine import experiments
 from models import EmbeddingNet
 from tests.scripts_helpers import load_script, script_env
+from utils import forward
 
 
 @pytest.mark.slow
@@ -136,6 +137,41 @@ def test_round_one_is_timed_decoding_only_the_support_once_the_cache_is_warm(gpu
     assert gpu_check.stage2_round(check_dir / "toy", a, torch.device("cpu"), False, 1, 3) > 0
     assert len(decoded) > 6 and decoded[-3:] == [5, 5, 5]
     assert sum(decoded[:-3]) > 3 * 5  # the cold pass decoded queries
+
+
+def test_a_bfloat16_gpu_also_times_stage_one_in_float16_and_without_tf32_and_at_the_loader_sizes(
+        gpu_check, monkeypatch, tmp_path):
+    """The phases after the outcome benchmark on an H100-like GPU (the timing itself stubbed: no GPU here):
+    float16 with its GradScaler (``amp_dtype`` patched where ``autocast`` and ``grad_scaler`` read it), TF32
+    off, and 84 px on its own toy data; 224 px (``--imageSize``) reuses the ``fp32`` phase's figures."""
+    original, calls = forward.amp_dtype, []
+
+    def speed(root, a, device, amp, steps, image_size=None, tf32=True):
+        patched = forward.amp_dtype(device) if forward.amp_dtype is not original else None
+        calls.append((amp, tf32, image_size, patched, root.name))
+        return {"images_per_s": 2.0, "peak_memory_mb": 3, "loss": float(len(calls)), "loader_images_per_s": 1.0}
+
+    monkeypatch.setattr(gpu_check, "stage1_speed", speed)
+    monkeypatch.setattr(gpu_check, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(gpu_check, "toy_data", lambda root, size, workers: root)
+    fp32 = {"images_per_s": 5.0, "peak_memory_mb": 6, "loss": 1.0, "loader_images_per_s": 4.0}
+    report = {"stage1": {"fp32": fp32}, "checks": {}}
+    a = argparse.Namespace(imageSize=224, loaderSizes=None, nthreads=0)
+    gpu_check.more_stage1_figures(report, gpu_check.Budget(60), tmp_path, a, torch.device("cuda"), tmp_path, 2)
+    assert calls == [(True, True, None, torch.float16, tmp_path.name), (False, False, None, None, tmp_path.name),
+                     (False, True, 84, None, "toy_84px")]
+    assert report["stage1"]["fp16"]["loss"] == 1.0 and report["stage1"]["fp32_tf32_off"]["loss"] == 2.0
+    figures = ("loader_images_per_s", "images_per_s", "peak_memory_mb")
+    by_size = {"84": dict(zip(figures, (1.0, 2.0, 3))), "224": dict(zip(figures, (4.0, 5.0, 6)))}
+    assert report["stage1"]["by_size"] == by_size
+    assert {"stage1_fp16_finite_loss", "stage1_fp32_tf32_off_finite_loss"} <= set(report["checks"])
+
+
+def test_a_loader_size_below_32_is_refused_before_anything_runs(gpu_check, tmp_path, capsys):
+    status = gpu_check.run_cli(gpu_check.main, gpu_check.get_args_parser(),
+                               ["--device", "cpu", "--loaderSizes", "84", "20", "--workdir", str(tmp_path / "w")])
+    assert status == 2 and "--loaderSizes must be at least 32, got 20" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def tf32_noisy_pass(losses: list[float], noise: float):

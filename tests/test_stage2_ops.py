@@ -397,13 +397,20 @@ def test_a_parameter_both_losses_reach_gets_the_sum_of_their_gradients() -> None
 
 
 def test_parameters_given_one_gradient_tensor_get_memory_of_their_own() -> None:
-    """Autograd hands ``a + b``'s one gradient tensor to both; a GradScaler unscales each ``.grad`` in place,
-    so a shared one would be unscaled twice."""
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    result = EpisodeResult(((a + b) * torch.tensor([1.0, 2.0, 3.0])).sum(), None, *[None] * 10)
-    episode_gradients(result, [a, b], [])
-    a.grad.mul_(0.5)
-    assert torch.equal(b.grad, torch.tensor([1.0, 2.0, 3.0]))
+    """Autograd hands ``a + b``'s one gradient tensor to both, and ``c + cat([d, e])``'s to ``c`` and, as slices
+    of it, to ``d`` and ``e``; a GradScaler unscales each ``.grad`` in place, so shared memory would be unscaled
+    twice. Slices of one buffer that do not overlap (DataParallel's gradients) stay as they are."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(4)) for _ in range(3))
+    d, e = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    result = EpisodeResult(((a + b) * weights).sum() + ((c + torch.cat([d, e])) * weights).sum(), None, *[None] * 10)
+    episode_gradients(result, [a, b, c, d, e], [])
+    for param in (a, c):
+        param.grad.mul_(0.5)
+    assert torch.equal(b.grad, weights) and torch.equal(d.grad, weights[:2]) and torch.equal(e.grad, weights[2:])
+    f, g = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    episode_gradients(EpisodeResult((torch.cat([f, g]) * weights).sum(), None, *[None] * 10), [f, g], [])
+    assert f.grad.untyped_storage().data_ptr() == g.grad.untyped_storage().data_ptr()  # not copied
 
 
 # --------------------------------------------------------------------------------------------
