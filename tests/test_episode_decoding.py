@@ -159,6 +159,7 @@ def script_runs(tmp_path_factory):
     return workdir, decoded
 
 
+@pytest.mark.slow  # an end-to-end run of the script
 def test_the_script_decodes_fewer_images_and_writes_the_same_run(script_runs) -> None:
     """The same weights, resumable state, metrics (timing left out) and test report, fewer decoded images."""
     workdir, decoded = script_runs
@@ -166,6 +167,7 @@ def test_the_script_decodes_fewer_images_and_writes_the_same_run(script_runs) ->
     assert_same_run(workdir, "all", "new")
 
 
+@pytest.mark.slow  # an end-to-end run of the script
 def test_round_one_resumed_mid_epoch_plans_from_the_fresh_cache(script_runs, monkeypatch) -> None:
     """A stop after epoch 1's second training episode, then --resume: a fresh cache, the epoch planned
     from its third episode on; the run ends as the uninterrupted one."""

@@ -228,6 +228,7 @@ def test_the_deformation_network_is_drawn_from_the_run_seed(workdir, monkeypatch
 
 # 4. --selectOn test: the original's timing -----------------------------------------------------
 
+@pytest.mark.slow  # an end-to-end run of the script
 def test_selection_on_test_evaluates_fresh_test_episodes_before_each_epoch_trains(workdir, monkeypatch) -> None:
     """Epoch e's select_loss is the test loss of the weights before epoch e trains, on test episodes
     of epoch e; the kept file is the candidate (initial weights, weights after epoch 0) with the

@@ -33,6 +33,7 @@ def test_format_row_leaves_out_columns_without_a_value() -> None:
     assert format_row(row) == "epoch 3: proto_loss 1.235, train_acc 41, gallery_bn train"
 
 
+@pytest.mark.slow  # an end-to-end run of the script
 def test_stage1_prints_the_training_accuracy_in_percent_as_the_val_accuracy(workdir) -> None:
     result = run_main(workdir, "classification.py", *STAGE1, "--tensorname", "percent")
     assert result.returncode == 0, result.stderr
