@@ -275,35 +275,10 @@ def gallery_relation(result: EpisodeResult, gallery_labels: torch.Tensor, classe
 
 def episode_gradients(result: EpisodeResult, meta_params: list[torch.nn.Parameter],
                       cls_params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler | None = None) -> None:
-    """Add to ``.grad`` (None: set it) the prototype loss's gradient for ``meta_params`` and the classification
-    loss's for ``cls_params``: what ``backward(inputs=...)`` stores, without its accumulation step per parameter
-    (a ``detach`` each); a parameter neither loss reaches keeps its ``.grad``."""
+    """Fill ``.grad``: the prototype loss's for ``meta_params``, the classification loss's for ``cls_params``."""
     scale = (lambda loss: loss) if scaler is None else scaler.scale
-    train_cls = bool(cls_params and result.cls_loss is not None)
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for loss, params, retain in ((result.proto_loss, meta_params, train_cls),
-                                 (result.cls_loss if train_cls else None, cls_params, False)):
-        if loss is None or not params:
-            continue
-        for param, grad in zip(params, torch.autograd.grad(scale(loss), params, retain_graph=retain,
-                                                           allow_unused=True)):
-            if grad is None:
-                continue
-            if any(n != 1 and a != b for n, a, b in zip(grad.shape, grad.stride(), param.stride())) \
-                    or _claim(grad, spans):
-                # as backward would: the parameter's own layout (foreach kernels need it), memory of its own
-                grad = grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
-                _claim(grad, spans)
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
-
-
-def _claim(grad: torch.Tensor, spans: dict[int, list[tuple[int, int]]]) -> bool:
-    """Record the bytes of its storage ``grad`` spans (``spans``: storage -> byte ranges); whether a gradient
-    recorded before spans some of them (a GradScaler would unscale those twice in place)."""
-    extent = 1 + sum((n - 1) * s for n, s in zip(grad.shape, grad.stride())) if grad.numel() else 0
-    start = grad.storage_offset() * grad.element_size()
-    end = start + extent * grad.element_size()
-    taken = spans.setdefault(grad.untyped_storage().data_ptr(), [])
-    clash = any(a < end and start < b for a, b in taken)
-    taken.append((start, end))
-    return clash
+    if meta_params:
+        scale(result.proto_loss).backward(inputs=meta_params,
+                                          retain_graph=bool(cls_params and result.cls_loss is not None))
+    if cls_params and result.cls_loss is not None:
+        scale(result.cls_loss).backward(inputs=cls_params)

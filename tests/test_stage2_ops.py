@@ -6,7 +6,6 @@ Each test also checks that the saving happens (the operations or calls it remove
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -344,47 +343,6 @@ def test_round_one_embeds_the_deformed_images_in_one_call(resnet) -> None:
     # without a graph (evaluation) the chunks bound the memory: they stay
     with torch.no_grad():
         assert episode_images_embedded(model, train_cls=False, track_grad=False, chunk=4) == [3, 4, 2, 4, 2]
-
-
-def round_two_gradients(model: IDeMeNet, reference: bool) -> tuple[list[torch.Tensor | None], Counter]:
-    """Every parameter's gradient after one round-2 episode (both losses, chunks of 4), and the operations
-    of the gradient step: ``episode_gradients`` or, for ``reference``, the ``backward(inputs=...)`` calls
-    it replaced, after ``zero_grad(set_to_none=True)``."""
-    gallery = make_gallery(uint8_images(6, seed=8), torch.arange(6) % 3)
-    bank = GalleryBank(gallery, model, CPU, 4)
-    episode = make_episode(3, 1, 2, 2, 2, len(bank), 9, classes=[0, 1, 2], seed=12)
-    result = run_episode(model, episode, bank, EpisodeConfig(3, 2, 2, chunk=4), CPU, train_cls=True, track_grad=True)
-    meta, cls = [*model.deformer.parameters(), model.scale], [*model.backbone.parameters(), *model.fc.parameters()]
-    model.zero_grad(set_to_none=True)
-    with OpCounter() as counter:
-        if reference:
-            result.proto_loss.backward(inputs=meta, retain_graph=True)
-            result.cls_loss.backward(inputs=cls)
-        else:
-            episode_gradients(result, meta, cls)
-    return [p.grad for p in model.parameters()], counter.counts
-
-
-def test_the_episode_s_gradients_are_backward_s_without_its_accumulation_step(resnet) -> None:
-    """Round 2's two losses: the gradients ``backward(inputs=...)`` gave, bit for bit (the deformed images'
-    three chunks summed by autograd as before), and one ``detach`` fewer per parameter whose gradient comes
-    in its layout; the others are copied into it, as before."""
-    model = copy.deepcopy(resnet).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    state = copy.deepcopy(model.state_dict())
-    ours, ours_ops = round_two_gradients(model, reference=False)
-    model.load_state_dict(state)  # the running statistics as before the first episode
-    theirs, their_ops = round_two_gradients(model, reference=True)
-    assert all(a is not None for a in ours) and len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-    saved = their_ops - ours_ops
-    assert set(saved) == {"aten.detach.default"} and not ours_ops - their_ops
-    copied = ours_ops["aten.copy_.default"]
-    assert copied > 0 and saved["aten.detach.default"] + copied == len(ours)  # on the CPU some convolutions'
-    for param, grad in zip(model.parameters(), ours):                        # gradients come in another layout
-        assert grad.stride() == param.stride()
 
 
 def test_a_parameter_both_losses_reach_gets_the_sum_of_their_gradients() -> None:
