@@ -125,27 +125,49 @@ def make_optimizers(model: IDeMeNet, config: Stage2Config) -> tuple[dict, dict]:
     """The original's optimisers and schedules (docs/original.md §4.6), by resume-state key: Adam for the
     deformation network (LR), the scale (LR, no schedule: its rate never decays), the embedding (clsLR * 0.1) and
     fc (clsLR); StepLR(40, 0.5) for the deformation network's and the classifier's. Frozen groups keep theirs."""
-    meta_opt = foreach_adam(list(model.deformer.parameters()), lr=config.LR)
-    scale_opt = foreach_adam([model.scale], lr=config.LR)
-    cls_opt = foreach_adam([{"params": list(model.backbone.parameters()), "lr": config.clsLR * 0.1},
-                            {"params": list(model.fc.parameters()), "lr": config.clsLR}])
+    meta_opt = EpisodeAdam(list(model.deformer.parameters()), lr=config.LR)
+    scale_opt = EpisodeAdam([model.scale], lr=config.LR)
+    cls_opt = EpisodeAdam([{"params": list(model.backbone.parameters()), "lr": config.clsLR * 0.1},
+                           {"params": list(model.fc.parameters()), "lr": config.clsLR}])
     schedulers = {"meta_sched": torch.optim.lr_scheduler.StepLR(meta_opt, 40, 0.5),
                   "cls_sched": torch.optim.lr_scheduler.StepLR(cls_opt, 40, 0.5)}
     return {"meta_opt": meta_opt, "scale_opt": scale_opt, "cls_opt": cls_opt}, schedulers
 
 
-def foreach_adam(params, **kwargs) -> torch.optim.Adam:
-    """Adam with the multi-tensor implementation (about ten operations per group instead of nine per
-    parameter), bit-identical on the CPU to the per-parameter loop (tests/test_stage2_ops.py). A hook sets
-    ``foreach`` again after ``load_state_dict``, which would bring back an older state's ``foreach=None``."""
-    optimizer = torch.optim.Adam(params, foreach=True, **kwargs)
-    optimizer.register_load_state_dict_post_hook(_keep_foreach)
-    return optimizer
+class EpisodeAdam(torch.optim.Adam):
+    """torch's multi-tensor Adam step (default betas and eps; no weight decay, amsgrad or maximize), its arithmetic
+    unchanged (bit-identical to the per-parameter loop, tests/test_stage2_ops.py), that reads a group's step counts
+    in one stacked copy where torch reads each twice per parameter: on a GPU those reads are host time for every
+    parameter of every episode. Its state is torch Adam's, so either resumes from the other's."""
 
+    def __init__(self, params, lr: float = 1e-3) -> None:
+        super().__init__(params, lr=lr, foreach=True)
 
-def _keep_foreach(optimizer: torch.optim.Optimizer) -> None:
-    for group in optimizer.param_groups:
-        group["foreach"] = True
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
+            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            steps = [s["step"] for s in states]
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            counts = torch.stack(steps).tolist()
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denominators, [(1 - beta2 ** t) ** 0.5 for t in counts])
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, [(lr / (1 - beta1 ** t)) * -1 for t in counts])
 
 
 def step_schedulers(*schedulers) -> None:

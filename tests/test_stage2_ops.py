@@ -6,6 +6,7 @@ Each test also checks that the saving happens (the operations or calls it remove
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -209,10 +210,20 @@ def test_the_gallery_pass_in_training_mode_invalidates_the_embeddings_factors() 
 
 
 # --------------------------------------------------------------------------------------------
-# Adam: foreach, the per-parameter numbers
+# Adam: multi-tensor steps, the per-parameter numbers, one read of the step counts per group
 # --------------------------------------------------------------------------------------------
 
-def test_foreach_adam_steps_the_per_parameter_numbers_and_keeps_foreach_after_a_resume() -> None:
+def random_grads(pairs, generator: torch.Generator, scale: float, skip: bool) -> None:
+    """The same random gradient on both parameters of each pair; none on every fifth when ``skip``."""
+    for i, (p, q) in enumerate(pairs):
+        if skip and i % 5 == 0:
+            p.grad = q.grad = None
+            continue
+        grad = torch.randn(p.shape, generator=generator) * scale
+        p.grad, q.grad = grad.clone(), grad.clone()
+
+
+def test_episode_adam_steps_torch_adams_numbers_reads_no_step_per_parameter_and_resumes_either_way() -> None:
     torch.manual_seed(0)
     model = IDeMeNet(num_classes=5, image_size=SIZE)
     args = stage2_config(CPU, tensorname="adam", network="x", LR=0.001, clsLR=0.01)
@@ -225,20 +236,33 @@ def test_foreach_adam_steps_the_per_parameter_numbers_and_keeps_foreach_after_a_
                                      {"params": list(reference.fc.parameters()), "lr": args.clsLR}], foreach=False)}
     generator = torch.Generator().manual_seed(1)
     pairs = list(zip(model.parameters(), reference.parameters()))
-    for step in range(6):
-        for i, (p, q) in enumerate(pairs):
-            if step == 2 and i % 5 == 0:  # some parameters without a gradient this step: not stepped
-                p.grad = q.grad = None
-                continue
-            grad = torch.randn(p.shape, generator=generator) * 10.0 ** (step % 4 - 2)
-            p.grad, q.grad = grad.clone(), grad.clone()
+
+    def step_both(step: int) -> Counter:
+        random_grads(pairs, generator, 10.0 ** (step % 4 - 2), skip=step == 2)  # step 2: some not stepped
         with OpCounter() as counter:
             for optimizer in optimizers.values():
                 optimizer.step()
         for optimizer in reference_optimizers.values():
             optimizer.step()
-        assert counter.counts["aten.lerp_.Scalar"] == 0  # per parameter: none; per group with gradients: one
-        assert counter.counts["aten._foreach_lerp_.Scalar"] == (4 if step != 2 else 3)  # step 2: the scale has none
+        return counter.counts
+
+    for step in range(6):
+        counts = step_both(step)
+        assert counts["aten.lerp_.Scalar"] == 0  # per parameter: none; per group with gradients: one
+        assert counts["aten._foreach_lerp_.Scalar"] == (4 if step != 2 else 3)  # step 2: the scale has none
+        assert counts["aten._local_scalar_dense.default"] == 0  # torch's reads each step count twice
+    assert_same_parameters_and_states(pairs, optimizers, reference_optimizers)
+    # Each resumes from the other's state (torch Adam's from an earlier run, ours into torch's) and steps on alike.
+    for key in optimizers:
+        ours, theirs = optimizers[key].state_dict(), reference_optimizers[key].state_dict()
+        optimizers[key].load_state_dict(theirs)
+        reference_optimizers[key].load_state_dict(ours)
+    for step in range(6, 9):
+        step_both(step)
+    assert_same_parameters_and_states(pairs, optimizers, reference_optimizers)
+
+
+def assert_same_parameters_and_states(pairs, optimizers: dict, reference_optimizers: dict) -> None:
     for p, q in pairs:
         assert torch.equal(p, q)
     for key, optimizer in optimizers.items():
@@ -246,11 +270,6 @@ def test_foreach_adam_steps_the_per_parameter_numbers_and_keeps_foreach_after_a_
                         (q for g in reference_optimizers[key].param_groups for q in g["params"])):
             for name in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(optimizer.state[p][name], reference_optimizers[key].state[q][name])
-    # A state saved by an optimiser without foreach (an earlier run) keeps foreach on when resumed.
-    resumed, _ = stage2.make_optimizers(model, args)
-    for key, optimizer in resumed.items():
-        optimizer.load_state_dict(reference_optimizers[key].state_dict())
-        assert all(group["foreach"] is True for group in optimizer.param_groups)
 
 
 # --------------------------------------------------------------------------------------------
