@@ -15,6 +15,10 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m benchmarks.episode\n")
+    sys.exit(2)
+
 from utils.runtime import set_process_env
 
 set_process_env()  # before torch loads, as in the scripts

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m datasets.check\n")
+    sys.exit(2)
+
 from datasets.images import bad_images
 from datasets.splits import SPLITS, class_list, detect_layout, read_split
 from utils.options import add_dataroot_flag, add_threads_flag, run_cli

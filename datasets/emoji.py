@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m datasets.emoji\n")
+    sys.exit(2)
+
 from datasets import toy
 from datasets.splits import SPLITS
 from utils.errors import DataError

@@ -35,6 +35,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m datasets.toy\n")
+    sys.exit(2)
+
 from datasets.splits import SPLITS, class_list
 from utils.errors import OptionError
 from utils.options import HelpFormatter, add_seed_flag, add_threads_flag, run_cli

@@ -35,6 +35,10 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m scripts.make_miniimagenet\n")
+    sys.exit(2)
+
 from datasets.check import EXPECTED, IMAGES_PER_CLASS
 from datasets.splits import SPLITS
 from utils.errors import DataError

@@ -24,6 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # started as a file: the repository's packages import only under python -m
+    sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m scripts.sweep\n")
+    sys.exit(2)
+
 from engine import experiments
 from engine.experiments import GridPoint, flag_value
 from utils.errors import OptionError

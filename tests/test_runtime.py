@@ -53,21 +53,25 @@ def test_too_old_a_torch_is_refused_with_one_line(monkeypatch, capsys) -> None:
     assert "torch 2.1.2" in err and "torch >= 2.4" in err
 
 
-# Run in a fresh interpreter: load an entry point's top level (not its __main__ block) and stop at the first
-# import of anything besides the standard library and utils.runtime, printing that module's name and the
-# PROCESS_ENV variables at that moment. Prints nothing if there is no such import.
+# Run in a fresh interpreter: load an entry point's top level (not its __main__ block) as users start it (a
+# script at the top as a file, a tool of a package as a module) and stop at the first import of anything
+# besides the standard library, utils.runtime and the tool itself with its (empty) package, printing that
+# module's name and the PROCESS_ENV variables at that moment. Prints nothing if there is no such import.
 FIRST_IMPORT = """
 import json, os, runpy, sys
 
 class FirstImport:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in sys.stdlib_module_names or name in ("utils", "utils.runtime"):
+        if name.split(".")[0] in sys.stdlib_module_names or name in ("utils", "utils.runtime", PACKAGE, MODULE):
             return None
         print(json.dumps({"module": name, "env": {key: os.environ.get(key) for key in KEYS}}), flush=True)
         os._exit(0)
 
 sys.meta_path.insert(0, FirstImport())
-runpy.run_path(SCRIPT, run_name="entry_point")
+if PACKAGE:
+    runpy.run_module(MODULE, run_name="entry_point")
+else:
+    runpy.run_path(SCRIPT, run_name="entry_point")
 """
 
 
@@ -77,7 +81,9 @@ def test_each_entry_point_sets_the_process_env_before_anything_else_loads(script
     numpy, the project's packages), PROCESS_ENV is already in the environment, so torch reads it when it
     loads."""
     env = {key: value for key, value in os.environ.items() if key not in PROCESS_ENV}
-    code = f"KEYS = {sorted(PROCESS_ENV)!r}\nSCRIPT = {str(REPO / script)!r}\n{FIRST_IMPORT}"
+    package, module = str(Path(script).parent).strip("."), script.removesuffix(".py").replace("/", ".")
+    code = (f"KEYS = {sorted(PROCESS_ENV)!r}\nSCRIPT = {str(REPO / script)!r}\nPACKAGE = {package!r}\n"
+            f"MODULE = {module!r}\n{FIRST_IMPORT}")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
     first = json.loads(out.stdout.strip().splitlines()[-1])
