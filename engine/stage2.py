@@ -236,7 +236,7 @@ def initialize_scale(model: IDeMeNet, value: float | str | None, dataset: Episod
 
 def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers: dict, train_cls: bool,
                    timer: Timer = NO_TIMER, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Both losses' gradients (``groups`` from :func:`param_groups`), then the :func:`stepped_optimizers`;
+    """Both losses' gradients (``groups`` from :func:`param_groups`), then a step of each optimiser given one;
     ``train_cls``: the classification loss trains (epoch 1 on); ``scaler``: float16 loss scaling."""
     meta_params, cls_params = groups
     for param in (*meta_params, *cls_params):  # what zero_grad(set_to_none=True) does, without its profiler records
@@ -244,13 +244,7 @@ def optimizer_step(result: EpisodeResult, groups: tuple[list, list], optimizers:
     with timer.section("backward"):
         episode_gradients(result, meta_params, cls_params if train_cls else [], scaler)
     with timer.section("optimizer"):
-        step_optimizers(stepped_optimizers(optimizers, bool(meta_params), train_cls), scaler)
-
-
-def stepped_optimizers(optimizers: dict, train_meta: bool, train_cls: bool) -> list[torch.optim.Optimizer]:
-    """``meta_opt`` and ``scale_opt`` when the prototype loss trains, ``cls_opt`` when the classification loss does."""
-    return ([optimizers["meta_opt"], optimizers["scale_opt"]] if train_meta else []) \
-        + ([optimizers["cls_opt"]] if train_cls else [])
+        step_optimizers(list(optimizers.values()), scaler)
 
 
 def train_one_epoch(model: IDeMeNet, loader: Iterable[dict], bank: GalleryBank | None, config: EpisodeConfig,

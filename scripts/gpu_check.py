@@ -224,10 +224,11 @@ def training_items(run: Stage2Run, episodes: int) -> list[dict]:
 
 
 def training_syncs(run: Stage2Run, items: list[dict]) -> dict:
-    """:func:`host_syncs` of training on ``items`` as epoch 1, a scaled step allowed per optimiser stepped."""
-    stepped = stage2.stepped_optimizers(run.optimizers, bool(run.groups[0]), bool(run.groups[1]))
+    """:func:`host_syncs` of training on ``items`` as epoch 1, a scaled step allowed per optimiser that trains."""
+    training = [optimizer for optimizer in run.optimizers.values()
+                if any(p.requires_grad for group in optimizer.param_groups for p in group["params"])]
     return host_syncs(run.device, lambda: run.train(items, 1), len(items),
-                      len(stepped) if run.scaler.is_enabled() else 0)
+                      len(training) if run.scaler.is_enabled() else 0)
 
 
 # Cached against per-episode evaluation: the same images embedded in batches of other sizes, so cuDNN
