@@ -15,7 +15,7 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m benchmarks.episode\n")
     sys.exit(2)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections import Counter
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m benchmarks.ops\n")
     sys.exit(2)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m benchmarks.stage1\n")
     sys.exit(2)
 

@@ -138,28 +138,34 @@ class EpisodeAdam(torch.optim.Adam):
     """torch's multi-tensor Adam step (default betas and eps; no weight decay, amsgrad or maximize), its arithmetic
     unchanged (bit-identical to the per-parameter loop, tests/test_stage2_ops.py), that reads a group's step counts
     in one stacked copy where torch reads each twice per parameter: on a GPU those reads are host time for every
-    parameter of every episode. Its state is torch Adam's, so either resumes from the other's."""
+    parameter of every episode. Its state is torch Adam's, so either resumes from the other's; a state with
+    other settings is refused."""
 
     def __init__(self, params, lr: float = 1e-3) -> None:
         super().__init__(params, lr=lr, foreach=True)
+        self.register_load_state_dict_post_hook(_refuse_other_settings)
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self.state[p] for p in params]
             for p, state in zip(params, states):
-                if not state:
-                    state["step"] = torch.tensor(0.0)
+                if not state:  # as torch starts it: the count a float32 on the host, the averages in p's layout
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grads = [p.grad for p in params]
             exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
             steps = [s["step"] for s in states]
             (beta1, beta2), lr = group["betas"], group["lr"]
-            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+            torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -168,6 +174,19 @@ class EpisodeAdam(torch.optim.Adam):
             torch._foreach_div_(denominators, [(1 - beta2 ** t) ** 0.5 for t in counts])
             torch._foreach_add_(denominators, group["eps"])
             torch._foreach_addcdiv_(params, exp_avgs, denominators, [(lr / (1 - beta1 ** t)) * -1 for t in counts])
+        return loss
+
+
+# The settings of a loaded Adam state that EpisodeAdam's step does not implement, with the value it assumes.
+PLAIN_ADAM = {"weight_decay": 0, "amsgrad": False, "maximize": False, "capturable": False, "differentiable": False,
+              "fused": None}
+
+
+def _refuse_other_settings(optimizer: EpisodeAdam) -> None:
+    for group in optimizer.param_groups:
+        other = {key: group[key] for key, plain in PLAIN_ADAM.items() if group.get(key, plain) != plain}
+        if other:
+            raise ValueError(f"an Adam state with settings EpisodeAdam does not implement: {other}")
 
 
 def step_schedulers(*schedulers) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m scripts.gpu_check\n")
     sys.exit(2)
 
@@ -261,7 +261,7 @@ def cached_features_check(cached_pass: Callable[[], dict], fresh_pass: Callable[
 def host_syncs(device: torch.device, train: Callable[[], None], episodes: int, scaled_steps: int) -> dict:
     """How often ``train()`` (``episodes`` training episodes) made the host wait: on CUDA counted by its
     sync debug mode, on the CPU as reads of a value (``item()``, ``bool()``: ``aten._local_scalar_dense``)
-    outside an optimiser's own step (Adam reads its step count, a CPU tensor: no wait on a GPU either).
+    outside an optimiser's own step (what it reads there are host tensors: no wait on a GPU either).
     Allowed: one read of the sums every ``stage2.SYNC_EVERY`` episodes and at the end, and one per optimiser
     stepped through a float16 GradScaler (``scaled_steps`` per episode, up to three: ``scaler.step`` reads
     its inf check)."""

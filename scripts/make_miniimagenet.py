@@ -35,7 +35,7 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m scripts.make_miniimagenet\n")
     sys.exit(2)
 

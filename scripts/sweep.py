@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # started as a file: the repository's packages import only under python -m
+if __spec__ is None:  # started as a file: the repository's packages import only under python -m
     sys.stderr.write(f"{sys.argv[0]}: run it from the repository root as python -m scripts.sweep\n")
     sys.exit(2)
 

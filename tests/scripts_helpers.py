@@ -65,15 +65,13 @@ def run_script(cwd: Path, script: str, *args: str, timeout: float = 600) -> subp
 def load_script(script: str) -> ModuleType:
     """A script (``onlyBasetwoLoss.py``, ``scripts/precise_bn.py``, ``benchmarks/outcome.py``, ...) loaded
     from its file, as ``python <script>`` or ``python -m scripts.NAME`` loads it (without running its
-    ``__main__`` block; a tool of a package folder knows its package). Tests never import a script
-    (tests/test_layers.py): they run its ``main`` through this. The script's process settings
-    (``utils.runtime``) are undone."""
+    ``__main__`` block). Tests never import a script (tests/test_layers.py): they run its ``main`` through
+    this. The script's process settings (``utils.runtime``) are undone."""
     name = f"script_{Path(script).stem}"
     if name not in sys.modules:
         environ = dict(os.environ)
         spec = importlib.util.spec_from_file_location(name, REPO / script)
         module = importlib.util.module_from_spec(spec)
-        module.__package__ = ".".join(Path(script).parts[:-1])
         sys.modules[name] = module  # before it runs: a dataclass in it looks its module up there
         try:
             spec.loader.exec_module(module)

@@ -6,6 +6,7 @@ Each test also checks that the saving happens (the operations or calls it remove
 from __future__ import annotations
 
 import copy
+import io
 from collections import Counter
 
 import pytest
@@ -223,26 +224,37 @@ def random_grads(pairs, generator: torch.Generator, scale: float, skip: bool) ->
         p.grad, q.grad = grad.clone(), grad.clone()
 
 
+def torch_adams(model: IDeMeNet, config) -> dict:
+    """PyTorch's per-parameter Adams in make_optimizers' groups and rates."""
+    return {"meta_opt": torch.optim.Adam(list(model.deformer.parameters()), lr=config.LR, foreach=False),
+            "scale_opt": torch.optim.Adam([model.scale], lr=config.LR, foreach=False),
+            "cls_opt": torch.optim.Adam([{"params": list(model.backbone.parameters()), "lr": config.clsLR * 0.1},
+                                         {"params": list(model.fc.parameters()), "lr": config.clsLR}], foreach=False)}
+
+
+def saved_and_loaded(optimizers: dict) -> dict:
+    """The optimisers' states through a file's bytes, as a resume reads them (utils.checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save({key: optimizer.state_dict() for key, optimizer in optimizers.items()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
 def test_episode_adam_steps_torch_adams_numbers_reads_no_step_per_parameter_and_resumes_either_way() -> None:
     torch.manual_seed(0)
     model = IDeMeNet(num_classes=5, image_size=SIZE)
-    args = stage2_config(CPU, tensorname="adam", network="x", LR=0.001, clsLR=0.01)
-    optimizers, _ = stage2.make_optimizers(model, args)
+    config = stage2_config(CPU, tensorname="adam", network="x", LR=0.001, clsLR=0.01)
     reference = copy.deepcopy(model)
-    reference_optimizers = {
-        "meta_opt": torch.optim.Adam(list(reference.deformer.parameters()), lr=args.LR, foreach=False),
-        "scale_opt": torch.optim.Adam([reference.scale], lr=args.LR, foreach=False),
-        "cls_opt": torch.optim.Adam([{"params": list(reference.backbone.parameters()), "lr": args.clsLR * 0.1},
-                                     {"params": list(reference.fc.parameters()), "lr": args.clsLR}], foreach=False)}
+    ours, theirs = stage2.make_optimizers(model, config)[0], torch_adams(reference, config)
     generator = torch.Generator().manual_seed(1)
     pairs = list(zip(model.parameters(), reference.parameters()))
 
     def step_both(step: int) -> Counter:
         random_grads(pairs, generator, 10.0 ** (step % 4 - 2), skip=step == 2)  # step 2: some not stepped
         with OpCounter() as counter:
-            for optimizer in optimizers.values():
+            for optimizer in ours.values():
                 optimizer.step()
-        for optimizer in reference_optimizers.values():
+        for optimizer in theirs.values():
             optimizer.step()
         return counter.counts
 
@@ -251,15 +263,25 @@ def test_episode_adam_steps_torch_adams_numbers_reads_no_step_per_parameter_and_
         assert counts["aten.lerp_.Scalar"] == 0  # per parameter: none; per group with gradients: one
         assert counts["aten._foreach_lerp_.Scalar"] == (4 if step != 2 else 3)  # step 2: the scale has none
         assert counts["aten._local_scalar_dense.default"] == 0  # torch's reads each step count twice
-    assert_same_parameters_and_states(pairs, optimizers, reference_optimizers)
-    # Each resumes from the other's state (torch Adam's from an earlier run, ours into torch's) and steps on alike.
-    for key in optimizers:
-        ours, theirs = optimizers[key].state_dict(), reference_optimizers[key].state_dict()
-        optimizers[key].load_state_dict(theirs)
-        reference_optimizers[key].load_state_dict(ours)
+    assert_same_parameters_and_states(pairs, ours, theirs)
+    # Fresh optimisers resume from the other kind's saved state (ours from an earlier run's torch Adam) and
+    # step on alike.
+    our_state, their_state = saved_and_loaded(ours), saved_and_loaded(theirs)
+    ours, theirs = stage2.make_optimizers(model, config)[0], torch_adams(reference, config)
+    for key in ours:
+        ours[key].load_state_dict(their_state[key])
+        theirs[key].load_state_dict(our_state[key])
     for step in range(6, 9):
         step_both(step)
-    assert_same_parameters_and_states(pairs, optimizers, reference_optimizers)
+    assert_same_parameters_and_states(pairs, ours, theirs)
+
+
+def test_episode_adam_refuses_a_state_with_settings_it_does_not_implement() -> None:
+    model = IDeMeNet(num_classes=5, image_size=SIZE)
+    optimizer = stage2.EpisodeAdam(list(model.fc.parameters()))
+    state = torch.optim.Adam(list(model.fc.parameters()), weight_decay=1e-4).state_dict()
+    with pytest.raises(ValueError, match="does not implement: {'weight_decay': 0.0001}"):
+        optimizer.load_state_dict(state)
 
 
 def assert_same_parameters_and_states(pairs, optimizers: dict, reference_optimizers: dict) -> None:
@@ -269,7 +291,8 @@ def assert_same_parameters_and_states(pairs, optimizers: dict, reference_optimiz
         for p, q in zip((p for g in optimizer.param_groups for p in g["params"]),
                         (q for g in reference_optimizers[key].param_groups for q in g["params"])):
             for name in ("step", "exp_avg", "exp_avg_sq"):
-                assert torch.equal(optimizer.state[p][name], reference_optimizers[key].state[q][name])
+                ours, theirs = optimizer.state[p][name], reference_optimizers[key].state[q][name]
+                assert torch.equal(ours, theirs) and (ours.dtype, ours.device) == (theirs.dtype, theirs.device)
 
 
 # --------------------------------------------------------------------------------------------
