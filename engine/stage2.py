@@ -177,14 +177,13 @@ class EpisodeAdam(torch.optim.Adam):
         return loss
 
 
-# The settings of a loaded Adam state that EpisodeAdam's step does not implement, with the value it assumes.
-PLAIN_ADAM = {"weight_decay": 0, "amsgrad": False, "maximize": False, "capturable": False, "differentiable": False,
-              "fused": None}
+# Adam's settings that EpisodeAdam's step does not implement: a loaded state must have each off (0, False, None).
+UNIMPLEMENTED = ("weight_decay", "amsgrad", "maximize", "capturable", "differentiable", "fused")
 
 
 def _refuse_other_settings(optimizer: EpisodeAdam) -> None:
     for group in optimizer.param_groups:
-        other = {key: group[key] for key, plain in PLAIN_ADAM.items() if group.get(key, plain) != plain}
+        other = {key: group[key] for key in UNIMPLEMENTED if group.get(key)}
         if other:
             raise ValueError(f"an Adam state with settings EpisodeAdam does not implement: {other}")
 
