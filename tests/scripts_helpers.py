@@ -1,8 +1,10 @@
 """Running the training scripts in a scratch folder, as a user would: as a process (``run_script``,
 for the end-to-end tests marked slow) or through the script's own ``main`` in this process
-(``run_main``: the same code path from the parsed flags on, without starting an interpreter)."""
+(``run_main``: the same code path from the parsed flags on, without starting an interpreter); what a
+file of the repository imports from it (``project_imports``)."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import io
@@ -20,6 +22,18 @@ from models import EmbeddingNet
 from utils.files import read_csv
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def project_imports(path: Path) -> list[str]:
+    """Top-level names of the modules ``path`` imports that belong to the project (absolute imports)."""
+    local = {p.stem for p in REPO.glob("*.py")} | {p.name for p in REPO.iterdir() if p.is_dir()}
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return [name for name in names if name.split(".")[0] in local]
 
 
 def free_port() -> int:

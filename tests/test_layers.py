@@ -3,10 +3,11 @@ benchmarks/, scripts/ and tests/; nothing imports a training script (tests run a
 through ``tests.scripts_helpers.load_script``, which loads it from its file as ``python`` does)."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from tests.scripts_helpers import project_imports
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"classification", "onlyBasetwoLoss", "lowshot_imagenet"}
@@ -18,18 +19,6 @@ ALLOWED = {
     "engine": {"utils", "datasets", "models"},
 }
 TOP = {"utils", "datasets", "models", "engine"}  # what the top layer (scripts, benchmarks, tests) may import
-
-
-def project_imports(path: Path) -> list[str]:
-    """Top-level names of the modules ``path`` imports that belong to the project (absolute imports)."""
-    local = {p.stem for p in REPO.glob("*.py")} | {p.name for p in REPO.iterdir() if p.is_dir()}
-    names = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
-    return [name for name in names if name.split(".")[0] in local]
 
 
 def python_files(folder: str) -> list[Path]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts_helpers import project_imports
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +29,6 @@ def test_pyproject_lists_the_requirement_files() -> None:
 
 
 TOOL_FOLDERS = ("scripts", "benchmarks", "datasets")
-REPO_IMPORT = re.compile(r"^(from|import) (utils|datasets|models|engine|benchmarks|scripts)\b", re.M)
 TOOLS = sorted(str(path.relative_to(REPO)) for folder in TOOL_FOLDERS for path in (REPO / folder).glob("*.py")
                if 'if __name__ == "__main__"' in path.read_text())
 
@@ -38,7 +39,7 @@ def test_a_tool_started_as_a_file_names_the_module_command_or_runs(tool: str, tm
     line naming ``python -m scripts.gpu_check``, status 2, nothing written; a tool that needs none runs."""
     done = subprocess.run([sys.executable, str(REPO / tool), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
-    if REPO_IMPORT.search((REPO / tool).read_text()):
+    if project_imports(REPO / tool):
         module = tool.removesuffix(".py").replace("/", ".")
         assert (done.returncode, done.stdout) == (2, "")
         assert done.stderr.splitlines() == [f"{REPO / tool}: run it from the repository root as python -m {module}"]
